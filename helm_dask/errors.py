@@ -1,0 +1,39 @@
+"""One exception type for every input problem a user can fix.
+
+The CLI prints ``str(error)`` (no traceback) and exits with ``error.exit_code``; the Python API raises it.
+The message always names the file and says what to do, so that it reads well on its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class HelmError(Exception):
+    """A problem with the user's input or environment, with the fix spelled out.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, in one sentence.
+    path : str or os.PathLike, optional
+        The file or store concerned; printed first.
+    hint : str, optional
+        What to do about it.
+    exit_code : int
+        Exit status the CLI uses (2 = bad input, 3 = output problem).
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None,
+                 exit_code: int = 2):
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        self.hint = hint
+        self.exit_code = exit_code
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        if self.hint:
+            text = f"{text.rstrip('.')}. {self.hint}"
+        return text

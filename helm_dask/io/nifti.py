@@ -1,0 +1,402 @@
+"""Streaming NIfTI-1/2 reading and writing, in slabs, with exact headers.
+
+Why not ``nibabel.load(...).get_fdata()``: a 0.1 mm hemisphere is 8 GB per echo as float32. We use nibabel for
+what it is best at (parsing and building headers) and stream the voxel data ourselves:
+
+* reading goes through the file once, in order (a ``.nii.gz`` cannot be seeked cheaply, so it is decompressed
+  exactly once), one z-slab at a time; NIfTI is Fortran-ordered, so a range of z planes is one contiguous run
+  of bytes;
+* writing emits the header and then one z-slab after another. For ``.nii.gz`` every slab is compressed as its
+  own gzip *member* (RFC 1952 allows concatenated members and every gzip reader, nibabel, FSL, ITK, FreeSurfer
+  and zlib's ``gzread`` included, reads them as one stream), so slabs can be compressed in parallel on the
+  workers while the file is still written through a single ordered stream.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import HelmError
+
+GZ_MAGIC = b"\x1f\x8b"
+NIFTI_EXTS = (".nii", ".nii.gz")
+#: gzip level for .nii.gz output; 1 is nibabel's default and the fastest level that still compresses labels well.
+DEFAULT_COMPRESSLEVEL = 1
+SUPPORTED_DTYPES = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32",
+                                                 "uint64", "int64", "float32", "float64"))
+INTENT_LABEL = 1002  # NIFTI_INTENT_LABEL
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    name = os.fspath(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+@dataclass
+class NiftiInfo:
+    """What a NIfTI header says, validated."""
+
+    path: str
+    gz: bool
+    version: int                 # 1 or 2
+    shape: tuple[int, ...]       # 3-D or 4-D (x, y, z[, t])
+    dtype: np.dtype              # on-disk dtype (with its byte order)
+    vox_offset: int
+    slope: float                 # 1.0 / 0.0 when the header does not scale
+    inter: float
+    affine: np.ndarray           # the best affine (sform if its code > 0, else qform, else pixdim)
+    sform_code: int
+    qform_code: int
+    header: nib.Nifti1Header = field(repr=False)
+
+    @property
+    def scaled(self) -> bool:
+        return not (self.slope == 1.0 and self.inter == 0.0)
+
+    @property
+    def plane_bytes(self) -> int:
+        return int(self.shape[0]) * int(self.shape[1]) * self.dtype.itemsize
+
+    @property
+    def volume_bytes(self) -> int:
+        return self.plane_bytes * int(self.shape[2])
+
+    @property
+    def data_bytes(self) -> int:
+        return self.volume_bytes * (int(self.shape[3]) if len(self.shape) == 4 else 1)
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype of the values a reader should see: the scaled float type, or the native raw type."""
+        if self.scaled:
+            return np.dtype(np.float64 if self.dtype.itemsize > 4 and self.dtype.kind == "f" else np.float32)
+        return self.dtype.newbyteorder("=")
+
+
+def _open_raw(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise HelmError("file not found", path=path, hint="check the path and the working directory") from None
+    except IsADirectoryError:
+        raise HelmError("is a folder, not a NIfTI file", path=path,
+                        hint="give a .nii or .nii.gz file") from None
+    except PermissionError:
+        raise HelmError("cannot be read (permission denied)", path=path,
+                        hint="check the file's permissions") from None
+
+
+class _CountingHasher(io.RawIOBase):
+    """Wraps a binary file: hashes and counts the raw (on-disk) bytes as they are read, once, in order."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.raw.readinto(b)
+        if n:
+            self.sha.update(memoryview(b)[:n])
+            self.nbytes += n
+        return n
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def _is_gz(path: Path) -> bool:
+    with _open_raw(path) as f:
+        return f.read(2) == GZ_MAGIC
+
+
+def read_nifti_header(path: str | os.PathLike) -> NiftiInfo:
+    """Parse and validate a NIfTI-1/2 header without reading the voxel data.
+
+    Raises :class:`HelmError` for a missing file, a file that is not NIfTI, a truncated header, dimensions that
+    do not match the file size (uncompressed files), zero/negative voxel sizes, a singular or non-finite affine,
+    5-D (or higher) data, and unsupported data types.
+    """
+    p = Path(path)
+    gz = _is_gz(p)
+    raw = _open_raw(p)
+    try:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        try:
+            head = stream.read(540)
+        except (OSError, EOFError, zlib.error) as e:
+            raise HelmError(f"is not a readable gzip file ({e})", path=p,
+                            hint="the file is corrupt or not compressed NIfTI; re-export it") from None
+    finally:
+        raw.close()
+    if len(head) < 348:
+        raise HelmError(f"is not a NIfTI file (only {len(head)} bytes, a header needs 348)", path=p,
+                        hint="the file is empty or truncated; re-export it")
+    version = None
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size == 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+            version = 1
+        elif size == 540 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
+            version = 2
+    if version is None:
+        raise HelmError("is not a NIfTI-1 or NIfTI-2 file (no NIfTI magic in the header)", path=p,
+                        hint="convert it to NIfTI first (e.g. with FreeSurfer mri_convert or dcm2niix)")
+    if version == 2 and len(head) < 540:
+        raise HelmError("is truncated inside its NIfTI-2 header", path=p, hint="re-export the file")
+    magic = head[344:348] if version == 1 else head[4:8]
+    if magic in (b"ni1\x00", b"ni2\x00"):
+        raise HelmError("is a two-file (.hdr/.img) NIfTI header", path=p,
+                        hint="convert the pair to a single .nii or .nii.gz file")
+    hdr_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    try:
+        hdr = hdr_cls.from_fileobj(io.BytesIO(head[: hdr_cls.sizeof_hdr] + b"\x00" * 4), check=False)
+    except Exception as e:  # nibabel raises several types for garbage headers
+        raise HelmError(f"has an unreadable NIfTI header ({e})", path=p, hint="re-export the file") from None
+
+    dim = [int(d) for d in hdr["dim"]]
+    ndim = dim[0]
+    if ndim < 1 or ndim > 7:
+        raise HelmError(f"has an invalid dim[0] = {ndim} in its header", path=p, hint="re-export the file")
+    shape = tuple(dim[1: ndim + 1])
+    if any(s < 1 for s in shape):
+        raise HelmError(f"has a zero or negative dimension {shape}", path=p, hint="re-export the file")
+    # Trailing singleton dimensions (a 3-D volume stored as x, y, z, 1, 1) are harmless: drop them.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3:
+        shape = shape + (1,) * (3 - len(shape))
+    if len(shape) > 4:
+        raise HelmError(f"is {len(shape)}-D (shape {shape}); helm-dask reads 3-D scans and 4-D multi-echo scans",
+                        path=p, hint="split it into 3-D or 4-D files first (e.g. with fslsplit)")
+    try:
+        dtype = hdr.get_data_dtype()
+    except Exception:
+        dtype = None
+    if dtype is None or dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+        raise HelmError(f"has an unsupported data type ({dtype})", path=p,
+                        hint="convert it to an integer or float32/float64 NIfTI")
+    zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise HelmError(f"has zero or negative voxel sizes (pixdim {zooms.tolist()})", path=p,
+                        hint="fix the header's pixdim (e.g. with nibabel or fslhd/fslchpixdim)")
+    sform_code = int(hdr["sform_code"])
+    qform_code = int(hdr["qform_code"])
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except Exception as e:
+        raise HelmError(f"has an unusable orientation (sform/qform) ({e})", path=p,
+                        hint="fix the header's sform/qform") from None
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(1.0, np.abs(affine[:3, :3]).max() ** 3):
+        raise HelmError("has a singular or non-finite voxel-to-world affine (sform/qform)", path=p,
+                        hint="fix the header's sform/qform so that it maps voxels to millimetres")
+    vox_offset = int(hdr["vox_offset"])
+    min_offset = hdr_cls.sizeof_hdr + 4
+    if vox_offset < min_offset:
+        vox_offset = min_offset  # NIfTI allows 0 meaning "right after the header" in old writers
+    # nibabel returns (None, None) when scl_slope is 0 or NaN, which NIfTI defines as "no scaling".
+    s, i = hdr.get_slope_inter()
+    slope = 1.0 if s is None else float(s)
+    inter = 0.0 if i is None else float(i)
+    if not np.isfinite(slope) or slope == 0:
+        slope, inter = 1.0, 0.0
+    if not np.isfinite(inter):
+        inter = 0.0
+    info = NiftiInfo(path=str(p), gz=gz, version=version, shape=tuple(int(s) for s in shape), dtype=dtype,
+                     vox_offset=vox_offset, slope=slope, inter=inter, affine=affine,
+                     sform_code=sform_code, qform_code=qform_code, header=hdr)
+    if not gz:
+        size = p.stat().st_size
+        need = vox_offset + info.data_bytes
+        if size < need:
+            raise HelmError(f"is truncated: its header describes {need:,} bytes ({shape} {dtype}) but the file "
+                            f"has {size:,}", path=p, hint="the copy is incomplete; copy or export the file again")
+    return info
+
+
+@dataclass
+class Slab:
+    """One slab of planes z0:z1 of echo ``t`` (None for 3-D), shape (x, y, z1 - z0), values after scaling."""
+
+    t: int | None
+    z0: int
+    z1: int
+    data: np.ndarray
+    nonfinite: int
+
+
+class SlabReader:
+    """Reads a NIfTI file once, in order, slab by slab.
+
+    Iterating yields :class:`Slab` objects. ``sha256`` and ``nbytes`` of the on-disk file are available once the
+    iteration finished (the file is hashed while it is read, so provenance costs no extra pass).
+
+    Parameters
+    ----------
+    info : NiftiInfo
+    slab_planes : int
+        z planes per slab (memory: ``slab_planes * x * y * itemsize``).
+    echoes : sequence of int, optional
+        Which volumes of a 4-D file to yield (default all); the others are skipped (decompressed but not kept).
+    """
+
+    def __init__(self, info: NiftiInfo, slab_planes: int, echoes=None):
+        self.info = info
+        self.slab_planes = max(1, int(slab_planes))
+        nt = info.shape[3] if len(info.shape) == 4 else 1
+        self.echoes = list(range(nt)) if echoes is None else list(echoes)
+        self.sha256: str | None = None
+        self.nbytes = 0
+
+    def __iter__(self) -> Iterator[Slab]:
+        info = self.info
+        p = Path(info.path)
+        raw = _open_raw(p)
+        hasher = _CountingHasher(raw)
+        buffered = io.BufferedReader(hasher, buffer_size=1 << 22)
+        stream = gzip.GzipFile(fileobj=buffered, mode="rb") if info.gz else buffered
+        four_d = len(info.shape) == 4
+        nt = info.shape[3] if four_d else 1
+        nz = info.shape[2]
+        pos = 0
+        try:
+            self._skip(stream, info.vox_offset)
+            pos = info.vox_offset
+            for t in range(nt):
+                keep = t in self.echoes
+                for z0 in range(0, nz, self.slab_planes):
+                    z1 = min(nz, z0 + self.slab_planes)
+                    nbytes = (z1 - z0) * info.plane_bytes
+                    if not keep:
+                        self._skip(stream, nbytes)
+                        pos += nbytes
+                        continue
+                    buf = bytearray(nbytes)
+                    got = self._readinto(stream, buf)
+                    pos += got
+                    if got < nbytes:
+                        raise HelmError(
+                            f"is truncated: the data end after {pos:,} of {info.vox_offset + info.data_bytes:,} "
+                            f"bytes (echo {t}, plane {z0 + got // info.plane_bytes} of {nz})", path=p,
+                            hint="the copy is incomplete; copy or export the file again")
+                    arr = np.frombuffer(buf, dtype=info.dtype).reshape(info.shape[:2] + (z1 - z0,), order="F")
+                    if info.scaled:
+                        arr = arr.astype(info.out_dtype) * info.out_dtype.type(info.slope) \
+                            + info.out_dtype.type(info.inter)
+                    elif not arr.dtype.isnative:
+                        arr = arr.astype(arr.dtype.newbyteorder("="))
+                    nonfinite = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+                    yield Slab(t if four_d else None, z0, z1, arr, nonfinite)
+            # Drain the rest so the checksum covers the whole file (and a corrupt gzip tail is reported).
+            while True:
+                chunk = stream.read(1 << 22)
+                if not chunk:
+                    break
+        except (OSError, EOFError, zlib.error) as e:
+            raise HelmError(f"could not be read past byte {pos:,}: {e}", path=p,
+                            hint="the file is truncated or its compression is corrupt; export it again") from None
+        finally:
+            stream.close()
+            raw.close()
+        self.sha256 = hasher.sha.hexdigest()
+        self.nbytes = hasher.nbytes
+
+    @staticmethod
+    def _readinto(stream, buf) -> int:
+        view = memoryview(buf)
+        total = 0
+        while total < len(buf):
+            n = stream.readinto(view[total:])
+            if not n:
+                break
+            total += n
+        return total
+
+    @staticmethod
+    def _skip(stream, nbytes: int) -> None:
+        remaining = nbytes
+        scratch = bytearray(min(nbytes, 1 << 22) or 1)
+        while remaining > 0:
+            n = stream.readinto(memoryview(scratch)[: min(remaining, len(scratch))])
+            if not n:
+                raise EOFError(f"unexpected end of file ({remaining:,} bytes missing)")
+            remaining -= n
+
+
+def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with _open_raw(Path(path)) as f:
+        while True:
+            b = f.read(block)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def build_header(shape, dtype, affine, *, kind: str = "image", sform_code: int = 1, qform_code: int = 1,
+                 version: int | None = None, descrip: str = "helm-dask"):
+    """A nibabel header for a single-file NIfTI with sform = qform = ``affine``.
+
+    NIfTI-2 is used when asked for, or when a dimension does not fit NIfTI-1's int16.
+    """
+    shape = tuple(int(s) for s in shape)
+    if version is None:
+        version = 2 if max(shape) > 32767 else 1
+    hdr = (nib.Nifti2Header if version == 2 else nib.Nifti1Header)()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.dtype(dtype))
+    affine = np.asarray(affine, dtype=np.float64)
+    # Codes: copied from the input when they are set; a zero code would make viewers ignore our affine.
+    hdr.set_qform(affine, int(qform_code) or 1)
+    hdr.set_sform(affine, int(sform_code) or 1)
+    hdr.set_xyzt_units("mm", "sec")
+    if kind in ("labels", "mask"):
+        hdr.set_intent("label")
+    hdr["descrip"] = descrip.encode()[:79]
+    hdr["vox_offset"] = hdr.single_vox_offset
+    hdr.set_slope_inter(1.0, 0.0)
+    return hdr
+
+
+def header_bytes(hdr) -> bytes:
+    bio = io.BytesIO()
+    hdr.write_to(bio)
+    out = bio.getvalue()
+    pad = int(hdr["vox_offset"]) - len(out)
+    return out + b"\x00" * max(0, pad)
+
+
+def gzip_member(data: bytes | memoryview, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
+    """One self-contained gzip member (mtime 0 so output is byte-reproducible)."""
+    return gzip.compress(data, compresslevel=level, mtime=0)
+
+
+def slab_bytes(arr: np.ndarray, dtype) -> bytes:
+    """Fortran-order bytes of a (x, y, dz) slab in the output dtype (native byte order, as nibabel writes)."""
+    return np.asarray(arr).astype(np.dtype(dtype), copy=False).tobytes(order="F")
+
+
+def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
+    """Bytes of a slab as they go into the file: raw, or one gzip member. Runs on a worker."""
+    b = slab_bytes(arr, dtype)
+    return gzip_member(b, level) if gz else b

@@ -1,0 +1,56 @@
+"""A small progress bar on stderr (no dependency), silent with ``quiet`` or when stderr is not a terminal.
+
+When stderr is not a terminal (CI, log files) it prints one line at start and one at the end instead of
+redrawing, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: float, desc: str, *, quiet: bool = False, unit: str = ""):
+        self.total = max(float(total), 1e-12)
+        self.desc = desc
+        self.quiet = quiet
+        self.unit = unit
+        self.done = 0.0
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+        if not quiet and not self.tty:
+            print(f"{desc} ...", file=sys.stderr, flush=True)
+
+    def update(self, n: float = 1) -> None:
+        self.done += n
+        if self.quiet or not self.tty:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.2 and self.done < self.total:
+            return
+        self._last = now
+        frac = min(1.0, self.done / self.total)
+        bar = "#" * int(frac * 30)
+        elapsed = now - self.t0
+        eta = elapsed / frac - elapsed if frac > 0 else 0
+        sys.stderr.write(f"\r{self.desc} [{bar:<30}] {frac * 100:5.1f}%  {elapsed:6.1f}s elapsed, ~{eta:5.0f}s left")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
+            sys.stderr.write("\n")
+        print(f"{self.desc} done in {elapsed:.1f}s", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        elif self.tty and not self.quiet:
+            sys.stderr.write("\n")

@@ -1,0 +1,372 @@
+"""Streaming NIfTI <-> Zarr: bit-exact round trips, exact headers, and every bad input the foundation lists."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from helm_dask.errors import HelmError
+from helm_dask.io import convert, describe, nifti_to_zarr, open_volume, read_nifti_header, save_volume
+from helm_dask.io.store import read_meta
+from helm_dask.volume import make_volume
+
+OBLIQUE = np.array([[0.0, 0.02, -0.3, 12.5],
+                    [-0.29, 0.0, 0.01, 40.0],
+                    [0.01, 0.31, 0.0, -7.25],
+                    [0.0, 0.0, 0.0, 1.0]])
+
+
+def _make(shape, dtype, rng):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.normal(100, 30, size=shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -1000), min(info.max, 5000), size=shape, dtype=dtype)
+
+
+def _save(tmp_path, data, name, *, version=1, sform_code=2, qform_code=1, slope=None, inter=None, intent=None):
+    cls = nib.Nifti2Image if version == 2 else nib.Nifti1Image
+    img = cls(data, OBLIQUE)
+    img.header.set_sform(OBLIQUE, sform_code)
+    img.header.set_qform(OBLIQUE, qform_code)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    if intent:
+        img.header.set_intent(intent)
+    path = tmp_path / name
+    nib.save(img, path)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("dtype,chunks", [("float32", 7), ("int16", (5, 9, 16)), ("uint8", 64), ("float64", 4),
+                                          ("uint16", (3, 3, 3)), ("int32", 10)])
+def test_round_trip_bit_exact(tmp_path, ext, version, dtype, chunks):
+    rng = np.random.default_rng(42)
+    data = _make((13, 11, 17), dtype, rng)
+    src = _save(tmp_path, data, "in" + ext, version=version)
+    store = tmp_path / "v.zarr"
+    convert(src, store, chunks=chunks)
+    vol = open_volume(store)
+    assert vol.dims == ("x", "y", "z")
+    np.testing.assert_array_equal(vol.values, data)
+    np.testing.assert_allclose(vol.attrs["affine"], nib.load(src).affine, rtol=0, atol=0)
+    out = tmp_path / ("out" + ext)
+    convert(store, out)
+    back = nib.load(out)
+    assert back.header.get_data_dtype() == np.dtype(dtype)
+    assert np.asanyarray(back.dataobj).tobytes() == data.tobytes()
+    np.testing.assert_array_equal(back.affine, nib.load(src).affine)
+    assert int(back.header["sform_code"]) == 2 and int(back.header["qform_code"]) == 1
+    assert back.header.get_xyzt_units()[0] == "mm"
+    assert isinstance(back, nib.Nifti2Image if version == 2 else nib.Nifti1Image)
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_round_trip_4d(tmp_path, ext):
+    rng = np.random.default_rng(1)
+    data = _make((9, 8, 10, 4), "float32", rng)
+    src = _save(tmp_path, data, "echo" + ext)
+    store = tmp_path / "e.zarr"
+    convert(src, store, chunks=(4, 5, 3))
+    vol = open_volume(store)
+    assert vol.dims == ("x", "y", "z", "echo")
+    np.testing.assert_array_equal(vol.values, data)
+    out = tmp_path / ("back" + ext)
+    convert(store, out)
+    assert np.asanyarray(nib.load(out).dataobj).tobytes() == data.tobytes()
+
+
+def test_echo_select_and_combine(tmp_path):
+    rng = np.random.default_rng(2)
+    data = np.abs(_make((9, 8, 10, 4), "float32", rng))
+    src = _save(tmp_path, data, "echo.nii.gz")
+    convert(src, tmp_path / "e2.zarr", echo=2, chunks=4)
+    np.testing.assert_array_equal(open_volume(tmp_path / "e2.zarr").values, data[..., 2])
+    convert(src, tmp_path / "rms.zarr", echo_combine="rms", chunks=4)
+    ref = np.sqrt((data.astype(np.float64) ** 2).mean(axis=3)).astype(np.float32)
+    np.testing.assert_allclose(open_volume(tmp_path / "rms.zarr").values, ref, rtol=1e-6)
+    convert(src, tmp_path / "mean.zarr", echo_combine="mean", chunks=(3, 8, 5))
+    np.testing.assert_allclose(open_volume(tmp_path / "mean.zarr").values, data.mean(axis=3), rtol=1e-6)
+    with pytest.raises(HelmError, match="out of range"):
+        convert(src, tmp_path / "bad.zarr", echo=7)
+
+
+def test_scaling_honoured_and_kept(tmp_path):
+    rng = np.random.default_rng(3)
+    data = _make((10, 9, 8), "int16", rng)
+    src = _save(tmp_path, data, "scaled.nii.gz", slope=0.5, inter=-3.0)
+    store = tmp_path / "s.zarr"
+    convert(src, store, chunks=4)
+    np.testing.assert_allclose(open_volume(store).values, data * 0.5 - 3.0, rtol=1e-6)
+    out = tmp_path / "s.nii.gz"
+    convert(store, out)
+    back = nib.load(out)
+    assert np.asanyarray(back.dataobj.get_unscaled()).tobytes() == data.tobytes()
+    # nibabel moves the scaling from the header to the data proxy on load
+    assert (back.dataobj.slope, back.dataobj.inter) == (0.5, -3.0)
+
+
+def test_big_endian_input(tmp_path):
+    data = np.arange(5 * 6 * 7, dtype=">i2").reshape(5, 6, 7)
+    img = nib.Nifti1Image(data, np.diag([0.2, 0.2, 0.2, 1]))
+    img.header.set_data_dtype(">i2")
+    path = tmp_path / "be.nii"
+    img.to_filename(path)
+    convert(path, tmp_path / "be.zarr", chunks=3)
+    np.testing.assert_array_equal(open_volume(tmp_path / "be.zarr").values, data.astype("<i2"))
+
+
+def test_labels_intent_and_pyramid(tmp_path):
+    lab = np.zeros((150, 140, 130), np.uint16)
+    lab[20:60, 30:90, 40:100] = 801
+    src = _save(tmp_path, lab, "lab.nii.gz", intent="label")
+    store = tmp_path / "lab.zarr"
+    convert(src, store, chunks=64)
+    meta = read_meta(store)
+    assert meta["kind"] == "labels" and meta["nlevels"] == 2
+    lvl1 = open_volume(store, level=1)
+    # Labels: stride 2 (no new values); the affine steps two voxels with the first voxel's centre kept.
+    np.testing.assert_array_equal(lvl1.values, lab[::2, ::2, ::2][:75, :70, :65])
+    a1 = np.asarray(lvl1.attrs["affine"])
+    a0 = nib.load(src).affine
+    np.testing.assert_allclose(a1[:3, :3], a0[:3, :3] * 2)
+    np.testing.assert_allclose(a1[:3, 3], a0[:3, 3])
+    out = tmp_path / "lab_out.nii.gz"
+    convert(store, out)
+    assert nib.load(out).header.get_intent()[0] == "label"
+
+
+def test_image_pyramid_geometry(tmp_path):
+    rng = np.random.default_rng(4)
+    img = rng.random((130, 132, 128), dtype=np.float32)
+    aff = np.diag([0.1, 0.1, 0.1, 1.0])
+    aff[:3, 3] = [-5, 3, 7]
+    out = save_volume(make_volume(img, aff), tmp_path / "p.zarr", chunks=64)
+    lvl1 = open_volume(out, level=1)
+    ref = img[:130, :132, :128].reshape(65, 2, 66, 2, 64, 2).astype(np.float64).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(lvl1.values, ref, rtol=1e-6)
+    # The level-1 voxel (0,0,0) is the mean of fine voxels 0 and 1: its centre sits half a fine voxel further.
+    np.testing.assert_allclose(np.asarray(lvl1.attrs["affine"])[:3, 3], [-5 + 0.05, 3 + 0.05, 7 + 0.05])
+    np.testing.assert_allclose(float(lvl1.x[0]), -4.95)
+    ome = __import__("zarr").open_group(out, mode="r").attrs["ome"]
+    assert ome["version"] == "0.5"
+    ds = ome["multiscales"][0]["datasets"]
+    assert ds[1]["coordinateTransformations"][0]["scale"] == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_coordinates_are_voxel_centres_in_mm(tmp_path):
+    aff = np.diag([0.3, 0.4, 0.5, 1.0])
+    aff[:3, 3] = [10, -20, 30]
+    vol = make_volume(np.zeros((4, 5, 6), np.float32), aff)
+    np.testing.assert_allclose(vol.x.values, 10 + 0.3 * np.arange(4))
+    np.testing.assert_allclose(vol.z.values, 30 + 0.5 * np.arange(6))
+    assert vol.attrs["coords"] == "world"
+
+
+def test_info(tmp_path):
+    src = _save(tmp_path, np.zeros((6, 7, 8), np.float32), "x.nii.gz")
+    d = describe(src)
+    assert d["shape"] == [6, 7, 8] and d["orientation"] == "".join(nib.aff2axcodes(OBLIQUE))
+    assert d["spacing_mm"] == pytest.approx(np.sqrt((OBLIQUE[:3, :3] ** 2).sum(0)).tolist(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one readable HelmError naming the file, no output left behind, input untouched.
+
+
+def _assert_clean(tmp_path, expect_files):
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(expect_files), left
+
+
+def _fails(src, dst, match, **kw):
+    before = open(src, "rb").read() if os.path.isfile(src) else None
+    with pytest.raises(HelmError, match=match) as ei:
+        convert(src, dst, **kw)
+    assert str(src) in str(ei.value) or str(dst) in str(ei.value)
+    if before is not None:
+        assert open(src, "rb").read() == before
+    return ei.value
+
+
+def test_missing_file(tmp_path):
+    _fails(tmp_path / "nope.nii.gz", tmp_path / "o.zarr", "not found")
+    _assert_clean(tmp_path, [])
+
+
+def test_not_nifti(tmp_path):
+    p = tmp_path / "notes.nii"
+    p.write_text("this is not an image\n" * 40)
+    _fails(p, tmp_path / "o.zarr", "not a NIfTI")
+    _assert_clean(tmp_path, ["notes.nii"])
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.nii.gz"
+    p.write_bytes(b"")
+    _fails(p, tmp_path / "o.zarr", "not a NIfTI")
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_truncated(tmp_path, ext):
+    data = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
+    full = _save(tmp_path, data, "full" + ext)
+    raw = open(full, "rb").read()
+    cut = tmp_path / ("cut" + ext)
+    cut.write_bytes(raw[: len(raw) * 2 // 3])
+    _fails(cut, tmp_path / "o.zarr", "truncated|could not be read", chunks=8)
+    _assert_clean(tmp_path, ["full" + ext, "cut" + ext])
+
+
+def test_corrupt_gzip(tmp_path):
+    data = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
+    full = _save(tmp_path, data, "full.nii.gz")
+    raw = bytearray(open(full, "rb").read())
+    mid = len(raw) // 2
+    raw[mid: mid + 64] = bytes(64)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(bytes(raw))
+    _fails(bad, tmp_path / "o.zarr", "could not be read|truncated|corrupt", chunks=8)
+    _assert_clean(tmp_path, ["full.nii.gz", "bad.nii.gz"])
+
+
+def test_dims_do_not_match_file_size(tmp_path):
+    data = np.zeros((10, 10, 10), np.float32)
+    p = _save(tmp_path, data, "d.nii")
+    raw = bytearray(open(p, "rb").read())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw[:348])))
+    hdr.set_data_shape((10, 10, 40))
+    raw[:348] = hdr.binaryblock
+    p.write_bytes(bytes(raw))
+    _fails(p, tmp_path / "o.zarr", "truncated")
+
+
+def test_zero_voxel_size(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header["pixdim"][2] = 0
+    img.header.set_qform(None, 0)
+    img.header.set_sform(None, 0)
+    p = tmp_path / "z.nii"
+    img.to_filename(p)
+    raw = bytearray(open(p, "rb").read())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw[:348])))
+    hdr["pixdim"][1:4] = [1.0, 0.0, 1.0]
+    raw[:348] = hdr.binaryblock
+    p.write_bytes(bytes(raw))
+    _fails(p, tmp_path / "o.zarr", "zero or negative voxel")
+
+
+def test_singular_affine(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_qform(None, 0)
+    p = tmp_path / "s.nii"
+    img.to_filename(p)
+    # Patch the written header: a collapsed third axis (nibabel refuses to build this itself).
+    raw = bytearray(p.read_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw[:348])))
+    hdr["srow_z"] = [0.0, 0.0, 0.0, 0.0]
+    raw[:348] = hdr.binaryblock
+    p.write_bytes(bytes(raw))
+    _fails(p, tmp_path / "o.zarr", "singular")
+
+
+def test_5d_input(tmp_path):
+    p = tmp_path / "five.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3, 2, 2), np.float32), np.eye(4)), p)
+    err = _fails(p, tmp_path / "o.zarr", "5-D")
+    assert "3-D" in str(err)
+
+
+def test_nonfinite(tmp_path):
+    data = np.ones((8, 8, 8), np.float32)
+    data[1, 2, 3] = np.nan
+    data[4, 4, 4] = np.inf
+    p = _save(tmp_path, data, "nan.nii.gz")
+    _fails(p, tmp_path / "o.zarr", "has 2 NaN", chunks=4)
+    _assert_clean(tmp_path, ["nan.nii.gz"])
+    convert(p, tmp_path / "z.zarr", nonfinite="zero", chunks=4)
+    v = open_volume(tmp_path / "z.zarr").values
+    assert v[1, 2, 3] == 0 and v[4, 4, 4] == 0 and v.sum() == 510
+
+
+def test_existing_output_refused(tmp_path):
+    p = _save(tmp_path, np.zeros((4, 4, 4), np.float32), "a.nii.gz")
+    convert(p, tmp_path / "a.zarr")
+    with pytest.raises(HelmError, match="already exists") as ei:
+        convert(p, tmp_path / "a.zarr")
+    assert "--overwrite" in str(ei.value)
+    convert(p, tmp_path / "a.zarr", overwrite=True)
+    assert open_volume(tmp_path / "a.zarr").shape == (4, 4, 4)
+
+
+def test_unwritable_output_folder(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: use a path under a regular file instead (cannot be created either).
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        target = blocker / "out.zarr"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "out.zarr"
+    p = _save(tmp_path, np.zeros((4, 4, 4), np.float32), "a.nii.gz")
+    with pytest.raises(HelmError, match="output folder"):
+        convert(p, target)
+
+
+def test_store_that_is_not_a_helm_volume(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "other.zarr", mode="w").create_array("data", shape=(3,), dtype="f4")
+    with pytest.raises(HelmError, match="not a helm-dask volume"):
+        open_volume(tmp_path / "other.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(HelmError, match="not a Zarr"):
+        open_volume(tmp_path / "plain")
+
+
+def test_interrupted_store_is_refused(tmp_path):
+    import zarr
+
+    from helm_dask.io.store import write_attrs
+
+    g = zarr.open_group(tmp_path / "half.zarr", mode="w")
+    write_attrs(g, affine=np.eye(4), kind="image", name="half", nlevels=1, four_d=False, complete=False)
+    with pytest.raises(HelmError, match="unfinished"):
+        open_volume(tmp_path / "half.zarr")
+
+
+def test_two_file_nifti_refused(tmp_path):
+    img = nib.Nifti1Pair(np.zeros((3, 3, 3), np.float32), np.eye(4))
+    nib.save(img, tmp_path / "pair.img")
+    hdr = (tmp_path / "pair.hdr").read_bytes()
+    (tmp_path / "pair.nii").write_bytes(hdr)
+    _fails(tmp_path / "pair.nii", tmp_path / "o.zarr", "two-file")
+
+
+def test_header_reader_reports_info(tmp_path):
+    p = _save(tmp_path, np.zeros((5, 6, 7), np.int16), "h.nii.gz", version=2)
+    info = read_nifti_header(p)
+    assert info.version == 2 and info.gz and info.shape == (5, 6, 7) and info.sform_code == 2
+
+
+def test_gzip_members_are_one_stream(tmp_path):
+    """Our .nii.gz is several gzip members; Python's gzip, and nibabel, read it as one stream."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(30, 20, 64)).astype(np.float32)
+    store = save_volume(make_volume(data, np.eye(4)), tmp_path / "m.zarr", chunks=(30, 20, 8))
+    from helm_dask.io.convert import save_nifti
+
+    out = save_nifti(open_volume(store), tmp_path / "m.nii.gz", slab_mb=0.01)
+    raw = open(out, "rb").read()
+    assert raw.count(b"\x1f\x8b\x08") >= 8  # header member + one per slab
+    payload = gzip.decompress(raw)
+    assert len(payload) == 352 + data.nbytes
+    np.testing.assert_array_equal(nib.load(out).get_fdata(dtype=np.float32), data)
