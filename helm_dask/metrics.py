@@ -1,0 +1,701 @@
+"""Validation metrics: Dice, average Hausdorff distance, HD95 and volumes, per label and per paper group.
+
+Definitions (fixed here, used everywhere, printed in the table footer)
+--------------------------------------------------------------------
+All distances are Euclidean, in millimetres, between **voxel centres**, over **all voxels** of each set
+(not surfaces), as in Taha & Hanbury (2015, BMC Med Imaging 15:29):
+
+* ``d_ab`` -- directed average distance from A to B: the mean over every voxel of A of the distance from
+  its centre to the nearest voxel centre of B (0 for voxels of A that are also in B); ``d_ba`` likewise.
+* **average Hausdorff distance**, reported twice and labelled: ``avg_hd_mean_mm = (d_ab + d_ba) / 2`` (the
+  *mean* of the two directed averages, the figure the HELM paper's Table 2 compares with) and
+  ``avg_hd_max_mm = max(d_ab, d_ba)`` (Taha & Hanbury's AVD, the larger of the two).
+* ``hd95_mm``: the larger of the two directed 95th percentiles, each the 95th percentile of the
+  voxel-to-set distances of one set (``numpy.percentile``, default "linear" interpolation);
+  ``hd_mm``: the Hausdorff distance (largest voxel-to-set distance either way).
+* Dice ``2 |A n B| / (|A| + |B|)`` in voxels; volumes ``count * |det(affine[:3, :3])|`` in mm3.
+
+Exactness: the distances come from ``scipy.ndimage.distance_transform_edt(~B, sampling=spacing)`` -- the
+exact Euclidean distance transform with anisotropic voxel sizes (and, for an oblique but unsheared affine,
+the voxel axes are orthogonal in mm so the same holds). It is evaluated only inside the bounding box of
+A u B: every voxel of B lies in that box, so the nearest B voxel of any A voxel is found there and the result
+is *exact* -- the extra ``margin_mm`` never changes a number (it only pads the box the tests look at).
+
+Empty labels (documented values; see ``status``):
+
+==================  =====  ==============================  ======================
+case                Dice   distances                       status
+==================  =====  ==============================  ======================
+absent in both      NaN    NaN                             ``"absent in both"``
+absent in A or B    0.0    inf                             ``"absent in A"`` / B
+box too large       exact  NaN                             ``"too large for distances"``
+otherwise           exact  exact                           ``"ok"``
+==================  =====  ==============================  ======================
+
+Out of core (:func:`compare_volumes`): one chunked pass over A and B (aligned chunks) collects, per code,
+its voxel count and bounding box in each map and the joint counts of code pairs (A code, B code), merged
+in a tree; Dice and volumes of any label *or group* follow from these integer counts exactly, for any
+chunking. Distances then load only the (small) union bounding box of each label/group. A box larger than
+``max_box_voxels`` (e.g. a k-means cluster spanning the brain) gets Dice and volumes but NaN distances.
+
+Example
+-------
+>>> import numpy as np
+>>> a = np.zeros((5, 1, 1), bool); a[0:2] = True
+>>> b = np.zeros((5, 1, 1), bool); b[1:3] = True
+>>> dice(a, b)
+0.5
+>>> r = average_hausdorff(a, b, (0.5, 1.0, 1.0))
+>>> r["d_ab"], r["mean"], r["max"], r["status"]
+(0.25, 0.25, 0.25, 'ok')
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from .errors import HelmError
+
+# --------------------------------------------------------------------------------------------- constants
+
+#: Names of the label codes this module knows (FreeSurfer hypothalamic subunits + fornix).
+LABEL_NAMES: dict[int, str] = {
+    801: "L anterior-inferior", 802: "L anterior-superior", 803: "L posterior",
+    804: "L tuberal-inferior", 805: "L tuberal-superior",
+    806: "R anterior-inferior", 807: "R anterior-superior", 808: "R posterior",
+    809: "R tuberal-inferior", 810: "R tuberal-superior",
+    250: "fornix",
+}
+HYPOTHALAMIC_CODES: tuple[int, ...] = tuple(range(801, 811))
+FORNIX_CODE = 250
+#: Codes compared by default (``labels=None``): hypothalamic subunits and fornix.
+DEFAULT_CODES: tuple[int, ...] = HYPOTHALAMIC_CODES + (FORNIX_CODE,)
+
+#: The HELM paper's groupings (Table 2), per side.
+PAPER_GROUPS: dict[str, tuple[int, ...]] = {
+    "L whole": (801, 802, 803, 804, 805),
+    "L anterior": (801, 802),
+    "L tuberal": (804, 805),
+    "L posterior": (803,),
+    "R whole": (806, 807, 808, 809, 810),
+    "R anterior": (806, 807),
+    "R tuberal": (809, 810),
+    "R posterior": (808,),
+}
+
+#: Numeric fields of a result row, in output order.
+METRIC_FIELDS: tuple[str, ...] = ("dice", "avg_hd_mean_mm", "avg_hd_max_mm", "d_ab_mm", "d_ba_mm", "hd95_mm",
+                                  "hd_mm", "volume_a_mm3", "volume_b_mm3", "voxels_a", "voxels_b")
+ROW_FIELDS: tuple[str, ...] = ("name", "kind", "codes", "status") + METRIC_FIELDS
+
+DEFINITIONS = ("avg HD = average Hausdorff distance over all voxels (Taha & Hanbury 2015), in mm between voxel "
+               "centres; 'mean' = mean of the two directed average distances, 'max' = the larger of the two; "
+               "HD95 = larger of the two directed 95th percentiles; Dice in voxels; volumes in mm3.")
+
+STATUS_OK = "ok"
+STATUS_BOTH_EMPTY = "absent in both"
+STATUS_A_EMPTY = "absent in A"
+STATUS_B_EMPTY = "absent in B"
+STATUS_TOO_LARGE = "too large for distances"
+
+DEFAULT_MAX_BOX_VOXELS = 2 ** 25  # ~33 M voxels: ~1 GB of working memory for the distance transforms
+
+
+# ------------------------------------------------------------------------------------- in-memory core
+
+def _check_pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        raise HelmError(f"the two masks have different shapes {a.shape} and {b.shape}",
+                        hint="Compare maps on the same grid.")
+    return a.astype(bool, copy=False), b.astype(bool, copy=False)
+
+
+def dice(a_bool: Any, b_bool: Any) -> float:
+    """Dice overlap ``2 |A n B| / (|A| + |B|)`` of two boolean arrays; NaN when both are empty.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> dice(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]))
+    0.5
+    """
+    a, b = _check_pair(a_bool, b_bool)
+    na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+    return _dice_from_counts(int(np.count_nonzero(a & b)), na, nb)
+
+
+def _dice_from_counts(inter: int, na: int, nb: int) -> float:
+    if na + nb == 0:
+        return math.nan
+    return 2.0 * inter / (na + nb)
+
+
+def _empty_distances(status: str) -> dict:
+    v = math.inf if status in (STATUS_A_EMPTY, STATUS_B_EMPTY) else math.nan
+    return dict(mean=v, max=v, d_ab=v, d_ba=v, hd95=v, hd=v, status=status)
+
+
+def _spacing_vec(spacing_mm: Any, ndim: int) -> tuple[float, ...]:
+    s = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (ndim,))
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise HelmError(f"voxel spacing must be positive and finite, got {s.tolist()}")
+    return tuple(float(x) for x in s)
+
+
+def average_hausdorff(a_bool: Any, b_bool: Any, spacing_mm: Any) -> dict:
+    """Average Hausdorff distance (both summaries), HD95 and HD between two boolean arrays, in mm.
+
+    In memory and exact (see the module docstring for the definitions). The work is confined to the
+    bounding box of ``A u B``, which does not change the result.
+
+    Parameters
+    ----------
+    a_bool, b_bool : array_like of bool, same shape (any dimension)
+    spacing_mm : float or sequence of floats
+        Voxel size along each array axis (orthogonal axes).
+
+    Returns
+    -------
+    dict
+        ``mean`` = (d_ab + d_ba)/2, ``max`` = max(d_ab, d_ba), ``d_ab``, ``d_ba`` (directed averages),
+        ``hd95`` (larger directed 95th percentile), ``hd`` (Hausdorff), ``status``; empty sets give NaN
+        (both empty, status "absent in both") or inf (one empty, status "absent in A"/"absent in B").
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> a = np.zeros((1, 4), bool); a[0, 0] = True
+    >>> b = np.zeros((1, 4), bool); b[0, 3] = True
+    >>> r = average_hausdorff(a, b, (1.0, 0.5))
+    >>> r["mean"], r["hd"]
+    (1.5, 1.5)
+    """
+    a, b = _check_pair(a_bool, b_bool)
+    sp = _spacing_vec(spacing_mm, a.ndim)
+    has_a, has_b = bool(a.any()), bool(b.any())
+    if not (has_a or has_b):
+        return _empty_distances(STATUS_BOTH_EMPTY)
+    if not has_a:
+        return _empty_distances(STATUS_A_EMPTY)
+    if not has_b:
+        return _empty_distances(STATUS_B_EMPTY)
+    # Crop to the union's bounding box: all of B (and A) lies inside, so nearest points are inside (exact).
+    box = ndi.find_objects((a | b).astype(np.uint8))[0]
+    return _distances_in_box(a[box], b[box], sp)
+
+
+def _distances_in_box(a: np.ndarray, b: np.ndarray, sp: Sequence[float]) -> dict:
+    """Exact distances; ``a`` and ``b`` are non-empty and entirely inside the array."""
+    # EDT of ~B: for every voxel, the distance to the nearest voxel centre of B (0 on B). Read it on A.
+    d_a = ndi.distance_transform_edt(~b, sampling=sp)[a]
+    d_b = ndi.distance_transform_edt(~a, sampling=sp)[b]
+    d_ab, d_ba = float(np.mean(d_a)), float(np.mean(d_b))
+    return dict(mean=0.5 * (d_ab + d_ba), max=max(d_ab, d_ba), d_ab=d_ab, d_ba=d_ba,
+                hd95=float(max(np.percentile(d_a, 95), np.percentile(d_b, 95))),
+                hd=float(max(d_a.max(), d_b.max())), status=STATUS_OK)
+
+
+# --------------------------------------------------------------------------- chunked statistics pass
+
+def _block_stats(a: np.ndarray, b: np.ndarray, offset: Sequence[int]) -> dict:
+    """Per-code counts and bounding boxes in A and B, and joint (A code, B code) counts, for one block.
+
+    Codes 0 (background) are dropped. Memory: a few arrays of the block's size.
+    """
+    out: dict = {}
+    inverses = []
+    for key, x in (("a", a), ("b", b)):
+        codes, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        inv = inv.reshape(x.shape)
+        inverses.append((codes, inv))
+        # find_objects on the dense label index gives every code's bounding box in one O(N) pass.
+        boxes = ndi.find_objects(inv + 1)
+        per = {}
+        for c, n, sl in zip(codes.tolist(), counts.tolist(), boxes):
+            if c == 0:
+                continue
+            lo = tuple(s.start + o for s, o in zip(sl, offset))
+            hi = tuple(s.stop - 1 + o for s, o in zip(sl, offset))
+            per[int(c)] = (int(n), lo, hi)
+        out[key] = per
+    (ca, ia), (cb, ib) = inverses
+    nb = len(cb)
+    keys = ia.astype(np.int64) * nb + ib
+    if len(ca) * nb <= 4 * keys.size:
+        counts = np.bincount(keys.ravel(), minlength=len(ca) * nb)
+        nz = np.flatnonzero(counts)
+        pairs, pc = nz, counts[nz]
+    else:  # many codes: avoid a huge dense joint table
+        pairs, pc = np.unique(keys, return_counts=True)
+    joint = {}
+    for k, n in zip(pairs.tolist(), pc.tolist()):
+        c1, c2 = int(ca[k // nb]), int(cb[k % nb])
+        if c1 != 0 and c2 != 0:
+            joint[(c1, c2)] = int(n)
+    out["joint"] = joint
+    return out
+
+
+def _merge_stats(*parts: dict) -> dict:
+    """Merge block statistics: sums of counts, min/max of bounding boxes (order-independent, integer)."""
+    out: dict = {"a": {}, "b": {}, "joint": {}}
+    for p in parts:
+        for key in ("a", "b"):
+            dst = out[key]
+            for c, (n, lo, hi) in p[key].items():
+                if c in dst:
+                    n0, lo0, hi0 = dst[c]
+                    dst[c] = (n0 + n, tuple(map(min, lo0, lo)), tuple(map(max, hi0, hi)))
+                else:
+                    dst[c] = (n, lo, hi)
+        for k, n in p["joint"].items():
+            out["joint"][k] = out["joint"].get(k, 0) + n
+    return out
+
+
+def label_statistics(a_data: Any, b_data: Any, *, fan_in: int = 8) -> dict:
+    """Per-code voxel counts and bounding boxes of two label arrays, and their joint code-pair counts.
+
+    One chunked pass (``b`` is rechunked to ``a``'s chunks, lazily), merged in a tree of ``fan_in``;
+    computed eagerly; the result is small (one entry per code / code pair). Exact integers: identical for
+    every chunking.
+
+    Returns
+    -------
+    dict
+        ``{"a": {code: (count, lo_ijk, hi_ijk)}, "b": {...}, "joint": {(code_a, code_b): count}}``, with
+        inclusive voxel-index bounds and code 0 left out.
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> a = da.from_array(np.array([[[0, 5, 5, 0]]]), chunks=2)
+    >>> s = label_statistics(a, a)
+    >>> s["a"][5], s["joint"][(5, 5)]
+    ((2, (0, 0, 1), (0, 0, 2)), 2)
+    """
+    import dask
+    import dask.array as da
+
+    a = a_data if isinstance(a_data, da.Array) else da.asarray(a_data)
+    b = b_data if isinstance(b_data, da.Array) else da.asarray(b_data)
+    b = b.rechunk(a.chunks)
+    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int).tolist() for c in a.chunks]
+    ablocks, bblocks = a.to_delayed(), b.to_delayed()
+    parts = []
+    for idx in itertools.product(*(range(len(c)) for c in a.chunks)):
+        off = tuple(starts[d][i] for d, i in enumerate(idx))
+        parts.append(dask.delayed(_block_stats, pure=True)(ablocks[idx], bblocks[idx], off))
+    if not parts:
+        return {"a": {}, "b": {}, "joint": {}}
+    while len(parts) > 1:
+        parts = [dask.delayed(_merge_stats, pure=True)(*parts[i:i + fan_in]) for i in range(0, len(parts), fan_in)]
+    (res,) = dask.compute(parts[0])
+    return res
+
+
+# ------------------------------------------------------------------------------------ compare volumes
+
+def _check_labels_volume(vol: Any, what: str):
+    import dask.array as da
+
+    data = getattr(vol, "data", None)
+    if data is None or "affine" not in getattr(vol, "attrs", {}):
+        raise HelmError(f"{what} is not a volume (an xarray.DataArray with attrs['affine'])",
+                        hint="Open it with helm_dask.io or build it with helm_dask.make_volume.")
+    if data.ndim != 3:
+        raise HelmError(f"{what} is {data.ndim}-D; label maps are 3-D", path=vol.attrs.get("source") or None)
+    dt = np.dtype(data.dtype)
+    if not (np.issubdtype(dt, np.integer) or dt == np.bool_):
+        raise HelmError(f"{what} has dtype {dt}, not an integer label map", path=vol.attrs.get("source") or None,
+                        hint="Compare label maps (integer codes); cast with .astype() if the values are codes.")
+    return data if isinstance(data, da.Array) else da.asarray(data)
+
+
+def _check_orthogonal(affine: np.ndarray, source: str | None) -> np.ndarray:
+    m = affine[:3, :3]
+    sp = np.sqrt((m ** 2).sum(axis=0))
+    if np.any(sp <= 0) or not np.all(np.isfinite(sp)):
+        raise HelmError("the affine has a zero or non-finite voxel size", path=source or None)
+    cos = (m.T @ m) / np.outer(sp, sp)
+    if np.max(np.abs(cos - np.eye(3))) > 1e-4:
+        raise HelmError("the voxel axes are not orthogonal (sheared affine), so voxel-grid distances in mm "
+                        "would not be exact", path=source or None,
+                        hint="Resample the maps onto an orthogonal grid first (helm_dask.resample).")
+    return sp
+
+
+def _same_grid(a_vol, b_vol, atol: float = 1e-6) -> str | None:
+    """None when A and B share shape and affine (to ``atol``), else a description of the difference."""
+    from .volume import affine_of
+
+    sa, sb = tuple(a_vol.shape), tuple(b_vol.shape)
+    if sa != sb:
+        return f"shapes differ: A {sa}, B {sb}"
+    fa, fb = affine_of(a_vol), affine_of(b_vol)
+    diff = float(np.max(np.abs(fa - fb)))
+    if diff > atol:
+        return (f"affines differ by up to {diff:.3g} mm (A spacing {np.round(np.sqrt((fa[:3, :3] ** 2).sum(0)), 6)}"
+                f", B spacing {np.round(np.sqrt((fb[:3, :3] ** 2).sum(0)), 6)}; A origin "
+                f"{np.round(fa[:3, 3], 4)}, B origin {np.round(fb[:3, 3], 4)})")
+    return None
+
+
+def label_name(code: int) -> str:
+    """Human-readable name of a code (hypothalamic subunits, fornix; else ``"label N"``)."""
+    return LABEL_NAMES.get(int(code), f"label {int(code)}")
+
+
+def _select_items(stats: dict, labels: Any, groups: Any) -> list[tuple[str, str, tuple[int, ...]]]:
+    present = sorted(set(stats["a"]) | set(stats["b"]))
+    if labels is None:
+        codes = [c for c in present if c in DEFAULT_CODES]
+    elif isinstance(labels, str):
+        if labels.strip().lower() != "all":
+            raise HelmError(f"labels must be None, 'all' or a list of codes, got {labels!r}")
+        codes = present
+    else:
+        try:
+            codes = sorted({int(c) for c in labels})
+        except (TypeError, ValueError):
+            raise HelmError(f"labels must be None, 'all' or a list of integer codes, got {labels!r}") from None
+        if 0 in codes:
+            raise HelmError("label 0 is the background and cannot be compared", hint="Leave 0 out of labels.")
+    items = [(label_name(c), "label", (c,)) for c in codes]
+    if groups is None:
+        return items
+    if isinstance(groups, str):
+        if groups.strip().lower() != "paper":
+            raise HelmError(f"groups must be 'paper', None or a dict name -> codes, got {groups!r}")
+        pres = set(present)
+        for name, gcodes in PAPER_GROUPS.items():
+            # A side's groups only when that side has labels in either map (a left hemisphere has no 806-810).
+            side = PAPER_GROUPS[name.split()[0] + " whole"]
+            if pres & set(side):
+                items.append((name, "group", tuple(gcodes)))
+    elif isinstance(groups, Mapping):
+        for name, gcodes in groups.items():
+            gc = tuple(sorted({int(c) for c in gcodes}))
+            if not gc or 0 in gc:
+                raise HelmError(f"group {name!r} must list one or more non-zero codes, got {list(gcodes)}")
+            items.append((str(name), "group", gc))
+    else:
+        raise HelmError(f"groups must be 'paper', None or a dict name -> codes, got {groups!r}")
+    return items
+
+
+def _box_metrics(a_box: np.ndarray, b_box: np.ndarray, codes: tuple[int, ...], sp: tuple[float, ...]) -> dict:
+    """Distances of one label/group from its loaded box (the box contains all of A and B for ``codes``)."""
+    a = np.isin(a_box, codes)
+    b = np.isin(b_box, codes)
+    return _distances_in_box(a, b, sp)
+
+
+def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", margin_mm: float = 2.0,
+                    max_box_voxels: int = DEFAULT_MAX_BOX_VOXELS, resample_b: bool = False) -> list[dict]:
+    """Compare two label maps per label and per group: Dice, average Hausdorff (mean and max), HD95, volumes.
+
+    Out of core: one chunked statistics pass over both maps (:func:`label_statistics`), then, for each
+    label/group, only the union bounding box of its voxels in A and B (plus ``margin_mm``, clipped to the
+    volume) is loaded and the exact distances are computed there in memory. Computed eagerly; the result
+    is a small list of rows. Dice and volumes are exact integer-count results for every chunking.
+
+    Parameters
+    ----------
+    a_vol, b_vol : xarray.DataArray
+        Label volumes (integer codes) on the same grid (shape and affine equal to 1e-6 mm).
+    labels : None, "all" or iterable of int
+        None: the hypothalamic codes 801-810 and the fornix 250 present in either map; "all": every non-zero
+        code present; a list: exactly those codes (absent ones give status "absent in both").
+    groups : "paper", None or dict name -> codes
+        "paper": :data:`PAPER_GROUPS` (whole, anterior, tuberal, posterior) for each side that has labels in
+        either map; a dict: your own groups (a group is the union of its codes).
+    margin_mm : float
+        Extra border around each box. Does not change any result (the box already holds both sets).
+    max_box_voxels : int
+        Largest box for the distance computation (memory ~30 bytes per box voxel). Larger labels get Dice
+        and volumes, and NaN distances with status "too large for distances".
+    resample_b : bool
+        If the grids differ: False (default) raises HelmError; True resamples B onto A's grid by nearest
+        neighbour (in world space, lazily) and compares there.
+
+    Returns
+    -------
+    list of dict
+        One row per label then per group, with the keys :data:`ROW_FIELDS` (``codes`` is a tuple).
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> lab = np.zeros((6, 4, 4), np.uint16); lab[1:3, 1:3, 1:3] = 803
+    >>> a = make_volume(da.from_array(lab, chunks=3), np.diag([0.3, 0.3, 0.6, 1]), kind="labels")
+    >>> rows = compare_volumes(a, a)
+    >>> [(r["name"], r["dice"], r["avg_hd_mean_mm"], round(r["volume_a_mm3"], 3)) for r in rows[:2]]
+    [('L posterior', 1.0, 0.0, 0.432), ('L whole', 1.0, 0.0, 0.432)]
+    >>> rows[2]["name"], rows[2]["status"]
+    ('L anterior', 'absent in both')
+    """
+    import dask
+
+    from .volume import affine_of
+
+    a_data = _check_labels_volume(a_vol, "A")
+    _check_labels_volume(b_vol, "B")
+    src_a = a_vol.attrs.get("source") or None
+    diff = _same_grid(a_vol, b_vol)
+    if diff is not None:
+        if not resample_b:
+            raise HelmError(f"A and B are on different grids ({diff})", path=src_a,
+                            hint="Resample one map onto the other's grid by nearest neighbour "
+                                 "(helm_dask.resample.resample_to_grid, or resample_b=True) and compare again.")
+        from .resample import resample_to_grid
+
+        b_vol = resample_to_grid(b_vol, tuple(a_vol.shape), affine_of(a_vol), order=0)
+    b_data = _check_labels_volume(b_vol, "B")
+    affine = affine_of(a_vol)
+    sp = _check_orthogonal(affine, src_a)
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    if margin_mm < 0 or not math.isfinite(margin_mm):
+        raise HelmError(f"margin_mm must be >= 0, got {margin_mm}")
+    if int(max_box_voxels) < 1:
+        raise HelmError(f"max_box_voxels must be >= 1, got {max_box_voxels}")
+    margin = np.ceil(margin_mm / sp - 1e-9).astype(int)
+    shape = np.array(a_data.shape)
+    b_data = b_data.rechunk(a_data.chunks)
+
+    stats = label_statistics(a_data, b_data)
+    items = _select_items(stats, labels, groups)
+
+    rows: list[dict] = []
+    tasks, task_rows = [], []
+    for name, kind, codes in items:
+        cs = set(codes)
+        na = sum(stats["a"][c][0] for c in codes if c in stats["a"])
+        nb = sum(stats["b"][c][0] for c in codes if c in stats["b"])
+        inter = sum(n for (c1, c2), n in stats["joint"].items() if c1 in cs and c2 in cs)
+        row = dict(name=name, kind=kind, codes=tuple(codes), status=STATUS_OK,
+                   dice=_dice_from_counts(inter, na, nb), voxels_a=na, voxels_b=nb,
+                   volume_a_mm3=na * voxel_mm3, volume_b_mm3=nb * voxel_mm3)
+        if na == 0 or nb == 0:
+            st = STATUS_BOTH_EMPTY if na == nb == 0 else (STATUS_A_EMPTY if na == 0 else STATUS_B_EMPTY)
+            row.update(_row_distances(_empty_distances(st)))
+        else:
+            boxes = [stats[k][c] for k in ("a", "b") for c in codes if c in stats[k]]
+            lo = np.maximum(np.min([bx[1] for bx in boxes], axis=0) - margin, 0)
+            hi = np.minimum(np.max([bx[2] for bx in boxes], axis=0) + margin, shape - 1)
+            if int(np.prod(hi - lo + 1)) > int(max_box_voxels):
+                row.update(_row_distances(_empty_distances(STATUS_TOO_LARGE)))
+            else:
+                sl = tuple(slice(int(l), int(h) + 1) for l, h in zip(lo, hi))
+                tasks.append(dask.delayed(_box_metrics, pure=True)(a_data[sl], b_data[sl], tuple(codes),
+                                                                   tuple(float(x) for x in sp)))
+                task_rows.append(row)
+        rows.append(row)
+    for row, res in zip(task_rows, dask.compute(*tasks)):
+        row.update(_row_distances(res))
+    return [{k: r[k] for k in ROW_FIELDS} for r in rows]
+
+
+def _row_distances(d: Mapping[str, Any]) -> dict:
+    return dict(avg_hd_mean_mm=d["mean"], avg_hd_max_mm=d["max"], d_ab_mm=d["d_ab"], d_ba_mm=d["d_ba"],
+                hd95_mm=d["hd95"], hd_mm=d["hd"], status=d["status"])
+
+
+# ----------------------------------------------------------------------------------- batches and output
+
+def summarise(rows_per_subject: Mapping[str, Sequence[Mapping[str, Any]]], *, ddof: int = 1) -> list[dict]:
+    """Mean and standard deviation over subjects of every metric, per label/group (like the paper's Table 2).
+
+    Rows are matched by ``(kind, name)``. For each metric, non-finite values (NaN/inf from absent labels or boxes
+    too large) are left out; ``n_subjects`` counts the subjects having the row, ``n_ok`` those whose status
+    is "ok", and ``<metric>_n`` the values used. ``ddof=1``: the sample standard deviation (NaN for n < 2).
+
+    Example
+    -------
+    >>> r = lambda d: [dict(name="L whole", kind="group", codes=(801,), status="ok", dice=d)]
+    >>> s = summarise({"s1": r(0.8), "s2": r(0.9)})[0]
+    >>> round(s["dice_mean"], 6), round(s["dice_std"], 6), s["n_subjects"]
+    (0.85, 0.070711, 2)
+    """
+    order: list[tuple[str, str]] = []
+    by_name: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for subject in rows_per_subject:
+        for row in rows_per_subject[subject]:
+            key = (str(row.get("kind", "")), row["name"])  # "L posterior" is both a label and a group
+            if key not in by_name:
+                order.append(key)
+                by_name[key] = []
+            by_name[key].append(row)
+    out = []
+    for key in order:
+        name, rs = key[1], by_name[key]
+        s: dict[str, Any] = dict(name=name, kind=rs[0].get("kind", ""), codes=tuple(rs[0].get("codes", ())),
+                                 n_subjects=len(rs), n_ok=sum(r.get("status") == STATUS_OK for r in rs))
+        for m in METRIC_FIELDS:
+            if not any(m in r for r in rs):
+                continue
+            v = np.array([float(r[m]) for r in rs if m in r and r[m] is not None], dtype=np.float64)
+            v = v[np.isfinite(v)]
+            s[f"{m}_mean"] = float(np.mean(v)) if v.size else math.nan
+            s[f"{m}_std"] = float(np.std(v, ddof=ddof)) if v.size > ddof else math.nan
+            s[f"{m}_n"] = int(v.size)
+        out.append(s)
+    return out
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if v is None:
+        return "n/a"
+    v = float(v)
+    if math.isnan(v):
+        return "n/a"
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.{digits}f}"
+
+
+_TABLE_COLUMNS = (("Dice", "dice", 3), ("avgHD mean", "avg_hd_mean_mm", 3), ("avgHD max", "avg_hd_max_mm", 3),
+                  ("HD95", "hd95_mm", 3), ("HD", "hd_mm", 3), ("vol A mm3", "volume_a_mm3", 2),
+                  ("vol B mm3", "volume_b_mm3", 2))
+
+
+def _codes_text(codes: Iterable[int]) -> str:
+    return "+".join(str(int(c)) for c in codes)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A readable aligned text table of :func:`compare_volumes` rows, or of :func:`summarise` rows
+    (cells ``mean +- std``), with the definitions in a footer.
+
+    Example
+    -------
+    >>> row = dict(name="L posterior", kind="label", codes=(803,), status="ok", dice=0.9, avg_hd_mean_mm=0.2,
+    ...            avg_hd_max_mm=0.3, hd95_mm=0.6, hd_mm=0.9, volume_a_mm3=10.0, volume_b_mm3=11.0)
+    >>> print(format_table([row]).splitlines()[2])
+    L posterior  803    label  0.900  0.200       0.300      0.600  0.900  10.00      11.00      ok
+    """
+    summary = any("n_subjects" in r for r in rows)
+    header = ["label", "codes", "kind"] + [c[0] for c in _TABLE_COLUMNS]
+    header += ["n"] if summary else ["status"]
+    body = []
+    for r in rows:
+        cells = [str(r.get("name", "")), _codes_text(r.get("codes", ())), str(r.get("kind", ""))]
+        for _, key, digits in _TABLE_COLUMNS:
+            if summary:
+                m, s = r.get(f"{key}_mean"), r.get(f"{key}_std")
+                cells.append("n/a" if m is None or math.isnan(float(m)) else
+                             f"{_fmt(m, digits)} +- {_fmt(s, digits)}")
+            else:
+                cells.append(_fmt(r.get(key), digits))
+        if summary:
+            cells.append(f"{r.get('n_ok', '?')}/{r.get('n_subjects', '?')} ok")
+        else:
+            cells.append(str(r.get("status", "")))
+        body.append(cells)
+    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    units = "distances in mm; " + ("mean +- std over subjects (sample std); " if summary else "")
+    out = [line(header), line(["-" * w for w in widths])] + [line(c) for c in body]
+    out += ["", units + DEFINITIONS]
+    return "\n".join(out)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return _codes_text(v)
+    if isinstance(v, float):
+        return repr(v)  # full precision; 'nan' / 'inf' for undefined / absent
+    return v
+
+
+def to_csv(rows: Any, path: str | os.PathLike) -> str:
+    """Write rows (a list, or a dict subject -> rows, which adds a ``subject`` column) as CSV; returns the path.
+
+    Codes are written ``801+802``; undefined values ``nan``, one-sided absences ``inf``.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> p = to_csv([dict(name="L posterior", codes=(803,), dice=0.5)], os.path.join(tempfile.mkdtemp(), "m.csv"))
+    >>> open(p).read().splitlines()
+    ['name,codes,dice', 'L posterior,803,0.5']
+    """
+    if isinstance(rows, Mapping):
+        flat = [dict(subject=s, **r) for s, rs in rows.items() for r in rs]
+    else:
+        flat = [dict(r) for r in rows]
+    fields: list[str] = []
+    for r in flat:
+        fields += [k for k in r if k not in fields]
+    path = os.fspath(path)
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            for r in flat:
+                w.writerow({k: _csv_value(v) for k, v in r.items()})
+    except OSError as e:
+        raise HelmError(f"cannot write the CSV file ({e.strerror})", path=path, exit_code=3,
+                        hint="Check that the folder exists and is writable.") from None
+    return path
+
+
+def to_jsonable(rows: Any) -> Any:
+    """The rows (or dict subject -> rows) with tuples as lists and non-finite numbers as None (strict JSON);
+    ``status`` still says why a value is missing."""
+    if isinstance(rows, Mapping):
+        return {str(k): to_jsonable(v) for k, v in rows.items()}
+    out = []
+    for r in rows:
+        d = {}
+        for k, v in r.items():
+            if isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                v = None
+            d[k] = v
+        out.append(d)
+    return out
+
+
+_SUFFIXES = (".nii.gz", ".nii", ".zarr", ".mgz", ".mgh")
+
+
+def subject_name(path: str | os.PathLike) -> str:
+    """File name without folder and image suffix (``sub-01_labels.nii.gz`` -> ``sub-01_labels``)."""
+    name = os.path.basename(os.fspath(path).rstrip("/\\"))
+    for suf in _SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def pair_by_name(paths_a: Iterable[str | os.PathLike], paths_b: Iterable[str | os.PathLike]):
+    """Pair two lists of files by :func:`subject_name`.
+
+    Returns ``(pairs, only_a, only_b)``: ``pairs`` a sorted list of ``(name, path_a, path_b)``, and the
+    names found on one side only. Duplicate names on one side raise HelmError.
+    """
+    def index(paths, side):
+        d: dict[str, str] = {}
+        for p in paths:
+            n = subject_name(p)
+            if n in d:
+                raise HelmError(f"two files in {side} have the same subject name {n!r}: {d[n]} and {p}",
+                                hint="Keep one map per subject in each folder.")
+            d[n] = os.fspath(p)
+        return d
+
+    da_, db_ = index(paths_a, "A"), index(paths_b, "B")
+    pairs = [(n, da_[n], db_[n]) for n in sorted(set(da_) & set(db_))]
+    return pairs, sorted(set(da_) - set(db_)), sorted(set(db_) - set(da_))
