@@ -370,3 +370,17 @@ def test_gzip_members_are_one_stream(tmp_path):
     payload = gzip.decompress(raw)
     assert len(payload) == 352 + data.nbytes
     np.testing.assert_array_equal(nib.load(out).get_fdata(dtype=np.float32), data)
+
+
+def test_provenance_extension_round_trip(tmp_path):
+    from helm_dask.io.convert import save_nifti
+    from helm_dask.io.nifti import read_nifti_provenance
+
+    data = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    vol = make_volume(data, np.diag([0.3, 0.3, 0.3, 1.0]), kind="labels")
+    prov = {"stage": "merge", "params": {"radius_mm": 1.2}, "inputs": {"scan.nii.gz": "ab" * 32}}
+    out = save_nifti(vol, tmp_path / "l.nii.gz", provenance=prov)
+    assert read_nifti_provenance(out) == prov
+    img = nib.load(out)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
+    assert img.header.get_intent()[0] == "label" and img.header.get_data_dtype() == np.uint16

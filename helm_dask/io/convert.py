@@ -182,7 +182,7 @@ def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> i
 def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                compresslevel: int = nii.DEFAULT_COMPRESSLEVEL, sform_code: int | None = None,
                qform_code: int | None = None, version: int | None = None, scaling=(1.0, 0.0),
-               slab_mb: float = 128, quiet: bool = True) -> str:
+               provenance: dict | None = None, slab_mb: float = 128, quiet: bool = True) -> str:
     """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
 
     sform = qform = the volume's affine, codes from ``sform_code``/``qform_code`` (default: the source file's,
@@ -201,7 +201,7 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     hdr = nii.build_header(data.shape, dtype, affine_of(vol), kind=kind,
                            sform_code=sform_code if sform_code is not None else nmeta.get("sform_code", 1),
                            qform_code=qform_code if qform_code is not None else nmeta.get("qform_code", 1),
-                           version=version or (nmeta.get("version") if nmeta else None))
+                           version=version or (nmeta.get("version") if nmeta else None), provenance=provenance)
     if tuple(scaling) != (1.0, 0.0):
         hdr.set_slope_inter(*scaling)
     head = nii.header_bytes(hdr)

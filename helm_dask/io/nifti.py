@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -354,10 +355,12 @@ def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22) -> str:
 
 
 def build_header(shape, dtype, affine, *, kind: str = "image", sform_code: int = 1, qform_code: int = 1,
-                 version: int | None = None, descrip: str = "helm-dask"):
+                 version: int | None = None, descrip: str = "helm-dask", provenance: dict | None = None):
     """A nibabel header for a single-file NIfTI with sform = qform = ``affine``.
 
-    NIfTI-2 is used when asked for, or when a dimension does not fit NIfTI-1's int16.
+    NIfTI-2 is used when asked for, or when a dimension does not fit NIfTI-1's int16. ``provenance`` (a
+    JSON-able dict) goes into a NIfTI header extension (code 6, "comment"), which viewers ignore and
+    :func:`read_nifti_provenance` reads back: the file itself says how it was made.
     """
     shape = tuple(int(s) for s in shape)
     if version is None:
@@ -373,12 +376,16 @@ def build_header(shape, dtype, affine, *, kind: str = "image", sform_code: int =
     if kind in ("labels", "mask"):
         hdr.set_intent("label")
     hdr["descrip"] = descrip.encode()[:79]
-    hdr["vox_offset"] = hdr.single_vox_offset
     hdr.set_slope_inter(1.0, 0.0)
+    if provenance is not None:
+        payload = json.dumps(provenance, sort_keys=True, default=str).encode()
+        hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", payload))
+    hdr["vox_offset"] = 0  # nibabel sets the smallest valid offset (after the extensions) when writing
     return hdr
 
 
 def header_bytes(hdr) -> bytes:
+    """The header, its extensions and the padding up to ``vox_offset``, as they start the file."""
     bio = io.BytesIO()
     hdr.write_to(bio)
     out = bio.getvalue()
@@ -400,3 +407,28 @@ def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSL
     """Bytes of a slab as they go into the file: raw, or one gzip member. Runs on a worker."""
     b = slab_bytes(arr, dtype)
     return gzip_member(b, level) if gz else b
+
+
+def read_nifti_provenance(path: str | os.PathLike) -> dict | None:
+    """The provenance JSON that helm-dask wrote into a NIfTI header extension, or None."""
+    info = read_nifti_header(path)
+    raw = _open_raw(Path(path))
+    try:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if info.gz else raw
+        head = stream.read(info.vox_offset)
+    except (OSError, EOFError, zlib.error):
+        return None
+    finally:
+        raw.close()
+    hdr_cls = type(info.header)
+    try:
+        hdr = hdr_cls.from_fileobj(io.BytesIO(head), check=False)
+    except Exception:
+        return None
+    for ext in hdr.extensions:
+        if ext.get_code() == 6:
+            try:
+                return json.loads(ext.get_content())
+            except (ValueError, TypeError):
+                continue
+    return None

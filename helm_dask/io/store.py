@@ -274,28 +274,43 @@ def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False
     >>> float(open_volume(out).sum())
     512.0
     """
-    kind = vol.attrs.get("kind", "image")
-    affine = affine_of(vol)
-    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
-    four_d = data.ndim == 4
-    chunks = normalize_chunks(chunks, data.shape)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        attrs = volume_attrs_for_store(vol)
-        attrs.update(extra or {})
-        write_attrs(group, affine=affine, kind=kind, name=str(vol.name or "volume"), nlevels=1, four_d=four_d,
-                    extra=attrs, complete=False)
-        if four_d:
-            target = create_level(group, 0, data.shape, data.dtype, chunks, four_d=True, shards=shards)
-            _store_dask(da.moveaxis(data, 3, 0), target)
-            nlevels = 1
-        else:
-            target = create_level(group, 0, data.shape, data.dtype, chunks, four_d=False, shards=shards)
-            _store_dask(data, target)
-            nlevels = build_pyramid(group, kind=kind, chunks=chunks) if pyramid else 1
-        write_attrs(group, affine=affine, kind=kind, name=str(vol.name or "volume"), nlevels=nlevels,
-                    four_d=four_d, extra=attrs, complete=True)
-    return os.fspath(path)
+    return save_volumes({os.fspath(path): vol}, chunks=chunks, overwrite=overwrite, pyramid=pyramid,
+                        shards=shards, extra=extra)[0]
+
+
+def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: bool = True, shards=None,
+                 extra: dict | None = None) -> list[str]:
+    """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
+
+    Volumes derived from the same inputs (the six k-means maps of one image, say) share their graph, so the
+    inputs are read once for all of them. Each store is still written atomically on its own.
+    """
+    with contextlib.ExitStack() as stack:
+        sources, targets, pending = [], [], []
+        for path, vol in vols.items():
+            kind = vol.attrs.get("kind", "image")
+            affine = affine_of(vol)
+            data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
+            four_d = data.ndim == 4
+            ch = normalize_chunks(chunks, data.shape)
+            tmp = stack.enter_context(atomic_path(path, overwrite=overwrite))
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            attrs = volume_attrs_for_store(vol)
+            attrs.update(extra or {})
+            name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
+            write_attrs(group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs,
+                        complete=False)
+            target = create_level(group, 0, data.shape, data.dtype, ch, four_d=four_d, shards=shards)
+            src = da.moveaxis(data, 3, 0) if four_d else data
+            sources.append(src.rechunk(target.chunks))
+            targets.append(target)
+            pending.append((group, kind, affine, name, four_d, ch, attrs))
+        da.store(sources, targets, lock=False, compute=True)
+        for group, kind, affine, name, four_d, ch, attrs in pending:
+            nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
+            write_attrs(group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs,
+                        complete=True)
+    return [os.fspath(p) for p in vols]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Benchmark plumbing: sample the resident memory and I/O of *all* processes of a run, append result rows.
+
+The sampler polls this process and all its descendants (the LocalCluster's nanny, worker and scheduler
+processes included) every 0.1 s and records the peak of the summed RSS, so the number is what the machine
+actually had to hold, not just the client's share.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+RESULTS = Path(__file__).parent / "results" / "results.csv"
+FIELDS = ["date", "commit", "stage", "spacing_mm", "voxels", "workers", "threads_per_worker", "wall_s",
+          "mvox_per_s", "mb_per_s", "peak_rss_mb", "read_mb", "written_mb", "data_mb", "note", "machine"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{os.cpu_count()} cores {cpu}, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return ""
+
+
+class Sampler:
+    """Peak summed RSS of this process tree, and bytes read/written by it (logical I/O: rchar/wchar)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.root = psutil.Process()
+        self.peak_rss = 0
+        self._io_base: dict[int, tuple[int, int]] = {}
+        self._io_last: dict[int, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _procs(self):
+        procs = [self.root]
+        try:
+            procs += self.root.children(recursive=True)
+        except psutil.Error:
+            pass
+        return procs
+
+    def _sample(self):
+        total = 0
+        for p in self._procs():
+            try:
+                total += p.memory_info().rss
+                io = p.io_counters()
+                cur = (io.read_chars, io.write_chars)
+                self._io_base.setdefault(p.pid, cur if p.pid == self.root.pid else (0, 0))
+                self._io_last[p.pid] = cur
+            except (psutil.Error, AttributeError):
+                continue
+        self.peak_rss = max(self.peak_rss, total)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(self._io_last[p][0] - self._io_base[p][0] for p in self._io_last)
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(self._io_last[p][1] - self._io_base[p][1] for p in self._io_last)
+
+
+@contextmanager
+def measured():
+    """``with measured() as m:`` ... then ``m.wall``, ``m.sampler.peak_rss`` etc."""
+
+    class M:
+        pass
+
+    m = M()
+    with Sampler() as s:
+        t0 = time.perf_counter()
+        yield m
+        m.wall = time.perf_counter() - t0
+    m.sampler = s
+
+
+def append_row(row: dict, path: Path = RESULTS) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine()}
+    full.update(row)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(full)
+    return full

@@ -1,0 +1,341 @@
+"""The ``helm-dask`` command line: a thin layer over the Python API.
+
+Errors the user can fix are printed as one line (file, problem, fix) with a non-zero exit status and no
+traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .cluster import ClusterOptions, compute_context
+from .errors import HelmError
+
+
+def _spacing(text: str):
+    if text == "native":
+        return "native"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"spacing must be a number of mm or 'native', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"spacing must be positive, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _chunks(text: str):
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks are integers like 128 or 128,128,64; got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"chunks are 1 or 3 positive integers; got {text!r}")
+    return tuple(parts)
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute")
+    g.add_argument("--scheduler", metavar="ADDR",
+                   help="join a running Dask cluster (tcp://HOST:PORT or a scheduler JSON file); "
+                        "'threads' or 'synchronous' compute in this process")
+    g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: 2)")
+    g.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per worker (default: 1)")
+    g.add_argument("--memory-limit", metavar="SIZE", help="memory limit per worker, e.g. 4GB (default: auto)")
+    g.add_argument("--dashboard-address", default="127.0.0.1:0",
+                   help="where the dashboard listens (default: localhost, random port)")
+
+
+def _cluster_opts(args) -> ClusterOptions:
+    return ClusterOptions(scheduler=args.scheduler, workers=args.workers,
+                          threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
+                          dashboard=args.dashboard_address, quiet=args.quiet)
+
+
+def _say(args, *msg) -> None:
+    if not getattr(args, "quiet", False):
+        print(*msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_info(args) -> int:
+    from .io.store import describe
+
+    d = describe(args.path)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    size = d["size_bytes"]
+    rows = [("path", d["path"]), ("format", d["format"]), ("kind", d["kind"]), ("shape", " x ".join(map(str, d["shape"]))),
+            ("voxels", f"{d['voxels']:,}"), ("spacing (mm)", " x ".join(f"{s:g}" for s in d["spacing_mm"])),
+            ("orientation", d["orientation"]), ("dtype", d["dtype"]),
+            ("chunks", "-" if d["chunks"] is None else " x ".join(map(str, d["chunks"]))),
+            ("size on disk", "-" if size is None else f"{size / 2**20:,.1f} MiB")]
+    for k in ("levels", "sform_code", "qform_code", "scaling"):
+        if k in d:
+            rows.append((k, str(d[k])))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print("affine")
+    for r in d["affine"]:
+        print("  " + "  ".join(f"{x:11.5f}" for x in r))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .io.convert import convert
+
+    kw = dict(overwrite=args.overwrite, quiet=args.quiet, echo=args.echo, echo_combine=args.echo_combine)
+    if args.chunks:
+        kw["chunks"] = args.chunks
+    kw["nonfinite"] = args.nonfinite
+    t0 = time.perf_counter()
+    with compute_context(_cluster_opts(args)):
+        out = convert(args.input, args.output, **kw)
+    _say(args, f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .phantom_io import write_phantom
+
+    with compute_context(_cluster_opts(args)):
+        outputs = write_phantom(args.output, spacing_mm=args.spacing, side=args.side, echoes=args.echoes,
+                                seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, quiet=args.quiet)
+    for name, path in outputs.items():
+        _say(args, f"{name:<14} {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .batch import format_summary, parse_ks, run_batch
+    from .labels import parse_label_map
+    from .pipeline import RunParams, run_subject
+
+    target = args.scan
+    is_manifest = target.lower().endswith((".yaml", ".yml", ".csv"))
+    if not args.out:
+        raise HelmError("--out is required", hint="e.g. --out results/")
+    if not is_manifest and not args.hypothalamus:
+        raise HelmError("--hypothalamus is required for a single scan", path=target,
+                        hint="give the manual hypothalamus labels with --hypothalamus SEG.nii.gz")
+    base = RunParams(scan=target, hypothalamus=args.hypothalamus or "", out=args.out, side=args.side,
+                     subject=args.subject, spacing=args.spacing, until=args.until, echo=args.echo,
+                     echo_combine=args.echo_combine, nonfinite=args.nonfinite,
+                     resample_labels=args.resample_labels, label_map=parse_label_map(args.label_map),
+                     ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
+                     closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
+                     label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed)
+    with compute_context(_cluster_opts(args)):
+        if is_manifest:
+            rows = run_batch(target, base, quiet=args.quiet)
+            print(format_summary(rows))
+            return 0 if all(r["status"] == "ok" for r in rows) else 4
+        info = run_subject(base, quiet=args.quiet)
+    _say(args, f"[{info['subject']}] finished in {info['seconds']:.1f}s -> {Path(args.out) / info['subject']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_files, compare_folders
+    from .metrics import format_table, to_csv, to_jsonable
+
+    labels = None
+    if args.labels == "all":
+        labels = "all"
+    elif args.labels:
+        try:
+            labels = [int(c) for c in args.labels.split(",")]
+        except ValueError:
+            raise HelmError(f"--labels {args.labels!r} is not 'all' or a list of codes", hint="e.g. 801,802") from None
+    groups = None if args.groups == "none" else "paper"
+    with compute_context(_cluster_opts(args)):
+        if os.path.isdir(args.a) and not args.a.rstrip("/").endswith(".zarr"):
+            per_subject, summary, (only_a, only_b) = compare_folders(
+                args.a, args.b, filename=args.file, labels=labels, groups=groups, resample_b=args.resample)
+            if args.csv:
+                rows = [dict(r, subject=s) for s, rs in per_subject.items() for r in rs]
+                to_csv(rows, args.csv)
+            if args.json:
+                print(json.dumps({"subjects": {s: to_jsonable(r) for s, r in per_subject.items()},
+                                  "summary": to_jsonable(summary), "only_in_a": only_a, "only_in_b": only_b},
+                                 indent=2))
+            else:
+                for s, rs in per_subject.items():
+                    print(f"== {s}")
+                    print(format_table(rs))
+                print(f"== mean +- std over {len(per_subject)} subjects")
+                print(format_table(summary))
+                if only_a or only_b:
+                    print(f"unpaired: only in A {only_a}, only in B {only_b}")
+            return 0
+        rows = compare_files(args.a, args.b, labels=labels, groups=groups, resample_b=args.resample)
+    if args.csv:
+        to_csv(rows, args.csv)
+    if args.json:
+        print(json.dumps(to_jsonable(rows), indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, cluster=_cluster_opts(args), spacing_mm=args.spacing, quiet=args.quiet,
+                    overwrite=args.overwrite)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="helm-dask",
+        description="HELM whole-brain label maps from ultra-high-resolution ex vivo MRI, out of core with Dask.")
+    parser.add_argument("--version", action="version", version=f"helm-dask {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="print only errors")
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", parents=[common], help="shape, spacing, orientation, dtype, chunks, affine")
+    p.add_argument("path", help="a .nii/.nii.gz file or a helm-dask .zarr store")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", parents=[common], help="NIfTI <-> Zarr (direction from the extensions)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape, e.g. 128 or 128,128,128 (default 128)")
+    p.add_argument("--echo", type=int, help="4-D input: keep this echo (0-based)")
+    p.add_argument("--echo-combine", choices=["rms", "mean"],
+                   help="4-D input: combine the echoes (without --echo or this, a 4-D store keeps them all)")
+    p.add_argument("--nonfinite", choices=["error", "zero"], default="error",
+                   help="NaN/inf voxels: refuse (default) or set to 0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_compute_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("phantom", parents=[common], help="write the built-in phantom (OUT.zarr or a folder)")
+    p.add_argument("output", help="OUT.zarr for one store, otherwise a folder of NIfTI files")
+    p.add_argument("--spacing", type=_positive_float, default=0.5, help="voxel size in mm (default 0.5)")
+    p.add_argument("--side", choices=["L", "R"], default="L", help="hemisphere (default L)")
+    p.add_argument("--echoes", type=int, default=1, choices=[1, 2, 3, 4], help="number of echoes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--chunks", type=_chunks, help="chunk shape (default 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_compute_options(p)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("run", parents=[common], help="the HELM pipeline on one scan or a manifest of subjects",
+                       description="Run (or resume) the pipeline. SCAN is a .nii/.nii.gz scan, or a manifest "
+                                   "(.yaml/.csv) listing subjects; outputs go to OUT/<subject>/.")
+    p.add_argument("scan", metavar="SCAN|MANIFEST")
+    p.add_argument("--hypothalamus", metavar="SEG", help="manual hypothalamus labels (NIfTI, same grid as SCAN)")
+    p.add_argument("--side", choices=["L", "R", "auto"], default="auto",
+                   help="hemisphere; auto decides from where the hypothalamus lies (default auto)")
+    p.add_argument("--out", metavar="OUT", help="output folder")
+    p.add_argument("--subject", help="subject name (default: the scan's file name without extension)")
+    p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
+    p.add_argument("--until", choices=["preprocess", "kmeans", "merge", "mirror"], default="mirror",
+                   help="last stage to run (default mirror: the whole pipeline)")
+    p.add_argument("--echo", type=int, help="multi-echo scan: use this echo (0-based)")
+    p.add_argument("--echo-combine", choices=["rms", "mean"], default="rms",
+                   help="multi-echo scan: combine the echoes (default rms)")
+    p.add_argument("--nonfinite", choices=["error", "zero"], default="error", help="NaN/inf voxels: refuse or zero")
+    p.add_argument("--resample-labels", action="store_true",
+                   help="labels on another grid than the scan: resample them onto it (nearest neighbour)")
+    p.add_argument("--label-map", action="append", metavar="CODE=CODE",
+                   help="map a code of the manual labels to a known one (repeatable), e.g. 1=801")
+    p.add_argument("--k", default="4-9", help="k-means cluster counts (default 4-9)")
+    p.add_argument("--kmeans-method", choices=["histogram", "minibatch", "dask-ml"], default="histogram")
+    p.add_argument("--closing-radius-mm", type=_positive_float, default=1.2,
+                   help="radius of the spherical closing of the manual labels (default 1.2)")
+    p.add_argument("--alpha", type=_positive_float, default=5e-4,
+                   help="mirroring: fraction of the hemisphere allowed across the mirror plane (default 5e-4)")
+    p.add_argument("--margin-mm", type=float, default=10.0, help="mirroring: margin of the whole-brain grid")
+    p.add_argument("--label-table", default="freesurfer",
+                   help="label numbering: freesurfer (default) or a ColorLUT/TSV file with the published numbering")
+    p.add_argument("--layout", choices=["flat", "helm"], default="flat",
+                   help="helm: also arrange outputs like the published dataset")
+    p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    _add_compute_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", parents=[common], help="Dice, average Hausdorff, HD95 and volumes of two maps",
+                       description="Compare two label maps (NIfTI or Zarr), or two folders of them paired by "
+                                   "subject name (mean +- std like the paper's Table 2).")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    p.add_argument("--groups", choices=["paper", "none"], default="paper",
+                   help="paper: whole / anterior / tuberal / posterior groupings (default)")
+    p.add_argument("--labels", help="'all' or a comma list of codes (default: hypothalamus codes and fornix)")
+    p.add_argument("--file", default="hypothalamus.nii.gz",
+                   help="with output folders: the file compared in each subject folder")
+    p.add_argument("--resample", action="store_true",
+                   help="B on another grid: resample it onto A's (nearest neighbour, world space)")
+    _add_compute_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", parents=[common], help="run everything on the built-in phantom")
+    p.add_argument("--out", default="helm-demo", help="output folder (default ./helm-demo)")
+    p.add_argument("--spacing", type=_positive_float, default=1.0,
+                   help="phantom voxel size in mm (default 1.0: a quick run; 0.1 is the native scale)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: reuse them)")
+    _add_compute_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HelmError as e:
+        if args.debug:
+            raise
+        print(f"helm-dask: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("helm-dask: interrupted; no partial output was kept (rerun to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: keep it short unless --debug
+        if args.debug:
+            raise
+        print(f"helm-dask: internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback and "
+              f"please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
