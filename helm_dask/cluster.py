@@ -9,6 +9,7 @@ and measurable; ``--scheduler tcp://HOST:PORT`` (or a scheduler JSON file) joins
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def compute_context(opts: ClusterOptions | None = None):
         cluster = LocalCluster(n_workers=opts.workers or default_workers(),
                                threads_per_worker=opts.threads_per_worker or 1,
                                memory_limit=opts.memory_limit or "auto", processes=True,
-                               dashboard_address=opts.dashboard, silence_logs="error")
+                               dashboard_address=opts.dashboard, silence_logs=logging.ERROR)
         client = Client(cluster)
     try:
         if not opts.quiet:
