@@ -1,0 +1,480 @@
+"""Stage 7 (hemisphere mirroring): fit against known medial planes and plain NumPy/SciPy references."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from scipy.optimize import minimize
+
+from helm_dask import mirror
+from helm_dask.errors import HelmError
+from helm_dask.mirror import (RIGHT_CODES, MirrorTransform, fit_mirror, mirror_cost, mirror_labels,
+                              rotation_matrix, whole_brain_grid)
+from helm_dask.volume import affine_of, make_volume
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic left hemispheres with a known medial plane
+# ----------------------------------------------------------------------------------------------------------
+
+SEMI = (22.0, 30.0, 20.0)          # half-ellipsoid semi-axes (depth x, y, z), mm; flat medial face X = 0
+
+
+def make_hemisphere(*, ry=7.0, rz=-11.0, rx=3.0, semi=SEMI, shape=(34, 70, 50), spacing=1.0, oblique=2.0,
+                    shift=(4.0, -3.0, 2.0)):
+    """A half-ellipsoid whose flat medial face (object plane X = 0, normal +X) is placed in the world by a
+    known rotation/translation and sampled on a slightly oblique grid. Returns the mask, the affine, the
+    object -> world rotation and shift, and the object coordinates of every voxel centre."""
+    a, b, c = semi
+    rs = rotation_matrix((rx, ry, rz))
+    shift = np.asarray(shift, dtype=np.float64)
+    aff = np.eye(4)
+    aff[:3, :3] = rotation_matrix((0.0, oblique, -oblique)) * spacing
+    centre_vox = (np.array(shape) - 1) / 2.0
+    aff[:3, 3] = rs @ np.array([-a / 2, 0.0, 0.0]) + shift - aff[:3, :3] @ centre_vox
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ aff[:3, :3].T + aff[:3, 3]
+    obj = (world - shift) @ rs                                    # rs^T (p - shift)
+    inside = (obj[:, 0] <= 0) & ((obj[:, 0] / a) ** 2 + (obj[:, 1] / b) ** 2 + (obj[:, 2] / c) ** 2 <= 1)
+    return inside.reshape(shape).astype(np.uint8), aff, rs, shift, obj.reshape(shape + (3,))
+
+
+def face_points(rs, shift, semi=SEMI, n=40):
+    """World points on the true medial face (inside its ellipse)."""
+    _, b, c = semi
+    yy, zz = np.meshgrid(np.linspace(-b, b, n), np.linspace(-c, c, n))
+    ok = (yy / b) ** 2 + (zz / c) ** 2 <= 0.95
+    return np.stack([np.zeros(ok.sum()), yy[ok], zz[ok]], 1) @ rs.T + shift
+
+
+def mask_points(mask, aff):
+    ijk = np.argwhere(mask).astype(np.float64)
+    return ijk @ aff[:3, :3].T + aff[:3, 3]
+
+
+@pytest.fixture(scope="module")
+def hemi():
+    mask, aff, rs, shift, obj = make_hemisphere()
+    return {"mask": mask, "affine": aff, "rs": rs, "shift": shift, "obj": obj}
+
+
+def as_volume(arr, aff, chunks, kind="mask"):
+    return make_volume(da.from_array(arr, chunks=chunks), aff, kind=kind)
+
+
+@pytest.fixture(scope="module")
+def fitted(hemi):
+    """One fit per (alpha, chunking), shared by the tests that look at it."""
+    cache = {}
+
+    def get(alpha, chunks):
+        if (alpha, chunks) not in cache:
+            cache[alpha, chunks] = fit_mirror(as_volume(hemi["mask"], hemi["affine"], chunks), alpha=alpha,
+                                              grid_deg=(20.0, 2.0))
+        return cache[alpha, chunks]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fit
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [2e-3, 5e-4])
+def test_fit_finds_the_known_medial_plane(hemi, fitted, alpha):
+    tr = fitted(alpha, (17, 25, 20))
+    n_vox = int(hemi["mask"].sum())
+    assert tr.n_voxels == n_vox
+    # the plane's normal is the true face normal (object +X in the world)
+    n_true = hemi["rs"][:, 0]
+    err_deg = math.degrees(math.acos(min(1.0, float(tr.matrix[0, :3] @ n_true))))
+    assert err_deg < 0.5, err_deg
+    # rx and the y/z translations are not identifiable from the cost: fixed to 0
+    assert tr.angles_deg[0] == 0.0 and tr.translation_mm[1:] == (0.0, 0.0)
+    # fraction across the plane = alpha (within 20%), measured independently
+    x = tr.apply(mask_points(hemi["mask"], hemi["affine"]))[:, 0]
+    frac = float(np.mean(x > 0))
+    # (the voxel that defines the plane sits on x = 0: through the 4x4 it may land 1e-15 mm across)
+    assert tr.fraction_across == pytest.approx(frac, abs=1.0 / n_vox + 1e-12)
+    assert abs(frac - alpha) <= 0.2 * alpha, (frac, alpha, alpha * n_vox)
+    # the true medial face lies on the plane: its largest distance to x = 0 is far below 2 voxels
+    fx = tr.apply(face_points(hemi["rs"], hemi["shift"]))[:, 0]
+    assert np.abs(fx).max() < 0.5, np.abs(fx).max()
+    assert 0.0 <= tr.gap_mm < 2.0
+    # the hemisphere stays on the x < 0 side, the transform is rigid
+    assert tr.apply(np.array([tr.centre_mm]))[0, 0] < -5.0
+    np.testing.assert_allclose(tr.matrix[:3, :3] @ tr.matrix[:3, :3].T, np.eye(3), atol=1e-12)
+
+
+def test_exact_quantile_and_cost_equal_plain_numpy(hemi, fitted):
+    """Out-of-core t_x, cost and fraction equal a whole-array NumPy computation for the fitted rotation."""
+    alpha = 2e-3
+    tr = fitted(alpha, (17, 25, 20))
+    pts = mask_points(hemi["mask"], hemi["affine"])
+    n = len(pts)
+    centroid = pts.mean(axis=0)
+    np.testing.assert_allclose(tr.centre_mm, centroid, atol=1e-9)
+    u = (pts - centroid) @ tr.matrix[0, :3]
+    m = int(math.floor(alpha * n)) + 1
+    q = np.sort(u)[::-1][m - 1]                               # the m-th largest: best t_x in closed form
+    assert tr.translation_mm[0] == pytest.approx(-q - centroid[0], abs=1e-9)
+    assert tr.cost == pytest.approx(mirror_cost(pts, tr.matrix, alpha), rel=1e-10)
+    # the closed-form t_x is a minimum of C along t_x
+    for dt in (-0.05, -0.005, 0.005, 0.05):
+        shifted = tr.matrix.copy()
+        shifted[0, 3] += dt
+        assert mirror_cost(pts, shifted, alpha) >= tr.cost - 1e-9
+
+
+def test_fit_is_chunking_independent(hemi, fitted):
+    ref = fitted(2e-3, (17, 25, 20))
+    for chunks in [(34, 70, 50), (8, 33, 13), (11, 9, 50)]:
+        tr = fitted(2e-3, chunks)
+        np.testing.assert_array_equal(tr.matrix, ref.matrix)
+        assert (tr.fraction_across, tr.gap_mm, tr.n_voxels, tr.centre_mm) == \
+               (ref.fraction_across, ref.gap_mm, ref.n_voxels, ref.centre_mm)
+        assert tr.cost == pytest.approx(ref.cost, rel=1e-12)          # float sums: last digits may differ
+
+
+def test_subsample_seed_changes_sample_not_result(hemi):
+    vol = as_volume(hemi["mask"], hemi["affine"], (17, 25, 20))
+    a = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=1, grid_deg=(20.0, 2.0))
+    b = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=2, grid_deg=(20.0, 2.0))
+    assert a.n_sample == b.n_sample == 6000
+    assert not np.array_equal(a.matrix, b.matrix)                 # different samples ...
+    na, nb = a.matrix[0, :3], b.matrix[0, :3]
+    assert math.degrees(math.acos(min(1.0, float(na @ nb)))) < 1.0  # ... about the same plane
+    n_true = hemi["rs"][:, 0]
+    assert math.degrees(math.acos(min(1.0, float(na @ n_true)))) < 1.0
+
+
+def _six_parameter_cost(params, pts, centre, alpha):
+    r = rotation_matrix(params[:3])
+    x = (pts - centre) @ r[0] + centre[0] + params[3]
+    return float(np.maximum(x, 0.0).sum() - alpha * x.sum())
+
+
+@pytest.mark.parametrize("n_sample", [200_000, 4000])
+def test_cost_no_worse_than_dense_nelder_mead(n_sample):
+    """A plain Nelder-Mead over all six parameters, from several starts, on all mask voxels, does not beat
+    the fit (which chooses the angles on a subsample when n_sample < N, then solves t_x exactly)."""
+    mask, aff, _, _, _ = make_hemisphere(semi=(14.0, 20.0, 13.0), shape=(24, 46, 34), ry=-5.0, rz=9.0)
+    alpha = 2e-3
+    pts = mask_points(mask, aff)
+    tr = fit_mirror(as_volume(mask, aff, 16), alpha=alpha, n_sample=n_sample, grid_deg=(20.0, 2.0))
+    centre = pts.mean(axis=0)
+    x_max = float((pts[:, 0]).max())
+    rng = np.random.default_rng(0)
+    starts = [np.array([0.0, 0.0, 0.0, -x_max, 0.0, 0.0]), np.zeros(6)]
+    starts += [np.concatenate([rng.uniform(-10, 10, 3), [-x_max + rng.uniform(-3, 3)], rng.uniform(-3, 3, 2)])
+               for _ in range(3)]
+    best = np.inf
+    for x0 in starts:
+        res = minimize(_six_parameter_cost, x0, args=(pts, centre, alpha), method="Nelder-Mead",
+                       options={"maxiter": 4000, "maxfev": 4000, "xatol": 1e-7, "fatol": 1e-9})
+        best = min(best, float(res.fun))
+    ours = mirror_cost(pts, tr.matrix, alpha)
+    assert ours == pytest.approx(tr.cost, rel=1e-10)
+    tol = 1e-9 * abs(best) if n_sample >= len(pts) else 2e-3 * abs(best)
+    assert ours <= best + tol, (ours, best)
+
+
+def test_gap_reveals_a_wedge(hemi):
+    """With the angle search switched off (plane forced to x = const), the tilted face leaves a wedge: the
+    gap grows to several voxels, while the fitted plane's gap stays below one voxel."""
+    vol = as_volume(hemi["mask"], hemi["affine"], 25)
+    forced = fit_mirror(vol, alpha=2e-3, grid_deg=(0.0, 1.0), refine=False)
+    assert forced.angles_deg == (0.0, 0.0, 0.0)
+    fitted = fit_mirror(vol, alpha=2e-3, grid_deg=(20.0, 2.0))
+    assert fitted.gap_mm < 1.0 < 3.0 < forced.gap_mm
+    assert fitted.cost < forced.cost
+
+
+def test_fit_warns_when_the_optimum_is_at_the_grid_edge(hemi):
+    vol = as_volume(hemi["mask"], hemi["affine"], 25)
+    with pytest.warns(RuntimeWarning, match="widen grid_deg"):
+        fit_mirror(vol, alpha=2e-3, grid_deg=(4.0, 2.0), refine=False)
+
+
+def test_axis_aligned_ties_are_exact():
+    """A box aligned with the grid: the whole medial layer shares one x value (ties); exact answer."""
+    m = np.zeros((30, 20, 20), np.uint8)
+    m[5:25, 3:17, 3:17] = 1
+    for chunks in (7, 30):
+        tr = fit_mirror(as_volume(m, np.diag([0.5, 0.5, 0.5, 1.0]), chunks), alpha=1e-2, grid_deg=(4.0, 2.0))
+        assert tr.angles_deg == (0.0, 0.0, 0.0)
+        assert tr.translation_mm[0] == pytest.approx(-12.0, abs=1e-12)   # face voxel centres at x = 12 mm
+        assert tr.fraction_across == 0.0 and tr.gap_mm == 0.0
+        pts = mask_points(m, np.diag([0.5, 0.5, 0.5, 1.0]))
+        assert tr.cost == pytest.approx(mirror_cost(pts, tr.matrix, 1e-2), rel=1e-12)
+
+
+@pytest.mark.parametrize("nbins,max_collect", [(4, 10), (64, 2)])
+def test_quantile_refinement_levels_give_the_same_answer(hemi, fitted, monkeypatch, nbins, max_collect):
+    """Force the exact quantile through several histogram refinement levels (tiny bins budget)."""
+    ref = fitted(2e-3, (17, 25, 20))
+    monkeypatch.setattr(mirror, "_NBINS", nbins)
+    monkeypatch.setattr(mirror, "_MAX_COLLECT", max_collect)
+    tr = fit_mirror(as_volume(hemi["mask"], hemi["affine"], (17, 25, 20)), alpha=2e-3, grid_deg=(20.0, 2.0))
+    np.testing.assert_array_equal(tr.matrix, ref.matrix)
+    assert (tr.fraction_across, tr.gap_mm) == (ref.fraction_across, ref.gap_mm)
+    assert tr.cost == pytest.approx(ref.cost, rel=1e-10)
+    box = np.zeros((12, 10, 10), np.uint8)
+    box[2:10, 2:8, 2:8] = 1
+    tb = fit_mirror(as_volume(box, np.eye(4), 5), alpha=0.05, grid_deg=(2.0, 2.0))
+    assert tb.translation_mm[0] == -9.0 and tb.fraction_across == 0.0
+
+
+def test_transform_json_roundtrip(tmp_path, fitted):
+    tr = fitted(2e-3, (17, 25, 20))
+    path = tmp_path / "transform.json"
+    tr.save_json(path)
+    d = json.loads(path.read_text())
+    assert len(d["matrix"]) == 4 and len(d["angles_deg"]) == 3 and "convention" in d
+    for key in ("cost", "fraction_across", "gap_mm", "alpha", "n_voxels", "translation_mm"):
+        assert key in d
+    back = MirrorTransform.load_json(path)
+    np.testing.assert_array_equal(back.matrix, tr.matrix)
+    np.testing.assert_array_equal(back.bbox_mm, tr.bbox_mm)
+    assert (back.angles_deg, back.translation_mm, back.cost, back.gap_mm) == \
+           (tr.angles_deg, tr.translation_mm, tr.cost, tr.gap_mm)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(HelmError, match="bad.json"):
+        MirrorTransform.load_json(bad)
+    bad.write_text(json.dumps({"matrix": np.eye(4).tolist()}))
+    with pytest.raises(HelmError, match="lacks"):
+        MirrorTransform.load_json(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole brain
+# ----------------------------------------------------------------------------------------------------------
+
+def make_maps(hemi):
+    """Two hemisphere label maps on the mask grid: 'clusters' (uint8, 1..4 in bands) and 'merged' (uint16,
+    clusters plus the five hypothalamus codes 801-805 in a patch on the medial face)."""
+    mask, obj = hemi["mask"].astype(bool), hemi["obj"]
+    clusters = np.where(mask, 1 + (np.floor(obj[..., 0] / 3.0).astype(int) + np.floor(obj[..., 1] / 5.0)
+                                   .astype(int)) % 4, 0).astype(np.uint8)
+    merged = clusters.astype(np.uint16)
+    hyp = mask & (obj[..., 0] > -6) & (np.abs(obj[..., 1]) < 9) & (np.abs(obj[..., 2]) < 7)
+    sub = 801 + np.clip(((obj[..., 1] + 9) / 18 * 5).astype(int), 0, 4)
+    merged[hyp] = sub[hyp]
+    assert set(np.unique(merged[hyp])) == {801, 802, 803, 804, 805}
+    return {"clusters": clusters, "merged": merged}
+
+
+def reference_whole_brain(src, tr, src_aff, grid, mode, codes=RIGHT_CODES):
+    """The whole small volume through scipy.ndimage.affine_transform(order=0): x < 0 directly, x > 0 as the
+    mirror image (output voxel i takes voxel n - 1 - i) with the left codes renamed."""
+    shape, out_aff = grid
+    g = np.linalg.inv(src_aff) @ np.linalg.inv(tr.matrix) @ out_aff
+    full = ndi.affine_transform(src, g[:3, :3], offset=g[:3, 3], output_shape=tuple(shape), order=0,
+                                mode=mode, cval=0).astype(np.uint16)
+    half = shape[0] // 2
+    left = full[:half]
+    right = left[::-1].copy()
+    for a, b in codes.items():
+        right[left[::-1] == a] = b
+    return np.concatenate([left, right], axis=0), full
+
+
+@pytest.mark.parametrize("mode", ["grid-constant", "constant"])
+@pytest.mark.parametrize("out_chunks,src_chunks", [(16, (17, 25, 20)), (23, (34, 70, 50)), (64, (9, 31, 13))])
+def test_mirror_labels_equals_scipy_affine_transform(hemi, fitted, mode, out_chunks, src_chunks):
+    tr = fitted(2e-3, (17, 25, 20))
+    maps = make_maps(hemi)
+    aff = hemi["affine"]
+    vols = {k: as_volume(v, aff, src_chunks, kind="labels") for k, v in maps.items()}
+    out = mirror_labels(vols, tr, margin_mm=4.0, chunks=out_chunks, mode=mode)
+    grid = whole_brain_grid(None, tr, margin_mm=4.0)
+    got = dask.compute(*[out[k].data for k in maps])
+    for k, arr in zip(maps, got):
+        assert out[k].dtype == np.uint16 and out[k].shape == grid[0]
+        np.testing.assert_allclose(affine_of(out[k]), grid[1])
+        assert out[k].attrs["kind"] == "labels" and out[k].attrs["provenance"][-1]["stage"] == "mirror.mirror_labels"
+        expected, full = reference_whole_brain(maps[k], tr, aff, grid, mode)
+        np.testing.assert_array_equal(arr, expected)
+        # the x > 0 side is also what the direct mirror map gives (scipy with the flip folded into the matrix;
+        # equal up to float ties, which do not occur here)
+        n = grid[0][0]
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1.0, n - 1
+        g = np.linalg.inv(aff) @ np.linalg.inv(tr.matrix) @ grid[1] @ flip
+        direct = ndi.affine_transform(maps[k], g[:3, :3], offset=g[:3, 3], output_shape=grid[0], order=0,
+                                      mode=mode, cval=0)
+        right_direct = direct[n // 2:].astype(np.uint16)
+        for a, b in RIGHT_CODES.items():
+            right_direct[direct[n // 2:] == a] = b
+        np.testing.assert_array_equal(arr[n // 2:], right_direct)
+
+
+def test_mirrored_map_is_symmetric(hemi, fitted):
+    tr = fitted(5e-4, (17, 25, 20))
+    maps = make_maps(hemi)
+    out = mirror_labels(as_volume(maps["merged"], hemi["affine"], 20, kind="labels"), tr, chunks=24)
+    arr = out.values
+    aff = affine_of(out)
+    n = arr.shape[0]
+    x = aff[0, 3] + aff[0, 0] * np.arange(n)
+    np.testing.assert_allclose(x, -x[::-1], atol=1e-9)                 # voxel centres symmetric about 0
+    assert np.all(x[: n // 2] < 0) and np.all(x[n // 2:] > 0)
+    left, right = arr[: n // 2], arr[n // 2:][::-1]                     # right[i] = voxel n - 1 - i
+    for code, rcode in RIGHT_CODES.items():
+        assert (left == code).sum() > 0
+        np.testing.assert_array_equal(left == code, right == rcode)    # every left code has its right twin
+        assert not (arr[n // 2:] == code).any() and not (arr[: n // 2] == rcode).any()
+    clusters = left < 800
+    np.testing.assert_array_equal(left[clusters], right[clusters])     # clusters keep their values
+    # nearest-neighbour resampling at the same spacing keeps the hemisphere's volume (within 3%)
+    n_vox = int(hemi["mask"].sum())
+    assert abs((left > 0).sum() / n_vox - 1) < 0.03
+    # the hemisphere touches the plane: labels in the voxel layer next to x = 0, on both sides
+    assert (arr[n // 2 - 1] > 0).sum() > 100 and (arr[n // 2] > 0).sum() == (arr[n // 2 - 1] > 0).sum()
+
+
+def test_whole_brain_grid_covers_both_hemispheres(hemi, fitted):
+    tr = fitted(2e-3, (17, 25, 20))
+    vol = as_volume(hemi["mask"], hemi["affine"], 20)
+    shape, aff = whole_brain_grid(vol, tr, margin_mm=10.0)
+    assert (shape, aff.tolist()) == (lambda s, a: (s, a.tolist()))(*whole_brain_grid(None, tr, margin_mm=10.0))
+    assert shape[0] % 2 == 0
+    np.testing.assert_allclose(aff, np.diag([1.0, 1.0, 1.0, 1.0]) + np.pad(aff[:3, 3:], ((0, 1), (3, 0))))
+    pts = tr.apply(mask_points(hemi["mask"], hemi["affine"]))
+    for mirror in (1.0, -1.0):
+        p = pts * np.array([mirror, 1.0, 1.0])
+        ijk = (p - aff[:3, 3]) / np.diag(aff)[:3]
+        assert np.all(ijk >= 10.0 - 1e-6) and np.all(ijk <= np.array(shape) - 1 - 10.0 + 1e-6)
+    shape2, aff2 = whole_brain_grid(None, tr, spacing_mm=0.5, margin_mm=10.0)
+    assert np.allclose(np.diag(aff2)[:3], 0.5) and shape2[0] % 2 == 0 and shape2[1] >= 2 * shape[1] - 2
+
+
+def test_empty_output_chunks_read_nothing(hemi, fitted):
+    tr = fitted(2e-3, (17, 25, 20))
+    maps = make_maps(hemi)
+    vol = as_volume(maps["clusters"], hemi["affine"], 20, kind="labels")
+    out = mirror_labels(vol, tr, margin_mm=24.0, chunks=16)
+    layers = out.data.__dask_graph__().layers
+    (layer,) = [v for k, v in layers.items() if str(k).startswith("mirror-gather")]
+    tasks = [layer[k] for k in layer]
+    gathers = [t for t in tasks if t[0] is mirror._gather_chunks]
+    zeros = [t for t in tasks if t[0] is mirror._zeros_block]
+    assert len(tasks) == math.prod(len(c) for c in out.data.chunks) // 2  # one task per x < 0 chunk
+    assert len(gathers) + len(zeros) == len(tasks)
+    assert 0 < len(gathers) < 0.6 * len(tasks)                            # far-out chunks: zeros, no read
+    # each gather depends on source chunks only (no intermediate slicing tasks), never on all of them
+    src_names = {vol.data.name}
+    for t in gathers:
+        keys = [key for per_map in t[1] for key in per_map]
+        assert {key[0] for key in keys} == src_names and len(keys) < vol.data.npartitions
+    expected, _ = reference_whole_brain(maps["clusters"], tr, hemi["affine"],
+                                        whole_brain_grid(None, tr, margin_mm=24.0), "grid-constant")
+    np.testing.assert_array_equal(out.values, expected)
+
+
+def test_store_backed_maps_are_read_region_by_region(tmp_path, hemi, fitted):
+    """Maps opened from helm-dask stores: each gather reads its own source region (the gather layer has no
+    dependency, so no source chunk is held between tasks); a map that is not store-backed in the same call
+    still goes through its chunks. Same result as the whole-array reference either way."""
+    from helm_dask.io.store import open_volume, save_volume
+
+    tr = fitted(2e-3, (17, 25, 20))
+    maps = make_maps(hemi)
+    aff = hemi["affine"]
+    stored = open_volume(save_volume(as_volume(maps["merged"], aff, 12, kind="labels"), tmp_path / "m.zarr",
+                                     pyramid=False))
+    assert mirror._zarr_array_of(stored.data) is not None
+    assert mirror._zarr_array_of((stored.data + 0)) is None                 # derived data: generic path
+    in_memory = as_volume(maps["clusters"], aff, 15, kind="labels")
+    for vols, n_deps in (({"merged": stored}, 0), ({"merged": stored, "clusters": in_memory}, 1)):
+        out = mirror_labels(vols, tr, margin_mm=4.0, chunks=20)
+        graph = out["merged"].data.__dask_graph__()
+        (name,) = [k for k in graph.layers if str(k).startswith("mirror-gather")]
+        assert len(graph.dependencies[name]) == n_deps
+        got = dask.compute(*[o.data for o in out.values()])
+        grid = whole_brain_grid(None, tr, margin_mm=4.0)
+        for key, arr in zip(out, got):
+            np.testing.assert_array_equal(arr, reference_whole_brain(maps[key], tr, aff, grid, "grid-constant")[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the built-in phantom (RAS+ via stage 1), whose medial plane is known
+# ----------------------------------------------------------------------------------------------------------
+
+def test_phantom_medial_plane():
+    phantom_mod = pytest.importorskip("helm_dask.phantom")
+    orient = pytest.importorskip("helm_dask.orient")
+    spacing = 2.0
+    mask = orient.to_ras(phantom_mod.phantom(spacing, side="L", chunks=40)["truth_mask"])
+    plane = phantom_mod.phantom_geometry(spacing, "L")["medial_plane"]
+    tr = fit_mirror(mask, alpha=2e-3)
+    normal = np.asarray(plane["normal"], dtype=np.float64)
+    err = math.degrees(math.acos(min(1.0, float(tr.matrix[0, :3] @ normal / np.linalg.norm(normal)))))
+    assert err < 0.1, err
+    # The phantom's voxel grid is aligned with its object frame, so the medial face is one voxel layer whose
+    # voxels all share one x: the exact minimiser of C puts that layer ON the plane and nothing across it
+    # (no tilt can reach a fraction of alpha without costing more). Never more than alpha across:
+    assert tr.fraction_across <= 1.2 * 2e-3
+    pts = tr.apply(np.argwhere(mask.values).astype(float) @ affine_of(mask)[:3, :3].T + affine_of(mask)[:3, 3])
+    assert np.mean(pts[:, 0] > spacing / 4) <= 1.2 * 2e-3 and np.mean(pts[:, 0] > -spacing / 4) > 5e-3
+    assert tr.gap_mm < 2 * spacing
+    # the true medial plane's point lands on x = 0 (within a voxel)
+    assert abs(tr.apply(np.asarray(plane["point_mm"], dtype=np.float64)[None])[0, 0]) < spacing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs(hemi, fitted):
+    aff = hemi["affine"]
+    with pytest.raises(HelmError, match="empty"):
+        fit_mirror(as_volume(np.zeros((8, 8, 8), np.uint8), aff, 4))
+    vol = as_volume(hemi["mask"], aff, 20)
+    for alpha in (0.0, -1e-3, 0.6, "x"):
+        with pytest.raises(HelmError, match="alpha"):
+            fit_mirror(vol, alpha=alpha)
+    with pytest.raises(HelmError, match="3-D"):
+        fit_mirror(make_volume(da.zeros((4, 4, 4, 2), dtype=np.uint8), aff, kind="mask"))
+    with pytest.raises(HelmError, match="volume"):
+        fit_mirror(hemi["mask"])
+    for grid_deg in ((30.0, 0.0), (90.0, 2.0), (30.0,), "x"):
+        with pytest.raises(HelmError, match="grid_deg"):
+            fit_mirror(vol, grid_deg=grid_deg)
+    for n_sample in (10, 2.5, True):
+        with pytest.raises(HelmError, match="n_sample"):
+            fit_mirror(vol, n_sample=n_sample)
+    with pytest.raises(HelmError, match="seed"):
+        fit_mirror(vol, seed=-1)
+    tr = fitted(2e-3, (17, 25, 20))
+    maps = make_maps(hemi)
+    good = as_volume(maps["clusters"], aff, 20, kind="labels")
+    shifted = aff.copy()
+    shifted[0, 3] += 1.0
+    with pytest.raises(HelmError, match="same voxel grid"):
+        mirror_labels({4: good, 5: as_volume(maps["merged"], shifted, 20, kind="labels")}, tr)
+    with pytest.raises(HelmError, match="integer"):
+        mirror_labels(as_volume(maps["clusters"].astype(np.float32), aff, 20, kind="image"), tr)
+    with pytest.raises(HelmError, match="even number"):
+        mirror_labels(good, tr, grid=((9, 9, 9), np.eye(4)))
+    with pytest.raises(HelmError, match="mode"):
+        mirror_labels(good, tr, mode="nearest")
+    with pytest.raises(HelmError, match="no label map"):
+        mirror_labels({}, tr)
+    no_box = MirrorTransform(np.eye(4), (0, 0, 0), (0, 0, 0), (0, 0, 0), 0.0, 0.0, 0.0, 5e-4, 1)
+    with pytest.raises(HelmError, match="bounding box"):
+        whole_brain_grid(None, no_box)
+    with pytest.raises(HelmError, match="margin"):
+        whole_brain_grid(None, tr, margin_mm=-1.0)
+    with pytest.raises(HelmError, match="spacing_mm"):
+        whole_brain_grid(None, tr, spacing_mm=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole_brain_grid(None, tr)
