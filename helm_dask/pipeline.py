@@ -1,0 +1,492 @@
+"""The HELM pipeline for one subject: stages composed, written to the subject's store, resumable.
+
+Layout of ``OUT/<subject>/``::
+
+    helm.zarr/            one helm-dask volume per stage output (scan_raw, labels_raw, mask, preprocessed, ...)
+    preprocessed.nii.gz   mask.nii.gz  bias.nii.gz  hypothalamus.nii.gz      (--until preprocess)
+    kmeans_k{k}.nii.gz    hemi_k{k}.nii.gz  lut.txt                          (--until kmeans / merge)
+    label_map_k{k}.nii.gz transform.json                                     (--until mirror, the default)
+    run.json              parameters, stage keys, timings and decisions of the last run
+
+Resumability. Every output -- a volume in ``helm.zarr``, a JSON file, a NIfTI export (in a header extension)
+-- records the *key* of the stage that made it: a hash of the stage's parameters, the keys of the stages it
+reads, the package version and the checksums of the input files. A stage runs only if one of its outputs is
+missing, unfinished or carries another key; so a rerun with the same inputs and parameters recomputes nothing,
+a changed parameter recomputes that stage and (through the keys) every stage after it, and a run killed midway
+resumes at the first output that was not finished (each output is written under a temporary name and renamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import HelmError
+from .io.convert import nifti_to_zarr, save_nifti
+from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
+from .io.store import atomic_path, is_complete, open_volume, read_meta, save_volume
+from .volume import like, provenance_record
+
+STAGES = ("import", "background", "resample", "bias", "kmeans", "merge", "mirror")
+#: ``--until`` names -> the last stage they run.
+UNTIL = {"preprocess": "bias", "kmeans": "kmeans", "merge": "merge", "mirror": "mirror"}
+
+
+@dataclass
+class RunParams:
+    """Everything that defines a subject's run (the CLI flags of ``helm-dask run``)."""
+
+    scan: str
+    hypothalamus: str
+    out: str
+    side: str = "auto"
+    subject: str | None = None
+    spacing: Any = 0.3                  # mm, or "native"
+    until: str = "mirror"
+    echo: int | None = None
+    echo_combine: str = "rms"
+    nonfinite: str = "error"
+    resample_labels: bool = False
+    label_map: dict = field(default_factory=dict)   # extra code -> code mapping for the manual labels
+    ks: tuple = (4, 5, 6, 7, 8, 9)
+    kmeans_method: str = "histogram"
+    closing_radius_mm: float = 1.2
+    alpha: float = 5e-4
+    margin_mm: float = 10.0
+    label_table: str = "freesurfer"
+    layout: str = "flat"
+    chunks: tuple | None = None
+    seed: int = 0
+
+    def subject_name(self) -> str:
+        if self.subject:
+            return self.subject
+        name = Path(self.scan).name
+        for ext in (".nii.gz", ".nii", ".zarr"):
+            if name.endswith(ext):
+                return name[: -len(ext)]
+        return name
+
+
+def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
+    blob = json.dumps({"stage": stage, "params": params, "upstream": upstream, "version": __version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class Subject:
+    """One subject's output folder and store, with the bookkeeping that makes stages resumable."""
+
+    def __init__(self, params: RunParams, *, quiet: bool = False, log: Callable[[str], None] | None = None):
+        self.p = params
+        self.name = params.subject_name()
+        self.dir = Path(params.out) / self.name
+        self.store = self.dir / "helm.zarr"
+        self.quiet = quiet
+        self._log = log
+        self.keys: dict[str, str] = {}
+        self.info: dict[str, Any] = {"subject": self.name, "stages": {}}
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        elif not self.quiet:
+            print(f"[{self.name}] {msg}", flush=True)
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def vpath(self, name: str) -> str:
+        return str(self.store / name)
+
+    def volume_ok(self, name: str, key: str) -> bool:
+        path = self.vpath(name)
+        if not is_complete(path):
+            return False
+        return read_meta(path).get("stage_key") == key
+
+    def json_ok(self, path: Path, key: str) -> bool:
+        try:
+            return json.loads(path.read_text()).get("stage_key") == key
+        except (OSError, ValueError):
+            return False
+
+    def nifti_ok(self, path: Path, key: str) -> bool:
+        if not path.exists():
+            return False
+        try:
+            prov = read_nifti_provenance(path)
+        except HelmError:
+            return False
+        return bool(prov) and prov.get("stage_key") == key
+
+    def save(self, name: str, vol, key: str, stage: str, params: dict) -> Any:
+        """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
+        save_volume(vol, self.vpath(name), chunks=self.p.chunks, overwrite=True,
+                    extra={"stage_key": key, "stage": stage})
+        return open_volume(self.vpath(name))
+
+    def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
+        """Write several volumes from one shared Dask computation (inputs read once); skip those already done."""
+        from .io.store import save_volumes
+
+        self.store.mkdir(parents=True, exist_ok=True)
+        todo = {self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
+                for n, v in vols.items() if not self.volume_ok(n, key)}
+        if todo:
+            save_volumes(todo, chunks=self.p.chunks, overwrite=True, extra={"stage_key": key, "stage": stage})
+        return {n: open_volume(self.vpath(n)) for n in vols}
+
+    def write_json(self, path: Path, payload: dict, key: str) -> None:
+        payload = dict(payload, stage_key=key, version=__version__)
+        with atomic_path(path, overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default))
+
+    def export(self, vol, filename: str, key: str, *, dtype=None) -> Path:
+        """NIfTI export of a stored volume, skipped when the file already carries this key."""
+        path = self.dir / filename
+        if self.nifti_ok(path, key):
+            return path
+        prov = {"stage_key": key, "subject": self.name, "version": __version__,
+                "provenance": vol.attrs.get("provenance", []), "inputs": self.input_checksums()}
+        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True)
+        return path
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def input_checksums(self) -> dict[str, str]:
+        return dict(self.info.get("inputs", {}))
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def fingerprint_input(path: str, cache: dict | None) -> str:
+    """SHA-256 of an input file; reuses a cached value when size and mtime are unchanged (no re-read)."""
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    if cache and cache.get("stamp") == stamp and cache.get("sha256"):
+        return cache["sha256"]
+    return file_sha256(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages. Each returns its outputs (lazy volumes reopened from the store) and records its key.
+
+
+def _stage(subj: Subject, stage: str, params: dict, upstream: list[str], outputs: list[str],
+           compute: Callable[[str], dict], *, json_outputs: list[Path] = ()) -> dict:
+    """Run ``compute(key)`` unless every output already carries ``key``; returns the outputs."""
+    key = stage_key(stage, params, {u: subj.keys[u] for u in upstream})
+    subj.keys[stage] = key
+    done = all(subj.volume_ok(o, key) for o in outputs) and all(subj.json_ok(j, key) for j in json_outputs)
+    t0 = time.perf_counter()
+    if done:
+        subj.log(f"{stage}: up to date, nothing to do")
+        result = {o: open_volume(subj.vpath(o)) for o in outputs}
+        status = "skipped"
+    else:
+        subj.log(f"{stage}: computing")
+        result = compute(key)
+        status = "computed"
+    dt = time.perf_counter() - t0
+    subj.info["stages"][stage] = {"key": key, "status": status, "seconds": round(dt, 2), "params": params}
+    if status == "computed":
+        subj.log(f"{stage}: done in {dt:.1f}s")
+    return result
+
+
+def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
+    """Run (or resume) the pipeline for one subject up to ``params.until``. Returns a summary dict."""
+    from . import orient as orient_mod
+
+    if params.until not in UNTIL:
+        raise HelmError(f"unknown --until {params.until!r}", hint=f"choose from {', '.join(UNTIL)}")
+    last = STAGES.index(UNTIL[params.until])
+    for f, what in ((params.scan, "scan"), (params.hypothalamus, "hypothalamus labels")):
+        if not os.path.exists(f):
+            raise HelmError(f"{what} not found", path=f, hint="check the path")
+        if not is_nifti_path(f):
+            raise HelmError(f"the {what} must be a .nii or .nii.gz file", path=f, hint="convert it to NIfTI")
+    if params.side not in ("L", "R", "auto"):
+        raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
+    subj = Subject(params, quiet=quiet, log=log)
+    subj.dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # ---- import -------------------------------------------------------------------------------------------
+    cache = {}
+    for nm in ("scan_raw", "labels_raw"):
+        try:
+            cache[nm] = read_meta(subj.vpath(nm)).get("input_stamp")
+        except HelmError:
+            cache[nm] = None
+    sha_scan = fingerprint_input(params.scan, cache["scan_raw"])
+    sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"])
+    subj.info["inputs"] = {os.path.abspath(params.scan): sha_scan, os.path.abspath(params.hypothalamus): sha_lab}
+    imp_params = {"scan_sha256": sha_scan, "labels_sha256": sha_lab, "echo": params.echo,
+                  "echo_combine": params.echo_combine, "nonfinite": params.nonfinite,
+                  "chunks": params.chunks}
+
+    def do_import(key):
+        subj.store.mkdir(parents=True, exist_ok=True)
+        for nm, src, kind in (("scan_raw", params.scan, "image"), ("labels_raw", params.hypothalamus, "labels")):
+            if subj.volume_ok(nm, key):
+                continue
+            nifti_to_zarr(src, subj.vpath(nm), chunks=params.chunks, echo=params.echo,
+                          echo_combine=params.echo_combine if params.echo is None else None, kind=kind,
+                          nonfinite=params.nonfinite, overwrite=True, quiet=quiet)
+            st = os.stat(src)
+            _update_meta(subj.vpath(nm), {"stage_key": key, "stage": "import",
+                                          "input_stamp": {"stamp": [st.st_size, st.st_mtime_ns],
+                                                          "sha256": read_meta(subj.vpath(nm))["input_sha256"]}})
+        return {nm: open_volume(subj.vpath(nm)) for nm in ("scan_raw", "labels_raw")}
+
+    out = _stage(subj, "import", imp_params, [], ["scan_raw", "labels_raw"], do_import)
+    scan_raw, labels_raw = out["scan_raw"], out["labels_raw"]
+    if scan_raw.ndim != 3:
+        raise HelmError("the scan is 4-D after import", path=params.scan, hint="pass --echo N or --echo-combine")
+
+    # ---- labels: grid check, codes (cheap, lazy) ----------------------------------------------------------------
+    from .labels import validate_manual_labels
+
+    labels_raw = _labels_on_scan_grid(labels_raw, scan_raw, params)
+    labels_raw = validate_manual_labels(labels_raw, path=params.hypothalamus, mapping=params.label_map or None)
+
+    # ---- background (on the RAS+ scan, before the left-right flip: the flip does not change the mask) -----------
+    from .background import apply_mask, brain_mask
+
+    bg_params = {"method": "mixture-coarse+refine"}
+    scan_ras = orient_mod.to_ras(scan_raw)
+
+    def do_background(key):
+        mask = brain_mask(scan_ras)
+        return {"mask_ras": subj.save("mask_ras", mask, key, "background", bg_params)}
+
+    mask_ras = _stage(subj, "background", bg_params, ["import"], ["mask_ras"], do_background)["mask_ras"]
+    labels_ras = orient_mod.to_ras(labels_raw)
+    side, side_info = _decide_side(subj, params.side, mask_ras, labels_ras)
+    subj.info["side"] = {"given": params.side, "used": side, **side_info}
+    if last < STAGES.index("resample"):
+        return _finish(subj, t_start)
+
+    # ---- orientation (lazy) + resampling ---------------------------------------------------------------------
+    from .resample import resample, resample_labels
+
+    if side == "R":
+        scan_l = orient_mod.flip_left_right(scan_ras)
+        mask_l = orient_mod.flip_left_right(mask_ras)
+        labels_l = orient_mod.map_right_to_left_codes(orient_mod.flip_left_right(labels_ras))
+    else:
+        scan_l, mask_l, labels_l = scan_ras, mask_ras, orient_mod.map_right_to_left_codes(labels_ras)
+    masked = apply_mask(scan_l, mask_l)
+    rs_params = {"spacing": params.spacing, "side": side, "label_map": params.label_map,
+                 "resample_labels": params.resample_labels}
+
+    def do_resample(key):
+        if params.spacing == "native":
+            img, msk, lab = masked, mask_l, labels_l
+        else:
+            img = resample(masked, params.spacing, order=1)
+            msk = resample_labels(mask_l, params.spacing, method="majority")
+            lab = resample_labels(labels_l, params.spacing, method="majority")
+        return {"image_ws": subj.save("image_ws", img, key, "resample", rs_params),
+                "mask": subj.save("mask", msk, key, "resample", rs_params),
+                "hypothalamus": subj.save("hypothalamus", lab, key, "resample", rs_params)}
+
+    out = _stage(subj, "resample", rs_params, ["background"], ["image_ws", "mask", "hypothalamus"], do_resample)
+    image_ws, mask_ws, hyp_ws = out["image_ws"], out["mask"], out["hypothalamus"]
+
+    # ---- bias ---------------------------------------------------------------------------------------------------
+    from .bias import BiasModel, bias_field, correct_bias, estimate_bias
+
+    bias_params = {"method": "dct-mixture"}
+    bias_json = subj.dir / "bias_model.json"
+
+    def do_bias(key):
+        model = estimate_bias(image_ws, mask_ws)
+        subj.write_json(bias_json, {"model": model.to_dict()}, key)
+        field_v = bias_field(model, image_ws)
+        corrected = correct_bias(image_ws, model, mask=mask_ws)
+        return {"bias": subj.save("bias", field_v, key, "bias", bias_params),
+                "preprocessed": subj.save("preprocessed", corrected, key, "bias", bias_params)}
+
+    out = _stage(subj, "bias", bias_params, ["resample"], ["bias", "preprocessed"], do_bias,
+                 json_outputs=[bias_json])
+    pre, bias_v = out["preprocessed"], out["bias"]
+    for vol, fname, dtype in ((pre, "preprocessed.nii.gz", "float32"), (mask_ws, "mask.nii.gz", "uint8"),
+                              (bias_v, "bias.nii.gz", "float32"), (hyp_ws, "hypothalamus.nii.gz", "uint16")):
+        subj.export(vol, fname, subj.keys["bias"], dtype=dtype)
+    if last < STAGES.index("kmeans"):
+        return _finish(subj, t_start)
+
+    # ---- k-means: one histogram pass fits all k, one labelling pass writes all maps --------------------------
+    from .kmeans import KMeansResult, fit_kmeans, kmeans_labels
+
+    ks = [int(k) for k in params.ks]
+    km_params = {"ks": ks, "method": params.kmeans_method, "seed": params.seed}
+    km_json = subj.dir / "kmeans.json"
+    km_names = [f"kmeans_k{k}" for k in ks]
+
+    def do_kmeans(key):
+        if subj.json_ok(km_json, key):  # resume: the fit is done, only maps are missing
+            results = {int(k): KMeansResult.from_dict(d) for k, d in json.loads(km_json.read_text())["results"].items()}
+        else:
+            results = fit_kmeans(pre, mask_ws, ks=ks, method=params.kmeans_method, seed=params.seed)
+            subj.write_json(km_json, {"results": {str(k): r.to_dict() for k, r in results.items()}}, key)
+        maps = {f"kmeans_k{k}": kmeans_labels(pre, mask_ws, results[k]) for k in ks}
+        return subj.save_many(maps, key, "kmeans", km_params)
+
+    km = _stage(subj, "kmeans", km_params, ["bias"], km_names, do_kmeans, json_outputs=[km_json])
+    subj.info["kmeans"] = json.loads(km_json.read_text())["results"]
+    from .volume import affine_of, spacing_of
+
+    n_mask = next(iter(subj.info["kmeans"].values())).get("n_voxels")
+    if n_mask is not None:
+        subj.info["mask_mm3"] = float(n_mask) * float(np.prod(spacing_of(affine_of(mask_ws))))
+    for k in ks:
+        subj.export(km[f"kmeans_k{k}"], f"kmeans_k{k}.nii.gz", subj.keys["kmeans"], dtype="uint8")
+    if last < STAGES.index("merge"):
+        return _finish(subj, t_start)
+
+    # ---- merge: the closing does not depend on k -- once per subject, then six cheap overrides -----------------
+    from .closing import close_labels, merge_labels
+    from .labels import write_lut
+
+    mg_params = {"closing_radius_mm": params.closing_radius_mm, "label_table": params.label_table}
+    hemi_names = [f"hemi_k{k}" for k in ks]
+
+    def do_merge(key):
+        if subj.volume_ok("closed_labels", key):
+            closed = open_volume(subj.vpath("closed_labels"))
+        else:
+            closed = subj.save("closed_labels", close_labels(hyp_ws, params.closing_radius_mm), key, "merge",
+                               mg_params)
+        maps = {f"hemi_k{k}": merge_labels(km[f"kmeans_k{k}"], closed) for k in ks}
+        out = subj.save_many(maps, key, "merge", mg_params)
+        out["closed_labels"] = closed
+        return out
+
+    mg = _stage(subj, "merge", mg_params, ["kmeans", "resample"], hemi_names + ["closed_labels"], do_merge)
+    for k in ks:
+        subj.export(mg[f"hemi_k{k}"], f"hemi_k{k}.nii.gz", subj.keys["merge"], dtype="uint16")
+    write_lut(subj.dir / "lut.txt", params.label_table, ks=ks)
+    if last < STAGES.index("mirror"):
+        return _finish(subj, t_start)
+
+    # ---- mirror: fit once on the mask, resample all six maps with the same geometry --------------------------
+    from .mirror import MirrorTransform, fit_mirror, mirror_labels
+
+    mr_params = {"alpha": params.alpha, "margin_mm": params.margin_mm, "seed": params.seed}
+    tr_json = subj.dir / "transform.json"
+    lm_names = [f"label_map_k{k}" for k in ks]
+
+    def do_mirror(key):
+        if subj.json_ok(tr_json, key):
+            transform = MirrorTransform.from_dict(json.loads(tr_json.read_text())["transform"])
+        else:
+            transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
+            subj.write_json(tr_json, {"transform": transform.to_dict()}, key)
+        maps = mirror_labels({k: mg[f"hemi_k{k}"] for k in ks}, transform, margin_mm=params.margin_mm)
+        return subj.save_many({f"label_map_k{k}": maps[k] for k in ks}, key, "mirror", mr_params)
+
+    lm = _stage(subj, "mirror", mr_params, ["merge", "resample"], lm_names, do_mirror, json_outputs=[tr_json])
+    subj.info["transform"] = json.loads(tr_json.read_text())["transform"]
+    for k in ks:
+        subj.export(lm[f"label_map_k{k}"], f"label_map_k{k}.nii.gz", subj.keys["mirror"], dtype="uint16")
+    return _finish(subj, t_start)
+
+
+def _update_meta(path: str, extra: dict) -> None:
+    import zarr
+
+    g = zarr.open_group(path, mode="r+")
+    meta = dict(g.attrs["helm_dask"])
+    meta.update(extra)
+    g.attrs["helm_dask"] = meta
+
+
+def _labels_on_scan_grid(labels, scan, params: RunParams):
+    from .orient import check_same_grid
+
+    if params.resample_labels:
+        try:
+            check_same_grid(scan, labels, path=params.hypothalamus)
+        except HelmError:
+            from .resample import resample_to_grid
+            from .volume import affine_of
+
+            return resample_to_grid(labels, scan.shape, affine_of(scan), order=0)
+        return labels
+    check_same_grid(scan, labels, path=params.hypothalamus)
+    return labels
+
+
+def _decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, dict]:
+    from .orient import check_side, detect_side
+
+    detected, info = detect_side(mask_ras, labels_ras)
+    if given == "auto":
+        subj.log(f"side: auto -> {detected} ({info.get('reason', '')})")
+        return detected, info
+    warn = check_side(given, info)
+    if warn:
+        subj.log(f"WARNING: {warn}")
+        print(f"helm-dask: warning: {warn}", file=sys.stderr)
+    return given, info
+
+
+#: ``--layout helm``: the published dataset's folders, filled with links to the subject's outputs.
+HELM_LAYOUT = {"preprocessed": ["preprocessed.nii.gz"], "hypothalamus": ["hypothalamus.nii.gz"],
+               "whole_brain_segmentation": ["kmeans_k{k}.nii.gz"], "label_maps": ["label_map_k{k}.nii.gz"]}
+
+
+def arrange_helm_layout(out: str | Path, subject: str, ks) -> list[Path]:
+    """Hard-link (or copy) a subject's exports into ``OUT/<folder>/<subject>[_k{k}].nii.gz`` like the dataset."""
+    import shutil
+
+    out = Path(out)
+    made = []
+    for folder, patterns in HELM_LAYOUT.items():
+        for pat in patterns:
+            for k in (ks if "{k}" in pat else [None]):
+                src = out / subject / pat.format(k=k)
+                if not src.exists():
+                    continue
+                suffix = "" if k is None else f"_k{k}"
+                dst = out / folder / f"{subject}{suffix}.nii.gz"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.tmp")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copy2(src, tmp)
+                os.replace(tmp, dst)
+                made.append(dst)
+    return made
+
+
+def _finish(subj: Subject, t_start: float) -> dict:
+    if subj.p.layout == "helm":
+        arrange_helm_layout(subj.p.out, subj.name, subj.p.ks)
+    subj.info["seconds"] = round(time.perf_counter() - t_start, 2)
+    subj.info["status"] = "ok"
+    subj.info["params"] = {k: v for k, v in asdict(subj.p).items()}
+    with atomic_path(subj.dir / "run.json", overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(subj.info, indent=2, default=_json_default))
+    return subj.info
