@@ -384,3 +384,35 @@ def test_provenance_extension_round_trip(tmp_path):
     img = nib.load(out)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
     assert img.header.get_intent()[0] == "label" and img.header.get_data_dtype() == np.uint16
+
+
+@pytest.mark.parametrize("variant", ["3d", "4d", "echo", "rms", "scaled"])
+def test_thin_landing_and_thin_export_paths(tmp_path, variant):
+    """Tiny memory budgets force the bounded-memory paths (thin landing chunks, thin scratch copy on export)."""
+    from helm_dask.io.convert import save_nifti, zarr_to_nifti
+
+    rng = np.random.default_rng(7)
+    shape = (12, 10, 24) + ((3,) if variant in ("4d", "echo", "rms") else ())
+    dtype = "int16" if variant == "scaled" else "float32"
+    data = np.abs(_make(shape, dtype, rng))
+    kw = dict(slope=0.25, inter=1.0) if variant == "scaled" else {}
+    src = _save(tmp_path, data, "in.nii.gz", **kw)
+    store = tmp_path / "v.zarr"
+    extra = {"echo": 1} if variant == "echo" else {"echo_combine": "rms"} if variant == "rms" else {}
+    nifti_to_zarr(src, store, chunks=8, layer_mb=1e-4, **extra)
+    got = open_volume(store).values
+    if variant == "echo":
+        np.testing.assert_array_equal(got, data[..., 1])
+    elif variant == "rms":
+        ref = np.sqrt((data.astype(np.float64) ** 2).mean(axis=3)).astype(np.float32)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+    elif variant == "scaled":
+        np.testing.assert_allclose(got, data * 0.25 + 1.0, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, data)
+    out = tmp_path / "out.nii.gz"
+    if variant in ("3d", "4d", "scaled"):
+        meta_scaling = (0.25, 1.0) if variant == "scaled" else (1.0, 0.0)
+        save_nifti(open_volume(store, apply_scaling=False), out, slab_mb=1e-4, scaling=meta_scaling)
+        assert np.asanyarray(nib.load(out).dataobj.get_unscaled()).tobytes() == data.tobytes()
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]

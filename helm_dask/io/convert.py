@@ -1,8 +1,8 @@
 """NIfTI <-> Zarr conversion, streamed.
 
-Import (NIfTI -> Zarr) runs in the calling process: the file is read once, in order, one chunk-layer of z
-planes at a time (a ``.nii.gz`` is decompressed exactly once), and every layer is written as whole Zarr chunks.
-Memory: one layer, ``x * y * chunk_z * itemsize`` (0.8 GB for a float32 0.1 mm hemisphere with 128-voxel chunks).
+Import (NIfTI -> Zarr) runs in the calling process: the file is read once, in order, a slab of z planes at a
+time (a ``.nii.gz`` is decompressed exactly once). Slabs that would exceed ``layer_mb`` are landed in thin
+chunks and assembled into the final chunks by Dask tasks, so memory does not grow with the volume.
 
 Export (Zarr -> NIfTI) computes z-slabs on the Dask workers; for ``.nii.gz`` each slab is compressed there as
 its own gzip member, and the calling process only appends the members to the file, in order, through a
@@ -13,7 +13,9 @@ worker at once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import dask
@@ -26,8 +28,8 @@ from ..errors import HelmError
 from ..progress import Progress
 from ..volume import affine_of, make_volume, provenance_record
 from . import nifti as nii
-from .store import (atomic_path, build_pyramid, create_level, normalize_chunks, open_volume, read_meta,
-                    select_echo, write_attrs, _store_dask)
+from .store import (_store_dask, atomic_path, build_pyramid, compressor_for, create_level, normalize_chunks,
+                    open_volume, read_meta, select_echo, write_attrs)
 
 ECHO_COMBINE = ("rms", "mean")
 
@@ -43,7 +45,7 @@ def _client():
 
 def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combine: str | None = None,
                   kind: str = "auto", nonfinite: str = "error", overwrite: bool = False, pyramid: bool = True,
-                  quiet: bool = True) -> dict:
+                  layer_mb: float = 64, quiet: bool = True) -> dict:
     """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
 
     Parameters
@@ -61,6 +63,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         ``auto``: labels when the header's intent is NIFTI_INTENT_LABEL, otherwise image.
     nonfinite : {"error", "zero"}
         NaN/inf voxels: refuse (the default; the message counts them) or set them to 0.
+    layer_mb : float
+        Memory budget of the planes held while streaming (see the module docstring).
 
     Returns
     -------
@@ -106,13 +110,22 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         write_attrs(group, affine=info.affine, kind=kind, name=Path(dst).stem, nlevels=1, four_d=out_four_d,
                     complete=False)
         combine = four_d and echo_combine is not None
-        if combine:
-            # Echoes of a z-range lie far apart in the file (volume after volume): stream them into a temporary
-            # 4-D array first, then combine lazily chunk by chunk.
-            echoes_arr = create_level(group, "_echoes", info.shape, raw_dtype, chunks, four_d=True)
         target = create_level(group, 0, out_shape, raw_dtype, chunks, four_d=out_four_d)
-        reader = nii.SlabReader(info, chunks[2], echoes=keep)
-        prog = Progress(nt * info.shape[2], f"reading {Path(src).name}", quiet=quiet)
+        # Whole Zarr chunks need chunk_z planes of every (x, y) tile, and a sequential stream delivers whole
+        # planes: writing chunks directly would hold x * y * chunk_z voxels, which grows with the volume. So,
+        # when that layer is over budget, the stream lands in thin chunks (chunk_z split to fit the budget) and
+        # Dask then assembles the final chunks from them, one chunk per task: memory stays flat with size.
+        # Multi-echo data to be combined always lands first (echoes of one z-range lie far apart in the file).
+        thin_z = _slab_planes(info.shape, np.dtype(raw_dtype).itemsize, chunks[2], int(layer_mb * 2 ** 20))
+        kept = [echo] if (four_d and echo is not None) else list(range(nt))
+        direct = thin_z == chunks[2] and not combine
+        if direct:
+            landing = target
+        else:
+            land_shape = tuple(info.shape[:3]) + (len(kept),)
+            landing = create_level(group, "_landing", land_shape, raw_dtype, chunks[:2] + (thin_z,), four_d=True)
+        reader = nii.SlabReader(info, thin_z, echoes=keep)
+        prog = Progress(len(kept) * info.shape[2], f"reading {Path(src).name}", quiet=quiet)
         for slab in _raw_slabs(reader, scaled=reader_scaled):
             data = slab.data
             if slab.nonfinite:
@@ -121,28 +134,31 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
                     data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
                 else:
                     continue  # keep reading to count them all; nothing will be kept
-            if combine:
-                echoes_arr[slab.t, :, :, slab.z0:slab.z1] = data
-            elif out_four_d:
-                target[slab.t, :, :, slab.z0:slab.z1] = data
+            if direct and not out_four_d:
+                landing[:, :, slab.z0:slab.z1] = data
             else:
-                target[:, :, slab.z0:slab.z1] = data
+                landing[kept.index(slab.t or 0), :, :, slab.z0:slab.z1] = data
             prog.update(slab.z1 - slab.z0)
         prog.close()
         if total_nonfinite and nonfinite == "error":
             raise HelmError(f"has {total_nonfinite:,} NaN or infinite voxels", path=src,
                             hint="fix the scan, or pass --nonfinite zero to set them to 0")
-        if combine:
-            src4 = da.moveaxis(da.from_zarr(echoes_arr), 0, 3)
-            if info.scaled:
-                ft = info.out_dtype.type
-                src4 = src4.astype(info.out_dtype) * ft(info.slope) + ft(info.inter)
-            combined = select_echo(src4, echo=None, echo_combine=echo_combine, path=src)
-            target = create_level(group, 0, out_shape, np.float32, chunks, four_d=False)
-            _store_dask(combined, target)
-            del group["_echoes"]
-            nifti_meta["scaling"] = [1.0, 0.0]
-            nifti_meta["dtype"] = "float32"
+        if not direct:
+            landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(chunks)), 0, 3)
+            if combine:
+                if info.scaled and not reader_scaled:
+                    ft = info.out_dtype.type
+                    landed = landed.astype(info.out_dtype) * ft(info.slope) + ft(info.inter)
+                level0 = select_echo(landed, echo=None, echo_combine=echo_combine, path=src)
+                target = create_level(group, 0, out_shape, np.float32, chunks, four_d=False)
+                nifti_meta["scaling"] = [1.0, 0.0]
+                nifti_meta["dtype"] = "float32"
+                _store_dask(level0, target)
+            elif out_four_d:
+                _store_dask(da.moveaxis(landed, 3, 0), target)
+            else:
+                _store_dask(landed[..., 0], target)
+            del group["_landing"]
         nlevels = build_pyramid(group, kind=kind, chunks=chunks) if (pyramid and not out_four_d) else 1
         params = {"echo": echo, "echo_combine": echo_combine, "nonfinite": nonfinite, "chunks": list(chunks)}
         prov = [provenance_record("import", params, {os.fspath(src): reader.sha256})]
@@ -182,7 +198,7 @@ def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> i
 def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                compresslevel: int = nii.DEFAULT_COMPRESSLEVEL, sform_code: int | None = None,
                qform_code: int | None = None, version: int | None = None, scaling=(1.0, 0.0),
-               provenance: dict | None = None, slab_mb: float = 128, quiet: bool = True) -> str:
+               provenance: dict | None = None, slab_mb: float = 32, quiet: bool = True) -> str:
     """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
 
     sform = qform = the volume's affine, codes from ``sform_code``/``qform_code`` (default: the source file's,
@@ -211,11 +227,22 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2 ** 20))
     slabs = [(t, z0, min(data.shape[2], z0 + dz)) for t in range(nt) for z0 in range(0, data.shape[2], dz)]
 
-    def task(t, z0, z1):
-        block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
-        return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
+    with atomic_path(dst, overwrite=overwrite) as tmp, contextlib.ExitStack() as cleanup:
+        if dz < chunk_z:
+            # A slab thinner than a chunk would re-read (or recompute) every chunk chunk_z/dz times. Split the
+            # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
+            scratch = f"{tmp}.thin.zarr"
+            cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+            thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
+            arr = zarr.create_array(scratch, shape=data.shape, dtype=data.dtype, chunks=thin_chunks,
+                                    compressors=[compressor_for(data.dtype)], fill_value=0)
+            da.store(data.rechunk(thin_chunks), arr, lock=False)
+            data = da.from_zarr(arr)
 
-    with atomic_path(dst, overwrite=overwrite) as tmp:
+        def task(t, z0, z1):
+            block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
+            return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
+
         with open(tmp, "wb") as f:
             f.write(nii.gzip_member(head, compresslevel) if gz else head)
             prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
