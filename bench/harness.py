@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).parent / "results" / "results.csv"
-FIELDS = ["date", "commit", "stage", "spacing_mm", "voxels", "workers", "threads_per_worker", "wall_s",
-          "mvox_per_s", "mb_per_s", "peak_rss_mb", "read_mb", "written_mb", "data_mb", "note", "machine"]
+FIELDS = ["date", "commit", "stage", "spacing_mm", "work_spacing_mm", "voxels", "workers", "threads_per_worker",
+          "wall_s", "mvox_per_s", "mb_per_s", "peak_rss_mb", "read_mb", "written_mb", "data_mb", "load_avg", "note",
+          "machine"]
 
 
 def machine() -> str:
@@ -52,6 +53,7 @@ class Sampler:
         self.interval = interval
         self.root = psutil.Process()
         self.peak_rss = 0
+        self.peak_rss_overall = 0
         self._io_base: dict[int, tuple[int, int]] = {}
         self._io_last: dict[int, tuple[int, int]] = {}
         self._stop = threading.Event()
@@ -77,6 +79,16 @@ class Sampler:
             except (psutil.Error, AttributeError):
                 continue
         self.peak_rss = max(self.peak_rss, total)
+        self.peak_rss_overall = max(self.peak_rss_overall, total)
+
+    def mark(self) -> tuple[int, int, int]:
+        """Peak RSS and I/O since the last mark (for per-stage numbers inside one run); resets the peak."""
+        self._sample()
+        peak, self.peak_rss = self.peak_rss, 0
+        rd, wr = self.read_bytes, self.written_bytes
+        last = getattr(self, "_marked", (0, 0))
+        self._marked = (rd, wr)
+        return peak, rd - last[0], wr - last[1]
 
     def _run(self):
         while not self._stop.is_set():
@@ -119,8 +131,19 @@ def measured():
 
 def append_row(row: dict, path: Path = RESULTS) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine()}
+    full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine(),
+            "load_avg": round(os.getloadavg()[0], 1)}
     full.update(row)
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if header != FIELDS:  # an older layout: rewrite it once with the current columns
+                old_rows = list(reader)
+                with open(path, "w", newline="") as g:
+                    w = csv.DictWriter(g, fieldnames=FIELDS, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(old_rows)
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
