@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: reuse them)")
     _add_compute_options(p)
     p.set_defaults(func=cmd_demo)
+
+    from .synth import add_synth_parser
+
+    add_synth_parser(sub, [common], _add_compute_options)
     return parser
 
 
