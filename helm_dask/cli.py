@@ -147,7 +147,8 @@ def cmd_run(args) -> int:
                      resample_labels=args.resample_labels, label_map=parse_label_map(args.label_map),
                      ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
                      closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
-                     label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed)
+                     label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed,
+                     qc=not args.no_qc)
     with compute_context(_cluster_opts(args)):
         if is_manifest:
             rows = run_batch(target, base, quiet=args.quiet)
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="helm: also arrange outputs like the published dataset")
     p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--no-qc", action="store_true", help="do not write OUT/<subject>/qc/report.html")
     _add_compute_options(p)
     p.set_defaults(func=cmd_run)
 

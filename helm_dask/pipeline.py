@@ -66,6 +66,7 @@ class RunParams:
     layout: str = "flat"
     chunks: tuple | None = None
     seed: int = 0
+    qc: bool = True                     # write OUT/<subject>/qc/report.html at the end
 
     def subject_name(self) -> str:
         if self.subject:
@@ -489,4 +490,10 @@ def _finish(subj: Subject, t_start: float) -> dict:
     subj.info["params"] = {k: v for k, v in asdict(subj.p).items()}
     with atomic_path(subj.dir / "run.json", overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps(subj.info, indent=2, default=_json_default))
+    if subj.p.qc:
+        from .qc import write_qc_report
+
+        # QC reads bounded slices and the pyramid only: seconds, whatever the volume size.
+        report = write_qc_report(subj.dir)
+        subj.log(f"QC report: {report}")
     return subj.info
