@@ -271,7 +271,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     # ---- background (on the RAS+ scan, before the left-right flip: the flip does not change the mask) -----------
     from .background import apply_mask, brain_mask
 
-    bg_params = {"method": "mixture-coarse+refine"}
+    bg_params = {"method": "fluid-grow-coarse+band-refine"}
     scan_ras = orient_mod.to_ras(scan_raw)
 
     def do_background(key):
