@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import dask
@@ -37,6 +38,9 @@ def default_workers() -> int:
 def compute_context(opts: ClusterOptions | None = None):
     """Context manager yielding a ``distributed.Client`` (or None for in-process schedulers)."""
     opts = opts or ClusterOptions()
+    # Stages ship small fitted models (the bag-removal coarse model is ~35 MB, whatever the volume size) once per
+    # graph; distributed's advice about large graphs is not actionable for users, so keep it out of their output.
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
     if opts.scheduler in LOCAL_SCHEDULERS:
         with dask.config.set(scheduler=opts.scheduler):
             yield None
