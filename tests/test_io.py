@@ -416,3 +416,14 @@ def test_thin_landing_and_thin_export_paths(tmp_path, variant):
         save_nifti(open_volume(store, apply_scaling=False), out, slab_mb=1e-4, scaling=meta_scaling)
         assert np.asanyarray(nib.load(out).dataobj.get_unscaled()).tobytes() == data.tobytes()
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]
+
+
+def test_export_of_irregularly_chunked_lazy_volume(tmp_path):
+    import dask.array as da
+
+    from helm_dask.io.convert import save_nifti
+
+    data = np.random.default_rng(3).normal(size=(10, 9, 30)).astype(np.float32)
+    lazy = da.from_array(data, chunks=((4, 6), (9,), (7, 3, 12, 8)))
+    out = save_nifti(make_volume(lazy, np.eye(4)), tmp_path / "irr.nii.gz", slab_mb=1e-4)
+    np.testing.assert_array_equal(nib.load(out).get_fdata(dtype=np.float32), data)

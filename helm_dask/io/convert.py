@@ -223,6 +223,9 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     head = nii.header_bytes(hdr)
     four_d = data.ndim == 4
     nt = data.shape[3] if four_d else 1
+    regular = tuple(c[0] for c in data.chunks)
+    if any(len(set(c[:-1])) > 1 or c[-1] > c[0] for c in data.chunks):
+        data = data.rechunk(regular)  # slabs and scratch chunks must nest in the source blocks
     chunk_z = data.chunks[2][0]
     dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2 ** 20))
     slabs = [(t, z0, min(data.shape[2], z0 + dz)) for t in range(nt) for z0 in range(0, data.shape[2], dz)]
@@ -236,7 +239,11 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
             arr = zarr.create_array(scratch, shape=data.shape, dtype=data.dtype, chunks=thin_chunks,
                                     compressors=[compressor_for(data.dtype)], fill_value=0)
-            da.store(data.rechunk(thin_chunks), arr, lock=False)
+            # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
+            # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
+            done = da.map_blocks(_write_region, data, arr, dtype=np.uint8,
+                                 chunks=tuple((1,) * len(c) for c in data.chunks))
+            done.compute()
             data = da.from_zarr(arr)
 
         def task(t, z0, z1):
@@ -251,6 +258,13 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                 prog.update(1)
             prog.close()
     return dst
+
+
+def _write_region(block: np.ndarray, target, block_info=None) -> np.ndarray:
+    """Write one block into ``target`` at its place in the dask array; returns a 1-voxel token."""
+    loc = block_info[0]["array-location"]
+    target[tuple(slice(a, b) for a, b in loc)] = block
+    return np.zeros((1,) * block.ndim, dtype=np.uint8)
 
 
 def _ordered_results(tasks, window: int | None = None):
