@@ -225,7 +225,9 @@ def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | Non
             break
         if max_levels is not None and lev + 1 >= max_levels:
             break
-        src = da.from_zarr(below)
+        # Each task reads the 2x2x2 block of chunks behind exactly one output chunk: no re-merging of halves
+        # afterwards (which lets the scheduler buffer pieces), memory of one 8-chunk region per task.
+        src = da.from_zarr(below, chunks=tuple(2 * c for c in below.chunks))
         if kind == "image":
             # Block mean in float64 then back: exact for integer factors, no overflow for integer inputs.
             down = da.coarsen(np.mean, src.astype(np.float64), {0: 2, 1: 2, 2: 2}, trim_excess=True)
