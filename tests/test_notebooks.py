@@ -167,7 +167,7 @@ def test_first_notebook_explores_a_big_volume_without_loading_it(tmp_path):
     assert f"shape {list(shape)}" in text and "drawn from level 1" in text
     assert "dask dashboard: http" in text
     assert len(_outputs(nb, "image/png")) >= 4
-    # the slice browser: a widget when ipywidgets is installed (it is in the test extras), else a printed note
+    # the slice browser: a widget when ipywidgets is installed (`.[notebooks]`), else a printed note
     try:
         import ipywidgets  # noqa: F401
         expected_widgets = 1
