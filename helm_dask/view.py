@@ -862,14 +862,21 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
                   level: int | None = None, max_px: int = DEFAULT_MAX_PX, lut: Any = "freesurfer"):
     """An interactive slice browser (ipywidgets): pick a plane and move through it; one plane is read per move.
 
-    Returns an ``ipywidgets.interactive`` (display it in Jupyter) or, when ipywidgets is not installed, a short
-    message saying how to get it (a string, so the notebook still runs).
+    Returns an ``ipywidgets.VBox`` (display it in Jupyter: a plane menu, an index slider and the picture) or,
+    when ipywidgets is not installed, a short message saying how to get it (a string, so a notebook still runs).
+    The picture is a PNG in an ``ipywidgets.Image`` (rendered here with matplotlib's Agg backend), so the browser
+    needs no Output widget and works the same in JupyterLab, VS Code or a headless run; ``browser.figure`` is
+    the matplotlib Figure last drawn.
     """
     try:
         import ipywidgets as widgets
     except ImportError:
         return ("slice_browser needs ipywidgets (pip install ipywidgets); use plot_orthogonal(vol, point_mm=...) "
                 "meanwhile")
+    import io
+
+    from matplotlib.figure import Figure
+
     vol = _check_volume(vol)
     first = orthogonal_slices(vol, level=level, max_px=max_px, compute=False)
     lev, shape, aff = first.level, first.shape, first.affine
@@ -878,17 +885,10 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
                              description="plane")
     idx_w = widgets.IntSlider(value=shape[2] // 2, min=0, max=shape[2] - 1, description="index",
                               continuous_update=False)
+    image = widgets.Image(format="png")
+    box = widgets.VBox([widgets.HBox([dim_w, idx_w]), image])
 
-    def on_dim(change):
-        n = shape[DIMS.index(change["new"])]
-        idx_w.max = n - 1
-        idx_w.value = min(idx_w.value, n - 1)
-
-    dim_w.observe(on_dim, names="value")
-
-    def show(plane: str, index: int):
-        from matplotlib.figure import Figure
-
+    def draw(plane: str, index: int) -> Figure:
         d = DIMS.index(plane)
         ijk = np.asarray(shape, dtype=np.float64) / 2.0 - 0.5
         ijk[d] = index
@@ -923,4 +923,21 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
         ax.set_ylabel(f"{p.axes[1]} (mm)")
         return fig
 
-    return widgets.interactive(show, {"auto_display": True}, plane=dim_w, index=idx_w)
+    def render(_change=None):
+        fig = draw(dim_w.value, int(idx_w.value))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        image.value = buf.getvalue()
+        box.figure = fig
+
+    def on_dim(change):
+        n = shape[DIMS.index(change["new"])]
+        with idx_w.hold_trait_notifications():
+            idx_w.max = n - 1
+            idx_w.value = min(idx_w.value, n - 1)
+        render()
+
+    dim_w.observe(on_dim, names="value")
+    idx_w.observe(render, names="value")
+    render()
+    return box

@@ -339,18 +339,21 @@ def test_slice_browser_without_and_with_ipywidgets(ref, monkeypatch):
         msg = slice_browser(vol)
         assert isinstance(msg, str) and "pip install ipywidgets" in msg
     pytest.importorskip("ipywidgets")
+    from matplotlib.image import AxesImage
+
     w = slice_browser(vol)
-    plane_w, index_w = w.children[0], w.children[1]
+    plane_w, index_w = w.children[0].children
+    image = w.children[1]
     assert plane_w.value == "z" and index_w.value == SHAPE[2] // 2 and index_w.max == SHAPE[2] - 1
 
     def shown():
-        from matplotlib.image import AxesImage
-
-        ax = w.result.axes[0]
+        ax = w.figure.axes[0]
         return np.asarray([c for c in ax.get_children() if isinstance(c, AxesImage)][0].get_array())
 
     np.testing.assert_array_equal(shown(), ref[:, :, SHAPE[2] // 2].T)
+    assert image.value[:8] == b"\x89PNG\r\n\x1a\n"
     plane_w.value = "x"
     assert index_w.max == SHAPE[0] - 1
+    np.testing.assert_array_equal(shown(), ref[SHAPE[2] // 2, :, :].T)   # redrawn: plane x, the index kept (6)
     index_w.value = 13
     np.testing.assert_array_equal(shown(), ref[13, :, :].T)
