@@ -495,13 +495,21 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
         tol = max(float(fluid_tolerance), 3.0 * noise)
         tol_seed = max(0.5 * float(fluid_tolerance), 3.0 * noise)
         homog = lining & (_max_step(logc, signal) < math.sqrt(2.0) * tol_seed)
-        seeds = homog & (np.abs(logc - logf) < tol_seed)
+
+        def backed(seeds):
+            # the fluid runs continuously inward from the bag wall: a deep (layer 3) seed must touch a layer 2
+            # seed. Where the specimen presses on the bag, layer 2 is brain partial volume, not fluid, and a
+            # layer-3 voxel that merely matches the fluid's intensity (brain/fluid partial volume in coarse
+            # voxels, e.g. 2 mm inputs) would otherwise seed the fluid inside the brain
+            return seeds & ((lay <= 2) | ndi.binary_dilation(seeds & (lay <= 2)))
+
+        seeds = backed(homog & (np.abs(logc - logf) < tol_seed))
         for _ in range(3):
             if seeds.sum() < 8:
                 raise HelmError("no fluid found around the specimen (nothing homogeneous lines the bag)",
                                 path=src, hint="If the fluid gives no signal (e.g. Fomblin), use fluid='none'.")
             _, logf = fit_dct_lsq(logc, seeds.astype(np.float64), B)
-            seeds = homog & (np.abs(logc - logf) < tol_seed)
+            seeds = backed(homog & (np.abs(logc - logf) < tol_seed))
         sig_vox = grow_sigma_mm / spacing_c
         fl, ref = _grow_fluid(c, signal, seeds, sig_vox, tol)
         cand = signal & ~fl

@@ -299,9 +299,11 @@ def test_four_d_input_raises():
 # acceptance on the built-in phantom (1 mm for speed; 0.5 mm is checked by hand, see the module docstring)
 # -------------------------------------------------------------------------------------------------------------
 
-def test_phantom_brain_mask():
+@pytest.mark.parametrize("spacing_mm", [1.0, 2.0])
+def test_phantom_brain_mask(spacing_mm):
+    """Also on a coarse 2 mm input (the pipeline tests' size), where the bag lining is only one voxel deep."""
     phantom = pytest.importorskip("helm_dask.phantom")
-    vols = phantom.phantom(1.0, chunks=64)
+    vols = phantom.phantom(spacing_mm, chunks=64)
     truth = vols["truth_mask"].values
     tissue = vols["truth_tissue"].values
     m = brain_mask(vols["scan"], coarse_spacing_mm=1.0)
