@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-RESULTS = Path(__file__).parent / "results" / "results.csv"
+# HELM_BENCH_RESULTS sends rows elsewhere (trial runs, or a frozen checkout benchmarking for the main tree)
+RESULTS = Path(os.environ.get("HELM_BENCH_RESULTS") or Path(__file__).parent / "results" / "results.csv")
 FIELDS = ["date", "commit", "stage", "spacing_mm", "work_spacing_mm", "voxels", "workers", "threads_per_worker",
           "wall_s", "mvox_per_s", "mb_per_s", "peak_rss_mb", "read_mb", "written_mb", "data_mb", "load_avg", "note",
           "machine"]
@@ -56,6 +57,9 @@ class Sampler:
         self.peak_rss_overall = 0
         self._io_base: dict[int, tuple[int, int]] = {}
         self._io_last: dict[int, tuple[int, int]] = {}
+        self._loads: list[float] = []
+        self._load_sum, self._load_n = 0.0, 0
+        self.stage_load = 0.0   # mean 1-min load average between the last two marks (other work on the machine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -79,12 +83,15 @@ class Sampler:
             except (psutil.Error, AttributeError):
                 continue
         self.peak_rss = max(self.peak_rss, total)
+        self._loads.append(os.getloadavg()[0])
+        self._load_sum, self._load_n = self._load_sum + self._loads[-1], self._load_n + 1
         self.peak_rss_overall = max(self.peak_rss_overall, total)
 
     def mark(self) -> tuple[int, int, int]:
         """Peak RSS and I/O since the last mark (for per-stage numbers inside one run); resets the peak."""
         self._sample()
         peak, self.peak_rss = self.peak_rss, 0
+        self.stage_load, self._loads = (sum(self._loads) / len(self._loads) if self._loads else 0.0), []
         rd, wr = self.read_bytes, self.written_bytes
         last = getattr(self, "_marked", (0, 0))
         self._marked = (rd, wr)
@@ -104,6 +111,11 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+    @property
+    def mean_load(self) -> float:
+        """Mean 1-min load average over the whole sampling (how busy the machine was)."""
+        return self._load_sum / self._load_n if self._load_n else 0.0
 
     @property
     def read_bytes(self) -> int:

@@ -61,7 +61,8 @@ def main(argv=None) -> int:
         scan, hyp, nvox = ensure_inputs(work, args.input_spacing)
         params = RunParams(scan=str(scan), hypothalamus=str(hyp), out=str(out), side="L", spacing=spacing,
                            until=args.until, subject="bench")
-        rows = []
+        common = {"spacing_mm": args.input_spacing, "work_spacing_mm": args.spacing, "voxels": nvox,
+                  "workers": args.workers, "threads_per_worker": args.threads_per_worker, "note": args.note}
         with Sampler() as s:
             t_stage = [time.perf_counter()]
 
@@ -74,22 +75,20 @@ def main(argv=None) -> int:
                     stage = msg.split(":", 1)[0]
                     peak, rd, wr = s.mark()
                     dt = time.perf_counter() - t_stage[0]
-                    rows.append({"stage": f"pipeline:{stage}", "wall_s": round(dt, 2), "peak_rss_mb": round(peak / 2**20),
-                                 "read_mb": round(rd / 2**20), "written_mb": round(wr / 2**20)})
+                    row = {"stage": f"pipeline:{stage}", "wall_s": round(dt, 2), "peak_rss_mb": round(peak / 2**20),
+                           "read_mb": round(rd / 2**20), "written_mb": round(wr / 2**20),
+                           "load_avg": round(s.stage_load, 1)}
+                    row.update(common)
+                    row["mvox_per_s"] = round(nvox / dt / 1e6, 2) if dt > 0 else ""
+                    append_row(row)   # at once: a long run that dies later keeps the stages it finished
+                    print(", ".join(f"{k}={row[k]}" for k in ("stage", "wall_s", "peak_rss_mb")), flush=True)
 
             t0 = time.perf_counter()
             run_subject(params, log=log)
             total = time.perf_counter() - t0
-        common = {"spacing_mm": args.input_spacing, "work_spacing_mm": args.spacing, "voxels": nvox,
-                  "workers": args.workers, "threads_per_worker": args.threads_per_worker, "note": args.note}
-        for r in rows:
-            r.update(common)
-            r["mvox_per_s"] = round(nvox / r["wall_s"] / 1e6, 2) if r["wall_s"] > 0 else ""
-            append_row(r)
-            print(", ".join(f"{k}={r[k]}" for k in ("stage", "wall_s", "peak_rss_mb")), flush=True)
         whole = dict(common, stage=f"pipeline:total(until {args.until})", wall_s=round(total, 2),
                      peak_rss_mb=round(s.peak_rss_overall / 2**20), mvox_per_s=round(nvox / total / 1e6, 2),
-                     read_mb=round(s.read_bytes / 2**20), written_mb=round(s.written_bytes / 2**20))
+                     read_mb=round(s.read_bytes / 2**20), written_mb=round(s.written_bytes / 2**20), load_avg=round(s.mean_load, 1))
         append_row(whole)
         print(f"total {total:.1f}s, peak {whole['peak_rss_mb']} MB", flush=True)
     return 0
