@@ -315,13 +315,15 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     # ---- bias ---------------------------------------------------------------------------------------------------
     from .bias import BiasModel, bias_field, correct_bias, estimate_bias
 
-    bias_params = {"method": "dct-mixture"}
+    bias_params = {"method": "dct-mixture", "saved_field_bits": 13}
     bias_json = subj.dir / "bias_model.json"
 
     def do_bias(key):
         model = estimate_bias(image_ws, mask_ws)
         subj.write_json(bias_json, {"model": model.to_dict()}, key)
-        field_v = bias_field(model, image_ws)
+        # the saved field keeps 13 mantissa bits (relative error <= 6e-5): ~10x smaller stores and bias.nii.gz,
+        # ~7 GB less per copy at 0.1 mm; the correction below divides by the exact field
+        field_v = bias_field(model, image_ws, keep_bits=13)
         corrected = correct_bias(image_ws, model, mask=mask_ws)
         return {"bias": subj.save("bias", field_v, key, "bias", bias_params),
                 "preprocessed": subj.save("preprocessed", corrected, key, "bias", bias_params)}

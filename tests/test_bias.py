@@ -113,6 +113,21 @@ def test_bias_field_matches_numpy_on_model_grid(chunks):
     np.testing.assert_allclose(fld.values, _reference_field(model, SHAPE, aff), rtol=1e-6)
 
 
+def test_bias_field_keep_bits_rounds_and_compresses():
+    import zlib
+
+    aff = _oblique_affine()
+    model = _random_model(affine=aff)
+    like_vol = _vol(np.zeros(SHAPE, np.float32), 16, aff)
+    exact = bias_field(model, like_vol).values
+    kept = bias_field(model, like_vol, keep_bits=13).values
+    ref = _reference_field(model, SHAPE, aff)
+    np.testing.assert_allclose(kept, ref, rtol=2.0**-14 + 1e-6)      # round to nearest on 13 mantissa bits
+    assert np.all(kept.view(np.uint32) & np.uint32(0x3FF) == 0)       # the 10 dropped bits are zero
+    assert not np.array_equal(kept, exact)
+    assert len(zlib.compress(kept.tobytes(), 1)) < 0.75 * len(zlib.compress(exact.tobytes(), 1))
+
+
 @pytest.mark.parametrize("chunks", [9, (30, 11, 13)])
 def test_bias_field_on_other_grids(chunks):
     """The analytic model evaluated on a coarser, axis-permuted grid and on an oblique grid of the same FOV."""
