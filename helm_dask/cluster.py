@@ -4,39 +4,242 @@ Every command that computes goes through :func:`compute_context`. The default is
 LocalCluster of worker *processes* with a memory limit each, so that the memory bound of a stage is enforced
 and measurable; ``--scheduler tcp://HOST:PORT`` (or a scheduler JSON file) joins a running cluster;
 ``--scheduler threads`` / ``synchronous`` run in this process without distributed (handy on tiny inputs).
+
+Security. ``--tls-ca/--tls-cert/--tls-key`` make every connection TLS with mutual authentication
+(:func:`security_from_options`): the client presents the certificate to the scheduler, and a LocalCluster we
+start listens on ``tls://`` with the same files. Without the flags, distributed's own configuration applies
+(``distributed.comm.tls.*`` and ``distributed.comm.require-encryption`` in a Dask config file, e.g. one named
+by ``DASK_CONFIG``), so a site-wide TLS setup needs no flags. A scheduler that refuses us, or does not answer
+within a few seconds, is reported as one :class:`~helm_dask.errors.HelmError` line naming the address and the
+fix. The LocalCluster dashboard listens on localhost unless ``--dashboard-address`` says otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import ssl
 import sys
 import warnings
 from dataclasses import dataclass
 
 import dask
 
+from .errors import HelmError
+
 LOCAL_SCHEDULERS = ("threads", "synchronous")
+#: How long to wait for a scheduler to accept us; short, so that a wrong address fails fast.
+CONNECT_TIMEOUT = "10s"
+_TLS_HINT = ("pass --tls-ca/--tls-cert/--tls-key (or set distributed.comm.tls.* in a Dask config file, "
+             "e.g. one named by DASK_CONFIG)")
 
 
 @dataclass
 class ClusterOptions:
+    """How to reach (or start) the Dask cluster; the ``compute`` options of every computing command."""
+
     scheduler: str | None = None
     workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str | None = None
     dashboard: str = "127.0.0.1:0"  # localhost only unless asked otherwise
     quiet: bool = False
+    tls_ca: str | None = None       # PEM file of the CA that signed the cluster's certificates
+    tls_cert: str | None = None     # PEM certificate this process presents (may also hold the key)
+    tls_key: str | None = None      # PEM private key of tls_cert
+    connect_timeout: str = CONNECT_TIMEOUT
+
+    @classmethod
+    def from_args(cls, args) -> "ClusterOptions":
+        """Options from an ``argparse`` namespace built with the CLI's compute options (missing ones: defaults)."""
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        return cls(scheduler=get("scheduler"), workers=get("workers"), threads_per_worker=get("threads_per_worker"),
+                   memory_limit=get("memory_limit"), dashboard=get("dashboard_address") or "127.0.0.1:0",
+                   quiet=bool(get("quiet", False)), tls_ca=get("tls_ca"), tls_cert=get("tls_cert"),
+                   tls_key=get("tls_key"))
 
 
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def security_from_options(opts: ClusterOptions):
+    """The ``distributed.security.Security`` of ``--tls-ca/--tls-cert/--tls-key``, or None without them.
+
+    None means "distributed's configuration decides" (``distributed.comm.tls.*``): that is how a Dask config
+    file enables TLS without flags. With the flags, encryption is required and the same certificate serves as
+    client, scheduler and worker certificate (the latter two only matter for a LocalCluster started here).
+    The files are loaded once here so that a wrong path or a key that does not match is reported up front.
+
+    Example
+    -------
+    >>> security_from_options(ClusterOptions()) is None
+    True
+    """
+    if not (opts.tls_ca or opts.tls_cert or opts.tls_key):
+        return None
+    if not (opts.tls_ca and opts.tls_cert):
+        raise HelmError("TLS needs at least --tls-ca and --tls-cert (and --tls-key unless the key is inside the "
+                        "certificate file)", hint="pass all three, e.g. --tls-ca ca.pem --tls-cert me.pem "
+                                                  "--tls-key me.key")
+    for flag, path in (("--tls-ca", opts.tls_ca), ("--tls-cert", opts.tls_cert), ("--tls-key", opts.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise HelmError(f"{flag} file not found", path=path, hint="give the path of a PEM file")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=opts.tls_ca)
+        ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        raise HelmError(f"cannot load the TLS files ({e})", path=opts.tls_cert,
+                        hint="--tls-ca must be the CA's PEM certificate, --tls-cert a PEM certificate and "
+                             "--tls-key its unencrypted PEM private key") from None
+    from distributed.security import Security
+
+    cert, key = opts.tls_cert, opts.tls_key
+    return Security(tls_ca_file=opts.tls_ca, tls_client_cert=cert, tls_client_key=key,
+                    tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key,
+                    require_encryption=True)
+
+
+def scheduler_address(target: str) -> str:
+    """The address of ``--scheduler``: itself, or the ``address`` field of a scheduler JSON file.
+
+    A bare ``HOST:PORT`` is TCP, as in distributed. A file is parsed as JSON (never unpickled).
+    """
+    if os.path.isfile(target):
+        try:
+            with open(target, encoding="utf-8") as f:
+                address = json.load(f)["address"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise HelmError(f"not a Dask scheduler file ({type(e).__name__}: {e})", path=target,
+                            hint="give the file written by `dask scheduler --scheduler-file FILE`, or an address "
+                                 "like tcp://HOST:8786") from None
+        if not isinstance(address, str) or not address:
+            raise HelmError("the scheduler file has no address", path=target,
+                            hint="give the file written by `dask scheduler --scheduler-file FILE`")
+        return address
+    if "://" not in target and (target.endswith(".json") or os.sep in target):
+        raise HelmError("scheduler file not found", path=target,
+                        hint="start the scheduler with --scheduler-file, or give its address like tcp://HOST:8786")
+    return target
+
+
+def _connection_error(address: str, exc: BaseException, timeout: str) -> HelmError:
+    """Translate distributed's connection failures into one line naming the address and the fix."""
+    from distributed.comm.core import CommClosedError, FatalCommClosedError
+
+    secure = address.startswith("tls://")
+    text = str(exc)
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain:
+            break
+        chain.append(nxt)
+    causes = tuple(type(c) for c in chain)
+    if isinstance(exc, TypeError) and "ssl_context" in text:
+        # distributed's message for a tls:// address without any TLS configuration
+        return HelmError(f"scheduler {address} requires TLS but no certificates were given", hint=_TLS_HINT)
+    if isinstance(exc, RuntimeError) and "encryption required" in text:
+        return HelmError(f"TLS is required (--tls-* or distributed.comm.require-encryption) but scheduler address "
+                         f"{address} is not tls://",
+                         hint="use the tls:// address the scheduler prints (or its scheduler file)")
+    if isinstance(exc, FatalCommClosedError) or any(issubclass(c, ssl.SSLError) for c in causes):
+        detail = next((str(c) for c in chain if isinstance(c, ssl.SSLError)), text)
+        return HelmError(f"TLS handshake with scheduler {address} failed ({detail.strip()})",
+                         hint="check that --tls-ca is the CA that signed the cluster's certificates and that "
+                              "--tls-cert/--tls-key were signed by it; a scheduler without TLS needs tcp:// and no "
+                              "--tls-* flags")
+    if any(issubclass(c, ConnectionRefusedError) for c in causes):
+        return HelmError(f"no Dask scheduler at {address} (connection refused)",
+                         hint="start one (`dask scheduler`) or fix --scheduler (tcp://HOST:PORT or a scheduler file)")
+    if not secure and any(issubclass(c, (ConnectionResetError, CommClosedError)) for c in causes):
+        # a TLS scheduler drops a plain-TCP client as soon as it sees no TLS hello
+        return HelmError(f"scheduler {address} refused the connection: it probably requires TLS",
+                         hint=f"connect to tls://{address.split('://')[-1]} and {_TLS_HINT}")
+    if isinstance(exc, (OSError, TimeoutError)):
+        return HelmError(f"scheduler {address} did not answer within {timeout} ({text})",
+                         hint="check the address, that the scheduler is running and reachable (firewall), and "
+                              "for a TLS scheduler the tls:// scheme and the --tls-* files")
+    return HelmError(f"cannot connect to scheduler {address} ({type(exc).__name__}: {text})",
+                     hint="check --scheduler and the --tls-* options")
+
+
+def connect_client(opts: ClusterOptions):
+    """A ``distributed.Client`` connected to ``opts.scheduler``; HelmError (one line) if that fails."""
+    from distributed import Client
+
+    address = scheduler_address(opts.scheduler)
+    security = security_from_options(opts)
+    kw = {"security": security} if security is not None else {}
+    try:
+        return Client(address, timeout=opts.connect_timeout, **kw)
+    except Exception as e:  # noqa: BLE001 -- every way of not connecting gets one actionable line
+        err = _connection_error(address, e, opts.connect_timeout)
+    # The half-built Client (kept alive by the traceback) would print a traceback from its __del__ at exit
+    # (distributed's Client.close on a client that never connected): collect it now, quietly.
+    import gc
+
+    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise err
+
+
+def start_local_cluster(opts: ClusterOptions):
+    """A LocalCluster of worker processes sized by ``opts`` (TLS with the ``--tls-*`` files if given)."""
+    from distributed import LocalCluster
+
+    security = security_from_options(opts)
+    kw = {"security": security, "protocol": "tls://"} if security is not None else {}
+    # security=None lets distributed read its config: distributed.comm.require-encryption turns on tls:// there.
+    return LocalCluster(n_workers=opts.workers or default_workers(), threads_per_worker=opts.threads_per_worker or 1,
+                        memory_limit=opts.memory_limit or "auto", processes=True, host="127.0.0.1",
+                        dashboard_address=opts.dashboard, silence_logs=logging.ERROR, **kw)
+
+
+def _dashboard_link(client) -> str:
+    try:
+        if client.cluster is None and "dashboard" not in client.scheduler_info().get("services", {}):
+            return "(no dashboard)"
+        return client.dashboard_link or "(no dashboard)"
+    except Exception:  # noqa: BLE001 -- a missing dashboard must never stop a run
+        return "(no dashboard)"
+
+
+def _run_error(exc: BaseException, address: str, client) -> HelmError | None:
+    """A failure of the cluster during a run, as one line; None for anything else (re-raised as is)."""
+    import concurrent.futures
+
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, KilledWorker):
+        return HelmError(f"a task failed repeatedly because the workers running it died ({exc})",
+                         hint="workers were killed or ran out of memory: raise --memory-limit or lower "
+                              "--threads-per-worker, then rerun (finished stages are reused)")
+    lost = client.status != "running"  # the client gave up reconnecting (it cancels every future then)
+    if isinstance(exc, CommClosedError) or (lost and isinstance(exc, (concurrent.futures.CancelledError,
+                                                                          OSError, TimeoutError))):
+        return HelmError(f"lost the connection to scheduler {address} ({type(exc).__name__})",
+                         hint="check that the scheduler is still running, then rerun: finished stages are reused, "
+                              "nothing half-written is kept")
+    return None
+
+
 @contextlib.contextmanager
 def compute_context(opts: ClusterOptions | None = None):
-    """Context manager yielding a ``distributed.Client`` (or None for in-process schedulers)."""
+    """Context manager yielding a ``distributed.Client`` (or None for in-process schedulers).
+
+    Example
+    -------
+    >>> with compute_context(ClusterOptions(scheduler="threads")) as client:
+    ...     print(client)
+    None
+    """
     opts = opts or ClusterOptions()
     # Stages ship small fitted models (the bag-removal coarse model is ~35 MB, whatever the volume size) once per
     # graph; distributed's advice about large graphs is not actionable for users, so keep it out of their output.
@@ -45,29 +248,39 @@ def compute_context(opts: ClusterOptions | None = None):
         with dask.config.set(scheduler=opts.scheduler):
             yield None
         return
-    from distributed import Client, LocalCluster
 
     if opts.scheduler:
-        target = opts.scheduler
-        if os.path.isfile(target):
-            client = Client(scheduler_file=target)
-        else:
-            client = Client(target)
+        client = connect_client(opts)
         cluster = None
     else:
-        cluster = LocalCluster(n_workers=opts.workers or default_workers(),
-                               threads_per_worker=opts.threads_per_worker or 1,
-                               memory_limit=opts.memory_limit or "auto", processes=True,
-                               dashboard_address=opts.dashboard, silence_logs=logging.ERROR)
-        client = Client(cluster)
+        cluster = start_local_cluster(opts)
+        client = _client_for(cluster, opts)
+    address = client.scheduler.address
     try:
         if not opts.quiet:
-            link = client.dashboard_link if getattr(client, "dashboard_link", None) else "(no dashboard)"
-            nthreads = sum(client.nthreads().values())
-            print(f"dask: {len(client.nthreads())} worker(s), {nthreads} thread(s); dashboard {link}",
-                  file=sys.stderr, flush=True)
-        yield client
+            nthreads = client.nthreads()
+            print(f"dask: {len(nthreads)} worker(s), {sum(nthreads.values())} thread(s) at {address}; "
+                  f"dashboard {_dashboard_link(client)}", file=sys.stderr, flush=True)
+        try:
+            yield client
+        except Exception as e:
+            err = _run_error(e, address, client)
+            if err is None:
+                raise
+            raise err from None
     finally:
-        client.close()
+        with contextlib.suppress(Exception):
+            client.close()
         if cluster is not None:
-            cluster.close()
+            with contextlib.suppress(Exception):
+                cluster.close()
+
+
+def _client_for(cluster, opts: ClusterOptions):
+    from distributed import Client
+
+    try:
+        return Client(cluster, timeout=opts.connect_timeout)
+    except BaseException:
+        cluster.close()
+        raise

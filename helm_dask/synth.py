@@ -1042,9 +1042,7 @@ def cmd_synth(args) -> int:
     from .cluster import ClusterOptions, compute_context
 
     cfg = config_from_args(args)
-    opts = ClusterOptions(scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
-                          memory_limit=args.memory_limit, dashboard=args.dashboard_address,
-                          quiet=getattr(args, "quiet", False))
+    opts = ClusterOptions.from_args(args)   # TLS and every other compute option, as for the other commands
     with compute_context(opts):
         records = write_samples(args.label_map, args.out, args.n, args.seed, cfg, start=args.start, zarr=args.zarr,
                                 overwrite=args.overwrite, quiet=getattr(args, "quiet", False))
