@@ -14,6 +14,9 @@ YAML::
 
 CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject`` and any parameter column.
 
+``scan``/``hypothalamus`` may be URLs (``s3://bucket/sub01_scan.nii.gz``); ``--out`` too. ``--storage-options``
+applies to every subject (a ``storage_options`` mapping in the manifest overrides it).
+
 The YAML is read with ``yaml.safe_load`` (no object construction from the file). A subject that fails is
 reported and the others still run; every subject resumes stage by stage like a single run.
 """
@@ -69,6 +72,10 @@ def _coerce(name: str, value):
         return int(value)
     if name == "resample_labels":
         return str(value).lower() in ("1", "true", "yes")
+    if name == "storage_options":  # a mapping in YAML, a JSON object in a CSV cell
+        from .io.location import parse_storage_options
+
+        return parse_storage_options(value)
     return value
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .cluster import ClusterOptions, compute_context
@@ -53,21 +52,27 @@ def _chunks(text: str):
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("compute")
+    g = p.add_argument_group(
+        "compute", "Default: a LocalCluster of worker processes on this machine. TLS: --tls-ca/--tls-cert/--tls-key "
+                   "(mutual TLS; also used by that LocalCluster), or without flags a Dask config file "
+                   "(distributed.comm.tls.* and distributed.comm.require-encryption; DASK_CONFIG=FILE).")
     g.add_argument("--scheduler", metavar="ADDR",
-                   help="join a running Dask cluster (tcp://HOST:PORT or a scheduler JSON file); "
+                   help="join a running Dask cluster (tcp://HOST:PORT, tls://HOST:PORT or a scheduler JSON file); "
                         "'threads' or 'synchronous' compute in this process")
     g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: 2)")
     g.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per worker (default: 1)")
     g.add_argument("--memory-limit", metavar="SIZE", help="memory limit per worker, e.g. 4GB (default: auto)")
     g.add_argument("--dashboard-address", default="127.0.0.1:0",
-                   help="where the dashboard listens (default: localhost, random port)")
+                   help="where the LocalCluster dashboard listens (default: localhost, random port)")
+    g.add_argument("--tls-ca", metavar="FILE",
+                   help="TLS: PEM certificate of the CA that signed the cluster's certificates")
+    g.add_argument("--tls-cert", metavar="FILE",
+                   help="TLS: PEM certificate this client (and its LocalCluster) presents")
+    g.add_argument("--tls-key", metavar="FILE", help="TLS: PEM private key of --tls-cert")
 
 
 def _cluster_opts(args) -> ClusterOptions:
-    return ClusterOptions(scheduler=args.scheduler, workers=args.workers,
-                          threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit,
-                          dashboard=args.dashboard_address, quiet=args.quiet)
+    return ClusterOptions.from_args(args)
 
 
 def _say(args, *msg) -> None:
@@ -79,10 +84,27 @@ def _say(args, *msg) -> None:
 # Commands
 
 
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="fsspec options for s3://... (or other URL) inputs and outputs, as a JSON object or @FILE.json, "
+                        "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible server; "
+                        "credentials otherwise come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                        "AWS_ENDPOINT_URL or FSSPEC_S3_* variables")
+
+
+def _storage_options(args) -> dict | None:
+    from .io.location import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
+
+
 def cmd_info(args) -> int:
+    from .io.location import use_storage_options
     from .io.store import describe
 
-    d = describe(args.path)
+    so = _storage_options(args)
+    with use_storage_options(so):
+        d = describe(args.path, storage_options=so)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -106,13 +128,16 @@ def cmd_info(args) -> int:
 
 def cmd_convert(args) -> int:
     from .io.convert import convert
+    from .io.location import use_storage_options
 
-    kw = dict(overwrite=args.overwrite, quiet=args.quiet, echo=args.echo, echo_combine=args.echo_combine)
+    so = _storage_options(args)
+    kw = dict(overwrite=args.overwrite, quiet=args.quiet, echo=args.echo, echo_combine=args.echo_combine,
+              storage_options=so)
     if args.chunks:
         kw["chunks"] = args.chunks
     kw["nonfinite"] = args.nonfinite
     t0 = time.perf_counter()
-    with compute_context(_cluster_opts(args)):
+    with use_storage_options(so), compute_context(_cluster_opts(args)):
         out = convert(args.input, args.output, **kw)
     _say(args, f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -131,6 +156,7 @@ def cmd_phantom(args) -> int:
 
 def cmd_run(args) -> int:
     from .batch import format_summary, parse_ks, run_batch
+    from .io.location import join, use_storage_options
     from .labels import parse_label_map
     from .pipeline import RunParams, run_subject
 
@@ -148,14 +174,14 @@ def cmd_run(args) -> int:
                      ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
                      closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
                      label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed,
-                     qc=not args.no_qc)
-    with compute_context(_cluster_opts(args)):
+                     qc=not args.no_qc, storage_options=_storage_options(args))
+    with use_storage_options(base.storage_options), compute_context(_cluster_opts(args)):
         if is_manifest:
             rows = run_batch(target, base, quiet=args.quiet)
             print(format_summary(rows))
             return 0 if all(r["status"] == "ok" for r in rows) else 4
         info = run_subject(base, quiet=args.quiet)
-    _say(args, f"[{info['subject']}] finished in {info['seconds']:.1f}s -> {Path(args.out) / info['subject']}")
+    _say(args, f"[{info['subject']}] finished in {info['seconds']:.1f}s -> {join(args.out, info['subject'])}")
     return 0
 
 
@@ -223,13 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", parents=[common], help="shape, spacing, orientation, dtype, chunks, affine")
-    p.add_argument("path", help="a .nii/.nii.gz file or a helm-dask .zarr store")
+    p.add_argument("path", help="a .nii/.nii.gz file or a helm-dask .zarr store (a path or an s3://... URL)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", parents=[common], help="NIfTI <-> Zarr (direction from the extensions)")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="a .nii/.nii.gz file or a .zarr store (a path or an s3://... URL)")
+    p.add_argument("output", help="the .zarr store or .nii/.nii.gz file to write (a path or an s3://... URL)")
     p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape, e.g. 128 or 128,128,128 (default 128)")
     p.add_argument("--echo", type=int, help="4-D input: keep this echo (0-based)")
     p.add_argument("--echo-combine", choices=["rms", "mean"],
@@ -237,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nonfinite", choices=["error", "zero"], default="error",
                    help="NaN/inf voxels: refuse (default) or set to 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_storage_options(p)
     _add_compute_options(p)
     p.set_defaults(func=cmd_convert)
 
@@ -258,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypothalamus", metavar="SEG", help="manual hypothalamus labels (NIfTI, same grid as SCAN)")
     p.add_argument("--side", choices=["L", "R", "auto"], default="auto",
                    help="hemisphere; auto decides from where the hypothalamus lies (default auto)")
-    p.add_argument("--out", metavar="OUT", help="output folder")
+    p.add_argument("--out", metavar="OUT", help="output folder (a path, or a URL such as s3://bucket/results)")
+    _add_storage_options(p)
     p.add_argument("--subject", help="subject name (default: the scan's file name without extension)")
     p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
     p.add_argument("--until", choices=["preprocess", "kmeans", "merge", "mirror"], default="mirror",

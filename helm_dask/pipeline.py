@@ -14,6 +14,13 @@ reads, the package version and the checksums of the input files. A stage runs on
 missing, unfinished or carries another key; so a rerun with the same inputs and parameters recomputes nothing,
 a changed parameter recomputes that stage and (through the keys) every stage after it, and a run killed midway
 resumes at the first output that was not finished (each output is written under a temporary name and renamed).
+
+Object storage. ``scan``, ``hypothalamus`` and ``out`` may be fsspec URLs (``s3://bucket/out``), with
+``storage_options`` (endpoint, credentials; see :mod:`helm_dask.io.location`): the subject folder, ``helm.zarr``
+with every intermediate, the NIfTI exports, the JSON files and ``lut.txt`` then live under the URL. There is no
+rename on object stores: NIfTI and JSON files are uploads committed only when complete, Zarr volumes carry their
+``complete`` flag; resuming works the same. The QC page is written only for local (or shared-filesystem)
+outputs: it is skipped, with a log line, for a URL. The storage options are never written to ``run.json``.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ import numpy as np
 
 from . import __version__
 from .errors import HelmError
+from .io import location
 from .io.convert import nifti_to_zarr, save_nifti
 from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
-from .io.store import atomic_path, is_complete, open_volume, read_meta, save_volume
+from .io.store import open_group, open_volume, read_meta, save_volume
 from .volume import like, provenance_record
 
 STAGES = ("import", "background", "resample", "bias", "kmeans", "merge", "mirror")
@@ -66,7 +74,8 @@ class RunParams:
     layout: str = "flat"
     chunks: tuple | None = None
     seed: int = 0
-    qc: bool = True                     # write OUT/<subject>/qc/report.html at the end
+    qc: bool = True                     # write OUT/<subject>/qc/report.html at the end (local outputs only)
+    storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written to run.json)
 
     def subject_name(self) -> str:
         if self.subject:
@@ -90,8 +99,9 @@ class Subject:
     def __init__(self, params: RunParams, *, quiet: bool = False, log: Callable[[str], None] | None = None):
         self.p = params
         self.name = params.subject_name()
-        self.dir = Path(params.out) / self.name
-        self.store = self.dir / "helm.zarr"
+        self.so = params.storage_options
+        self.dir = location.join(params.out, self.name)
+        self.store = location.join(self.dir, "helm.zarr")
         self.quiet = quiet
         self._log = log
         self.keys: dict[str, str] = {}
@@ -105,62 +115,72 @@ class Subject:
             print(f"[{self.name}] {msg}", flush=True)
 
     # -- outputs ------------------------------------------------------------------------------------------------
+    def path(self, filename: str) -> str:
+        """A file in the subject folder (a path or a URL)."""
+        return location.join(self.dir, filename)
+
     def vpath(self, name: str) -> str:
-        return str(self.store / name)
+        return location.join(self.store, name)
+
+    def open(self, name: str):
+        return open_volume(self.vpath(name), storage_options=self.so)
 
     def volume_ok(self, name: str, key: str) -> bool:
-        path = self.vpath(name)
-        if not is_complete(path):
-            return False
-        return read_meta(path).get("stage_key") == key
-
-    def json_ok(self, path: Path, key: str) -> bool:
-        try:
-            return json.loads(path.read_text()).get("stage_key") == key
-        except (OSError, ValueError):
+        try:  # read_meta refuses missing and unfinished volumes
+            return read_meta(self.vpath(name), storage_options=self.so).get("stage_key") == key
+        except HelmError:
             return False
 
-    def nifti_ok(self, path: Path, key: str) -> bool:
-        if not path.exists():
+    def read_json(self, path: str) -> dict:
+        return json.loads(location.read_text(path, self.so))
+
+    def json_ok(self, path: str, key: str) -> bool:
+        try:
+            return self.read_json(path).get("stage_key") == key
+        except (OSError, ValueError, HelmError):
+            return False
+
+    def nifti_ok(self, path: str, key: str) -> bool:
+        if not location.exists(path, self.so):
             return False
         try:
-            prov = read_nifti_provenance(path)
+            prov = read_nifti_provenance(path, storage_options=self.so)
         except HelmError:
             return False
         return bool(prov) and prov.get("stage_key") == key
 
     def save(self, name: str, vol, key: str, stage: str, params: dict) -> Any:
         """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
-        self.store.mkdir(parents=True, exist_ok=True)
+        location.makedirs(self.store, self.so)
         vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
         save_volume(vol, self.vpath(name), chunks=self.p.chunks, overwrite=True,
-                    extra={"stage_key": key, "stage": stage})
-        return open_volume(self.vpath(name))
+                    extra={"stage_key": key, "stage": stage}, storage_options=self.so)
+        return self.open(name)
 
     def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
         """Write several volumes from one shared Dask computation (inputs read once); skip those already done."""
         from .io.store import save_volumes
 
-        self.store.mkdir(parents=True, exist_ok=True)
+        location.makedirs(self.store, self.so)
         todo = {self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
                 for n, v in vols.items() if not self.volume_ok(n, key)}
         if todo:
-            save_volumes(todo, chunks=self.p.chunks, overwrite=True, extra={"stage_key": key, "stage": stage})
-        return {n: open_volume(self.vpath(n)) for n in vols}
+            save_volumes(todo, chunks=self.p.chunks, overwrite=True, extra={"stage_key": key, "stage": stage},
+                         storage_options=self.so)
+        return {n: self.open(n) for n in vols}
 
-    def write_json(self, path: Path, payload: dict, key: str) -> None:
+    def write_json(self, path: str, payload: dict, key: str) -> None:
         payload = dict(payload, stage_key=key, version=__version__)
-        with atomic_path(path, overwrite=True) as tmp:
-            Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default))
+        location.write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default), self.so)
 
-    def export(self, vol, filename: str, key: str, *, dtype=None) -> Path:
+    def export(self, vol, filename: str, key: str, *, dtype=None) -> str:
         """NIfTI export of a stored volume, skipped when the file already carries this key."""
-        path = self.dir / filename
+        path = self.path(filename)
         if self.nifti_ok(path, key):
             return path
         prov = {"stage_key": key, "subject": self.name, "version": __version__,
                 "provenance": vol.attrs.get("provenance", []), "inputs": self.input_checksums()}
-        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True)
+        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True, storage_options=self.so)
         return path
 
     # -- inputs -------------------------------------------------------------------------------------------------
@@ -176,13 +196,12 @@ def _json_default(o):
     return str(o)
 
 
-def fingerprint_input(path: str, cache: dict | None) -> str:
-    """SHA-256 of an input file; reuses a cached value when size and mtime are unchanged (no re-read)."""
-    st = os.stat(path)
-    stamp = [st.st_size, st.st_mtime_ns]
+def fingerprint_input(path: str, cache: dict | None, storage_options: dict | None = None) -> str:
+    """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged."""
+    stamp = location.stamp(path, storage_options)
     if cache and cache.get("stamp") == stamp and cache.get("sha256"):
         return cache["sha256"]
-    return file_sha256(path)
+    return file_sha256(path, storage_options=storage_options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +209,7 @@ def fingerprint_input(path: str, cache: dict | None) -> str:
 
 
 def _stage(subj: Subject, stage: str, params: dict, upstream: list[str], outputs: list[str],
-           compute: Callable[[str], dict], *, json_outputs: list[Path] = ()) -> dict:
+           compute: Callable[[str], dict], *, json_outputs: list[str] = ()) -> dict:
     """Run ``compute(key)`` unless every output already carries ``key``; returns the outputs."""
     key = stage_key(stage, params, {u: subj.keys[u] for u in upstream})
     subj.keys[stage] = key
@@ -198,7 +217,7 @@ def _stage(subj: Subject, stage: str, params: dict, upstream: list[str], outputs
     t0 = time.perf_counter()
     if done:
         subj.log(f"{stage}: up to date, nothing to do")
-        result = {o: open_volume(subj.vpath(o)) for o in outputs}
+        result = {o: subj.open(o) for o in outputs}
         status = "skipped"
     else:
         subj.log(f"{stage}: computing")
@@ -218,44 +237,46 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     if params.until not in UNTIL:
         raise HelmError(f"unknown --until {params.until!r}", hint=f"choose from {', '.join(UNTIL)}")
     last = STAGES.index(UNTIL[params.until])
+    so = params.storage_options
     for f, what in ((params.scan, "scan"), (params.hypothalamus, "hypothalamus labels")):
-        if not os.path.exists(f):
+        if not location.exists(f, so):
             raise HelmError(f"{what} not found", path=f, hint="check the path")
         if not is_nifti_path(f):
             raise HelmError(f"the {what} must be a .nii or .nii.gz file", path=f, hint="convert it to NIfTI")
     if params.side not in ("L", "R", "auto"):
         raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
     subj = Subject(params, quiet=quiet, log=log)
-    subj.dir.mkdir(parents=True, exist_ok=True)
+    location.makedirs(subj.dir, so)
     t_start = time.perf_counter()
 
     # ---- import -------------------------------------------------------------------------------------------
     cache = {}
     for nm in ("scan_raw", "labels_raw"):
         try:
-            cache[nm] = read_meta(subj.vpath(nm)).get("input_stamp")
+            cache[nm] = read_meta(subj.vpath(nm), storage_options=so).get("input_stamp")
         except HelmError:
             cache[nm] = None
-    sha_scan = fingerprint_input(params.scan, cache["scan_raw"])
-    sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"])
-    subj.info["inputs"] = {os.path.abspath(params.scan): sha_scan, os.path.abspath(params.hypothalamus): sha_lab}
+    sha_scan = fingerprint_input(params.scan, cache["scan_raw"], so)
+    sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"], so)
+    subj.info["inputs"] = {location.absolute(params.scan): sha_scan,
+                           location.absolute(params.hypothalamus): sha_lab}
     imp_params = {"scan_sha256": sha_scan, "labels_sha256": sha_lab, "echo": params.echo,
                   "echo_combine": params.echo_combine, "nonfinite": params.nonfinite,
                   "chunks": params.chunks}
 
     def do_import(key):
-        subj.store.mkdir(parents=True, exist_ok=True)
+        location.makedirs(subj.store, so)
         for nm, src, kind in (("scan_raw", params.scan, "image"), ("labels_raw", params.hypothalamus, "labels")):
             if subj.volume_ok(nm, key):
                 continue
             nifti_to_zarr(src, subj.vpath(nm), chunks=params.chunks, echo=params.echo,
                           echo_combine=params.echo_combine if params.echo is None else None, kind=kind,
-                          nonfinite=params.nonfinite, overwrite=True, quiet=quiet)
-            st = os.stat(src)
+                          nonfinite=params.nonfinite, overwrite=True, quiet=quiet, storage_options=so)
+            stamp = location.stamp(src, so)
+            sha = read_meta(subj.vpath(nm), storage_options=so)["input_sha256"]
             _update_meta(subj.vpath(nm), {"stage_key": key, "stage": "import",
-                                          "input_stamp": {"stamp": [st.st_size, st.st_mtime_ns],
-                                                          "sha256": read_meta(subj.vpath(nm))["input_sha256"]}})
-        return {nm: open_volume(subj.vpath(nm)) for nm in ("scan_raw", "labels_raw")}
+                                          "input_stamp": {"stamp": stamp, "sha256": sha}}, so)
+        return {nm: subj.open(nm) for nm in ("scan_raw", "labels_raw")}
 
     out = _stage(subj, "import", imp_params, [], ["scan_raw", "labels_raw"], do_import)
     scan_raw, labels_raw = out["scan_raw"], out["labels_raw"]
@@ -316,7 +337,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     from .bias import BiasModel, bias_field, correct_bias, estimate_bias
 
     bias_params = {"method": "dct-mixture", "saved_field_bits": 13}
-    bias_json = subj.dir / "bias_model.json"
+    bias_json = subj.path("bias_model.json")
 
     def do_bias(key):
         model = estimate_bias(image_ws, mask_ws)
@@ -342,12 +363,12 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
 
     ks = [int(k) for k in params.ks]
     km_params = {"ks": ks, "method": params.kmeans_method, "seed": params.seed}
-    km_json = subj.dir / "kmeans.json"
+    km_json = subj.path("kmeans.json")
     km_names = [f"kmeans_k{k}" for k in ks]
 
     def do_kmeans(key):
         if subj.json_ok(km_json, key):  # resume: the fit is done, only maps are missing
-            results = {int(k): KMeansResult.from_dict(d) for k, d in json.loads(km_json.read_text())["results"].items()}
+            results = {int(k): KMeansResult.from_dict(d) for k, d in subj.read_json(km_json)["results"].items()}
         else:
             results = fit_kmeans(pre, mask_ws, ks=ks, method=params.kmeans_method, seed=params.seed)
             subj.write_json(km_json, {"results": {str(k): r.to_dict() for k, r in results.items()}}, key)
@@ -355,7 +376,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         return subj.save_many(maps, key, "kmeans", km_params)
 
     km = _stage(subj, "kmeans", km_params, ["bias"], km_names, do_kmeans, json_outputs=[km_json])
-    subj.info["kmeans"] = json.loads(km_json.read_text())["results"]
+    subj.info["kmeans"] = subj.read_json(km_json)["results"]
     from .volume import affine_of, spacing_of
 
     n_mask = next(iter(subj.info["kmeans"].values())).get("n_voxels")
@@ -375,7 +396,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
 
     def do_merge(key):
         if subj.volume_ok("closed_labels", key):
-            closed = open_volume(subj.vpath("closed_labels"))
+            closed = subj.open("closed_labels")
         else:
             closed = subj.save("closed_labels", close_labels(hyp_ws, params.closing_radius_mm), key, "merge",
                                mg_params)
@@ -387,7 +408,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     mg = _stage(subj, "merge", mg_params, ["kmeans", "resample"], hemi_names + ["closed_labels"], do_merge)
     for k in ks:
         subj.export(mg[f"hemi_k{k}"], f"hemi_k{k}.nii.gz", subj.keys["merge"], dtype="uint16")
-    write_lut(subj.dir / "lut.txt", params.label_table, ks=ks)
+    _write_lut(subj, write_lut, params.label_table, ks)
     if last < STAGES.index("mirror"):
         return _finish(subj, t_start)
 
@@ -395,12 +416,12 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     from .mirror import MirrorTransform, fit_mirror, mirror_labels
 
     mr_params = {"alpha": params.alpha, "margin_mm": params.margin_mm, "seed": params.seed}
-    tr_json = subj.dir / "transform.json"
+    tr_json = subj.path("transform.json")
     lm_names = [f"label_map_k{k}" for k in ks]
 
     def do_mirror(key):
         if subj.json_ok(tr_json, key):
-            transform = MirrorTransform.from_dict(json.loads(tr_json.read_text())["transform"])
+            transform = MirrorTransform.from_dict(subj.read_json(tr_json)["transform"])
         else:
             transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
             subj.write_json(tr_json, {"transform": transform.to_dict()}, key)
@@ -408,16 +429,25 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         return subj.save_many({f"label_map_k{k}": maps[k] for k in ks}, key, "mirror", mr_params)
 
     lm = _stage(subj, "mirror", mr_params, ["merge", "resample"], lm_names, do_mirror, json_outputs=[tr_json])
-    subj.info["transform"] = json.loads(tr_json.read_text())["transform"]
+    subj.info["transform"] = subj.read_json(tr_json)["transform"]
     for k in ks:
         subj.export(lm[f"label_map_k{k}"], f"label_map_k{k}.nii.gz", subj.keys["mirror"], dtype="uint16")
     return _finish(subj, t_start)
 
 
-def _update_meta(path: str, extra: dict) -> None:
-    import zarr
+def _write_lut(subj: Subject, write_lut, table, ks) -> None:
+    """``lut.txt`` in the subject folder, written atomically (made in a scratch folder, then renamed/uploaded)."""
+    import tempfile
 
-    g = zarr.open_group(path, mode="r+")
+    target = subj.path("lut.txt")
+
+    with tempfile.TemporaryDirectory() as td:
+        text = Path(write_lut(Path(td) / "lut.txt", table, ks=ks)).read_text()
+    location.write_text_atomic(target, text, subj.so)
+
+
+def _update_meta(path: str, extra: dict, storage_options: dict | None = None) -> None:
+    g = open_group(path, "r+", storage_options)
     meta = dict(g.attrs["helm_dask"])
     meta.update(extra)
     g.attrs["helm_dask"] = meta
@@ -458,10 +488,25 @@ HELM_LAYOUT = {"preprocessed": ["preprocessed.nii.gz"], "hypothalamus": ["hypoth
                "whole_brain_segmentation": ["kmeans_k{k}.nii.gz"], "label_maps": ["label_map_k{k}.nii.gz"]}
 
 
-def arrange_helm_layout(out: str | Path, subject: str, ks) -> list[Path]:
-    """Hard-link (or copy) a subject's exports into ``OUT/<folder>/<subject>[_k{k}].nii.gz`` like the dataset."""
+def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: dict | None = None) -> list:
+    """Hard-link (or copy) a subject's exports into ``OUT/<folder>/<subject>[_k{k}].nii.gz`` like the dataset.
+
+    On object storage (``out`` a URL) the files are copied server-side.
+    """
     import shutil
 
+    if location.is_url(out):
+        made = []
+        for folder, patterns in HELM_LAYOUT.items():
+            for pat in patterns:
+                for k in (ks if "{k}" in pat else [None]):
+                    src = location.join(out, subject, pat.format(k=k))
+                    if not location.exists(src, storage_options):
+                        continue
+                    dst = location.join(out, folder, f"{subject}{'' if k is None else f'_k{k}'}.nii.gz")
+                    location.copy_file(src, dst, storage_options)
+                    made.append(dst)
+        return made
     out = Path(out)
     made = []
     for folder, patterns in HELM_LAYOUT.items():
@@ -486,13 +531,19 @@ def arrange_helm_layout(out: str | Path, subject: str, ks) -> list[Path]:
 
 def _finish(subj: Subject, t_start: float) -> dict:
     if subj.p.layout == "helm":
-        arrange_helm_layout(subj.p.out, subj.name, subj.p.ks)
+        arrange_helm_layout(subj.p.out, subj.name, subj.p.ks, storage_options=subj.so)
     subj.info["seconds"] = round(time.perf_counter() - t_start, 2)
     subj.info["status"] = "ok"
-    subj.info["params"] = {k: v for k, v in asdict(subj.p).items()}
-    with atomic_path(subj.dir / "run.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(subj.info, indent=2, default=_json_default))
-    if subj.p.qc:
+    # Storage options may hold credentials: they stay out of run.json (they do not change any result).
+    subj.info["params"] = {k: v for k, v in asdict(subj.p).items() if k != "storage_options"}
+    location.write_text_atomic(subj.path("run.json"), json.dumps(subj.info, indent=2, default=_json_default),
+                               subj.so)
+    if subj.p.qc and location.is_url(subj.dir):
+        # The QC page reads its inputs through local paths and writes a folder of images; on object storage
+        # it is left out rather than half-supported. Run `helm-dask run` on a local or shared-filesystem OUT
+        # (or copy the subject folder down) to get it.
+        subj.log("QC report skipped: the output is on object storage (QC pages are written for local outputs)")
+    elif subj.p.qc:
         from .qc import write_qc_report
 
         # QC reads bounded slices and the pyramid only: seconds, whatever the volume size.

@@ -305,6 +305,20 @@ def test_existing_output_refused(tmp_path):
     assert open_volume(tmp_path / "a.zarr").shape == (4, 4, 4)
 
 
+def test_leftovers_of_a_killed_writer_are_cleared(tmp_path):
+    """A writer killed mid-way leaves `.NAME.tmp-*` (and, between the two renames, `.NAME.old-*`); the next write of
+    that output removes them and leaves other outputs' temporaries alone."""
+    p = _save(tmp_path, np.arange(64, dtype=np.float32).reshape(4, 4, 4), "a.nii.gz")
+    (tmp_path / ".a.zarr.tmp-dead0000" / "0").mkdir(parents=True)
+    (tmp_path / ".a.zarr.old-dead0000").mkdir()
+    (tmp_path / ".a.zarr.tmp-dead0000.thin.zarr").mkdir()
+    (tmp_path / ".b.zarr.tmp-dead0000").mkdir()
+    convert(p, tmp_path / "a.zarr")
+    left = sorted(q.name for q in tmp_path.iterdir() if q.name.startswith("."))
+    assert left == [".b.zarr.tmp-dead0000"]
+    assert np.array_equal(open_volume(tmp_path / "a.zarr").values, np.arange(64, dtype=np.float32).reshape(4, 4, 4))
+
+
 def test_unwritable_output_folder(tmp_path):
     if os.geteuid() == 0:
         # root ignores permission bits: use a path under a regular file instead (cannot be created either).

@@ -27,9 +27,10 @@ import zarr
 from ..errors import HelmError
 from ..progress import Progress
 from ..volume import affine_of, make_volume, provenance_record
+from . import location
 from . import nifti as nii
-from .store import (_store_dask, atomic_path, build_pyramid, compressor_for, create_level, normalize_chunks,
-                    open_volume, read_meta, select_echo, write_attrs)
+from .store import (_store_dask, atomic_path, atomic_store, build_pyramid, compressor_for, create_level,
+                    normalize_chunks, open_group, open_volume, read_meta, select_echo, write_attrs)
 
 ECHO_COMBINE = ("rms", "mean")
 
@@ -45,13 +46,14 @@ def _client():
 
 def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combine: str | None = None,
                   kind: str = "auto", nonfinite: str = "error", overwrite: bool = False, pyramid: bool = True,
-                  layer_mb: float = 64, quiet: bool = True) -> dict:
+                  layer_mb: float = 64, quiet: bool = True, storage_options: dict | None = None) -> dict:
     """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
 
     Parameters
     ----------
-    src, dst : path-like
-        Input NIfTI file and output store (written under a temporary name, renamed when complete).
+    src, dst : path-like or URL
+        Input NIfTI file and output store (written under a temporary name, renamed when complete; on object
+        storage written in place and flagged complete last). Either may be an fsspec URL (``s3://...``).
     chunks : int or 3 ints
         Zarr chunk shape (default 128^3).
     echo : int, optional
@@ -65,6 +67,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         NaN/inf voxels: refuse (the default; the message counts them) or set them to 0.
     layer_mb : float
         Memory budget of the planes held while streaming (see the module docstring).
+    storage_options : dict, optional
+        fsspec options for URLs (see :mod:`helm_dask.io.location`).
 
     Returns
     -------
@@ -78,7 +82,7 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         raise ValueError("nonfinite must be 'error' or 'zero'")
     if echo_combine is not None and echo_combine not in ECHO_COMBINE:
         raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
-    info = nii.read_nifti_header(src)
+    info = nii.read_nifti_header(src, storage_options=storage_options)
     four_d = len(info.shape) == 4
     nt = info.shape[3] if four_d else 1
     if not four_d and echo not in (None, 0):
@@ -105,8 +109,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
                   "scaling": [1.0, 0.0] if reader_scaled else [info.slope, info.inter],
                   "header_b64": base64.b64encode(info.header.binaryblock).decode("ascii")}
     total_nonfinite = 0
-    with atomic_path(dst, overwrite=overwrite) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    with atomic_store(dst, overwrite=overwrite, storage_options=storage_options) as tmp:
+        group = open_group(tmp, "w", storage_options)
         write_attrs(group, affine=info.affine, kind=kind, name=Path(dst).stem, nlevels=1, four_d=out_four_d,
                     complete=False)
         combine = four_d and echo_combine is not None
@@ -198,13 +202,19 @@ def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> i
 def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                compresslevel: int = nii.DEFAULT_COMPRESSLEVEL, sform_code: int | None = None,
                qform_code: int | None = None, version: int | None = None, scaling=(1.0, 0.0),
-               provenance: dict | None = None, slab_mb: float = 32, quiet: bool = True) -> str:
+               provenance: dict | None = None, slab_mb: float = 32, quiet: bool = True,
+               storage_options: dict | None = None) -> str:
     """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
 
     sform = qform = the volume's affine, codes from ``sform_code``/``qform_code`` (default: the source file's,
     else 1 = scanner), ``xyzt_units`` mm, intent label for labels/masks. ``dtype`` defaults to the volume's
     (label maps should be uint8/uint16 and images float32 by the time they are written).
     Memory: the slabs in flight (two per worker thread, each at most ``slab_mb`` MB raw).
+
+    ``dst`` may be an fsspec URL (``s3://bucket/out.nii.gz``, ``storage_options`` as in
+    :mod:`helm_dask.io.location`): the file is then one multipart upload, completed only when every slab is
+    written (an error or Ctrl-C aborts it: no object, or the old one untouched), and the thin scratch copy, which
+    workers write, is a hidden sibling store on the same object storage, deleted afterwards.
     """
     dst = os.fspath(dst)
     if not nii.is_nifti_path(dst):
@@ -230,14 +240,21 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2 ** 20))
     slabs = [(t, z0, min(data.shape[2], z0 + dz)) for t in range(nt) for z0 in range(0, data.shape[2], dz)]
 
-    with atomic_path(dst, overwrite=overwrite) as tmp, contextlib.ExitStack() as cleanup:
+    remote = location.is_url(dst)
+    with atomic_path(dst, overwrite=overwrite, storage_options=storage_options) as tmp, \
+            contextlib.ExitStack() as cleanup:
         if dz < chunk_z:
             # A slab thinner than a chunk would re-read (or recompute) every chunk chunk_z/dz times. Split the
             # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
-            scratch = f"{tmp}.thin.zarr"
-            cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+            if remote:  # workers write it: it must live where they can see it, next to the output
+                scratch = location.sibling(dst, ".thin", ".zarr")
+                cleanup.callback(_remove_quietly, scratch, storage_options)
+            else:
+                scratch = f"{tmp}.thin.zarr"
+                cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
             thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
-            arr = zarr.create_array(scratch, shape=data.shape, dtype=data.dtype, chunks=thin_chunks,
+            arr = zarr.create_array(location.zarr_store(scratch, storage_options), shape=data.shape,
+                                    dtype=data.dtype, chunks=thin_chunks,
                                     compressors=[compressor_for(data.dtype)], fill_value=0)
             # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
             # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
@@ -250,7 +267,8 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
             return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
 
-        with open(tmp, "wb") as f:
+        with (location.open_write(tmp, overwrite=True, storage_options=storage_options) if remote
+              else open(tmp, "wb")) as f:
             f.write(nii.gzip_member(head, compresslevel) if gz else head)
             prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
             for chunk in _ordered_results([task(*s) for s in slabs]):
@@ -258,6 +276,11 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                 prog.update(1)
             prog.close()
     return dst
+
+
+def _remove_quietly(path, storage_options) -> None:
+    with contextlib.suppress(Exception):
+        location.remove(path, storage_options)
 
 
 def _write_region(block: np.ndarray, target, block_info=None) -> np.ndarray:
@@ -296,22 +319,24 @@ def _ordered_results(tasks, window: int | None = None):
 
 def zarr_to_nifti(src, dst, *, level: int = 0, echo: int | None = None, echo_combine: str | None = None,
                   overwrite: bool = False, compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
-                  quiet: bool = True) -> str:
+                  quiet: bool = True, storage_options: dict | None = None) -> str:
     """Convert a helm-dask Zarr volume to NIfTI. Raw stored values and their scaling are kept (bit-exact)."""
-    meta = read_meta(src)
-    vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, apply_scaling=False)
+    so = storage_options
+    meta = read_meta(src, storage_options=so)
+    vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, apply_scaling=False,
+                      storage_options=so)
     nmeta = meta.get("nifti") or {}
     scaling = tuple(nmeta.get("scaling", (1.0, 0.0)))
     if vol.ndim == 3 and meta.get("four_d"):
         # A combined/selected echo of a scaled raw store: write the scaled values.
-        vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine)
+        vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, storage_options=so)
         scaling = (1.0, 0.0)
     return save_nifti(vol, dst, overwrite=overwrite, compresslevel=compresslevel, scaling=scaling,
-                      version=nmeta.get("version"), quiet=quiet)
+                      version=nmeta.get("version"), quiet=quiet, storage_options=so)
 
 
 def convert(src, dst, **kw) -> str:
-    """Convert in the direction the extensions say (``.nii``/``.nii.gz`` <-> ``.zarr``)."""
+    """Convert in the direction the extensions say (``.nii``/``.nii.gz`` <-> ``.zarr``); paths or URLs."""
     s, d = os.fspath(src), os.fspath(dst)
     if nii.is_nifti_path(s) and d.rstrip("/").endswith(".zarr"):
         kw.pop("level", None)

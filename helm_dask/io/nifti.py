@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import HelmError
+from . import location
 
 GZ_MAGIC = b"\x1f\x8b"
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -59,6 +60,8 @@ class NiftiInfo:
     sform_code: int
     qform_code: int
     header: nib.Nifti1Header = field(repr=False)
+    #: fsspec options for a URL ``path`` (used by :class:`SlabReader` in this process; never stored).
+    storage_options: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def scaled(self) -> bool:
@@ -84,8 +87,20 @@ class NiftiInfo:
         return self.dtype.newbyteorder("=")
 
 
-def _open_raw(path: Path):
+#: Read-ahead for remote header reads: a header (with helm-dask's provenance extension) is a few kB; the
+#: default fsspec block (tens of MB) would download much of the file for one header.
+_HEADER_BLOCK = 1 << 18
+
+
+def _as_path(path):
+    """A :class:`Path` for local files; URLs stay strings (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    return os.fspath(path) if location.is_url(path) else Path(path)
+
+
+def _open_raw(path, storage_options: dict | None = None, *, block_size: int | None = None):
     try:
+        if location.is_url(path):
+            return location.open_read(path, storage_options, block_size=block_size)
         return open(path, "rb")
     except FileNotFoundError:
         raise HelmError("file not found", path=path, hint="check the path and the working directory") from None
@@ -120,21 +135,22 @@ class _CountingHasher(io.RawIOBase):
         super().close()
 
 
-def _is_gz(path: Path) -> bool:
-    with _open_raw(path) as f:
+def _is_gz(path, storage_options: dict | None = None) -> bool:
+    with _open_raw(path, storage_options, block_size=_HEADER_BLOCK) as f:
         return f.read(2) == GZ_MAGIC
 
 
-def read_nifti_header(path: str | os.PathLike) -> NiftiInfo:
+def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None = None) -> NiftiInfo:
     """Parse and validate a NIfTI-1/2 header without reading the voxel data.
 
     Raises :class:`HelmError` for a missing file, a file that is not NIfTI, a truncated header, dimensions that
     do not match the file size (uncompressed files), zero/negative voxel sizes, a singular or non-finite affine,
-    5-D (or higher) data, and unsupported data types.
+    5-D (or higher) data, and unsupported data types. ``path`` may be an fsspec URL (``s3://bucket/scan.nii.gz``)
+    with ``storage_options`` (see :mod:`helm_dask.io.location`).
     """
-    p = Path(path)
-    gz = _is_gz(p)
-    raw = _open_raw(p)
+    p = _as_path(path)
+    gz = _is_gz(p, storage_options)
+    raw = _open_raw(p, storage_options, block_size=_HEADER_BLOCK)
     try:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
         try:
@@ -219,9 +235,9 @@ def read_nifti_header(path: str | os.PathLike) -> NiftiInfo:
         inter = 0.0
     info = NiftiInfo(path=str(p), gz=gz, version=version, shape=tuple(int(s) for s in shape), dtype=dtype,
                      vox_offset=vox_offset, slope=slope, inter=inter, affine=affine,
-                     sform_code=sform_code, qform_code=qform_code, header=hdr)
+                     sform_code=sform_code, qform_code=qform_code, header=hdr, storage_options=storage_options)
     if not gz:
-        size = p.stat().st_size
+        size = location.size(p, storage_options)
         need = vox_offset + info.data_bytes
         if size < need:
             raise HelmError(f"is truncated: its header describes {need:,} bytes ({shape} {dtype}) but the file "
@@ -265,8 +281,8 @@ class SlabReader:
 
     def __iter__(self) -> Iterator[Slab]:
         info = self.info
-        p = Path(info.path)
-        raw = _open_raw(p)
+        p = _as_path(info.path)
+        raw = _open_raw(p, info.storage_options)
         hasher = _CountingHasher(raw)
         buffered = io.BufferedReader(hasher, buffer_size=1 << 22)
         stream = gzip.GzipFile(fileobj=buffered, mode="rb") if info.gz else buffered
@@ -338,10 +354,10 @@ class SlabReader:
             remaining -= n
 
 
-def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (streamed)."""
+def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22, storage_options: dict | None = None) -> str:
+    """SHA-256 of a file's bytes (streamed); ``path`` may be a URL."""
     h = hashlib.sha256()
-    with _open_raw(Path(path)) as f:
+    with _open_raw(_as_path(path), storage_options) as f:
         while True:
             b = f.read(block)
             if not b:
@@ -409,10 +425,10 @@ def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSL
     return gzip_member(b, level) if gz else b
 
 
-def read_nifti_provenance(path: str | os.PathLike) -> dict | None:
+def read_nifti_provenance(path: str | os.PathLike, *, storage_options: dict | None = None) -> dict | None:
     """The provenance JSON that helm-dask wrote into a NIfTI header extension, or None."""
-    info = read_nifti_header(path)
-    raw = _open_raw(Path(path))
+    info = read_nifti_header(path, storage_options=storage_options)
+    raw = _open_raw(_as_path(path), storage_options, block_size=_HEADER_BLOCK)
     try:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if info.gz else raw
         head = stream.read(info.vox_offset)

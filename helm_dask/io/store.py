@@ -23,6 +23,12 @@ so chunk I/O is never the bottleneck next to gzip (~50-100 MB/s) or the stages' 
 Atomicity: a volume is written under a temporary sibling name and renamed into place once complete
 (``attrs["helm_dask"]["complete"] = true`` is written last, so even on stores without rename -- object stores --
 a reader can tell a finished volume from an interrupted one).
+
+Object storage: every ``path`` may also be an fsspec URL (``s3://bucket/scan.zarr``) with ``storage_options``
+(see :mod:`helm_dask.io.location`). There is no rename there, so a volume is written in place: an existing one
+is deleted first (with ``overwrite``), the ``complete`` flag is set last, and a write that fails is deleted
+(best effort; a killed client leaves an unfinished store that readers refuse and the next run rewrites). The Zarr
+arrays handed to Dask hold the filesystem with its options, so workers need no configuration of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +52,7 @@ from zarr.codecs import BloscCodec
 
 from ..errors import HelmError
 from ..volume import affine_of, make_volume, spacing_of
+from . import location
 
 DEFAULT_CHUNKS = (128, 128, 128)
 PYRAMID_MIN_SIZE = 64  # stop adding levels once the largest dimension is below this
@@ -83,15 +91,22 @@ def normalize_chunks(chunks, shape) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, overwrite: bool = False) -> Iterator[str]:
+def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
     """Yield a temporary sibling path to write to; rename it onto ``path`` when the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary output is removed and ``path`` is untouched.
     An existing ``path`` is refused unless ``overwrite``; with ``overwrite`` the old output is replaced only
     after the new one is complete.
+
+    For a URL (object store: no rename) the existence check is the same but ``path`` itself is yielded: the
+    writer must make the output appear whole (:func:`location.open_write` for files, :func:`atomic_store` and
+    the ``complete`` flag for Zarr volumes).
     """
     local = _local(path)
     if local is None:  # object store: no rename; completeness is marked in the metadata instead
+        if not overwrite and location.exists(path, storage_options):
+            raise HelmError("already exists", path=path,
+                            hint="pass --overwrite to replace it, or choose another name", exit_code=3)
         yield os.fspath(path)
         return
     local = local.absolute()
@@ -107,6 +122,10 @@ def atomic_path(path, *, overwrite: bool = False) -> Iterator[str]:
     except OSError as e:
         raise HelmError(f"the output folder is not writable ({e.strerror or e})", path=parent,
                         hint="choose a folder you can write to or fix its permissions", exit_code=3) from None
+    # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node): nothing else writes
+    # this path now (one writer per output), so they are garbage
+    for stale in [*parent.glob(f".{glob_escape(local.name)}.tmp-*"), *parent.glob(f".{glob_escape(local.name)}.old-*")]:
+        _remove(stale)
     tmp = parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield str(tmp)
@@ -120,6 +139,46 @@ def atomic_path(path, *, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_store(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
+    """:func:`atomic_path` for a Zarr volume: on object stores a failed write is also deleted.
+
+    Locally this *is* :func:`atomic_path` (temporary sibling, renamed when complete). For a URL the volume is
+    written in place (an existing one is replaced as soon as the writer opens it with ``mode="w"``) and marked
+    complete last; if the block fails, the unfinished store is deleted (best effort) so that no half volume is
+    left behind. A killed client cannot clean up: its store stays flagged unfinished.
+    """
+    if _local(path) is not None:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    with atomic_path(path, overwrite=overwrite, storage_options=storage_options) as p:
+        try:
+            yield p
+        except BaseException:
+            with contextlib.suppress(Exception):
+                location.remove(p, storage_options)
+            raise
+
+
+def _format_kw(path, mode: str) -> dict:
+    # On object stores, say "v3" when reading too: otherwise Zarr probes for v2 metadata (.zgroup, .zattrs,
+    # .zmetadata), six more requests per open, dozens of opens per run.
+    return {"zarr_format": 3} if (mode == "w" or _local(path) is None) else {}
+
+
+def open_group(path, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    """``zarr.open_group`` on a local path or a URL (with the storage options in force)."""
+    return zarr.open_group(location.zarr_store(path, storage_options, read_only=mode == "r"), mode=mode,
+                           **_format_kw(path, mode))
+
+
+def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
+    """The (read-only) Zarr array of one level of a volume store, local path or URL."""
+    return zarr.open_array(location.zarr_store(path, storage_options, read_only=True), path=str(level), mode="r",
+                           **_format_kw(path, "r"))
 
 
 def _remove(p: Path) -> None:
@@ -261,7 +320,7 @@ def volume_attrs_for_store(vol: xr.DataArray) -> dict:
 
 
 def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False, pyramid: bool = True,
-                shards=None, extra: dict | None = None) -> str:
+                shards=None, extra: dict | None = None, storage_options: dict | None = None) -> str:
     """Write a (lazy) volume to a new Zarr v3 store, atomically, with its pyramid and metadata.
 
     The computation runs on the current Dask scheduler (a ``dask.distributed`` client if one is active), one
@@ -277,15 +336,16 @@ def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False
     512.0
     """
     return save_volumes({os.fspath(path): vol}, chunks=chunks, overwrite=overwrite, pyramid=pyramid,
-                        shards=shards, extra=extra)[0]
+                        shards=shards, extra=extra, storage_options=storage_options)[0]
 
 
 def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: bool = True, shards=None,
-                 extra: dict | None = None) -> list[str]:
+                 extra: dict | None = None, storage_options: dict | None = None) -> list[str]:
     """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
 
     Volumes derived from the same inputs (the six k-means maps of one image, say) share their graph, so the
-    inputs are read once for all of them. Each store is still written atomically on its own.
+    inputs are read once for all of them. Each store is still written atomically on its own. Paths may be
+    URLs (``storage_options`` as in :mod:`helm_dask.io.location`).
     """
     with contextlib.ExitStack() as stack:
         sources, targets, pending = [], [], []
@@ -295,8 +355,8 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
             data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
             four_d = data.ndim == 4
             ch = normalize_chunks(chunks, data.shape)
-            tmp = stack.enter_context(atomic_path(path, overwrite=overwrite))
-            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            tmp = stack.enter_context(atomic_store(path, overwrite=overwrite, storage_options=storage_options))
+            group = open_group(tmp, "w", storage_options)
             attrs = volume_attrs_for_store(vol)
             attrs.update(extra or {})
             name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
@@ -319,15 +379,19 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
 # Reading
 
 
-def read_meta(path) -> dict:
+def read_meta(path, *, storage_options: dict | None = None) -> dict:
     """The ``helm_dask`` metadata of a volume store; :class:`HelmError` if it is not a finished helm-dask volume."""
     p = os.fspath(path)
     local = _local(p)
     if local is not None and not local.exists():
         raise HelmError("store not found", path=p, hint="check the path")
     try:
-        group = zarr.open_group(p, mode="r")
+        group = open_group(p, "r", storage_options)
+    except HelmError:
+        raise
     except Exception:
+        if local is None and not location.exists(p, storage_options):
+            raise HelmError("store not found", path=p, hint="check the URL (bucket and key)") from None
         raise HelmError("is not a Zarr v3 group", path=p,
                         hint="give a store written by helm-dask (helm-dask convert IN.nii.gz OUT.zarr)") from None
     meta = dict(group.attrs.get("helm_dask") or {})
@@ -340,16 +404,17 @@ def read_meta(path) -> dict:
     return meta
 
 
-def is_complete(path) -> bool:
+def is_complete(path, *, storage_options: dict | None = None) -> bool:
     try:
-        read_meta(path)
+        read_meta(path, storage_options=storage_options)
         return True
     except HelmError:
         return False
 
 
 def open_volume(path, *, level: int = 0, echo: int | None = None, echo_combine: str | None = None,
-                apply_scaling: bool = True, name: str | None = None) -> xr.DataArray:
+                apply_scaling: bool = True, name: str | None = None,
+                storage_options: dict | None = None) -> xr.DataArray:
     """Open a helm-dask Zarr volume lazily as an xarray DataArray (dims ``x, y, z``; coordinates in mm).
 
     Parameters
@@ -363,14 +428,17 @@ def open_volume(path, *, level: int = 0, echo: int | None = None, echo_combine: 
         a 4-D volume with a trailing ``echo`` dim is returned.
     apply_scaling : bool
         Apply a NIfTI ``scl_slope``/``scl_inter`` kept from the source file (values become float32).
+    storage_options : dict, optional
+        fsspec options for a URL (see :mod:`helm_dask.io.location`); the returned lazy array carries them to
+        the workers (they are not kept in ``attrs``, which may be saved).
     """
     p = os.fspath(path)
-    meta = read_meta(p)
+    meta = read_meta(p, storage_options=storage_options)
     nlevels = int(meta.get("nlevels", 1))
     if not 0 <= level < nlevels:
         raise HelmError(f"has no pyramid level {level} (levels 0..{nlevels - 1})", path=p,
                         hint="choose an existing level")
-    arr = zarr.open_array(p, path=str(level), mode="r")
+    arr = open_array(p, level, storage_options)
     data = da.from_zarr(arr)
     kind = meta.get("kind", "image")
     affine = np.asarray(meta["level_affines"][level] if "level_affines" in meta else meta["affine"])
@@ -411,30 +479,27 @@ def select_echo(data4: da.Array, *, echo: int | None, echo_combine: str | None, 
     raise HelmError(f"unknown --echo-combine {echo_combine!r}", path=path, hint="use rms or mean")
 
 
-def describe(path) -> dict:
+def describe(path, *, storage_options: dict | None = None) -> dict:
     """Shape, spacing, orientation, dtype, chunks, size and affine of a store or NIfTI file (cheap)."""
     from ..volume import orientation_code
     from .nifti import is_nifti_path, read_nifti_header
 
     p = os.fspath(path)
     if is_nifti_path(p):
-        info = read_nifti_header(p)
+        info = read_nifti_header(p, storage_options=storage_options)
         shape, dtype, affine, chunks = info.shape, info.out_dtype, info.affine, None
         kind = "labels" if int(info.header["intent_code"]) == 1002 else "image"
-        nbytes = Path(p).stat().st_size
+        nbytes = location.size(p, storage_options)
         extra = {"format": f"NIfTI-{info.version}" + (" (gzip)" if info.gz else ""),
                  "sform_code": info.sform_code, "qform_code": info.qform_code,
                  "scaling": [info.slope, info.inter]}
     else:
-        meta = read_meta(p)
-        arr = zarr.open_array(p, path="0", mode="r")
+        meta = read_meta(p, storage_options=storage_options)
+        arr = open_array(p, 0, storage_options)
         shape = tuple(arr.shape[1:]) + (arr.shape[0],) if meta.get("four_d") else tuple(arr.shape)
         chunks = tuple(arr.chunks[1:]) if meta.get("four_d") else tuple(arr.chunks)
         dtype, affine, kind = arr.dtype, np.asarray(meta["affine"]), meta.get("kind")
-        nbytes = None
-        local = _local(p)
-        if local is not None:
-            nbytes = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+        nbytes = location.du(p, storage_options)
         extra = {"format": "Zarr v3 (helm-dask, OME-Zarr 0.5)", "levels": meta.get("nlevels", 1)}
     sp = spacing_of(affine)
     return {"path": p, "shape": list(shape), "spacing_mm": [round(float(s), 6) for s in sp],

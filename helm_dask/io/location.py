@@ -1,0 +1,401 @@
+"""Where files and stores live: local paths, or fsspec URLs (``s3://bucket/key.zarr``) on object storage.
+
+Every helper takes a local path or a URL. Local paths keep using :mod:`pathlib` / :func:`os.replace` exactly as
+before; URLs go through `fsspec <https://filesystem-spec.readthedocs.io>`_ (``s3fs`` for ``s3://``).
+
+Storage options (endpoint, credentials, ...) come, in this order of precedence, from
+
+* an explicit ``storage_options=`` dict (the CLI's ``--storage-options JSON``), e.g.
+  ``{"endpoint_url": "http://127.0.0.1:9000"}`` for an S3-compatible server (s3fs passes ``endpoint_url``,
+  ``key``, ``secret``, ``client_kwargs={"region_name": ...}`` ... to botocore);
+* the process default set with :func:`use_storage_options` (what the CLI does around a command, so that code
+  opening a store by its path -- the QC page, the viewer -- sees the same options);
+* fsspec's own configuration: ``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_KEY``, ... or ``FSSPEC_S3='{"...": ...}'``
+  and the files in ``FSSPEC_CONFIG_DIR``; and botocore's: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``~/.aws/...``.
+
+Workers never look the options up: a Zarr array opened here holds an fsspec filesystem that pickles *with* its
+options, so the options travel to the workers inside the tasks that read or write chunks. Whole-file reads and
+writes (NIfTI streaming, JSON files) run in the calling process.
+
+Atomicity on object stores (which have no rename): a file written with :func:`open_write` is uploaded as an
+S3 multipart upload that is completed only when the ``with`` block succeeds and aborted otherwise, so the
+object appears whole or not at all (an interrupted client leaves only an invisible, unfinished upload, which
+bucket lifecycle rules expire). Zarr volumes carry a completeness flag instead (see :mod:`helm_dask.io.store`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from ..errors import HelmError
+
+_DEFAULT_OPTIONS: dict | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names
+
+
+def is_url(path) -> bool:
+    """True for an fsspec URL (``s3://...``, ``gs://...``, ``memory://...``), False for a local path."""
+    return "://" in os.fspath(path)
+
+
+def join(base, *parts: str) -> str:
+    """``base / part / ...``: :class:`pathlib.Path` joining for local paths, ``/``-joining for URLs.
+
+    >>> join("s3://bucket/out/", "sub01", "helm.zarr"), join("out", "sub01")
+    ('s3://bucket/out/sub01/helm.zarr', 'out/sub01')
+    """
+    if not is_url(base):
+        return str(Path(base, *parts))
+    out = os.fspath(base).rstrip("/")
+    for p in parts:
+        out = f"{out}/{str(p).strip('/')}"
+    return out
+
+
+def name(path) -> str:
+    """The last component (``scan.nii.gz``) of a path or URL."""
+    return posixpath.basename(os.fspath(path).rstrip("/")) if is_url(path) else Path(path).name
+
+
+def parent(path) -> str:
+    """The folder holding ``path`` (a URL stays a URL)."""
+    p = os.fspath(path)
+    if is_url(p):
+        proto, rest = p.split("://", 1)
+        return f"{proto}://{posixpath.dirname(rest.rstrip('/'))}"
+    return str(Path(p).parent)
+
+
+def absolute(path) -> str:
+    """An absolute local path, or the URL unchanged."""
+    return os.fspath(path) if is_url(path) else os.path.abspath(path)
+
+
+def sibling(path, prefix: str, suffix: str = "") -> str:
+    """A hidden, unique name next to ``path``: ``<parent>/.<name><prefix>-<random><suffix>``."""
+    return join(parent(path), f".{name(path)}{prefix}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Storage options
+
+
+def parse_storage_options(text: str | dict | None) -> dict | None:
+    """``--storage-options`` JSON (or ``@file.json``, or a dict) -> dict; :class:`HelmError` if not a JSON object.
+
+    ``@file.json`` keeps credentials off the command line (where other users could see them in ``ps``).
+
+    >>> parse_storage_options('{"endpoint_url": "http://127.0.0.1:9000"}')
+    {'endpoint_url': 'http://127.0.0.1:9000'}
+    """
+    if text is None or text == "":
+        return None
+    if isinstance(text, dict):
+        return dict(text)
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise HelmError(f"cannot read the storage options file ({e.strerror or e})", path=text[1:],
+                            hint="give --storage-options JSON or @FILE with a JSON object") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise HelmError(f"--storage-options is not valid JSON ({e})",
+                        hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'') from None
+    if not isinstance(value, dict):
+        raise HelmError("--storage-options must be a JSON object of fsspec options",
+                        hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    return value
+
+
+@contextlib.contextmanager
+def use_storage_options(options: dict | None) -> Iterator[None]:
+    """Make ``options`` the default for URLs opened without explicit ``storage_options`` (in this process)."""
+    global _DEFAULT_OPTIONS
+    old = _DEFAULT_OPTIONS
+    _DEFAULT_OPTIONS = dict(options) if options else None
+    try:
+        yield
+    finally:
+        _DEFAULT_OPTIONS = old
+
+
+def options_for(storage_options: dict | None = None) -> dict:
+    """The options in force: the explicit ones, else the process default, else none (fsspec config/env)."""
+    if storage_options is not None:
+        return dict(storage_options)
+    return dict(_DEFAULT_OPTIONS or {})
+
+
+def filesystem(url, storage_options: dict | None = None):
+    """``(fs, path_in_fs)`` for a URL: an fsspec filesystem built with the options in force."""
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(os.fspath(url), **options_for(storage_options))
+    except (ValueError, ImportError) as e:
+        raise HelmError(f"cannot open this URL ({e})", path=url,
+                        hint="use a local path or an fsspec URL such as s3://bucket/key (needs s3fs)") from None
+    except TypeError as e:
+        raise HelmError(f"the storage options do not fit this file system ({e})", path=url,
+                        hint="check --storage-options (see the s3fs / fsspec documentation)") from None
+    return fs, p
+
+
+def _remote_error(e: BaseException, path, doing: str) -> HelmError:
+    """A one-line :class:`HelmError` for the usual object-store failures."""
+    if isinstance(e, FileNotFoundError):
+        return HelmError("not found", path=path, hint="check the URL (bucket and key)")
+    if isinstance(e, PermissionError) or type(e).__name__ in ("NoCredentialsError", "ClientError"):
+        return HelmError(f"access denied while {doing} ({e})", path=path,
+                         hint="check the credentials and endpoint: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                              "AWS_ENDPOINT_URL or --storage-options '{\"endpoint_url\": ...}'")
+    return HelmError(f"object storage error while {doing} ({type(e).__name__}: {e})", path=path,
+                     hint="check the URL, the endpoint and the credentials (--storage-options)")
+
+
+_REMOTE_ERRORS = (OSError, ValueError)
+
+
+def _fresh(fs, p: str) -> None:
+    # s3fs caches directory listings per filesystem instance; Zarr writes through another (asynchronous)
+    # instance, so a listing cached here could hide what it wrote. Existence checks must see the store as it is.
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Queries
+
+
+def exists(path, storage_options: dict | None = None) -> bool:
+    """Whether a file, folder or store (any object under the prefix) exists."""
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        return bool(fs.exists(p))
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "checking whether it exists") from None
+
+
+def isdir(path, storage_options: dict | None = None) -> bool:
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        return bool(fs.isdir(p))
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "listing it") from None
+
+
+def size(path, storage_options: dict | None = None) -> int:
+    """Size in bytes of one file."""
+    if not is_url(path):
+        return Path(path).stat().st_size
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        return int(fs.size(p))
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "reading its size") from None
+
+
+def du(path, storage_options: dict | None = None) -> int:
+    """Total size in bytes of the files under a folder or store."""
+    if not is_url(path):
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        return int(fs.du(p, total=True))
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "listing it") from None
+
+
+def stamp(path, storage_options: dict | None = None) -> list:
+    """A cheap change detector for an input file: ``[size, mtime_ns]`` locally, ``[size, ETag]`` on S3.
+
+    Used to skip re-hashing an unchanged input on a rerun.
+    """
+    if not is_url(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        info = fs.info(p)
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "reading its metadata") from None
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") \
+        or info.get("mtime") or info.get("updated")
+    return [int(info.get("size") or 0), str(tag)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def makedirs(path, storage_options: dict | None = None) -> None:
+    """Create a local folder (and its parents); object stores have no folders, so nothing to do there."""
+    if not is_url(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def open_read(path, storage_options: dict | None = None, *, block_size: int | None = None) -> IO[bytes]:
+    """Open a file for reading (binary). ``block_size``: read-ahead of remote files (bytes)."""
+    if not is_url(path):
+        return open(path, "rb")
+    fs, p = filesystem(path, storage_options)
+    kw = {} if block_size is None else {"block_size": int(block_size)}
+    try:
+        return fs.open(p, "rb", **kw)
+    except IsADirectoryError:
+        raise
+    except _REMOTE_ERRORS as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _remote_error(e, path, "opening it") from None
+
+
+def read_text(path, storage_options: dict | None = None) -> str:
+    """The whole (small) text file. Raises :class:`OSError` (``FileNotFoundError``) when it is missing."""
+    if not is_url(path):
+        return Path(path).read_text()
+    with open_read(path, storage_options) as f:
+        return f.read().decode()
+
+
+@contextlib.contextmanager
+def open_write(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[IO[bytes]]:
+    """Open ``path`` for writing (binary); it appears, complete, only if the ``with`` block succeeds.
+
+    Local: written under a temporary sibling name and renamed into place (:func:`helm_dask.io.store.atomic_path`).
+    URL: written with ``autocommit=False`` (for S3 a multipart upload) and committed when the block succeeds;
+    on any exception, KeyboardInterrupt included, the upload is discarded and an existing object is untouched.
+    An existing ``path`` is refused unless ``overwrite``.
+    """
+    if not is_url(path):
+        from .store import atomic_path
+
+        with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+            yield f
+        return
+    if not overwrite and exists(path, storage_options):
+        raise HelmError("already exists", path=path, hint="pass --overwrite to replace it, or choose another name",
+                        exit_code=3)
+    fs, p = filesystem(path, storage_options)
+    try:
+        f = fs.open(p, "wb", autocommit=False)
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, "opening it for writing") from None
+    try:
+        yield f
+        f.close()       # uploads the last part; with autocommit=False nothing is visible yet
+        f.commit()      # completes the upload: the object appears whole
+    except BaseException:
+        _discard(f)
+        raise
+    finally:
+        _fresh(fs, p)
+
+
+def _discard(f) -> None:
+    """Abort an uncommitted upload without making anything visible (best effort: we are already failing)."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    with contextlib.suppress(Exception):
+        f.closed = True  # skip the final flush/upload that close() would do
+
+
+def write_text_atomic(path, text: str, storage_options: dict | None = None) -> None:
+    """Replace a small text file (JSON, lut.txt) atomically: readers see the old or the new one, never half."""
+    if not is_url(path):
+        from .store import atomic_path
+
+        with atomic_path(path, overwrite=True) as tmp:
+            Path(tmp).write_text(text)
+        return
+    with open_write(path, overwrite=True, storage_options=storage_options) as f:
+        f.write(text.encode())
+
+
+def copy_file(src, dst, storage_options: dict | None = None) -> None:
+    """Copy one file (server-side on object stores); the destination is replaced atomically locally."""
+    if not is_url(src) and not is_url(dst):
+        from .store import atomic_path
+
+        with atomic_path(dst, overwrite=True) as tmp:
+            shutil.copy2(src, tmp)
+        return
+    if is_url(src) and is_url(dst):
+        fs, ps = filesystem(src, storage_options)
+        fs2, pd = filesystem(dst, storage_options)
+        if type(fs) is type(fs2):
+            try:
+                fs.copy(ps, pd)  # one atomic server-side copy (CopyObject) on S3
+            except _REMOTE_ERRORS as e:
+                raise _remote_error(e, dst, "copying to it") from None
+            _fresh(fs, pd)
+            return
+    with open_read(src, storage_options) as fi, open_write(dst, overwrite=True,
+                                                           storage_options=storage_options) as fo:
+        shutil.copyfileobj(fi, fo, 1 << 22)
+
+
+def remove(path, storage_options: dict | None = None) -> None:
+    """Delete a file, folder or store (recursively); missing is fine."""
+    if not is_url(path):
+        p = Path(path)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    _fresh(fs, p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zarr
+
+
+def zarr_store(path, storage_options: dict | None = None, *, read_only: bool = False) -> Any:
+    """What to hand to ``zarr.open_group``/``open_array``/``create_array`` for ``path``.
+
+    A local path is returned unchanged (Zarr opens its own ``LocalStore``). A URL becomes a
+    ``zarr.storage.FsspecStore`` built with the options in force; it pickles with them, which is how the
+    options reach the Dask workers that read and write the chunks.
+    """
+    if not is_url(path):
+        return os.fspath(path)
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(os.fspath(path), storage_options=options_for(storage_options),
+                                    read_only=read_only)
+    except (ValueError, ImportError) as e:
+        raise HelmError(f"cannot open this URL as a Zarr store ({e})", path=path,
+                        hint="use a local path or an fsspec URL such as s3://bucket/key.zarr (needs s3fs)") from None
+    except TypeError as e:
+        raise HelmError(f"the storage options do not fit this file system ({e})", path=path,
+                        hint="check --storage-options (see the s3fs / fsspec documentation)") from None
