@@ -1,0 +1,144 @@
+"""Stage-level checks against their bounds, on the stores a pipeline benchmark left behind.
+
+    python bench/stages.py read-pass --run DIR [--volume preprocessed]
+    python bench/stages.py closing --run DIR [--radii-vox 4,12]
+    python bench/stages.py kmeans --run DIR [--method histogram]
+
+``read-pass``: one full read of a stored volume (every chunk decompressed and summed, nothing kept) -- the unit
+the k-means bound is stated in ("all six k no slower than 3 read passes of the preprocessed store").
+``kmeans``: the six-k fit alone (its passes over the preprocessed store), then labelling and writing the six maps.
+``closing``: the merge stage's spherical closing of the stored hypothalamus labels at radii of 4 and 12 voxels
+on the same grid: an exact Euclidean-distance closing should cost about the same at both (a structuring-element
+closing grows like the ball's volume, 27x from 4 to 12 voxels).
+
+DIR is a ``bench/pipeline.py`` output folder (e.g. /tmp/helm-bench/run_0.1_native); rows go to
+bench/results/results.csv (or HELM_BENCH_RESULTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import append_row, measured  # noqa: E402
+
+from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+
+
+def _store(run: Path, name: str) -> Path:
+    hits = sorted(run.glob(f"*/helm.zarr/{name}"))
+    if not hits:
+        raise SystemExit(f"no {name} store under {run}/*/helm.zarr (run bench/pipeline.py first)")
+    return hits[0]
+
+
+def _common(vol, args, run: Path) -> dict:
+    from helm_dask.volume import affine_of, spacing_of
+
+    sp = float(spacing_of(affine_of(vol)).max())
+    return {"spacing_mm": run.name.split("_")[1] if run.name.startswith("run_") else "",
+            "work_spacing_mm": f"{sp:g}", "voxels": int(vol.size), "workers": args.workers,
+            "threads_per_worker": 1}
+
+
+def read_pass(args) -> None:
+    import dask.array as da
+
+    from helm_dask.io import open_volume
+
+    run = Path(args.run)
+    vol = open_volume(_store(run, args.volume))
+    with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+        with measured() as m:
+            total = float(da.sum(vol.data, dtype="float64").compute())
+    nbytes = vol.size * vol.dtype.itemsize
+    row = dict(_common(vol, args, run), stage=f"read-pass:{args.volume}", wall_s=round(m.wall, 2),
+               mvox_per_s=round(vol.size / m.wall / 1e6, 2), mb_per_s=round(nbytes / 2**20 / m.wall, 1),
+               peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20), read_mb=round(m.sampler.read_bytes / 2**20),
+               written_mb=round(m.sampler.written_bytes / 2**20), data_mb=round(nbytes / 2**20),
+               load_avg=round(m.sampler.mean_load, 1), note=args.note or f"sum={total:.6g}")
+    append_row(row)
+    print(row)
+
+
+def closing(args) -> None:
+    from helm_dask.closing import close_labels
+    from helm_dask.io import open_volume, save_volume
+    from helm_dask.volume import affine_of, spacing_of
+
+    run = Path(args.run)
+    hyp = open_volume(_store(run, "hypothalamus"))
+    sp = float(spacing_of(affine_of(hyp)).max())
+    tmp = Path(tempfile.mkdtemp(prefix="helm-closing-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            for r in (int(v) for v in args.radii_vox.split(",")):
+                with measured() as m:
+                    save_volume(close_labels(hyp, r * sp), tmp / f"closed_r{r}.zarr", pyramid=False)
+                row = dict(_common(hyp, args, run), stage=f"closing:r{r}vox", wall_s=round(m.wall, 2),
+                           mvox_per_s=round(hyp.size / m.wall / 1e6, 2),
+                           peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
+                           read_mb=round(m.sampler.read_bytes / 2**20),
+                           written_mb=round(m.sampler.written_bytes / 2**20),
+                           load_avg=round(m.sampler.mean_load, 1),
+                           note=args.note or f"radius {r} voxels = {r * sp:g} mm")
+                append_row(row)
+                print(row, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kmeans(args) -> None:
+    """The six-k fit alone (the passes over the volume), then the six maps labelled and written."""
+    from helm_dask.io import open_volume
+    from helm_dask.io.store import save_volumes
+    from helm_dask.kmeans import fit_kmeans, kmeans_labels
+
+    run = Path(args.run)
+    pre, mask = open_volume(_store(run, "preprocessed")), open_volume(_store(run, "mask"))
+    ks = list(range(4, 10))
+    tmp = Path(tempfile.mkdtemp(prefix="helm-kmeans-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            with measured() as m:
+                res = fit_kmeans(pre, mask, ks=ks, method=args.method, seed=0)
+            rows = [("kmeans:fit-six-k", m, f"{args.method}; inertia k=4..9: "
+                     + " ".join(f"{res[k].inertia:.4g}" for k in ks))]
+            with measured() as m2:
+                save_volumes({tmp / f"k{k}.zarr": kmeans_labels(pre, mask, res[k]) for k in ks}, pyramid=False)
+            rows.append(("kmeans:label-write-six", m2, "six uint8 maps written (no pyramid, no NIfTI)"))
+        for stage, mm, note in rows:
+            row = dict(_common(pre, args, run), stage=stage, wall_s=round(mm.wall, 2),
+                       mvox_per_s=round(pre.size / mm.wall / 1e6, 2),
+                       peak_rss_mb=round(mm.sampler.peak_rss_overall / 2**20),
+                       read_mb=round(mm.sampler.read_bytes / 2**20), written_mb=round(mm.sampler.written_bytes / 2**20),
+                       load_avg=round(mm.sampler.mean_load, 1), note=args.note or note)
+            append_row(row)
+            print(row, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("read-pass", "closing", "kmeans"):
+        p = sub.add_parser(name)
+        p.add_argument("--run", required=True, help="a bench/pipeline.py output folder")
+        p.add_argument("--workers", type=int, default=2)
+        p.add_argument("--note", default="")
+    sub.choices["read-pass"].add_argument("--volume", default="preprocessed")
+    sub.choices["closing"].add_argument("--radii-vox", default="4,12")
+    sub.choices["kmeans"].add_argument("--method", default="histogram")
+    args = ap.parse_args(argv)
+    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
