@@ -338,9 +338,15 @@ def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, t
     before = tcp_cluster.worker_pids()
     proc, seen = run_until(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address),
                            f"{KILL_STAGE}: computing")
-    time.sleep(1.5)  # into the stage: its tasks are running and holding results on both workers
     victim_addr, victim = sorted(before.items())[0]
-    os.kill(victim, signal.SIGKILL)   # the worker process itself, not its nanny
+    # into the stage: wait until the victim is running (or holds) tasks of it -- not a fixed sleep, which a fast
+    # machine outruns -- then kill the worker process itself, not its nanny
+    with tcp_cluster.client() as c:
+        deadline = time.monotonic() + 60
+        while not (c.processing().get(victim_addr) or c.has_what().get(victim_addr)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stage never reached the victim"
+            time.sleep(0.02)
+    os.kill(victim, signal.SIGKILL)
     stage_done_at_kill = [o for o in KILL_OUTPUTS if (tmp_path / "ph" / "helm.zarr" / o).exists()]
     code, text = finish(proc, seen)
     assert code == 0, text
@@ -360,7 +366,11 @@ def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, t
 def test_client_killed_midway_leaves_no_final_output_and_resumes(phantom, reference, tcp_cluster, tmp_path):
     args = run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address)
     proc, seen = run_until(args, f"{KILL_STAGE}: computing")
-    time.sleep(1.5)
+    with tcp_cluster.client() as c:   # wait until the stage's tasks run (a fixed sleep loses on a fast machine)
+        deadline = time.monotonic() + 60
+        while not any(c.processing().values()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stage never started its tasks"
+            time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)   # no chance to clean up: as a power cut or `kill -9` would do
     code, text = finish(proc, seen)
     assert code == -signal.SIGKILL and f"{KILL_STAGE}: done" not in text, text
