@@ -58,6 +58,8 @@ class Sampler:
         self._io_base: dict[int, tuple[int, int]] = {}
         self._io_last: dict[int, tuple[int, int]] = {}
         self._loads: list[float] = []
+        self.peak_by_pid: dict[int, int] = {}   # since the last mark: who holds the memory (client vs workers)
+        self.stage_breakdown = ""
         self._load_sum, self._load_n = 0.0, 0
         self.stage_load = 0.0   # mean 1-min load average between the last two marks (other work on the machine)
         self._stop = threading.Event()
@@ -75,7 +77,9 @@ class Sampler:
         total = 0
         for p in self._procs():
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                self.peak_by_pid[p.pid] = max(self.peak_by_pid.get(p.pid, 0), rss)
                 io = p.io_counters()
                 cur = (io.read_chars, io.write_chars)
                 self._io_base.setdefault(p.pid, cur if p.pid == self.root.pid else (0, 0))
@@ -91,6 +95,10 @@ class Sampler:
         """Peak RSS and I/O since the last mark (for per-stage numbers inside one run); resets the peak."""
         self._sample()
         peak, self.peak_rss = self.peak_rss, 0
+        parts = sorted(self.peak_by_pid.items(), key=lambda kv: -kv[1])
+        self.stage_breakdown = "peak MB by process: " + ", ".join(
+            f"{'client' if pid == self.root.pid else pid}={rss / 2**20:.0f}" for pid, rss in parts if rss > 100 * 2**20)
+        self.peak_by_pid = {}
         self.stage_load, self._loads = (sum(self._loads) / len(self._loads) if self._loads else 0.0), []
         rd, wr = self.read_bytes, self.written_bytes
         last = getattr(self, "_marked", (0, 0))

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                            "read_mb": round(rd / 2**20), "written_mb": round(wr / 2**20),
                            "load_avg": round(s.stage_load, 1)}
                     row.update(common)
+                    row["note"] = "; ".join(x for x in (common["note"], s.stage_breakdown) if x)
                     row["mvox_per_s"] = round(nvox / dt / 1e6, 2) if dt > 0 else ""
                     append_row(row)   # at once: a long run that dies later keeps the stages it finished
                     print(", ".join(f"{k}={row[k]}" for k in ("stage", "wall_s", "peak_rss_mb")), flush=True)
