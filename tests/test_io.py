@@ -305,6 +305,24 @@ def test_existing_output_refused(tmp_path):
     assert open_volume(tmp_path / "a.zarr").shape == (4, 4, 4)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_batched_store_equals_one_store(tmp_path, batch):
+    """Writing in boxes of output chunks (bounded memory) gives the same store as one computation, also for a
+    flipped array whose chunks do not line up with the store's."""
+    import dask.array as da
+    import zarr
+
+    from helm_dask.io.store import store_batched
+
+    x = np.random.default_rng(0).normal(size=(37, 23, 30)).astype(np.float32)
+    a = da.from_array(x, chunks=8)[::-1, :, ::-1] * 2 + 1          # chunks (5, 8, 8, 8, 8) ... after the flip
+    y = (x[::-1, :, ::-1] * 2 + 1).astype(np.float32)
+    t1 = zarr.create_array(tmp_path / "a.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
+    t2 = zarr.create_array(tmp_path / "b.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
+    store_batched([a.rechunk(8), (a > 1).astype(np.float32).rechunk(8)], [t1, t2], batch_chunks=batch)
+    assert np.array_equal(t1[...], y) and np.array_equal(t2[...], (y > 1).astype(np.float32))
+
+
 def test_leftovers_of_a_killed_writer_are_cleared(tmp_path):
     """A writer killed mid-way leaves `.NAME.tmp-*` (and, between the two renames, `.NAME.old-*`); the next write of
     that output removes them and leaves other outputs' temporaries alone."""
