@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-limit", default="auto")
     ap.add_argument("--workdir", default=os.environ.get("HELM_BENCH_DIR", "/tmp/helm-bench"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the output folder: finished stages are reused (no row), the others measured")
     args = ap.parse_args(argv)
     from helm_dask.pipeline import RunParams, run_subject
 
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
                           memory_limit=args.memory_limit, quiet=True)
     spacing = "native" if args.spacing == "native" else float(args.spacing)
     out = work / f"run_{args.input_spacing:g}_{args.spacing}"
-    shutil.rmtree(out, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
     with compute_context(opts):
         scan, hyp, nvox = ensure_inputs(work, args.input_spacing)
         params = RunParams(scan=str(scan), hypothalamus=str(hyp), out=str(out), side="L", spacing=spacing,

@@ -306,7 +306,9 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
     for box in _block_batches(numblocks, batch_chunks):
         region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
-        da.store([s_.blocks[box] for s_ in sources], targets, regions=[region] * len(targets), lock=False,
+        # a chunk-aligned slice (not ``.blocks``: its graph can lose keys of da.block-built arrays under
+        # distributed -- KeyError seen at 0.1 mm)
+        da.store([s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False,
                  compute=True)
 
 
