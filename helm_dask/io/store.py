@@ -304,12 +304,44 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
         da.store(sources, targets, lock=False, compute=True)
         return
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    settle = _scheduler_settler()
     for box in _block_batches(numblocks, batch_chunks):
         region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
-        # a chunk-aligned slice (not ``.blocks``: its graph can lose keys of da.block-built arrays under
-        # distributed -- KeyError seen at 0.1 mm)
+        settle()
         da.store([s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False,
                  compute=True)
+
+
+def _n_scheduler_tasks(dask_scheduler=None) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def _scheduler_settler():
+    """A function that waits until a distributed scheduler has forgotten the previous batch's tasks.
+
+    Consecutive batches share keys (the inputs on a box face); a graph that reaches the scheduler while it is
+    still forgetting those keys fails with a spurious KeyError in update_graph (dask/dask#9888; seen at 0.1 mm).
+    Waiting for the task count to fall back to what it was before the first batch (others' data may be there)
+    avoids it; a no-op without a distributed client.
+    """
+    import time
+
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return lambda: None
+    if dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
+        return lambda: None
+    base = client.run_on_scheduler(_n_scheduler_tasks)
+
+    def settle() -> None:
+        deadline = time.monotonic() + 30.0
+        while client.run_on_scheduler(_n_scheduler_tasks) > base and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    return settle
 
 
 def write_levels(group: zarr.Group, level0: da.Array, *, kind: str, chunks, shards=None,
