@@ -439,12 +439,18 @@ def materialise_from_pipeline(cache: Cache, name: str, run_dir: Path) -> bool:
     src = run_dir / "bench" / "helm.zarr" / PIPELINE_NAMES.get(name, "?")
     if name not in PIPELINE_NAMES or not src.exists():
         return False
+    from helm_dask.io.store import open_volume
+
+    _stream_to_cache(cache, name, open_volume(str(src)))
+    return True
+
+
+def _stream_to_cache(cache: Cache, name: str, vol) -> None:
+    """Stream a lazy volume into <cache>/<name>.npy (a memmap; renamed into place when complete)."""
     import dask.array as da
 
-    from helm_dask.io.store import open_volume
     from helm_dask.volume import affine_of
 
-    vol = open_volume(str(src))
     tmp = cache.root / f".{name}.tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vol.dtype, shape=vol.shape)
     da.store(vol.data, out, lock=False)
@@ -452,7 +458,6 @@ def materialise_from_pipeline(cache: Cache, name: str, run_dir: Path) -> bool:
     del out
     os.replace(tmp, cache.path(name))
     cache.set_affine(name, affine_of(vol))
-    return True
 
 
 #: RAS+ intermediates the phantom itself can give (the same voxels as its NIfTI files; the true brain mask).
@@ -461,20 +466,11 @@ PHANTOM_NAMES = {"scan_ras": "scan", "hyp_ras": "hypothalamus", "mask_ras": "tru
 
 def materialise_from_phantom(cache: Cache, name: str, input_spacing: float) -> None:
     """<cache>/<name>.npy from the lazy phantom, reoriented to RAS+ and streamed (bounded memory; unmeasured)."""
-    import dask.array as da
-
     from helm_dask.orient import to_ras
     from helm_dask.phantom import phantom
-    from helm_dask.volume import affine_of
 
     vol = to_ras(phantom(input_spacing, side="L", seed=0, chunks=(256, 256, 16))[PHANTOM_NAMES[name]])
-    tmp = cache.root / f".{name}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vol.dtype, shape=vol.shape)
-    da.store(vol.data, out, lock=False)
-    out.flush()
-    del out
-    os.replace(tmp, cache.path(name))
-    cache.set_affine(name, affine_of(vol))
+    _stream_to_cache(cache, name, vol)
 
 
 def dice(p: Path, q: Path, slab: int = 64) -> float:
