@@ -180,51 +180,41 @@ def _fresh(fs, p: str) -> None:
 # Queries
 
 
+def _remote_query(path, storage_options: dict | None, method: str, doing: str, **kw):
+    """``fs.<method>(key, **kw)`` on a fresh listing; remote failures become one-line errors naming ``doing``."""
+    fs, p = filesystem(path, storage_options)
+    _fresh(fs, p)
+    try:
+        return getattr(fs, method)(p, **kw)
+    except _REMOTE_ERRORS as e:
+        raise _remote_error(e, path, doing) from None
+
+
 def exists(path, storage_options: dict | None = None) -> bool:
     """Whether a file, folder or store (any object under the prefix) exists."""
     if not is_url(path):
         return os.path.exists(path)
-    fs, p = filesystem(path, storage_options)
-    _fresh(fs, p)
-    try:
-        return bool(fs.exists(p))
-    except _REMOTE_ERRORS as e:
-        raise _remote_error(e, path, "checking whether it exists") from None
+    return bool(_remote_query(path, storage_options, "exists", "checking whether it exists"))
 
 
 def isdir(path, storage_options: dict | None = None) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
-    fs, p = filesystem(path, storage_options)
-    _fresh(fs, p)
-    try:
-        return bool(fs.isdir(p))
-    except _REMOTE_ERRORS as e:
-        raise _remote_error(e, path, "listing it") from None
+    return bool(_remote_query(path, storage_options, "isdir", "listing it"))
 
 
 def size(path, storage_options: dict | None = None) -> int:
     """Size in bytes of one file."""
     if not is_url(path):
         return Path(path).stat().st_size
-    fs, p = filesystem(path, storage_options)
-    _fresh(fs, p)
-    try:
-        return int(fs.size(p))
-    except _REMOTE_ERRORS as e:
-        raise _remote_error(e, path, "reading its size") from None
+    return int(_remote_query(path, storage_options, "size", "reading its size"))
 
 
 def du(path, storage_options: dict | None = None) -> int:
     """Total size in bytes of the files under a folder or store."""
     if not is_url(path):
         return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    fs, p = filesystem(path, storage_options)
-    _fresh(fs, p)
-    try:
-        return int(fs.du(p, total=True))
-    except _REMOTE_ERRORS as e:
-        raise _remote_error(e, path, "listing it") from None
+    return int(_remote_query(path, storage_options, "du", "listing it", total=True))
 
 
 def stamp(path, storage_options: dict | None = None) -> list:
@@ -235,12 +225,7 @@ def stamp(path, storage_options: dict | None = None) -> list:
     if not is_url(path):
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
-    fs, p = filesystem(path, storage_options)
-    _fresh(fs, p)
-    try:
-        info = fs.info(p)
-    except _REMOTE_ERRORS as e:
-        raise _remote_error(e, path, "reading its metadata") from None
+    info = _remote_query(path, storage_options, "info", "reading its metadata")
     tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") \
         or info.get("mtime") or info.get("updated")
     return [int(info.get("size") or 0), str(tag)]

@@ -265,13 +265,10 @@ def create_level(group: zarr.Group, level: int, shape, dtype, chunks, *, four_d:
 STORE_BATCH_CHUNKS = 64
 
 
-def _store_dask(arr: da.Array, target: zarr.Array, *, batched: bool = False) -> None:
+def _store_dask(arr: da.Array, target: zarr.Array) -> None:
     """Write a dask array into a zarr array, one whole zarr chunk per write (safe to repeat, no races)."""
     arr = arr.rechunk(target.chunks if arr.ndim == len(target.chunks) else arr.chunks)
-    if batched:
-        store_batched([arr], [target])
-    else:
-        da.store(arr, target, lock=False, compute=True)
+    da.store(arr, target, lock=False, compute=True)
 
 
 def _block_batches(numblocks: tuple[int, ...], n: int) -> Iterator[tuple[slice, ...]]:
@@ -342,14 +339,6 @@ def _scheduler_settler():
             time.sleep(0.02)
 
     return settle
-
-
-def write_levels(group: zarr.Group, level0: da.Array, *, kind: str, chunks, shards=None,
-                 max_levels: int | None = None) -> int:
-    """Write level 0 from a dask array and the pyramid from the stored level below. Returns the level count."""
-    target = create_level(group, 0, level0.shape, level0.dtype, chunks, four_d=False, shards=shards)
-    _store_dask(level0, target, batched=True)
-    return build_pyramid(group, kind=kind, chunks=chunks, max_levels=max_levels)
 
 
 def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | None = None) -> int:
