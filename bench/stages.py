@@ -97,7 +97,7 @@ def kmeans(args) -> None:
     """The six-k fit alone (the passes over the volume), then the six maps labelled and written."""
     from helm_dask.io import open_volume
     from helm_dask.io.store import save_volumes
-    from helm_dask.kmeans import fit_kmeans, kmeans_labels
+    from helm_dask.kmeans import fit_kmeans, kmeans_maps
 
     run = Path(args.run)
     pre, mask = open_volume(_store(run, "preprocessed")), open_volume(_store(run, "mask"))
@@ -110,7 +110,7 @@ def kmeans(args) -> None:
             rows = [("kmeans:fit-six-k", m, f"{args.method}; inertia k=4..9: "
                      + " ".join(f"{res[k].inertia:.4g}" for k in ks))]
             with measured() as m2:
-                save_volumes({tmp / f"k{k}.zarr": kmeans_labels(pre, mask, res[k]) for k in ks}, pyramid=False)
+                save_volumes({tmp / f"k{k}.zarr": m for k, m in kmeans_maps(pre, mask, res).items()}, pyramid=False)
             rows.append(("kmeans:label-write-six", m2, "six uint8 maps written (no pyramid, no NIfTI)"))
         for stage, mm, note in rows:
             row = dict(_common(pre, args, run), stage=stage, wall_s=round(mm.wall, 2),

@@ -1032,6 +1032,11 @@ def kmeans_labels(image: Any, mask: Any, result: KMeansResult | Mapping[str, Any
         result = KMeansResult.from_dict(result)
     img, msk = _inputs(image, mask)
     data = da.map_blocks(_label_block, img, msk, dtype=np.uint8, thresholds=result.thresholds)
+    return _label_volume(image, data, result)
+
+
+def _label_volume(image: Any, data: da.Array, result: KMeansResult) -> Any:
+    """The lazy labels ``data`` as a volume on the image's grid, with the fit in its attrs."""
     if not isinstance(image, xr.DataArray) or "affine" not in image.attrs:
         return data
     params = {"k": result.k, "method": result.method, "centroids": [float(c) for c in result.centroids],
@@ -1042,9 +1047,58 @@ def kmeans_labels(image: Any, mask: Any, result: KMeansResult | Mapping[str, Any
     return out
 
 
-def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> dict[int, Any]:
-    """Lazy label maps for every fitted k: ``{k: kmeans_labels(image, mask, results[k])}``.
+def _label_tables(results: list[KMeansResult]) -> tuple[np.ndarray, np.ndarray]:
+    """The union ``U`` of every result's thresholds and one table per result mapping ``u`` to its label.
 
-    Compute or store them together (one ``dask.compute`` / ``da.store``) so that the image is read once for all k.
+    For a float32 ``v`` with ``u = searchsorted(U, v, "right")`` (``U[u-1] <= v < U[u]``) the count of a
+    result's thresholds ``<= v`` equals the count of them ``<= U[u-1]``, since all of them are in ``U``: so
+    ``tables[i, u]`` = that count + 1 is exactly :func:`_label_block`'s label. The last column (``u = len(U)
+    + 1``, never a search result) holds the 0 given to voxels outside the mask.
     """
-    return {k: kmeans_labels(image, mask, results[k]) for k in sorted(results)}
+    union = np.unique(np.concatenate([r.thresholds for r in results])).astype(np.float32)
+    below = np.concatenate([[-np.inf], union.astype(np.float64)])     # U[u - 1], -inf for u = 0
+    tables = np.zeros((len(results), union.size + 2), dtype=np.uint8)
+    for i, r in enumerate(results):
+        tables[i, :-1] = np.searchsorted(r.thresholds.astype(np.float64), below, side="right") + 1
+    return union, tables
+
+
+def _labels_block(img: np.ndarray, msk: np.ndarray, *, union: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Every k's labels of one chunk, stacked on a new first axis: one binary search, then a lookup per k."""
+    v = np.asarray(img).astype(np.float32, copy=False)
+    # uint8 positions: kmeans_maps falls back to one search per k when len(union) + 2 > 256
+    u = np.searchsorted(union, v, side="right").astype(np.uint8)
+    u[np.asarray(msk) == 0] = tables.shape[1] - 1
+    out = np.empty((len(tables), *u.shape), dtype=np.uint8)
+    for t, o in zip(tables, out):
+        np.take(t, u, out=o)
+    return out
+
+
+def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> dict[int, Any]:
+    """Lazy label maps for every fitted k, equal to ``{k: kmeans_labels(image, mask, results[k])}``.
+
+    One task per chunk labels all k: one binary search of each voxel against the union of all thresholds,
+    then a small table per k (about 3x less work than one search per k). Compute or store the maps together
+    (one ``dask.compute`` / ``da.store``) so that the image is read once for all k.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> r2, r3 = KMeansResult(2, [1.5, 5.5], 16.0, "histogram", 4), KMeansResult(3, [1, 3.5, 6], 1.0, "histogram", 4)
+    >>> m = kmeans_maps(np.array([1.0, 3.5, 6.0, 0.0]).reshape(1, 1, 4), np.array([1, 1, 1, 0]).reshape(1, 1, 4),
+    ...                 {2: r2, 3: r3})
+    >>> m[2].compute().ravel().tolist(), m[3].compute().ravel().tolist()
+    ([1, 2, 2, 0], [1, 2, 3, 0])
+    """
+    ks = sorted(results)
+    res = [r if isinstance(r, KMeansResult) else KMeansResult.from_dict(r) for r in (results[k] for k in ks)]
+    if not ks:
+        return {}
+    union, tables = _label_tables(res)
+    if union.size + 2 > 256:        # more thresholds than a uint8 position holds: one search per k
+        return {k: kmeans_labels(image, mask, r) for k, r in zip(ks, res)}
+    img, msk = _inputs(image, mask)
+    stack = da.map_blocks(_labels_block, img, msk, dtype=np.uint8, new_axis=0, chunks=((len(ks),), *img.chunks),
+                          union=union, tables=tables)
+    return {k: _label_volume(image, stack[i], r) for i, (k, r) in enumerate(zip(ks, res))}

@@ -359,7 +359,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         return _finish(subj, t_start)
 
     # ---- k-means: one histogram pass fits all k, one labelling pass writes all maps --------------------------
-    from .kmeans import KMeansResult, fit_kmeans, kmeans_labels
+    from .kmeans import KMeansResult, fit_kmeans, kmeans_maps
 
     ks = [int(k) for k in params.ks]
     km_params = {"ks": ks, "method": params.kmeans_method, "seed": params.seed}
@@ -372,7 +372,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         else:
             results = fit_kmeans(pre, mask_ws, ks=ks, method=params.kmeans_method, seed=params.seed)
             subj.write_json(km_json, {"results": {str(k): r.to_dict() for k, r in results.items()}}, key)
-        maps = {f"kmeans_k{k}": kmeans_labels(pre, mask_ws, results[k]) for k in ks}
+        maps = {f"kmeans_k{k}": m for k, m in kmeans_maps(pre, mask_ws, results).items()}
         return subj.save_many(maps, key, "kmeans", km_params)
 
     km = _stage(subj, "kmeans", km_params, ["bias"], km_names, do_kmeans, json_outputs=[km_json])

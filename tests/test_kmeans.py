@@ -165,6 +165,30 @@ def test_label_maps_order_geometry_and_attrs(data):
         assert vol.attrs["provenance"][-1]["stage"] == "kmeans"
 
 
+def test_all_k_lookup_equals_float64_midpoint_rule():
+    """kmeans_maps (one search against the union of all thresholds, a table per k) against the plain rule
+    label = 1 + #{midpoints <= v} in float64, at every threshold and its float32 neighbours, several chunkings."""
+    rng = np.random.default_rng(5)
+    res = {}
+    for k in range(2, 10):
+        c = np.sort(rng.choice(np.arange(1, 40) * 2.5, size=k, replace=False))   # shared midpoints across k
+        c[-1] += rng.random() / 3                                                 # and a few that are not floats
+        res[k] = KMeansResult(k, c, 0.0, "histogram", 1)
+    ts = np.unique(np.concatenate([r.thresholds for r in res.values()]))
+    near = (ts[:, None] + np.arange(-2, 3, dtype=np.float32) * np.spacing(ts)[:, None]).ravel()
+    vals = np.concatenate([near, rng.uniform(-5, 110, 4000).astype(np.float32)]).astype(np.float32)
+    n = vals.size - vals.size % 60
+    img = vals[:n].reshape(6, 10, -1)
+    mask = (rng.random(img.shape) < 0.8).astype(np.uint8)
+    for chunks in [img.shape, (5, 3, 17), (1, 10, 4)]:
+        I, M = _vols(img, mask, chunks)
+        maps = kmeans_maps(I, M, res)
+        for k, r in res.items():
+            mid = 0.5 * (r.centroids[:-1] + r.centroids[1:])
+            ref = 1 + (img.astype(np.float64)[..., None] >= mid).sum(-1)
+            np.testing.assert_array_equal(maps[k].values, np.where(mask > 0, ref, 0))
+
+
 def test_tie_rule_and_float32_thresholds():
     # a value exactly at the midpoint goes to the upper cluster
     r = KMeansResult(3, [1.0, 3.0, 7.0], 0.0, "histogram", 1)
