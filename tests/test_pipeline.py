@@ -126,19 +126,19 @@ def test_interrupted_stage_resumes(phantoms, tmp_path, monkeypatch):
     import helm_dask.kmeans as km
 
     p = _params(phantoms["L"], tmp_path, until="kmeans")
-    real = km.kmeans_labels
+    real = km.kmeans_maps
     calls = {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
         raise KeyboardInterrupt("killed midway")
 
-    monkeypatch.setattr(km, "kmeans_labels", dying)
+    monkeypatch.setattr(km, "kmeans_maps", dying)
     with pytest.raises(KeyboardInterrupt):
         run_subject(p, quiet=True)
     assert not (tmp_path / "scan" / "kmeans_k4.nii.gz").exists()
     assert not any(x.name.startswith(".") and "tmp" in x.name for x in (tmp_path / "scan" / "helm.zarr").iterdir())
-    monkeypatch.setattr(km, "kmeans_labels", real)
+    monkeypatch.setattr(km, "kmeans_maps", real)
     info = run_subject(p, quiet=True)
     st = {k: v["status"] for k, v in info["stages"].items()}
     assert st["bias"] == "skipped" and st["kmeans"] == "computed"

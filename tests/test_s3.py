@@ -342,23 +342,22 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     assert ls(s3, "out/scan") == s3_run
 
     # Another seed: k-means (only) recomputes, and its maps fail while their stores are being written.
-    real = km.kmeans_labels
+    real = km.kmeans_maps
+
+    def boom(block, block_info=None):
+        if block_info is not None and block_info[0]["chunk-location"] == (0, 0, 0):
+            raise RuntimeError("worker died")
+        return block
 
     def failing(*a, **kw):
-        lab = real(*a, **kw)
-
-        def boom(block, block_info=None):
-            if block_info is not None and block_info[0]["chunk-location"] == (0, 0, 0):
-                raise RuntimeError("worker died")
-            return block
-        return like(lab, lab.data.map_blocks(boom, dtype=lab.dtype))
+        return {k: like(lab, lab.data.map_blocks(boom, dtype=lab.dtype)) for k, lab in real(*a, **kw).items()}
 
     url = f"s3://{BUCKET}/out/scan"
     old_key = read_nifti_provenance(f"{url}/kmeans_k4.nii.gz", storage_options=s3.so)["stage_key"]
     params = RunParams(scan=f"s3://{BUCKET}/in/scan.nii.gz", hypothalamus=f"s3://{BUCKET}/in/hypothalamus.nii.gz",
                        out=f"s3://{BUCKET}/out", spacing=2.5, ks=(4, 5), until="kmeans", qc=False, seed=7,
                        storage_options=s3.so)
-    monkeypatch.setattr(km, "kmeans_labels", failing)
+    monkeypatch.setattr(km, "kmeans_maps", failing)
     with pytest.raises(RuntimeError, match="worker died"):
         run_subject(params, quiet=True)
     # The old NIfTI maps are untouched (no new object replaced them); the map stores are not finished (on object
@@ -370,7 +369,7 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
         assert not is_complete(f"{url}/helm.zarr/kmeans_k{k}", storage_options=s3.so)
         assert not [x for x in keys if x.startswith(f"out/scan/helm.zarr/kmeans_k{k}/") and x.endswith("zarr.json")]
     assert not [x for x in keys if "/." in x]  # no hidden scratch or temporary objects
-    monkeypatch.setattr(km, "kmeans_labels", real)
+    monkeypatch.setattr(km, "kmeans_maps", real)
     info = run_subject(params, quiet=True)
     st = {k: v["status"] for k, v in info["stages"].items()}
     assert st == {"import": "skipped", "background": "skipped", "resample": "skipped", "bias": "skipped",
