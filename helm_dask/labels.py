@@ -68,6 +68,7 @@ __all__ = [
     "parse_label_map",
     "relabel",
     "validate_manual_labels",
+    "lut_table",
     "write_lut",
 ]
 
@@ -201,6 +202,12 @@ class LabelTable:
 
     def to_colorlut(self, path: str | os.PathLike) -> Path:
         """Write the entries as a FreeSurfer ColorLUT text file; returns the path."""
+        p = Path(path)
+        p.write_text(self.colorlut_text())
+        return p
+
+    def colorlut_text(self) -> str:
+        """The entries as the text of a FreeSurfer ColorLUT file."""
         lines = [f"# helm-dask colour table ({self.name}); FreeSurfer ColorLUT format",
                  "#No. Label Name:                            R   G   B   A"]
         entries = dict(self.entries)
@@ -208,9 +215,7 @@ class LabelTable:
         for c in sorted(entries):
             n, (r, g, b, a) = entries[c]
             lines.append(f"{c:<5d} {n:<40s} {r:3d} {g:3d} {b:3d} {a:3d}")
-        p = Path(path)
-        p.write_text("\n".join(lines) + "\n")
-        return p
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def from_colorlut(cls, path: str | os.PathLike, *, name: str | None = None) -> "LabelTable":
@@ -378,8 +383,13 @@ def write_lut(path: str | os.PathLike, table: Any = "freesurfer", ks: Iterable[i
     >>> [l.split()[:2] for l in p.read_text().splitlines()[2:4]] + [p.read_text().splitlines()[-1].split()]
     [['0', 'Unknown'], ['1', 'kmeans-cluster-1'], ['810', 'R_hypothalamus_tubular_superior', '20', '180', '130', '0']]
     """
+    return lut_table(table, ks).to_colorlut(path)
+
+
+def lut_table(table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9)) -> LabelTable:
+    """The label table with k-means clusters 1..max(ks): what :func:`write_lut` writes."""
     ks = list(ks)
-    return load_label_table(table).with_clusters(max(ks) if ks else 0).to_colorlut(path)
+    return load_label_table(table).with_clusters(max(ks) if ks else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -389,7 +389,6 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
 
     # ---- merge: the closing does not depend on k -- once per subject, then six cheap overrides -----------------
     from .closing import close_labels, merge_labels
-    from .labels import write_lut
 
     mg_params = {"closing_radius_mm": params.closing_radius_mm, "label_table": params.label_table}
     hemi_names = [f"hemi_k{k}" for k in ks]
@@ -408,7 +407,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     mg = _stage(subj, "merge", mg_params, ["kmeans", "resample"], hemi_names + ["closed_labels"], do_merge)
     for k in ks:
         subj.export(mg[f"hemi_k{k}"], f"hemi_k{k}.nii.gz", subj.keys["merge"], dtype="uint16")
-    _write_lut(subj, write_lut, params.label_table, ks)
+    _write_lut(subj, params.label_table, ks)
     if last < STAGES.index("mirror"):
         return _finish(subj, t_start)
 
@@ -435,14 +434,18 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     return _finish(subj, t_start)
 
 
-def _write_lut(subj: Subject, write_lut, table, ks) -> None:
-    """``lut.txt`` in the subject folder, written atomically (made in a scratch folder, then renamed/uploaded)."""
-    import tempfile
+def _write_lut(subj: Subject, table, ks) -> None:
+    """``lut.txt`` in the subject folder, written atomically, and only when its text changes (a rerun that
+    recomputes nothing writes nothing)."""
+    from .labels import lut_table
 
     target = subj.path("lut.txt")
-
-    with tempfile.TemporaryDirectory() as td:
-        text = Path(write_lut(Path(td) / "lut.txt", table, ks=ks)).read_text()
+    text = lut_table(table, ks).colorlut_text()
+    try:
+        if location.read_text(target, subj.so) == text:
+            return
+    except (OSError, HelmError):
+        pass    # missing or unreadable: write it
     location.write_text_atomic(target, text, subj.so)
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import time
 from types import SimpleNamespace
 
 import dask.array as da
@@ -332,6 +333,13 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     def no_write(*a, **kw):
         raise AssertionError("a rerun must not write outputs")
 
+    def etags() -> dict:
+        s3.fs.invalidate_cache()
+        return {k: (info["ETag"], info["LastModified"]) for k, info in
+                s3.fs.find(f"{BUCKET}/out/scan", detail=True).items()}
+
+    before = etags()
+    time.sleep(1.1)     # LastModified has a resolution of a second: a rewrite of the same bytes shows
     with monkeypatch.context() as m:
         m.setattr(pipeline, "save_nifti", no_write)
         m.setattr(pipeline, "nifti_to_zarr", no_write)
@@ -340,6 +348,8 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     run = json.loads(cat(s3, "out/scan/run.json"))
     assert {s["status"] for s in run["stages"].values()} == {"skipped"}
     assert ls(s3, "out/scan") == s3_run
+    after = etags()     # no object rewritten (lut.txt, JSON, chunks) but the run record itself
+    assert {k for k in before if before[k] != after[k]} <= {f"{BUCKET}/out/scan/run.json"}
 
     # Another seed: k-means (only) recomputes, and its maps fail while their stores are being written.
     real = km.kmeans_maps
