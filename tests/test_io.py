@@ -484,3 +484,36 @@ def test_batched_store_under_a_distributed_client(tmp_path, batch):
             a = da.from_array(x, chunks=(7, 9, 5))[::-1, :, ::-1] * 2 + 1
             store_batched([a.rechunk(8)], [t], batch_chunks=batch)
             assert np.array_equal(t[...], y)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_compute_batched_equals_one_computation(batch, monkeypatch):
+    """Coarse block sums of a volume whose blocks do not divide its chunks (a rechunk in the graph), computed in
+    boxes: bit-identical to one computation and to the NumPy sums; block_mean takes the same path."""
+    import dask
+    import dask.array as da
+
+    import helm_dask.io.store as store
+    from helm_dask.background import _aligned_block_sums, block_mean
+    from helm_dask.volume import make_volume
+
+    import helm_dask.background as bg
+
+    monkeypatch.setattr(bg, "_BLOCK_TARGET", 10)     # block-sum chunks of 10 x 9 x 8 voxels: 5 x 4 x 4 of them
+    x = np.random.default_rng(2).normal(size=(41, 33, 29))
+    m = (np.random.default_rng(3).random(x.shape) < 0.7).astype(np.uint8)
+    a = da.from_array(x, chunks=8)
+    sums = [_aligned_block_sums(a, (5, 3, 4)), _aligned_block_sums(a * a, (5, 3, 4))]
+    assert sums[0].numblocks == (5, 4, 4)
+    got = store.compute_batched(sums, batch_chunks=batch)
+    ref = dask.compute(*sums)
+    assert all(np.array_equal(g, r) for g, r in zip(got, ref))
+    pad = np.pad(x, [(0, 4), (0, 0), (0, 3)])
+    np.testing.assert_allclose(got[0], pad.reshape(9, 5, 11, 3, 8, 4).sum(axis=(1, 3, 5)), rtol=1e-12)
+    monkeypatch.setattr(store, "STORE_BATCH_CHUNKS", batch)
+    monkeypatch.setitem(store.compute_batched.__kwdefaults__, "batch_chunks", batch)
+    vol, msk = make_volume(a, np.eye(4)), make_volume(da.from_array(m, chunks=(7, 9, 8)), np.eye(4), kind="mask")
+    mean, frac = block_mean(vol, (5, 3, 4), mask=msk)
+    xm, mm = np.pad(x * m, [(0, 4), (0, 0), (0, 3)]), np.pad(m, [(0, 4), (0, 0), (0, 3)]).astype(float)
+    s, c = (v.reshape(9, 5, 11, 3, 8, 4).sum(axis=(1, 3, 5)) for v in (xm, mm))
+    np.testing.assert_allclose(mean, np.divide(s, c, out=np.zeros_like(s), where=c > 0), rtol=1e-12)
