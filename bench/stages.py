@@ -3,6 +3,7 @@
     python bench/stages.py read-pass --run DIR [--volume preprocessed]
     python bench/stages.py closing --run DIR [--radii-vox 4,12]
     python bench/stages.py kmeans --run DIR [--method histogram]
+    python bench/stages.py bias --run DIR
 
 ``read-pass``: one full read of a stored volume (every chunk decompressed and summed, nothing kept) -- the unit
 the k-means bound is stated in ("all six k no slower than 3 read passes of the preprocessed store").
@@ -124,10 +125,42 @@ def kmeans(args) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bias(args) -> None:
+    """The bias stage on the run's stores: the fit on the coarse copy, then the field and the corrected image
+    written (as ``run`` does), each measured apart."""
+    from helm_dask.bias import bias_field, correct_bias, estimate_bias
+    from helm_dask.io import open_volume
+    from helm_dask.io.store import save_volumes
+
+    run = Path(args.run)
+    img, mask = open_volume(_store(run, "image_ws")), open_volume(_store(run, "mask"))
+    tmp = Path(tempfile.mkdtemp(prefix="helm-bias-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            with measured() as m:
+                model = estimate_bias(img, mask)
+            with measured() as m2:
+                save_volumes({tmp / "bias.zarr": bias_field(model, img, keep_bits=13),
+                              tmp / "preprocessed.zarr": correct_bias(img, model, mask=mask)})
+        for stage, mm, note in (("bias:fit", m, "coarse copy (block means in boxes) + EM fit"),
+                                ("bias:apply-write", m2, "field and corrected image written, with pyramids")):
+            mm.sampler.mark()   # per-process peaks -> stage_breakdown
+            row = dict(_common(img, args, run), stage=stage, wall_s=round(mm.wall, 2),
+                       mvox_per_s=round(img.size / mm.wall / 1e6, 2),
+                       peak_rss_mb=round(mm.sampler.peak_rss_overall / 2**20),
+                       read_mb=round(mm.sampler.read_bytes / 2**20), written_mb=round(mm.sampler.written_bytes / 2**20),
+                       load_avg=round(mm.sampler.mean_load, 1),
+                       note="; ".join(x for x in (args.note or note, mm.sampler.stage_breakdown) if x))
+            append_row(row)
+            print(row, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("read-pass", "closing", "kmeans"):
+    for name in ("read-pass", "closing", "kmeans", "bias"):
         p = sub.add_parser(name)
         p.add_argument("--run", required=True, help="a bench/pipeline.py output folder")
         p.add_argument("--workers", type=int, default=2)
@@ -136,7 +169,7 @@ def main(argv=None) -> int:
     sub.choices["closing"].add_argument("--radii-vox", default="4,12")
     sub.choices["kmeans"].add_argument("--method", default="histogram")
     args = ap.parse_args(argv)
-    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans}[args.cmd](args)
+    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias}[args.cmd](args)
     return 0
 
 
