@@ -31,6 +31,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .errors import HelmError
+from .io.location import is_url
 from .pipeline import RunParams, run_subject
 
 _FIELDS = {f.name for f in fields(RunParams)}
@@ -107,7 +108,7 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
             if not s.get(key):
                 raise HelmError(f"subject {i + 1} has no '{key}'", path=p, hint="every subject needs scan and "
                                                                                 "hypothalamus")
-            if not os.path.isabs(s[key]) and "://" not in s[key]:
+            if not os.path.isabs(s[key]) and not is_url(s[key]):
                 s[key] = str(base / s[key])
     return shared, subjects
 

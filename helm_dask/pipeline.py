@@ -334,7 +334,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     image_ws, mask_ws, hyp_ws = out["image_ws"], out["mask"], out["hypothalamus"]
 
     # ---- bias ---------------------------------------------------------------------------------------------------
-    from .bias import BiasModel, bias_field, correct_bias, estimate_bias
+    from .bias import bias_field, correct_bias, estimate_bias
 
     bias_params = {"method": "dct-mixture", "saved_field_bits": 13}
     bias_json = subj.path("bias_model.json")

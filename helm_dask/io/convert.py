@@ -26,7 +26,7 @@ import zarr
 
 from ..errors import HelmError
 from ..progress import Progress
-from ..volume import affine_of, make_volume, provenance_record
+from ..volume import affine_of, provenance_record
 from . import location
 from . import nifti as nii
 from .store import (_store_dask, atomic_path, atomic_store, build_pyramid, compressor_for, create_level,
@@ -248,7 +248,7 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
             if remote:  # workers write it: it must live where they can see it, next to the output
                 scratch = location.sibling(dst, ".thin", ".zarr")
-                cleanup.callback(_remove_quietly, scratch, storage_options)
+                cleanup.callback(location.remove_quietly, scratch, storage_options)
             else:
                 scratch = f"{tmp}.thin.zarr"
                 cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -276,11 +276,6 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                 prog.update(1)
             prog.close()
     return dst
-
-
-def _remove_quietly(path, storage_options) -> None:
-    with contextlib.suppress(Exception):
-        location.remove(path, storage_options)
 
 
 def _write_region(block: np.ndarray, target, block_info=None) -> np.ndarray:

@@ -360,6 +360,12 @@ def remove(path, storage_options: dict | None = None) -> None:
     _fresh(fs, p)
 
 
+def remove_quietly(path, storage_options: dict | None = None) -> None:
+    """:func:`remove`, best effort (cleanup after a failure must not mask the failure)."""
+    with contextlib.suppress(Exception):
+        remove(path, storage_options)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Zarr
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from glob import escape as glob_escape
@@ -60,13 +59,8 @@ FORMAT = "helm-dask-volume"
 FORMAT_VERSION = 1
 
 
-def _is_url(path: str) -> bool:
-    return "://" in str(path)
-
-
 def _local(path) -> Path | None:
-    p = os.fspath(path)
-    return None if _is_url(p) else Path(p)
+    return None if location.is_url(path) else Path(os.fspath(path))
 
 
 def compressor_for(dtype) -> BloscCodec:
@@ -125,7 +119,7 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
     # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node): nothing else writes
     # this path now (one writer per output), so they are garbage
     for stale in [*parent.glob(f".{glob_escape(local.name)}.tmp-*"), *parent.glob(f".{glob_escape(local.name)}.old-*")]:
-        _remove(stale)
+        location.remove(stale)
     tmp = parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield str(tmp)
@@ -133,11 +127,11 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
             trash = parent / f".{local.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(local, trash)
             os.replace(tmp, local)
-            _remove(trash)
+            location.remove(trash)
         else:
             os.replace(tmp, local)
     except BaseException:
-        _remove(tmp)
+        location.remove(tmp)
         raise
 
 
@@ -158,8 +152,7 @@ def atomic_store(path, *, overwrite: bool = False, storage_options: dict | None 
         try:
             yield p
         except BaseException:
-            with contextlib.suppress(Exception):
-                location.remove(p, storage_options)
+            location.remove_quietly(p, storage_options)
             raise
 
 
@@ -181,12 +174,6 @@ def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
                            **_format_kw(path, "r"))
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists() or p.is_symlink():
-        with contextlib.suppress(OSError):
-            p.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------------
