@@ -213,12 +213,16 @@ def test_failed_uploads_leave_nothing(s3, monkeypatch):
         save_nifti(vol, url, slab_mb=0.5, storage_options=so, overwrite=True)
     assert cat(s3, "fail/out.nii") == b"old" and ls(s3, "fail") == ["fail/out.nii"]
     assert pending_uploads(s3) == []
-    # and the same write, not interrupted, gives nibabel's reading of the data
+    # and the same write, not interrupted, gives nibabel's reading of the data; it also removes the scratch copy
+    # a killed writer of this output left behind (and not another output's)
+    s3.fs.pipe(f"{BUCKET}/fail/.out.nii.thin-dead0000.zarr/zarr.json", b"{}")
+    s3.fs.pipe(f"{BUCKET}/fail/.other.nii.thin-dead0000.zarr/zarr.json", b"{}")
     monkeypatch.setattr(nii, "encode_slab", real)
     save_nifti(vol, url, slab_mb=0.5, storage_options=so, overwrite=True)
     img = nib.Nifti1Image.from_bytes(cat(s3, "fail/out.nii"))
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol.values)
-    assert ls(s3, "fail") == ["fail/out.nii"]         # scratch removed
+    assert ls(s3, "fail") == ["fail/.other.nii.thin-dead0000.zarr/zarr.json", "fail/out.nii"]   # scratch removed
+    s3.fs.rm(f"{BUCKET}/fail/.other.nii.thin-dead0000.zarr", recursive=True)
 
     # a Zarr volume whose computation fails midway is deleted, not left half written
     def boom(block, block_info=None):

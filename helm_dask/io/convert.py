@@ -247,6 +247,7 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             # A slab thinner than a chunk would re-read (or recompute) every chunk chunk_z/dz times. Split the
             # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
             if remote:  # workers write it: it must live where they can see it, next to the output
+                location.remove_stale_siblings(dst, ".thin", storage_options)   # a killed writer's copy
                 scratch = location.sibling(dst, ".thin", ".zarr")
                 cleanup.callback(location.remove_quietly, scratch, storage_options)
             else:

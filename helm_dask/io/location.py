@@ -32,6 +32,7 @@ import os
 import posixpath
 import shutil
 import uuid
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -358,6 +359,21 @@ def remove(path, storage_options: dict | None = None) -> None:
         if fs.exists(p):
             fs.rm(p, recursive=True)
     _fresh(fs, p)
+
+
+def remove_stale_siblings(path, prefix: str, storage_options: dict | None = None) -> None:
+    """Delete the hidden ``.<name><prefix>-*`` siblings of ``path`` (see :func:`sibling`) that a killed writer of
+    this output left behind (SIGKILL, lost node). Only call it where this process is the output's one writer."""
+    pattern = f".{glob_escape(name(path))}{prefix}-*"
+    if not is_url(path):
+        for stale in Path(parent(path)).glob(pattern):
+            remove(stale)
+        return
+    fs, p = filesystem(join(parent(path), pattern), storage_options)
+    _fresh(fs, p.rsplit("/", 1)[0])
+    with contextlib.suppress(*_REMOTE_ERRORS):
+        for stale in fs.glob(p):
+            remove_quietly(f"{path.split('://', 1)[0]}://{stale}", storage_options)
 
 
 def remove_quietly(path, storage_options: dict | None = None) -> None:

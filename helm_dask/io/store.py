@@ -38,7 +38,6 @@ import json
 import os
 import tempfile
 import uuid
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -118,8 +117,8 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
                         hint="choose a folder you can write to or fix its permissions", exit_code=3) from None
     # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node): nothing else writes
     # this path now (one writer per output), so they are garbage
-    for stale in [*parent.glob(f".{glob_escape(local.name)}.tmp-*"), *parent.glob(f".{glob_escape(local.name)}.old-*")]:
-        location.remove(stale)
+    for prefix in (".tmp", ".old"):
+        location.remove_stale_siblings(local, prefix)
     tmp = parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         yield str(tmp)
