@@ -1,6 +1,7 @@
 """Benchmark the pipeline stage by stage on the phantom and append one row per stage (and one for the run).
 
     python bench/pipeline.py --input-spacing 0.5 --spacing 0.3 [--workers 2] [--until mirror] [--workdir DIR]
+                             [--resume] [--no-nifti]
 
 The phantom's scan and hypothalamus labels are written once as NIfTI in WORKDIR (unmeasured; the scan is the
 same file the I/O benchmark uses), then ``helm-dask run`` is timed on a fresh output folder. Per stage: wall time,
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-limit", default="auto")
     ap.add_argument("--workdir", default=os.environ.get("HELM_BENCH_DIR", "/tmp/helm-bench"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--no-nifti", action="store_true", help="Zarr store only (helm-dask run --no-nifti)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the output folder: finished stages are reused (no row), the others measured")
     args = ap.parse_args(argv)
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     with compute_context(opts):
         scan, hyp, nvox = ensure_inputs(work, args.input_spacing)
         params = RunParams(scan=str(scan), hypothalamus=str(hyp), out=str(out), side="L", spacing=spacing,
-                           until=args.until, subject="bench")
+                           until=args.until, subject="bench", nifti=not args.no_nifti)
         common = {"spacing_mm": args.input_spacing, "work_spacing_mm": args.spacing, "voxels": nvox,
                   "workers": args.workers, "threads_per_worker": args.threads_per_worker, "note": args.note}
         with Sampler() as s:

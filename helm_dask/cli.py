@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
                      ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
                      closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
                      label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed,
-                     qc=not args.no_qc, storage_options=_storage_options(args))
+                     qc=not args.no_qc, nifti=not args.no_nifti, storage_options=_storage_options(args))
     with use_storage_options(base.storage_options), compute_context(_cluster_opts(args)):
         if is_manifest:
             rows = run_batch(target, base, quiet=args.quiet)
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--no-qc", action="store_true", help="do not write OUT/<subject>/qc/report.html")
+    p.add_argument("--no-nifti", action="store_true",
+                   help="write the Zarr store (helm.zarr) only, no .nii.gz files; a later run without this flag "
+                        "recomputes nothing and writes the missing NIfTI files")
     _add_compute_options(p)
     p.set_defaults(func=cmd_run)
 

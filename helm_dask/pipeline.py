@@ -75,6 +75,8 @@ class RunParams:
     chunks: tuple | None = None
     seed: int = 0
     qc: bool = True                     # write OUT/<subject>/qc/report.html at the end (local outputs only)
+    nifti: bool = True                  # write the .nii.gz exports (False: the Zarr store only; not a stage
+                                        # parameter, so a later run with True exports what is missing)
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written to run.json)
 
     def subject_name(self) -> str:
@@ -174,9 +176,9 @@ class Subject:
         location.write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default), self.so)
 
     def export(self, vol, filename: str, key: str, *, dtype=None) -> str:
-        """NIfTI export of a stored volume, skipped when the file already carries this key."""
+        """NIfTI export of a stored volume, skipped when the file already carries this key (or with --no-nifti)."""
         path = self.path(filename)
-        if self.nifti_ok(path, key):
+        if not self.p.nifti or self.nifti_ok(path, key):
             return path
         prov = {"stage_key": key, "subject": self.name, "version": __version__,
                 "provenance": vol.attrs.get("provenance", []), "inputs": self.input_checksums()}
@@ -245,6 +247,9 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
             raise HelmError(f"the {what} must be a .nii or .nii.gz file", path=f, hint="convert it to NIfTI")
     if params.side not in ("L", "R", "auto"):
         raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
+    if params.layout == "helm" and not params.nifti:
+        raise HelmError("--layout helm arranges the NIfTI files, and --no-nifti writes none",
+                        hint="drop one of the two (a later run without --no-nifti writes the files)")
     subj = Subject(params, quiet=quiet, log=log)
     location.makedirs(subj.dir, so)
     t_start = time.perf_counter()

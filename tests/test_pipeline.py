@@ -122,6 +122,22 @@ def test_rerun_recomputes_nothing_and_changed_parameter_recomputes_downstream(ph
     assert np.allclose(nib.load(tmp_path / "scan" / "preprocessed.nii.gz").header.get_zooms(), 3.0)
 
 
+def test_zarr_only_run_then_nifti_exports_without_recomputing(phantoms, tmp_path):
+    p = _params(phantoms["L"], tmp_path, until="merge", nifti=False, qc=False)
+    first = run_subject(p, quiet=True)
+    assert all(s["status"] == "computed" for s in first["stages"].values())
+    subj = tmp_path / "scan"
+    assert not list(subj.glob("*.nii*"))
+    assert (subj / "helm.zarr" / "hemi_k6").is_dir() and (subj / "lut.txt").exists()
+    again = run_subject(_params(phantoms["L"], tmp_path, until="merge", qc=False), quiet=True)
+    assert all(s["status"] == "skipped" for s in again["stages"].values())
+    names = {f.name for f in subj.glob("*.nii.gz")}
+    assert {"preprocessed.nii.gz", "mask.nii.gz", "bias.nii.gz", "hypothalamus.nii.gz", "kmeans_k4.nii.gz",
+            "hemi_k6.nii.gz"} <= names
+    with pytest.raises(HelmError, match="--no-nifti"):
+        run_subject(_params(phantoms["L"], tmp_path, nifti=False, layout="helm"), quiet=True)
+
+
 def test_interrupted_stage_resumes(phantoms, tmp_path, monkeypatch):
     import helm_dask.kmeans as km
 
