@@ -4,6 +4,7 @@
     python bench/stages.py closing --run DIR [--radii-vox 4,12]
     python bench/stages.py kmeans --run DIR [--method histogram]
     python bench/stages.py bias --run DIR
+    python bench/stages.py background --run DIR
 
 ``read-pass``: one full read of a stored volume (every chunk decompressed and summed, nothing kept) -- the unit
 the k-means bound is stated in ("all six k no slower than 3 read passes of the preprocessed store").
@@ -125,6 +126,32 @@ def kmeans(args) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def background(args) -> None:
+    """The bag-removal stage on the run's imported scan: brain mask computed and written (as ``run`` does)."""
+    from helm_dask.background import brain_mask
+    from helm_dask.io import open_volume, save_volume
+    from helm_dask.orient import to_ras
+
+    run = Path(args.run)
+    scan = to_ras(open_volume(_store(run, "scan_raw")))
+    tmp = Path(tempfile.mkdtemp(prefix="helm-background-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            with measured() as m:
+                save_volume(brain_mask(scan), tmp / "mask.zarr")
+        m.sampler.mark()   # per-process peaks -> stage_breakdown
+        row = dict(_common(scan, args, run), stage="background:mask", wall_s=round(m.wall, 2),
+                   mvox_per_s=round(scan.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
+                   read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
+                   load_avg=round(m.sampler.mean_load, 1),
+                   note="; ".join(x for x in (args.note or "brain mask written, with pyramid",
+                                              m.sampler.stage_breakdown) if x))
+        append_row(row)
+        print(row, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bias(args) -> None:
     """The bias stage on the run's stores: the fit on the coarse copy, then the field and the corrected image
     written (as ``run`` does), each measured apart."""
@@ -160,7 +187,7 @@ def bias(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("read-pass", "closing", "kmeans", "bias"):
+    for name in ("read-pass", "closing", "kmeans", "bias", "background"):
         p = sub.add_parser(name)
         p.add_argument("--run", required=True, help="a bench/pipeline.py output folder")
         p.add_argument("--workers", type=int, default=2)
@@ -169,7 +196,8 @@ def main(argv=None) -> int:
     sub.choices["closing"].add_argument("--radii-vox", default="4,12")
     sub.choices["kmeans"].add_argument("--method", default="histogram")
     args = ap.parse_args(argv)
-    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias}[args.cmd](args)
+    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias,
+     "background": background}[args.cmd](args)
     return 0
 
 
