@@ -517,3 +517,35 @@ def test_compute_batched_equals_one_computation(batch, monkeypatch):
     xm, mm = np.pad(x * m, [(0, 4), (0, 0), (0, 3)]), np.pad(m, [(0, 4), (0, 0), (0, 3)]).astype(float)
     s, c = (v.reshape(9, 5, 11, 3, 8, 4).sum(axis=(1, 3, 5)) for v in (xm, mm))
     np.testing.assert_allclose(mean, np.divide(s, c, out=np.zeros_like(s), where=c > 0), rtol=1e-12)
+
+
+def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch):
+    """dask/dask#9888: a box whose graph reaches the scheduler while it still forgets the previous box's keys fails
+    with a KeyError. That box runs once more (boxes are idempotent) and the store is complete; any other error,
+    or a second KeyError, propagates."""
+    import dask.array as da
+    import zarr
+
+    import helm_dask.io.store as store
+
+    x = np.random.default_rng(4).normal(size=(24, 16, 16)).astype(np.float32)
+    t = zarr.create_array(tmp_path / "a.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
+    real, calls = da.store, {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("('getitem-1234', 0, 0, 0)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store.da, "store", flaky)
+    store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
+    boxes = len(list(store._block_batches((3, 2, 2), 2)))
+    assert np.array_equal(t[...], x) and boxes > 2 and calls["n"] == boxes + 1     # one box ran twice
+
+    def always(*a, **kw):
+        raise KeyError("x")
+
+    monkeypatch.setattr(store.da, "store", always)
+    with pytest.raises(KeyError):
+        store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)

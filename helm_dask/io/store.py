@@ -39,7 +39,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import dask
 import dask.array as da
@@ -286,19 +286,28 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     if int(np.prod(numblocks)) <= batch_chunks:
         da.store(sources, targets, lock=False, compute=True)
         return
-    for region in _batch_regions(chunks, batch_chunks):
-        da.store([s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False,
-                 compute=True)
+    _in_batches(chunks, batch_chunks, lambda region: da.store(
+        [s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False, compute=True))
 
 
-def _batch_regions(chunks: tuple, batch_chunks: int) -> Iterator[tuple[slice, ...]]:
-    """The chunk-aligned regions of the boxes of :func:`_block_batches`; before each, the scheduler has forgotten
-    the previous box's tasks (see :func:`_scheduler_settler`)."""
+def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) -> None:
+    """``run(region)`` for the chunk-aligned region of every box of :func:`_block_batches`, one after the other.
+
+    Before each box the scheduler is given time to forget the previous box's tasks (:func:`_scheduler_settler`,
+    a few seconds at most: on a shared cluster others' tasks keep the count up); a box that still meets the
+    spurious KeyError of dask/dask#9888 runs once more after a longer wait -- boxes are idempotent (whole-chunk
+    writes, pure reductions).
+    """
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
     settle = _scheduler_settler()
     for box in _block_batches(tuple(len(c) for c in chunks), batch_chunks):
-        settle()
-        yield tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
+        region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
+        settle(5.0)
+        try:
+            run(region)
+        except KeyError:
+            settle(60.0)
+            run(region)
 
 
 def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> list[np.ndarray]:
@@ -317,9 +326,12 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     if int(np.prod([len(c) for c in chunks])) <= batch_chunks:
         return [np.asarray(v) for v in dask.compute(*arrays)]
     out = [np.empty(a.shape, dtype=a.dtype) for a in arrays]
-    for region in _batch_regions(chunks, batch_chunks):
+
+    def run(region):
         for o, v in zip(out, dask.compute(*[a[region] for a in arrays])):
             o[region] = v
+
+    _in_batches(chunks, batch_chunks, run)
     return out
 
 
@@ -327,13 +339,13 @@ def _n_scheduler_tasks(dask_scheduler=None) -> int:
     return len(dask_scheduler.tasks)
 
 
-def _scheduler_settler():
-    """A function that waits until a distributed scheduler has forgotten the previous batch's tasks.
+def _scheduler_settler() -> Callable[[float], None]:
+    """``settle(timeout_s)``: wait until a distributed scheduler has forgotten the previous batch's tasks.
 
     Consecutive batches share keys (the inputs on a box face); a graph that reaches the scheduler while it is
     still forgetting those keys fails with a spurious KeyError in update_graph (dask/dask#9888; seen at 0.1 mm).
-    Waiting for the task count to fall back to what it was before the first batch (others' data may be there)
-    avoids it; a no-op without a distributed client.
+    Waiting (at most ``timeout_s``) for the task count to fall back to what it was before the first batch
+    (others' data may be there) avoids it; a no-op without a distributed client.
     """
     import time
 
@@ -342,13 +354,13 @@ def _scheduler_settler():
 
         client = get_client()
     except (ImportError, ValueError):
-        return lambda: None
+        return lambda timeout_s: None
     if dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
-        return lambda: None
+        return lambda timeout_s: None
     base = client.run_on_scheduler(_n_scheduler_tasks)
 
-    def settle() -> None:
-        deadline = time.monotonic() + 30.0
+    def settle(timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while client.run_on_scheduler(_n_scheduler_tasks) > base and time.monotonic() < deadline:
             time.sleep(0.02)
 
