@@ -481,7 +481,9 @@ def _rician(signal: np.ndarray, h: np.ndarray, sigma: float) -> np.ndarray:
     rc = np.sqrt(r2) * _cos_pi(v)
     sg = np.float32(sigma)
     out = (rc * (np.float32(2.0) * sg) + signal) * signal + r2 * (sg * sg)
-    return np.sqrt(out)
+    # >= 0 in exact arithmetic ((S + sigma r cos)^2 + (sigma r sin)^2); float32 rounding can take it a few ulps
+    # below 0 where S ~ -sigma r cos, which gave NaN voxels (seen at 0.15 mm)
+    return np.sqrt(np.maximum(out, np.float32(0.0)))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -158,6 +158,22 @@ def test_noise_statistics():
     assert abs(np.corrcoef(r0, r1)[0, 1]) < 0.02
 
 
+def test_rician_magnitude_is_never_nan():
+    """Where the signal cancels the in-phase noise (S = -sigma r cos), float32 rounding took |S + n|^2 a few ulps
+    below 0: the magnitude must be a small non-negative number there, not NaN."""
+    h = np.random.default_rng(0).integers(0, 2 ** 63, size=200_000, dtype=np.int64).astype(np.uint64)
+    u1 = ((h >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    v = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)
+    sigma = np.float32(NOISE_SIGMA)
+    cancel = -np.sqrt(P._neg2log(u1)) * P._cos_pi(v) * sigma          # the signal that cancels n1
+    for scale in (np.float32(1 - 2e-7), np.float32(1), np.float32(1 + 2e-7)):
+        m = P._rician((cancel * scale).astype(np.float32), h, float(sigma))
+        assert np.isfinite(m).all() and (m >= 0).all()
+        # and it is the quadrature part |sigma r sin| up to float32 rounding (r^2 sin^2 = r^2 - (r cos)^2)
+        ref = np.sqrt(np.maximum(P._neg2log(u1).astype(np.float64) * sigma ** 2 - cancel.astype(np.float64) ** 2, 0))
+        assert np.abs(m - ref).max() < 0.05 * sigma
+
+
 @pytest.mark.parametrize("spacing", [0.1, 0.37, 1.0, 1.5, 2.0])
 def test_affine_oblique_non_ras(spacing):
     g = phantom_geometry(spacing, "L")
