@@ -350,8 +350,8 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
     key, low = _keys(v, s)
     r0, span = int(rkeys[0]), int(rkeys[-1]) - int(rkeys[0]) + 1
     if key.dtype == np.uint32 and r0 >= 0 and span <= _DENSE_SPAN:
-        # a table over the refined keys' span instead of a binary search per voxel (~10x faster): keys below
-        # r0 wrap around to huge offsets and fall outside the table like those above it
+        # a table over the refined keys' span instead of a binary search per voxel (the search was ~60 ns a
+        # voxel): keys below r0 wrap around to huge offsets and fall outside the table like those above it
         rank = np.full(span, -1, dtype=np.int32)
         rank[rkeys - r0] = np.arange(rkeys.size, dtype=np.int32)
         off = key - np.uint32(r0)
@@ -1092,7 +1092,7 @@ def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> d
     """Lazy label maps for every fitted k, equal to ``{k: kmeans_labels(image, mask, results[k])}``.
 
     One task per chunk labels all k: one binary search of each voxel against the union of all thresholds,
-    then a small table per k (about 3x less work than one search per k). Compute or store the maps together
+    then a small table per k (1.6x faster than one search per k, measured on 128^3 chunks). Compute or store the maps together
     (one ``dask.compute`` / ``da.store``) so that the image is read once for all k.
 
     Example

@@ -65,10 +65,10 @@ __all__ = [
     "freesurfer_table",
     "label_counts",
     "load_label_table",
+    "lut_table",
     "parse_label_map",
     "relabel",
     "validate_manual_labels",
-    "lut_table",
     "write_lut",
 ]
 

@@ -173,8 +173,6 @@ def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
                            **_format_kw(path, "r"))
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Metadata
 
