@@ -1161,23 +1161,50 @@ def _label_tables(results: list[KMeansResult]) -> tuple[np.ndarray, np.ndarray]:
     return union, tables
 
 
+@njit(cache=True, nogil=True)
+def _labels_nb(v: np.ndarray, m: np.ndarray, union: np.ndarray, tables: np.ndarray,
+               out: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """out[j, i] = tables[j, u] with u = searchsorted(union, v[i], "right") (NaN last, as NumPy sorts it),
+    or the outside column where the mask is 0."""
+    n_u = union.size
+    outside = tables.shape[1] - 1
+    for i in range(v.size):
+        if m[i]:
+            x = v[i]
+            if x != x:
+                u = n_u
+            else:
+                lo, hi = 0, n_u
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if union[mid] <= x:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                u = lo
+        else:
+            u = outside
+        for j in range(tables.shape[0]):
+            out[j, i] = tables[j, u]
+
+
 def _labels_block(img: np.ndarray, msk: np.ndarray, *, union: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """Every k's labels of one chunk, stacked on a new first axis: one binary search, then a lookup per k."""
-    v = np.asarray(img).astype(np.float32, copy=False)
-    # uint8 positions: kmeans_maps falls back to one search per k when len(union) + 2 > 256
-    u = np.searchsorted(union, v, side="right").astype(np.uint8)
-    u[np.asarray(msk) == 0] = tables.shape[1] - 1
-    out = np.empty((len(tables), *u.shape), dtype=np.uint8)
-    for t, o in zip(tables, out):
-        np.take(t, u, out=o)
-    return out
+    shape = np.shape(img)
+    v = np.ascontiguousarray(np.asarray(img), dtype=np.float32).reshape(-1)
+    m = np.asarray(msk)
+    if m.dtype != np.bool_ and m.dtype != np.uint8:
+        m = m != 0
+    out = np.empty((len(tables), v.size), dtype=np.uint8)
+    _labels_nb(v, np.ascontiguousarray(m).reshape(-1), union, tables, out)
+    return out.reshape((len(tables), *shape))
 
 
 def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> dict[int, Any]:
     """Lazy label maps for every fitted k, equal to ``{k: kmeans_labels(image, mask, results[k])}``.
 
     One task per chunk labels all k: one binary search of each voxel against the union of all thresholds,
-    then a small table per k (1.6x faster than one search per k, measured on 128^3 chunks). Compute or store the maps together
+    then a small table per k, in one compiled loop. Compute or store the maps together
     (one ``dask.compute`` / ``da.store``) so that the image is read once for all k.
 
     Example
