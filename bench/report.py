@@ -59,12 +59,15 @@ def plot(rows: list[dict]) -> None:
         label = r["stage"] + (f" (work {r['work_spacing_mm']})" if r.get("work_spacing_mm") else "")
         by_stage.setdefault(label, []).append((float(r["voxels"]), float(r["peak_rss_mb"]) / 1024,
                                                float(r["wall_s"])))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, pts in sorted(by_stage.items()):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(17, 6.5))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*X"
+    for i, (label, pts) in enumerate(sorted(by_stage.items())):
         pts.sort()
         v, m, t = zip(*pts)
-        a1.plot(v, m, "o-", label=label)
-        a2.plot(v, t, "o-", label=label)
+        style = dict(color=colours[i % len(colours)], marker=markers[(i // len(colours)) % len(markers)], ms=4)
+        a1.plot(v, m, "-", label=label, **style)
+        a2.plot(v, t, "-", **style)
     for ax in (a1, a2):
         ax.set_xscale("log")
         ax.set_xlabel("voxels in the input volume")
@@ -76,8 +79,9 @@ def plot(rows: list[dict]) -> None:
     a2.set_yscale("log")
     a2.set_ylabel("wall time (s)")
     a2.set_title("time: ~linear in voxels")
-    a2.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    # one legend for both panels, beside them: there are dozens of series
+    fig.legend(*a1.get_legend_handles_labels(), loc="center right", fontsize=6.5, ncol=2, frameon=False)
+    fig.subplots_adjust(left=0.05, right=0.66, wspace=0.22, bottom=0.1)
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=110)
 
