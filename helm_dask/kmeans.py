@@ -433,21 +433,9 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
     if v.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     key, low = _keys(v, s)
-    r0, span = int(rkeys[0]), int(rkeys[-1]) - int(rkeys[0]) + 1
-    if key.dtype == np.uint32 and r0 >= 0 and span <= _DENSE_SPAN:
-        # a table over the refined keys' span instead of a binary search per voxel (the search was ~60 ns a
-        # voxel): keys below r0 wrap around to huge offsets and fall outside the table like those above it
-        rank = np.full(span, -1, dtype=np.int32)
-        rank[rkeys - r0] = np.arange(rkeys.size, dtype=np.int32)
-        off = key - np.uint32(r0)
-        near = np.flatnonzero(off < np.uint32(span))
-        pos = rank[off[near]]
-        hit = near[pos >= 0]
-        pos = pos[pos >= 0]
-    else:
-        pos = np.minimum(np.searchsorted(rkeys, key), rkeys.size - 1)
-        hit = rkeys[pos] == key
-        pos = pos[hit]
+    pos = np.minimum(np.searchsorted(rkeys, key), rkeys.size - 1)
+    hit = rkeys[pos] == key
+    pos = pos[hit]
     code = pos.astype(np.int64) * (1 << s) + low[hit].astype(np.int64)
     u, c = np.unique(code, return_counts=True)
     return u.astype(np.int64), c.astype(np.int64)

@@ -432,3 +432,10 @@ def test_compiled_binning_equals_numpy():
     y[0, 0, 0], y[1, 1, 1] = -5.0, np.nan
     got, ref = km._hist_block(y, np.ones(y.shape, bool), s), km._hist_block_np(y, np.ones(y.shape, bool), s)
     assert got[4] == 1 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, ref))
+    rk = np.sort(np.asarray(ref[0])[::4])                       # negative keys too: the NumPy refinement
+    v = km._masked_f32(y, np.ones(y.shape, bool))
+    key, low = km._keys(v[np.isfinite(v)], s)
+    sel = np.isin(key, rk)
+    code = np.searchsorted(rk, key[sel]) * (1 << s) + low[sel].astype(np.int64)
+    got_r, ref_r = km._refine_block(y, np.ones(y.shape, bool), s, rk), np.unique(code, return_counts=True)
+    assert np.array_equal(got_r[0], ref_r[0]) and np.array_equal(got_r[1], ref_r[1]) and (rk < 0).any()
