@@ -327,14 +327,17 @@ def _hist_nb(u: np.ndarray, m: np.ndarray, s: int, kmin: int, nb: int) -> tuple:
 
 @njit(cache=True, nogil=True)
 def _refine_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """rank * 2**s + L of the masked voxels whose key is refined (rank >= 0); non-finite voxels skipped."""
+    """rank * 2**s + L of the masked voxels whose key is refined (rank >= 0, refined keys all >= 0): -0.0 counts
+    as +0.0 (as in _masked_f32); negative and non-finite voxels are skipped (no refined key holds them)."""
     out = np.empty(u.size, np.int64)
     n = 0
     low_mask = np.uint32((1 << s) - 1)
     for i in range(u.size):
         if m[i]:
             x = u[i]
-            if x >= np.uint32(0x7F800000):
+            if x == np.uint32(0x80000000):
+                x = np.uint32(0)
+            elif x >= np.uint32(0x7F800000):
                 continue
             off = np.int64(x >> np.uint32(s)) - r0
             if 0 <= off < rank.size and rank[off] >= 0:
@@ -344,17 +347,18 @@ def _refine_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray) 
 
 
 def _flat_inputs(img: np.ndarray, msk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The chunk's float32 bit patterns and mask as flat arrays (views when already contiguous)."""
+    """The chunk's float32 values and mask as flat arrays for the compiled loops (views when contiguous)."""
     v = np.ascontiguousarray(np.asarray(img), dtype=np.float32).reshape(-1)
     m = np.asarray(msk)
     if m.dtype != np.bool_ and m.dtype != np.uint8:
         m = m != 0
-    return v.view(np.uint32), np.ascontiguousarray(m).reshape(-1)
+    return v, np.ascontiguousarray(m).reshape(-1)
 
 
 def _hist_block(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
     """Per-chunk histogram: (keys, count, sum L, sum L^2) as int64, plus the number of non-finite voxels."""
-    u, m = _flat_inputs(img, msk)
+    v, m = _flat_inputs(img, msk)
+    u = v.view(np.uint32)
     kmin, kmax, ok = _span_nb(u, m, s)
     if ok and kmax < kmin:          # no voxel of this chunk in the mask
         return (*_empty_hist()[:4], 0)
@@ -422,11 +426,11 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
     if rkeys.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     r0, span = int(rkeys[0]), int(rkeys[-1]) - int(rkeys[0]) + 1
-    u, m = _flat_inputs(img, msk)
-    if r0 >= 0 and span <= _DENSE_SPAN and _span_nb(u, m, s)[2]:
+    if r0 >= 0 and span <= _DENSE_SPAN:     # refined keys all >= 0: no negative value can fall in them
+        v, m = _flat_inputs(img, msk)
         rank = np.full(span, -1, dtype=np.int32)
         rank[rkeys - r0] = np.arange(rkeys.size, dtype=np.int32)
-        u_, c = np.unique(_refine_nb(u, m, s, r0, rank), return_counts=True)
+        u_, c = np.unique(_refine_nb(v.view(np.uint32), m, s, r0, rank), return_counts=True)
         return u_.astype(np.int64), c.astype(np.int64)
     v = _masked_f32(img, msk)
     v = v[np.isfinite(v)]
@@ -435,8 +439,7 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
     key, low = _keys(v, s)
     pos = np.minimum(np.searchsorted(rkeys, key), rkeys.size - 1)
     hit = rkeys[pos] == key
-    pos = pos[hit]
-    code = pos.astype(np.int64) * (1 << s) + low[hit].astype(np.int64)
+    code = pos[hit].astype(np.int64) * (1 << s) + low[hit].astype(np.int64)
     u, c = np.unique(code, return_counts=True)
     return u.astype(np.int64), c.astype(np.int64)
 
@@ -1178,14 +1181,10 @@ def _labels_nb(v: np.ndarray, m: np.ndarray, union: np.ndarray, tables: np.ndarr
 
 def _labels_block(img: np.ndarray, msk: np.ndarray, *, union: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """Every k's labels of one chunk, stacked on a new first axis: one binary search, then a lookup per k."""
-    shape = np.shape(img)
-    v = np.ascontiguousarray(np.asarray(img), dtype=np.float32).reshape(-1)
-    m = np.asarray(msk)
-    if m.dtype != np.bool_ and m.dtype != np.uint8:
-        m = m != 0
+    v, m = _flat_inputs(img, msk)
     out = np.empty((len(tables), v.size), dtype=np.uint8)
-    _labels_nb(v, np.ascontiguousarray(m).reshape(-1), union, tables, out)
-    return out.reshape((len(tables), *shape))
+    _labels_nb(v, m, union, tables, out)
+    return out.reshape((len(tables), *np.shape(img)))
 
 
 def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> dict[int, Any]:
@@ -1209,8 +1208,6 @@ def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> d
     if not ks:
         return {}
     union, tables = _label_tables(res)
-    if union.size + 2 > 256:        # more thresholds than a uint8 position holds: one search per k
-        return {k: kmeans_labels(image, mask, r) for k, r in zip(ks, res)}
     img, msk = _inputs(image, mask)
     stack = da.map_blocks(_labels_block, img, msk, dtype=np.uint8, new_axis=0, chunks=((len(ks),), *img.chunks),
                           union=union, tables=tables)

@@ -428,6 +428,15 @@ def test_compiled_binning_equals_numpy():
             code = np.searchsorted(rk, key[sel].astype(np.int64)) * (1 << s) + low[sel].astype(np.int64)
             ref_r = np.unique(code, return_counts=True)
             assert np.array_equal(got_r[0], ref_r[0]) and np.array_equal(got_r[1], ref_r[1])
+    z = x.copy()
+    z.flat[::97] = -0.0                                         # counts as +0.0: the refined key 0 must see it
+    zk = np.sort(np.asarray(km._hist_block_np(z, np.ones(z.shape, bool), s)[0])[:3])
+    v = km._masked_f32(z, np.ones(z.shape, bool))
+    key, low = km._keys(v, s)
+    sel = np.isin(key, zk)
+    ref_z = np.unique(np.searchsorted(zk, key[sel]) * (1 << s) + low[sel].astype(np.int64), return_counts=True)
+    got_z = km._refine_block(z, np.ones(z.shape, bool), s, zk)
+    assert zk[0] == 0 and np.array_equal(got_z[0], ref_z[0]) and np.array_equal(got_z[1], ref_z[1])
     y = x.copy()
     y[0, 0, 0], y[1, 1, 1] = -5.0, np.nan
     got, ref = km._hist_block(y, np.ones(y.shape, bool), s), km._hist_block_np(y, np.ones(y.shape, bool), s)
