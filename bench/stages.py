@@ -48,6 +48,19 @@ def _common(vol, args, run: Path) -> dict:
             "threads_per_worker": 1}
 
 
+def _emit(vol, args, run: Path, stage: str, m, note: str, **extra) -> None:
+    """Append (and print) the row of one measured block ``m`` on volume ``vol``: time, throughput, peak RSS of all
+    processes with the per-process breakdown, I/O, load."""
+    m.sampler.mark()   # per-process peaks -> stage_breakdown
+    row = dict(_common(vol, args, run), stage=stage, wall_s=round(m.wall, 2),
+               mvox_per_s=round(vol.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
+               read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
+               load_avg=round(m.sampler.mean_load, 1),
+               note="; ".join(x for x in (args.note or note, m.sampler.stage_breakdown) if x), **extra)
+    append_row(row)
+    print(row, flush=True)
+
+
 def read_pass(args) -> None:
     import dask.array as da
 
@@ -59,13 +72,8 @@ def read_pass(args) -> None:
         with measured() as m:
             total = float(da.sum(vol.data, dtype="float64").compute())
     nbytes = vol.size * vol.dtype.itemsize
-    row = dict(_common(vol, args, run), stage=f"read-pass:{args.volume}", wall_s=round(m.wall, 2),
-               mvox_per_s=round(vol.size / m.wall / 1e6, 2), mb_per_s=round(nbytes / 2**20 / m.wall, 1),
-               peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20), read_mb=round(m.sampler.read_bytes / 2**20),
-               written_mb=round(m.sampler.written_bytes / 2**20), data_mb=round(nbytes / 2**20),
-               load_avg=round(m.sampler.mean_load, 1), note=args.note or f"sum={total:.6g}")
-    append_row(row)
-    print(row)
+    _emit(vol, args, run, f"read-pass:{args.volume}", m, f"sum={total:.6g}",
+          mb_per_s=round(nbytes / 2**20 / m.wall, 1), data_mb=round(nbytes / 2**20))
 
 
 def closing(args) -> None:
@@ -82,15 +90,7 @@ def closing(args) -> None:
             for r in (int(v) for v in args.radii_vox.split(",")):
                 with measured() as m:
                     save_volume(close_labels(hyp, r * sp), tmp / f"closed_r{r}.zarr", pyramid=False)
-                row = dict(_common(hyp, args, run), stage=f"closing:r{r}vox", wall_s=round(m.wall, 2),
-                           mvox_per_s=round(hyp.size / m.wall / 1e6, 2),
-                           peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
-                           read_mb=round(m.sampler.read_bytes / 2**20),
-                           written_mb=round(m.sampler.written_bytes / 2**20),
-                           load_avg=round(m.sampler.mean_load, 1),
-                           note=args.note or f"radius {r} voxels = {r * sp:g} mm")
-                append_row(row)
-                print(row, flush=True)
+                _emit(hyp, args, run, f"closing:r{r}vox", m, f"radius {r} voxels = {r * sp:g} mm")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -112,16 +112,10 @@ def kmeans(args) -> None:
             rows = [("kmeans:fit-six-k", m, f"{args.method}; inertia k=4..9: "
                      + " ".join(f"{res[k].inertia:.4g}" for k in ks))]
             with measured() as m2:
-                save_volumes({tmp / f"k{k}.zarr": m for k, m in kmeans_maps(pre, mask, res).items()}, pyramid=False)
+                save_volumes({tmp / f"k{k}.zarr": lab for k, lab in kmeans_maps(pre, mask, res).items()}, pyramid=False)
             rows.append(("kmeans:label-write-six", m2, "six uint8 maps written (no pyramid, no NIfTI)"))
         for stage, mm, note in rows:
-            row = dict(_common(pre, args, run), stage=stage, wall_s=round(mm.wall, 2),
-                       mvox_per_s=round(pre.size / mm.wall / 1e6, 2),
-                       peak_rss_mb=round(mm.sampler.peak_rss_overall / 2**20),
-                       read_mb=round(mm.sampler.read_bytes / 2**20), written_mb=round(mm.sampler.written_bytes / 2**20),
-                       load_avg=round(mm.sampler.mean_load, 1), note=args.note or note)
-            append_row(row)
-            print(row, flush=True)
+            _emit(pre, args, run, stage, mm, note)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -139,15 +133,7 @@ def background(args) -> None:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
                 save_volume(brain_mask(scan), tmp / "mask.zarr")
-        m.sampler.mark()   # per-process peaks -> stage_breakdown
-        row = dict(_common(scan, args, run), stage="background:mask", wall_s=round(m.wall, 2),
-                   mvox_per_s=round(scan.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
-                   read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
-                   load_avg=round(m.sampler.mean_load, 1),
-                   note="; ".join(x for x in (args.note or "brain mask written, with pyramid",
-                                              m.sampler.stage_breakdown) if x))
-        append_row(row)
-        print(row, flush=True)
+        _emit(scan, args, run, "background:mask", m, "brain mask written, with pyramid")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -169,17 +155,8 @@ def bias(args) -> None:
             with measured() as m2:
                 save_volumes({tmp / "bias.zarr": bias_field(model, img, keep_bits=13),
                               tmp / "preprocessed.zarr": correct_bias(img, model, mask=mask)})
-        for stage, mm, note in (("bias:fit", m, "coarse copy (block means in boxes) + EM fit"),
-                                ("bias:apply-write", m2, "field and corrected image written, with pyramids")):
-            mm.sampler.mark()   # per-process peaks -> stage_breakdown
-            row = dict(_common(img, args, run), stage=stage, wall_s=round(mm.wall, 2),
-                       mvox_per_s=round(img.size / mm.wall / 1e6, 2),
-                       peak_rss_mb=round(mm.sampler.peak_rss_overall / 2**20),
-                       read_mb=round(mm.sampler.read_bytes / 2**20), written_mb=round(mm.sampler.written_bytes / 2**20),
-                       load_avg=round(mm.sampler.mean_load, 1),
-                       note="; ".join(x for x in (args.note or note, mm.sampler.stage_breakdown) if x))
-            append_row(row)
-            print(row, flush=True)
+        _emit(img, args, run, "bias:fit", m, "coarse copy (block means in boxes) + EM fit")
+        _emit(img, args, run, "bias:apply-write", m2, "field and corrected image written, with pyramids")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
