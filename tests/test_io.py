@@ -510,7 +510,6 @@ def test_compute_batched_equals_one_computation(batch, monkeypatch):
     assert all(np.array_equal(g, r) for g, r in zip(got, ref))
     pad = np.pad(x, [(0, 4), (0, 0), (0, 3)])
     np.testing.assert_allclose(got[0], pad.reshape(9, 5, 11, 3, 8, 4).sum(axis=(1, 3, 5)), rtol=1e-12)
-    monkeypatch.setattr(store, "STORE_BATCH_CHUNKS", batch)
     monkeypatch.setitem(store.compute_batched.__kwdefaults__, "batch_chunks", batch)
     vol, msk = make_volume(a, np.eye(4)), make_volume(da.from_array(m, chunks=(7, 9, 8)), np.eye(4), kind="mask")
     mean, frac = block_mean(vol, (5, 3, 4), mask=msk)
