@@ -85,6 +85,7 @@ import xarray as xr
 from numba import njit
 
 from .errors import HelmError
+from .io.regions import chunk_tasks
 from .volume import affine_of, like, provenance_record
 
 __all__ = ["KMeansResult", "fit_kmeans", "kmeans_labels", "kmeans_maps", "METHODS", "K_MIN", "K_MAX"]
@@ -249,6 +250,17 @@ def _tree(parts: list, fn) -> Any:
     while len(parts) > 1:
         parts = [dask.delayed(fn, pure=True)(*parts[i:i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
     return parts[0]
+
+
+def _on_pair(regions: list, fn, *args) -> Any:
+    return fn(regions[0], regions[1], *args)
+
+
+def _pair_tasks(img: da.Array, msk: da.Array, fn, *args) -> list:
+    """One delayed ``fn(image chunk, mask chunk, *args)`` per image chunk. Volumes opened from a store are
+    read inside the task (image and mask together): no separate read tasks whose decoded chunks the
+    scheduler would hold or move between workers -- the passes then cost little more than decoding."""
+    return chunk_tasks(_on_pair, [img, msk], fn, *args, name=f"kmeans{fn.__name__}")
 
 
 def _block_pairs(img: da.Array, msk: da.Array) -> list[tuple]:
@@ -449,7 +461,7 @@ def _merge_refine(*parts: tuple) -> tuple:
 
 
 def _histogram_pass(img: da.Array, msk: da.Array, s: int) -> tuple:
-    parts = [dask.delayed(_hist_block, pure=True)(bi, bm, s) for bi, bm in _block_pairs(img, msk)]
+    parts = _pair_tasks(img, msk, _hist_block, s)
     (res,) = dask.compute(_tree(parts, _merge_hists))
     return res
 
@@ -457,7 +469,7 @@ def _histogram_pass(img: da.Array, msk: da.Array, s: int) -> tuple:
 def _refine_pass(img: da.Array, msk: da.Array, s: int, rkeys: np.ndarray) -> dict[int, tuple]:
     """Exact float32 values and counts inside each bin of ``rkeys`` (one pass). Returns {key: (values, counts)}."""
     rkeys = np.asarray(np.sort(rkeys), dtype=np.int64)
-    parts = [dask.delayed(_refine_block, pure=True)(bi, bm, s, rkeys) for bi, bm in _block_pairs(img, msk)]
+    parts = _pair_tasks(img, msk, _refine_block, s, rkeys)
     (codes, counts), = dask.compute(_tree(parts, _merge_refine))
     rank, low = codes >> s, codes & ((1 << s) - 1)
     out = {}
@@ -806,7 +818,7 @@ def _sum_arrays(*parts: np.ndarray) -> np.ndarray:
 def _inertia_pass(img: da.Array, msk: da.Array, cents: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
     """One pass: for each centroid set, the inertia of the threshold labelling and the cluster sizes."""
     cents_t = tuple(tuple(float(x) for x in c) for c in cents)
-    parts = [dask.delayed(_inertia_block, pure=True)(bi, bm, cents_t) for bi, bm in _block_pairs(img, msk)]
+    parts = _pair_tasks(img, msk, _inertia_block, cents_t)
     (tot,) = dask.compute(_tree(parts, _sum_arrays))
     out, i = [], 0
     for c in cents:

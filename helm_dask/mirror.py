@@ -75,10 +75,9 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
 from .errors import HelmError
+from .io.regions import region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -758,53 +757,6 @@ def _gather_block(regions: list, start: tuple[int, int, int], g: np.ndarray, ran
     return out
 
 
-def _zeros_block(shape: tuple[int, ...]) -> np.ndarray:
-    return np.zeros(shape, np.uint16)
-
-
-def _gather_chunks(parts: list, starts: list, zarrs: list, lo: tuple, hi: tuple, g: np.ndarray, ranges: tuple,
-                   src_shape: tuple[int, int, int], mode: str) -> np.ndarray:
-    """Assemble each map's bounded source region (read straight from its Zarr array, or pasted from the
-    dask chunks this task depends on), then gather all maps at once."""
-    rshape = tuple(h - l for l, h in zip(lo, hi))
-    regions = []
-    for chunks, offs, zarr_array in zip(parts, starts, zarrs):
-        if zarr_array is not None:
-            regions.append(np.asarray(zarr_array[tuple(slice(a, b) for a, b in zip(lo, hi))]))
-            continue
-        reg = np.empty(rshape, dtype=np.asarray(chunks[0]).dtype)
-        for arr, off in zip(chunks, offs):
-            arr = np.asarray(arr)
-            src, dst = [], []
-            for ax in range(3):
-                a0, a1 = max(off[ax], lo[ax]), min(off[ax] + arr.shape[ax], hi[ax])
-                src.append(slice(a0 - off[ax], a1 - off[ax]))
-                dst.append(slice(a0 - lo[ax], a1 - lo[ax]))
-            reg[tuple(dst)] = arr[tuple(src)]
-        regions.append(reg)
-    return _gather_block(regions, lo, g, ranges, src_shape, mode)
-
-
-def _zarr_array_of(data: da.Array) -> Any:
-    """The Zarr array behind an untouched ``dask.array.from_zarr`` array (as ``open_volume`` returns), else
-    None. Such a source is read region by region inside each gather task instead of chunk by chunk through
-    shared tasks: neighbouring gathers then never make the scheduler hold source chunks for each other."""
-    try:
-        import zarr
-
-        orig = "original-" + data.name
-        layers = data.dask.layers
-        if not data.name.startswith("from-zarr") or set(layers) != {data.name, orig}:
-            return None
-        values = list(layers[orig].values())
-        arr = values[0] if len(values) == 1 else None
-        if isinstance(arr, zarr.Array) and tuple(arr.shape) == tuple(data.shape) and arr.dtype == data.dtype:
-            return arr
-    except Exception:                                       # any other graph: use the generic path
-        return None
-    return None
-
-
 def _right_codes_block(block: np.ndarray, codes: tuple) -> np.ndarray:
     out = block.copy()
     for left, right in codes:
@@ -924,41 +876,20 @@ def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: Mi
     xch = _half_chunks(out_shape[0] // 2, size)
     ych = da.core.normalize_chunks(size, (out_shape[1],))[0]
     zch = da.core.normalize_chunks(size, (out_shape[2],))[0]
-    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in (xch, ych, zch)]
     nmaps = len(datas)
-    # one task per x < 0 output chunk, depending directly on the source chunks its region overlaps (a
-    # hand-built graph layer: no intermediate slicing tasks, and a chunk far from the source reads nothing)
-    src_bounds = [[np.concatenate([[0], np.cumsum(c)]).astype(int) for c in d.chunks] for d in datas]
-    zarrs = [_zarr_array_of(d) for d in datas]
-    name = "mirror-gather-" + tokenize(g, out_shape, size, mode, [d.name for d in datas])
-    layer: dict = {}
-    for a in range(len(xch)):
-        for b in range(len(ych)):
-            for c in range(len(zch)):
-                ranges = ((int(bounds[0][a]), int(bounds[0][a + 1])), (int(bounds[1][b]), int(bounds[1][b + 1])),
-                          (int(bounds[2][c]), int(bounds[2][c + 1])))
-                bshape = (nmaps,) + tuple(hi - lo for lo, hi in ranges)
-                region = _source_region(g, ranges, src_shape)
-                if region is None:
-                    layer[(name, 0, a, b, c)] = (_zeros_block, bshape)
-                    continue
-                lo, hi = region
-                keys, starts = [], []
-                for d, sb, z in zip(datas, src_bounds, zarrs):
-                    if z is not None:
-                        keys.append([])
-                        starts.append([])
-                        continue
-                    idx = [range(int(np.searchsorted(sb[ax], lo[ax], side="right")) - 1,
-                                 int(np.searchsorted(sb[ax], hi[ax], side="left"))) for ax in range(3)]
-                    cells = [(i, j, k) for i in idx[0] for j in idx[1] for k in idx[2]]
-                    keys.append([(d.name,) + cell for cell in cells])
-                    starts.append([tuple(int(sb[ax][cell[ax]]) for ax in range(3)) for cell in cells])
-                layer[(name, 0, a, b, c)] = (_gather_chunks, keys, starts, zarrs, lo, hi, g, ranges, src_shape,
-                                             mode)
-    deps = [d for d, z in zip(datas, zarrs) if z is None]
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
-    left = da.Array(graph, name, chunks=((nmaps,), xch, ych, zch), dtype=np.uint16)   # (maps, x < 0, y, z)
+
+    # one task per x < 0 output chunk, reading from each map only the bounded box it reaches (one graph
+    # layer: store-backed maps are read box by box inside the task, others pasted from their chunks; a chunk
+    # far from the source reads nothing)
+    def plan(index, ranges):
+        region = _source_region(g, ranges[1:], src_shape)
+        if region is None:
+            return None
+        lo, hi = region
+        return lo, hi, (lo, g, ranges[1:], src_shape, mode)
+
+    left = region_map(_gather_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16,
+                      name="mirror-gather")                           # (maps, x < 0, y, z)
     right = left[:, ::-1].map_blocks(_right_codes_block, codes=codes, dtype=np.uint16)
     full = da.concatenate([left, right], axis=1)
     params = {"matrix": transform.matrix.tolist(), "alpha": transform.alpha, "grid_shape": list(out_shape),

@@ -21,8 +21,9 @@ field of view (which runs from voxel -0.5 to n - 0.5, outer edge to outer edge) 
 * Any other grid (:func:`resample_to_grid`, e.g. labels onto a scan grid): interpolation with
   ``mode="nearest"`` inside the input field of view, 0 outside it.
 
-All functions are lazy: each output chunk is one task that slices from the input only the region it needs
-(plus a margin for the filter and the interpolation), so memory per task is bounded by the chunk size, and
+All functions are lazy: each output chunk is one task (one graph layer in all, see
+:func:`helm_dask.io.regions.region_map`) that reads from the input only the box it needs (plus a margin for the
+filter and the interpolation), so memory per task is bounded by the chunk size, and
 the result does not depend on the chunking (the margins make every chunk equal to the whole-array
 computation: exactly for block means, labels and linear interpolation, to ~1e-10 for the cubic spline
 prefilter whose infinite response is cut after ``SPLINE_MARGIN`` voxels).
@@ -42,13 +43,13 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 
 from .errors import HelmError
+from .io.regions import region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -159,33 +160,10 @@ def _check3d(vol: xr.DataArray, what: str) -> da.Array:
     return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
 
 
-def _bounds(chunks: tuple[int, ...]) -> list[tuple[int, int]]:
-    edges = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
-    return [(int(edges[i]), int(edges[i + 1])) for i in range(len(chunks))]
-
-
 def _normalize_out_chunks(chunks: Any, shape: tuple[int, ...], default: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     if chunks is None:
         chunks = tuple(int(max(1, c)) for c in default)
     return da.core.normalize_chunks(chunks, shape=shape, dtype=np.float32)
-
-
-def _assemble(out_chunks: tuple[tuple[int, ...], ...], make_block, dtype) -> da.Array:
-    """Build a dask array from one block per output chunk: ``make_block(ranges, shape) -> dask array``."""
-    b = [_bounds(c) for c in out_chunks]
-    grid = []
-    for r0 in b[0]:
-        plane = []
-        for r1 in b[1]:
-            row = []
-            for r2 in b[2]:
-                ranges = (r0, r1, r2)
-                shape = tuple(hi - lo for lo, hi in ranges)
-                row.append(make_block(ranges, shape))
-            plane.append(row)
-        grid.append(plane)
-    out = da.block(grid)
-    return out.astype(dtype, copy=False) if out.dtype != dtype else out
 
 
 _MIN_OUT_CHUNK = 16      # output voxels per chunk axis at least: keeps margins from dominating tiny chunks
@@ -244,9 +222,9 @@ def _interp_reduced(y: np.ndarray, blocks: Sequence[int], sigma_vox: np.ndarray,
                                 mode="nearest", prefilter=True, output=np.float64)
 
 
-def _resample_block(sub: np.ndarray, blocks: Sequence[int], sigma_vox: np.ndarray, r: np.ndarray,
+def _resample_block(regions: list, blocks: Sequence[int], sigma_vox: np.ndarray, r: np.ndarray,
                     offset: np.ndarray, out_shape: tuple[int, ...], order: int) -> np.ndarray:
-    y = _block_mean(np.asarray(sub, dtype=np.float64), blocks)
+    y = _block_mean(np.asarray(regions[0], dtype=np.float64), blocks)
     return _interp_reduced(y, blocks, sigma_vox, r, offset, out_shape, order).astype(np.float32)
 
 
@@ -306,25 +284,26 @@ def resample(vol: xr.DataArray, spacing_mm: Any, *, order: int = 1, prefilter: b
     # margin (input voxels) around the support of an output chunk on an interpolated axis
     pad = [int(_TRUNCATE * s + 0.5) + (2 + SPLINE_MARGIN if order == 3 else 1) + 1 for s in sigma_vox]
     out_chunks = _normalize_out_chunks(chunks, new_shape, _default_out_chunks(data, r))
-    task = dask.delayed(_resample_block, pure=True)
 
-    def make_block(ranges, shape):
-        index, offset = [], np.zeros(3)
+    def plan(index, ranges):
+        lo, hi, offset = [], [], np.zeros(3)
         for d, (o0, o1) in enumerate(ranges):
             k = blocks[d]
             if k > 0:                                   # block axis: exactly the k*(o1-o0) voxels
-                index.append(slice(o0 * k, o1 * k))
+                lo.append(o0 * k)
+                hi.append(o1 * k)
             else:
                 x0, x1 = t[d] + r[d] * o0, t[d] + r[d] * (o1 - 1)
-                lo = max(0, math.floor(x0) - pad[d])
-                hi = min(int(n[d]), math.floor(x1) + 2 + pad[d])
-                lo = min(lo, max(0, hi - 1))            # keep a non-empty slice even far outside
-                index.append(slice(lo, hi))
-                offset[d] = t[d] + r[d] * o0 - lo       # local coordinate of the chunk's first voxel
-        sub = data[tuple(index)]
-        return da.from_delayed(task(sub, blocks, sigma_vox, r, offset, shape, order), shape, dtype=np.float32)
+                a = max(0, math.floor(x0) - pad[d])
+                b = min(int(n[d]), math.floor(x1) + 2 + pad[d])
+                a = min(a, max(0, b - 1))               # keep a non-empty box even far outside
+                lo.append(a)
+                hi.append(b)
+                offset[d] = t[d] + r[d] * o0 - a        # local coordinate of the chunk's first voxel
+        shape = tuple(b - a for a, b in ranges)
+        return lo, hi, (blocks, sigma_vox, r, offset, shape, order)
 
-    out = _assemble(out_chunks, make_block, np.float32)
+    out = region_map(_resample_block, [data], out_chunks, plan, np.float32, name="resample")
     step = provenance_record("resample", {"spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
                                           "order": order, "prefilter": prefilter,
                                           "block_mean_axes": [d for d in range(3) if blocks[d] > 1],
@@ -355,8 +334,8 @@ def _footprints(n: int, n_new: int, r: float, t: float) -> tuple[np.ndarray, np.
     return a, b
 
 
-def _gather_block(sub: np.ndarray, idx: Sequence[np.ndarray]) -> np.ndarray:
-    return np.asarray(sub)[np.ix_(*idx)]
+def _gather_block(regions: list, idx: Sequence[np.ndarray]) -> np.ndarray:
+    return np.asarray(regions[0])[np.ix_(*idx)]
 
 
 def _box_counts(ind: np.ndarray, foot: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -371,8 +350,8 @@ def _box_counts(ind: np.ndarray, foot: Sequence[tuple[np.ndarray, np.ndarray]]) 
     return c
 
 
-def _majority_block(sub: np.ndarray, foot: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    sub = np.asarray(sub)
+def _majority_block(regions: list, foot: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    sub = np.asarray(regions[0])
     shape = tuple(len(a) for a, _ in foot)
     best = np.zeros(shape, dtype=sub.dtype)
     best_count = np.full(shape, -1, dtype=np.int32)
@@ -416,28 +395,25 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
     out_chunks = _normalize_out_chunks(chunks, new_shape, _default_out_chunks(data, r))
     if method == "nearest":
         idx = [_nearest_index(n[d], new_shape[d], r[d], t[d]) for d in range(3)]
-        task = dask.delayed(_gather_block, pure=True)
 
-        def make_block(ranges, shape):
+        def plan(index, ranges):
             local = [idx[d][o0:o1] for d, (o0, o1) in enumerate(ranges)]
             lo = [int(i.min()) for i in local]
             hi = [int(i.max()) + 1 for i in local]
-            sub = data[tuple(slice(l, h) for l, h in zip(lo, hi))]
-            return da.from_delayed(task(sub, [i - l for i, l in zip(local, lo)]), shape, dtype=data.dtype)
+            return lo, hi, ([i - a for i, a in zip(local, lo)],)
+        func = _gather_block
     else:
         foot = [_footprints(n[d], new_shape[d], r[d], t[d]) for d in range(3)]
-        task = dask.delayed(_majority_block, pure=True)
 
-        def make_block(ranges, shape):
+        def plan(index, ranges):
             fa = [foot[d][0][o0:o1] for d, (o0, o1) in enumerate(ranges)]
             fb = [foot[d][1][o0:o1] for d, (o0, o1) in enumerate(ranges)]
             lo = [int(x.min()) for x in fa]
             hi = [int(x.max()) for x in fb]
-            sub = data[tuple(slice(l, h) for l, h in zip(lo, hi))]
-            local = [(x - l, y - l) for x, y, l in zip(fa, fb, lo)]
-            return da.from_delayed(task(sub, local), shape, dtype=data.dtype)
+            return lo, hi, ([(x - a, y - a) for x, y, a in zip(fa, fb, lo)],)
+        func = _majority_block
 
-    out = _assemble(out_chunks, make_block, data.dtype)
+    out = region_map(func, [data], out_chunks, plan, data.dtype, name=f"resample-labels-{method}")
     step = provenance_record("resample_labels", {"spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
                                                  "method": method})
     return like(vol, out, affine=new_affine, step=step)
@@ -457,13 +433,13 @@ def _grid_coords(m: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray
                                      (i.shape[0], j.shape[1], k.shape[2])) for d in range(3)])
 
 
-def _to_grid_block(sub: np.ndarray, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int],
+def _to_grid_block(regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int],
                    order: int, out_dtype) -> np.ndarray:
     x = _grid_coords(m, ranges)
     n_in = np.asarray(n_in).reshape(3, 1, 1, 1)
     # inside the input field of view (outer voxel edges), as the order-0 rule floor(x + 0.5) in [0, n-1]
     inside = np.all((x >= -0.5) & (x < n_in - 0.5), axis=0)
-    sub = np.asarray(sub)
+    sub = np.asarray(regions[0])
     if order == 0:
         idx = np.floor(x + 0.5).astype(np.int64)
         for d in range(3):
@@ -514,22 +490,20 @@ def resample_to_grid(vol: xr.DataArray, shape: Sequence[int], affine: Any, *, or
     c_in = max(max(c) for c in data.chunks)
     out_chunks = _normalize_out_chunks(chunks, shape, [max(_MIN_OUT_CHUNK, int(c_in * ratio))] * 3)
     pad = 1 if order == 0 else (2 if order == 1 else 3 + SPLINE_MARGIN)
-    task = dask.delayed(_to_grid_block, pure=True)
 
-    def make_block(ranges, bshape):
+    def plan(index, ranges):
         corners = np.array([[ranges[0][c0], ranges[1][c1], ranges[2][c2]]
                             for c0 in (0, 1) for c1 in (0, 1) for c2 in (0, 1)], dtype=np.float64)
         corners -= np.array([[c0, c1, c2] for c0 in (0, 1) for c1 in (0, 1) for c2 in (0, 1)])  # last index
         x = corners @ m[:3, :3].T + m[:3, 3]
         xmin, xmax = x.min(axis=0), x.max(axis=0)
         if np.any(xmax < -0.5 - 1e-9) or np.any(xmin >= np.array(n_in) - 0.5 + 1e-9):
-            return da.zeros(bshape, dtype=out_dtype)          # entirely outside the input: no input read
+            return None                                       # entirely outside the input: zeros, no read
         lo = [max(0, math.floor(xmin[d]) - pad) for d in range(3)]
         hi = [min(n_in[d], math.floor(xmax[d]) + 2 + pad) for d in range(3)]
-        lo = [min(l, max(0, h - 1)) for l, h in zip(lo, hi)]
-        sub = data[tuple(slice(l, h) for l, h in zip(lo, hi))]
-        return da.from_delayed(task(sub, lo, m, ranges, n_in, order, out_dtype), bshape, dtype=out_dtype)
+        lo = [min(a, max(0, b - 1)) for a, b in zip(lo, hi)]
+        return lo, hi, (lo, m, ranges, n_in, order, out_dtype)
 
-    out = _assemble(out_chunks, make_block, out_dtype)
+    out = region_map(_to_grid_block, [data], out_chunks, plan, out_dtype, name="resample-to-grid")
     step = provenance_record("resample_to_grid", {"shape": list(shape), "affine": a_out.tolist(), "order": order})
     return like(vol, out, affine=a_out, kind=kind if order == 0 else "image", step=step)

@@ -14,6 +14,7 @@ import scipy.ndimage as ndi
 from scipy.optimize import minimize
 
 from helm_dask import mirror
+from helm_dask.io import regions
 from helm_dask.errors import HelmError
 from helm_dask.mirror import (RIGHT_CODES, MirrorTransform, fit_mirror, mirror_cost, mirror_labels,
                               rotation_matrix, whole_brain_grid)
@@ -364,8 +365,8 @@ def test_empty_output_chunks_read_nothing(hemi, fitted):
     layers = out.data.__dask_graph__().layers
     (layer,) = [v for k, v in layers.items() if str(k).startswith("mirror-gather")]
     tasks = [layer[k] for k in layer]
-    gathers = [t for t in tasks if t[0] is mirror._gather_chunks]
-    zeros = [t for t in tasks if t[0] is mirror._zeros_block]
+    gathers = [t for t in tasks if t[0] is regions._region_task]
+    zeros = [t for t in tasks if t[0] is regions._zeros]
     assert len(tasks) == math.prod(len(c) for c in out.data.chunks) // 2  # one task per x < 0 chunk
     assert len(gathers) + len(zeros) == len(tasks)
     assert 0 < len(gathers) < 0.6 * len(tasks)                            # far-out chunks: zeros, no read
@@ -390,8 +391,8 @@ def test_store_backed_maps_are_read_region_by_region(tmp_path, hemi, fitted):
     aff = hemi["affine"]
     stored = open_volume(save_volume(as_volume(maps["merged"], aff, 12, kind="labels"), tmp_path / "m.zarr",
                                      pyramid=False))
-    assert mirror._zarr_array_of(stored.data) is not None
-    assert mirror._zarr_array_of((stored.data + 0)) is None                 # derived data: generic path
+    assert regions.zarr_array_of(stored.data) is not None
+    assert regions.zarr_array_of((stored.data + 0)) is None                 # derived data: generic path
     in_memory = as_volume(maps["clusters"], aff, 15, kind="labels")
     for vols, n_deps in (({"merged": stored}, 0), ({"merged": stored, "clusters": in_memory}, 1)):
         out = mirror_labels(vols, tr, margin_mm=4.0, chunks=20)

@@ -1,0 +1,134 @@
+"""Region tasks (helm_dask.io.regions): boxes read from stores or pasted from chunks equal NumPy slicing."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from helm_dask.io import regions
+from helm_dask.io.store import open_volume, save_volume
+from helm_dask.volume import make_volume
+
+SHAPE = (23, 17, 12)
+SHIFT = np.array([3, -2, 1])      # output voxel i <- source voxel i + SHIFT (clipped), read with a margin
+MARGIN = 2
+
+
+def reference(src: np.ndarray) -> np.ndarray:
+    idx = [np.clip(np.arange(n) + s, 0, n - 1) for n, s in zip(src.shape, SHIFT)]
+    return src[np.ix_(*idx)]
+
+
+def shifted(regions_, lo, ranges):
+    """The output chunk ``ranges`` from the box starting at ``lo`` (margin included)."""
+    idx = [np.clip(np.arange(a, b) + s, 0, n - 1) - l
+           for (a, b), s, n, l in zip(ranges, SHIFT, SHAPE, lo)]
+    return regions_[0][np.ix_(*idx)].astype(np.float64)
+
+
+def plan(index, ranges):
+    lo = [max(0, a + s - MARGIN) for (a, b), s in zip(ranges, SHIFT)]
+    hi = [min(n, b + s + MARGIN) for (a, b), s, n in zip(ranges, SHIFT, SHAPE)]
+    lo = [min(a, n - 1) for a, n in zip(lo, SHAPE)]
+    hi = [max(h, a + 1) for h, a in zip(hi, lo)]
+    return lo, hi, (lo, ranges)
+
+
+@pytest.fixture
+def volume():
+    return np.random.default_rng(3).random(SHAPE).astype(np.float32)
+
+
+@pytest.fixture
+def stored(tmp_path, volume):
+    def make(chunks, name="v.zarr"):
+        vol = make_volume(da.from_array(volume, chunks=chunks), np.eye(4))
+        return open_volume(save_volume(vol, tmp_path / name, pyramid=False, chunks=chunks)).data
+    return make
+
+
+@pytest.mark.parametrize("src_chunks", [(5, 4, 3), (23, 17, 12), (8, 16, 5)])
+@pytest.mark.parametrize("out_chunks", [(4, 5, 6), (23, 17, 12), (1, 17, 2)])
+@pytest.mark.parametrize("backed", [True, False])
+def test_region_map_equals_numpy(volume, stored, src_chunks, out_chunks, backed):
+    src = stored(src_chunks) if backed else da.from_array(volume, chunks=src_chunks)
+    assert (regions.zarr_array_of(src) is not None) == backed
+    chunks = da.core.normalize_chunks(out_chunks, SHAPE)
+    out = regions.region_map(shifted, [src], chunks, plan, np.float64)
+    layer_deps = out.__dask_graph__().dependencies[out.name]
+    assert (len(layer_deps) == 0) == backed           # store-backed: the tasks read the store themselves
+    np.testing.assert_array_equal(out.compute(), reference(volume).astype(np.float64))
+
+
+def test_cache_shares_chunks_between_overlapping_boxes_and_stays_in_budget(volume, stored, monkeypatch):
+    src = stored((6, 6, 6))
+    cache = regions._ChunkCache(8 * 6 ** 3 * 4)        # room for eight chunks only
+    monkeypatch.setattr(regions, "_CACHE", cache)
+    chunks = da.core.normalize_chunks((3, 3, 3), SHAPE)
+    out = regions.region_map(shifted, [src], chunks, plan, np.float64)
+    np.testing.assert_array_equal(out.compute(scheduler="synchronous"), reference(volume))
+    assert cache.hits > cache.misses > 0 and cache.nbytes <= cache.budget and len(cache.items) <= 8
+    # without the cache every box decodes its chunks itself: the same values
+    out = regions.region_map(shifted, [src], chunks, plan, np.float64, cache=False)
+    hits = cache.hits
+    np.testing.assert_array_equal(out.compute(scheduler="synchronous"), reference(volume))
+    assert cache.hits == hits
+
+
+def test_rewritten_store_is_never_served_from_the_cache(tmp_path, volume):
+    """A store rewritten in place (a rerun with other parameters) is read anew by the next graph."""
+    path = tmp_path / "v.zarr"
+    chunks = da.core.normalize_chunks((5, 5, 5), SHAPE)
+    for scale in (1.0, 2.0):
+        vol = make_volume(da.from_array(volume * scale, chunks=6), np.eye(4))
+        src = open_volume(save_volume(vol, path, pyramid=False, chunks=6, overwrite=True)).data
+        out = regions.region_map(shifted, [src], chunks, plan, np.float64)
+        np.testing.assert_array_equal(out.compute(scheduler="synchronous"), reference(volume * scale))
+
+
+def test_regions_are_private_copies(volume, stored):
+    """A task may write into its region: the cached chunk stays intact."""
+    src = stored((23, 17, 12))                        # one chunk: the box is exactly the cached chunk
+
+    def scribble(regions_, lo, ranges):
+        r = regions_[0]
+        out = shifted(regions_, lo, ranges)
+        r[...] = -1.0
+        return out
+
+    chunks = da.core.normalize_chunks((23, 17, 12), SHAPE)
+    for _ in range(2):
+        out = regions.region_map(scribble, [src], chunks, lambda i, r: ((0, 0, 0), SHAPE, ((0, 0, 0), r)),
+                                 np.float64)
+        np.testing.assert_array_equal(out.compute(scheduler="synchronous"), reference(volume))
+
+
+def test_empty_plan_gives_zeros_without_reading(volume):
+    src = da.from_array(volume, chunks=5)
+    chunks = da.core.normalize_chunks((10, 17, 12), SHAPE)
+    out = regions.region_map(shifted, [src], chunks, lambda i, r: None if i[0] == 1 else plan(i, r), np.float32)
+    got = out.compute()
+    assert got.dtype == np.float32 and np.all(got[10:20] == 0)
+    np.testing.assert_array_equal(got[:10], reference(volume)[:10])
+    np.testing.assert_array_equal(got[20:], reference(volume)[20:])
+
+
+@pytest.mark.parametrize("mask_chunks", [(5, 4, 3), (9, 17, 12)])
+@pytest.mark.parametrize("backed", [True, False])
+def test_chunk_tasks_cover_the_first_sources_grid(volume, stored, mask_chunks, backed):
+    mask = (volume > 0.3).astype(np.uint8)
+    img = stored((5, 4, 3)) if backed else da.from_array(volume, chunks=(5, 4, 3))
+    msk = da.from_array(mask, chunks=mask_chunks)
+
+    def masked_sum(regions_, scale):
+        a, m = regions_
+        assert a.shape == m.shape
+        return np.array([float(a[m != 0].astype(np.float64).sum()) * scale, a.size])
+
+    parts = regions.chunk_tasks(masked_sum, [img, msk], 2.0)
+    assert len(parts) == img.npartitions
+    got = np.sum(dask.compute(*parts), axis=0)
+    assert got[1] == volume.size
+    np.testing.assert_allclose(got[0], 2.0 * volume[mask != 0].astype(np.float64).sum(), rtol=1e-12)
