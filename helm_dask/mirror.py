@@ -778,10 +778,16 @@ def _source_region(g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int]
     return tuple(int(v) for v in lo), tuple(int(v) + 1 for v in hi)
 
 
-def _half_chunks(n_half: int, size: int) -> tuple[int, ...]:
-    """Chunks of the x < 0 half, full chunks next to the midline (so both halves mirror each other)."""
-    q, r = divmod(n_half, size)
-    return tuple(([r] if r else []) + [size] * q)
+def _whole_brain_block(regions: list, lo: tuple, g: np.ndarray, parts: tuple, ry: tuple, rz: tuple,
+                       src_shape: tuple[int, int, int], mode: str, codes: tuple) -> np.ndarray:
+    """One whole-brain output chunk: its x < 0 part gathered directly, its x > 0 part gathered at the mirrored
+    x < 0 positions, reversed along x and with the right-hemisphere codes."""
+    width = sum(x1 - x0 for (x0, x1), _, _ in parts)
+    out = np.zeros((len(regions), width, ry[1] - ry[0], rz[1] - rz[0]), np.uint16)
+    for (x0, x1), at, mirrored in parts:
+        blk = _gather_block(regions, lo, g, ((x0, x1), ry, rz), src_shape, mode)
+        out[:, at:at + x1 - x0] = _right_codes_block(blk[:, ::-1], codes) if mirrored else blk
+    return out
 
 
 def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: MirrorTransform, *,
@@ -790,13 +796,14 @@ def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: Mi
                   chunks: int = 128, mode: str = "grid-constant") -> dict | xr.DataArray:
     """Whole-brain label maps: the transformed left hemisphere on x < 0, its mirror image on x > 0; lazy.
 
-    Every output chunk on the x < 0 side is one task that slices from each source map only the bounded
-    region it needs and gathers all maps with one shared index computation (nearest neighbour, index
+    Every output chunk is one task that reads from each source map only the bounded region it needs and
+    gathers all maps with one shared index computation (nearest neighbour, index
     ``floor(c + 0.5)`` of the continuous source index ``c = G o``, ``G = inv(A_src) @ inv(T) @ A_out``, with
     the float expression of ``scipy.ndimage.affine_transform(order=0)``); chunks that reach no source voxel
     are zeros without reading. The x > 0 side is the x < 0 side reversed along x (exactly the mirror image,
-    see :func:`whole_brain_grid`) with the codes of ``right_codes`` (default :data:`RIGHT_CODES`, 801-805 ->
-    806-810) renamed; k-means clusters keep their values.
+    see :func:`whole_brain_grid`; a chunk there gathers at the mirrored x < 0 positions itself, so the output
+    chunks are the store's and no task waits on another) with the codes of ``right_codes`` (default
+    :data:`RIGHT_CODES`, 801-805 -> 806-810) renamed; k-means clusters keep their values.
 
     Memory: a map stored in Zarr (as :func:`helm_dask.io.store.open_volume` returns it) is read region by
     region inside each gather task, so no source data is shared between tasks and memory per task is bounded
@@ -873,25 +880,30 @@ def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: Mi
     g = np.linalg.inv(src_aff) @ np.linalg.inv(transform.matrix) @ out_aff    # output index -> source index
     src_shape = tuple(int(s) for s in first.shape)
     size = int(chunks)
-    xch = _half_chunks(out_shape[0] // 2, size)
-    ych = da.core.normalize_chunks(size, (out_shape[1],))[0]
-    zch = da.core.normalize_chunks(size, (out_shape[2],))[0]
+    nx, half = out_shape[0], out_shape[0] // 2
+    xch, ych, zch = (da.core.normalize_chunks(size, (n,))[0] for n in out_shape)
     nmaps = len(datas)
 
-    # one task per x < 0 output chunk, reading from each map only the bounded box it reaches (one graph
-    # layer: store-backed maps are read box by box inside the task, others pasted from their chunks; a chunk
-    # far from the source reads nothing)
+    # one task per output chunk (the store's chunks: nothing to rechunk), reading from each map only the
+    # bounded box it reaches (one graph layer: store-backed maps are read box by box inside the task, others
+    # pasted from their chunks; a chunk far from the source reads nothing). Output x on the right half is the
+    # mirror of x' = nx - 1 - x on the left: the task gathers there itself, so no task waits on another.
     def plan(index, ranges):
-        region = _source_region(g, ranges[1:], src_shape)
-        if region is None:
+        (a, b), ry, rz = ranges[1:]
+        parts = []
+        if a < half:
+            parts.append(((a, min(b, half)), 0, False))
+        if b > half:
+            parts.append(((nx - b, nx - max(a, half)), max(a, half) - a, True))
+        boxes = [bx for bx in (_source_region(g, (xr, ry, rz), src_shape) for xr, _, _ in parts) if bx is not None]
+        if not boxes:
             return None
-        lo, hi = region
-        return lo, hi, (lo, g, ranges[1:], src_shape, mode)
+        lo = tuple(min(bx[0][d] for bx in boxes) for d in range(3))
+        hi = tuple(max(bx[1][d] for bx in boxes) for d in range(3))
+        return lo, hi, (lo, g, tuple(parts), ry, rz, src_shape, mode, codes)
 
-    left = region_map(_gather_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16,
-                      name="mirror-gather")                           # (maps, x < 0, y, z)
-    right = left[:, ::-1].map_blocks(_right_codes_block, codes=codes, dtype=np.uint16)
-    full = da.concatenate([left, right], axis=1)
+    full = region_map(_whole_brain_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16,
+                      name="mirror-gather")                           # (maps, x, y, z)
     params = {"matrix": transform.matrix.tolist(), "alpha": transform.alpha, "grid_shape": list(out_shape),
               "spacing_mm": float(spacing_of(out_aff).min()), "margin_mm": float(margin_mm), "mode": mode,
               "right_codes": {str(a): b for a, b in codes}}

@@ -367,7 +367,7 @@ def test_empty_output_chunks_read_nothing(hemi, fitted):
     tasks = [layer[k] for k in layer]
     gathers = [t for t in tasks if t[0] is regions._region_task]
     zeros = [t for t in tasks if t[0] is regions._zeros]
-    assert len(tasks) == math.prod(len(c) for c in out.data.chunks) // 2  # one task per x < 0 chunk
+    assert len(tasks) == math.prod(len(c) for c in out.data.chunks)       # one task per output chunk
     assert len(gathers) + len(zeros) == len(tasks)
     assert 0 < len(gathers) < 0.6 * len(tasks)                            # far-out chunks: zeros, no read
     # each gather depends on source chunks only (no intermediate slicing tasks), never on all of them
