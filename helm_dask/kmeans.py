@@ -338,11 +338,31 @@ def _hist_nb(u: np.ndarray, m: np.ndarray, s: int, kmin: int, nb: int) -> tuple:
 
 
 @njit(cache=True, nogil=True)
-def _refine_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """rank * 2**s + L of the masked voxels whose key is refined (rank >= 0, refined keys all >= 0): -0.0 counts
-    as +0.0 (as in _masked_f32); negative and non-finite voxels are skipped (no refined key holds them)."""
-    out = np.empty(u.size, np.int64)
-    n = 0
+def _hist_full_nb(u: np.ndarray, m: np.ndarray, s: int, cnt: np.ndarray, s1: np.ndarray,
+                  s2: np.ndarray) -> bool:  # pragma: no cover
+    """:func:`_hist_nb` into arrays that span every non-negative finite key (zeroed by the caller), without
+    a first pass for the span; False (arrays then partly filled) at the first voxel with a sign bit or not
+    finite."""
+    low_mask = np.uint32((1 << s) - 1)
+    for i in range(u.size):
+        if m[i]:
+            x = u[i]
+            if x >= np.uint32(0x7F800000):
+                return False
+            k = x >> np.uint32(s)
+            lo = np.int64(x & low_mask)
+            cnt[k] += 1
+            s1[k] += lo
+            s2[k] += lo * lo
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _refine_count_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray,
+                     cnt: np.ndarray) -> None:  # pragma: no cover
+    """``cnt[rank * 2**s + L] += 1`` for the masked voxels whose key is refined (``rank >= 0``; refined keys all
+    >= 0): -0.0 counts as +0.0 (as in _masked_f32); negative and non-finite voxels are skipped (no refined key
+    holds them)."""
     low_mask = np.uint32((1 << s) - 1)
     for i in range(u.size):
         if m[i]:
@@ -353,9 +373,7 @@ def _refine_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray) 
                 continue
             off = np.int64(x >> np.uint32(s)) - r0
             if 0 <= off < rank.size and rank[off] >= 0:
-                out[n] = (np.int64(rank[off]) << s) + np.int64(x & low_mask)
-                n += 1
-    return out[:n]
+                cnt[(np.int64(rank[off]) << s) + np.int64(x & low_mask)] += 1
 
 
 def _flat_inputs(img: np.ndarray, msk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -371,6 +389,15 @@ def _hist_block(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
     """Per-chunk histogram: (keys, count, sum L, sum L^2) as int64, plus the number of non-finite voxels."""
     v, m = _flat_inputs(img, msk)
     u = v.view(np.uint32)
+    n_keys = (0x7F800000 >> s) + 1          # every non-negative finite key
+    if n_keys <= _DENSE_SPAN:
+        # the usual case (finite intensities >= 0, default bins): one compiled loop into arrays over all keys
+        # (zero pages that stay untouched cost nothing), no span pass -- the same integers as the NumPy path
+        cnt, s1, s2 = (np.zeros(n_keys, np.int64) for _ in range(3))
+        if _hist_full_nb(u, m, s, cnt, s1, s2):
+            nz = np.flatnonzero(cnt)
+            return nz.astype(np.int64), cnt[nz], s1[nz], s2[nz], 0
+        return _hist_block_np(img, msk, s)
     kmin, kmax, ok = _span_nb(u, m, s)
     if ok and kmax < kmin:          # no voxel of this chunk in the mask
         return (*_empty_hist()[:4], 0)
@@ -437,13 +464,24 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
     """Per-chunk exact value counts inside the bins ``rkeys``: (rank * 2**s + L, count) as int64."""
     if rkeys.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    r0, span = int(rkeys[0]), int(rkeys[-1]) - int(rkeys[0]) + 1
-    if r0 >= 0 and span <= _DENSE_SPAN:     # refined keys all >= 0: no negative value can fall in them
+    if int(rkeys[0]) >= 0 and int(rkeys[-1]) - int(rkeys[0]) < _DENSE_SPAN:
+        # refined keys all >= 0 (no negative value can fall in them): count every code rank * 2**s + L in a
+        # dense table, a group of keys at a time (one group in practice: ~100 keys of 4096 codes each)
         v, m = _flat_inputs(img, msk)
-        rank = np.full(span, -1, dtype=np.int32)
-        rank[rkeys - r0] = np.arange(rkeys.size, dtype=np.int32)
-        u_, c = np.unique(_refine_nb(v.view(np.uint32), m, s, r0, rank), return_counts=True)
-        return u_.astype(np.int64), c.astype(np.int64)
+        u = v.view(np.uint32)
+        per = max(1, _DENSE_SPAN >> s)
+        codes, counts = [], []
+        for g0 in range(0, rkeys.size, per):
+            grp = rkeys[g0:g0 + per]
+            r0 = int(grp[0])
+            rank = np.full(int(grp[-1]) - r0 + 1, -1, dtype=np.int32)
+            rank[grp - r0] = np.arange(grp.size, dtype=np.int32)
+            cnt = np.zeros(grp.size << s, np.int64)
+            _refine_count_nb(u, m, s, r0, rank, cnt)
+            nz = np.flatnonzero(cnt)
+            codes.append(nz.astype(np.int64) + (g0 << s))
+            counts.append(cnt[nz])
+        return np.concatenate(codes), np.concatenate(counts)
     v = _masked_f32(img, msk)
     v = v[np.isfinite(v)]
     if v.size == 0:

@@ -402,13 +402,17 @@ def _shift():
     return s
 
 
-def test_compiled_binning_equals_numpy():
+@pytest.mark.parametrize("n_bins", [2048, 65536])
+def test_compiled_binning_equals_numpy(n_bins):
     """The compiled per-chunk histogram and refinement equal the NumPy ones integer for integer: any mask dtype,
-    denormals, zeros, huge values, empty masks; negative or non-finite voxels take the NumPy path."""
+    denormals, zeros, huge values, empty masks; negative or non-finite voxels take the NumPy path. Both
+    compiled histograms (arrays over every key at the default bins, a span pass first at fine bins) and both
+    refinements (one dense table for few refined keys, several groups for many)."""
     import helm_dask.kmeans as km
 
     rng = np.random.default_rng(7)
-    s = km._shift_for(2048)
+    s = km._shift_for(n_bins)
+    assert (((0x7F800000 >> s) + 1) <= km._DENSE_SPAN) == (n_bins == 2048)
     x = np.abs(rng.normal(300, 120, (20, 17, 13))).astype(np.float32)
     x.flat[:40] = np.array([0.0, 1e-40, 3e-39, 1e30, 7.5] * 8, dtype=np.float32)
     cases = [(x, rng.random(x.shape) < 0.6), (x, (rng.random(x.shape) < 0.3).astype(np.uint8)),
