@@ -166,9 +166,8 @@ def resample(args) -> None:
     """The resample stage on the run's stores, as ``run`` does it for a left hemisphere: the masked scan to
     ``--spacing`` (anti-aliased linear), mask and hypothalamus labels by majority vote, written with pyramids.
     The client's peak is the point (it once kept ~1 GB of graph after the 0.1 -> 0.3 mm resample)."""
-    from helm_dask.background import apply_mask
     from helm_dask.io import open_volume
-    from helm_dask.io.store import save_volumes
+    from helm_dask.io.store import save_volume
     from helm_dask.orient import map_right_to_left_codes, to_ras
     from helm_dask.resample import resample as resample_image
     from helm_dask.resample import resample_labels
@@ -176,17 +175,20 @@ def resample(args) -> None:
     run = Path(args.run)
     scan = to_ras(open_volume(_store(run, "scan_raw")))
     mask = open_volume(_store(run, "mask_ras"))
-    labels = map_right_to_left_codes(to_ras(open_volume(_store(run, "labels_raw"))))
+    labels = to_ras(open_volume(_store(run, "labels_raw")))
     sp = float(args.spacing)
     tmp = Path(tempfile.mkdtemp(prefix="helm-resample-", dir=run))
     try:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
-                save_volumes({tmp / "image_ws.zarr": resample_image(apply_mask(scan, mask), sp, order=1),
-                              tmp / "mask.zarr": resample_labels(mask, sp, method="majority"),
-                              tmp / "hypothalamus.zarr": resample_labels(labels, sp, method="majority")})
+                # as run does it: the stored scan and mask read box by box, label codes mapped after the vote
+                for name, vol in (("image_ws", resample_image(scan, sp, order=1, mask=mask)),
+                                  ("mask", resample_labels(mask, sp, method="majority")),
+                                  ("hypothalamus", map_right_to_left_codes(resample_labels(labels, sp,
+                                                                                           method="majority")))):
+                    save_volume(vol, tmp / f"{name}.zarr")
         _emit(scan, args, run, f"resample:to-{sp:g}mm", m, "masked scan (linear, anti-aliased), mask and labels "
-              "(majority) written with pyramids")
+              "(majority) written with pyramids", work_spacing_mm=f"{sp:g}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import HelmError
+from .io.regions import register_view
 from .volume import affine_of, like, orientation_code, provenance_record, spacing_of, voxel_to_world
 
 __all__ = [
@@ -107,13 +108,15 @@ def to_ras(vol: xr.DataArray) -> xr.DataArray:
     ornt = _ras_ornt(a)
     code_in = orientation_code(a)
     shape_out, new_affine = ras_grid(vol.shape, a)
-    data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+    source = data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
     # flips first, in input axis order, then the transpose -- the order nibabel's apply_orientation uses
     flips = tuple(slice(None, None, -1) if f < 0 else slice(None) for f in ornt[:, 1])
     data = data[flips]
     perm = [int(p) for p in np.argsort(ornt[:, 0])] + list(range(3, data.ndim))
     if perm != list(range(data.ndim)):
         data = data.transpose(perm)
+    # a stored scan stays readable box by box from its store (region tasks: resampling)
+    register_view(data, source, [bool(f < 0) for f in ornt[:, 1]], perm)
     step = provenance_record("orient.to_ras", {"orientation_in": code_in,
                                                "axis_order": perm[:3],
                                                "flipped_input_axes": [int(i) for i in np.nonzero(ornt[:, 1] < 0)[0]]})
@@ -151,10 +154,12 @@ def flip_left_right(vol: xr.DataArray) -> xr.DataArray:
     flip[ax, ax] = -1.0
     flip[ax, 3] = n - 1
     new_affine = np.diag([-1.0, 1.0, 1.0, 1.0]) @ a @ flip
-    data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+    source = data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
     index = [slice(None)] * data.ndim
     index[ax] = slice(None, None, -1)
-    return like(vol, data[tuple(index)], affine=new_affine,
+    data = data[tuple(index)]
+    register_view(data, source, [d == ax for d in range(3)], [0, 1, 2])
+    return like(vol, data, affine=new_affine,
                 step=provenance_record("orient.flip_left_right", {"mirror_plane": "world x = 0",
                                                                    "voxel_axis": ax}))
 

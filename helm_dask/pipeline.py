@@ -40,9 +40,10 @@ from . import __version__
 from .errors import HelmError
 from .io import location
 from .io.convert import nifti_to_zarr, save_nifti
+from .io.regions import store_view_of
 from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
-from .io.store import open_group, open_volume, read_meta, save_volume
-from .volume import like, provenance_record
+from .io.store import STORE_BATCH_CHUNKS, open_group, open_volume, read_meta, save_volume
+from .volume import affine_of, like, provenance_record, spacing_of
 
 STAGES = ("import", "background", "resample", "bias", "kmeans", "merge", "mirror")
 #: ``--until`` names -> the last stage they run.
@@ -151,12 +152,12 @@ class Subject:
             return False
         return bool(prov) and prov.get("stage_key") == key
 
-    def save(self, name: str, vol, key: str, stage: str, params: dict) -> Any:
+    def save(self, name: str, vol, key: str, stage: str, params: dict, batch_chunks: int | None = None) -> Any:
         """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
         location.makedirs(self.store, self.so)
         vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
         save_volume(vol, self.vpath(name), chunks=self.p.chunks, overwrite=True,
-                    extra={"stage_key": key, "stage": stage}, storage_options=self.so)
+                    extra={"stage_key": key, "stage": stage}, storage_options=self.so, batch_chunks=batch_chunks)
         return self.open(name)
 
     def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
@@ -325,15 +326,27 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
                  "resample_labels": params.resample_labels}
 
     def do_resample(key):
+        batch = None
         if params.spacing == "native":
             img, msk, lab = masked, mask_l, labels_l
         else:
-            img = resample(masked, params.spacing, order=1)
+            # masked box by box inside each task: the stored scan and mask (and their reorientations) are read
+            # straight from their stores, nothing is held between tasks; the label codes are mapped after the
+            # vote (a hemisphere holds one side's codes, so the vote is the same)
+            img = resample(scan_l, params.spacing, order=1, mask=mask_l)
             msk = resample_labels(mask_l, params.spacing, method="majority")
-            lab = resample_labels(labels_l, params.spacing, method="majority")
-        return {"image_ws": subj.save("image_ws", img, key, "resample", rs_params),
-                "mask": subj.save("mask", msk, key, "resample", rs_params),
-                "hypothalamus": subj.save("hypothalamus", lab, key, "resample", rs_params)}
+            labels_fl = orient_mod.flip_left_right(labels_ras) if side == "R" else labels_ras
+            lab = orient_mod.map_right_to_left_codes(resample_labels(labels_fl, params.spacing, method="majority"))
+            if any(store_view_of(v.data) is None for v in (scan_l, mask_l, labels_fl)):
+                # computed inputs (e.g. combined echoes) go through their chunks: an output chunk of a
+                # downsampled grid needs ~ratio input chunks, so batches of fewer output chunks keep what a batch
+                # holds at about STORE_BATCH_CHUNKS input chunks (measured at 0.1 -> 0.3 mm with full-size
+                # batches, which cover nearly the whole input: 2.2 GB per worker)
+                ratio = float(np.prod(spacing_of(affine_of(img)) / spacing_of(affine_of(masked))))
+                batch = max(1, round(STORE_BATCH_CHUNKS / ratio)) if ratio > 1.0 else None
+        return {"image_ws": subj.save("image_ws", img, key, "resample", rs_params, batch),
+                "mask": subj.save("mask", msk, key, "resample", rs_params, batch),
+                "hypothalamus": subj.save("hypothalamus", lab, key, "resample", rs_params, batch)}
 
     out = _stage(subj, "resample", rs_params, ["background"], ["image_ws", "mask", "hypothalamus"], do_resample)
     image_ws, mask_ws, hyp_ws = out["image_ws"], out["mask"], out["hypothalamus"]
@@ -382,7 +395,6 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
 
     km = _stage(subj, "kmeans", km_params, ["bias"], km_names, do_kmeans, json_outputs=[km_json])
     subj.info["kmeans"] = subj.read_json(km_json)["results"]
-    from .volume import affine_of, spacing_of
 
     n_mask = next(iter(subj.info["kmeans"].values())).get("n_voxels")
     if n_mask is not None:
@@ -469,7 +481,6 @@ def _labels_on_scan_grid(labels, scan, params: RunParams):
             check_same_grid(scan, labels, path=params.hypothalamus)
         except HelmError:
             from .resample import resample_to_grid
-            from .volume import affine_of
 
             return resample_to_grid(labels, scan.shape, affine_of(scan), order=0)
         return labels

@@ -132,3 +132,30 @@ def test_chunk_tasks_cover_the_first_sources_grid(volume, stored, mask_chunks, b
     got = np.sum(dask.compute(*parts), axis=0)
     assert got[1] == volume.size
     np.testing.assert_allclose(got[0], 2.0 * volume[mask != 0].astype(np.float64).sum(), rtol=1e-12)
+
+
+def test_store_views_read_flipped_and_transposed_boxes(volume, stored):
+    """A stored volume flipped and transposed (twice, composed) reads any box as NumPy indexing does; dask
+    arrays built by helm_dask.orient from a store are recognised as such views."""
+    import itertools
+
+    from helm_dask.orient import flip_left_right, to_ras
+
+    z = regions.zarr_array_of(stored((5, 4, 3)))
+    rng = np.random.default_rng(5)
+    for perm1, perm2 in [((0, 1, 2), (2, 0, 1)), ((1, 2, 0), (0, 2, 1)), ((2, 1, 0), (1, 0, 2))]:
+        for f1, f2 in itertools.islice(itertools.product(itertools.product([False, True], repeat=3), repeat=2), 0, 64, 9):
+            view = regions.StoreView(z).then(f1, perm1).then(f2, perm2)
+            ref = volume[tuple(slice(None, None, -1) if f else slice(None) for f in f1)].transpose(perm1)
+            ref = ref[tuple(slice(None, None, -1) if f else slice(None) for f in f2)].transpose(perm2)
+            assert view.shape == ref.shape
+            lo = [int(rng.integers(0, n - 1)) for n in ref.shape]
+            hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, ref.shape)]
+            np.testing.assert_array_equal(view.read(lo, hi, "t"), ref[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    # orient's reorientation of a stored volume (LPI-like affine) is such a view; computed data is not
+    vol = make_volume(stored((5, 4, 3), "w.zarr"), np.diag([-1.0, -2.0, 1.5, 1.0])[[1, 0, 2, 3]])
+    ras = flip_left_right(to_ras(vol))
+    view = regions.store_view_of(ras.data)
+    assert view is not None
+    np.testing.assert_array_equal(view.read((0, 0, 0), ras.shape), ras.values)
+    assert regions.store_view_of((ras.data + 1)) is None

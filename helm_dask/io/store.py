@@ -411,7 +411,8 @@ def volume_attrs_for_store(vol: xr.DataArray) -> dict:
 
 
 def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False, pyramid: bool = True,
-                shards=None, extra: dict | None = None, storage_options: dict | None = None) -> str:
+                shards=None, extra: dict | None = None, storage_options: dict | None = None,
+                batch_chunks: int | None = None) -> str:
     """Write a (lazy) volume to a new Zarr v3 store, atomically, with its pyramid and metadata.
 
     The computation runs on the current Dask scheduler (a ``dask.distributed`` client if one is active), one
@@ -427,16 +428,19 @@ def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False
     512.0
     """
     return save_volumes({os.fspath(path): vol}, chunks=chunks, overwrite=overwrite, pyramid=pyramid,
-                        shards=shards, extra=extra, storage_options=storage_options)[0]
+                        shards=shards, extra=extra, storage_options=storage_options, batch_chunks=batch_chunks)[0]
 
 
 def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: bool = True, shards=None,
-                 extra: dict | None = None, storage_options: dict | None = None) -> list[str]:
+                 extra: dict | None = None, storage_options: dict | None = None,
+                 batch_chunks: int | None = None) -> list[str]:
     """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
 
     Volumes derived from the same inputs (the six k-means maps of one image, say) share their graph, so the
     inputs are read once for all of them. Each store is still written atomically on its own. Paths may be
-    URLs (``storage_options`` as in :mod:`helm_dask.io.location`).
+    URLs (``storage_options`` as in :mod:`helm_dask.io.location`). ``batch_chunks``: output chunks per
+    computation (:func:`store_batched`; default :data:`STORE_BATCH_CHUNKS`) -- fewer when each output chunk
+    needs much more input than its own size (a downsampling resample).
     """
     with contextlib.ExitStack() as stack:
         sources, targets, pending = [], [], []
@@ -458,7 +462,7 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
             sources.append(src.rechunk(target.chunks))
             targets.append(target)
             pending.append((group, kind, affine, name, four_d, ch, attrs))
-        store_batched(sources, targets)
+        store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
         for group, kind, affine, name, four_d, ch, attrs in pending:
             nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
             write_attrs(group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs,
