@@ -60,6 +60,9 @@ class Sampler:
         self._loads: list[float] = []
         self.peak_by_pid: dict[int, int] = {}   # since the last mark: who holds the memory (client vs workers)
         self.stage_breakdown = ""
+        self._cpu_base: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._started = False
         self._load_sum, self._load_n = 0.0, 0
         self.stage_load = 0.0   # mean 1-min load average between the last two marks (other work on the machine)
         self._stop = threading.Event()
@@ -80,6 +83,11 @@ class Sampler:
                 rss = p.memory_info().rss
                 total += rss
                 self.peak_by_pid[p.pid] = max(self.peak_by_pid.get(p.pid, 0), rss)
+                ct = p.cpu_times()
+                cpu = ct.user + ct.system
+                # CPU seconds: from the first sample for processes already running, from 0 for new ones
+                self._cpu_base.setdefault(p.pid, cpu if not self._started else 0.0)
+                self._cpu_last[p.pid] = cpu
                 io = p.io_counters()
                 cur = (io.read_chars, io.write_chars)
                 self._io_base.setdefault(p.pid, cur if p.pid == self.root.pid else (0, 0))
@@ -90,6 +98,7 @@ class Sampler:
         self._loads.append(os.getloadavg()[0])
         self._load_sum, self._load_n = self._load_sum + self._loads[-1], self._load_n + 1
         self.peak_rss_overall = max(self.peak_rss_overall, total)
+        self._started = True
 
     def mark(self) -> tuple[int, int, int]:
         """Peak RSS and I/O since the last mark (for per-stage numbers inside one run); resets the peak."""
@@ -124,6 +133,11 @@ class Sampler:
     def mean_load(self) -> float:
         """Mean 1-min load average over the whole sampling (how busy the machine was)."""
         return self._load_sum / self._load_n if self._load_n else 0.0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the whole process tree since the start (load-independent work)."""
+        return sum(self._cpu_last[p] - self._cpu_base[p] for p in self._cpu_last)
 
     @property
     def read_bytes(self) -> int:

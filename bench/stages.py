@@ -57,7 +57,8 @@ def _emit(vol, args, run: Path, stage: str, m, note: str, **extra) -> None:
                mvox_per_s=round(vol.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
                read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
                load_avg=round(m.sampler.mean_load, 1),
-               note="; ".join(x for x in (args.note or note, m.sampler.stage_breakdown) if x), **extra)
+               note="; ".join(x for x in (args.note or note, f"cpu {m.sampler.cpu_seconds:.1f} s",
+                                           m.sampler.stage_breakdown) if x), **extra)
     append_row(row)
     print(row, flush=True)
 

@@ -51,6 +51,7 @@ from zarr.codecs import BloscCodec
 from ..errors import HelmError
 from ..volume import affine_of, make_volume, spacing_of
 from . import location
+from .regions import release_cache
 
 DEFAULT_CHUNKS = (128, 128, 128)
 PYRAMID_MIN_SIZE = 64  # stop adding levels once the largest dimension is below this
@@ -462,7 +463,10 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
             sources.append(src.rechunk(target.chunks))
             targets.append(target)
             pending.append((group, kind, affine, name, four_d, ch, attrs))
-        store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
+        try:
+            store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
+        finally:
+            release_cache()             # the decoded chunks of this computation's box tasks: not needed again
         for group, kind, affine, name, four_d, ch, attrs in pending:
             nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
             write_attrs(group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs,
