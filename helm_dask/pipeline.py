@@ -40,8 +40,8 @@ from . import __version__
 from .errors import HelmError
 from .io import location
 from .io.convert import nifti_to_zarr, save_nifti
-from .io.regions import store_view_of
 from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
+from .io.regions import store_view_of
 from .io.store import STORE_BATCH_CHUNKS, open_group, open_volume, read_meta, save_volume
 from .volume import affine_of, like, provenance_record, spacing_of
 
