@@ -316,11 +316,11 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     from .resample import resample, resample_labels
 
     if side == "R":
-        scan_l = orient_mod.flip_left_right(scan_ras)
-        mask_l = orient_mod.flip_left_right(mask_ras)
-        labels_l = orient_mod.map_right_to_left_codes(orient_mod.flip_left_right(labels_ras))
+        scan_l, mask_l, labels_fl = (orient_mod.flip_left_right(v) for v in (scan_ras, mask_ras, labels_ras))
     else:
-        scan_l, mask_l, labels_l = scan_ras, mask_ras, orient_mod.map_right_to_left_codes(labels_ras)
+        scan_l, mask_l, labels_fl = scan_ras, mask_ras, labels_ras
+    # labels_fl: flipped like the scan, right codes not yet mapped (a downsampling votes on it first)
+    labels_l = orient_mod.map_right_to_left_codes(labels_fl)
     masked = apply_mask(scan_l, mask_l)
     rs_params = {"spacing": params.spacing, "side": side, "label_map": params.label_map,
                  "resample_labels": params.resample_labels}
@@ -335,7 +335,6 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
             # vote (a hemisphere holds one side's codes, so the vote is the same)
             img = resample(scan_l, params.spacing, order=1, mask=mask_l)
             msk = resample_labels(mask_l, params.spacing, method="majority")
-            labels_fl = orient_mod.flip_left_right(labels_ras) if side == "R" else labels_ras
             lab = orient_mod.map_right_to_left_codes(resample_labels(labels_fl, params.spacing, method="majority"))
             if any(store_view_of(v.data) is None for v in (scan_l, mask_l, labels_fl)):
                 # computed inputs (e.g. combined echoes) go through their chunks: an output chunk of a
