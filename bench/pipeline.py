@@ -73,10 +73,10 @@ def main(argv=None) -> int:
 
             def log(msg: str) -> None:
                 print(f"  {msg}", flush=True)
-                if ": computing" in msg:
+                if ": computing" in msg or ": writing" in msg:    # a stage or a NIfTI export starts
                     s.mark()
                     t_stage[0] = time.perf_counter()
-                elif ": done in" in msg:
+                elif ": done in" in msg or ": written in" in msg:
                     stage = msg.split(":", 1)[0]
                     peak, rd, wr = s.mark()
                     dt = time.perf_counter() - t_stage[0]

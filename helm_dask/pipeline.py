@@ -183,7 +183,10 @@ class Subject:
             return path
         prov = {"stage_key": key, "subject": self.name, "version": __version__,
                 "provenance": vol.attrs.get("provenance", []), "inputs": self.input_checksums()}
+        self.log(f"export {filename}: writing")
+        t0 = time.perf_counter()
         save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True, storage_options=self.so)
+        self.log(f"export {filename}: written in {time.perf_counter() - t0:.1f}s")
         return path
 
     # -- inputs -------------------------------------------------------------------------------------------------
