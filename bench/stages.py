@@ -6,6 +6,7 @@
     python bench/stages.py bias --run DIR
     python bench/stages.py background --run DIR
     python bench/stages.py resample --run DIR [--spacing 0.3]
+    python bench/stages.py export --run DIR [--volume label_map_k9]
 
 ``read-pass``: one full read of a stored volume (every chunk decompressed and summed, nothing kept) -- the unit
 the k-means bound is stated in ("all six k no slower than 3 read passes of the preprocessed store").
@@ -13,6 +14,9 @@ the k-means bound is stated in ("all six k no slower than 3 read passes of the p
 ``closing``: the merge stage's spherical closing of the stored hypothalamus labels at radii of 4 and 12 voxels
 on the same grid: an exact Euclidean-distance closing should cost about the same at both (a structuring-element
 closing grows like the ball's volume, 27x from 4 to 12 voxels).
+``export``: a stored volume to ``.nii.gz`` as ``run`` writes it, next to its two bounds measured on the same
+bytes: a read pass of the store, and gzip level 1 of the raw bytes on every core (ISA-L and zlib; the
+single-core rate measured on a 64-plane slab of the volume, scaled to the whole).
 
 DIR is a ``bench/pipeline.py`` output folder (e.g. /tmp/helm-bench/run_0.1_native); rows go to
 bench/results/results.csv (or HELM_BENCH_RESULTS).
@@ -194,21 +198,65 @@ def resample(args) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def export(args) -> None:
+    import gzip
+    import os
+    import time
+
+    import dask.array as da
+    import numpy as np
+
+    from helm_dask.io import open_volume
+    from helm_dask.io import nifti as nii
+    from helm_dask.io.convert import save_nifti
+
+    run = Path(args.run)
+    vol = open_volume(_store(run, args.volume))
+    nbytes = vol.size * vol.dtype.itemsize
+    # gzip bound: one core's level-1 rate on 64 middle planes (in the file's byte order), times the cores
+    z0 = vol.shape[2] // 2
+    raw = nii.slab_bytes(np.asarray(vol.data[:, :, z0:z0 + 64]), vol.dtype)
+    rates = {}
+    for lib, fn in (("isal", lambda b: nii.gzip_member(b, 1)),
+                    ("zlib", lambda b: gzip.compress(b, compresslevel=1, mtime=0))):
+        t0 = time.perf_counter()
+        fn(raw)
+        rates[lib] = len(raw) / (time.perf_counter() - t0)
+    ncores = os.cpu_count() or 1
+    bound = {lib: nbytes / (r * ncores) for lib, r in rates.items()}
+    out = Path(tempfile.mkdtemp(prefix="helm-export-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            with measured() as r:
+                float(da.sum(vol.data, dtype="float64").compute())
+            with measured() as m:
+                save_nifti(vol, out / f"{args.volume}.nii.gz", quiet=True)
+            size = (out / f"{args.volume}.nii.gz").stat().st_size
+        _emit(vol, args, run, f"export:{args.volume}", m,
+              f"{nbytes / 2**20:,.0f} MB raw -> {size / 2**20:,.0f} MB; bounds on the same bytes: read pass "
+              f"{r.wall:.1f} s, gzip -1 on {ncores} cores ISA-L {bound['isal']:.1f} s / zlib {bound['zlib']:.1f} s "
+              f"(one core {rates['isal'] / 2**20:.0f} / {rates['zlib'] / 2**20:.0f} MB/s)",
+              mb_per_s=round(nbytes / 2**20 / m.wall, 1), data_mb=round(nbytes / 2**20))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("read-pass", "closing", "kmeans", "bias", "background", "resample"):
+    for name in ("read-pass", "closing", "kmeans", "bias", "background", "resample", "export"):
         p = sub.add_parser(name)
         p.add_argument("--run", required=True, help="a bench/pipeline.py output folder")
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--note", default="")
     sub.choices["read-pass"].add_argument("--volume", default="preprocessed")
+    sub.choices["export"].add_argument("--volume", default="label_map_k9")
     sub.choices["closing"].add_argument("--radii-vox", default="4,12")
     sub.choices["kmeans"].add_argument("--method", default="histogram")
     sub.choices["resample"].add_argument("--spacing", default="0.3", help="target spacing in mm")
     args = ap.parse_args(argv)
     {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias,
-     "background": background, "resample": resample}[args.cmd](args)
+     "background": background, "resample": resample, "export": export}[args.cmd](args)
     return 0
 
 
