@@ -350,6 +350,41 @@ def test_leftovers_of_a_killed_writer_are_cleared(tmp_path):
     assert np.array_equal(open_volume(tmp_path / "a.zarr").values, np.arange(64, dtype=np.float32).reshape(4, 4, 4))
 
 
+def test_a_running_writers_temporaries_are_left_alone(tmp_path):
+    """Temporary names record their writer (pid, host): a second writer of the same output removes only what
+    killed writers left -- not the temporary of a writer that is still running, here or on another host."""
+    import subprocess
+    import sys
+    import time
+
+    from helm_dask.io import location
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        host = location._HOST
+        other = "0" * 8 if host != "0" * 8 else "1" * 8
+        names = {f".a.zarr.tmp-0123abcdp{live.pid}h{host}": True,          # running here: kept
+                 f".a.zarr.tmp-0123abcdp{dead.pid}h{host}": False,         # its process is gone
+                 f".a.zarr.tmp-0123abcdp{live.pid}h{other}": True,         # another host, recent
+                 f".a.zarr.old-0123abcdp{live.pid}h{other}.old": False,    # another host, a day old
+                 ".a.zarr.tmp-dead0000": False}                             # no writer recorded
+        for n in names:
+            (tmp_path / n).mkdir()
+        old = time.time() - location.FOREIGN_WRITER_GRACE_S - 60
+        os.utime(tmp_path / f".a.zarr.old-0123abcdp{live.pid}h{other}.old", (old, old))
+        p = _save(tmp_path, np.arange(8, dtype=np.float32).reshape(2, 2, 2), "a.nii.gz")
+        convert(p, tmp_path / "a.zarr")
+        left = {q.name for q in tmp_path.iterdir() if q.name.startswith(".")}
+        assert left == {n for n, keep in names.items() if keep}
+        tmp = location.sibling(tmp_path / "a.zarr", ".tmp")
+        assert location._TOKEN.search(tmp).group(1) == str(os.getpid())
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_unwritable_output_folder(tmp_path):
     if os.geteuid() == 0:
         # root ignores permission bits: use a path under a regular file instead (cannot be created either).

@@ -27,10 +27,14 @@ bucket lifecycle rules expire). Zarr volumes carry a completeness flag instead (
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
+import socket
+import time
 import uuid
 from glob import escape as glob_escape
 from pathlib import Path
@@ -83,9 +87,42 @@ def absolute(path) -> str:
     return os.fspath(path) if is_url(path) else os.path.abspath(path)
 
 
+def writer_token() -> str:
+    """A unique token that also names this writer: ``<random>p<pid>h<host hash>``, so that a sweep of leftovers
+    can tell a killed writer's temporaries from those of a writer that is still running (see
+    :func:`remove_stale_siblings`)."""
+    return f"{uuid.uuid4().hex[:8]}p{os.getpid()}h{_HOST}"
+
+
 def sibling(path, prefix: str, suffix: str = "") -> str:
-    """A hidden, unique name next to ``path``: ``<parent>/.<name><prefix>-<random><suffix>``."""
-    return join(parent(path), f".{name(path)}{prefix}-{uuid.uuid4().hex[:8]}{suffix}")
+    """A hidden, unique name next to ``path``: ``<parent>/.<name><prefix>-<writer token><suffix>``."""
+    return join(parent(path), f".{name(path)}{prefix}-{writer_token()}{suffix}")
+
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TOKEN = re.compile(r"-[0-9a-f]{8}p(\d+)h([0-9a-f]{8})")
+#: a temporary of a writer on another host (shared filesystem) is left alone for this long (its pid cannot be
+#: checked from here); older ones are a killed writer's
+FOREIGN_WRITER_GRACE_S = 24 * 3600
+
+
+def _writer_alive(leftover: str, mtime: float | None) -> bool:
+    """Whether the temporary ``leftover`` (a file name) may belong to a writer that is still running."""
+    m = _TOKEN.search(leftover)
+    if m is None:                          # no writer recorded (older helm-dask): a killed writer's, as before
+        return False
+    pid, host = int(m.group(1)), m.group(2)
+    if host != _HOST:
+        return mtime is None or time.time() - mtime < FOREIGN_WRITER_GRACE_S
+    if pid == os.getpid():
+        return False                       # this process has no write of this output in flight
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                        # exists, owned by someone else
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,17 +400,27 @@ def remove(path, storage_options: dict | None = None) -> None:
 
 def remove_stale_siblings(path, prefix: str, storage_options: dict | None = None) -> None:
     """Delete the hidden ``.<name><prefix>-*`` siblings of ``path`` (see :func:`sibling`) that a killed writer of
-    this output left behind (SIGKILL, lost node). Only call it where this process is the output's one writer."""
+    this output left behind (SIGKILL, lost node). Those of a writer still running -- another process on this
+    host, or another host's within :data:`FOREIGN_WRITER_GRACE_S` -- are left alone: two runs writing the same
+    output at once then both finish (the last rename wins) instead of one losing its temporary."""
     pattern = f".{glob_escape(name(path))}{prefix}-*"
     if not is_url(path):
         for stale in Path(parent(path)).glob(pattern):
-            remove(stale)
+            try:
+                mtime = stale.stat().st_mtime
+            except OSError:
+                continue
+            if not _writer_alive(stale.name, mtime):
+                remove(stale)
         return
     fs, p = filesystem(join(parent(path), pattern), storage_options)
     _fresh(fs, p.rsplit("/", 1)[0])
     with contextlib.suppress(*_REMOTE_ERRORS):
         for stale in fs.glob(p):
-            remove_quietly(f"{path.split('://', 1)[0]}://{stale}", storage_options)
+            # no cheap modification time of a prefix on object stores: another host's temporaries count as
+            # old (as before); this host's running writers are still recognised
+            if not _writer_alive(stale.rsplit("/", 1)[-1], 0.0):
+                remove_quietly(f"{path.split('://', 1)[0]}://{stale}", storage_options)
 
 
 def remove_quietly(path, storage_options: dict | None = None) -> None:

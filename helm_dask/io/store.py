@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -121,15 +120,15 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
     except OSError as e:
         raise HelmError(f"the output folder is not writable ({e.strerror or e})", path=parent,
                         hint="choose a folder you can write to or fix its permissions", exit_code=3) from None
-    # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node): nothing else writes
-    # this path now (one writer per output), so they are garbage
+    # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node); a writer that is still
+    # running keeps its temporaries (the names record the writing process)
     for prefix in (".tmp", ".old"):
         location.remove_stale_siblings(local, prefix)
-    tmp = parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{local.name}.tmp-{location.writer_token()}"
     try:
         yield str(tmp)
         if local.exists():
-            trash = parent / f".{local.name}.old-{uuid.uuid4().hex[:8]}"
+            trash = parent / f".{local.name}.old-{location.writer_token()}"
             os.replace(local, trash)
             os.replace(tmp, local)
             location.remove(trash)
