@@ -63,13 +63,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 from scipy import ndimage as ndi
 
 from .errors import HelmError
+from .io.regions import region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = ["brain_mask", "apply_mask", "block_mean", "coarse_factors", "fit_coarse_model", "gmm1d", "refine_mask"]
@@ -600,17 +600,20 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
 # full-resolution passes (band statistics, refinement)
 # ----------------------------------------------------------------------------------------------------------
 
-def _trilinear(coarse: np.ndarray, idx: list[np.ndarray], factors: tuple[int, ...]) -> np.ndarray:
+def _trilinear(coarse: np.ndarray, idx: list[np.ndarray], factors: tuple[int, ...],
+               offset: tuple[int, ...] = (0, 0, 0), full_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Coarse map interpolated (trilinear, clamped outside) at full-resolution voxel centres.
 
     ``idx`` holds the global full-resolution indices along each axis (an outer grid). Coarse voxel j is centred
     on full-resolution index ``j * f + (f - 1) / 2``. Weights and corner indices are computed from the global
     index only and the axes are interpolated one after the other, so a voxel gets the same number whatever
-    chunk it falls in; only the coarse sub-box the chunk needs is touched.
+    chunk it falls in; only the coarse sub-box the chunk needs is touched. ``coarse`` may be that sub-box alone:
+    it then starts at coarse index ``offset`` of a map of shape ``full_shape``.
     """
     out = coarse
+    full_shape = coarse.shape if full_shape is None else full_shape
     for ax in range(3):
-        n, f = coarse.shape[ax], factors[ax]
+        n, f = full_shape[ax], factors[ax]
         shape = [1, 1, 1]
         shape[ax] = idx[ax].size
         if n == 1:
@@ -620,7 +623,7 @@ def _trilinear(coarse: np.ndarray, idx: list[np.ndarray], factors: tuple[int, ..
         i0 = np.minimum(np.floor(q).astype(np.intp), n - 2)
         w = (q - i0).reshape(shape)
         lo = int(i0.min())
-        sub = np.take(out, np.arange(lo, int(i0.max()) + 2), axis=ax)
+        sub = np.take(out, np.arange(lo, int(i0.max()) + 2) - offset[ax], axis=ax)
         out = np.take(sub, i0 - lo, axis=ax) * (1.0 - w) + np.take(sub, i0 + 1 - lo, axis=ax) * w
     return out
 
@@ -634,30 +637,17 @@ def _smoothing(spacing: np.ndarray, refine_sigma_mm: float, truncate: float, sha
     return sig, depth
 
 
-def _overlapped(arr: da.Array, depth: tuple) -> tuple[da.Array, da.Array]:
-    """(array with every chunk >= depth, its overlapped version with 'nearest' edges = scipy mode 'nearest')."""
-    if not any(depth):
-        return arr, arr
-    new = tuple(da.overlap.ensure_minimum_chunksize(max(d, 1), c) for d, c in zip(depth, arr.chunks))
-    if new != arr.chunks:
-        arr = arr.rechunk(new)
-    return arr, da.overlap.overlap(arr, depth={i: d for i, d in enumerate(depth)},
-                                   boundary={i: "nearest" for i in range(3)})
-
-
-def _block_geometry(chunks, block_id):
-    starts = [int(sum(chunks[ax][:block_id[ax]])) for ax in range(3)]
-    sizes = [int(chunks[ax][block_id[ax]]) for ax in range(3)]
-    return starts, sizes, [np.arange(s, s + n) for s, n in zip(starts, sizes)]
+def _coarse(model: dict, key: str, idx: list) -> np.ndarray:
+    """``model[key]`` (a coarse map, or the chunk's sub-box of it) interpolated at the voxels ``idx``."""
+    return _trilinear(model[key], idx, model["factors"], model["offset"], model["cshape"])
 
 
 def _air_threshold(model: dict, idx: list) -> np.ndarray:
     """Local air / signal threshold: midpoint between air and the darker of brain and outside."""
-    f = model["factors"]
-    m_b = _trilinear(model["m_brain"], idx, f)
+    m_b = _coarse(model, "m_brain", idx)
     if model["side"] == "none":
         return 0.5 * (model["m_air"] + m_b)
-    return 0.5 * (model["m_air"] + np.minimum(m_b, _trilinear(model["m_out"], idx, f)))
+    return 0.5 * (model["m_air"] + np.minimum(m_b, _coarse(model, "m_out", idx)))
 
 
 def _smoothed_inner(block: np.ndarray, model: dict, depth: tuple, starts: list, sizes: list
@@ -693,14 +683,21 @@ def _brain_rule(s: np.ndarray, signal: np.ndarray, idx: list, model: dict) -> np
     ``s`` is the air-excluding smoothed intensity and ``signal`` says whether the voxel itself is above the
     local air threshold (air is never brain).
     """
-    f = model["factors"]
-    t = 0.5 * (_trilinear(model["m_brain"], idx, f) + _trilinear(model["m_out"], idx, f))
+    t = 0.5 * (_coarse(model, "m_brain", idx) + _coarse(model, "m_out", idx))
     return signal & ((s < t) if model["side"] == "bright" else (s > t))
 
 
-def _small(model: CoarseModel, sig: tuple, truncate: float) -> dict:
-    return {"factors": model.factors, "shape": model.shape, "mask": model.mask, "band": model.band,
-            "m_brain": model.m_brain, "m_out": model.m_out, "side": model.side, "m_air": float(model.m_air),
+def _chunk_model(model: CoarseModel, sig: tuple, truncate: float, starts: list, stops: list,
+                 depth: tuple, shape: tuple) -> dict:
+    """What one chunk's rule needs of the coarse model: the sub-box of the coarse maps under the chunk and its
+    smoothing halo (+-1 coarse voxel for the trilinear corners), with its offset in the coarse grid."""
+    f, nc = model.factors, model.mask.shape
+    lo = [max(0, max(0, a - d) // fi - 1) for a, d, fi in zip(starts, depth, f)]
+    hi = [min(n, (min(N, b + d) - 1) // fi + 2) for b, d, fi, n, N in zip(stops, depth, f, nc, shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return {"factors": f, "shape": model.shape, "cshape": tuple(nc), "offset": tuple(lo),
+            "mask": model.mask[box], "band": model.band[box], "m_brain": model.m_brain[box],
+            "m_out": model.m_out[box], "side": model.side, "m_air": float(model.m_air),
             "sigma_vox": sig, "truncate": float(truncate)}
 
 
@@ -722,10 +719,19 @@ def _band_blocks(chunks: tuple, model: CoarseModel) -> np.ndarray:
     return need
 
 
-def _refine_block(block: np.ndarray, model: dict, chunks: tuple, depth: tuple, bid: tuple) -> np.ndarray:
-    starts, sizes, idx = _block_geometry(chunks, bid)
-    f = model["factors"]
-    par = [np.minimum(i // fi, n - 1) for i, fi, n in zip(idx, f, model["mask"].shape)]
+def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, depth: tuple, model: dict
+                   ) -> np.ndarray:
+    """One output chunk of the mask from the image box around it (the chunk plus ``depth``, clipped to the
+    volume): the clipped part of the halo is the edge voxel repeated (scipy's mode ``"nearest"``)."""
+    starts = [a for a, _ in ranges]
+    sizes = [b - a for a, b in ranges]
+    idx = [np.arange(a, b) for a, b in ranges]
+    pads = [(d - (a - lo), d - (hi - b)) for (a, b), lo, hi, d in zip(ranges, box_lo, box_hi, depth)]
+    block = regions[0]
+    if any(p for pair in pads for p in pair):
+        block = np.pad(block, pads, mode="edge")
+    f, off, nc = model["factors"], model["offset"], model["cshape"]
+    par = [np.minimum(i // fi, n - 1) - o for i, fi, n, o in zip(idx, f, nc, off)]
     ix = np.ix_(*par)
     coarse = model["mask"][ix]
     band = model["band"][ix]
@@ -737,30 +743,32 @@ def _refine_block(block: np.ndarray, model: dict, chunks: tuple, depth: tuple, b
 
 def refine_mask(image: xr.DataArray, model: CoarseModel, *, refine_sigma_mm: float = 0.25,
                 truncate: float = 3.0) -> da.Array:
-    """Lazy full-resolution mask (uint8 dask array) from a :class:`CoarseModel`; chunked like ``image``."""
+    """Lazy full-resolution mask (uint8 dask array) from a :class:`CoarseModel`; chunked like ``image``.
+
+    One task per chunk (:func:`helm_dask.io.regions.region_map`): a chunk that meets the boundary band reads
+    the image box it needs (the chunk and the smoothing halo; a stored image straight from its store through
+    the chunk cache, so a stored chunk shared by neighbouring halos is decoded about once) and carries only
+    its sub-box of the coarse maps; the other chunks are constant and read nothing.
+    """
     arr = _as_dask(image)
-    orig_chunks = arr.chunks
     spacing = spacing_of(affine_of(image))
     sig, depth = _smoothing(spacing, refine_sigma_mm, truncate, arr.shape)
-    arr, arr_o = _overlapped(arr, depth)
-    small = dask.delayed(_small(model, sig, truncate), pure=True)  # one shared key, not copied into every task
     need = _band_blocks(arr.chunks, model)
-    nested = np.empty(need.shape, dtype=object)
-    for b in np.ndindex(need.shape):
-        shape = tuple(arr.chunks[ax][b[ax]] for ax in range(3))
-        if need[b]:
-            nested[b] = da.map_blocks(_refine_block, arr_o.blocks[b], small, arr.chunks, depth, b,
-                                      dtype=np.uint8, chunks=tuple((n,) for n in shape))
-        else:
+    shape = tuple(int(n) for n in arr.shape)
+    mshape = model.mask.shape
+
+    def plan(index, ranges):
+        if not need[index]:
             # no band voxel and wholly inside or outside the coarse mask: the image is not even read
-            st = [sum(arr.chunks[ax][:b[ax]]) // model.factors[ax] for ax in range(3)]
-            inside = bool(model.mask[min(st[0], model.mask.shape[0] - 1), min(st[1], model.mask.shape[1] - 1),
-                                     min(st[2], model.mask.shape[2] - 1)])
-            nested[b] = (da.ones if inside else da.zeros)(shape, dtype=np.uint8, chunks=shape)
-    out = da.block(nested.tolist())
-    if out.chunks != orig_chunks:
-        out = out.rechunk(orig_chunks)
-    return out
+            par = tuple(min(a // fi, n - 1) for (a, _), fi, n in zip(ranges, model.factors, mshape))
+            return 1 if bool(model.mask[par]) else None
+        starts, stops = [a for a, _ in ranges], [b for _, b in ranges]
+        lo = tuple(max(0, a - d) for a, d in zip(starts, depth))
+        hi = tuple(min(N, b + d) for b, d, N in zip(stops, depth, shape))
+        sub = _chunk_model(model, sig, truncate, starts, stops, depth, shape)
+        return lo, hi, (ranges, lo, hi, depth, sub)
+
+    return region_map(_refine_region, [arr], arr.chunks, plan, np.uint8, name="brain-mask")
 
 
 # ----------------------------------------------------------------------------------------------------------

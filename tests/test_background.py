@@ -185,6 +185,27 @@ def test_refinement_matches_numpy_reference(bright, dark, which, chunks):
     assert (got != model.mask[par]).sum() > 100
 
 
+@pytest.mark.parametrize("chunks", [16, (7, 60, 9)])
+def test_refinement_of_a_stored_reoriented_image_matches_numpy_reference(bright, tmp_path, chunks):
+    """A stored image seen through a reorientation is read box by box from its store (chunk cache, halos
+    clipped at the volume's edges and padded like scipy's "nearest"): the same mask as the reference."""
+    from helm_dask.io import open_volume, regions
+    from helm_dask.io.store import save_volume
+    from helm_dask.orient import to_ras
+
+    img = bright[0]
+    las = np.diag([-1.0, 1.0, 1.0, 1.0])                 # stored x runs right to left: to_ras flips it
+    las[0, 3] = img.shape[0] - 1.0
+    store = save_volume(make_volume(da.from_array(img[::-1], chunks=chunks), las), tmp_path / "s.zarr",
+                        chunks=chunks)
+    vol = to_ras(open_volume(store))
+    assert regions.store_view_of(vol.data) is not None
+    np.testing.assert_array_equal(vol.values, img)
+    model = fit_coarse_model(_vol(img, SHAPE), coarse_spacing_mm=2.0)
+    got = refine_mask(vol, model).compute()
+    assert np.array_equal(got, _reference_refinement(img, model, (1.0, 1.0, 1.0)))
+
+
 def test_refinement_reads_only_chunks_near_the_boundary(bright):
     img = bright[0]
     read = []

@@ -264,8 +264,8 @@ def _region_task(parts: list, static: _Static) -> np.ndarray:
     return out if dtype is None else np.asarray(out).astype(dtype, copy=False)
 
 
-def _zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    return np.zeros(shape, dtype)
+def _full(shape: tuple[int, ...], dtype, value) -> np.ndarray:
+    return np.zeros(shape, dtype) if value == 0 else np.full(shape, value, dtype)
 
 
 class _Sources:
@@ -304,8 +304,9 @@ def region_map(func: Callable, sources: Sequence[da.Array], out_chunks: tuple[tu
         source, the box ``[lo, hi)`` of that source as a NumPy array (do not write into it).
     sources : dask arrays of the same number of dimensions as the boxes.
     out_chunks : the output's chunks (normalised dask chunks).
-    plan : ``plan(block_index, ranges) -> (lo, hi, args)`` or None; ``ranges`` are the chunk's ``(start,
-        stop)`` per output axis. None makes the chunk zeros without reading anything.
+    plan : ``plan(block_index, ranges) -> (lo, hi, args)``, None or a number; ``ranges`` are the chunk's
+        ``(start, stop)`` per output axis. None makes the chunk zeros, a number fills it with that value,
+        without reading anything.
     dtype : output dtype.
     name : prefix of the layer's name.
     cache : read store-backed sources through the chunk cache (for boxes that overlap each other).
@@ -319,8 +320,8 @@ def region_map(func: Callable, sources: Sequence[da.Array], out_chunks: tuple[tu
     for index in product(*(range(len(c)) for c in out_chunks)):
         ranges = tuple((int(bounds[d][i]), int(bounds[d][i + 1])) for d, i in enumerate(index))
         p = plan(index, ranges)
-        if p is None:
-            layer[(name,) + index] = (_zeros, tuple(b - a for a, b in ranges), dtype)
+        if p is None or np.isscalar(p):
+            layer[(name,) + index] = (_full, tuple(b - a for a, b in ranges), dtype, 0 if p is None else p)
         else:
             layer[(name,) + index] = src.task(func, *p, dtype=dtype)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=src.dependencies())
