@@ -7,6 +7,7 @@
     python bench/stages.py background --run DIR
     python bench/stages.py resample --run DIR [--spacing 0.3]
     python bench/stages.py export --run DIR [--volume label_map_k9]
+    python bench/stages.py bound --run DIR [--stages background,resample,...]
 
 ``read-pass``: one full read of a stored volume (every chunk decompressed and summed, nothing kept) -- the unit
 the k-means bound is stated in ("all six k no slower than 3 read passes of the preprocessed store").
@@ -14,6 +15,8 @@ the k-means bound is stated in ("all six k no slower than 3 read passes of the p
 ``closing``: the merge stage's spherical closing of the stored hypothalamus labels at radii of 4 and 12 voxels
 on the same grid: an exact Euclidean-distance closing should cost about the same at both (a structuring-element
 closing grows like the ball's volume, 27x from 4 to 12 voxels).
+``bound``: each stage's I/O bound on the same bytes: a read pass of every store the stage reads plus a
+copy (read + encode + write, same chunks and codec, full resolution only) of every store it writes.
 ``export``: a stored volume to ``.nii.gz`` as ``run`` writes it, next to its two bounds measured on the same
 bytes: a read pass of the store, and gzip level 1 of the raw bytes on every core (ISA-L and zlib; the
 single-core rate measured on a 64-plane slab of the volume, scaled to the whole).
@@ -28,6 +31,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -201,7 +205,6 @@ def resample(args) -> None:
 def export(args) -> None:
     import gzip
     import os
-    import time
 
     import dask.array as da
     import numpy as np
@@ -241,22 +244,70 @@ def export(args) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+#: what each stage of ``run`` reads and writes (store names in the subject's helm.zarr)
+_STAGE_IO = {
+    "background": (["scan_raw"], ["mask_ras"]),
+    "resample": (["scan_raw", "mask_ras", "labels_raw"], ["image_ws", "mask", "hypothalamus"]),
+    "bias": (["image_ws", "mask"], ["bias", "preprocessed"]),
+    "kmeans": (["preprocessed", "mask"], [f"kmeans_k{k}" for k in range(4, 10)]),
+    "merge": ([f"kmeans_k{k}" for k in range(4, 10)] + ["hypothalamus"],
+              [f"hemi_k{k}" for k in range(4, 10)] + ["closed_labels"]),
+    "mirror": ([f"hemi_k{k}" for k in range(4, 10)], [f"label_map_k{k}" for k in range(4, 10)]),
+}
+
+
+def bound(args) -> None:
+    import dask.array as da
+    import zarr
+
+    from helm_dask.io import open_volume
+
+    run = Path(args.run)
+    stages = args.stages.split(",") if args.stages else list(_STAGE_IO)
+    tmp = Path(tempfile.mkdtemp(prefix="helm-bound-", dir=run))
+    try:
+        with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
+            for stage in stages:
+                ins, outs = _STAGE_IO[stage]
+                parts = []
+                with measured() as m:
+                    for name in ins:
+                        t0 = time.perf_counter()
+                        float(da.sum(open_volume(_store(run, name)).data, dtype="float64").compute())
+                        parts.append(f"read {name} {time.perf_counter() - t0:.1f} s")
+                    for name in outs:
+                        t0 = time.perf_counter()
+                        src = zarr.open_array(str(_store(run, name) / "0"), mode="r")
+                        dst = zarr.create_array(str(tmp / f"{name}.zarr"), shape=src.shape, dtype=src.dtype,
+                                                chunks=src.chunks, compressors=src.compressors, fill_value=0)
+                        da.store(da.from_zarr(src), dst, lock=False)
+                        parts.append(f"copy {name} {time.perf_counter() - t0:.1f} s")
+                        shutil.rmtree(tmp / f"{name}.zarr", ignore_errors=True)
+                vol = open_volume(_store(run, ins[0]))
+                _emit(vol, args, run, f"bound:{stage}", m, "read pass of the inputs + copy of the outputs (full "
+                      "resolution): " + ", ".join(parts))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("read-pass", "closing", "kmeans", "bias", "background", "resample", "export"):
+    for name in ("read-pass", "closing", "kmeans", "bias", "background", "resample", "export", "bound"):
         p = sub.add_parser(name)
         p.add_argument("--run", required=True, help="a bench/pipeline.py output folder")
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--note", default="")
     sub.choices["read-pass"].add_argument("--volume", default="preprocessed")
     sub.choices["export"].add_argument("--volume", default="label_map_k9")
+    sub.choices["bound"].add_argument("--stages", default="", help="comma-separated (default: all)")
     sub.choices["closing"].add_argument("--radii-vox", default="4,12")
     sub.choices["kmeans"].add_argument("--method", default="histogram")
     sub.choices["resample"].add_argument("--spacing", default="0.3", help="target spacing in mm")
     args = ap.parse_args(argv)
     {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias,
-     "background": background, "resample": resample, "export": export}[args.cmd](args)
+     "background": background, "resample": resample, "export": export,
+     "bound": bound}[args.cmd](args)
     return 0
 
 
