@@ -56,6 +56,8 @@ def plot(rows: list[dict]) -> None:
     for r in rows:
         if not r.get("voxels") or not r.get("peak_rss_mb") or r["stage"] in ("gzip", "gunzip", "synth"):
             continue
+        if r["stage"].startswith(("pipeline:export ", "bound:")):   # per-file rows and bounds: the table only
+            continue
         label = r["stage"] + (f" (work {r['work_spacing_mm']})" if r.get("work_spacing_mm") else "")
         by_stage.setdefault(label, []).append((float(r["voxels"]), float(r["peak_rss_mb"]) / 1024,
                                                float(r["wall_s"])))
