@@ -90,7 +90,9 @@ class Sampler:
                 self._cpu_last[p.pid] = cpu
                 io = p.io_counters()
                 cur = (io.read_chars, io.write_chars)
-                self._io_base.setdefault(p.pid, cur if p.pid == self.root.pid else (0, 0))
+                # like CPU: from the first sample for processes already running (a cluster started before the
+                # measured block), from 0 for processes started during it
+                self._io_base.setdefault(p.pid, cur if not self._started else (0, 0))
                 self._io_last[p.pid] = cur
             except (psutil.Error, AttributeError):
                 continue

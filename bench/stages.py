@@ -65,7 +65,7 @@ def _emit(vol, args, run: Path, stage: str, m, note: str, **extra) -> None:
                mvox_per_s=round(vol.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
                read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
                load_avg=round(m.sampler.mean_load, 1),
-               note="; ".join(x for x in (args.note or note, f"cpu {m.sampler.cpu_seconds:.1f} s",
+               note="; ".join(x for x in (args.note, note, f"cpu {m.sampler.cpu_seconds:.1f} s",
                                            m.sampler.stage_breakdown) if x), **extra)
     append_row(row)
     print(row, flush=True)
@@ -143,7 +143,11 @@ def background(args) -> None:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
                 save_volume(brain_mask(scan), tmp / "mask.zarr")
-        _emit(scan, args, run, "background:mask", m, "brain mask written, with pyramid")
+            # against the run's own mask (same code path or an earlier one): the voxels that differ
+            ref = open_volume(_store(run, "mask_ras")).data
+            differ = int((open_volume(tmp / "mask.zarr").data != ref).sum().compute())
+        _emit(scan, args, run, "background:mask", m, f"brain mask written, with pyramid; {differ} voxels differ "
+              "from the run's mask_ras")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
