@@ -366,7 +366,7 @@ def test_empty_output_chunks_read_nothing(hemi, fitted):
     (layer,) = [v for k, v in layers.items() if str(k).startswith("mirror-gather")]
     tasks = [layer[k] for k in layer]
     gathers = [t for t in tasks if t[0] is regions._region_task]
-    zeros = [t for t in tasks if t[0] is regions._zeros]
+    zeros = [t for t in tasks if t[0] is regions._full and t[3] == 0]
     assert len(tasks) == math.prod(len(c) for c in out.data.chunks)       # one task per output chunk
     assert len(gathers) + len(zeros) == len(tasks)
     assert 0 < len(gathers) < 0.6 * len(tasks)                            # far-out chunks: zeros, no read

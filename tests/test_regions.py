@@ -115,6 +115,22 @@ def test_empty_plan_gives_zeros_without_reading(volume):
     np.testing.assert_array_equal(got[20:], reference(volume)[20:])
 
 
+def test_a_number_as_plan_fills_the_chunk_without_reading(volume):
+    read = []
+
+    def load(block, block_info=None):
+        read.append(block_info[0]["chunk-location"])
+        return block
+
+    src = da.from_array(volume, chunks=5)
+    src = src.map_blocks(load, dtype=src.dtype)
+    chunks = da.core.normalize_chunks((10, 17, 12), SHAPE)
+    out = regions.region_map(shifted, [src], chunks, lambda i, r: 7 if i[0] == 1 else None, np.uint8)
+    got = out.compute(scheduler="synchronous")
+    assert got.dtype == np.uint8 and np.all(got[10:20] == 7) and not got[:10].any() and not got[20:].any()
+    assert read == []
+
+
 @pytest.mark.parametrize("mask_chunks", [(5, 4, 3), (9, 17, 12)])
 @pytest.mark.parametrize("backed", [True, False])
 def test_chunk_tasks_cover_the_first_sources_grid(volume, stored, mask_chunks, backed):
