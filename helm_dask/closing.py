@@ -31,8 +31,8 @@ touching the volume border is neither eroded from the border nor glued to it.
 Chunking: a voxel of the closing depends on ``M`` within ``2 h`` voxels per axis (``h`` for the dilation, ``h``
 more for the erosion), so each chunk is processed with exactly ``depth = 2 h`` voxels of overlap per side
 (:func:`closing_depth`; 24 voxels per side at 0.1 mm and 1.2 mm, 8 at 0.3 mm). Voxels the closing adds are
-within ``r`` of a manual label, so their nearest label is inside the same overlapped block. Chunks smaller
-than the depth are merged internally (dask ``map_overlap`` rechunking) and the result is returned on the
+within ``r`` of a manual label, so their nearest label is inside the same overlapped block. Each chunk is one
+task that reads its box plus the depth (zeros beyond the volume; any chunk size) and returns the chunk, on the
 input's chunks. Within a block all the work is restricted to the bounding box of its labels (plus ``2 h``):
 blocks without any label (almost all blocks of a 0.1 mm hemisphere) cost one ``any()``.
 
@@ -65,6 +65,7 @@ import scipy.ndimage as ndi
 import xarray as xr
 
 from .errors import HelmError
+from .io.regions import region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -261,17 +262,31 @@ def _close_labels_block(block: np.ndarray, *, spacing, half, r2, codes) -> np.nd
 def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs) -> da.Array:
     """``func`` on every chunk with ``depth`` voxels of context per side, background (0) beyond the volume.
 
-    The volume is padded explicitly with ``depth`` zeros (so axes shorter than the depth work), the blocks
-    are overlapped with ``boundary="none"`` (dask merges chunks smaller than the depth), and the result is
-    cropped back and returned on the input's chunks.
+    One task per chunk (:func:`helm_dask.io.regions.region_map`): it reads the chunk's box plus ``depth`` (a
+    stored volume straight from its store, through the chunk cache), pads the part beyond the volume with
+    zeros, applies ``func`` and keeps the chunk. No overlap graph: nothing is held between tasks, so memory
+    per task is the box (``(chunk + 2 depth)^3``), whatever the volume's size.
     """
     if max(depth) == 0:
         return data.map_blocks(func, dtype=dtype, **kwargs)
-    padded = da.pad(data, [(d, d) for d in depth], mode="constant", constant_values=0)
-    out = padded.map_overlap(func, depth=dict(enumerate(depth)), boundary="none", trim=True, dtype=dtype,
-                             allow_rechunk=True, **kwargs)
-    out = out[tuple(slice(d, d + n) for d, n in zip(depth, data.shape))]
-    return out.rechunk(data.chunks)
+    shape = tuple(int(n) for n in data.shape)
+
+    def plan(index, ranges):
+        lo = tuple(max(0, a - d) for (a, _), d in zip(ranges, depth))
+        hi = tuple(min(n, b + d) for (_, b), d, n in zip(ranges, depth, shape))
+        return lo, hi, (ranges, lo, hi, tuple(depth), func, kwargs)
+
+    return region_map(_overlap_task, [data], data.chunks, plan, dtype, name="closing")
+
+
+def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict
+                  ) -> np.ndarray:
+    box = regions[0]
+    pads = [(d - (a - l), d - (h - b)) for (a, b), l, h, d in zip(ranges, lo, hi, depth)]
+    if any(p for pair in pads for p in pair):
+        box = np.pad(box, pads, mode="constant")
+    out = func(box, **kwargs)
+    return out[tuple(slice(d, d + b - a) for (a, b), d in zip(ranges, depth))]
 
 
 def _geometry(vol: Any, spacing_mm: Any) -> tuple[da.Array, tuple[float, float, float]]:

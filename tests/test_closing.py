@@ -261,6 +261,22 @@ def test_close_labels_nearest_code(name, chunking):
     np.testing.assert_array_equal(got, ref)                              # added voxels: nearest code
 
 
+@pytest.mark.parametrize("chunks", [(7, 30, 9), 16])
+def test_close_labels_of_a_stored_volume_reads_boxes_from_the_store(tmp_path, chunks):
+    """The pipeline closes the stored hypothalamus labels: each chunk's task reads its box plus the depth from
+    the store (chunk cache), zeros beyond the volume -- the same labels as the brute-force reference."""
+    from helm_dask.io import open_volume, regions
+    from helm_dask.io.store import save_volume
+
+    r, sp, _ = CASES["r4_iso"]
+    lab, ref, _ = label_case("r4_iso")
+    store = save_volume(make_volume(da.from_array(lab, chunks=chunks), np.diag([*sp, 1.0]), kind="labels"),
+                        tmp_path / "lab.zarr", chunks=chunks)
+    vol = open_volume(store)
+    assert regions.store_view_of(vol.data) is not None
+    np.testing.assert_array_equal(close_labels(vol, r).values, ref)
+
+
 @pytest.mark.parametrize("chunks", [(20, 20, 20), (4, 5, 6), (3, 20, 7)])
 def test_close_labels_ties_take_the_smallest_code(chunks):
     lab = np.zeros((20, 20, 20), np.uint16)
