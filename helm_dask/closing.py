@@ -263,7 +263,7 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
     """``func`` on every chunk with ``depth`` voxels of context per side, background (0) beyond the volume.
 
     One task per chunk (:func:`helm_dask.io.regions.region_map`): it reads the chunk's box plus ``depth`` (a
-    stored volume straight from its store, through the chunk cache), pads the part beyond the volume with
+    stored volume straight from its store), pads the part beyond the volume with
     zeros, applies ``func`` and keeps the chunk. No overlap graph: nothing is held between tasks, so memory
     per task is the box (``(chunk + 2 depth)^3``), whatever the volume's size.
     """
@@ -276,7 +276,9 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
         hi = tuple(min(n, b + d) for (_, b), d, n in zip(ranges, depth, shape))
         return lo, hi, (ranges, lo, hi, tuple(depth), func, kwargs)
 
-    return region_map(_overlap_task, [data], data.chunks, plan, dtype, name="closing")
+    # no chunk cache: label volumes are mostly empty (missing chunks read as zeros without decoding), so
+    # re-reading a neighbour's chunk costs little, while a cache would hold 512 MB per worker for nothing
+    return region_map(_overlap_task, [data], data.chunks, plan, dtype, name="closing", cache=False)
 
 
 def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict
