@@ -71,16 +71,21 @@ def _emit(vol, args, run: Path, stage: str, m, note: str, **extra) -> None:
     print(row, flush=True)
 
 
-def read_pass(args) -> None:
+def _sum_pass(data) -> float:
+    """One read pass of a (stored) dask array: every chunk decoded and summed, nothing kept."""
     import dask.array as da
 
+    return float(da.sum(data, dtype="float64").compute())
+
+
+def read_pass(args) -> None:
     from helm_dask.io import open_volume
 
     run = Path(args.run)
     vol = open_volume(_store(run, args.volume))
     with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
         with measured() as m:
-            total = float(da.sum(vol.data, dtype="float64").compute())
+            total = _sum_pass(vol.data)
     nbytes = vol.size * vol.dtype.itemsize
     _emit(vol, args, run, f"read-pass:{args.volume}", m, f"sum={total:.6g}",
           mb_per_s=round(nbytes / 2**20 / m.wall, 1), data_mb=round(nbytes / 2**20))
@@ -210,7 +215,6 @@ def export(args) -> None:
     import gzip
     import os
 
-    import dask.array as da
     import numpy as np
 
     from helm_dask.io import open_volume
@@ -235,7 +239,7 @@ def export(args) -> None:
     try:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as r:
-                float(da.sum(vol.data, dtype="float64").compute())
+                _sum_pass(vol.data)
             with measured() as m:
                 save_nifti(vol, out / f"{args.volume}.nii.gz", quiet=True)
             size = (out / f"{args.volume}.nii.gz").stat().st_size
@@ -277,7 +281,7 @@ def bound(args) -> None:
                 with measured() as m:
                     for name in ins:
                         t0 = time.perf_counter()
-                        float(da.sum(open_volume(_store(run, name)).data, dtype="float64").compute())
+                        _sum_pass(open_volume(_store(run, name)).data)
                         parts.append(f"read {name} {time.perf_counter() - t0:.1f} s")
                     for name in outs:
                         t0 = time.perf_counter()

@@ -69,7 +69,7 @@ import xarray as xr
 from scipy import ndimage as ndi
 
 from .errors import HelmError
-from .io.regions import region_map
+from .io.regions import halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = ["brain_mask", "apply_mask", "block_mean", "coarse_factors", "fit_coarse_model", "gmm1d", "refine_mask"]
@@ -687,13 +687,13 @@ def _brain_rule(s: np.ndarray, signal: np.ndarray, idx: list, model: dict) -> np
     return signal & ((s < t) if model["side"] == "bright" else (s > t))
 
 
-def _chunk_model(model: CoarseModel, sig: tuple, truncate: float, starts: list, stops: list,
-                 depth: tuple, shape: tuple) -> dict:
-    """What one chunk's rule needs of the coarse model: the sub-box of the coarse maps under the chunk and its
-    smoothing halo (+-1 coarse voxel for the trilinear corners), with its offset in the coarse grid."""
+def _chunk_model(model: CoarseModel, sig: tuple, truncate: float, box_lo: tuple, box_hi: tuple) -> dict:
+    """What one chunk's rule needs of the coarse model: the sub-box of the coarse maps under the image box
+    ``[box_lo, box_hi)`` (the chunk and its smoothing halo) +-1 coarse voxel for the trilinear corners, with
+    its offset in the coarse grid."""
     f, nc = model.factors, model.mask.shape
-    lo = [max(0, max(0, a - d) // fi - 1) for a, d, fi in zip(starts, depth, f)]
-    hi = [min(n, (min(N, b + d) - 1) // fi + 2) for b, d, fi, n, N in zip(stops, depth, f, nc, shape)]
+    lo = [max(0, a // fi - 1) for a, fi in zip(box_lo, f)]
+    hi = [min(n, (b - 1) // fi + 2) for b, fi, n in zip(box_hi, f, nc)]
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     return {"factors": f, "shape": model.shape, "cshape": tuple(nc), "offset": tuple(lo),
             "mask": model.mask[box], "band": model.band[box], "m_brain": model.m_brain[box],
@@ -726,10 +726,7 @@ def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, d
     starts = [a for a, _ in ranges]
     sizes = [b - a for a, b in ranges]
     idx = [np.arange(a, b) for a, b in ranges]
-    pads = [(d - (a - lo), d - (hi - b)) for (a, b), lo, hi, d in zip(ranges, box_lo, box_hi, depth)]
-    block = regions[0]
-    if any(p for pair in pads for p in pair):
-        block = np.pad(block, pads, mode="edge")
+    block = pad_halo(regions[0], ranges, box_lo, box_hi, depth, "edge")
     f, off, nc = model["factors"], model["offset"], model["cshape"]
     par = [np.minimum(i // fi, n - 1) - o for i, fi, n, o in zip(idx, f, nc, off)]
     ix = np.ix_(*par)
@@ -762,11 +759,8 @@ def refine_mask(image: xr.DataArray, model: CoarseModel, *, refine_sigma_mm: flo
             # no band voxel and wholly inside or outside the coarse mask: the image is not even read
             par = tuple(min(a // fi, n - 1) for (a, _), fi, n in zip(ranges, model.factors, mshape))
             return 1 if bool(model.mask[par]) else None
-        starts, stops = [a for a, _ in ranges], [b for _, b in ranges]
-        lo = tuple(max(0, a - d) for a, d in zip(starts, depth))
-        hi = tuple(min(N, b + d) for b, d, N in zip(stops, depth, shape))
-        sub = _chunk_model(model, sig, truncate, starts, stops, depth, shape)
-        return lo, hi, (ranges, lo, hi, depth, sub)
+        lo, hi = halo_box(ranges, depth, shape)
+        return lo, hi, (ranges, lo, hi, depth, _chunk_model(model, sig, truncate, lo, hi))
 
     return region_map(_refine_region, [arr], arr.chunks, plan, np.uint8, name="brain-mask")
 

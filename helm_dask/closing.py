@@ -65,7 +65,7 @@ import scipy.ndimage as ndi
 import xarray as xr
 
 from .errors import HelmError
-from .io.regions import region_map
+from .io.regions import halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -272,8 +272,7 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
     shape = tuple(int(n) for n in data.shape)
 
     def plan(index, ranges):
-        lo = tuple(max(0, a - d) for (a, _), d in zip(ranges, depth))
-        hi = tuple(min(n, b + d) for (_, b), d, n in zip(ranges, depth, shape))
+        lo, hi = halo_box(ranges, depth, shape)
         return lo, hi, (ranges, lo, hi, tuple(depth), func, kwargs)
 
     # no chunk cache: label volumes are mostly empty (missing chunks read as zeros without decoding), so
@@ -283,11 +282,7 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
 
 def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict
                   ) -> np.ndarray:
-    box = regions[0]
-    pads = [(d - (a - l), d - (h - b)) for (a, b), l, h, d in zip(ranges, lo, hi, depth)]
-    if any(p for pair in pads for p in pair):
-        box = np.pad(box, pads, mode="constant")
-    out = func(box, **kwargs)
+    out = func(pad_halo(regions[0], ranges, lo, hi, depth, "constant"), **kwargs)
     return out[tuple(slice(d, d + b - a) for (a, b), d in zip(ranges, depth))]
 
 

@@ -328,6 +328,25 @@ def region_map(func: Callable, sources: Sequence[da.Array], out_chunks: tuple[tu
     return da.Array(graph, name, chunks=out_chunks, dtype=dtype)
 
 
+def halo_box(ranges: Sequence[tuple[int, int]], depth: Sequence[int], shape: Sequence[int]
+             ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(lo, hi)`` of a chunk's box grown by ``depth`` voxels per side, clipped to a volume of ``shape``:
+    what a :func:`region_map` plan reads for a filter of that reach."""
+    lo = tuple(max(0, int(a) - int(d)) for (a, _), d in zip(ranges, depth))
+    hi = tuple(min(int(n), int(b) + int(d)) for (_, b), d, n in zip(ranges, depth, shape))
+    return lo, hi
+
+
+def pad_halo(box: np.ndarray, ranges: Sequence[tuple[int, int]], lo: Sequence[int], hi: Sequence[int],
+             depth: Sequence[int], mode: str) -> np.ndarray:
+    """The box read for :func:`halo_box` padded back to the chunk plus ``depth`` per side where the volume
+    ended (``mode`` as ``np.pad``: ``"edge"`` = scipy's "nearest", ``"constant"`` = zeros beyond the volume)."""
+    pads = [(d - (a - l), d - (h - b)) for (a, b), l, h, d in zip(ranges, lo, hi, depth)]
+    if any(p for pair in pads for p in pair):
+        box = np.pad(box, pads, mode=mode)
+    return box
+
+
 def chunk_tasks(func: Callable, sources: Sequence[da.Array], *args: Any, name: str = "chunk-task") -> list:
     """One delayed ``func(regions, *args)`` per chunk of the first source (its chunk grid; the others are
     read over the same boxes), for reductions over a volume: ``regions`` are the chunk of every source.
