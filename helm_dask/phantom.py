@@ -626,8 +626,11 @@ def _normalize_chunks(chunks: Any, shape: tuple[int, int, int]) -> tuple:
                         hint="e.g. chunks=(128, 128, 128)") from None
 
 
+_MNI_OPTIONS = ("fluid", "bag_gap_mm", "header_rotation_deg", "header_rotation_axis")
+
+
 def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: int = 0,
-            chunks=(128, 128, 128)) -> dict:
+            chunks=(128, 128, 128), anatomy: str = "geometric", **mni_options) -> dict:
     """The built-in phantom as lazy volumes (nothing is computed here).
 
     Parameters
@@ -643,6 +646,12 @@ def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: 
         Noise seed. Everything else is fixed: the same arguments give the same voxels, with any chunking.
     chunks : int or tuple
         Dask chunks along (x, y, z) (any form ``dask.array.core.normalize_chunks`` accepts for 3 axes).
+    anatomy : {"geometric", "mni152"}
+        ``"geometric"`` (this phantom) or ``"mni152"``: the template phantom made from the MNI ICBM152 template
+        (:func:`helm_dask.phantom_mni.phantom_mni`, which receives the other arguments).
+    **mni_options
+        ``fluid``, ``bag_gap_mm``, ``header_rotation_deg``, ``header_rotation_axis`` of
+        :func:`~helm_dask.phantom_mni.phantom_mni` (``None`` means the default); ``anatomy="mni152"`` only.
 
     Returns
     -------
@@ -659,6 +668,20 @@ def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: 
     >>> v["scan"].shape, v["scan"].data.npartitions
     ((1920, 820, 1300), 1155)
     """
+    unknown = sorted(set(mni_options) - set(_MNI_OPTIONS))
+    if unknown:
+        raise TypeError(f"phantom() got an unexpected keyword argument {unknown[0]!r}")
+    given = {k: v for k, v in mni_options.items() if v is not None}
+    if anatomy == "mni152":
+        from .phantom_mni import phantom_mni
+
+        return phantom_mni(spacing_mm, side=side, echoes=echoes, seed=seed, chunks=chunks, **given)
+    if anatomy != "geometric":
+        raise HelmError(f"anatomy must be 'geometric' or 'mni152', got {anatomy!r}",
+                        hint="geometric: the built-in geometric hemisphere; mni152: made from the MNI152 template")
+    if given:
+        raise HelmError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to anatomy='mni152' only",
+                        hint="pass anatomy='mni152', or leave them out for the geometric phantom")
     s, sd = _check(spacing_mm, side)
     if isinstance(echoes, bool) or not isinstance(echoes, (int, np.integer)) or not 1 <= echoes <= 4:
         raise HelmError(f"echoes must be an integer from 1 to 4, got {echoes!r}",
