@@ -9,18 +9,26 @@ where ``x_i(T)`` is the world x after ``T`` and ``x = 0`` is the mirror plane. W
 in full:
 
 * only the first row ``n`` of ``R`` (the unit normal of the mirror plane in the input frame) and ``t_x``
-  enter ``C``: a rotation about the x axis and the y/z translations change nothing, so they are set to 0
-  (the hemisphere stays where it is in y and z) and ``R = Rx(0) Ry(ry) Rz(rz)`` -- two angles to search;
+  enter ``C``: a rotation about the x axis and the y/z translations change nothing, so the y/z translations
+  are 0 (the hemisphere stays where it is in y and z) and ``R`` is the smallest rotation taking ``n`` to
+  +x (:func:`minimal_rotation`; close to the identity when the header matches the anatomy) -- the search is
+  over the normal alone, two angles;
 * for a fixed rotation ``C`` is convex and piecewise linear in ``t_x`` with slope ``#(x > 0) - alpha N``,
   so the best ``t_x`` puts the ``m``-th largest x at 0, ``m = floor(alpha N) + 1`` (a quantile: at the
   optimum the fraction across the plane is ``floor(alpha N) / N ~ alpha``). Caveat: when the medial face is
   aligned with the voxel grid (as in the built-in phantom) its whole voxel layer shares one x; the exact
   optimum then puts that layer ON the plane and the fraction across is below alpha (often 0);
-* the two angles are searched on a coarse grid (``grid_deg = (half range, step)``, default +-30 deg by
-  2 deg, on the first 20 000 sample points) and refined by Nelder-Mead (from the three best grid points on
-  those points, then on the whole sample), on a deterministic subsample of the mask voxels: the
-  ``n_sample`` voxels with the smallest ``splitmix64`` hash of their global linear index (a uniform sample
-  without replacement that does not depend on the chunking);
+* the normal is searched over the WHOLE sphere, since a specimen may lie tilted in its bag and a header
+  may disagree with the anatomy by any angle: the six axis directions and a Fibonacci lattice of
+  ``n_normals`` (default 2000, neighbours 4.5 degrees apart) on the first 20 000 sample points; then
+  Nelder-Mead in the tangent plane (exponential map: no pole) from the best normals of four distinct
+  basins, on those points; then from the best result (and a rival minimum of nearly the same cost) on the
+  whole sample. ``C(n)`` is about ``alpha N`` times the distance from the centroid to the supporting plane
+  of normal ``n``: it has a sharp V-shaped minimum at a flat face and shallower ones elsewhere (e.g. the
+  lateral convexity), which the lattice tells apart. All of it runs on a deterministic subsample of the
+  mask voxels: the ``n_sample`` voxels with the smallest ``splitmix64`` hash of their global linear index
+  (a uniform sample without replacement that does not depend on the chunking). ``grid_deg`` gives the
+  former local search instead (a grid of two angles near +x);
 * then, on ALL mask voxels, out of core: the exact quantile (a chunked 65536-bin integer histogram of x,
   refined inside the one bin that holds it, then the distinct values of that bin), the cost, the fraction
   across the plane and the gap (below).
@@ -36,6 +44,11 @@ column gap is the distance from the plane to the column's most medial voxel cent
 ``gap_mm`` is the ``gap_quantile`` (default median) of the column gaps over the footprint: half of the
 footprint reaches within ``gap_mm`` of the plane. It is about half a voxel for a flat medial face that the
 fit made parallel to the plane, and half the wedge opening otherwise.
+
+**The anatomical check** (:func:`check_hypothalamus_plane`). The hypothalamus is a midline structure: its
+labels must lie on the fitted plane. One chunked pass measures their centroid's distance from it (and the
+90th percentile of the voxels' distances) and refuses a centroid farther than 15 mm: such labels come from
+another scan, or the header or the mask is wrong.
 
 **The whole brain** (:func:`whole_brain_grid`, :func:`mirror_labels`). An axis-aligned RAS+ grid at the
 working spacing whose x voxel centres are symmetric about 0 (``n_x`` even, centre ``i`` at
@@ -83,10 +96,14 @@ from .volume import affine_of, like, provenance_record, spacing_of
 __all__ = [
     "RIGHT_CODES",
     "MirrorTransform",
+    "check_hypothalamus_plane",
+    "euler_angles",
     "fit_mirror",
+    "minimal_rotation",
     "mirror_cost",
     "mirror_labels",
     "rotation_matrix",
+    "sphere_normals",
     "whole_brain_grid",
 ]
 
@@ -98,7 +115,12 @@ _MAX_LEVELS = 4           # 65536**4 bins: beyond float64 resolution, so the las
 _MAX_COLLECT = 4_000_000  # values of the quantile's bin gathered in memory (else refine the bin)
 _MAX_COLUMNS = 2048       # footprint columns per axis for the gap
 _SPLIT_EVERY = 8          # fan-in of the tree reductions
-_N_COARSE = 20_000        # sample points used on the coarse angle grid (all n_sample for the refinement)
+_N_COARSE = 20_000        # sample points used on the coarse grid of normals (all n_sample for the refinement)
+_N_STARTS = 4             # distinct basins of the coarse grid refined on the prefix (the best then on all)
+_BATCH = 8                # normals evaluated together: (batch, n) arrays; small batches are the fastest (BLAS)
+#: The six world axis directions, tried before the sphere lattice: a medial face aligned with the voxel
+#: grid (phantoms, resliced scans) is then found exactly, and wins ties.
+_AXES = np.array([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0], [0, 0, -1.0]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,8 +150,8 @@ def _normals(angles: np.ndarray) -> np.ndarray:
     return np.stack([np.cos(b) * np.cos(c), -np.cos(b) * np.sin(c), np.sin(b)], axis=1)
 
 
-def _rigid(angles_deg: Sequence[float], translation_mm: Sequence[float], centre_mm: Sequence[float]) -> np.ndarray:
-    r = rotation_matrix(angles_deg)
+def _rigid_matrix(r: np.ndarray, translation_mm: Sequence[float], centre_mm: Sequence[float]) -> np.ndarray:
+    """4x4 of ``v -> r (v - centre) + centre + translation``."""
     c = np.asarray(centre_mm, dtype=np.float64)
     m = np.eye(4)
     m[:3, :3] = r
@@ -141,11 +163,16 @@ def _rigid(angles_deg: Sequence[float], translation_mm: Sequence[float], centre_
 class MirrorTransform:
     """The fitted mirroring transform (world -> world, RAS+ mm) and its quality numbers.
 
-    ``T(v) = R (v - centre) + centre + translation``, ``R = Rx(rx) Ry(ry) Rz(rz)`` from ``angles_deg``
-    (``rx`` = 0: it does not change the cost); ``matrix`` is the same map as a 4x4. ``cost``,
+    ``T(v) = R (v - centre) + centre + translation``, ``R = Rx(rx) Ry(ry) Rz(rz)`` from ``angles_deg``;
+    ``matrix`` is the same map as a 4x4 (built from ``R`` itself: it is the reference, the angles are
+    rounded). ``normal`` is the unit normal of the mirror plane in the input world frame, pointing from the
+    hemisphere to the plane (the first row of ``R``); ``R`` is the smallest rotation taking it to +x
+    (:func:`minimal_rotation`), since the rotation about x and the y/z translations do not change the cost
+    (they are 0). ``search`` says how the normal was found (``"sphere"``: every direction, ``"grid"``: a
+    local grid near +x) and ``n_normals`` how many grid normals were tried. ``cost``,
     ``fraction_across`` (voxels with x > 0 after ``T``) and ``gap_mm`` (see the module docstring) are
     measured on all ``n_voxels`` mask voxels; ``cost_sample`` is the subsample cost per voxel that chose the
-    angles. ``bbox_mm`` holds the 8 world corners of the mask's nonzero region (voxel extents included),
+    normal. ``bbox_mm`` holds the 8 world corners of the mask's nonzero region (voxel extents included),
     ``spacing_mm`` the mask's smallest voxel size; :func:`whole_brain_grid` uses both.
     """
 
@@ -163,6 +190,14 @@ class MirrorTransform:
     gap_quantile: float = 0.5
     bbox_mm: np.ndarray | None = None
     spacing_mm: float | None = None
+    normal: tuple[float, float, float] | None = None
+    search: str | None = None
+    n_normals: int = 0
+
+    def __post_init__(self) -> None:
+        if self.normal is None:           # transforms written before the field existed: the matrix holds it
+            n = np.asarray(self.matrix, dtype=np.float64)[0, :3]
+            self.normal = tuple(float(v) for v in n / np.linalg.norm(n))
 
     def apply(self, points_mm: np.ndarray) -> np.ndarray:
         """World points (N x 3) after ``T``."""
@@ -181,7 +216,8 @@ class MirrorTransform:
             d[f.name] = v
         d["convention"] = ("T(v) = R (v - centre_mm) + centre_mm + translation_mm, R = Rx(rx) Ry(ry) Rz(rz), "
                            "angles_deg = (rx, ry, rz); matrix = the same map as 4x4 world -> world (RAS+ mm); "
-                           "mirror plane x = 0")
+                           "mirror plane x = 0; normal = the plane's unit normal in the input world frame "
+                           "(first row of R), R = the smallest rotation taking it to +x")
         return d
 
     @classmethod
@@ -195,8 +231,9 @@ class MirrorTransform:
             raise HelmError(f"the mirror transform lacks {sorted(missing)}",
                             hint="re-run the mirroring fit to write a complete transform.json")
         kw["matrix"] = np.asarray(kw["matrix"], dtype=np.float64).reshape(4, 4)
-        for k in ("angles_deg", "translation_mm", "centre_mm"):
-            kw[k] = tuple(float(x) for x in kw[k])
+        for k in ("angles_deg", "translation_mm", "centre_mm", "normal"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(float(x) for x in kw[k])
         if kw.get("bbox_mm") is not None:
             kw["bbox_mm"] = np.asarray(kw["bbox_mm"], dtype=np.float64).reshape(8, 3)
         return cls(**kw)
@@ -411,57 +448,185 @@ def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
 # the fit
 # ----------------------------------------------------------------------------------------------------------
 
-def _sample_cost(points_t: np.ndarray, angles: np.ndarray, alpha: float) -> np.ndarray:
-    """Cost per voxel on the (centred) sample points, given as a contiguous (3, n) array, for each (ry, rz)
-    row of ``angles`` (degrees), each with its best t_x."""
+def _sample_cost(points_t: np.ndarray, normals: np.ndarray, alpha: float) -> np.ndarray:
+    """Cost per voxel on the (centred) sample points, given as a contiguous (3, n) array, for each unit normal
+    (row of ``normals``), each with its best t_x (the closed-form quantile)."""
     n = points_t.shape[1]
     m = min(n, int(math.floor(alpha * n)) + 1)
-    out = np.empty(len(angles))
-    for s in range(0, len(angles), 16):                 # batches keep the (n, 16) arrays small
-        u = _normals(angles[s:s + 16]) @ points_t          # (batch, n)
-        q = np.partition(u, n - m, axis=1)[:, n - m]
-        x = u - q[:, None]
-        out[s:s + 16] = (np.maximum(x, 0.0).sum(axis=1) - alpha * x.sum(axis=1)) / n
+    normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    total = normals @ points_t.sum(axis=1)               # sum of u, linear in the normal: no pass over u
+    out = np.empty(len(normals))
+    for s in range(0, len(normals), _BATCH):             # batches keep the (batch, n) arrays small
+        u = np.partition(normals[s:s + _BATCH] @ points_t, n - m, axis=1)     # (batch, n)
+        q = u[:, n - m]                                  # the m-th largest: the best t_x in closed form
+        above = (u[:, n - m + 1:] - q[:, None]).sum(axis=1)   # after the partition: exactly those >= q
+        out[s:s + _BATCH] = (above - alpha * (total[s:s + _BATCH] - n * q)) / n
     return out
 
 
-def _search_angles(points: np.ndarray, alpha: float, half_deg: float, step_deg: float,
-                   refine: bool) -> tuple[np.ndarray, float]:
+def sphere_normals(n: int) -> np.ndarray:
+    """``n`` unit vectors spread evenly over the whole sphere (a Fibonacci lattice), deterministic.
+
+    Point ``i`` has ``z = 1 - (2 i + 1) / n`` and longitude ``i`` times the golden angle: equal areas per
+    point, nearest neighbours about ``sqrt(4 pi / n)`` rad apart (4.5 degrees for 2000 points).
+
+    Example
+    -------
+    >>> p = sphere_normals(500)
+    >>> p.shape, bool(np.allclose(np.linalg.norm(p, axis=1), 1.0)), bool(abs(p.mean(axis=0)).max() < 0.01)
+    ((500, 3), True, True)
+    """
+    i = np.arange(int(n), dtype=np.float64)
+    z = 1.0 - (2.0 * i + 1.0) / n
+    r = np.sqrt(np.maximum(0.0, 1.0 - z * z))
+    phi = i * (math.pi * (3.0 - math.sqrt(5.0)))
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def _tangent_basis(n0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors completing ``n0`` to an orthonormal frame (a fixed rule: deterministic)."""
+    axis = np.zeros(3)
+    axis[int(np.argmin(np.abs(n0)))] = 1.0                # the world axis least aligned with n0
+    e1 = np.cross(n0, axis)
+    e1 /= np.linalg.norm(e1)
+    return e1, np.cross(n0, e1)
+
+
+def _normal_at(frame: tuple, ab_deg: np.ndarray) -> np.ndarray:
+    """The unit normal ``(a, b)`` degrees away from ``n0`` along the frame's tangent axes (exponential map:
+    geodesic distance ``sqrt(a^2 + b^2)``; exactly ``n0`` at (0, 0), no pole anywhere)."""
+    n0, e1, e2 = frame
+    a, b = (math.radians(float(v)) for v in ab_deg)
+    theta = math.hypot(a, b)
+    if theta == 0.0:
+        return n0.copy()
+    t = (a * e1 + b * e2) / theta
+    n = math.cos(theta) * n0 + math.sin(theta) * t
+    return n / np.linalg.norm(n)
+
+
+def _refine(pts_t: np.ndarray, n0: np.ndarray, alpha: float, step_deg: float, xatol: float,
+            fatol: float) -> tuple[np.ndarray, float]:
+    """Nelder-Mead over the two tangent angles around ``n0`` (simplex edge ``step_deg``); returns the best
+    normal and its cost. The start is kept unless something is strictly better (exact ties stay exact)."""
     from scipy.optimize import minimize
 
-    ticks = np.arange(-half_deg, half_deg + 0.5 * step_deg, step_deg)
-    grid = np.array([(a, b) for a in ticks for b in ticks])
+    frame = (n0, *_tangent_basis(n0))
+
+    def fun(ab: np.ndarray) -> float:
+        return float(_sample_cost(pts_t, _normal_at(frame, ab)[None], alpha)[0])
+
+    start = fun(np.zeros(2))
+    simplex = np.array([[0.0, 0.0], [step_deg, 0.0], [0.0, step_deg]])
+    res = minimize(fun, np.zeros(2), method="Nelder-Mead",
+                   options={"initial_simplex": simplex, "xatol": xatol, "fatol": fatol, "maxiter": 600})
+    if float(res.fun) < start:
+        return _normal_at(frame, res.x), float(res.fun)
+    return n0.copy(), start
+
+
+def _distinct_best(normals: np.ndarray, costs: np.ndarray, k: int, min_sep_deg: float) -> list[int]:
+    """Indices of the ``k`` cheapest normals that are pairwise more than ``min_sep_deg`` apart (one start per
+    basin rather than k neighbours of one grid minimum); ties keep the grid order."""
+    cos_sep = math.cos(math.radians(min_sep_deg))
+    picked: list[int] = []
+    for idx in np.lexsort((np.arange(len(costs)), costs)):
+        if all(float(normals[idx] @ normals[j]) < cos_sep for j in picked):
+            picked.append(int(idx))
+            if len(picked) == k:
+                break
+    return picked
+
+
+def _search_normal(points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float,
+                   refine: bool) -> tuple[np.ndarray, float]:
+    """The plane normal minimising the sample cost: the candidate normals on a prefix of the sample, then
+    Nelder-Mead from the best distinct ones (on the prefix), then from the best result (and a close rival
+    minimum) on the whole sample. Returns the unit normal and its cost per voxel on the whole sample."""
+    from threadpoolctl import threadpool_limits
+
+    # (batch, 3) @ (3, n) products: multithreaded BLAS gains nothing on them and, next to dask workers on the
+    # same cores, loses up to 5x (measured); one thread also keeps the same kernel on every run
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _search_normal_1(points, alpha, candidates, spacing_deg, refine)
+
+
+def _search_normal_1(points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float,
+                     refine: bool) -> tuple[np.ndarray, float]:
     # the points are in hash order, so any prefix is itself a uniform sample: the coarse grid only has to
-    # find the basin, a smaller prefix does that at a fraction of the cost
-    points = np.ascontiguousarray(points.T)
-    coarse = np.ascontiguousarray(points[:, :_N_COARSE])
-    costs = _sample_cost(coarse, grid, alpha)
-    order = np.lexsort((np.arange(len(costs)), costs))      # stable: ties keep grid order
+    # find the basins, a smaller prefix does that at a fraction of the cost
+    pts = np.ascontiguousarray(points.T)
+    coarse = np.ascontiguousarray(pts[:, :_N_COARSE])
+    costs = _sample_cost(coarse, candidates, alpha)
+    starts = _distinct_best(candidates, costs, _N_STARTS, 2.5 * spacing_deg)
+    if not refine:
+        best = candidates[starts[0]].copy()
+        return best, float(_sample_cost(pts, best[None], alpha)[0])
+    # stage 1, on the prefix: one local search per basin (the V-shaped minimum of a flat face is narrow, so
+    # the simplex starts at half the grid spacing)
+    stage1 = [_refine(coarse, candidates[i], alpha, 0.5 * spacing_deg, 1e-3, 1e-12) for i in starts]
+    order = sorted(range(len(stage1)), key=lambda i: (stage1[i][1], i))
+    # stage 2, on the whole sample, from the best minimum, and from the runner-up too when it is another
+    # minimum (> 1 degree away) of nearly the same cost (within 5%: the prefix may rank those wrongly); starts
+    # in one wide basin (the usual case) converge together and are refined once
+    first = stage1[order[0]]
+    runs = [first[0]] + [stage1[i][0] for i in order[1:2]
+                         if float(stage1[i][0] @ first[0]) < math.cos(math.radians(1.0))
+                         and stage1[i][1] <= first[1] + 0.05 * abs(first[1])]
+    best, best_cost = None, math.inf
+    for n0 in runs:
+        n, c = _refine(pts, n0, alpha, max(0.05, 0.05 * spacing_deg), 1e-6, 1e-13)
+        if c < best_cost:
+            best, best_cost = n, c
+    return best, best_cost
 
-    def objective(pts: np.ndarray) -> Callable:
-        return lambda a: float(_sample_cost(pts, np.asarray(a, dtype=np.float64)[None], alpha)[0])
 
-    fun = objective(points)
-    best = grid[order[0]].copy()
-    if refine:
-        # stage 1, on the coarse prefix: Nelder-Mead from the three best grid points (they may lie in different
-        # basins); stage 2, on the whole sample: Nelder-Mead from the stage-1 winner, with a small simplex
-        coarse_fun = objective(coarse)
-        best_coarse = float(costs[order[0]])
-        for idx in order[:3]:
-            x0 = grid[idx]
-            simplex = np.array([x0, x0 + [0.5 * step_deg, 0.0], x0 + [0.0, 0.5 * step_deg]])
-            res = minimize(coarse_fun, x0, method="Nelder-Mead",
-                           options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-12, "maxiter": 400})
-            if float(res.fun) < best_coarse:
-                best, best_coarse = np.asarray(res.x, dtype=np.float64), float(res.fun)
-        step = max(0.05, 0.05 * step_deg)
-        simplex = np.array([best, best + [step, 0.0], best + [0.0, step]])
-        res = minimize(fun, best, method="Nelder-Mead",
-                       options={"initial_simplex": simplex, "xatol": 1e-6, "fatol": 1e-13, "maxiter": 400})
-        if float(res.fun) < fun(best):
-            best = np.asarray(res.x, dtype=np.float64)
-    return best, fun(best)
+def minimal_rotation(normal: Sequence[float]) -> np.ndarray:
+    """The smallest rotation ``R`` taking the unit vector ``normal`` to +x (``R @ normal = e_x``).
+
+    Its axis is ``normal x e_x`` (perpendicular to x), its angle the angle between the two; its first row is
+    ``normal`` itself. For ``normal = -x`` (every 180 degree turn about an axis in the y-z plane is minimal)
+    it is the turn about z, ``diag(-1, -1, 1)``, the limit when ``normal`` approaches -x from the y side.
+
+    Example
+    -------
+    >>> r = minimal_rotation([0.0, 1.0, 0.0])              # +y -> +x: a quarter turn about -z
+    >>> r.round(12).tolist()
+    [[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    n = np.asarray(normal, dtype=np.float64).reshape(3)
+    n = n / np.linalg.norm(n)
+    nx, ny, nz = (float(v) for v in n)
+    s = ny * ny + nz * nz
+    if s == 0.0:
+        return np.eye(3) if nx > 0 else np.diag([-1.0, -1.0, 1.0])
+    # Rodrigues for the axis n x e_x: R = I + [v]x + [v]x^2 / (1 + nx), v = (0, nz, -ny). 1 + nx is
+    # computed as s / (1 - nx) when nx < 0: no cancellation near -x, so R stays orthonormal there too.
+    h = 1.0 / (1.0 + nx) if nx >= 0 else (1.0 - nx) / s
+    return np.array([[nx, ny, nz],
+                     [-ny, 1.0 - ny * ny * h, -ny * nz * h],
+                     [-nz, -ny * nz * h, 1.0 - nz * nz * h]]) + 0.0      # + 0.0: no -0.0
+
+
+def euler_angles(r: np.ndarray) -> tuple[float, float, float]:
+    """``(rx, ry, rz)`` degrees with ``rotation_matrix((rx, ry, rz)) == r`` (to rounding).
+
+    At ``ry = +-90`` degrees (gimbal lock) ``rz`` is set to 0.
+
+    Example
+    -------
+    >>> [round(a, 9) for a in euler_angles(rotation_matrix((10.0, -20.0, 30.0)))]
+    [10.0, -20.0, 30.0]
+    """
+    r = np.asarray(r, dtype=np.float64)
+    ry = math.asin(max(-1.0, min(1.0, float(r[0, 2]))))
+    if math.cos(ry) > 1e-12:
+        rz = math.atan2(-float(r[0, 1]), float(r[0, 0]))
+    else:
+        rz = 0.0
+    rx_m = r @ rotation_matrix((0.0, math.degrees(ry), math.degrees(rz))).T
+    rx = math.atan2(float(rx_m[2, 1]), float(rx_m[1, 1]))
+    return tuple(math.degrees(a) + 0.0 for a in (rx, ry, rz))   # + 0.0: no -0.0 in the JSON
 
 
 def _exact_quantile(data: da.Array, geom: dict, m: int, u_lo: float, u_hi: float,
@@ -509,15 +674,21 @@ def _check_alpha(alpha: float) -> float:
 
 
 def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_000, seed: int = 0,
-               grid_deg: tuple[float, float] = (30.0, 2.0), refine: bool = True,
+               n_normals: int = 2000, grid_deg: tuple[float, float] | None = None, refine: bool = True,
                gap_quantile: float = 0.5) -> MirrorTransform:
-    """Fit the mirroring transform of a LEFT hemisphere mask in RAS+ (medial face toward +x).
+    """Fit the mirroring transform of a LEFT hemisphere mask (the plane may face any direction).
 
     Minimises ``C(T)`` (module docstring) over the mask's voxel centres (world mm from the mask's affine,
-    oblique affines included): two angles on a ``grid_deg = (half range, step)`` grid then Nelder-Mead, on
-    ``n_sample`` hash-chosen voxels (``seed`` picks the sample); the best x translation, the cost, the
-    fraction across the plane and the gap are then computed exactly on ALL mask voxels. Computed eagerly by
-    three chunked passes over the mask (each task holds one chunk; the result is a few numbers).
+    oblique affines included). The search is over the plane's unit normal ``n`` (in the input world frame):
+    by default over the WHOLE sphere -- the six axis directions and ``n_normals`` lattice normals
+    (:func:`sphere_normals`) on the first 20 000 sample points, then Nelder-Mead in the tangent plane from
+    the best distinct basins (on those points, then on the whole sample) -- so a specimen tilted in its bag
+    or a header that disagrees with the anatomy by any angle is handled. ``R`` is then the smallest rotation
+    taking ``n`` to +x (:func:`minimal_rotation`): the hemisphere lands on x < 0 and, for a header that
+    matches the anatomy (``n`` close to +x), ``R`` is close to the identity. The search runs on ``n_sample``
+    hash-chosen voxels (``seed`` picks the sample); the best x translation, the cost, the fraction across
+    the plane and the gap are then computed exactly on ALL mask voxels. Computed eagerly by three chunked
+    passes over the mask (each task holds one chunk; the result is a few numbers).
 
     Parameters
     ----------
@@ -526,14 +697,18 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     alpha : float
         Fraction of the hemisphere allowed across the mirror plane (0 < alpha < 0.5).
     n_sample : int
-        Voxels used to choose the angles (all of them if the mask is smaller).
+        Voxels used to choose the normal (all of them if the mask is smaller).
     seed : int
         Chooses the subsample (the hash key); the same seed gives the same transform on any chunking.
-    grid_deg : (float, float)
-        Half range and step of the coarse angle grid, degrees (both angles). A warning is issued when the
-        optimum lands at the edge of the range (widen it then).
+    n_normals : int
+        Lattice normals of the global search (>= 50; 2000: neighbours 4.5 degrees apart).
+    grid_deg : (float, float), optional
+        Instead of the global search, a local one near +x (for a header known to match the anatomy, or to
+        force the plane): ``(half range, step)`` degrees of a grid of the two angles ``(ry, rz)`` of the
+        normal ``(cos ry cos rz, -cos ry sin rz, sin ry)``. A warning is issued when the optimum lands at
+        the edge of the range (widen it then). ``(0, 1)`` with ``refine=False`` forces the plane x = const.
     refine : bool
-        Nelder-Mead refinement after the grid (on by default; off: the best grid point).
+        Nelder-Mead refinement after the grid (on by default; off: the best grid normal).
     gap_quantile : float
         Quantile of the footprint column gaps reported as ``gap_mm`` (0.5: median).
 
@@ -545,11 +720,13 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     -------
     >>> import numpy as np, dask.array as da
     >>> from helm_dask.volume import make_volume
-    >>> m = np.zeros((30, 20, 20), np.uint8); m[5:25, 3:17, 3:17] = 1
-    >>> tr = fit_mirror(make_volume(da.from_array(m, chunks=10), np.eye(4), kind="mask"), alpha=1e-2,
-    ...                 grid_deg=(4.0, 2.0))
-    >>> tr.fraction_across, tr.apply([[24.0, 5, 5]]).round(6).tolist()
-    (0.0, [[0.0, 5.0, 5.0]])
+    >>> i, j, k = np.ogrid[:30, :30, :30]                     # a half ball, flat face at i = 24
+    >>> m = (((i - 24) ** 2 + (j - 15) ** 2 + (k - 15) ** 2 <= 144) & (i <= 24)).astype(np.uint8)
+    >>> aff = np.array([[0.0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # header 90 deg off
+    >>> tr = fit_mirror(make_volume(da.from_array(m, chunks=10), aff, kind="mask"), alpha=1e-2)
+    >>> face = aff[:3, :3] @ [24.0, 15, 15]                   # world centre of the face: (-15, 24, 15)
+    >>> tr.normal, tr.fraction_across, round(float(tr.apply([face])[0, 0]), 9)
+    ((0.0, 1.0, 0.0), 0.0, 0.0)
     """
     alpha = _check_alpha(alpha)
     data = _as_dask(mask, "the brain mask")
@@ -557,12 +734,15 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
         raise HelmError(f"n_sample must be an integer of at least 100, got {n_sample!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise HelmError(f"seed must be a non-negative integer, got {seed!r}")
-    try:
-        half_deg, step_deg = (float(g) for g in grid_deg)
-    except (TypeError, ValueError):
-        half_deg, step_deg = -1.0, 0.0
-    if not (0.0 <= half_deg <= 80.0 and step_deg > 0.0):
-        raise HelmError(f"grid_deg must be (half range in [0, 80], step > 0) degrees, got {grid_deg!r}")
+    if isinstance(n_normals, bool) or not isinstance(n_normals, (int, np.integer)) or not 50 <= n_normals <= 10**6:
+        raise HelmError(f"n_normals must be an integer in [50, 1000000], got {n_normals!r}")
+    if grid_deg is not None:
+        try:
+            half_deg, step_deg = (float(g) for g in grid_deg)
+        except (TypeError, ValueError):
+            half_deg, step_deg = -1.0, 0.0
+        if not (0.0 <= half_deg <= 80.0 and step_deg > 0.0):
+            raise HelmError(f"grid_deg must be (half range in [0, 80], step > 0) degrees, got {grid_deg!r}")
     if not (0.0 <= float(gap_quantile) <= 1.0):
         raise HelmError(f"gap_quantile must be in [0, 1], got {gap_quantile!r}")
     affine = affine_of(mask)
@@ -584,14 +764,26 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     ijk = np.stack(np.unravel_index(lin[order], shape), axis=1).astype(np.float64)
     points = ijk @ a3.T + (at - centre)                    # sample voxel centres relative to the centroid
 
-    # the two angles on the sample ------------------------------------------------------------------------------
-    best, cost_sample = _search_angles(points, alpha, half_deg, step_deg, refine)
-    if half_deg > 0 and np.any(np.abs(best) > half_deg - 0.5 * step_deg):
-        warnings.warn(f"the best mirror plane lies at the edge of the searched angles (ry, rz = "
-                      f"{best[0]:.2f}, {best[1]:.2f} deg, range +-{half_deg:g}); widen grid_deg",
-                      RuntimeWarning, stacklevel=2)
-    angles = (0.0, float(best[0]), float(best[1]))
-    r = rotation_matrix(angles)
+    # the plane normal on the sample ------------------------------------------------------------------------------
+    if grid_deg is None:
+        candidates = np.concatenate([_AXES, sphere_normals(int(n_normals))])
+        spacing_deg = math.degrees(math.sqrt(4.0 * math.pi / int(n_normals)))
+        search = "sphere"
+    else:
+        ticks = np.arange(-half_deg, half_deg + 0.5 * step_deg, step_deg)
+        candidates = _normals(np.array([(a, b) for a in ticks for b in ticks]))
+        spacing_deg = step_deg
+        search = "grid"
+    normal, cost_sample = _search_normal(points, alpha, candidates, spacing_deg, refine)
+    if grid_deg is not None and half_deg > 0:
+        ry = math.degrees(math.asin(max(-1.0, min(1.0, float(normal[2])))))
+        rz = math.degrees(math.atan2(-float(normal[1]), float(normal[0])))
+        if max(abs(ry), abs(rz)) > half_deg - 0.5 * step_deg:
+            warnings.warn(f"the best mirror plane lies at the edge of the searched angles (ry, rz = "
+                          f"{ry:.2f}, {rz:.2f} deg, range +-{half_deg:g}); widen grid_deg (or drop it: "
+                          f"the default search covers every direction)", RuntimeWarning, stacklevel=2)
+    r = minimal_rotation(normal)
+    angles = euler_angles(r)
 
     # exact t_x, cost, fraction and gap on all voxels ---------------------------------------------------------
     lo_box = np.array([b[0] for b in bbox], dtype=np.float64)
@@ -619,12 +811,137 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     gap = float(np.quantile(np.maximum(q - tops, 0.0), float(gap_quantile)))
     translation = (float(-q - centre[0]), 0.0, 0.0)        # x after T = (x after R, centred) - q
     ext_c = np.array([[hi_box[d] + 0.5 if (c >> d) & 1 else lo_box[d] - 0.5 for d in range(3)] for c in range(8)])
-    return MirrorTransform(matrix=_rigid(angles, translation, centre), angles_deg=angles,
+    return MirrorTransform(matrix=_rigid_matrix(r, translation, centre), angles_deg=angles,
                            translation_mm=translation, centre_mm=tuple(float(c) for c in centre),
                            cost=float(cost), fraction_across=ex["n_across"] / count, gap_mm=gap, alpha=alpha,
                            n_voxels=int(count), n_sample=int(len(points)), cost_sample=float(cost_sample),
                            gap_quantile=float(gap_quantile), bbox_mm=ext_c @ a3.T + at,
-                           spacing_mm=float(sp.min()))
+                           spacing_mm=float(sp.min()), normal=tuple(float(v) + 0.0 for v in r[0]),
+                           search=search, n_normals=int(len(candidates)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the anatomical check: the hypothalamus is a midline structure
+# ----------------------------------------------------------------------------------------------------------
+
+_HYPOTHALAMUS_CODES = tuple(range(801, 811))   # FreeSurfer's subunits, both sides (the fornix is left out)
+_DIST_BIN_MM = 0.01                             # bin of the |distance| histogram (the percentile's resolution)
+
+
+def _plane_block(block: np.ndarray, offset: tuple[int, int, int], codes: tuple | None, w: np.ndarray,
+                 b: float) -> tuple:
+    """[count, exact index sums, min/max signed distance, |distance| histogram] of the selected voxels."""
+    blk = np.asarray(block)
+    if not blk.any():                                          # most chunks: labels are small
+        return (0, (0, 0, 0), math.inf, -math.inf, np.zeros(0, np.int64))
+    sel = (blk != 0) if codes is None else np.isin(blk, codes)
+    flat = np.flatnonzero(sel)
+    if flat.size == 0:
+        return (0, (0, 0, 0), math.inf, -math.inf, np.zeros(0, np.int64))
+    loc = np.unravel_index(flat, sel.shape)
+    g = [loc[d].astype(np.int64) + offset[d] for d in range(3)]
+    # signed distance from the plane (world x after T) of the selected voxels only: labels are sparse
+    d = ((b + w[0] * g[0]) + w[1] * g[1]) + w[2] * g[2]
+    hist = np.bincount(np.ceil(np.abs(d) / _DIST_BIN_MM).astype(np.int64))     # bin i: |d| in ((i-1)w, iw]
+    return (int(flat.size), tuple(int(gd.sum(dtype=np.int64)) for gd in g), float(d.min()), float(d.max()), hist)
+
+
+def _plane_combine(*parts: tuple) -> tuple:
+    size = max(p[4].size for p in parts)
+    hist = np.zeros(size, np.int64)
+    for p in parts:
+        hist[:p[4].size] += p[4]
+    return (sum(p[0] for p in parts), tuple(sum(p[1][d] for p in parts) for d in range(3)),
+            min(p[2] for p in parts), max(p[3] for p in parts), hist)
+
+
+def check_hypothalamus_plane(transform: MirrorTransform, hypothalamus_volume: xr.DataArray, *,
+                             max_distance_mm: float = 15.0, codes: Sequence[int] | None = None,
+                             path: str | os.PathLike | None = None) -> dict:
+    """Check that the hypothalamus labels lie on the fitted mirror plane (it is a midline structure).
+
+    The hypothalamus lines the third ventricle, so in a hemisphere it sits on the medial face, which the fit
+    puts on the plane ``x = 0`` (after ``T``). Its labels' centroid far from that plane means the inputs do
+    not belong together: labels from another scan or subject, a header (affine) that does not match the
+    anatomy (then the labels were placed wrongly relative to the mask), or a wrong brain mask (then the plane
+    is). A HELM phantom's hypothalamus centroid lies about 2 mm from its medial plane.
+
+    Computed eagerly in one chunked pass (each task holds one chunk and returns a few numbers and a histogram
+    of the distances in 0.01 mm bins): exact integer index sums for the centroid, so the result does not
+    depend on the chunking.
+
+    Parameters
+    ----------
+    transform : MirrorTransform
+        The fitted (or read) mirroring transform, world -> world.
+    hypothalamus_volume : volume
+        The labels on any grid (world coordinates are used).
+    max_distance_mm : float
+        Largest accepted distance of the labels' centroid from the plane.
+    codes : sequence of int, optional
+        The labels that make the hypothalamus; default its subunits 801-810 (the fornix is not midline),
+        falling back to every nonzero voxel when none of those is present.
+    path : str, optional
+        Named in the error (default: the volume's ``source``).
+
+    Returns
+    -------
+    dict
+        ``centroid_mm`` (world), ``centroid_distance_mm`` (signed: > 0 across the plane, < 0 on the
+        hemisphere's side), ``p90_distance_mm`` (90th percentile of the voxels' absolute distances, rounded
+        up to 0.01 mm), ``min_distance_mm`` / ``max_distance_mm`` (signed extremes), ``n_voxels``, ``codes``
+        (``"801-810"``, the codes given, or ``"nonzero"``), ``limit_mm`` and ``ok`` (always True: a failure
+        raises).
+
+    Raises
+    ------
+    HelmError
+        When the centroid is farther than ``max_distance_mm`` from the plane, or the volume holds no label.
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> lab = np.zeros((10, 4, 4), np.uint16); lab[8:10, 1:3, 1:3] = 801        # on the face x = 9
+    >>> shift = np.eye(4); shift[0, 3] = -9.0
+    >>> t = MirrorTransform(shift, (0, 0, 0), (-9, 0, 0), (0, 0, 0), 0.0, 0.0, 0.0, 5e-4, 1)
+    >>> r = check_hypothalamus_plane(t, make_volume(da.from_array(lab, chunks=5), np.eye(4), kind="labels"))
+    >>> r["centroid_distance_mm"], r["p90_distance_mm"]
+    (-0.5, 1.0)
+    """
+    data = _as_dask(hypothalamus_volume, "the hypothalamus labels")
+    src = path if path is not None else (hypothalamus_volume.attrs.get("source") or None)
+    limit = float(max_distance_mm)
+    if not (limit > 0 and math.isfinite(limit)):
+        raise HelmError(f"max_distance_mm must be a positive number, got {max_distance_mm!r}")
+    aff = affine_of(hypothalamus_volume)
+    row = np.asarray(transform.matrix, dtype=np.float64)[0]
+    w = row[:3] @ aff[:3, :3]                                  # voxel index -> world x after T
+    b = float(row[:3] @ aff[:3, 3] + row[3])
+    use = tuple(int(c) for c in (_HYPOTHALAMUS_CODES if codes is None else codes))
+    count, sums, dmin, dmax, hist = _run(data, _plane_block, _plane_combine, use, w, b)
+    used: Any = "801-810" if codes is None else list(use)
+    if count == 0 and codes is None:                           # e.g. another numbering: every label
+        count, sums, dmin, dmax, hist = _run(data, _plane_block, _plane_combine, None, w, b)
+        used = "nonzero"
+    if count == 0:
+        raise HelmError("the hypothalamus labels are empty; cannot check them against the mirror plane",
+                        path=src, hint="check the hypothalamus label file")
+    centroid = aff[:3, :3] @ (np.array(sums, dtype=np.float64) / count) + aff[:3, 3]
+    dist = float(row[:3] @ centroid + row[3])
+    p90 = float(np.searchsorted(np.cumsum(hist), 0.9 * count)) * _DIST_BIN_MM     # the bin's upper edge
+    result = {"centroid_mm": [float(c) for c in centroid], "centroid_distance_mm": dist,
+              "p90_distance_mm": round(p90, 6), "min_distance_mm": dmin, "max_distance_mm": dmax,
+              "n_voxels": int(count), "codes": used, "limit_mm": limit, "ok": True}
+    if abs(dist) > limit:
+        raise HelmError(
+            f"the hypothalamus labels lie {abs(dist):.1f} mm from the fitted mirror plane (centroid; 90% of "
+            f"their voxels within {p90:.1f} mm; at most {limit:g} mm expected, the hypothalamus is a midline "
+            "structure): the labels may come from another scan or subject, the header (affine) may not match "
+            "the anatomy, or the brain mask may be wrong", path=src,
+            hint="check that the labels were drawn on this scan, that the scan's header matches the anatomy, "
+                 "and the brain mask (mask.nii.gz)")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .volume import affine_of, like, orientation_code, provenance_record, spacin
 
 __all__ = [
     "RIGHT_TO_LEFT",
+    "SIDE_MIN_STRENGTH",
     "check_same_grid",
     "check_side",
     "detect_side",
@@ -45,14 +46,20 @@ __all__ = [
     "map_right_to_left_codes",
     "orient_subject",
     "ras_grid",
+    "require_clear_side",
     "to_ras",
 ]
 
 #: FreeSurfer hypothalamic subunit codes: right (806-810) -> left (801-805), same subunit order.
 RIGHT_TO_LEFT: dict[int, int] = {806: 801, 807: 802, 808: 803, 809: 804, 810: 805}
 
-# A relative offset |hypothalamus x - brain x| / brain half-width below this is reported as weak evidence.
-_WEAK_SIDE_EVIDENCE = 0.1
+#: Smallest side-decision strength (``|hypothalamus x - brain x| / brain half-width``, see
+#: :func:`detect_side`) taken as a decision. A hemisphere whose header matches its anatomy has its
+#: hypothalamus on the medial face, about 0.5-0.8 brain half-widths from the brain's centroid (the HELM phantom:
+#: 0.57); a header 60-90 degrees off about z, or 90 about y, brings it to 0.07-0.13 on the phantom (30 about z:
+#: 0.27), a hypothalamus at the brain's centre to 0. Below this, ``--side auto`` refuses to guess
+#: (:func:`require_clear_side`).
+SIDE_MIN_STRENGTH = 0.2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,7 +289,9 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     info : dict
         ``side``, ``hypothalamus_centroid_mm``, ``brain_centroid_mm`` (world mm), ``brain_x_range_mm``,
         ``offset_x_mm`` (hypothalamus x - brain x), ``relative_offset`` (offset / brain half-width along x),
-        ``confident`` (``|relative_offset| >= 0.1``), ``brain_from`` and a one-line human ``reason``.
+        ``strength`` (``|relative_offset|``: how clear the decision is, 0 = a coin toss),
+        ``min_strength`` (:data:`SIDE_MIN_STRENGTH`), ``confident`` (``strength >= min_strength``),
+        ``brain_from`` and a one-line human ``reason``.
 
     Example
     -------
@@ -336,17 +345,18 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     half_width = max(0.5 * (xmax - xmin), 1e-12)
     rel = offset / half_width
     side = "L" if offset > 0 else "R"
-    confident = abs(rel) >= _WEAK_SIDE_EVIDENCE
+    confident = abs(rel) >= SIDE_MIN_STRENGTH
     reason = (f"the hypothalamus centroid (x = {hx:.2f} mm) lies {abs(offset):.2f} mm on the "
               f"{'+x' if offset > 0 else '-x'} side of the brain centroid (x = {bx:.2f} mm; brain spans x "
               f"{xmin:.2f} to {xmax:.2f} mm), and the hypothalamus is medial, so this is a "
               f"{'left' if side == 'L' else 'right'} hemisphere ({side})")
     if not confident:
-        reason += (f" -- weak evidence: the offset is only {100 * abs(rel):.0f}% of the brain half-width; "
-                   "check the side and pass --side L or --side R")
+        reason += (f" -- weak evidence: the offset is only {100 * abs(rel):.0f}% of the brain half-width "
+                   f"(below {100 * SIDE_MIN_STRENGTH:.0f}%); check the side and pass --side L or --side R")
     info = {"side": side, "hypothalamus_centroid_mm": [float(c) for c in hyp["centroid_mm"]],
             "brain_centroid_mm": [float(c) for c in brain["centroid_mm"]], "brain_x_range_mm": [xmin, xmax],
-            "offset_x_mm": offset, "distance_mm": abs(offset), "relative_offset": rel, "confident": confident,
+            "offset_x_mm": offset, "distance_mm": abs(offset), "relative_offset": rel, "strength": abs(rel),
+            "min_strength": SIDE_MIN_STRENGTH, "confident": confident,
             "hypothalamus_voxels": hyp["count"], "brain_voxels": brain["count"], "brain_from": brain_from,
             "reason": reason}
     return side, info
@@ -382,6 +392,36 @@ def check_side(side_given: str, info: dict) -> str | None:
         return None
     return (f"--side {given} was given, but {info['reason']}. Proceeding with --side {given} as asked; "
             f"if that is wrong, rerun with --side {detected} (or --side auto)")
+
+
+def require_clear_side(info: dict, *, path: Any = None) -> None:
+    """Raise :class:`HelmError` when :func:`detect_side`'s decision is too weak to act on (``--side auto``).
+
+    Weak = ``info["strength"] < SIDE_MIN_STRENGTH``: the hypothalamus lies about as far left as right of
+    the brain's centroid, so the side would be a guess -- and a wrong side mirrors the specimen the wrong
+    way. The usual causes are a header (affine) that does not match the anatomy (the medial face does not
+    point along x) or hypothalamus labels from another scan. An explicit side is trusted instead (the
+    pipeline only warns when it disagrees, see :func:`check_side`).
+
+    Example
+    -------
+    >>> require_clear_side({"strength": 0.5, "min_strength": 0.2})
+    >>> require_clear_side({"strength": 0.05, "min_strength": 0.2, "offset_x_mm": 1.0,
+    ...                     "relative_offset": 0.05})          # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    helm_dask.errors.HelmError: --side auto cannot tell left from right: ...
+    """
+    strength = float(info.get("strength", abs(float(info.get("relative_offset", 0.0)))))
+    limit = float(info.get("min_strength", SIDE_MIN_STRENGTH))
+    if strength >= limit:
+        return None
+    raise HelmError(f"--side auto cannot tell left from right: the hypothalamus centroid lies only "
+                    f"{abs(float(info.get('offset_x_mm', 0.0))):.1f} mm ({100 * strength:.0f}% of the brain "
+                    f"half-width, {100 * limit:.0f}% needed) from the brain centroid along x; likely causes: a "
+                    "header (affine) that does not match the anatomy, or hypothalamus labels from another scan",
+                    path=path,
+                    hint="pass --side L or --side R if you know the side, or fix the header of the scan and labels")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,9 +500,10 @@ def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = 
     (:func:`map_right_to_left_codes`, applied to every subject: every output is a left hemisphere). The
     scan and labels must already be on the same grid (see :func:`check_same_grid`).
 
-    ``side="auto"`` detects the side with :func:`detect_side` (eager chunked reductions); with an explicit
-    side and ``check=True`` the detection also runs and a disagreement is warned about (``UserWarning`` and
-    ``info["warning"]``) with its numbers, and the given side is used. The volumes returned are lazy.
+    ``side="auto"`` detects the side with :func:`detect_side` (eager chunked reductions) and refuses a weak
+    decision (:func:`require_clear_side`: :class:`HelmError`); with an explicit side and ``check=True`` the
+    detection also runs and a disagreement is warned about (``UserWarning`` and ``info["warning"]``) with its
+    numbers, and the given side is used (trusted). The volumes returned are lazy.
 
     Returns
     -------
@@ -489,6 +530,7 @@ def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = 
     detection, detection_error = None, None
     if labels is not None and given == "auto":
         _, detection = detect_side(scan, labels)
+        require_clear_side(detection, path=labels.attrs.get("source") or None)
     elif labels is not None and check:
         try:                      # only advisory when the side is given: never fatal
             _, detection = detect_side(scan, labels)

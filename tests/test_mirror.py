@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from helm_dask import mirror
 from helm_dask.io import regions
@@ -76,8 +77,7 @@ def fitted(hemi):
 
     def get(alpha, chunks):
         if (alpha, chunks) not in cache:
-            cache[alpha, chunks] = fit_mirror(as_volume(hemi["mask"], hemi["affine"], chunks), alpha=alpha,
-                                              grid_deg=(20.0, 2.0))
+            cache[alpha, chunks] = fit_mirror(as_volume(hemi["mask"], hemi["affine"], chunks), alpha=alpha)
         return cache[alpha, chunks]
 
     return get
@@ -96,8 +96,13 @@ def test_fit_finds_the_known_medial_plane(hemi, fitted, alpha):
     n_true = hemi["rs"][:, 0]
     err_deg = math.degrees(math.acos(min(1.0, float(tr.matrix[0, :3] @ n_true))))
     assert err_deg < 0.5, err_deg
-    # rx and the y/z translations are not identifiable from the cost: fixed to 0
-    assert tr.angles_deg[0] == 0.0 and tr.translation_mm[1:] == (0.0, 0.0)
+    # the rotation about x and the y/z translations are not identifiable from the cost: R is the smallest
+    # rotation taking the normal to +x (its angle, from the trace, is the normal's angle to +x), t_y = t_z = 0
+    n = np.asarray(tr.normal)
+    np.testing.assert_allclose(tr.matrix[0, :3], n, atol=1e-15)
+    assert np.trace(tr.matrix[:3, :3]) == pytest.approx(1.0 + 2.0 * n[0], abs=1e-12)
+    np.testing.assert_allclose(rotation_matrix(tr.angles_deg), tr.matrix[:3, :3], atol=1e-12)
+    assert tr.translation_mm[1:] == (0.0, 0.0) and tr.search == "sphere" and tr.n_normals == 2006
     # fraction across the plane = alpha (within 20%), measured independently
     x = tr.apply(mask_points(hemi["mask"], hemi["affine"]))[:, 0]
     frac = float(np.mean(x > 0))
@@ -145,8 +150,8 @@ def test_fit_is_chunking_independent(hemi, fitted):
 
 def test_subsample_seed_changes_sample_not_result(hemi):
     vol = as_volume(hemi["mask"], hemi["affine"], (17, 25, 20))
-    a = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=1, grid_deg=(20.0, 2.0))
-    b = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=2, grid_deg=(20.0, 2.0))
+    a = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=1)
+    b = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=2)
     assert a.n_sample == b.n_sample == 6000
     assert not np.array_equal(a.matrix, b.matrix)                 # different samples ...
     na, nb = a.matrix[0, :3], b.matrix[0, :3]
@@ -168,7 +173,7 @@ def test_cost_no_worse_than_dense_nelder_mead(n_sample):
     mask, aff, _, _, _ = make_hemisphere(semi=(14.0, 20.0, 13.0), shape=(24, 46, 34), ry=-5.0, rz=9.0)
     alpha = 2e-3
     pts = mask_points(mask, aff)
-    tr = fit_mirror(as_volume(mask, aff, 16), alpha=alpha, n_sample=n_sample, grid_deg=(20.0, 2.0))
+    tr = fit_mirror(as_volume(mask, aff, 16), alpha=alpha, n_sample=n_sample)
     centre = pts.mean(axis=0)
     x_max = float((pts[:, 0]).max())
     rng = np.random.default_rng(0)
@@ -192,7 +197,7 @@ def test_gap_reveals_a_wedge(hemi):
     vol = as_volume(hemi["mask"], hemi["affine"], 25)
     forced = fit_mirror(vol, alpha=2e-3, grid_deg=(0.0, 1.0), refine=False)
     assert forced.angles_deg == (0.0, 0.0, 0.0)
-    fitted = fit_mirror(vol, alpha=2e-3, grid_deg=(20.0, 2.0))
+    fitted = fit_mirror(vol, alpha=2e-3)
     assert fitted.gap_mm < 1.0 < 3.0 < forced.gap_mm
     assert fitted.cost < forced.cost
 
@@ -222,7 +227,7 @@ def test_quantile_refinement_levels_give_the_same_answer(hemi, fitted, monkeypat
     ref = fitted(2e-3, (17, 25, 20))
     monkeypatch.setattr(mirror, "_NBINS", nbins)
     monkeypatch.setattr(mirror, "_MAX_COLLECT", max_collect)
-    tr = fit_mirror(as_volume(hemi["mask"], hemi["affine"], (17, 25, 20)), alpha=2e-3, grid_deg=(20.0, 2.0))
+    tr = fit_mirror(as_volume(hemi["mask"], hemi["affine"], (17, 25, 20)), alpha=2e-3)
     np.testing.assert_array_equal(tr.matrix, ref.matrix)
     assert (tr.fraction_across, tr.gap_mm) == (ref.fraction_across, ref.gap_mm)
     assert tr.cost == pytest.approx(ref.cost, rel=1e-10)
@@ -454,6 +459,9 @@ def test_bad_inputs(hemi, fitted):
             fit_mirror(vol, n_sample=n_sample)
     with pytest.raises(HelmError, match="seed"):
         fit_mirror(vol, seed=-1)
+    for n_normals in (10, 2.5, True):
+        with pytest.raises(HelmError, match="n_normals"):
+            fit_mirror(vol, n_normals=n_normals)
     tr = fitted(2e-3, (17, 25, 20))
     maps = make_maps(hemi)
     good = as_volume(maps["clusters"], aff, 20, kind="labels")
@@ -479,3 +487,266 @@ def test_bad_inputs(hemi, fitted):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         whole_brain_grid(None, tr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the global search: a header rotated by any angle about any axis (the phantom's medial face points anywhere)
+# ----------------------------------------------------------------------------------------------------------
+
+PH_SPACING = 2.0
+PH_ALPHA = 5e-4
+
+
+def axis_rotation(axis, deg):
+    """3x3 rotation by ``deg`` degrees about world axis ``axis`` (0, 1, 2 = x, y, z, or a 3-vector)."""
+    k = np.eye(3)[axis] if isinstance(axis, int) else np.asarray(axis, float) / np.linalg.norm(axis)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    a = math.radians(deg)
+    return np.eye(3) + math.sin(a) * kx + (1 - math.cos(a)) * kx @ kx
+
+
+def brute_costs(points_c, normals, alpha):
+    """C for each normal with its closed-form t_x (the m-th largest projection on x = 0), on every point.
+
+    ``C = sum_(x > 0) x - alpha sum x``: after a partition at the m-th largest projection q, the terms
+    with x > 0 are exactly those above it, and ``sum x = n . sum(points) - N q``."""
+    n = len(points_c)
+    m = int(math.floor(alpha * n)) + 1
+    pt = np.ascontiguousarray(points_c.T)
+    total = normals @ pt.sum(axis=1)
+    out = np.empty(len(normals))
+    for s in range(0, len(normals), 8):
+        u = np.partition(normals[s:s + 8] @ pt, n - m, axis=1)
+        q = u[:, n - m]
+        out[s:s + 8] = np.maximum(u[:, n - m + 1:] - q[:, None], 0.0).sum(axis=1) - alpha * (total[s:s + 8] - n * q)
+    return out
+
+
+def tangent_patch(n0, half_deg, step_deg):
+    """A square grid of normals around ``n0`` (gnomonic: n0 + tan(a) e1 + tan(b) e2, normalised)."""
+    e1 = np.cross(n0, [0.0, 0.0, 1.0] if abs(n0[2]) < 0.9 else [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(n0, e1)
+    t = np.tan(np.radians(np.arange(-half_deg, half_deg + step_deg / 2, step_deg)))
+    a, b = np.meshgrid(t, t, indexing="ij")
+    p = n0 + a.reshape(-1, 1) * e1 + b.reshape(-1, 1) * e2
+    return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+
+def brute_force_normal(points, alpha):
+    """An independent exhaustive search: a 2-degree latitude-longitude grid over the whole sphere (rings of
+    ~equal spacing: ~10 000 normals), then dense 0.1-degree patches (+-3 degrees) around the three best
+    distinct grid minima, then a 0.004-degree patch (+-0.12 degrees) around the best; all on every point.
+    Returns (normal, cost)."""
+    pc = points - points.mean(axis=0)
+    grid = []
+    for theta in np.radians(np.arange(0.0, 180.1, 2.0)):
+        k = max(1, int(round(180 * math.sin(theta))))
+        phi = np.arange(k) * (2 * math.pi / k)
+        grid.append(np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
+                              np.full(k, math.cos(theta))], -1))
+    grid = np.concatenate(grid)
+    costs = brute_costs(pc, grid, alpha)
+    starts = []
+    for i in np.argsort(costs, kind="stable"):
+        if all(grid[i] @ grid[j] < math.cos(math.radians(10.0)) for j in starts):
+            starts.append(i)
+        if len(starts) == 3:
+            break
+    best_n, best_c = None, np.inf
+    for i in starts:
+        patch = tangent_patch(grid[i], 3.0, 0.1)
+        c = brute_costs(pc, patch, alpha)
+        if c.min() < best_c:
+            best_n, best_c = patch[np.argmin(c)], float(c.min())
+    patch = tangent_patch(best_n, 0.12, 0.004)
+    c = brute_costs(pc, patch, alpha)
+    if c.min() < best_c:
+        best_n, best_c = patch[np.argmin(c)], float(c.min())
+    return best_n, best_c
+
+
+@pytest.fixture(scope="module")
+def ph_mask():
+    """The phantom's true mask in RAS+ (in memory), its medial-plane normal, and the brute-force optimum.
+
+    The cost of a normal is invariant under a rigid rotation of the header applied to both (the voxel
+    centres rotate, the normal with them): one brute-force search in the stored frame serves every rotated
+    header below (each case also re-evaluates it in its own frame)."""
+    phantom_mod = pytest.importorskip("helm_dask.phantom")
+    orient = pytest.importorskip("helm_dask.orient")
+    mask = orient.to_ras(phantom_mod.phantom(PH_SPACING, side="L", chunks=40)["truth_mask"])
+    arr = np.asarray(mask.values)
+    aff = affine_of(mask)
+    normal = np.asarray(phantom_mod.phantom_geometry(PH_SPACING, "L")["medial_plane"]["normal"], float)
+    pts = mask_points(arr, aff)
+    with threadpool_limits(limits=1, user_api="blas"):    # thin products: one BLAS thread is 5x faster here
+        bn, bc = brute_force_normal(pts, PH_ALPHA)
+    fov_centre = aff[:3, :3] @ ((np.array(arr.shape) - 1) / 2.0) + aff[:3, 3]
+    return {"arr": arr, "affine": aff, "normal": normal / np.linalg.norm(normal), "points": pts,
+            "brute_normal": bn, "brute_cost": bc, "fov_centre": fov_centre}
+
+
+def angle_deg(a, b):
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))))))
+
+
+def test_brute_force_finds_the_phantom_plane(ph_mask):
+    """The reference itself: the brute-force optimum is the phantom's true medial plane, and its cost formula
+    is the plain one (mirror_cost with the m-th largest projection on x = 0)."""
+    assert angle_deg(ph_mask["brute_normal"], ph_mask["normal"]) < 0.5
+    pts = ph_mask["points"]
+    pc = pts - pts.mean(axis=0)
+    m = int(math.floor(PH_ALPHA * len(pts))) + 1
+    for normal in (ph_mask["brute_normal"], ph_mask["normal"], np.array([0.0, 0.6, 0.8])):
+        u = pc @ normal
+        mat = np.eye(4)
+        mat[:3, :3] = mirror.minimal_rotation(normal)
+        mat[0, 3] = -(normal @ pts.mean(axis=0)) - np.sort(u)[::-1][m - 1]
+        assert brute_costs(pc, normal[None], PH_ALPHA)[0] == pytest.approx(mirror_cost(pts, mat, PH_ALPHA),
+                                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("axis,deg", [(0, 0.0)] + [(a, d) for a in range(3) for d in (30.0, 60.0, 90.0)]
+                         + [((1, 2, 3), 150.0), (2, 180.0)])
+def test_fit_is_global_under_any_header_rotation(ph_mask, axis, deg):
+    """Header rotated (about the FOV centre) by 0-90 degrees about x, y or z (and by 150 degrees about an
+    oblique axis, 180 about z: the medial face then points towards -x): the fitted plane is the true medial
+    plane rotated the same way, and the fit is at least as good as the exhaustive search."""
+    q3 = axis_rotation(axis, deg)
+    q = np.eye(4)
+    q[:3, :3] = q3
+    q[:3, 3] = ph_mask["fov_centre"] - q3 @ ph_mask["fov_centre"]
+    aff = q @ ph_mask["affine"]
+    tr = fit_mirror(as_volume(ph_mask["arr"], aff, (21, 40, 33)), alpha=PH_ALPHA)
+    n = np.asarray(tr.normal)
+    assert angle_deg(n, q3 @ ph_mask["normal"]) < 2.0
+    assert angle_deg(n, q3 @ ph_mask["brute_normal"]) < 2.0
+    # no better plane exists on the exhaustive grid (the same search, re-evaluated in this frame)
+    pts = ph_mask["points"] @ q3.T + q[:3, 3]
+    pc = pts - pts.mean(axis=0)
+    brute_here = float(brute_costs(pc, (q3 @ ph_mask["brute_normal"])[None], PH_ALPHA)[0])
+    assert brute_here == pytest.approx(ph_mask["brute_cost"], rel=1e-9)
+    assert tr.cost == pytest.approx(mirror_cost(pts, tr.matrix, PH_ALPHA), rel=1e-10)
+    assert tr.cost <= ph_mask["brute_cost"] * (1 + 1e-9)
+    # the conventions: the hemisphere on x < 0 against the plane x = 0, the smallest rotation to +x
+    x = tr.apply(pts)[:, 0]
+    assert np.mean(x > 0) <= 1.2 * PH_ALPHA and x.max() < 1.0 and np.median(x) < -10.0
+    np.testing.assert_allclose(tr.matrix[0, :3], n, atol=1e-15)
+    np.testing.assert_allclose(tr.matrix[:3, :3] @ tr.matrix[:3, :3].T, np.eye(3), atol=1e-12)
+    assert np.trace(tr.matrix[:3, :3]) == pytest.approx(1.0 + 2.0 * n[0], abs=1e-12)
+    assert tr.search == "sphere"
+
+
+def test_global_search_equals_the_local_one_on_an_untilted_scan(ph_mask, hemi, fitted):
+    """Where the former +-30 degree search sufficed, the global one gives the same plane."""
+    for arr, aff, alpha, cached in ((ph_mask["arr"], ph_mask["affine"], PH_ALPHA, None),
+                                    (hemi["mask"], hemi["affine"], 2e-3, fitted(2e-3, (17, 25, 20)))):
+        vol = as_volume(arr, aff, 25)
+        loc = fit_mirror(vol, alpha=alpha, grid_deg=(30.0, 2.0))
+        glob = cached or fit_mirror(vol, alpha=alpha)
+        assert loc.search == "grid" and glob.search == "sphere"
+        assert angle_deg(loc.normal, glob.normal) < 0.05
+        assert glob.cost == pytest.approx(loc.cost, rel=1e-4)
+        np.testing.assert_allclose(glob.matrix, loc.matrix, atol=0.05)
+
+
+def test_minimal_rotation_and_euler_angles():
+    rng = np.random.default_rng(3)
+    normals = np.concatenate([rng.normal(size=(200, 3)), mirror._AXES,
+                              [[-1.0, 1e-9, 0.0], [-1.0, 0.0, -1e-12], [-1.0, 1e-5, 1e-5]]])
+    for v in normals:
+        n = v / np.linalg.norm(v)
+        r = mirror.minimal_rotation(v)
+        np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(r) == pytest.approx(1.0, abs=1e-12)
+        np.testing.assert_allclose(r @ n, [1.0, 0.0, 0.0], atol=1e-12)
+        # minimal: the rotation angle (from the trace) is the angle between n and +x
+        assert np.trace(r) == pytest.approx(1.0 + 2.0 * n[0], abs=1e-9)
+        np.testing.assert_allclose(rotation_matrix(mirror.euler_angles(r)), r, atol=1e-12)
+    np.testing.assert_array_equal(mirror.minimal_rotation([2.0, 0, 0]), np.eye(3))
+    np.testing.assert_array_equal(mirror.minimal_rotation([-1.0, 0, 0]), np.diag([-1.0, -1.0, 1.0]))
+    assert mirror.euler_angles(np.eye(3)) == (0.0, 0.0, 0.0)
+    p = mirror.sphere_normals(2000)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0)
+    # every direction has a lattice normal within the spacing (4.5 degrees at 2000 normals)
+    probe = rng.normal(size=(2000, 3))
+    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    assert math.degrees(math.acos(float((probe @ p.T).max(axis=1).min()))) < 4.5
+
+
+def test_old_transform_json_without_the_new_fields(tmp_path, fitted):
+    """A transform.json written before ``normal``/``search`` existed still loads (normal from the matrix)."""
+    tr = fitted(2e-3, (17, 25, 20))
+    d = tr.to_dict()
+    assert d["normal"] == list(tr.normal) and d["search"] == "sphere"
+    for k in ("normal", "search", "n_normals"):
+        del d[k]
+    back = MirrorTransform.from_dict(d)
+    np.testing.assert_allclose(back.normal, tr.normal, atol=1e-15)
+    assert back.search is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the anatomical check: the hypothalamus lies on the fitted plane
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ph_labels(ph_mask):
+    phantom_mod = pytest.importorskip("helm_dask.phantom")
+    orient = pytest.importorskip("helm_dask.orient")
+    lab = orient.to_ras(phantom_mod.phantom(PH_SPACING, side="L", chunks=40)["hypothalamus"])
+    tr = fit_mirror(as_volume(ph_mask["arr"], ph_mask["affine"], 40), alpha=PH_ALPHA)
+    return np.asarray(lab.values), affine_of(lab), tr
+
+
+def test_hypothalamus_on_the_medial_face_passes(ph_labels):
+    lab, aff, tr = ph_labels
+    ref = None
+    for chunks in ((41, 96, 65), (7, 13, 11)):
+        r = mirror.check_hypothalamus_plane(tr, as_volume(lab, aff, chunks, kind="labels"))
+        assert r["ok"] and r["codes"] == "801-810"
+        # plain NumPy: the subunits' world centroid and their distances from the plane (x after T)
+        sel = (lab >= 801) & (lab <= 810)
+        pts = mask_points(sel, aff)
+        d = tr.apply(pts)[:, 0]
+        np.testing.assert_allclose(r["centroid_mm"], pts.mean(axis=0), atol=1e-9)
+        assert r["centroid_distance_mm"] == pytest.approx(d.mean(), abs=1e-9)
+        assert r["n_voxels"] == int(sel.sum())
+        assert r["min_distance_mm"] == pytest.approx(d.min(), abs=1e-9)
+        assert r["max_distance_mm"] == pytest.approx(d.max(), abs=1e-9)
+        assert np.quantile(np.abs(d), 0.9) - 1e-9 <= r["p90_distance_mm"] <= np.quantile(np.abs(d), 0.9) + 0.01 + 1e-9
+        assert abs(r["centroid_distance_mm"]) < 5.0 and r["p90_distance_mm"] < 10.0
+        assert ref is None or r == ref                            # the same numbers for every chunking
+        ref = r
+    # only the fornix (250): the fallback uses every nonzero voxel
+    fornix = np.where(lab == 250, lab, 0)
+    r = mirror.check_hypothalamus_plane(tr, as_volume(fornix, aff, 20, kind="labels"))
+    assert r["codes"] == "nonzero" and r["n_voxels"] == int((lab == 250).sum())
+    r = mirror.check_hypothalamus_plane(tr, as_volume(lab, aff, 20, kind="labels"), codes=[801, 802])
+    assert r["codes"] == [801, 802] and r["n_voxels"] == int(np.isin(lab, [801, 802]).sum())
+
+
+@pytest.mark.parametrize("away_mm", [30.0, -30.0])
+def test_hypothalamus_far_from_the_plane_is_refused(ph_labels, away_mm):
+    """Labels moved 30 mm off the plane (along its normal, either way): one clear line naming the causes."""
+    lab, aff, tr = ph_labels
+    moved = aff.copy()
+    moved[:3, 3] += away_mm * np.asarray(tr.normal)
+    with pytest.raises(HelmError) as err:
+        mirror.check_hypothalamus_plane(tr, as_volume(lab, moved, 20, kind="labels"), path="hyp.nii.gz")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("hyp.nii.gz: ")
+    for cause in ("another scan or subject", "header (affine)", "brain mask", "from the fitted mirror plane"):
+        assert cause in msg
+    # 14 mm off: still accepted with the default limit, refused with a tighter one
+    near = aff.copy()
+    near[:3, 3] -= 12.0 * np.asarray(tr.normal)
+    r = mirror.check_hypothalamus_plane(tr, as_volume(lab, near, 20, kind="labels"))
+    assert 10.0 < -r["centroid_distance_mm"] < 15.0
+    with pytest.raises(HelmError, match="at most 8 mm"):
+        mirror.check_hypothalamus_plane(tr, as_volume(lab, near, 20, kind="labels"), max_distance_mm=8.0)
+    with pytest.raises(HelmError, match="empty"):
+        mirror.check_hypothalamus_plane(tr, as_volume(np.zeros_like(lab), aff, 20, kind="labels"))
+    with pytest.raises(HelmError, match="max_distance_mm"):
+        mirror.check_hypothalamus_plane(tr, as_volume(lab, aff, 20, kind="labels"), max_distance_mm=0.0)

@@ -370,3 +370,69 @@ def test_orient_subject_left_auto_and_wrong_side_warning():
         orient_subject(s_in, None, "auto")
     with pytest.raises(HelmError, match="--side must be"):
         orient_subject(s_in, l_in, "up")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# how strong the side decision is: --side auto refuses a guess, an explicit side is trusted
+# ---------------------------------------------------------------------------------------------------------
+
+def header_rotated_about_z(deg):
+    """SUBJECT_AFFINE with the world rotated by ``deg`` about the z axis through the brain's centre (-20, 0, 0):
+    a header that disagrees with the anatomy (the medial face no longer points along x)."""
+    q = np.eye(4)
+    q[:3, :3] = rotation((0, 0, 1), deg)
+    c = np.array([-20.0, 0.0, 0.0])
+    q[:3, 3] = c - q[:3, :3] @ c
+    return q @ SUBJECT_AFFINE
+
+
+class _StubSubject:
+    """What pipeline._decide_side uses of a Subject."""
+
+    def __init__(self):
+        import types
+
+        self.p = types.SimpleNamespace(hypothalamus="hyp.nii.gz")
+        self.logged = []
+
+    def log(self, msg):
+        self.logged.append(msg)
+
+
+def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
+    from helm_dask.orient import SIDE_MIN_STRENGTH, require_clear_side
+    from helm_dask.pipeline import _decide_side
+
+    _, mask, lab = hemisphere("L")
+    strong = detect_side(vol_of(mask, SUBJECT_AFFINE, kind="mask"), vol_of(lab, SUBJECT_AFFINE, kind="labels"))[1]
+    assert strong["strength"] == pytest.approx(abs(strong["relative_offset"])) and strong["strength"] > 0.5
+    assert strong["min_strength"] == SIDE_MIN_STRENGTH and strong["confident"]
+    require_clear_side(strong)                                           # a clear decision passes
+    # the header 90 degrees off about z: the hypothalamus is no longer off the brain's centre along x
+    aff = header_rotated_about_z(90.0)
+    m_vol, l_vol = vol_of(mask, aff, kind="mask"), vol_of(lab, aff, kind="labels")
+    side, weak = detect_side(m_vol, l_vol)
+    assert weak["strength"] < SIDE_MIN_STRENGTH and not weak["confident"] and "weak evidence" in weak["reason"]
+    with pytest.raises(HelmError) as err:
+        require_clear_side(weak, path="hyp.nii.gz")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("hyp.nii.gz: --side auto cannot tell left from right")
+    for part in ("header (affine) that does not match the anatomy", "labels from another scan",
+                 "--side L or --side R", "fix the header"):
+        assert part in msg
+    # the same in the pipeline and in orient_subject with --side auto ...
+    subj = _StubSubject()
+    with pytest.raises(HelmError, match="cannot tell left from right") as err:
+        _decide_side(subj, "auto", m_vol, l_vol)
+    assert err.value.path == "hyp.nii.gz"
+    with pytest.raises(HelmError, match="cannot tell left from right"):
+        orient_subject(vol_of(mask.astype(np.float32), aff), l_vol, "auto")
+    # ... while an explicit side is trusted: used as given, a disagreement only warned about
+    other = "R" if side == "L" else "L"
+    assert _decide_side(subj, side, m_vol, l_vol) == (side, weak)
+    assert capsys.readouterr().err == ""
+    assert _decide_side(subj, other, m_vol, l_vol)[0] == other
+    assert "warning" in capsys.readouterr().err and any("WARNING" in m for m in subj.logged)
+    # a clear decision goes through the pipeline's auto path
+    assert _decide_side(_StubSubject(), "auto", vol_of(mask, SUBJECT_AFFINE, kind="mask"),
+                        vol_of(lab, SUBJECT_AFFINE, kind="labels"))[0] == "L"
