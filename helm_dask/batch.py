@@ -10,12 +10,13 @@ YAML::
         hypothalamus: sub01_hypo.nii.gz
         side: R
         subject: sub01                    # optional; default: the scan's name
+        mask: sub01_samseg.mgz            # optional: the subject's own brain mask (--mask)
         alpha: 1.0e-3                     # optional per-subject overrides
 
-CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject`` and any parameter column.
+CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject``, ``mask`` and any parameter column.
 
-``scan``/``hypothalamus`` may be URLs (``s3://bucket/sub01_scan.nii.gz``); ``--out`` too. ``--storage-options``
-applies to every subject (a ``storage_options`` mapping in the manifest overrides it).
+``scan``/``hypothalamus``/``mask`` may be URLs (``s3://bucket/sub01_scan.nii.gz``); ``--out`` too.
+``--storage-options`` applies to every subject (a ``storage_options`` mapping in the manifest overrides it).
 
 The YAML is read with ``yaml.safe_load`` (no object construction from the file). A subject that fails is
 reported and the others still run; every subject resumes stage by stage like a single run.
@@ -110,6 +111,9 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
                                                                                 "hypothalamus")
             if not os.path.isabs(s[key]) and not is_url(s[key]):
                 s[key] = str(base / s[key])
+        mask = s.get("mask")
+        if mask and isinstance(mask, str) and not os.path.isabs(mask) and not is_url(mask):
+            s["mask"] = str(base / mask)
     return shared, subjects
 
 

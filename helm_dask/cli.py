@@ -144,11 +144,21 @@ def cmd_convert(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from .phantom_io import write_phantom
+    from .phantom_io import MNI_OPTIONS, write_phantom
 
+    mni = {k: getattr(args, k) for k in MNI_OPTIONS}
+    given = [f"--{k.replace('_', '-')}" for k, v in mni.items() if v is not None]
+    if args.anatomy != "mni152" and given:
+        raise HelmError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --anatomy mni152 only",
+                        hint="add --anatomy mni152, or leave them out for the geometric phantom")
+    from .phantom import phantom
+
+    # the arguments are checked (lazy volumes, nothing computed) before a cluster is started
+    phantom(args.spacing, side=args.side, echoes=args.echoes, seed=args.seed, anatomy=args.anatomy, **mni)
     with compute_context(_cluster_opts(args)):
         outputs = write_phantom(args.output, spacing_mm=args.spacing, side=args.side, echoes=args.echoes,
-                                seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, quiet=args.quiet)
+                                seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, quiet=args.quiet,
+                                anatomy=args.anatomy, **mni)
     for name, path in outputs.items():
         _say(args, f"{name:<14} {path}")
     return 0
@@ -167,8 +177,12 @@ def cmd_run(args) -> int:
     if not is_manifest and not args.hypothalamus:
         raise HelmError("--hypothalamus is required for a single scan", path=target,
                         hint="give the manual hypothalamus labels with --hypothalamus SEG.nii.gz")
+    if is_manifest and args.mask:
+        raise HelmError("--mask is one subject's file", path=target,
+                        hint="give each subject its mask in the manifest ('mask: FILE')")
     base = RunParams(scan=target, hypothalamus=args.hypothalamus or "", out=args.out, side=args.side,
-                     subject=args.subject, spacing=args.spacing, until=args.until, echo=args.echo,
+                     mask=args.mask, fluid=args.fluid, subject=args.subject, spacing=args.spacing,
+                     until=args.until, echo=args.echo,
                      echo_combine=args.echo_combine, nonfinite=args.nonfinite,
                      resample_labels=args.resample_labels, label_map=parse_label_map(args.label_map),
                      ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
@@ -276,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--chunks", type=_chunks, help="chunk shape (default 128)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--anatomy", choices=["geometric", "mni152"], default="geometric",
+                   help="geometric: the geometric hemisphere (default); mni152: a hemisphere made from the MNI "
+                        "ICBM152 2009a template in the installed nilearn wheel (folded cortex, sulci, ventricles)")
+    p.add_argument("--fluid", choices=["bright", "dark", "none"],
+                   help="mni152: the fixative in the bag, the sulci and the ventricles is brighter than tissue, "
+                        "darker, or gives no signal (default bright)")
+    p.add_argument("--bag-gap-mm", type=float, metavar="G",
+                   help="mni152: at least G mm of fluid between the brain and the bag (default 5; 0: the bag "
+                        "touches the brain)")
+    p.add_argument("--header-rotation-deg", type=float, metavar="A",
+                   help="mni152: the stored affine is the anatomy's rotated by A degrees about the field of "
+                        "view's centre (default 0)")
+    p.add_argument("--header-rotation-axis", choices=["x", "y", "z"],
+                   help="mni152: the world axis of that rotation (default z)")
     _add_compute_options(p)
     p.set_defaults(func=cmd_phantom)
 
@@ -288,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hemisphere; auto decides from where the hypothalamus lies (default auto)")
     p.add_argument("--out", metavar="OUT", help="output folder (a path, or a URL such as s3://bucket/results)")
     _add_storage_options(p)
+    p.add_argument("--mask", metavar="FILE",
+                   help="your own brain mask instead of the bag removal: NIfTI or FreeSurfer .mgz/.mgh (e.g. "
+                        "SAMSEG's segmentation) on the scan's grid, any non-zero value = brain; its checksum is "
+                        "recorded in run.json and a changed file recomputes the mask and what follows")
+    p.add_argument("--fluid", choices=["auto", "bright", "dark", "none"], default="auto",
+                   help="bag removal: the fluid around the specimen is brighter or darker than the brain, or gives "
+                        "no signal (none, e.g. Fomblin); auto decides from the data and run.json records what it "
+                        "decided (default auto; unused with --mask)")
     p.add_argument("--subject", help="subject name (default: the scan's file name without extension)")
     p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
     p.add_argument("--until", choices=["preprocess", "kmeans", "merge", "mirror"], default="mirror",

@@ -10,10 +10,12 @@ Layout of ``OUT/<subject>/``::
 
 Resumability. Every output -- a volume in ``helm.zarr``, a JSON file, a NIfTI export (in a header extension)
 -- records the *key* of the stage that made it: a hash of the stage's parameters, the keys of the stages it
-reads, the package version and the checksums of the input files. A stage runs only if one of its outputs is
-missing, unfinished or carries another key; so a rerun with the same inputs and parameters recomputes nothing,
-a changed parameter recomputes that stage and (through the keys) every stage after it, and a run killed midway
-resumes at the first output that was not finished (each output is written under a temporary name and renamed).
+reads, the package version, the stage's algorithm version (:data:`STAGE_VERSIONS`) and the checksums of the input
+files (an external ``--mask`` is one: it replaces the background stage's method). A stage runs only if one of its
+outputs is missing, unfinished or carries another key; so a rerun with the same inputs and parameters recomputes
+nothing, a changed parameter recomputes that stage and (through the keys) every stage after it, and a run killed
+midway resumes at the first output that was not finished (each output is written under a temporary name and
+renamed).
 
 Object storage. ``scan``, ``hypothalamus`` and ``out`` may be fsspec URLs (``s3://bucket/out``), with
 ``storage_options`` (endpoint, credentials; see :mod:`helm_dask.io.location`): the subject folder, ``helm.zarr``
@@ -40,6 +42,7 @@ from . import __version__
 from .errors import HelmError
 from .io import location
 from .io.convert import nifti_to_zarr, save_nifti
+from .io.mgh import is_mgh_path
 from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
 from .io.regions import store_view_of
 from .io.store import STORE_BATCH_CHUNKS, open_group, open_volume, read_meta, save_volume
@@ -48,6 +51,12 @@ from .volume import affine_of, like, provenance_record, spacing_of
 STAGES = ("import", "background", "resample", "bias", "kmeans", "merge", "mirror")
 #: ``--until`` names -> the last stage they run.
 UNTIL = {"preprocess": "bias", "kmeans": "kmeans", "merge": "merge", "mirror": "mirror"}
+#: Version of each stage's algorithm, part of its key: bump a stage's number whenever a change of the code alters
+#: that stage's output, so that a resumed run never reuses a store made by older code. Keys chain through the
+#: keys of the stages they read, so a bump recomputes that stage and every stage after it.
+STAGE_VERSIONS = {"import": 1, "background": 2, "resample": 1, "bias": 1, "kmeans": 1, "merge": 1, "mirror": 1}
+#: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
+FLUIDS = ("auto", "bright", "dark", "none")
 
 
 @dataclass
@@ -58,6 +67,8 @@ class RunParams:
     hypothalamus: str
     out: str
     side: str = "auto"
+    mask: str | None = None             # an external brain mask on the scan's grid (NIfTI/MGH; non-zero = brain)
+    fluid: str = "auto"                 # what fills the bag: auto|bright|dark|none (unused with ``mask``)
     subject: str | None = None
     spacing: Any = 0.3                  # mm, or "native"
     until: str = "mirror"
@@ -91,8 +102,10 @@ class RunParams:
 
 
 def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
-    blob = json.dumps({"stage": stage, "params": params, "upstream": upstream, "version": __version__},
-                      sort_keys=True, default=str)
+    """Hash of what makes a stage's output: its parameters, its algorithm version (:data:`STAGE_VERSIONS`), the
+    package version and the keys of the stages it reads."""
+    blob = json.dumps({"stage": stage, "params": params, "upstream": upstream, "version": __version__,
+                       "stage_version": STAGE_VERSIONS[stage]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -249,8 +262,16 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
             raise HelmError(f"{what} not found", path=f, hint="check the path")
         if not is_nifti_path(f):
             raise HelmError(f"the {what} must be a .nii or .nii.gz file", path=f, hint="convert it to NIfTI")
+    if params.mask:
+        if not location.exists(params.mask, so):
+            raise HelmError("brain mask not found", path=params.mask, hint="check the --mask path")
+        if not (is_nifti_path(params.mask) or is_mgh_path(params.mask)):
+            raise HelmError("the brain mask must be a .nii, .nii.gz, .mgz or .mgh file", path=params.mask,
+                            hint="convert it to NIfTI (e.g. mri_convert mask.mgz mask.nii.gz)")
     if params.side not in ("L", "R", "auto"):
         raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
+    if params.fluid not in FLUIDS:
+        raise HelmError(f"--fluid must be one of {', '.join(FLUIDS)}, not {params.fluid!r}")
     if params.layout == "helm" and not params.nifti:
         raise HelmError("--layout helm arranges the NIfTI files, and --no-nifti writes none",
                         hint="drop one of the two (a later run without --no-nifti writes the files)")
@@ -260,7 +281,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
 
     # ---- import -------------------------------------------------------------------------------------------
     cache = {}
-    for nm in ("scan_raw", "labels_raw"):
+    for nm in ("scan_raw", "labels_raw", "mask_raw"):
         try:
             cache[nm] = read_meta(subj.vpath(nm), storage_options=so).get("input_stamp")
         except HelmError:
@@ -269,6 +290,12 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"], so)
     subj.info["inputs"] = {location.absolute(params.scan): sha_scan,
                            location.absolute(params.hypothalamus): sha_lab}
+    sha_mask = None
+    if params.mask:
+        # the cached checksum is the last mask's: only valid for the same file (masks are swapped more than scans)
+        same = (cache["mask_raw"] or {}).get("path") == location.absolute(params.mask)
+        sha_mask = fingerprint_input(params.mask, cache["mask_raw"] if same else None, so)
+        subj.info["inputs"][location.absolute(params.mask)] = sha_mask
     imp_params = {"scan_sha256": sha_scan, "labels_sha256": sha_lab, "echo": params.echo,
                   "echo_combine": params.echo_combine, "nonfinite": params.nonfinite,
                   "chunks": params.chunks}
@@ -301,14 +328,28 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     # ---- background (on the RAS+ scan, before the left-right flip: the flip does not change the mask) -----------
     from .background import apply_mask, brain_mask
 
-    bg_params = {"method": "fluid-grow-coarse+band-refine"}
     scan_ras = orient_mod.to_ras(scan_raw)
+    if params.mask:
+        # a mask of the user's replaces the method: its checksum is the parameter (a new file recomputes)
+        bg_params = {"method": "external", "mask_sha256": sha_mask}
+        if params.fluid != "auto":
+            subj.log(f"background: --fluid {params.fluid} is not used, the mask is {params.mask}")
+    else:
+        bg_params = {"method": "fluid-grow-coarse+band-refine", "fluid": params.fluid}
 
     def do_background(key):
-        mask = brain_mask(scan_ras)
+        if params.mask:
+            mask = _external_mask(subj, key, scan_raw, scan_ras, sha_mask)
+        else:
+            mask = brain_mask(scan_ras, fluid=params.fluid)
         return {"mask_ras": subj.save("mask_ras", mask, key, "background", bg_params)}
 
     mask_ras = _stage(subj, "background", bg_params, ["import"], ["mask_ras"], do_background)["mask_ras"]
+    # What the method decided (fluid side, thresholds; or which external mask): the mask's attrs["background"],
+    # kept in its store's metadata, so a resumed run that skips the stage reports it too.
+    subj.info["background"] = dict(mask_ras.attrs.get("background") or {})
+    if params.mask:
+        subj.info["background"]["path"] = location.absolute(params.mask)   # this run's name for the same file
     labels_ras = orient_mod.to_ras(labels_raw)
     side, side_info = _decide_side(subj, params.side, mask_ras, labels_ras)
     subj.info["side"] = {"given": params.side, "used": side, **side_info}
@@ -443,6 +484,11 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         else:
             transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
             subj.write_json(tr_json, {"transform": transform.to_dict()}, key)
+        # the hypothalamus is a midline structure: labels far from the fitted plane mean mismatched inputs
+        # (labels of another scan, a header that does not match the anatomy, a wrong mask) -- stop here
+        from .mirror import check_hypothalamus_plane
+
+        subj.info["mirror_check"] = check_hypothalamus_plane(transform, hyp_ws, path=params.hypothalamus)
         maps = mirror_labels({k: mg[f"hemi_k{k}"] for k in ks}, transform, margin_mm=params.margin_mm)
         return subj.save_many({f"label_map_k{k}": maps[k] for k in ks}, key, "mirror", mr_params)
 
@@ -475,6 +521,62 @@ def _update_meta(path: str, extra: dict, storage_options: dict | None = None) ->
     g.attrs["helm_dask"] = meta
 
 
+def _external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
+    """The ``--mask`` file, checked and imported, as a lazy 0/1 uint8 mask on the RAS+ scan grid.
+
+    Checks: 3-D and on the scan's grid (the header, before anything is streamed), finite values, not empty. The
+    file is streamed into ``helm.zarr/mask_raw`` like the scan (bounded memory; kept, with the stage key, so a
+    run killed during the stage does not import it again), then reoriented exactly like the scan (any non-zero
+    value = brain).
+    """
+    import dask.array as da
+
+    from .io.convert import read_header
+    from .orient import check_same_grid, to_ras
+    from .volume import make_volume, orientation_code
+
+    src, so = subj.p.mask, subj.so
+    fix = ("give a mask on the scan's voxel grid (e.g. SAMSEG's segmentation of this scan; any non-zero value is "
+           "brain), or drop --mask to compute one")
+    if not subj.volume_ok("mask_raw", key):
+        info = read_header(src, storage_options=so)
+        if len(info.shape) != 3:
+            raise HelmError(f"the brain mask is {len(info.shape)}-D (shape {info.shape}), not 3-D", path=src,
+                            hint=fix)
+        header_only = make_volume(da.zeros(info.shape, dtype=np.uint8, chunks=info.shape), info.affine,
+                                  kind="mask")
+        try:
+            check_same_grid(scan_raw, header_only, path=src)
+        except HelmError as e:   # its message speaks of labels and its hint of --resample-labels
+            raise HelmError(e.message.replace("the labels", "the brain mask"), path=src,
+                            hint="resample the mask onto the scan first (nearest neighbour, e.g. mri_vol2vol "
+                                 "--regheader --interp nearest), or drop --mask to compute one") from None
+        # NaN/inf are zeroed on import and counted: refused here with a message about the mask, not the scan
+        out = nifti_to_zarr(src, subj.vpath("mask_raw"), chunks=subj.p.chunks, kind="labels", nonfinite="zero",
+                            pyramid=False, overwrite=True, quiet=subj.quiet, storage_options=so)
+        if out["nonfinite"]:
+            location.remove_quietly(subj.vpath("mask_raw"), so)
+            raise HelmError(f"the brain mask has {out['nonfinite']:,} NaN or infinite voxels", path=src, hint=fix)
+        _update_meta(subj.vpath("mask_raw"), {"stage_key": key, "stage": "background",
+                                              "input_stamp": {"stamp": location.stamp(src, so),
+                                                              "sha256": out["sha256"],
+                                                              "path": location.absolute(src)}}, so)
+    raw = subj.open("mask_raw")
+    n = int(da.count_nonzero(raw.data).compute())
+    if n == 0:
+        raise HelmError("the brain mask is empty (every voxel is 0)", path=src, hint=fix)
+    ras = to_ras(raw)
+    # The grids agree within check_same_grid's tolerance (1e-4 mm); the mask takes the scan's exact affine so that
+    # it sits on the scan like a computed mask would (apply_mask and the resampling compare affines exactly).
+    mask = like(ras, (ras.data != 0).astype(np.uint8), affine=affine_of(scan_ras), kind="mask", name="brain_mask",
+                step=provenance_record("background", {"method": "external", "nonzero_is_brain": True},
+                                       {location.absolute(src): sha}))
+    mask.attrs["background"] = {"method": "external", "path": location.absolute(src), "sha256": sha,
+                                "orientation_in": orientation_code(affine_of(raw)), "voxels": n,
+                                "mm3": n * float(np.prod(spacing_of(affine_of(raw))))}
+    return mask
+
+
 def _labels_on_scan_grid(labels, scan, params: RunParams):
     from .orient import check_same_grid
 
@@ -491,10 +593,13 @@ def _labels_on_scan_grid(labels, scan, params: RunParams):
 
 
 def _decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, dict]:
-    from .orient import check_side, detect_side
+    from .orient import check_side, detect_side, require_clear_side
 
     detected, info = detect_side(mask_ras, labels_ras)
     if given == "auto":
+        # a weak decision would be a guess (orient.SIDE_MIN_STRENGTH): refuse it rather than mirror wrongly;
+        # an explicit --side is trusted (a disagreement is only warned about, below)
+        require_clear_side(info, path=subj.p.hypothalamus)
         subj.log(f"side: auto -> {detected} ({info.get('reason', '')})")
         return detected, info
     warn = check_side(given, info)

@@ -110,3 +110,16 @@ def test_convert_on_a_local_cluster(tmp_path, capsys):
     assert "dashboard" in capsys.readouterr().err
     run_cli("convert", tmp_path / "a.zarr", tmp_path / "b.nii.gz", "--workers", 1, "--quiet")
     assert np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj).tobytes() == data.tobytes()
+
+
+def test_run_mask_and_fluid_flags(tmp_path, capsys):
+    out = subprocess.run([sys.executable, "-m", "helm_dask.cli", "run", "--help"], capture_output=True, text=True)
+    assert "--mask FILE" in out.stdout and "--fluid {auto,bright,dark,none}" in out.stdout
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("subjects: []\n")
+    code = main(["run", str(manifest), "--mask", str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "o"),
+                 "--scheduler", "threads"])
+    err = capsys.readouterr().err
+    assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["run", "s.nii.gz", "--fluid", "purple"])

@@ -122,6 +122,32 @@ def test_rerun_recomputes_nothing_and_changed_parameter_recomputes_downstream(ph
     assert np.allclose(nib.load(tmp_path / "scan" / "preprocessed.nii.gz").header.get_zooms(), 3.0)
 
 
+def test_stage_version_bump_recomputes_that_stage_and_after(phantoms, tmp_path, monkeypatch):
+    import helm_dask.background as bgmod
+    from helm_dask import pipeline
+
+    p = _params(phantoms["L"], tmp_path, until="preprocess", qc=False)
+    first = run_subject(p, quiet=True)
+    bg = first["background"]
+    # --fluid enters the stage's parameters; run.json records what the method decided
+    assert first["stages"]["background"]["params"]["fluid"] == "auto"
+    assert bg["fluid"] == "auto" and "fluid_side" in bg
+    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "resample", pipeline.STAGE_VERSIONS["resample"] + 1)
+    bumped = run_subject(p, quiet=True)
+    st = {k: v["status"] for k, v in bumped["stages"].items()}
+    assert st == {"import": "skipped", "background": "skipped", "resample": "computed", "bias": "computed"}
+    # a skipped background still reports its decisions (kept in the mask store's metadata)
+    assert bumped["background"] == bg
+    assert json.loads((tmp_path / "scan" / "run.json").read_text())["background"] == json.loads(json.dumps(bg))
+    # another --fluid is another background key; it reaches brain_mask
+    seen = []
+    real = bgmod.brain_mask
+    monkeypatch.setattr(bgmod, "brain_mask", lambda img, **kw: seen.append(kw.get("fluid")) or real(img))
+    changed = run_subject(_params(phantoms["L"], tmp_path, until="preprocess", qc=False, fluid="none"), quiet=True)
+    st = {k: v["status"] for k, v in changed["stages"].items()}
+    assert seen == ["none"] and st["import"] == "skipped" and st["background"] == "computed"
+
+
 def test_zarr_only_run_then_nifti_exports_without_recomputing(phantoms, tmp_path):
     p = _params(phantoms["L"], tmp_path, until="merge", nifti=False, qc=False)
     first = run_subject(p, quiet=True)

@@ -1,4 +1,4 @@
-"""NIfTI <-> Zarr conversion, streamed.
+"""NIfTI <-> Zarr conversion, streamed (FreeSurfer ``.mgh``/``.mgz`` in too).
 
 Import (NIfTI -> Zarr) runs in the calling process: the file is read once, in order, a slab of z planes at a
 time (a ``.nii.gz`` is decompressed exactly once). Slabs that would exceed ``layer_mb`` are landed in thin
@@ -30,6 +30,7 @@ from ..volume import affine_of, provenance_record
 from . import location
 from . import nifti as nii
 from . import regions
+from .mgh import is_mgh_path, read_mgh_header
 from .store import (_store_dask, atomic_path, atomic_store, build_pyramid, compressor_for, create_level,
                     normalize_chunks, open_group, open_volume, read_meta, select_echo, write_attrs)
 
@@ -45,10 +46,24 @@ def _client():
         return None
 
 
+def read_header(src, *, storage_options: dict | None = None) -> nii.NiftiInfo:
+    """The header of a volume file to import: NIfTI-1/2 (``.nii``/``.nii.gz``) or FreeSurfer ``.mgh``/``.mgz``.
+
+    Both lay their voxels out the same way (Fortran order after a fixed offset), so either header feeds
+    :class:`~helm_dask.io.nifti.SlabReader`.
+    """
+    if is_mgh_path(src):
+        return read_mgh_header(src, storage_options=storage_options)
+    return nii.read_nifti_header(src, storage_options=storage_options)
+
+
 def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combine: str | None = None,
                   kind: str = "auto", nonfinite: str = "error", overwrite: bool = False, pyramid: bool = True,
                   layer_mb: float = 64, quiet: bool = True, storage_options: dict | None = None) -> dict:
     """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
+
+    A FreeSurfer ``.mgh``/``.mgz`` file (e.g. a SAMSEG segmentation) is read the same way, streamed; its store
+    keeps a NIfTI header made from its geometry (see :mod:`helm_dask.io.mgh`).
 
     Parameters
     ----------
@@ -83,7 +98,7 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         raise ValueError("nonfinite must be 'error' or 'zero'")
     if echo_combine is not None and echo_combine not in ECHO_COMBINE:
         raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
-    info = nii.read_nifti_header(src, storage_options=storage_options)
+    info = read_header(src, storage_options=storage_options)
     four_d = len(info.shape) == 4
     nt = info.shape[3] if four_d else 1
     if not four_d and echo not in (None, 0):
@@ -349,9 +364,10 @@ def zarr_to_nifti(src, dst, *, level: int = 0, echo: int | None = None, echo_com
 
 
 def convert(src, dst, **kw) -> str:
-    """Convert in the direction the extensions say (``.nii``/``.nii.gz`` <-> ``.zarr``); paths or URLs."""
+    """Convert in the direction the extensions say (``.nii``/``.nii.gz`` <-> ``.zarr``, ``.mgh``/``.mgz`` ->
+    ``.zarr``); paths or URLs."""
     s, d = os.fspath(src), os.fspath(dst)
-    if nii.is_nifti_path(s) and d.rstrip("/").endswith(".zarr"):
+    if (nii.is_nifti_path(s) or is_mgh_path(s)) and d.rstrip("/").endswith(".zarr"):
         kw.pop("level", None)
         kw.pop("compresslevel", None)
         return nifti_to_zarr(s, d, **kw)["path"]
