@@ -472,19 +472,24 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
 
     # ---- 2. the bag's contents: thick signal (the opening drops a thin bag wall), and its lining ----
     step = float(spacing_c.max())
-    contents = ndi.binary_fill_holes(_largest_component(ndi.binary_opening(signal, _ball(max(1.5, step),
-                                                                                           spacing_c))))
+    se = _ball(max(1.5, step), spacing_c)
+    # (edge-padded: the fixative cut by a face of the field of view is not eroded away there)
+    pad = max(se.shape) // 2 + 1
+    contents = ndi.binary_opening(np.pad(signal, pad, mode="edge"), se)[(slice(pad, -pad),) * 3]
+    contents = ndi.binary_fill_holes(_largest_component(contents))
     if contents.sum() < 64:
         raise HelmError("no specimen found: no thick object with signal in the field of view", path=src,
                         hint="Check the input scan.")
     # the lining: the 2nd-3rd layers of the contents (the 1st is the partial volume of the wall)
-    d_in = ndi.distance_transform_edt(contents, sampling=spacing_c)
+    # (the field of view's faces count as outside: fixative cut by them lines the contents there too, and a
+    # field fitted without it would be extrapolated at the faces)
+    d_in = ndi.distance_transform_edt(np.pad(contents, 1), sampling=spacing_c)[1:-1, 1:-1, 1:-1]
     lining = contents & signal & (d_in >= 1.5 * step) & (d_in <= max(3.5, 2.5 * step))
     if lining.sum() < 8:
         lining = contents & signal & (d_in <= max(3.5, 2.5 * step))
     nbs = [_n_functions(n, s_, bias_basis_spacing_mm) for n, s_ in zip(full_shape, spacing)]
     B = [dct_basis(block_centres(n, f), n, k) for n, f, k in zip(full_shape, factors, nbs)]
-    logf, sd, _ = _robust_smooth_fit(logc, lining, B, fluid_tolerance)
+    logf, sd, lining_in = _robust_smooth_fit(logc, lining, B, fluid_tolerance)
     noise = _neighbour_noise(logc, lining)
     tol = min(max(float(fluid_tolerance), 3.0 * sd), 0.3)
     # Is the lining a fixative with signal, or the cortex of a specimen in a fixative without one? Three cues:
@@ -536,9 +541,11 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
         # that it holds inside the specimen too; intensities are then relative to the local fluid ----
         fl = contents & signal & (np.abs(logc - logf) < tol)
         for _ in range(2):
-            # on the fluid clear of tissue (eroded): in sulci and ventricles the partial volume with tissue
-            # would pull the field towards the tissue, and the tissue next to it would look like fluid
-            logf, _, _ = _robust_smooth_fit(logc, fl & ndi.binary_erosion(fl), B, fluid_tolerance, n_iter=2)
+            # on the lining and the fluid clear of tissue (eroded): in sulci and ventricles the partial volume
+            # with tissue would pull the field towards the tissue, and the tissue next to it would look like
+            # fluid; the lining anchors it where the fluid is a thin layer (eroded away)
+            logf, _, _ = _robust_smooth_fit(logc, lining_in | (fl & ndi.binary_erosion(fl, border_value=1)), B,
+                                            fluid_tolerance, n_iter=2)
             fl = contents & signal & (np.abs(logc - logf) < tol)
         J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
         # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
