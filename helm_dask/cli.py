@@ -180,6 +180,14 @@ def cmd_run(args) -> int:
     if is_manifest and args.mask:
         raise HelmError("--mask is one subject's file", path=target,
                         hint="give each subject its mask in the manifest ('mask: FILE')")
+    ref_tissue = args.reference_tissue
+    if ref_tissue:
+        if is_manifest:
+            raise HelmError("--reference-tissue is one subject's file", path=target,
+                            hint="give each subject its map in the manifest ('reference_tissue: FILE')")
+        if not os.path.exists(ref_tissue):
+            raise HelmError("reference tissue map not found", path=ref_tissue, hint="check the --reference-tissue path")
+        ref_tissue = os.path.abspath(ref_tissue)
     base = RunParams(scan=target, hypothalamus=args.hypothalamus or "", out=args.out, side=args.side,
                      mask=args.mask, fluid=args.fluid, subject=args.subject, spacing=args.spacing,
                      until=args.until, echo=args.echo,
@@ -188,7 +196,8 @@ def cmd_run(args) -> int:
                      ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
                      closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
                      label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed,
-                     qc=not args.no_qc, nifti=not args.no_nifti, storage_options=_storage_options(args))
+                     qc=not args.no_qc, nifti=not args.no_nifti, storage_options=_storage_options(args),
+                     reference_tissue=ref_tissue)
     with use_storage_options(base.storage_options), compute_context(_cluster_opts(args)):
         if is_manifest:
             rows = run_batch(target, base, quiet=args.quiet)
@@ -353,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nifti", action="store_true",
                    help="write the Zarr store (helm.zarr) only, no .nii.gz files; a later run without this flag "
                         "recomputes nothing and writes the missing NIfTI files")
+    p.add_argument("--reference-tissue", metavar="FILE",
+                   help="optional: a tissue-class map on the scan's grid (e.g. a phantom's truth_tissue.nii.gz); "
+                        "QC then reports the k-means agreement (adjusted Rand index and best-match Dice per class, "
+                        "per k) on the QC page and in run.json")
     _add_compute_options(p)
     p.set_defaults(func=cmd_run)
 

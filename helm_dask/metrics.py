@@ -699,3 +699,269 @@ def pair_by_name(paths_a: Iterable[str | os.PathLike], paths_b: Iterable[str | o
     da_, db_ = index(paths_a, "A"), index(paths_b, "B")
     pairs = [(n, da_[n], db_[n]) for n in sorted(set(da_) & set(db_))]
     return pairs, sorted(set(da_) - set(db_)), sorted(set(db_) - set(da_))
+
+
+# ------------------------------------------------------------------------------- k-means vs a tissue map
+#
+# Agreement of unsupervised k-means maps with a reference tissue-class map (e.g. a phantom's truth_tissue):
+# the adjusted Rand index (Hubert & Arabie 1985) inside the brain, and per tissue class the Dice of its
+# best-matching single cluster. Both follow from the contingency table of (cluster, class) voxel counts, which one
+# chunked pass collects exactly (np.bincount per block, integer sums merged in a tree): identical for any chunking,
+# and nothing larger than a block is ever held.
+
+#: Names of the phantoms' tissue classes (:data:`helm_dask.phantom.TISSUE_NAMES`; the template phantom has no 4).
+TISSUE_CLASS_NAMES: dict[int, str] = {0: "outside", 1: "CSF/fluid", 2: "grey matter", 3: "white matter",
+                                      4: "deep grey matter", 5: "hypothalamus"}
+
+
+def _as_label_data(x: Any, what: str):
+    """Dask array of integer codes from a volume (``.data``), a dask array or an array-like."""
+    import dask.array as da
+
+    data = getattr(x, "data", x) if hasattr(x, "attrs") else x
+    data = data if isinstance(data, da.Array) else da.asarray(np.asarray(data))
+    dt = np.dtype(data.dtype)
+    if dt == np.bool_:
+        data = data.astype(np.uint8)
+    elif not np.issubdtype(dt, np.integer):
+        raise HelmError(f"{what} has dtype {dt}, not integer codes",
+                        hint="give label maps (integer codes); cast with .astype() if the values are codes")
+    return data
+
+
+def _pair_counts(a: np.ndarray, b: np.ndarray) -> dict:
+    """``{(code_a, code_b): count}`` over the voxels of two equally shaped integer arrays (exact)."""
+    a = np.asarray(a).ravel()
+    b = np.asarray(b).ravel()
+    if a.size == 0:
+        return {}
+    a64, b64 = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
+    amin, amax, bmin, bmax = int(a64.min()), int(a64.max()), int(b64.min()), int(b64.max())
+    na, nb = amax - amin + 1, bmax - bmin + 1
+    if na * nb <= max(1 << 16, a.size):          # few codes (k-means maps, tissue classes): one dense bincount
+        counts = np.bincount(((a64 - amin) * nb + (b64 - bmin)).ravel(), minlength=na * nb)
+        nz = np.flatnonzero(counts)
+        return {(int(k // nb) + amin, int(k % nb) + bmin): int(counts[k]) for k in nz}
+    ua, ia = np.unique(a64, return_inverse=True)   # many or sparse codes: dense indices first
+    ub, ib = np.unique(b64, return_inverse=True)
+    keys, counts = np.unique(ia.ravel().astype(np.int64) * len(ub) + ib.ravel(), return_counts=True)
+    return {(int(ua[k // len(ub)]), int(ub[k % len(ub)])): int(n) for k, n in zip(keys.tolist(), counts.tolist())}
+
+
+def _block_tables(tissue: np.ndarray, mask: np.ndarray | None, *maps: np.ndarray) -> list[dict]:
+    """One block: the (cluster, class) counts of every map against the tissue (inside ``mask`` if given)."""
+    if mask is not None:
+        sel = np.asarray(mask) != 0
+        tissue = np.asarray(tissue)[sel]
+        maps = tuple(np.asarray(m)[sel] for m in maps)
+    return [_pair_counts(m, tissue) for m in maps]
+
+
+def _merge_tables(*parts: list[dict]) -> list[dict]:
+    out = [dict() for _ in parts[0]]
+    for p in parts:
+        for dst, src in zip(out, p):
+            for key, n in src.items():
+                dst[key] = dst.get(key, 0) + n
+    return out
+
+
+def contingency_tables(maps: Sequence[Any], tissue: Any, mask: Any = None, *, fan_in: int = 8) -> list[dict]:
+    """``[{(cluster, class): count}, ...]``: one contingency table per map against ``tissue``, in one pass.
+
+    Every map (and ``mask``) is rechunked to ``tissue``'s chunks (lazily); each block is counted with
+    ``np.bincount`` and the integer tables are summed in a tree of ``fan_in``, so the result is exact and the
+    same for any chunking, and the shared inputs (a resampled tissue map) are computed once per block for all
+    maps. With ``mask``, only voxels where it is non-zero count; otherwise all voxels (code 0 included).
+    """
+    import dask
+
+    t = _as_label_data(tissue, "the tissue map")
+    ms = [_as_label_data(m, "the k-means map") for m in maps]
+    for m in ms:
+        if tuple(m.shape) != tuple(t.shape):
+            raise HelmError(f"the k-means map has shape {tuple(m.shape)} and the tissue map {tuple(t.shape)}",
+                            hint="put both on the same grid first (see reference_on_grid)")
+    mk = None
+    if mask is not None:
+        mk = _as_label_data(mask, "the mask")
+        if tuple(mk.shape) != tuple(t.shape):
+            raise HelmError(f"the mask has shape {tuple(mk.shape)} and the tissue map {tuple(t.shape)}")
+        mk = mk.rechunk(t.chunks)
+    ms = [m.rechunk(t.chunks) for m in ms]
+    if not ms:
+        return []
+    tb = t.to_delayed()
+    mb = [m.to_delayed() for m in ms]
+    kb = None if mk is None else mk.to_delayed()
+    parts = []
+    for idx in itertools.product(*(range(len(c)) for c in t.chunks)):
+        parts.append(dask.delayed(_block_tables, pure=True)(tb[idx], None if kb is None else kb[idx],
+                                                            *(b[idx] for b in mb)))
+    if not parts:
+        return [{} for _ in ms]
+    while len(parts) > 1:
+        parts = [dask.delayed(_merge_tables, pure=True)(*parts[i:i + fan_in]) for i in range(0, len(parts), fan_in)]
+    (res,) = dask.compute(parts[0])
+    return res
+
+
+def adjusted_rand_from_table(table: Mapping[tuple[int, int], int]) -> float:
+    """Adjusted Rand index from a contingency table ``{(cluster, class): count}``; NaN for an empty table.
+
+    Exact integer pair counts (Python integers: no overflow for any volume), then one division; the same
+    formula and special case as ``sklearn.metrics.adjusted_rand_score`` (1.0 when the two partitions agree on
+    every pair, e.g. both a single cluster).
+
+    Example
+    -------
+    >>> adjusted_rand_from_table({(1, 7): 2, (2, 8): 3})      # the same partition, other names
+    1.0
+    """
+    counts = [int(n) for n in table.values() if int(n) > 0]
+    n = sum(counts)
+    if n == 0:
+        return math.nan
+    rows: dict[int, int] = {}
+    cols: dict[int, int] = {}
+    for (i, j), c in table.items():
+        rows[i] = rows.get(i, 0) + int(c)
+        cols[j] = cols.get(j, 0) + int(c)
+    sum_sq = sum(c * c for c in counts)
+    tp = sum_sq - n                                        # ordered pairs together in both
+    fp = sum(c * c for c in rows.values()) - sum_sq        # together in the clusters only
+    fn = sum(c * c for c in cols.values()) - sum_sq        # together in the classes only
+    tn = n * n - tp - fp - fn - n
+    if fn == 0 and fp == 0:
+        return 1.0
+    den = (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)
+    if den == 0:
+        return math.nan
+    return 2 * (tp * tn - fn * fp) / den      # int / int: correctly rounded, whatever the size
+
+
+def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = "both non-zero") -> dict:
+    """ARI and best-match Dice per class from a full contingency table ``{(cluster, class): count}``.
+
+    ``region="both non-zero"``: only voxels where both codes are non-zero count (the voxels left out are
+    reported); ``"mask"``: every entry counts (the table was already restricted to a mask). Dice: for each
+    non-zero class, ``2 n_ij / (|cluster i| + |class j|)`` of its best single non-zero cluster ``i`` (sizes inside
+    the region); ``dice_merged`` is the Dice of the union of the clusters whose largest share lies in that class
+    (each cluster assigned to one class), for maps with more clusters than classes.
+    """
+    full = {(int(i), int(j)): int(c) for (i, j), c in table.items() if int(c) > 0}
+    if region == "both non-zero":
+        inside = {key: c for key, c in full.items() if key[0] != 0 and key[1] != 0}
+        excluded = {"kmeans_only": sum(c for (i, j), c in full.items() if i != 0 and j == 0),
+                    "tissue_only": sum(c for (i, j), c in full.items() if i == 0 and j != 0),
+                    "tissue_only_by_class": {j: c for (i, j), c in sorted(full.items()) if i == 0 and j != 0}}
+    elif region == "mask":
+        inside, excluded = full, None
+    else:
+        raise ValueError(f"region must be 'both non-zero' or 'mask', got {region!r}")
+    rows: dict[int, int] = {}
+    cols: dict[int, int] = {}
+    for (i, j), c in inside.items():
+        rows[i] = rows.get(i, 0) + c
+        cols[j] = cols.get(j, 0) + c
+    clusters = sorted(i for i in rows if i != 0)
+    classes = sorted(j for j in cols if j != 0)
+    # each non-zero cluster -> the class holding most of its voxels (ties: the smaller code)
+    owner = {i: min((j for j in cols if (i, j) in inside), key=lambda j: (-inside[(i, j)], j)) for i in clusters}
+    dice_rows = {}
+    for j in classes:
+        best_i, best = None, -1.0
+        for i in clusters:
+            d = 2.0 * inside.get((i, j), 0) / (rows[i] + cols[j])
+            if d > best:
+                best_i, best = i, d
+        mine = [i for i in clusters if owner[i] == j]
+        n_m = sum(rows[i] for i in mine)
+        inter = sum(inside.get((i, j), 0) for i in mine)
+        dice_rows[j] = {"name": TISSUE_CLASS_NAMES.get(j, f"class {j}"), "dice": best, "cluster": best_i,
+                        "class_voxels": cols[j], "cluster_voxels": rows.get(best_i, 0) if best_i is not None else 0,
+                        "dice_merged": 2.0 * inter / (n_m + cols[j]), "merged_clusters": mine}
+    out = {"ari": adjusted_rand_from_table(inside), "region": region, "voxels": sum(inside.values()),
+           "clusters": clusters, "classes": classes, "dice": dice_rows,
+           "contingency": [[i, j, c] for (i, j), c in sorted(full.items())]}
+    if excluded is not None:
+        out["excluded"] = excluded
+    return out
+
+
+def kmeans_agreement_many(kmeans_maps: Mapping[Any, Any], tissue: Any, mask: Any = None) -> dict:
+    """:func:`kmeans_agreement` for several maps of one grid (e.g. ``{k: kmeans_k{k}}``) in one chunked pass."""
+    keys = list(kmeans_maps)
+    if hasattr(tissue, "attrs") and "affine" in getattr(tissue, "attrs", {}):
+        for key in keys:
+            m = kmeans_maps[key]
+            if hasattr(m, "attrs") and "affine" in m.attrs:
+                diff = _same_grid(m, tissue, atol=1e-4)
+                if diff:
+                    raise HelmError(f"the k-means map {key} and the tissue map are not on the same grid: {diff}",
+                                    hint="resample the tissue map onto the working grid first (reference_on_grid)")
+    tables = contingency_tables([kmeans_maps[key] for key in keys], tissue, mask)
+    region = "both non-zero" if mask is None else "mask"
+    return {key: agreement_from_table(t, region=region) for key, t in zip(keys, tables)}
+
+
+def kmeans_agreement(kmeans_map: Any, tissue: Any, mask: Any = None) -> dict:
+    """Agreement of a k-means map with a tissue-class map: adjusted Rand index and best-match Dice per class.
+
+    Parameters
+    ----------
+    kmeans_map, tissue : volumes (xarray with ``attrs["affine"]``), dask or NumPy arrays of integer codes
+        On the same grid (volumes: shapes and affines must agree to 1e-4, else HelmError); 0 = outside.
+    mask : optional, same shape
+        The region compared (non-zero voxels); default the voxels where both maps are non-zero.
+
+    Returns
+    -------
+    dict
+        ``ari`` (adjusted Rand index of the clusters vs the classes inside the region; NaN if it is empty),
+        ``voxels`` (in the region), ``region``, ``clusters`` and ``classes`` (non-zero codes present),
+        ``dice`` ``{class: {"name", "dice", "cluster", "class_voxels", "cluster_voxels", "dice_merged",
+        "merged_clusters"}}`` (best single cluster per class, see :func:`agreement_from_table`),
+        ``contingency`` (``[cluster, class, count]`` rows, all codes) and, without a mask, ``excluded``
+        (``kmeans_only``/``tissue_only`` voxel counts outside the region).
+
+    One chunked pass (:func:`contingency_tables`): exact integers, any chunking, nothing larger than a block
+    in memory.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> km = np.array([0, 1, 1, 2, 2, 2]); tis = np.array([0, 3, 3, 2, 2, 0])
+    >>> r = kmeans_agreement(km, tis)
+    >>> r["ari"], r["voxels"], r["dice"][2]["dice"], r["dice"][2]["cluster"], r["excluded"]["kmeans_only"]
+    (1.0, 4, 1.0, 2, 1)
+    """
+    return kmeans_agreement_many({0: kmeans_map}, tissue, mask)[0]
+
+
+def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any = None):
+    """A tissue map on the scan's grid put on a run's working grid, the way the run put the scan there.
+
+    :func:`helm_dask.orient.to_ras`, the left-right flip for a right hemisphere (``side="R"``), then
+    :func:`helm_dask.resample.resample_labels` to ``spacing`` (default: the target's voxel size; the run's
+    ``--spacing``, or ``"native"``) by majority vote (nearest neighbour where a working voxel holds no scan voxel
+    centre, i.e. when upsampling). The result's grid must equal ``target_vol``'s (shape, and affine to 1e-4 mm),
+    else HelmError. Lazy.
+    """
+    from .orient import flip_left_right, to_ras
+    from .resample import resample_labels
+    from .volume import affine_of, spacing_of
+
+    t = to_ras(tissue_vol)
+    if str(side).upper() == "R":
+        t = flip_left_right(t)
+    if _same_grid(t, target_vol, atol=1e-4) is None:
+        return t
+    if spacing is None:
+        spacing = [float(round(s, 6)) for s in spacing_of(affine_of(target_vol))]
+    out = resample_labels(t, spacing, method="majority")
+    diff = _same_grid(out, target_vol, atol=1e-4)
+    if diff:
+        raise HelmError(f"the reference tissue map does not land on the working grid: {diff}",
+                        hint="give a tissue map on the scan's voxel grid (same shape and affine as the scan)")
+    return out

@@ -54,7 +54,7 @@ UNTIL = {"preprocess": "bias", "kmeans": "kmeans", "merge": "merge", "mirror": "
 #: Version of each stage's algorithm, part of its key: bump a stage's number whenever a change of the code alters
 #: that stage's output, so that a resumed run never reuses a store made by older code. Keys chain through the
 #: keys of the stages they read, so a bump recomputes that stage and every stage after it.
-STAGE_VERSIONS = {"import": 1, "background": 2, "resample": 1, "bias": 1, "kmeans": 1, "merge": 1, "mirror": 1}
+STAGE_VERSIONS = {"import": 1, "background": 2, "resample": 1, "bias": 2, "kmeans": 1, "merge": 1, "mirror": 2}
 #: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
 FLUIDS = ("auto", "bright", "dark", "none")
 
@@ -90,6 +90,8 @@ class RunParams:
     nifti: bool = True                  # write the .nii.gz exports (False: the Zarr store only; not a stage
                                         # parameter, so a later run with True exports what is missing)
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written to run.json)
+    reference_tissue: str | None = None  # a tissue-class map on the scan's grid: QC reports the k-means agreement
+                                         # (not a stage parameter: no stage reads it)
 
     def subject_name(self) -> str:
         if self.subject:

@@ -6,6 +6,8 @@
     *.png              the same figures as files (for slides, tickets, notebooks)
     label_volumes.csv  label volumes in mm3 (manual labels and after the closing, at the working spacing)
     qc.json            the facts and volumes of the page, machine-readable
+    kmeans_agreement.json  only with ``run --reference-tissue FILE``: ARI and best-match Dice of every k-means map
+                       against that tissue map (also a table on the page and ``run.json["kmeans_agreement"]``)
 
 Figures (each only if its inputs exist; the page lists what is missing and which stage makes it):
 
@@ -809,14 +811,21 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
             w.writerow([r["code"], r["name"], "" if r["manual_mm3"] is None else f"{r['manual_mm3']:.6g}",
                         "" if r["closed_mm3"] is None else f"{r['closed_mm3']:.6g}"])
 
+    # -- k-means vs a reference tissue map (only with run --reference-tissue) -------------------------------------
+    agreement = _reference_agreement(sub, run, ks, qc_dir)
+
     # -- facts -------------------------------------------------------------------------------------------------------
     facts = _facts(sub, run, km_json, tr_json, k, ks)
     summary = {"subject": subject, "k": k, "ks": ks, "facts": facts, "missing": [m for m, _ in missing],
                "histogram": hist_info,
                "figures": [f["name"] for f in figures if f["name"]],
                "label_volumes_mm3": vol_rows, "voxel_mm3": vox_mm3}
+    if agreement is not None:
+        summary["kmeans_agreement"] = agreement
     (qc_dir / "qc.json").write_text(json.dumps(summary, indent=2, default=str))
     page = _html(subject, facts, figures, vol_rows, missing, k, vox_mm3)
+    if agreement is not None:
+        page = _with_agreement_section(page, agreement)
     out = qc_dir / "report.html"
     tmp = qc_dir / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -958,3 +967,107 @@ def _html(subject: str, facts, figures, vol_rows, missing, k, vox_mm3) -> str:
         parts.append('<p class="na">Not available: no hypothalamus labels on the working grid yet.</p>')
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# k-means vs a reference tissue map (``helm-dask run --reference-tissue FILE``; nothing of this without it)
+
+_AGREEMENT_TITLE = "k-means vs reference tissue"
+
+
+def _reference_agreement(sub: _Subject, run: dict | None, ks: list[int], qc_dir: Path) -> dict | None:
+    """ARI and best-match Dice of every k-means map against the run's ``reference_tissue`` (None without one).
+
+    The reference (on the scan's grid) is streamed into a temporary store in ``qc/``, put on the working grid
+    like the scan (:func:`helm_dask.metrics.reference_on_grid`: RAS+, the run's left-right flip, majority vote to
+    the run's spacing) and compared with all ks in one chunked pass
+    (:func:`helm_dask.metrics.kmeans_agreement_many`). Written to ``qc/kmeans_agreement.json`` and added to
+    ``run.json`` (key ``kmeans_agreement``); a failure (missing file, another grid) is reported there and on
+    the page instead of stopping the report.
+    """
+    import shutil
+
+    from .io.convert import nifti_to_zarr
+    from .metrics import TISSUE_CLASS_NAMES, kmeans_agreement_many, reference_on_grid
+
+    params = (run or {}).get("params") or {}
+    ref = params.get("reference_tissue")
+    if not ref:
+        return None
+    side = ((run or {}).get("side") or {}).get("used") or "L"
+    spacing = params.get("spacing", 0.3)
+    info: dict[str, Any] = {"reference": str(ref), "side": side, "spacing": spacing,
+                            "region": "voxels where both the k-means map and the reference are non-zero",
+                            "class_names": {str(c): n for c, n in TISSUE_CLASS_NAMES.items()},
+                            "ks": {}, "error": None}
+    tmp = qc_dir / ".reference_tissue.zarr"
+    try:
+        if not ks:
+            raise HelmError("no k-means maps to compare (the run stopped before the kmeans stage)")
+        if not os.path.exists(ref):
+            raise HelmError("reference tissue map not found", path=ref, hint="check the --reference-tissue path")
+        shutil.rmtree(tmp, ignore_errors=True)
+        nifti_to_zarr(ref, tmp, kind="labels", pyramid=False, overwrite=True)
+        maps = {k: sub.open(f"kmeans_k{k}") for k in ks}
+        ref_ws = reference_on_grid(open_volume(tmp), maps[ks[0]], side=side, spacing=spacing)
+        res = kmeans_agreement_many(maps, ref_ws)
+        info["ks"] = {str(k): r for k, r in res.items()}
+    except HelmError as e:
+        info["error"] = str(e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (qc_dir / "kmeans_agreement.json").write_text(json.dumps(info, indent=2, default=str))
+    if run is not None and (sub.dir / "run.json").exists():
+        run = dict(run, kmeans_agreement=info)
+        t = sub.dir / ".run.json.tmp"
+        t.write_text(json.dumps(run, indent=2, default=str))
+        os.replace(t, sub.dir / "run.json")
+    return info
+
+
+def _fmt_num(v: Any, digits: int = 3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "\u2013"
+    return "\u2013" if math.isnan(f) else f"{f:.{digits}f}"
+
+
+def _agreement_html(info: dict) -> str:
+    e = html.escape
+    parts = [f'<h2 id="kmeans-agreement">{e(_AGREEMENT_TITLE)}</h2>']
+    if info.get("error"):
+        return parts[0] + f'<p class="na">Not available: {e(str(info["error"]))}</p>'
+    ks = sorted(info.get("ks", {}), key=int)
+    classes = sorted({int(c) for k in ks for c in info["ks"][k].get("dice", {})})
+    names = info.get("class_names", {})
+    head = "<tr><th>k</th><th>ARI</th>" + "".join(
+        f"<th>Dice {e(names.get(str(c), f'class {c}'))} ({c})</th>" for c in classes) + "</tr>"
+    rows = []
+    for k in ks:
+        r = info["ks"][k]
+        dice = {int(c): d for c, d in r.get("dice", {}).items()}
+        cells = f'<td class="num">{e(k)}</td><td class="num" data-ari="{r.get("ari")!r}">{_fmt_num(r.get("ari"))}</td>'
+        for c in classes:
+            d = dice.get(c)
+            cells += ("<td class=\"num\">\u2013</td>" if d is None else
+                      f'<td class="num">{_fmt_num(d["dice"])} (cluster {e(str(d["cluster"]))})</td>')
+        rows.append(f'<tr data-k="{e(k)}">{cells}</tr>')
+    r0 = info["ks"][ks[0]] if ks else {}
+    exc = r0.get("excluded") or {}
+    parts.append(f'<table id="kmeans-agreement-table">{head}{"".join(rows)}</table>')
+    parts.append('<p style="font-size:13px">Reference: <code>' + e(info.get("reference", "")) + "</code>, put on the "
+                 "working grid by majority vote. Adjusted Rand index of the clusters vs the reference classes, and "
+                 "per class the Dice of its best-matching single cluster, over the "
+                 f"{int(r0.get('voxels', 0)):,} voxels where both maps are non-zero (left out: "
+                 f"{int(exc.get('kmeans_only', 0)):,} in the k-means map only, {int(exc.get('tissue_only', 0)):,} "
+                 "in the reference only). Also in qc/kmeans_agreement.json and run.json.</p>")
+    return "\n".join(parts)
+
+
+def _with_agreement_section(page: str, info: dict) -> str:
+    """The page with the agreement table before the label volumes (and a link to it)."""
+    page = page.replace('<a href="#volumes">Label volumes</a></nav>',
+                        f'<a href="#kmeans-agreement">{html.escape(_AGREEMENT_TITLE)}</a>'
+                        '<a href="#volumes">Label volumes</a></nav>', 1)
+    return page.replace('<h2 id="volumes">', _agreement_html(info) + '\n<h2 id="volumes">', 1)
