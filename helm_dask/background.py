@@ -300,25 +300,14 @@ def _faces(m: np.ndarray) -> list[bool]:
             bool(m[:, :, 0].any()), bool(m[:, :, -1].any())]
 
 
-def _shape_candidate(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float,
-                     closing_radius_mm: float) -> np.ndarray:
-    """Opening -> largest component -> reconstruction -> closing -> hole filling, on the coarse grid."""
-    se = _ball(opening_radius_mm, spacing_c)
-    core = ndi.binary_opening(cand, structure=se) if se.size > 1 else cand
-    core = _largest_component(core)
-    if not core.any():
-        return core
-    if se.size > 1:
-        # give back what the opening shaved off the kept component (thin gyri, corners), but nothing that is
-        # only connected through a thin bridge further than the opening radius
-        core = _largest_component(cand & ndi.binary_dilation(core, structure=se))
-    if closing_radius_mm > 0:
-        sc = _ball(closing_radius_mm, spacing_c)
-        if sc.size > 1:
-            pad = [(s // 2, s // 2) for s in sc.shape]
-            core = ndi.binary_closing(np.pad(core, pad), structure=sc)[
-                tuple(slice(p[0], p[0] + n) for p, n in zip(pad, cand.shape))]
-    return ndi.binary_fill_holes(core)
+def _closing(m: np.ndarray, radius_mm: float, spacing_c: np.ndarray) -> np.ndarray:
+    """Binary closing with a ball (radius in mm), zero-padded so that the field of view's faces do not erode."""
+    sc = _ball(radius_mm, spacing_c)
+    if sc.size == 1:
+        return m
+    pad = [(n // 2 + 1, n // 2 + 1) for n in sc.shape]
+    return ndi.binary_closing(np.pad(m, pad), structure=sc)[tuple(slice(p[0], p[0] + n)
+                                                                 for p, n in zip(pad, m.shape))]
 
 
 @dataclass
@@ -408,11 +397,7 @@ def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, clo
     if se.size > 1:
         core = _largest_component(cand & ndi.binary_dilation(core, structure=se))
     if closing_radius_mm > 0:
-        sc = _ball(closing_radius_mm, spacing_c)
-        if sc.size > 1:
-            pad = [(s // 2 + 1, s // 2 + 1) for s in sc.shape]
-            core = ndi.binary_closing(np.pad(core, pad), structure=sc)[
-                tuple(slice(p[0], p[0] + n) for p, n in zip(pad, cand.shape))]
+        core = _closing(core, closing_radius_mm, spacing_c)
     return _fill_holes_2d(ndi.binary_fill_holes(core))
 
 
@@ -498,11 +483,7 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     # nothing to its contents, while a bare brain's open sulci fill; (c) a bag of fluid has pockets: a layer
     # that is thin everywhere is a cortex ribbon. A fluid needs (c) and one of (a), (b).
     homogeneous = sd <= max(1.2 * noise, 0.04)
-    sc = _ball(4.0, spacing_c)
-    pad = [(n // 2 + 1, n // 2 + 1) for n in sc.shape]
-    closed = ndi.binary_closing(np.pad(contents, pad), structure=sc)[
-        tuple(slice(p[0], p[0] + n) for p, n in zip(pad, contents.shape))]
-    smooth_gain = float(closed.sum()) / float(contents.sum()) - 1.0
+    smooth_gain = float(_closing(contents, 4.0, spacing_c).sum()) / float(contents.sum()) - 1.0
     smooth = smooth_gain < 0.005
     tol_t = max(float(fluid_tolerance), 2.0 * noise)
     like = contents & signal & (np.abs(logc - logf) < tol_t)
