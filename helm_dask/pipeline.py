@@ -337,7 +337,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         if params.fluid != "auto":
             subj.log(f"background: --fluid {params.fluid} is not used, the mask is {params.mask}")
     else:
-        bg_params = {"method": "fluid-grow-coarse+band-refine", "fluid": params.fluid}
+        bg_params = {"method": "contrast-adaptive-hull+band-refine", "fluid": params.fluid}
 
     def do_background(key):
         if params.mask:
