@@ -629,6 +629,31 @@ def _normalize_chunks(chunks: Any, shape: tuple[int, int, int]) -> tuple:
 _MNI_OPTIONS = ("fluid", "bag_gap_mm", "header_rotation_deg", "header_rotation_axis")
 
 
+def _lazy_outputs(block, lead: tuple, tail: tuple, norm: tuple, echoes: int, aff: np.ndarray, params: dict,
+                  info: dict, graph_name: str, provenance_extra: dict | None = None) -> dict:
+    """The five lazy output volumes of a phantom (shared by :func:`phantom` and the template phantom).
+
+    ``block(name, *lead, echoes, *tail, block_info=...)`` renders one chunk of output ``name``; ``graph_name``
+    (with ``{name}``) names each graph layer.
+    """
+    out = {}
+    for name, (dtype, kind) in _OUTPUTS.items():
+        four_d = name == "scan" and echoes > 1
+        ch = norm + ((echoes,),) if four_d else norm
+        arr = da.map_blocks(block, name, *lead, echoes if name == "scan" else 1, *tail, chunks=ch,
+                            dtype=dtype, meta=np.empty((0,) * len(ch), dtype=dtype),
+                            name=graph_name.format(name=name))
+        vol = make_volume(arr, aff, kind=kind, name=name, source="phantom",
+                          provenance=[provenance_record("phantom", dict(params, output=name,
+                                                                        **(provenance_extra or {})))],
+                          attrs={"phantom": dict(info)})
+        if four_d:
+            vol = vol.assign_coords(echo=("echo", np.array(ECHO_TIMES_MS[:echoes])))
+            vol.attrs["echo_times_ms"] = list(ECHO_TIMES_MS[:echoes])
+        out[name] = vol
+    return out
+
+
 def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: int = 0,
             chunks=(128, 128, 128), anatomy: str = "geometric", **mni_options) -> dict:
     """The built-in phantom as lazy volumes (nothing is computed here).
@@ -698,19 +723,5 @@ def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: 
                 fov_mm=list(FOV_MM), orientation="PLI")
     from dask.base import tokenize
 
-    token = tokenize(params, norm)
-    out = {}
-    for name, (dtype, kind) in _OUTPUTS.items():
-        four_d = name == "scan" and echoes > 1
-        ch = norm + ((echoes,),) if four_d else norm
-        arr = da.map_blocks(_block, name, s, sd, echoes if name == "scan" else 1, seed, chunks=ch,
-                            dtype=dtype, meta=np.empty((0,) * len(ch), dtype=dtype),
-                            name=f"phantom-{name}-{token}")
-        vol = make_volume(arr, aff, kind=kind, name=name, source="phantom",
-                          provenance=[provenance_record("phantom", dict(params, output=name))],
-                          attrs={"phantom": dict(info)})
-        if four_d:
-            vol = vol.assign_coords(echo=("echo", np.array(ECHO_TIMES_MS[:echoes])))
-            vol.attrs["echo_times_ms"] = list(ECHO_TIMES_MS[:echoes])
-        out[name] = vol
-    return out
+    return _lazy_outputs(_block, (s, sd), (seed,), norm, echoes, aff, params, info,
+                         f"phantom-{{name}}-{tokenize(params, norm)}")

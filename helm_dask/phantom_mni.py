@@ -29,7 +29,6 @@ import math
 from importlib import metadata
 from typing import Any
 
-import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -45,12 +44,13 @@ from .phantom import (
     TISSUE_WM,
     _check,
     _hash_block,
+    _lazy_outputs,
     _normalize_chunks,
     _rician,
     _rotation,
     _splitmix64_scalar,
 )
-from .volume import make_volume, orientation_code, provenance_record
+from .volume import orientation_code
 
 __all__ = ["FLUIDS", "MNI_MODEL_VERSION", "TEMPLATE_FILES", "phantom_mni", "phantom_mni_geometry", "template_files"]
 
@@ -588,10 +588,6 @@ def phantom_mni_geometry(spacing_mm: float, side: str = "L", *, seed: int = 0, b
             "hypothalamus_centroid_mm": world(hc)}
 
 
-_OUTPUTS = {"scan": (np.float32, "image"), "hypothalamus": (np.uint16, "labels"),
-            "truth_mask": (np.uint8, "mask"), "truth_tissue": (np.uint8, "labels"),
-            "truth_bias": (np.float32, "image")}
-
 
 def phantom_mni(spacing_mm: float = 1.0, *, side: str = "L", fluid: str = "bright", bag_gap_mm: float = 5.0,
                 header_rotation_deg: float = 0.0, header_rotation_axis: str = "z", echoes: int = 1, seed: int = 0,
@@ -646,20 +642,6 @@ def phantom_mni(spacing_mm: float = 1.0, *, side: str = "L", fluid: str = "brigh
                 template={k: {"file": v["file"], "sha256": v["sha256"]} for k, v in files.items()})
     from dask.base import tokenize
 
-    token = tokenize(params, norm)
-    out = {}
-    for name, (dtype, kind) in _OUTPUTS.items():
-        four_d = name == "scan" and echoes > 1
-        ch = norm + ((echoes,),) if four_d else norm
-        arr = da.map_blocks(_block, name, s, sd, echoes if name == "scan" else 1, seed, fluid, gap, chunks=ch,
-                            dtype=dtype, meta=np.empty((0,) * len(ch), dtype=dtype),
-                            name=f"phantom-mni-{name}-{token}")
-        vol = make_volume(arr, aff, kind=kind, name=name, source="phantom",
-                          provenance=[provenance_record("phantom", dict(params, output=name,
-                                                                        template=info["template"]))],
-                          attrs={"phantom": dict(info)})
-        if four_d:
-            vol = vol.assign_coords(echo=("echo", np.array(ECHO_TIMES_MS[:echoes])))
-            vol.attrs["echo_times_ms"] = list(ECHO_TIMES_MS[:echoes])
-        out[name] = vol
-    return out
+    return _lazy_outputs(_block, (s, sd), (seed, fluid, gap), norm, echoes, aff, params, info,
+                         f"phantom-mni-{{name}}-{tokenize(params, norm)}",
+                         provenance_extra={"template": info["template"]})
