@@ -21,7 +21,6 @@ import numpy as np
 from nibabel.freesurfer import mghformat
 
 from ..errors import HelmError
-from . import location
 from . import nifti as nii
 
 MGH_EXTS = (".mgh", ".mgz")
@@ -100,9 +99,5 @@ def read_mgh_header(path: str | os.PathLike, *, storage_options: dict | None = N
                          shape=shape, dtype=dtype, vox_offset=MGH_DATA_OFFSET, slope=1.0, inter=0.0,
                          affine=affine, sform_code=1, qform_code=1, header=nhdr, storage_options=storage_options)
     if not gz:
-        size = location.size(p, storage_options)
-        need = MGH_DATA_OFFSET + info.data_bytes
-        if size < need:
-            raise HelmError(f"is truncated: its header describes {need:,} bytes ({shape} {native}) but the file "
-                            f"has {size:,}", path=p, hint="the copy is incomplete; copy or export the file again")
+        nii.check_complete(info, native)
     return info

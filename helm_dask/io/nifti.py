@@ -250,12 +250,18 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
                      vox_offset=vox_offset, slope=slope, inter=inter, affine=affine,
                      sform_code=sform_code, qform_code=qform_code, header=hdr, storage_options=storage_options)
     if not gz:
-        size = location.size(p, storage_options)
-        need = vox_offset + info.data_bytes
-        if size < need:
-            raise HelmError(f"is truncated: its header describes {need:,} bytes ({shape} {dtype}) but the file "
-                            f"has {size:,}", path=p, hint="the copy is incomplete; copy or export the file again")
+        check_complete(info, dtype)
     return info
+
+
+def check_complete(info: "NiftiInfo", dtype_label) -> None:
+    """An uncompressed file must hold the bytes its header describes (a gzip stream is checked as it is read)."""
+    size = location.size(info.path, info.storage_options)
+    need = info.vox_offset + info.data_bytes
+    if size < need:
+        raise HelmError(f"is truncated: its header describes {need:,} bytes ({info.shape} {dtype_label}) but the "
+                        f"file has {size:,}", path=info.path, hint="the copy is incomplete; copy or export the file "
+                                                                   "again")
 
 
 @dataclass
