@@ -37,6 +37,12 @@ def _truth(ph):
     return np.asanyarray(img.dataobj), img.affine
 
 
+def _save(data, aff, path):
+    """A mask file in the format its name says (FreeSurfer .mgz or NIfTI)."""
+    image = nib.MGHImage if str(path).endswith(".mgz") else nib.Nifti1Image
+    nib.save(image(data, aff), path)
+
+
 def _status(info):
     return {k: v["status"] for k, v in info["stages"].items()}
 
@@ -47,10 +53,7 @@ def test_external_mask_is_stored_recorded_and_resumes(phantom, tmp_path, fmt):
     mask_file = tmp_path / f"mask.{fmt}"
     # non-zero = brain: a label image (like SAMSEG's) with several codes
     labelled = np.where(data > 0, np.where(np.arange(data.shape[2]) % 2 == 0, 3, 41), 0).astype(np.int32)
-    if fmt == "mgz":
-        nib.save(nib.MGHImage(labelled, aff), mask_file)
-    else:
-        nib.save(nib.Nifti1Image(labelled, aff), mask_file)
+    _save(labelled, aff, mask_file)
     info = run_subject(_params(phantom, tmp_path / "o", mask_file), quiet=True)
     assert _status(info) == {"import": "computed", "background": "computed", "resample": "computed",
                              "bias": "computed"}
@@ -75,10 +78,7 @@ def test_external_mask_is_stored_recorded_and_resumes(phantom, tmp_path, fmt):
 
     # another mask file: the mask and everything after it are recomputed, the import is not
     smaller = np.where(np.arange(data.shape[0])[:, None, None] < data.shape[0] // 2, 0, labelled).astype(np.int32)
-    if fmt == "mgz":
-        nib.save(nib.MGHImage(smaller, aff), mask_file)
-    else:
-        nib.save(nib.Nifti1Image(smaller, aff), mask_file)
+    _save(smaller, aff, mask_file)
     changed = run_subject(_params(phantom, tmp_path / "o", mask_file), quiet=True)
     assert _status(changed) == {"import": "skipped", "background": "computed", "resample": "computed",
                                 "bias": "computed"}
