@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
+from .background import FLUID_CHOICES
 from .errors import HelmError
 from .io import location
 from .io.convert import nifti_to_zarr, save_nifti
@@ -56,7 +57,7 @@ UNTIL = {"preprocess": "bias", "kmeans": "kmeans", "merge": "merge", "mirror": "
 #: keys of the stages they read, so a bump recomputes that stage and every stage after it.
 STAGE_VERSIONS = {"import": 1, "background": 2, "resample": 1, "bias": 2, "kmeans": 1, "merge": 1, "mirror": 2}
 #: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
-FLUIDS = ("auto", "bright", "dark", "none")
+FLUIDS = FLUID_CHOICES
 
 
 @dataclass
