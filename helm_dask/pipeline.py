@@ -482,21 +482,27 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     lm_names = [f"label_map_k{k}" for k in ks]
 
     def do_mirror(key):
-        if subj.json_ok(tr_json, key):
-            transform = MirrorTransform.from_dict(subj.read_json(tr_json)["transform"])
-        else:
-            transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
-            subj.write_json(tr_json, {"transform": transform.to_dict()}, key)
-        # the hypothalamus is a midline structure: labels far from the fitted plane mean mismatched inputs
-        # (labels of another scan, a header that does not match the anatomy, a wrong mask) -- stop here
         from .mirror import check_hypothalamus_plane
 
-        subj.info["mirror_check"] = check_hypothalamus_plane(transform, hyp_ws, path=params.hypothalamus)
+        doc = subj.read_json(tr_json) if subj.json_ok(tr_json, key) else None
+        if doc is None:
+            transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
+            doc = {"transform": transform.to_dict()}
+            subj.write_json(tr_json, doc, key)       # kept even if the check below stops the run
+        transform = MirrorTransform.from_dict(doc["transform"])
+        # the hypothalamus is a midline structure: labels far from the fitted plane mean mismatched inputs
+        # (labels of another scan, a header that does not match the anatomy, a wrong mask) -- stop here
+        check = check_hypothalamus_plane(transform, hyp_ws, path=params.hypothalamus)
+        if doc.get("mirror_check") != check:
+            # beside the transform, so that a rerun that skips this stage still reports it in run.json
+            subj.write_json(tr_json, {**doc, "mirror_check": check}, key)
         maps = mirror_labels({k: mg[f"hemi_k{k}"] for k in ks}, transform, margin_mm=params.margin_mm)
         return subj.save_many({f"label_map_k{k}": maps[k] for k in ks}, key, "mirror", mr_params)
 
     lm = _stage(subj, "mirror", mr_params, ["merge", "resample"], lm_names, do_mirror, json_outputs=[tr_json])
-    subj.info["transform"] = subj.read_json(tr_json)["transform"]
+    tr_doc = subj.read_json(tr_json)
+    subj.info["transform"] = tr_doc["transform"]
+    subj.info["mirror_check"] = tr_doc.get("mirror_check")
     for k in ks:
         subj.export(lm[f"label_map_k{k}"], f"label_map_k{k}.nii.gz", subj.keys["mirror"], dtype="uint16")
     return _finish(subj, t_start)

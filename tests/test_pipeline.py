@@ -256,3 +256,11 @@ def test_compare_truth_with_pipeline_labels(phantoms, full_runs, capsys):
         assert any(n.lower() in k.lower() for k in names), names.keys()
     whole = [r for r in rows if r["name"] == "L whole"][0]
     assert whole["dice"] > 0.5
+
+
+def test_rerun_that_skips_the_mirror_still_reports_its_check(phantoms, full_runs):
+    out, infos = full_runs
+    again = run_subject(_params(phantoms["L"], out, subject="phL"), quiet=True)
+    assert again["stages"]["mirror"]["status"] == "skipped"
+    first = json.loads(json.dumps(infos["L"]["mirror_check"]))
+    assert again["mirror_check"] == first and first["ok"] and abs(first["centroid_distance_mm"]) < 15.0
