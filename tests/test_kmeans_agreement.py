@@ -177,18 +177,7 @@ def template_run(tmp_path_factory):
     params = RunParams(scan=str(ph / "scan.nii.gz"), hypothalamus=str(ph / "hypothalamus.nii.gz"),
                        out=str(root / "out"), side="auto", spacing=SPACING, ks=KS, subject="t",
                        nifti=False, reference_tissue=str(ph / "truth_tissue.nii.gz"))
-    stage = {"now": None}
-
-    def log(msg: str) -> None:
-        if msg.endswith(": computing"):
-            stage["now"] = msg.split(":", 1)[0]
-
-    try:
-        info = run_subject(params, log=log)
-    except Exception as e:   # the brain mask stage is being rewritten: a failure there is not this test's subject
-        if stage["now"] == "background":
-            pytest.xfail(f"the pipeline at {SPACING:g} mm fails in the background stage: {type(e).__name__}: {e}")
-        raise
+    info = run_subject(params, quiet=True)
     return root / "out" / "t", info
 
 
@@ -226,3 +215,26 @@ def test_without_reference_nothing_changes(template_run, tmp_path):
     assert _reference_agreement(_Subject(d), run, [4, 6], tmp_path) is None
     assert list(tmp_path.iterdir()) == []
     assert (d / "run.json").read_text() == before
+
+
+def test_template_run_mirror_plane_is_the_medial_plane(template_run):
+    """Real anatomy end to end: the mirror plane fitted to the pipeline's own mask of the template phantom is
+    the template's mid-sagittal plane (the hemisection is a curved cut near it), and the anatomical check
+    passed with the hypothalamus near the plane."""
+    from helm_dask.phantom_mni import phantom_mni_geometry
+
+    d, info = template_run
+    run = json.loads((d / "run.json").read_text())
+    geo = phantom_mni_geometry(SPACING, "L", seed=1, bag_gap_mm=5.0)
+    true_n = np.asarray(geo["medial_plane"]["normal"], float)
+    true_p = np.asarray(geo["medial_plane"]["point_mm"], float)
+    # the pipeline works in RAS+ with a right hemisphere flipped to the left: a left one keeps its frame
+    t = run["transform"]
+    n = np.asarray(t["matrix"], float)[0, :3]
+    T = np.asarray(t["matrix"], float)
+    ang = math.degrees(math.acos(min(1.0, abs(float(n @ true_n)) / np.linalg.norm(n) / np.linalg.norm(true_n))))
+    # the plane x = 0 after T passes through the true medial point within a few mm
+    off = float((T[:3, :3] @ true_p + T[:3, 3])[0])
+    assert ang < 3.0 and abs(off) < 3.0, (ang, off)      # measured: 0.9 deg, 0.4 mm on a 3 mm grid
+    chk = run["mirror_check"]
+    assert chk["ok"] and abs(chk["centroid_distance_mm"]) < 10.0, chk
