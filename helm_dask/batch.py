@@ -15,17 +15,30 @@ YAML::
 
 CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject``, ``mask`` and any parameter column.
 
+Keys: the options of ``helm-dask run`` with underscores (``k``, ``spacing``, ``no_qc``, ...; see
+:func:`manifest_keys`: they are derived from the ``run`` parser, so a new flag is a manifest key at once), plus
+``scan``. Not keys: ``out`` (every subject writes to ``--out/<subject>``) and the compute options. Values go
+through the same checks as the flags. A subject's name (``subject:``, default: the scan's file name made a safe
+folder name) must be one safe path component, and no two rows may resolve to the same name.
+
+The whole manifest is checked when it is loaded, before anything runs: an unknown key, a bad value, an unsafe
+or duplicate subject name stop the batch with one line naming the manifest and the row.
+
 ``scan``/``hypothalamus``/``mask`` may be URLs (``s3://bucket/sub01_scan.nii.gz``); ``--out`` too.
 ``--storage-options`` applies to every subject (a ``storage_options`` mapping in the manifest overrides it).
 
-The YAML is read with ``yaml.safe_load`` (no object construction from the file). A subject that fails is
-reported and the others still run; every subject resumes stage by stage like a single run.
+The YAML is read with ``yaml.safe_load`` (no object construction from the file). A subject that fails while it
+runs (a bad file, a failed check) is reported on stderr and the others still run; every subject resumes stage by
+stage like a single run.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import functools
 import os
+import sys
 import time
 import traceback
 from dataclasses import fields, replace
@@ -36,12 +49,21 @@ from .io.location import is_url
 from .pipeline import RunParams, run_subject
 
 _FIELDS = {f.name for f in fields(RunParams)}
+#: Older spellings still accepted as manifest keys.
+KEY_ALIASES = {"ks": "k", "name": "subject"}
+#: Keys whose (relative) paths are relative to the manifest's folder.
+PATH_KEYS = ("scan", "hypothalamus", "mask", "reference_tissue", "label_table")
+#: Keys that describe one subject: not allowed under ``params:`` (shared by every subject).
+PER_SUBJECT_KEYS = ("scan", "hypothalamus", "subject", "mask", "reference_tissue")
 
 
 def parse_ks(text) -> tuple[int, ...]:
     """``"4-9"`` -> (4, 5, 6, 7, 8, 9); ``"4,6,9"`` -> (4, 6, 9); validates 2 <= k <= 20."""
     if isinstance(text, (list, tuple)):
-        ks = [int(k) for k in text]
+        try:
+            ks = [int(k) for k in text]
+        except (TypeError, ValueError):
+            raise HelmError(f"--k {text!r} is not a list of integers", hint="e.g. --k 4-9 or --k 4,6,8") from None
     else:
         text = str(text).strip()
         ks = []
@@ -61,101 +83,244 @@ def parse_ks(text) -> tuple[int, ...]:
     return tuple(sorted(set(ks)))
 
 
-def _coerce(name: str, value):
-    if value is None or value == "":
-        return None
-    if name == "ks" or name == "k":
-        return parse_ks(value)
-    if name == "spacing":
-        return "native" if str(value) == "native" else float(value)
-    if name in ("closing_radius_mm", "alpha", "margin_mm"):
-        return float(value)
-    if name in ("echo", "seed"):
-        return int(value)
-    if name == "resample_labels":
-        return str(value).lower() in ("1", "true", "yes")
-    if name == "storage_options":  # a mapping in YAML, a JSON object in a CSV cell
-        from .io.location import parse_storage_options
+# ----------------------------------------------------------------------------------------------------------------
+# Run options -> RunParams: the one mapping used by the CLI and by manifests
 
-        return parse_storage_options(value)
+
+def _not(v) -> bool:
+    return not v
+
+
+def _label_map(v):
+    from .labels import parse_label_map
+
+    return parse_label_map(v)
+
+
+def _storage_options(v):
+    from .io.location import parse_storage_options
+
+    return parse_storage_options(v)
+
+
+#: ``run`` options whose RunParams field has another name or needs parsing; every other option is the field
+#: of the same name (a test checks that each option has one).
+OPTION_TO_FIELD = {"k": ("ks", parse_ks), "no_qc": ("qc", _not), "no_nifti": ("nifti", _not),
+                   "label_map": ("label_map", _label_map), "storage_options": ("storage_options", _storage_options)}
+
+
+@functools.lru_cache(maxsize=1)
+def manifest_keys() -> dict[str, argparse.Action]:
+    """The manifest keys: ``scan`` and the options of ``helm-dask run`` (their argparse actions), except ``out``
+    and the compute and output options (:func:`helm_dask.cli.run_option_actions`)."""
+    from .cli import run_option_actions
+
+    return run_option_actions()
+
+
+def run_params_kwargs(options: dict) -> dict:
+    """``{run option dest: value}`` (values as the flags give them) -> RunParams keyword arguments."""
+    kw = {}
+    for dest, value in options.items():
+        name, convert = OPTION_TO_FIELD.get(dest, (dest, None))
+        if name not in _FIELDS:
+            raise RuntimeError(f"the run option {dest!r} has no RunParams field")   # a programming error
+        kw[name] = convert(value) if convert is not None else value
+    return kw
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _value(key: str, value, action: argparse.Action):
+    """A manifest value checked and converted like the flag's argument (same type, choices and limits)."""
+    if action.nargs == 0:                                   # a switch: --no-qc, --resample-labels, ...
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else text in _TRUE
+        raise HelmError(f"{key!r} is a switch (true or false), not {value!r}")
+    if isinstance(action, argparse._AppendAction):          # --label-map: a list, a mapping or "A=B,C=D"
+        return value if isinstance(value, (list, dict)) else [str(value)]
+    if isinstance(value, (dict, list)) and action.type is None:
+        return value                                        # k: [4, 6]; storage_options: a mapping
+    if isinstance(value, list):                             # chunks: [128, 128, 64] as the flag's 128,128,64
+        value = ",".join(map(str, value))
+    if isinstance(value, (dict, bool)):
+        raise HelmError(f"{key!r} must be a single value, not {value!r}")
+    text = str(value)
+    if action.type is not None:
+        try:
+            value = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            raise HelmError(f"{key!r}: {e}") from None
+    else:
+        value = text
+    if action.choices is not None and value not in action.choices:
+        raise HelmError(f"{key!r} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
     return value
 
 
+def _check_keys(keys, where: str, path) -> None:
+    known = manifest_keys()
+    for k in keys:
+        name = KEY_ALIASES.get(k, str(k).replace("-", "_"))
+        if name in known:
+            continue
+        if name == "out":
+            raise HelmError(f"{where}: 'out' is not a manifest key (every subject writes to --out/<subject>)",
+                            path=path, hint="remove it; give --out on the command line and 'subject:' per row")
+        raise HelmError(f"{where}: unknown key {k!r}", path=path,
+                        hint=f"known keys: {', '.join(sorted(known))}")
+
+
 def load_manifest(path) -> tuple[dict, list[dict]]:
-    """Shared parameters and the list of subjects of a YAML or CSV manifest (paths made absolute)."""
+    """Shared parameters and the list of subjects of a YAML or CSV manifest (paths made absolute).
+
+    Keys are checked here (unknown ones refused, with the list of known ones); values by :func:`subject_params`.
+    """
     p = Path(path)
-    if not p.exists():
-        raise HelmError("manifest not found", path=p, hint="check the path")
+    if not p.is_file():
+        raise HelmError("manifest not found" if not p.exists() else "manifest is not a file", path=p,
+                        hint="check the path")
     base = p.parent
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HelmError(f"cannot read the manifest ({e})", path=p, hint="give a YAML or CSV text file") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
-            doc = yaml.safe_load(p.read_text()) or {}
+            doc = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise HelmError(f"is not valid YAML ({e})", path=p, hint="fix the manifest") from None
+            detail = " ".join(str(e).split())
+            raise HelmError(f"is not valid YAML ({detail})", path=p, hint="fix the manifest") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
             raise HelmError("has no 'subjects:' list", path=p, hint="see 'helm-dask run --help' for the format")
-        shared = dict(doc.get("params") or {})
-        subjects = [dict(s) for s in doc["subjects"]]
+        extra = sorted(str(k) for k in doc if k not in ("params", "subjects"))
+        if extra:
+            raise HelmError(f"unknown top-level key {extra[0]!r}", path=p,
+                            hint="a manifest has 'params:' (shared options) and 'subjects:' (one row per subject)")
+        shared = doc.get("params") or {}
+        if not isinstance(shared, dict):
+            raise HelmError("'params:' is not a mapping of options", path=p, hint="e.g. params: {spacing: 0.3}")
+        subjects = []
+        for i, s in enumerate(doc["subjects"]):
+            if not isinstance(s, dict):
+                raise HelmError(f"subject {i + 1} is not a mapping of keys ({s!r})", path=p,
+                                hint="e.g. - {scan: s1.nii.gz, hypothalamus: s1_hypo.nii.gz}")
+            subjects.append(dict(s))
+        shared = dict(shared)
     elif p.suffix.lower() == ".csv":
-        with open(p, newline="") as f:
-            subjects = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as e:
+            raise HelmError(f"is not valid CSV ({e})", path=p, hint="fix the manifest") from None
+        subjects = []
+        for i, row in enumerate(rows):
+            if None in row:
+                raise HelmError(f"subject {i + 1} has more cells than the header has columns", path=p,
+                                hint="fix the CSV (quote cells that contain commas)")
+            subjects.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
         shared = {}
     else:
         raise HelmError("a manifest must end in .yaml, .yml or .csv", path=p)
+    _check_keys(shared, "params", p)
+    per_subject = [k for k in shared if KEY_ALIASES.get(k, k) in PER_SUBJECT_KEYS]
+    if per_subject:
+        raise HelmError(f"params: {per_subject[0]!r} is one subject's", path=p, hint="put it in each subject's row")
     for i, s in enumerate(subjects):
+        _check_keys(s, f"subject {i + 1}", p)
         for key in ("scan", "hypothalamus"):
             if not s.get(key):
-                raise HelmError(f"subject {i + 1} has no '{key}'", path=p, hint="every subject needs scan and "
-                                                                                "hypothalamus")
-            if not os.path.isabs(s[key]) and not is_url(s[key]):
-                s[key] = str(base / s[key])
-        mask = s.get("mask")
-        if mask and isinstance(mask, str) and not os.path.isabs(mask) and not is_url(mask):
-            s["mask"] = str(base / mask)
+                raise HelmError(f"subject {i + 1} has no '{key}'", path=p,
+                                hint="every subject needs scan and hypothalamus")
+        for key in PATH_KEYS:
+            v = s.get(key)
+            if isinstance(v, str) and v and not os.path.isabs(v) and not is_url(v) \
+                    and not (key == "label_table" and v == "freesurfer"):
+                s[key] = str(base / v)
     return shared, subjects
 
 
-def subject_params(base: RunParams, shared: dict, entry: dict) -> RunParams:
-    values = {}
+def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | None = None,
+                   manifest=None) -> RunParams:
+    """The RunParams of one manifest row: ``base`` (the command line), then ``params:``, then the row."""
+    known = manifest_keys()
+    options = {}
+    where = f"subject {row}" if row is not None else "manifest"
     for src in (shared, entry):
         for k, v in src.items():
-            name = {"k": "ks", "name": "subject"}.get(k, k).replace("-", "_")
-            if name not in _FIELDS:
-                raise HelmError(f"unknown manifest field {k!r}",
-                                hint=f"known fields: {', '.join(sorted(_FIELDS - {'out'}))}")
-            cv = _coerce(name, v)
-            if cv is not None:
-                values[name] = cv
-    return replace(base, **values)
+            key = KEY_ALIASES.get(k, str(k).replace("-", "_"))
+            if key not in known:
+                _check_keys([k], where, manifest)
+            if v is None or (isinstance(v, str) and v == "" and known[key].nargs != 0):
+                continue
+            try:
+                options[key] = _value(key, v, known[key])
+            except HelmError as e:
+                raise HelmError(f"{where}: {e.message}", path=manifest, hint=e.hint or "fix the manifest") \
+                    from None
+    try:
+        kw = run_params_kwargs(options)
+    except HelmError as e:
+        raise HelmError(f"{where}: {e.message}", path=manifest, hint=e.hint) from None
+    if "subject" in kw:
+        kw["subject"] = str(kw["subject"])
+    return replace(base, **kw)
 
 
-def run_batch(manifest, base: RunParams, *, quiet: bool = False) -> list[dict]:
-    """Run every subject of a manifest; returns one summary row per subject (failures included)."""
+def plan_batch(manifest, base: RunParams) -> list[tuple[int, RunParams]]:
+    """Every row's RunParams, checked before anything runs: keys, values, subject names (safe, and unique --
+    two rows writing to the same folder would overwrite each other)."""
     shared, subjects = load_manifest(manifest)
-    rows = []
-    for entry in subjects:
-        t0 = time.perf_counter()
+    plan = []
+    for i, entry in enumerate(subjects, start=1):
+        params = subject_params(base, shared, entry, row=i, manifest=manifest)
         try:
-            params = subject_params(base, shared, entry)
-            name = params.subject_name()
+            params.subject_name()
         except HelmError as e:
-            rows.append({"subject": entry.get("subject") or Path(entry["scan"]).name, "status": f"failed: {e}",
-                         "seconds": 0.0, "stages": {}})
-            continue
+            raise HelmError(f"subject {i}: {e.message}", path=manifest, hint=e.hint) from None
+        plan.append((i, params))
+    by_name: dict[str, list[int]] = {}
+    for i, params in plan:
+        # case-insensitive: on macOS and Windows file systems Sub01 and sub01 are the same folder
+        by_name.setdefault(params.subject_name().lower(), []).append(i)
+    clashes = [(plan[rows[0] - 1][1].subject_name(), rows) for rows in by_name.values() if len(rows) > 1]
+    if clashes:
+        text = "; ".join(f"rows {', '.join(map(str, rows))} are all named {name!r}" for name, rows in clashes)
+        raise HelmError(f"two or more subjects would write to the same folder: {text}", path=manifest,
+                        hint="give each row its own 'subject:' (e.g. subject: sub01); a row without one is named "
+                             "after its scan's file name")
+    return plan
+
+
+def run_batch(manifest, base: RunParams, *, quiet: bool = False, debug: bool = False,
+              plan: list | None = None) -> list[dict]:
+    """Run every subject of a manifest; returns one summary row per subject (failures included).
+
+    The manifest is checked whole first (:func:`plan_batch`, or the ``plan`` it returned): a problem there raises
+    :class:`HelmError` before any subject runs. A subject that fails while running is reported on stderr (with
+    the traceback of an internal error only if ``debug``) and the others still run.
+    """
+    if plan is None:
+        plan = plan_batch(manifest, base)
+    rows = []
+    for _, params in plan:
+        t0 = time.perf_counter()
+        name = params.subject_name()
         try:
             info = run_subject(params, quiet=quiet)
             rows.append(_summary_row(info, time.perf_counter() - t0))
         except HelmError as e:
             rows.append({"subject": name, "status": f"failed: {e}", "seconds": round(time.perf_counter() - t0, 1),
                          "stages": {}})
-            if not quiet:
-                print(f"[{name}] FAILED: {e}", flush=True)
+            print(f"helm-dask: [{name}] failed: {e}", file=sys.stderr, flush=True)
         except Exception as e:  # keep going: one broken subject must not stop the batch
             rows.append({"subject": name, "status": f"failed: internal error {type(e).__name__}: {e}",
                          "seconds": round(time.perf_counter() - t0, 1), "stages": {}})
-            if not quiet:
+            print(f"helm-dask: [{name}] internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if debug:
                 traceback.print_exc()
     return rows
 

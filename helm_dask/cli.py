@@ -7,14 +7,45 @@ traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
+import signal
 import sys
+import textwrap
 import time
 
 from . import __version__
 from .cluster import ClusterOptions, compute_context
 from .errors import HelmError
+
+#: Exit statuses of every command (also in README.md and ``--help``).
+EXIT_CODES = (
+    (0, "success (a batch: every subject finished)"),
+    (1, "internal error: a bug, please report it (--debug shows the traceback)"),
+    (2, "bad input: a missing, unreadable or invalid file, option or manifest, or an unreachable cluster; the "
+        "one-line message names the file or flag and the fix"),
+    (3, "the output cannot be written: it exists (without --overwrite), --out is or lies under a file, a "
+        "read-only file system, no permission, a full disk; nothing half-written is kept"),
+    (4, "a batch (manifest) run where some subjects failed; the others finished (see the summary)"),
+    (130, "interrupted (Ctrl-C): the workers are stopped, unfinished outputs removed; rerun to resume"),
+    (141, "the reader of the output went away (e.g. `helm-dask info ... | head`)"),
+    (143, "terminated (SIGTERM, e.g. a batch system's time limit): as for 130"),
+)
+EXIT_EPILOG = "exit status:\n" + "\n".join(
+    textwrap.fill(text, 100, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7) for code, text in EXIT_CODES)
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
 
 
 def _spacing(text: str):
@@ -24,19 +55,50 @@ def _spacing(text: str):
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"spacing must be a number of mm or 'native', got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"spacing must be positive, got {v}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"spacing must be a finite, positive number of mm, got {text!r}")
     return v
 
 
 def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = _number(text)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return v
+
+
+def _non_negative_float(text: str) -> float:
+    v = _number(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _memory_limit(text: str) -> str:
+    from .cluster import parse_memory_limit
+
+    try:
+        return parse_memory_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _chunks(text: str):
@@ -59,9 +121,10 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", metavar="ADDR",
                    help="join a running Dask cluster (tcp://HOST:PORT, tls://HOST:PORT or a scheduler JSON file); "
                         "'threads' or 'synchronous' compute in this process")
-    g.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: 2)")
-    g.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per worker (default: 1)")
-    g.add_argument("--memory-limit", metavar="SIZE", help="memory limit per worker, e.g. 4GB (default: auto)")
+    g.add_argument("--workers", type=_positive_int, metavar="N", help="LocalCluster worker processes (default: 2)")
+    g.add_argument("--threads-per-worker", type=_positive_int, metavar="N", help="threads per worker (default: 1)")
+    g.add_argument("--memory-limit", type=_memory_limit, metavar="SIZE",
+                   help="memory limit per worker, e.g. 4GB, at least 512MiB (default: auto)")
     g.add_argument("--dashboard-address", default="127.0.0.1:0",
                    help="where the LocalCluster dashboard listens (default: localhost, random port)")
     g.add_argument("--tls-ca", metavar="FILE",
@@ -154,7 +217,14 @@ def cmd_phantom(args) -> int:
     from .phantom import phantom
 
     # the arguments are checked (lazy volumes, nothing computed) before a cluster is started
-    phantom(args.spacing, side=args.side, echoes=args.echoes, seed=args.seed, anatomy=args.anatomy, **mni)
+    try:
+        phantom(args.spacing, side=args.side, echoes=args.echoes, seed=args.seed, anatomy=args.anatomy, **mni)
+    except HelmError as e:      # its messages name the Python arguments (bag_gap_mm): name the flags
+        for k in (k for k in MNI_OPTIONS if "_" in k):      # plain words (fluid) are words in the text too
+            flag = f"--{k.replace('_', '-')}"
+            e.message = re.sub(rf"\b{k}\b", flag, e.message)
+            e.hint = re.sub(rf"\b{k}\b", flag, e.hint) if e.hint else e.hint
+        raise
     with compute_context(_cluster_opts(args)):
         outputs = write_phantom(args.output, spacing_mm=args.spacing, side=args.side, echoes=args.echoes,
                                 seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, quiet=args.quiet,
@@ -165,9 +235,8 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .batch import format_summary, parse_ks, run_batch
+    from .batch import format_summary, manifest_keys, plan_batch, run_batch, run_params_kwargs
     from .io.location import join, use_storage_options
-    from .labels import parse_label_map
     from .pipeline import RunParams, run_subject
 
     target = args.scan
@@ -177,30 +246,25 @@ def cmd_run(args) -> int:
     if not is_manifest and not args.hypothalamus:
         raise HelmError("--hypothalamus is required for a single scan", path=target,
                         hint="give the manual hypothalamus labels with --hypothalamus SEG.nii.gz")
-    if is_manifest and args.mask:
-        raise HelmError("--mask is one subject's file", path=target,
-                        hint="give each subject its mask in the manifest ('mask: FILE')")
+    if is_manifest:
+        # one subject's files or name would apply to every row (one name for all: they would overwrite each other)
+        for flag, key in (("--hypothalamus", "hypothalamus"), ("--mask", "mask"), ("--subject", "subject"),
+                          ("--reference-tissue", "reference_tissue")):
+            if getattr(args, key):
+                raise HelmError(f"{flag} is one subject's", path=target,
+                                hint=f"give each subject its own in the manifest ('{key}: ...')")
     ref_tissue = args.reference_tissue
     if ref_tissue:
-        if is_manifest:
-            raise HelmError("--reference-tissue is one subject's file", path=target,
-                            hint="give each subject its map in the manifest ('reference_tissue: FILE')")
         if not os.path.exists(ref_tissue):
             raise HelmError("reference tissue map not found", path=ref_tissue, hint="check the --reference-tissue path")
         ref_tissue = os.path.abspath(ref_tissue)
-    base = RunParams(scan=target, hypothalamus=args.hypothalamus or "", out=args.out, side=args.side,
-                     mask=args.mask, fluid=args.fluid, subject=args.subject, spacing=args.spacing,
-                     until=args.until, echo=args.echo,
-                     echo_combine=args.echo_combine, nonfinite=args.nonfinite,
-                     resample_labels=args.resample_labels, label_map=parse_label_map(args.label_map),
-                     ks=parse_ks(args.k), kmeans_method=args.kmeans_method,
-                     closing_radius_mm=args.closing_radius_mm, alpha=args.alpha, margin_mm=args.margin_mm,
-                     label_table=args.label_table, layout=args.layout, chunks=args.chunks, seed=args.seed,
-                     qc=not args.no_qc, nifti=not args.no_nifti, storage_options=_storage_options(args),
-                     reference_tissue=ref_tissue)
+    options = {dest: getattr(args, dest) for dest in manifest_keys()}
+    options.update(scan=target, hypothalamus=args.hypothalamus or "", reference_tissue=ref_tissue)
+    base = RunParams(out=args.out, **run_params_kwargs(options))
+    plan = plan_batch(target, base) if is_manifest else None     # the whole manifest checked before anything
     with use_storage_options(base.storage_options), compute_context(_cluster_opts(args)):
         if is_manifest:
-            rows = run_batch(target, base, quiet=args.quiet)
+            rows = run_batch(target, base, quiet=args.quiet, debug=args.debug, plan=plan)
             print(format_summary(rows))
             return 0 if all(r["status"] == "ok" for r in rows) else 4
         info = run_subject(base, quiet=args.quiet)
@@ -208,7 +272,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: ``compare``: the Python API's hints (from :mod:`helm_dask.metrics`) as command-line advice.
+_COMPARE_HINTS = (
+    ("(helm_dask.resample.resample_to_grid, or resample_b=True)", "(pass --resample)"),
+    ("cast with .astype() if the values are codes", "give integer label maps such as hemi_k6.nii.gz"),
+    ("Leave 0 out of labels.", "Leave 0 out of --labels."),
+    ("(helm_dask.resample)", "(e.g. with `helm-dask run`, whose outputs are on orthogonal grids)"),
+)
+
+
 def cmd_compare(args) -> int:
+    try:
+        return _compare(args)
+    except HelmError as e:
+        for py, flag in _COMPARE_HINTS:
+            e.hint = e.hint.replace(py, flag) if e.hint else e.hint
+        raise
+
+
+def _compare(args) -> int:
     from .compare import compare_files, compare_folders
     from .metrics import format_table, to_csv, to_jsonable
 
@@ -258,13 +340,96 @@ def cmd_demo(args) -> int:
                     overwrite=args.overwrite)
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``helm-dask run`` that describe a subject's run; every one of them but ``--out`` is also a
+    manifest key (:func:`run_option_actions`), so a flag added here is one too."""
+    p.add_argument("scan", metavar="SCAN|MANIFEST")
+    p.add_argument("--hypothalamus", metavar="SEG", help="manual hypothalamus labels (NIfTI, same grid as SCAN)")
+    p.add_argument("--side", choices=["L", "R", "auto"], default="auto",
+                   help="hemisphere; auto decides from where the hypothalamus lies (default auto)")
+    p.add_argument("--out", metavar="OUT", help="output folder (a path, or a URL such as s3://bucket/results)")
+    _add_storage_options(p)
+    p.add_argument("--mask", metavar="FILE",
+                   help="your own brain mask instead of the bag removal: NIfTI or FreeSurfer .mgz/.mgh (e.g. "
+                        "SAMSEG's segmentation) on the scan's grid, any non-zero value = brain; its checksum is "
+                        "recorded in run.json and a changed file recomputes the mask and what follows")
+    p.add_argument("--fluid", choices=["auto", "bright", "dark", "none"], default="auto",
+                   help="bag removal: the fluid around the specimen is brighter or darker than the brain, or gives "
+                        "no signal (none, e.g. Fomblin); auto decides from the data and run.json records what it "
+                        "decided (default auto; unused with --mask)")
+    p.add_argument("--subject", type=_subject, metavar="NAME",
+                   help="subject name, the folder under OUT: letters, digits, '.', '_', '-' (default: the scan's "
+                        "file name without extension, other characters replaced by '_')")
+    p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
+    p.add_argument("--until", choices=["preprocess", "kmeans", "merge", "mirror"], default="mirror",
+                   help="last stage to run (default mirror: the whole pipeline)")
+    p.add_argument("--echo", type=_non_negative_int, help="multi-echo scan: use this echo (0-based)")
+    p.add_argument("--echo-combine", choices=["rms", "mean"], default="rms",
+                   help="multi-echo scan: combine the echoes (default rms)")
+    p.add_argument("--nonfinite", choices=["error", "zero"], default="error", help="NaN/inf voxels: refuse or zero")
+    p.add_argument("--resample-labels", action="store_true",
+                   help="labels on another grid than the scan: resample them onto it (nearest neighbour)")
+    p.add_argument("--label-map", action="append", metavar="CODE=CODE",
+                   help="map a code of the manual labels to a known one (repeatable), e.g. 1=801")
+    p.add_argument("--k", default="4-9", help="k-means cluster counts (default 4-9)")
+    p.add_argument("--kmeans-method", choices=["histogram", "minibatch", "dask-ml"], default="histogram")
+    p.add_argument("--closing-radius-mm", type=_positive_float, default=1.2,
+                   help="radius of the spherical closing of the manual labels (default 1.2)")
+    p.add_argument("--alpha", type=_positive_float, default=5e-4,
+                   help="mirroring: fraction of the hemisphere allowed across the mirror plane (default 5e-4)")
+    p.add_argument("--margin-mm", type=_non_negative_float, default=10.0,
+                   help="mirroring: margin of the whole-brain grid")
+    p.add_argument("--label-table", default="freesurfer",
+                   help="label numbering: freesurfer (default) or a ColorLUT/TSV file with the published numbering")
+    p.add_argument("--layout", choices=["flat", "helm"], default="flat",
+                   help="helm: also arrange outputs like the published dataset")
+    p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape (default 128)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--no-qc", action="store_true", help="do not write OUT/<subject>/qc/report.html")
+    p.add_argument("--no-nifti", action="store_true",
+                   help="write the Zarr store (helm.zarr) only, no .nii.gz files; a later run without this flag "
+                        "recomputes nothing and writes the missing NIfTI files")
+    p.add_argument("--verify-inputs", action="store_true",
+                   help="recognise unchanged inputs by their content (sha256, reads every input file) instead of "
+                        "their size and modification time; run.json says which was used")
+    p.add_argument("--reference-tissue", metavar="FILE",
+                   help="optional: a tissue-class map on the scan's grid (e.g. a phantom's truth_tissue.nii.gz); "
+                        "QC then reports the k-means agreement (adjusted Rand index and best-match Dice per class, "
+                        "per k) on the QC page and in run.json")
+
+
+def run_option_actions() -> dict[str, argparse.Action]:
+    """``{dest: action}`` of the ``run`` options that are manifest keys (all of :func:`_add_run_options` except
+    ``--out``), for :mod:`helm_dask.batch`."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_run_options(p)
+    return {a.dest: a for a in p._actions if a.dest != "out"}
+
+
+def _subject(text: str) -> str:
+    from .io.location import check_component
+
+    try:
+        return check_component(text, what="subject name")
+    except HelmError as e:
+        raise argparse.ArgumentTypeError(f"{e.message}: {e.hint}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the usage is one ``--help`` away), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="helm-dask",
-        description="HELM whole-brain label maps from ultra-high-resolution ex vivo MRI, out of core with Dask.")
+        description="HELM whole-brain label maps from ultra-high-resolution ex vivo MRI, out of core with Dask.",
+        epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"helm-dask {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="print only errors")
@@ -318,54 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="the HELM pipeline on one scan or a manifest of subjects",
                        description="Run (or resume) the pipeline. SCAN is a .nii/.nii.gz scan, or a manifest "
-                                   "(.yaml/.csv) listing subjects; outputs go to OUT/<subject>/.")
-    p.add_argument("scan", metavar="SCAN|MANIFEST")
-    p.add_argument("--hypothalamus", metavar="SEG", help="manual hypothalamus labels (NIfTI, same grid as SCAN)")
-    p.add_argument("--side", choices=["L", "R", "auto"], default="auto",
-                   help="hemisphere; auto decides from where the hypothalamus lies (default auto)")
-    p.add_argument("--out", metavar="OUT", help="output folder (a path, or a URL such as s3://bucket/results)")
-    _add_storage_options(p)
-    p.add_argument("--mask", metavar="FILE",
-                   help="your own brain mask instead of the bag removal: NIfTI or FreeSurfer .mgz/.mgh (e.g. "
-                        "SAMSEG's segmentation) on the scan's grid, any non-zero value = brain; its checksum is "
-                        "recorded in run.json and a changed file recomputes the mask and what follows")
-    p.add_argument("--fluid", choices=["auto", "bright", "dark", "none"], default="auto",
-                   help="bag removal: the fluid around the specimen is brighter or darker than the brain, or gives "
-                        "no signal (none, e.g. Fomblin); auto decides from the data and run.json records what it "
-                        "decided (default auto; unused with --mask)")
-    p.add_argument("--subject", help="subject name (default: the scan's file name without extension)")
-    p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
-    p.add_argument("--until", choices=["preprocess", "kmeans", "merge", "mirror"], default="mirror",
-                   help="last stage to run (default mirror: the whole pipeline)")
-    p.add_argument("--echo", type=int, help="multi-echo scan: use this echo (0-based)")
-    p.add_argument("--echo-combine", choices=["rms", "mean"], default="rms",
-                   help="multi-echo scan: combine the echoes (default rms)")
-    p.add_argument("--nonfinite", choices=["error", "zero"], default="error", help="NaN/inf voxels: refuse or zero")
-    p.add_argument("--resample-labels", action="store_true",
-                   help="labels on another grid than the scan: resample them onto it (nearest neighbour)")
-    p.add_argument("--label-map", action="append", metavar="CODE=CODE",
-                   help="map a code of the manual labels to a known one (repeatable), e.g. 1=801")
-    p.add_argument("--k", default="4-9", help="k-means cluster counts (default 4-9)")
-    p.add_argument("--kmeans-method", choices=["histogram", "minibatch", "dask-ml"], default="histogram")
-    p.add_argument("--closing-radius-mm", type=_positive_float, default=1.2,
-                   help="radius of the spherical closing of the manual labels (default 1.2)")
-    p.add_argument("--alpha", type=_positive_float, default=5e-4,
-                   help="mirroring: fraction of the hemisphere allowed across the mirror plane (default 5e-4)")
-    p.add_argument("--margin-mm", type=float, default=10.0, help="mirroring: margin of the whole-brain grid")
-    p.add_argument("--label-table", default="freesurfer",
-                   help="label numbering: freesurfer (default) or a ColorLUT/TSV file with the published numbering")
-    p.add_argument("--layout", choices=["flat", "helm"], default="flat",
-                   help="helm: also arrange outputs like the published dataset")
-    p.add_argument("--chunks", type=_chunks, help="Zarr chunk shape (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--no-qc", action="store_true", help="do not write OUT/<subject>/qc/report.html")
-    p.add_argument("--no-nifti", action="store_true",
-                   help="write the Zarr store (helm.zarr) only, no .nii.gz files; a later run without this flag "
-                        "recomputes nothing and writes the missing NIfTI files")
-    p.add_argument("--reference-tissue", metavar="FILE",
-                   help="optional: a tissue-class map on the scan's grid (e.g. a phantom's truth_tissue.nii.gz); "
-                        "QC then reports the k-means agreement (adjusted Rand index and best-match Dice per class, "
-                        "per k) on the QC page and in run.json")
+                                   "(.yaml/.csv) listing subjects; outputs go to OUT/<subject>/.",
+                       epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(p)
     _add_compute_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -400,28 +520,100 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM, raised in the main thread; ``signum`` gives the exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise :class:`Interrupted` once; a second one while stopping is ignored, so that the
+    cleanup (stop the workers, remove unfinished outputs) is not cut short. Outside the main thread: nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _output_of(args) -> str | None:
+    return getattr(args, "out", None) or getattr(args, "output", None)
+
+
+def _os_error(e: OSError, args) -> HelmError:
+    """An OS error that reached the top: an output problem (exit 3) or an input one (exit 2), in one line."""
+    from .io import location
+
+    out = _output_of(args)
+    name = e.filename if isinstance(e.filename, str) else None
+    under_out = bool(out and name and not location.is_url(out)
+                     and os.path.abspath(name).startswith(os.path.abspath(out).rstrip(os.sep)))
+    if e.errno in location.WRITE_ONLY_ERRNOS or (under_out and e.errno in location.OUTPUT_ERRNOS):
+        return location.output_error(e, name or out or ".")
+    return HelmError(f"cannot read or write this file ({os.strerror(e.errno) if e.errno else e})",
+                     path=name, hint="check the path and its permissions")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except HelmError as e:
-        if args.debug:
-            raise
-        print(f"helm-dask: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("helm-dask: interrupted; no partial output was kept (rerun to resume)", file=sys.stderr)
-        return 130
-    except Exception as e:  # an internal error: keep it short unless --debug
-        if args.debug:
-            raise
-        print(f"helm-dask: internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback and "
-              f"please report it)", file=sys.stderr)
-        return 1
+    from .io.location import MAIN_PID_ENV
+
+    # the fault-injection hook (HELM_DASK_FAULT), reached in a worker, stops this process (see location.fault)
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    with _stop_on_signals():
+        try:
+            return int(args.func(args) or 0)
+        except HelmError as e:
+            if args.debug:
+                raise
+            print(f"helm-dask: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt as e:
+            from .io.store import remove_live_temporaries
+
+            # the cluster is shut down by now: no straggling write can recreate what this removes
+            remove_live_temporaries()
+            signum = getattr(e, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"helm-dask: {what}: workers stopped, unfinished outputs removed, finished stages kept (rerun "
+                  f"the same command to resume)", file=sys.stderr)
+            return 128 + int(signum)
+        except BrokenPipeError:
+            # the reader of our output went away (| head): stop quietly, as other command-line tools do
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+        except OSError as e:
+            if args.debug:
+                raise
+            print(f"helm-dask: error: {_os_error(e, args)}", file=sys.stderr)
+            return _os_error(e, args).exit_code
+        except Exception as e:  # an internal error: keep it short unless --debug
+            if args.debug:
+                raise
+            print(f"helm-dask: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and "
+                  f"please report it)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,47 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+#: The smallest ``--memory-limit`` accepted. A worker process with helm-dask's modules loaded holds ~250 MB
+#: before any data, and distributed pauses a worker at 80% of its limit: with less than this, a worker can be
+#: paused for good before its first task and the run waits forever. Working sizes are GB (see deploy/).
+MIN_WORKER_MEMORY = 512 * 2**20
+
+
+def parse_memory_limit(text: str) -> str:
+    """``--memory-limit``: ``auto`` or a size (``4GB``, ``3.5GiB``, ``2000000000``) of at least
+    :data:`MIN_WORKER_MEMORY`; returned unchanged. :class:`ValueError` (with the reason) otherwise.
+
+    >>> parse_memory_limit("4GB")
+    '4GB'
+    """
+    from dask.utils import parse_bytes
+
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = parse_bytes(str(text))
+    except (ValueError, TypeError):
+        raise ValueError(f"is not a size like 4GB or 3.5GiB (or auto): {text!r}") from None
+    if n < MIN_WORKER_MEMORY:
+        raise ValueError(f"{text!r} is below the minimum of {MIN_WORKER_MEMORY // 2**20} MiB per worker (a worker "
+                         f"holds ~250 MB before any data and pauses at 80% of its limit)")
+    return str(text)
+
+
+def dask_setup(worker) -> None:
+    """Preload of the LocalCluster's worker processes (``distributed`` calls it in each one, restarts too).
+
+    Ctrl-C in a terminal reaches every process of the job: the workers must leave it to the command, which
+    stops them in order (see :func:`helm_dask.io.store.stop_pending_writes`); otherwise each one dies with a
+    traceback of its own, possibly in the middle of a chunk write.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def security_from_options(opts: ClusterOptions):
     """The ``distributed.security.Security`` of ``--tls-ca/--tls-cert/--tls-key``, or None without them.
 
@@ -196,9 +237,22 @@ def start_local_cluster(opts: ClusterOptions):
     security = security_from_options(opts)
     kw = {"security": security, "protocol": "tls://"} if security is not None else {}
     # security=None lets distributed read its config: distributed.comm.require-encryption turns on tls:// there.
-    return LocalCluster(n_workers=opts.workers or default_workers(), threads_per_worker=opts.threads_per_worker or 1,
-                        memory_limit=opts.memory_limit or "auto", processes=True, host="127.0.0.1",
-                        dashboard_address=opts.dashboard, silence_logs=logging.ERROR, **kw)
+    # Worker logs stay quiet: a failed task reaches the command as its exception, reported there in one line.
+    # The worker processes start with SIGINT ignored (a disposition children inherit, and then keep: Python
+    # installs its KeyboardInterrupt handler only over the default); dask_setup keeps it so after a restart.
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        return LocalCluster(n_workers=opts.workers or default_workers(),
+                            threads_per_worker=opts.threads_per_worker or 1, memory_limit=opts.memory_limit or "auto",
+                            processes=True, host="127.0.0.1", dashboard_address=opts.dashboard,
+                            silence_logs=logging.CRITICAL, preload=["helm_dask.cluster"], **kw)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
 
 
 def _dashboard_link(client) -> str:
@@ -230,6 +284,18 @@ def _run_error(exc: BaseException, address: str, client) -> HelmError | None:
     return None
 
 
+class _DropAllExit(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved ... AllExit": the client's gather tasks of a computation
+    that was interrupted are collected with that internal signal of distributed's; nothing failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "AllExit"
+
+
+_ALL_EXIT_FILTER = _DropAllExit()
+
+
 @contextlib.contextmanager
 def compute_context(opts: ClusterOptions | None = None):
     """Context manager yielding a ``distributed.Client`` (or None for in-process schedulers).
@@ -244,6 +310,7 @@ def compute_context(opts: ClusterOptions | None = None):
     # Stages ship small fitted models (the bag-removal coarse model is ~35 MB, whatever the volume size) once per
     # graph; distributed's advice about large graphs is not actionable for users, so keep it out of their output.
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    logging.getLogger("asyncio").addFilter(_ALL_EXIT_FILTER)     # idempotent: one filter object
     if opts.scheduler in LOCAL_SCHEDULERS:
         with dask.config.set(scheduler=opts.scheduler):
             yield None

@@ -1,7 +1,8 @@
 """One exception type for every input problem a user can fix.
 
 The CLI prints ``str(error)`` (no traceback) and exits with ``error.exit_code``; the Python API raises it.
-The message always names the file and says what to do, so that it reads well on its own.
+The message always names the file and says what to do, so that it reads well on its own, on one line.
+Exit statuses: :data:`helm_dask.cli.EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class HelmError(Exception):
     hint : str, optional
         What to do about it.
     exit_code : int
-        Exit status the CLI uses (2 = bad input, 3 = output problem).
+        Exit status the CLI uses (2 = bad input, 3 = the output cannot be written; see
+        :data:`helm_dask.cli.EXIT_CODES`).
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None,
@@ -36,4 +38,5 @@ class HelmError(Exception):
         text = f"{self.path}: {self.message}" if self.path else self.message
         if self.hint:
             text = f"{text.rstrip('.')}. {self.hint}"
-        return text
+        # one line, whatever a wrapped library message holds (YAML and NIfTI readers quote multi-line context)
+        return " ".join(text.splitlines())

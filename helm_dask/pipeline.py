@@ -93,15 +93,21 @@ class RunParams:
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written to run.json)
     reference_tissue: str | None = None  # a tissue-class map on the scan's grid: QC reports the k-means agreement
                                          # (not a stage parameter: no stage reads it)
+    verify_inputs: bool = False          # recognise unchanged inputs by content (sha256), not size + mtime
 
     def subject_name(self) -> str:
+        """The subject's folder under ``out``: ``subject`` if given (refused unless a safe single path
+        component), else the scan's file name without extension made one (other characters -> ``_``). The
+        default depends on the scan's name only, so a subject keeps its folder (and its resume) whatever else
+        a manifest lists."""
         if self.subject:
-            return self.subject
+            return location.check_component(self.subject, what="subject name")
         name = Path(self.scan).name
         for ext in (".nii.gz", ".nii", ".zarr"):
             if name.endswith(ext):
-                return name[: -len(ext)]
-        return name
+                name = name[: -len(ext)]
+                break
+        return location.safe_component(name)
 
 
 def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
@@ -218,10 +224,12 @@ def _json_default(o):
     return str(o)
 
 
-def fingerprint_input(path: str, cache: dict | None, storage_options: dict | None = None) -> str:
-    """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged."""
+def fingerprint_input(path: str, cache: dict | None, storage_options: dict | None = None, *,
+                      verify: bool = False) -> str:
+    """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged, unless
+    ``verify`` (``--verify-inputs``: a file replaced by another of the same size and mtime is then noticed)."""
     stamp = location.stamp(path, storage_options)
-    if cache and cache.get("stamp") == stamp and cache.get("sha256"):
+    if not verify and cache and cache.get("stamp") == stamp and cache.get("sha256"):
         return cache["sha256"]
     return file_sha256(path, storage_options=storage_options)
 
@@ -253,7 +261,37 @@ def _stage(subj: Subject, stage: str, params: dict, upstream: list[str], outputs
 
 
 def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
-    """Run (or resume) the pipeline for one subject up to ``params.until``. Returns a summary dict."""
+    """Run (or resume) the pipeline for one subject up to ``params.until``. Returns a summary dict.
+
+    One process at a time writes a subject (local outputs): a second run of the same subject waits for the
+    first, then finds its outputs done (:func:`helm_dask.io.location.exclusive`).
+    """
+    name = params.subject_name()
+    say = log or ((lambda m: None) if quiet else (lambda m: print(f"[{name}] {m}", flush=True)))
+    folder = location.join(params.out, name)
+    new = not location.is_url(folder) and not os.path.exists(folder)
+    with location.exclusive(folder, what=f"subject {name!r}", log=say):
+        try:
+            return _run_subject(params, quiet=quiet, log=log)
+        except BaseException:
+            if new:     # a run that failed before writing anything leaves no empty folders behind
+                _remove_empty_tree(Path(folder))
+            raise
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """Remove ``folder`` if it holds nothing but (nested) empty folders."""
+    try:
+        if not folder.is_dir() or any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+            return
+        for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            d.rmdir()
+        folder.rmdir()
+    except OSError:
+        pass    # something appeared meanwhile: keep it
+
+
+def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     from . import orient as orient_mod
 
     if params.until not in UNTIL:
@@ -278,6 +316,16 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     if params.layout == "helm" and not params.nifti:
         raise HelmError("--layout helm arranges the NIfTI files, and --no-nifti writes none",
                         hint="drop one of the two (a later run without --no-nifti writes the files)")
+    from .io.nifti import read_nifti_header
+    from .labels import lut_table
+
+    lut_table(params.label_table, params.ks)    # a bad --label-table now, not after the k-means
+    head = read_nifti_header(params.scan, storage_options=so)
+    if head.stored_ndim < 3 or min(head.shape[:3]) < 2:
+        # a single plane would be imported and fail much later with messages about other things
+        what = f"a {head.stored_ndim}-D image" if head.stored_ndim < 3 else "a single slice"
+        raise HelmError(f"the scan is {what} (shape {tuple(head.shape[:max(head.stored_ndim, 2)])}), not a 3-D "
+                        f"volume", path=params.scan, hint="give the 3-D scan (or a 4-D multi-echo scan)")
     subj = Subject(params, quiet=quiet, log=log)
     location.makedirs(subj.dir, so)
     t_start = time.perf_counter()
@@ -289,15 +337,18 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
             cache[nm] = read_meta(subj.vpath(nm), storage_options=so).get("input_stamp")
         except HelmError:
             cache[nm] = None
-    sha_scan = fingerprint_input(params.scan, cache["scan_raw"], so)
-    sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"], so)
+    verify = params.verify_inputs
+    sha_scan = fingerprint_input(params.scan, cache["scan_raw"], so, verify=verify)
+    sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"], so, verify=verify)
     subj.info["inputs"] = {location.absolute(params.scan): sha_scan,
                            location.absolute(params.hypothalamus): sha_lab}
+    # how an unchanged input was recognised (a checksum is reused only when this says size + mtime)
+    subj.info["input_check"] = "sha256" if verify else "size+mtime (sha256 when they change)"
     sha_mask = None
     if params.mask:
         # the cached checksum is the last mask's: only valid for the same file (masks are swapped more than scans)
         same = (cache["mask_raw"] or {}).get("path") == location.absolute(params.mask)
-        sha_mask = fingerprint_input(params.mask, cache["mask_raw"] if same else None, so)
+        sha_mask = fingerprint_input(params.mask, cache["mask_raw"] if same else None, so, verify=verify)
         subj.info["inputs"][location.absolute(params.mask)] = sha_mask
     imp_params = {"scan_sha256": sha_scan, "labels_sha256": sha_lab, "echo": params.echo,
                   "echo_combine": params.echo_combine, "nonfinite": params.nonfinite,
@@ -653,8 +704,7 @@ def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: d
                 suffix = "" if k is None else f"_k{k}"
                 dst = out / folder / f"{subject}{suffix}.nii.gz"
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_name(f".{dst.name}.tmp")
-                tmp.unlink(missing_ok=True)
+                tmp = Path(location.sibling(dst, ".tmp"))     # unique: concurrent runs do not share it
                 try:
                     os.link(src, tmp)
                 except OSError:

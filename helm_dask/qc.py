@@ -55,6 +55,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import HelmError
+from .io.location import sibling, write_text_atomic
 from .io.store import is_complete, open_volume, read_meta
 from .labels import COLOURS, FORNIX, FORNIX_NAME, HYPOTHALAMUS, cluster_colour, label_counts
 from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, \
@@ -822,14 +823,13 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
                "label_volumes_mm3": vol_rows, "voxel_mm3": vox_mm3}
     if agreement is not None:
         summary["kmeans_agreement"] = agreement
-    (qc_dir / "qc.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text_atomic(qc_dir / "qc.json", json.dumps(summary, indent=2, default=str))
     page = _html(subject, facts, figures, vol_rows, missing, k, vox_mm3)
     if agreement is not None:
         page = _with_agreement_section(page, agreement)
     out = qc_dir / "report.html"
-    tmp = qc_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    # a unique temporary (two runs of one subject at once must not rename each other's), removed on failure
+    write_text_atomic(out, page)
     return out
 
 
@@ -1000,7 +1000,7 @@ def _reference_agreement(sub: _Subject, run: dict | None, ks: list[int], qc_dir:
                             "region": "voxels where both the k-means map and the reference are non-zero",
                             "class_names": {str(c): n for c, n in TISSUE_CLASS_NAMES.items()},
                             "ks": {}, "error": None}
-    tmp = qc_dir / ".reference_tissue.zarr"
+    tmp = Path(sibling(qc_dir / "reference_tissue.zarr", ".tmp"))   # unique per writer
     try:
         if not ks:
             raise HelmError("no k-means maps to compare (the run stopped before the kmeans stage)")
@@ -1016,12 +1016,10 @@ def _reference_agreement(sub: _Subject, run: dict | None, ks: list[int], qc_dir:
         info["error"] = str(e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    (qc_dir / "kmeans_agreement.json").write_text(json.dumps(info, indent=2, default=str))
+    write_text_atomic(qc_dir / "kmeans_agreement.json", json.dumps(info, indent=2, default=str))
     if run is not None and (sub.dir / "run.json").exists():
         run = dict(run, kmeans_agreement=info)
-        t = sub.dir / ".run.json.tmp"
-        t.write_text(json.dumps(run, indent=2, default=str))
-        os.replace(t, sub.dir / "run.json")
+        write_text_atomic(sub.dir / "run.json", json.dumps(run, indent=2, default=str))
     return info
 
 

@@ -123,3 +123,40 @@ def test_run_mask_and_fluid_flags(tmp_path, capsys):
     assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         main(["run", "s.nii.gz", "--fluid", "purple"])
+
+
+def test_subject_names_are_one_safe_folder_name():
+    from helm_dask.errors import HelmError
+    from helm_dask.pipeline import RunParams
+
+    assert RunParams(scan="/d/sub 01 (T2*).nii.gz", hypothalamus="", out="o").subject_name() == "sub_01_T2"
+    assert RunParams(scan="/d/..nii.gz", hypothalamus="", out="o").subject_name() == "subject"
+    for bad in ("../x", "/abs", "a/b", ".hidden", "..", "-x"):
+        with pytest.raises(HelmError, match="not a safe folder name"):
+            RunParams(scan="s.nii.gz", hypothalamus="", out="o", subject=bad).subject_name()
+
+
+def test_fault_hook_and_memory_limit(monkeypatch):
+    import errno
+
+    from helm_dask.cluster import MIN_WORKER_MEMORY, parse_memory_limit
+    from helm_dask.io.location import fault
+    from helm_dask.io.store import final_path_of
+
+    monkeypatch.setenv("HELM_DASK_FAULT", "ENOSPC@write:kmeans_*")
+    fault("write:scan_raw")                         # another point: nothing happens
+    with pytest.raises(OSError) as ei:
+        fault("write:kmeans_k4", "/o/s/helm.zarr/.kmeans_k4.tmp-0123abcdp12h89abcdef/0")
+    assert ei.value.errno == errno.ENOSPC
+    assert final_path_of(ei.value.filename) == "/o/s/helm.zarr/kmeans_k4"
+    assert parse_memory_limit("auto") == "auto" and parse_memory_limit("4GB") == "4GB"
+    for bad in ("abc", "60MB", f"{MIN_WORKER_MEMORY - 1}"):
+        with pytest.raises(ValueError):
+            parse_memory_limit(bad)
+
+
+def test_help_lists_the_exit_codes():
+    from helm_dask.cli import EXIT_CODES, build_parser
+
+    text = build_parser().format_help()
+    assert "exit status:" in text and all(f"  {code} " in text for code, _ in EXIT_CODES)

@@ -157,7 +157,7 @@ def test_cli_reference_tissue_flag(tmp_path, capsys):
     (tmp_path / "t.nii.gz").write_bytes(b"")
     code = main(["run", str(tmp_path / "m.csv"), "--out", str(tmp_path), "--reference-tissue",
                  str(tmp_path / "t.nii.gz"), "--scheduler", "threads"])
-    assert code != 0 and "one subject's file" in capsys.readouterr().err
+    assert code != 0 and "--reference-tissue is one subject's" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ end to end

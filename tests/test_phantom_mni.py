@@ -384,7 +384,7 @@ def test_cli_mni152_nifti(tmp_path, capsys):
     (["--fluid", "dark"], ["--fluid applies to --anatomy mni152"]),
     (["--anatomy", "geometric", "--bag-gap-mm", "2", "--header-rotation-axis", "x"],
      ["--bag-gap-mm, --header-rotation-axis apply to --anatomy mni152"]),
-    (["--anatomy", "mni152", "--bag-gap-mm", "-2"], ["bag_gap_mm"]),
+    (["--anatomy", "mni152", "--bag-gap-mm", "-2"], ["--bag-gap-mm must be between 0 and 50 mm"]),
 ])
 def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, args, words):
     out = tmp_path / "ph"

@@ -176,7 +176,15 @@ def test_fallback_histogram_matches_numpy(subjects):
     edges = np.linspace(float(vals.min()), float(vals.max()), 129)
     counts, _ = np.histogram(vals, bins=edges)
     np.testing.assert_allclose(hist["edges"], edges, rtol=1e-12)
-    assert np.array_equal(np.asarray(hist["counts"], dtype=np.int64), counts)
+    got = np.asarray(hist["counts"], dtype=np.int64)
+    # exact, except that a float32 value within one float32 step of a (float64) edge is a tie that numpy's
+    # uniform-bin path may put on either side (seen: 59.645145 against the edge 59.6451473)
+    ulp = np.spacing(np.abs(edges[1:-1]).astype(vals.dtype)).astype(np.float64)
+    ties = np.abs(vals.astype(np.float64)[:, None] - edges[None, 1:-1]) <= ulp
+    tied_bins = np.flatnonzero(ties.any(axis=0))
+    moved = got != counts
+    assert set(np.flatnonzero(moved)) <= set(tied_bins) | set(tied_bins + 1), (np.flatnonzero(moved), tied_bins)
+    assert np.abs(got - counts).sum() <= 2 * int(ties.sum())
     assert int(np.sum(hist["counts"])) == int((msk != 0).sum())
 
 

@@ -99,6 +99,10 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
     if echo_combine is not None and echo_combine not in ECHO_COMBINE:
         raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
     info = read_header(src, storage_options=storage_options)
+    if info.stored_ndim < 3:
+        # padded to one plane it would import, and fail much later with messages about something else
+        raise HelmError(f"is a {info.stored_ndim}-D image (shape {tuple(info.shape[:info.stored_ndim])}), not a "
+                        f"3-D volume", path=src, hint="give a 3-D volume (or a 4-D multi-echo scan)")
     four_d = len(info.shape) == 4
     nt = info.shape[3] if four_d else 1
     if not four_d and echo not in (None, 0):
@@ -146,7 +150,9 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
             landing = create_level(group, "_landing", land_shape, raw_dtype, chunks[:2] + (thin_z,), four_d=True)
         reader = nii.SlabReader(info, thin_z, echoes=keep)
         prog = Progress(len(kept) * info.shape[2], f"reading {Path(src).name}", quiet=quiet)
+        point = f"write:{location.name(dst)}"
         for slab in _raw_slabs(reader, scaled=reader_scaled):
+            location.fault(point, tmp)
             data = slab.data
             if slab.nonfinite:
                 total_nonfinite += slab.nonfinite
@@ -295,7 +301,9 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
               else open(tmp, "wb")) as f:
             f.write(nii.gzip_member(head, compresslevel) if gz else head)
             prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
+            point = f"write:{location.name(dst)}"
             for chunk in _ordered_results([task(*s) for s in slabs]):
+                location.fault(point, tmp)
                 f.write(chunk)
                 prog.update(1)
             prog.close()

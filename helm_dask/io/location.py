@@ -27,13 +27,17 @@ bucket lifecycle rules expire). Zarr volumes carry a completeness flag instead (
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
 import posixpath
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from glob import escape as glob_escape
@@ -274,9 +278,201 @@ def stamp(path, storage_options: dict | None = None) -> list:
 
 
 def makedirs(path, storage_options: dict | None = None) -> None:
-    """Create a local folder (and its parents); object stores have no folders, so nothing to do there."""
-    if not is_url(path):
+    """Create a local folder (and its parents); object stores have no folders, so nothing to do there.
+
+    A folder that cannot be made (a regular file in the way, a read-only file system, no permission, a full
+    disk) is a :class:`HelmError` with exit status 3 naming the path and the cause.
+    """
+    if is_url(path):
+        return
+    try:
+        fault(f"mkdir:{name(path)}", path)
         Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, path) from None
+
+
+#: ``errno`` values that say "the output location cannot take this write" rather than "the input is bad".
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                 errno.EISDIR, errno.EFBIG}
+#: The subset that can only come from writing (a full disk, a read-only file system): an error with one of these
+#: raised anywhere while an output is written is that output's, whatever file the OS names (or none).
+WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def output_error(e: OSError, path) -> HelmError:
+    """The one-line, exit-3 :class:`HelmError` for an OS error while making the output ``path``."""
+    code = e.errno
+    cause = os.strerror(code) if code else str(e)
+    where = os.fspath(path)
+    culprit = e.filename if isinstance(e.filename, str) else None
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        # mkdir met a regular file where a folder must go: name that file
+        block = _file_in_the_way(where)
+        return HelmError(f"cannot create the output folder: {block or culprit or where} is a file, not a folder",
+                         path=where, hint="choose another --out (or move that file away)", exit_code=3)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return HelmError(f"cannot write this output ({cause}); nothing half-written was kept", path=where,
+                         hint="free some space (or choose another --out), then rerun: finished outputs are reused",
+                         exit_code=3)
+    hint = ("choose an --out on a writable file system" if code == errno.EROFS
+            else "choose a folder you can write to (--out) or fix its permissions")
+    return HelmError(f"the output folder is not writable ({cause})", path=where, hint=hint, exit_code=3)
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The first existing non-folder on the way from ``path`` up to the root, if any."""
+    p = Path(os.path.abspath(path))
+    for q in [p, *p.parents]:
+        if q.exists() or q.is_symlink():
+            return None if q.is_dir() else str(q)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fault injection (for tests of the failure paths; never set in normal use)
+
+#: Environment variable of :func:`fault`.
+FAULT_ENV = "HELM_DASK_FAULT"
+#: Set by the CLI to its own pid; inherited by the worker processes it starts, so that a fault reached in a
+#: worker can stop the command itself.
+MAIN_PID_ENV = "HELM_DASK_MAIN_PID"
+_FIRED: set[str] = set()
+_FIRED_LOCK = threading.Lock()
+
+
+def fault(point: str, path=None) -> None:
+    """Fault-injection hook: do what ``HELM_DASK_FAULT`` asks when the write ``point`` is reached.
+
+    ``HELM_DASK_FAULT=ACTION@PATTERN[,ACTION@PATTERN...]``; ``PATTERN`` is a shell pattern matched against the
+    point, ``ACTION`` one of
+
+    * an ``errno`` name (``ENOSPC``, ``EROFS``, ``EACCES``, ``EDQUOT``, ...): the write raises that
+      :class:`OSError` (every time: a full disk stays full);
+    * ``kill``: SIGKILL the ``helm-dask`` command (``kill -9``; no cleanup can run);
+    * ``interrupt``: SIGINT to the command's process group, as Ctrl-C in a terminal.
+
+    ``kill`` and ``interrupt`` fire once per process. Points: ``write:NAME`` for every chunk or slab written into
+    the output ``NAME`` (a volume of ``helm.zarr`` such as ``scan_raw`` or ``kmeans_k4``, a file such as
+    ``label_map_k4.nii.gz`` or ``run.json``), ``mkdir:NAME`` when a folder is created. Chunks are written by
+    the Dask workers, which read the variable too (it is inherited from the command's environment). Examples::
+
+        HELM_DASK_FAULT=ENOSPC@write:* helm-dask run ...        # a full disk
+        HELM_DASK_FAULT=kill@write:kmeans_k4 helm-dask run ...  # kill -9 in the middle of the kmeans stage
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        action, _, pattern = item.strip().partition("@")
+        if not pattern or not fnmatch.fnmatchcase(point, pattern.strip()):
+            continue
+        action = action.strip()
+        if action in ("kill", "interrupt"):
+            with _FIRED_LOCK:
+                if item in _FIRED:
+                    continue
+                _FIRED.add(item)
+            main = int(os.environ.get(MAIN_PID_ENV) or os.getpid())
+            if action == "kill":
+                os.kill(main, signal.SIGKILL)
+            else:
+                os.killpg(os.getpgid(main), signal.SIGINT)
+                time.sleep(0.5)      # let the interrupt land while this write is still in flight
+            continue
+        code = getattr(errno, action.upper(), None)
+        if not isinstance(code, int):
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (an errno name, kill or interrupt)")
+        raise OSError(code, os.strerror(code), None if path is None else os.fspath(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subject names: one safe path component
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_component(text, *, what: str = "--subject", path=None) -> str:
+    """``text`` if it is a safe single path component (letters, digits, ``.``, ``_``, ``-``; not starting with
+    a dot or a dash; at most 128 characters), else a :class:`HelmError` saying so.
+
+    Subject names become folders under ``--out``: ``..``, separators or an absolute path would put outputs
+    elsewhere, and a leading dot would hide the folder among temporaries.
+    """
+    s = str(text)
+    if _SAFE_NAME.fullmatch(s) and s not in (".", ".."):
+        return s
+    raise HelmError(f"{what} {s!r} is not a safe folder name", path=path,
+                     hint="use letters, digits, '.', '_' and '-' only (no '/', no '..', not starting with '.' "
+                          "or '-'), e.g. sub01")
+
+
+def safe_component(text: str, default: str = "subject") -> str:
+    """``text`` made a safe path component: every run of other characters becomes ``_``.
+
+    >>> safe_component("sub 01 (T2*)"), safe_component("..")
+    ('sub_01_T2', 'subject')
+    """
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._-")[:128].rstrip("._-")
+    return s or default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One writer per output folder
+
+
+@contextlib.contextmanager
+def exclusive(folder, *, what: str, log=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``<parent>/.<name>.lock`` while the block runs (local folders only).
+
+    A second process that wants the same folder waits (and says so through ``log``) instead of writing the same
+    outputs at the same time; the lock goes with the process (``flock``), so a killed holder never blocks
+    anyone. The lock file is removed on release, and the parent folder too if this call created it and it is
+    empty. URLs are not locked (object stores have no locks; concurrent runs there rewrite complete outputs).
+    """
+    if is_url(folder):
+        yield
+        return
+    import fcntl
+
+    folder = Path(folder)
+    created = [q for q in [folder.parent, *folder.parent.parents] if not q.exists()]
+    makedirs(folder.parent)
+    lock = folder.parent / f".{folder.name}.lock"
+    try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log is not None:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    log(f"another helm-dask process (pid {holder}) is writing {what}: waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder before us removes the file on release: a lock on that old file locks nothing
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as e:
+        raise output_error(e, lock) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+        for q in created:            # deepest first: only folders this call made, and only if left empty
+            with contextlib.suppress(OSError):
+                q.rmdir()
 
 
 def open_read(path, storage_options: dict | None = None, *, block_size: int | None = None) -> IO[bytes]:
@@ -351,6 +547,7 @@ def write_text_atomic(path, text: str, storage_options: dict | None = None) -> N
         from .store import atomic_path
 
         with atomic_path(path, overwrite=True) as tmp:
+            fault(f"write:{name(path)}", tmp)
             Path(tmp).write_text(text)
         return
     with open_write(path, overwrite=True, storage_options=storage_options) as f:

@@ -75,6 +75,8 @@ class NiftiInfo:
     header: nib.Nifti1Header = field(repr=False)
     #: fsspec options for a URL ``path`` (used by :class:`SlabReader` in this process; never stored).
     storage_options: dict | None = field(default=None, repr=False, compare=False)
+    #: dimensions the header declares before padding (2 for a 2-D image, which ``shape`` pads to x, y, 1)
+    stored_ndim: int = 3
 
     @property
     def scaled(self) -> bool:
@@ -248,7 +250,8 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         inter = 0.0
     info = NiftiInfo(path=str(p), gz=gz, version=version, shape=tuple(int(s) for s in shape), dtype=dtype,
                      vox_offset=vox_offset, slope=slope, inter=inter, affine=affine,
-                     sform_code=sform_code, qform_code=qform_code, header=hdr, storage_options=storage_options)
+                     sform_code=sform_code, qform_code=qform_code, header=hdr, storage_options=storage_options,
+                     stored_ndim=ndim)
     if not gz:
         check_complete(info, dtype)
     return info

@@ -34,8 +34,11 @@ arrays handed to Dask hold the filesystem with its options, so workers need no c
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -92,7 +95,10 @@ def normalize_chunks(chunks, shape) -> tuple[int, ...]:
 def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
     """Yield a temporary sibling path to write to; rename it onto ``path`` when the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the temporary output is removed and ``path`` is untouched.
+    On any exception (including KeyboardInterrupt) the writes still in flight are stopped first
+    (:func:`stop_pending_writes`: Dask tasks and Zarr's own I/O, which would otherwise recreate the temporary
+    after its removal), then the temporary output is removed and ``path`` is untouched. A full disk or a
+    read-only file system while writing becomes a one-line :class:`HelmError` (exit 3) naming ``path``.
     An existing ``path`` is refused unless ``overwrite``; with ``overwrite`` the old output is replaced only
     after the new one is complete.
 
@@ -112,31 +118,128 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
         raise HelmError("already exists", path=local, hint="pass --overwrite to replace it, or choose another name",
                         exit_code=3)
     parent = local.parent
+    location.makedirs(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         # Probe by writing: permission bits do not tell the whole story (root, read-only mounts, ACLs).
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise HelmError(f"the output folder is not writable ({e.strerror or e})", path=parent,
-                        hint="choose a folder you can write to or fix its permissions", exit_code=3) from None
+        raise location.output_error(e, parent) from None
     # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node); a writer that is still
     # running keeps its temporaries (the names record the writing process)
     for prefix in (".tmp", ".old"):
         location.remove_stale_siblings(local, prefix)
     tmp = parent / f".{local.name}.tmp-{location.writer_token()}"
+    _LIVE.add(str(tmp))
     try:
         yield str(tmp)
-        if local.exists():
-            trash = parent / f".{local.name}.old-{location.writer_token()}"
-            os.replace(local, trash)
-            os.replace(tmp, local)
-            location.remove(trash)
-        else:
-            os.replace(tmp, local)
-    except BaseException:
-        location.remove(tmp)
+        _replace(tmp, local)
+    except BaseException as e:
+        # stays in _LIVE: after an interrupt the CLI sweeps once more when the workers are gone
+        stop_pending_writes()
+        _remove_temporary(tmp)
+        if isinstance(e, OSError) and e.errno in location.WRITE_ONLY_ERRNOS:
+            # several outputs written by one computation: name the one whose write failed
+            raise location.output_error(e, final_path_of(e.filename) or local) from None
         raise
+    _LIVE.discard(str(tmp))
+
+
+def _replace(tmp: Path, local: Path) -> None:
+    """Move the finished ``tmp`` onto ``local``. A file is replaced in one atomic rename; a folder (a store)
+    cannot be renamed onto an existing one, so the old one is moved aside first -- in a loop, because another
+    process finishing the same output at the same moment may put its copy in place in between (the last
+    complete copy wins; both are complete)."""
+    if not tmp.is_dir():
+        os.replace(tmp, local)
+        return
+    for _ in range(100):
+        try:
+            os.replace(tmp, local)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        trash = local.parent / f".{local.name}.old-{location.writer_token()}"
+        try:
+            os.replace(local, trash)
+        except FileNotFoundError:
+            continue
+        location.remove(trash)
+    raise OSError(errno.EBUSY, "other writers keep replacing this output", str(local))
+
+
+def _remove_temporary(tmp: Path) -> None:
+    """Remove a temporary output and what was written beside it under its name (e.g. a scratch store)."""
+    location.remove(tmp)
+    for extra in tmp.parent.glob(glob.escape(tmp.name) + "*"):
+        location.remove(extra)
+
+
+#: Temporaries this process is writing now (see :func:`remove_live_temporaries`).
+_LIVE: set[str] = set()
+
+
+def remove_live_temporaries() -> None:
+    """After an interrupt: stop the writes in flight and remove every temporary this process was writing.
+
+    :func:`atomic_path` already does it for its own output; the CLI calls this once more after the cluster is
+    shut down, so that a straggling write of a worker cannot leave a ``.<name>.tmp-*`` behind.
+    """
+    stop_pending_writes()
+    for t in list(_LIVE):
+        _remove_temporary(Path(t))
+
+
+def stop_pending_writes(timeout_s: float = 30.0) -> None:
+    """Wait (at most ``timeout_s``) until no chunk write started by this process is still running.
+
+    A computation that fails or is interrupted leaves its running tasks running: in Dask's thread pool, on the
+    workers of a ``distributed`` cluster (the client has released the futures, so nothing new starts, but
+    running tasks finish), and in Zarr's I/O event loop (a write whose caller was interrupted). Each of them
+    can still write a chunk -- and recreate the temporary folder a cleanup has just removed.
+    """
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return      # inside a task (or a helper thread): the caller that owns the computation waits
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):
+        from distributed import get_client
+
+        client = get_client()
+        while any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with contextlib.suppress(Exception):
+        import dask.threaded as dt
+
+        pools = [dt.default_pool] + [p for d in list(dt.pools.values()) for p in d.values()]
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        dt.default_pool = None      # dask makes a new one for the next computation
+        dt.pools.clear()
+    with contextlib.suppress(Exception):
+        _drain_zarr_io(max(0.1, deadline - time.monotonic()))
+
+
+def _drain_zarr_io(timeout_s: float) -> None:
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    loop = zsync.loop[0] if getattr(zsync, "loop", None) else None
+    if loop is None or not loop.is_running():
+        return
+
+    async def drain():
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 1.0)
 
 
 @contextlib.contextmanager
@@ -257,7 +360,68 @@ STORE_BATCH_CHUNKS = 64
 def _store_dask(arr: da.Array, target: zarr.Array) -> None:
     """Write a dask array into a zarr array, one whole zarr chunk per write (safe to repeat, no races)."""
     arr = arr.rechunk(target.chunks if arr.ndim == len(target.chunks) else arr.chunks)
-    da.store(arr, target, lock=False, compute=True)
+    da.store(arr, with_fault_hook(target), lock=False, compute=True)
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}p\d+h[0-9a-f]{8}$")
+
+
+def output_name(path) -> str:
+    """The name an output will have once complete (``scan_raw`` for ``.scan_raw.tmp-<token>``)."""
+    for part in reversed(Path(str(path).split("://", 1)[-1]).parts):
+        m = _TEMP_NAME.match(part)
+        if m:
+            return m.group(1)
+    return Path(str(path)).name
+
+
+def final_path_of(path) -> str | None:
+    """The final path of the output a path inside a temporary belongs to (``.../.kmeans_k4.tmp-<token>/0/c/0``
+    -> ``.../kmeans_k4``), or None when ``path`` is not inside one."""
+    if not isinstance(path, str):
+        return None
+    parts = Path(path.split("://", 1)[-1]).parts
+    last = max((i for i, part in enumerate(parts) if _TEMP_NAME.match(part)), default=None)
+    if last is None:
+        return None
+    # outputs inside outputs (a phantom store's volumes): every temporary name on the way becomes its final one
+    return str(Path(*[m.group(1) if (m := _TEMP_NAME.match(part)) else part for part in parts[:last + 1]]))
+
+
+class _FaultHookTarget:
+    """A Zarr array whose writes go through :func:`location.fault` first (only used when the fault-injection
+    variable is set: normal runs hand Dask the Zarr array itself)."""
+
+    def __init__(self, arr: zarr.Array):
+        self.arr = arr
+        self.point = f"write:{output_name(arr.store_path)}"
+
+    @property
+    def shape(self):
+        return self.arr.shape
+
+    @property
+    def dtype(self):
+        return self.arr.dtype
+
+    @property
+    def chunks(self):
+        return self.arr.chunks
+
+    @property
+    def ndim(self):
+        return self.arr.ndim
+
+    def __setitem__(self, key, value) -> None:
+        location.fault(self.point, str(self.arr.store_path).split("://", 1)[-1])
+        self.arr[key] = value
+
+
+def with_fault_hook(target):
+    """``target`` wrapped by :class:`_FaultHookTarget` when ``HELM_DASK_FAULT`` is set, else itself."""
+    if os.environ.get(location.FAULT_ENV) and isinstance(target, zarr.Array):
+        return _FaultHookTarget(target)
+    return target
 
 
 def _block_batches(numblocks: tuple[int, ...], n: int) -> Iterator[tuple[slice, ...]]:
@@ -286,6 +450,7 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
         return
     chunks = sources[0].chunks
     numblocks = tuple(len(c) for c in chunks)
+    targets = [with_fault_hook(t) for t in targets]
     if int(np.prod(numblocks)) <= batch_chunks:
         da.store(sources, targets, lock=False, compute=True)
         return
