@@ -496,7 +496,9 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     homogeneous = sd <= max(1.2 * noise, 0.04)
     smooth_gain = float(_closing(contents, 4.0, spacing_c).sum()) / float(contents.sum()) - 1.0
     smooth = smooth_gain < 0.005
-    tol_t = max(float(fluid_tolerance), 2.0 * noise)
+    # (where the lining is a poor fit -- the bag pressed on the brain over much of it -- its own scatter, so
+    # that the fixative is not cut into pieces thinner than it is)
+    tol_t = min(max(float(fluid_tolerance), 2.0 * noise, 2.0 * sd), 0.3)
     like = contents & signal & (np.abs(logc - logf) < tol_t)
     lab, _ = ndi.label(like)
     touching = np.unique(lab[lining & like])
@@ -527,83 +529,103 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
         has_fluid = False
     else:
         has_fluid = lining_is_fluid
-    cap = None
-    if has_fluid:
-        # ---- 3a. a fluid with signal: its smooth field, refitted on all the fluid (bag, sulci, ventricles) so
-        # that it holds inside the specimen too; intensities are then relative to the local fluid ----
-        # grown inwards from the lining a depth step at a time, refitted on the lining and the fluid clear of
-        # tissue (eroded: in sulci and ventricles the partial volume with tissue would pull the field towards
-        # the tissue, and the tissue next to it would look like fluid; the lining anchors it where the fluid
-        # is a thin layer, eroded away)
-        # (restarted from the lining with the stiff ridge: the first fit, which only has to describe the lining,
-        # keeps the bias stage's)
-        logf, _, lining_in = _robust_smooth_fit(logc, lining, B, fluid_tolerance, regularization=_FIELD_RIDGE)
-        depth = float(d_in.max())
-        steps = list(np.arange(2.0 * _GROWTH_STEP_MM, depth, _GROWTH_STEP_MM)) + [depth, depth]
-        for reach in steps:
-            fl = contents & signal & (np.abs(logc - logf) < tol) & (d_in <= reach)
-            logf, _, _ = _robust_smooth_fit(logc, lining_in | (fl & ndi.binary_erosion(fl, border_value=1)), B,
-                                            fluid_tolerance, n_iter=2, regularization=_FIELD_RIDGE)
-        fl = contents & signal & (np.abs(logc - logf) < tol)
-        J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
-        # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
-        d_fl = ndi.distance_transform_edt(~fl, sampling=spacing_c)
-        # (2nd-3rd layers: the 1st is the partial volume of tissue and fluid)
-        surf = contents & signal & ~fl & (d_fl >= 1.5 * step) & (d_fl <= 2.5 * step)
-        if surf.sum() < 8:
-            raise HelmError("no brain found: everything inside the bag looks like the fluid", path=src,
-                            hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use --fluid none.")
-        tau = float(np.median(J[surf]))
-        side = "bright" if tau < 1.0 else "dark"
-        if fluid in ("bright", "dark") and side != fluid:
-            raise HelmError(f"--fluid {fluid} was given, but the fixative lining the bag is "
-                            f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
-                            f"(tissue/fluid = {tau:.2f})", path=src,
-                            hint="use --fluid auto (or the other side)")
-        thr = 1.0 + theta * (tau - 1.0)
-        cand = signal & contents & ((J < thr) if side == "bright" else (J > thr))
-        ref = np.exp(logf)
-        m_out = ref
-        m_brain = tau * ref
-        beta = 1.0
-    else:
-        # ---- 3b. no fluid signal (or one darker than the noise floor): the lining is the tissue; intensities
-        # are relative to it, and the background is what lies just outside the specimen ----
-        J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
-        d_out = ndi.distance_transform_edt(~contents, sampling=spacing_c)
-        around = ~contents & ~signal & (d_out <= max(3.0, 2.0 * step))
-        level = np.exp(logf)
-        beta = float(np.median(J[around])) if around.sum() >= 8 else float(m_air / np.median(level[lining]))
-        tau = 1.0
-        thr = beta + theta * (1.0 - beta)
-        cand = J > thr
-        # what surrounds it: a dark fixative, or nothing (noise only). Its spread relative to its level, from
-        # differences of neighbouring coarse voxels (a smooth trend does not count) scaled back to one voxel of
-        # the scan (a coarse voxel averages n of them, dividing the spread of noise by sqrt(n): unscaled, the
-        # cue read 0.80 on a 1 mm and 0.26 on a 0.5 mm scan of the same bag of noise). Noise magnitudes
-        # (Rayleigh) spread by 0.52 of their level whatever it is; a fixative with signal by its noise over its
-        # level (0.14 at 7:1 signal-to-noise).
-        bg_spread = 1.0
-        if around.sum() >= 8:
-            bg_spread = _neighbour_noise(logc, around) * math.sqrt(float(np.prod(factors)))
-        side = "dark" if bg_spread < 0.3 else "none"
-        info["background_spread"] = bg_spread
-        m_brain = level
-        m_out = beta * level
-    # where tissue is the brighter class, the bag wall (or anything far brighter than the brightest tissue) is
-    # not brain; the tissue's range from the candidates clear of the contents' edge (where a wall pressed on
-    # the brain lies)
-    core0 = cand & (d_in >= 2.0 * step)
-    if side != "bright" and core0.sum() >= 8:
-        cap_rel = 1.3 * float(np.percentile(J[core0], 99)) / tau
-        cand &= J <= cap_rel * tau
-        cap = cap_rel * m_brain
-    info.update({"fluid_side": side, "tissue_to_fluid": tau if has_fluid else None,
-                 "background_to_tissue": None if has_fluid else beta,
-                 "threshold_relative": thr, "fluid_tolerance_used": tol})
+    # The hypothesis the cues favour first; when "auto" chose a fixative with signal and that leaves no brain
+    # (the "fluid" was cortex: at fine resolutions the block means fill a bare brain's sulci, so its contents
+    # look as smooth as a bag), the other one -- a hypothesis that explains the bag without a brain is wrong.
+    attempts = [has_fluid, False] if (has_fluid and fluid == "auto") else [has_fluid]
+    logf0, lining_in0 = logf, lining_in
+    for attempt, has_fluid in enumerate(attempts):
+        last = attempt == len(attempts) - 1
+        logf, lining_in = logf0, lining_in0          # each hypothesis starts from the lining's own fit
+        try:
+            cap = None
+            if has_fluid:
+                # ---- 3a. a fluid with signal: its smooth field, refitted on all the fluid (bag, sulci, ventricles) so
+                # that it holds inside the specimen too; intensities are then relative to the local fluid ----
+                # grown inwards from the lining a depth step at a time, refitted on the lining and the fluid clear of
+                # tissue (eroded: in sulci and ventricles the partial volume with tissue would pull the field towards
+                # the tissue, and the tissue next to it would look like fluid; the lining anchors it where the fluid
+                # is a thin layer, eroded away)
+                # (restarted from the lining with the stiff ridge: the first fit, which only has to describe the lining,
+                # keeps the bias stage's)
+                logf, _, lining_in = _robust_smooth_fit(logc, lining, B, fluid_tolerance, regularization=_FIELD_RIDGE)
+                depth = float(d_in.max())
+                steps = list(np.arange(2.0 * _GROWTH_STEP_MM, depth, _GROWTH_STEP_MM)) + [depth, depth]
+                for reach in steps:
+                    fl = contents & signal & (np.abs(logc - logf) < tol) & (d_in <= reach)
+                    logf, _, _ = _robust_smooth_fit(logc, lining_in | (fl & ndi.binary_erosion(fl, border_value=1)), B,
+                                                    fluid_tolerance, n_iter=2, regularization=_FIELD_RIDGE)
+                fl = contents & signal & (np.abs(logc - logf) < tol)
+                J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
+                # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
+                d_fl = ndi.distance_transform_edt(~fl, sampling=spacing_c)
+                # (2nd-3rd layers: the 1st is the partial volume of tissue and fluid)
+                surf = contents & signal & ~fl & (d_fl >= 1.5 * step) & (d_fl <= 2.5 * step)
+                if surf.sum() < 8:
+                    raise HelmError("no brain found: everything inside the bag looks like the fluid", path=src,
+                                    hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use "
+                                         "--fluid none.")
+                tau = float(np.median(J[surf]))
+                side = "bright" if tau < 1.0 else "dark"
+                if fluid in ("bright", "dark") and side != fluid:
+                    raise HelmError(f"--fluid {fluid} was given, but the fixative lining the bag is "
+                                    f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
+                                    f"(tissue/fluid = {tau:.2f})", path=src,
+                                    hint="use --fluid auto (or the other side)")
+                thr = 1.0 + theta * (tau - 1.0)
+                cand = signal & contents & ((J < thr) if side == "bright" else (J > thr))
+                ref = np.exp(logf)
+                m_out = ref
+                m_brain = tau * ref
+                beta = 1.0
+            else:
+                # ---- 3b. no fluid signal (or one darker than the noise floor): the lining is the tissue; intensities
+                # are relative to it, and the background is what lies just outside the specimen ----
+                J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
+                d_out = ndi.distance_transform_edt(~contents, sampling=spacing_c)
+                around = ~contents & ~signal & (d_out <= max(3.0, 2.0 * step))
+                level = np.exp(logf)
+                beta = float(np.median(J[around])) if around.sum() >= 8 else float(m_air / np.median(level[lining]))
+                tau = 1.0
+                thr = beta + theta * (1.0 - beta)
+                cand = J > thr
+                # what surrounds it: a dark fixative, or nothing (noise only). Its spread relative to its level, from
+                # differences of neighbouring coarse voxels (a smooth trend does not count) scaled back to one voxel of
+                # the scan (a coarse voxel averages n of them, dividing the spread of noise by sqrt(n): unscaled, the
+                # cue read 0.80 on a 1 mm and 0.26 on a 0.5 mm scan of the same bag of noise). Noise magnitudes
+                # (Rayleigh) spread by 0.52 of their level whatever it is; a fixative with signal by its noise over its
+                # level (0.14 at 7:1 signal-to-noise).
+                bg_spread = 1.0
+                if around.sum() >= 8:
+                    bg_spread = _neighbour_noise(logc, around) * math.sqrt(float(np.prod(factors)))
+                side = "dark" if bg_spread < 0.3 else "none"
+                info["background_spread"] = bg_spread
+                m_brain = level
+                m_out = beta * level
+            # where tissue is the brighter class, the bag wall (or anything far brighter than the brightest tissue) is
+            # not brain; the tissue's range from the candidates clear of the contents' edge (where a wall pressed on
+            # the brain lies)
+            core0 = cand & (d_in >= 2.0 * step)
+            if side != "bright" and core0.sum() >= 8:
+                cap_rel = 1.3 * float(np.percentile(J[core0], 99)) / tau
+                cand &= J <= cap_rel * tau
+                cap = cap_rel * m_brain
+            info.update({"fluid_side": side, "tissue_to_fluid": tau if has_fluid else None,
+                         "background_to_tissue": None if has_fluid else beta,
+                         "threshold_relative": thr, "fluid_tolerance_used": tol})
 
-    # ---- 4. the brain: one connected component, sulci closed, ventricles filled ----
-    mask_c = _hull(cand, spacing_c, opening_radius_mm, closing_radius_mm)
+            # ---- 4. the brain: one connected component, sulci closed, ventricles filled ----
+            mask_c = _hull(cand, spacing_c, opening_radius_mm, closing_radius_mm)
+        except HelmError as e:
+            if last:
+                raise
+            info["rejected"] = {"fluid_with_signal": True, "reason": e.message}
+            continue
+        if last or mask_c.sum() >= min_brain_fraction * n_signal:
+            break
+        info["rejected"] = {"fluid_with_signal": True,
+                            "reason": f"the largest tissue component holds only {100 * mask_c.sum() / n_signal:.1f}% "
+                                      "of the signal voxels"}
     if mask_c.sum() < min_brain_fraction * n_signal:
         raise HelmError("no brain found: the largest tissue component holds only "
                         f"{100 * mask_c.sum() / n_signal:.1f}% of the signal voxels "
@@ -938,7 +960,8 @@ def brain_mask(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, fluid: st
     model = fit_coarse_model(image, coarse_spacing_mm=coarse_spacing_mm, fluid=fluid,
                              fluid_tolerance=fluid_tolerance, bias_basis_spacing_mm=bias_basis_spacing_mm,
                              opening_radius_mm=opening_radius_mm, closing_radius_mm=closing_radius_mm,
-                             min_tissue_fraction=min_tissue_fraction, band_mm=band_mm, band_out_mm=band_out_mm, local_sigma_mm=local_sigma_mm,
+                             min_tissue_fraction=min_tissue_fraction, band_mm=band_mm, band_out_mm=band_out_mm,
+                             local_sigma_mm=local_sigma_mm,
                              max_fov_fraction=max_fov_fraction, min_brain_fraction=min_brain_fraction)
     data = refine_mask(image, model, refine_sigma_mm=refine_sigma_mm)
     params = {"coarse_spacing_mm": float(coarse_spacing_mm), "fluid": fluid, "fluid_tolerance": float(fluid_tolerance),

@@ -397,3 +397,27 @@ def test_fluid_choice_given_against_the_data_is_refused():
         brain_mask(scan, fluid="dark")
     with pytest.raises(HelmError, match="fluid must be one of"):
         brain_mask(scan, fluid="purple")
+
+
+def test_fluid_hypothesis_that_leaves_no_brain_is_rejected(monkeypatch):
+    """A specimen in a fixative without signal whose bag contents look as smooth as a bag of fluid (as the 1 mm
+    block means of a 0.2 mm scan do: the partial volume fills the sulci) is first taken for a bag of fluid; the
+    cortex then plays the fluid and no brain is left, so ``auto`` falls back to "no fluid signal" and says so."""
+    import helm_dask.background as bgmod
+
+    scan, truth = _template_case(2.0, "none", 5.0)
+    real = bgmod._closing
+
+    def no_gain(m, radius_mm, spacing_c):
+        return m.copy() if radius_mm == 4.0 else real(m, radius_mm, spacing_c)   # the smoothness cue's closing
+
+    monkeypatch.setattr(bgmod, "_closing", no_gain)
+    m = brain_mask(scan)
+    info = m.attrs["background"]
+    assert info["lining"]["smooth"] and info["lining"]["is_fluid"]              # the cues said: fluid
+    reason = info["rejected"]["reason"]
+    assert info["rejected"]["fluid_with_signal"] and ("no brain" in reason or "signal voxels" in reason), reason
+    assert info["fluid_side"] == "none"
+    assert _dice(m.values > 0, truth) >= 0.95
+    with pytest.raises(HelmError, match="no brain found"):                      # forced: no second hypothesis
+        brain_mask(scan, fluid="bright")
