@@ -588,7 +588,9 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
                 beta = float(np.median(J[around])) if around.sum() >= 8 else float(m_air / np.median(level[lining]))
                 tau = 1.0
                 thr = beta + theta * (1.0 - beta)
-                cand = J > thr
+                # (not beyond the specimen's partial-volume rim: farther out the field is an extrapolation, and
+                # noise divided by it can pass any threshold -- seen on a 0.2 mm scan: the mask took the whole bag)
+                cand = (d_out <= max(3.0, 2.0 * step)) & (J > thr)
                 # what surrounds it: a dark fixative, or nothing (noise only). Its spread relative to its level, from
                 # differences of neighbouring coarse voxels (a smooth trend does not count) scaled back to one voxel of
                 # the scan (a coarse voxel averages n of them, dividing the spread of noise by sqrt(n): unscaled, the

@@ -55,7 +55,7 @@ UNTIL = {"preprocess": "bias", "kmeans": "kmeans", "merge": "merge", "mirror": "
 #: Version of each stage's algorithm, part of its key: bump a stage's number whenever a change of the code alters
 #: that stage's output, so that a resumed run never reuses a store made by older code. Keys chain through the
 #: keys of the stages they read, so a bump recomputes that stage and every stage after it.
-STAGE_VERSIONS = {"import": 1, "background": 4, "resample": 1, "bias": 2, "kmeans": 1, "merge": 1, "mirror": 2}
+STAGE_VERSIONS = {"import": 1, "background": 5, "resample": 1, "bias": 2, "kmeans": 1, "merge": 1, "mirror": 2}
 #: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
 FLUIDS = FLUID_CHOICES
 
