@@ -32,8 +32,8 @@ and bubbles, with no per-scan tuning (``fluid="auto"`` decides from the data; a 
    neighbourhood, so the mask is bit-identical for any chunking and worker count.
 
 Validation (``bench/mask_real.py``; Dice against the true mask, ``fluid="auto"``): template phantom at 1 mm,
-fixative bright / dark / none, bag gap 0 and 5 mm: 0.982-0.989 at 1 mm, 0.984-0.993 at 0.5 mm; geometric
-phantom 0.998-0.999.
+fixative bright / dark / none, bag gap 0 and 5 mm: 0.982-0.989 at 1 mm, 0.984-0.993 at 0.5 mm, 0.985-0.994 at
+0.2 mm; geometric phantom 0.994-0.999.
 
 Example
 -------
