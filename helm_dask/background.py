@@ -75,12 +75,12 @@ _SPECK_PASSES = 2
 #: on the input chunking (each coarse block is summed inside one task, in one fixed order).
 _BLOCK_TARGET = 128
 #: Ridge of the smooth fixative field (relative to the data term, growing with frequency squared). Fitted to the
-# bag's lining -- a shell -- the field's interior is an extrapolation: with the bias stage's 1e-3 it swung by
-# 0.6 in log between the 1 mm copies of a 1.0 mm and a 0.2 mm scan of the same template phantom (their data
-# differ by noise only); from 0.1 up, the two agree within 0.02 at every depth.
+#: bag's lining -- a shell -- the field's interior is an extrapolation: with the bias stage's 1e-3 it swung by
+#: 0.6 in log between the 1 mm copies of a 1.0 mm and a 0.2 mm scan of the same template phantom (their data
+#: differ by noise only); from 0.1 up, the two agree within 0.02 at every depth.
 _FIELD_RIDGE = 0.1
 #: Depth steps (mm from the bag's lining) of the inward growth of the fixative: each refit extrapolates the field
-# by one step only (the fixative of a 7 T scan brightens by ~0.3 in log towards the centre).
+#: by one step only (the fixative of a 7 T scan brightens by ~0.3 in log towards the centre).
 _GROWTH_STEP_MM = 4.0
 
 
