@@ -395,7 +395,10 @@ class _FaultHookTarget:
     def __init__(self, arr: zarr.Array):
         self.arr = arr
         self.point = f"write:{output_name(arr.store_path)}"
+        self.path = str(arr.store_path).split("://", 1)[-1]
 
+    # (explicit properties, not __getattr__: the target is pickled to the workers, and unpickling calls
+    # __getattr__ before ``arr`` exists)
     @property
     def shape(self):
         return self.arr.shape
@@ -413,7 +416,7 @@ class _FaultHookTarget:
         return self.arr.ndim
 
     def __setitem__(self, key, value) -> None:
-        location.fault(self.point, str(self.arr.store_path).split("://", 1)[-1])
+        location.fault(self.point, self.path)
         self.arr[key] = value
 
 
