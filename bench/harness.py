@@ -165,6 +165,13 @@ def measured():
     m.sampler = s
 
 
+def disk_size(p: Path) -> int:
+    """Bytes of a file, or of every file under a folder (a Zarr store); 0 when absent."""
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
 def append_row(row: dict, path: Path = RESULTS) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine(),

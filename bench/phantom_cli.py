@@ -19,11 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, measured  # noqa: E402
-
-
-def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+from harness import append_row, disk_size, measured  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,12 +47,11 @@ def main(argv=None) -> int:
         proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"helm-dask phantom failed with exit {proc.returncode}")
-    import zarr
+    from helm_dask.io import open_volume
 
-    shape = zarr.open_group(str(out), mode="r")["scan"]
-    shape = getattr(shape, "shape", None) or shape["0"].shape
-    voxels = int(shape[0]) * int(shape[1]) * int(shape[2])
-    size = _size(out)
+    shape = tuple(int(n) for n in open_volume(out / "scan").shape)
+    voxels = shape[0] * shape[1] * shape[2]
+    size = disk_size(out)
     row = {"stage": f"phantom-cli:{a.anatomy}", "spacing_mm": a.spacing, "work_spacing_mm": "native",
            "voxels": voxels, "workers": a.workers, "threads_per_worker": 1, "wall_s": round(m.wall, 1),
            "mvox_per_s": round(voxels / m.wall / 1e6, 2), "peak_rss_mb": round(m.sampler.peak_rss / 2**20),

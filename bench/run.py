@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, measured  # noqa: E402
+from harness import append_row, disk_size, measured  # noqa: E402
 
 from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
 
@@ -36,12 +36,6 @@ def _paths(workdir: Path, spacing: float) -> dict[str, Path]:
     tag = f"{spacing:g}mm"
     return {"zarr": workdir / f"scan_{tag}.zarr", "niigz": workdir / f"scan_{tag}.nii.gz",
             "nii": workdir / f"scan_{tag}.nii", "back": workdir / f"scan_{tag}_back.zarr"}
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size if p.exists() else 0
 
 
 def run_stage(stage: str, spacing: float, workdir: Path, opts: ClusterOptions, note: str = "") -> dict:
@@ -88,7 +82,7 @@ def run_stage(stage: str, spacing: float, workdir: Path, opts: ClusterOptions, n
             if not p["nii"].exists():
                 with open(p["nii"], "wb") as f:
                     subprocess.run(["gunzip", "-c", str(p["niigz"])], stdout=f, check=True)
-            data_bytes = _size(p["nii"])
+            data_bytes = disk_size(p["nii"])
             with measured() as m:
                 subprocess.run(f"gzip -1 -c '{p['nii']}' > /dev/null", shell=True, check=True)
             p["nii"].unlink()
@@ -100,7 +94,7 @@ def run_stage(stage: str, spacing: float, workdir: Path, opts: ClusterOptions, n
     else:
         raise SystemExit(f"unknown stage {stage!r}; choose from {IO_STAGES + ['all-io']}")
     if data_bytes is None:
-        data_bytes = _size(p["nii"]) or None
+        data_bytes = disk_size(p["nii"]) or None
     if voxels is None and data_bytes:
         voxels = (data_bytes - 352) // 4
     row = {"stage": stage, "spacing_mm": spacing, "voxels": voxels, "workers": opts.workers,
