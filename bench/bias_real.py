@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, measured  # noqa: E402
+from harness import append_row, measured
 
-N4_TARGET_MM = 2.0          # N4 runs on a shrink of the image to about this spacing
-N4_ITERATIONS = [50] * 4    # 4 fitting levels x 50 iterations; everything else is SimpleITK's default
+N4_TARGET_MM = 2.0  # N4 runs on a shrink of the image to about this spacing
+N4_ITERATIONS = [50] * 4  # 4 fitting levels x 50 iterations; everything else is SimpleITK's default
 
 
 def phantom_arrays(spacing_mm: float, fluid: str, *, bag_gap_mm: float = 5.0, seed: int = 0) -> dict:
@@ -55,10 +55,20 @@ def phantom_arrays(spacing_mm: float, fluid: str, *, bag_gap_mm: float = 5.0, se
     aff = affine_of(v["scan"])
     chunks = v["scan"].data.chunks
     masked = np.where(mask > 0, scan, np.float32(0)).astype(np.float32)
-    return {"scan": scan, "masked": masked, "mask": mask, "tissue": tissue, "bias": bias, "affine": aff,
-            "masked_vol": make_volume(da.from_array(masked, chunks=chunks), aff, kind="image", name="masked"),
-            "mask_vol": make_volume(da.from_array(mask, chunks=chunks), aff, kind="mask", name="mask"),
-            "spacing_mm": float(spacing_mm), "fluid": fluid, "bag_gap_mm": float(bag_gap_mm), "seed": int(seed)}
+    return {
+        "scan": scan,
+        "masked": masked,
+        "mask": mask,
+        "tissue": tissue,
+        "bias": bias,
+        "affine": aff,
+        "masked_vol": make_volume(da.from_array(masked, chunks=chunks), aff, kind="image", name="masked"),
+        "mask_vol": make_volume(da.from_array(mask, chunks=chunks), aff, kind="mask", name="mask"),
+        "spacing_mm": float(spacing_mm),
+        "fluid": fluid,
+        "bag_gap_mm": float(bag_gap_mm),
+        "seed": int(seed),
+    }
 
 
 def ours_log_field(p: dict, **options) -> tuple[np.ndarray, dict]:
@@ -89,9 +99,12 @@ def n4_log_field(p: dict) -> tuple[np.ndarray, dict]:
     n4.SetMaximumNumberOfIterations(N4_ITERATIONS)
     n4.Execute(small, small_mask)
     log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).astype(np.float64)
-    info = {"shrink": f, "elapsed_iterations_last_level": int(n4.GetElapsedIterations()),
-            "convergence": float(n4.GetCurrentConvergenceMeasurement()),
-            "control_points": list(n4.GetNumberOfControlPoints())}
+    info = {
+        "shrink": f,
+        "elapsed_iterations_last_level": int(n4.GetElapsedIterations()),
+        "convergence": float(n4.GetCurrentConvergenceMeasurement()),
+        "control_points": list(n4.GetNumberOfControlPoints()),
+    }
     return log_field, info
 
 
@@ -148,45 +161,74 @@ def main(argv=None) -> int:
             p = phantom_arrays(s, fluid, bag_gap_mm=args.bag_gap_mm, seed=args.seed)
             gen = time.perf_counter() - t0
             floor = scores(p, np.log(p["bias"].astype(np.float64)))
-            runs = [(ours_name, lambda: ours_log_field(p, **options))]
+            runs = [(ours_name, lambda p=p: ours_log_field(p, **options))]
             if not args.no_n4:
-                runs.append(("n4", lambda: n4_log_field(p)))
+                runs.append(("n4", lambda p=p: n4_log_field(p)))
             for name, run in runs:
                 with measured() as m:
                     log_field, info = run()
                 sc = scores(p, log_field)
                 if name.startswith("ours"):
-                    detail = (f"basis {info['basis_functions']} ({info['basis_spacing_mm']:g} mm), "
-                              f"{info['n_classes']} classes, {info['n_iter']} EM iterations"
-                              + (f", options {args.ours}" if args.ours else ""))
+                    detail = (
+                        f"basis {info['basis_functions']} ({info['basis_spacing_mm']:g} mm), "
+                        f"{info['n_classes']} classes, {info['n_iter']} EM iterations"
+                        + (f", options {args.ours}" if args.ours else "")
+                    )
                 else:
-                    detail = (f"shrink {info['shrink']}, defaults + 4 x 50 iterations, "
-                              f"{info['elapsed_iterations_last_level']} iterations at the last level")
-                note = "; ".join(x for x in (
-                    args.note,
-                    f"fluid {fluid}, bag gap {args.bag_gap_mm:g} mm, seed {args.seed}, true mask",
-                    f"r(log field) {sc['r']:.3f}",
-                    *(f"CV {t.upper()} {sc[f'cv_{t}_before']:.3f} -> {sc[f'cv_{t}_after']:.3f} "
-                      f"(true field {floor[f'cv_{t}_after']:.3f})" for t in ("gm", "wm")),
-                    detail, f"cpu {m.sampler.cpu_seconds:.1f} s", version) if x)
-                row = {"stage": f"bias-real:{name}:{fluid}", "spacing_mm": f"{s:g}", "work_spacing_mm": "native",
-                       "voxels": int(p["scan"].size), "workers": 1, "threads_per_worker": 2,
-                       "wall_s": round(m.wall, 2), "mvox_per_s": round(p["scan"].size / m.wall / 1e6, 2),
-                       "load_avg": round(m.sampler.mean_load, 1), "note": note}
+                    detail = (
+                        f"shrink {info['shrink']}, defaults + 4 x 50 iterations, "
+                        f"{info['elapsed_iterations_last_level']} iterations at the last level"
+                    )
+                note = "; ".join(
+                    x
+                    for x in (
+                        args.note,
+                        f"fluid {fluid}, bag gap {args.bag_gap_mm:g} mm, seed {args.seed}, true mask",
+                        f"r(log field) {sc['r']:.3f}",
+                        *(
+                            f"CV {t.upper()} {sc[f'cv_{t}_before']:.3f} -> {sc[f'cv_{t}_after']:.3f} "
+                            f"(true field {floor[f'cv_{t}_after']:.3f})"
+                            for t in ("gm", "wm")
+                        ),
+                        detail,
+                        f"cpu {m.sampler.cpu_seconds:.1f} s",
+                        version,
+                    )
+                    if x
+                )
+                row = {
+                    "stage": f"bias-real:{name}:{fluid}",
+                    "spacing_mm": f"{s:g}",
+                    "work_spacing_mm": "native",
+                    "voxels": int(p["scan"].size),
+                    "workers": 1,
+                    "threads_per_worker": 2,
+                    "wall_s": round(m.wall, 2),
+                    "mvox_per_s": round(p["scan"].size / m.wall / 1e6, 2),
+                    "load_avg": round(m.sampler.mean_load, 1),
+                    "note": note,
+                }
                 if not args.no_record:
                     append_row(row)
-                print(f"{s:g} mm {fluid:6s} {name:10s} r={sc['r']:.3f} GM {sc['cv_gm_before']:.3f}->"
-                      f"{sc['cv_gm_after']:.3f} WM {sc['cv_wm_before']:.3f}->{sc['cv_wm_after']:.3f} "
-                      f"{m.wall:.1f} s ({detail}); phantom {gen:.1f} s", flush=True)
+                print(
+                    f"{s:g} mm {fluid:6s} {name:10s} r={sc['r']:.3f} GM {sc['cv_gm_before']:.3f}->"
+                    f"{sc['cv_gm_after']:.3f} WM {sc['cv_wm_before']:.3f}->{sc['cv_wm_after']:.3f} "
+                    f"{m.wall:.1f} s ({detail}); phantom {gen:.1f} s",
+                    flush=True,
+                )
                 table.append((s, fluid, name, sc, floor, m.wall))
     print()
-    print("| spacing mm | fluid | method | r(log field) | CV GM before -> after | CV WM before -> after | "
-          "CV GM / WM, true field | wall s |")
+    print(
+        "| spacing mm | fluid | method | r(log field) | CV GM before -> after | CV WM before -> after | "
+        "CV GM / WM, true field | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for s, fluid, name, sc, floor, wall in table:
-        print(f"| {s:g} | {fluid} | {name} | {sc['r']:.3f} | {sc['cv_gm_before']:.3f} -> {sc['cv_gm_after']:.3f} | "
-              f"{sc['cv_wm_before']:.3f} -> {sc['cv_wm_after']:.3f} | {floor['cv_gm_after']:.3f} / "
-              f"{floor['cv_wm_after']:.3f} | {wall:.1f} |")
+        print(
+            f"| {s:g} | {fluid} | {name} | {sc['r']:.3f} | {sc['cv_gm_before']:.3f} -> {sc['cv_gm_after']:.3f} | "
+            f"{sc['cv_wm_before']:.3f} -> {sc['cv_wm_after']:.3f} | {floor['cv_gm_after']:.3f} / "
+            f"{floor['cv_wm_after']:.3f} | {wall:.1f} |"
+        )
     return 0
 
 

@@ -21,9 +21,26 @@ import psutil
 
 # HELM_BENCH_RESULTS sends rows elsewhere (trial runs, or a frozen checkout benchmarking for the main tree)
 RESULTS = Path(os.environ.get("HELM_BENCH_RESULTS") or Path(__file__).parent / "results" / "results.csv")
-FIELDS = ["date", "commit", "stage", "spacing_mm", "work_spacing_mm", "voxels", "workers", "threads_per_worker",
-          "wall_s", "mvox_per_s", "mb_per_s", "peak_rss_mb", "read_mb", "written_mb", "data_mb", "load_avg", "note",
-          "machine"]
+FIELDS = [
+    "date",
+    "commit",
+    "stage",
+    "spacing_mm",
+    "work_spacing_mm",
+    "voxels",
+    "workers",
+    "threads_per_worker",
+    "wall_s",
+    "mvox_per_s",
+    "mb_per_s",
+    "peak_rss_mb",
+    "read_mb",
+    "written_mb",
+    "data_mb",
+    "load_avg",
+    "note",
+    "machine",
+]
 
 
 def machine() -> str:
@@ -41,8 +58,9 @@ def machine() -> str:
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return ""
 
@@ -58,13 +76,13 @@ class Sampler:
         self._io_base: dict[int, tuple[int, int]] = {}
         self._io_last: dict[int, tuple[int, int]] = {}
         self._loads: list[float] = []
-        self.peak_by_pid: dict[int, int] = {}   # since the last mark: who holds the memory (client vs workers)
+        self.peak_by_pid: dict[int, int] = {}  # since the last mark: who holds the memory (client vs workers)
         self.stage_breakdown = ""
         self._cpu_base: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._started = False
         self._load_sum, self._load_n = 0.0, 0
-        self.stage_load = 0.0   # mean 1-min load average between the last two marks (other work on the machine)
+        self.stage_load = 0.0  # mean 1-min load average between the last two marks (other work on the machine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -108,7 +126,8 @@ class Sampler:
         peak, self.peak_rss = self.peak_rss, 0
         parts = sorted(self.peak_by_pid.items(), key=lambda kv: -kv[1])
         self.stage_breakdown = "peak MB by process: " + ", ".join(
-            f"{'client' if pid == self.root.pid else pid}={rss / 2**20:.0f}" for pid, rss in parts if rss > 100 * 2**20)
+            f"{'client' if pid == self.root.pid else pid}={rss / 2**20:.0f}" for pid, rss in parts if rss > 100 * 2**20
+        )
         self.peak_by_pid = {}
         self.stage_load, self._loads = (sum(self._loads) / len(self._loads) if self._loads else 0.0), []
         rd, wr = self.read_bytes, self.written_bytes
@@ -174,8 +193,12 @@ def disk_size(p: Path) -> int:
 
 def append_row(row: dict, path: Path = RESULTS) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine(),
-            "load_avg": round(os.getloadavg()[0], 1)}
+    full = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "load_avg": round(os.getloadavg()[0], 1),
+    }
     full.update(row)
     if path.exists():
         with open(path, newline="") as f:

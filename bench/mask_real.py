@@ -46,9 +46,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import FIELDS, RESULTS, append_row, measured  # noqa: E402
+from harness import FIELDS, RESULTS, append_row, measured
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 DEFAULT_CASES = "geometric,bright5,dark5,none5,bright0,dark0,none0"
 
@@ -59,7 +59,7 @@ def parse_case(case: str) -> dict:
         return {"anatomy": "geometric", "fluid": "bright", "bag_gap_mm": None}
     for fluid in ("bright", "dark", "none"):
         if case.startswith(fluid):
-            return {"anatomy": "mni152", "fluid": fluid, "bag_gap_mm": float(case[len(fluid):] or 5)}
+            return {"anatomy": "mni152", "fluid": fluid, "bag_gap_mm": float(case[len(fluid) :] or 5)}
     raise SystemExit(f"unknown case {case!r} (geometric, or bright|dark|none followed by the bag gap in mm)")
 
 
@@ -82,8 +82,7 @@ def dice_pass(mask, truth) -> tuple[int, int, int]:
 
     m = mask.data > 0
     t = truth.data > 0
-    inter, ms, ts = dask.compute(da.logical_and(m, t).sum(dtype="int64"), m.sum(dtype="int64"),
-                                 t.sum(dtype="int64"))
+    inter, ms, ts = dask.compute(da.logical_and(m, t).sum(dtype="int64"), m.sum(dtype="int64"), t.sum(dtype="int64"))
     return int(inter), int(ms), int(ts)
 
 
@@ -94,9 +93,11 @@ def _src_hash(module) -> str:
 def versions() -> str:
     from helm_dask import background, phantom, phantom_mni
 
-    return (f"background.py {_src_hash(background)}, phantom v{phantom.PHANTOM_MODEL_VERSION} "
-            f"({_src_hash(phantom)}), phantom_mni v{phantom_mni.MNI_MODEL_VERSION} ({_src_hash(phantom_mni)})"
-            + (", snapshot" if os.environ.get(_SNAPSHOT_ENV) else ""))
+    return (
+        f"background.py {_src_hash(background)}, phantom v{phantom.PHANTOM_MODEL_VERSION} "
+        f"({_src_hash(phantom)}), phantom_mni v{phantom_mni.MNI_MODEL_VERSION} ({_src_hash(phantom_mni)})"
+        + (", snapshot" if os.environ.get(_SNAPSHOT_ENV) else "")
+    )
 
 
 _SNAPSHOT_ENV = "HELM_MASK_REAL_SNAPSHOT"
@@ -132,8 +133,12 @@ def record(row: dict) -> None:
 
     from harness import commit, machine
 
-    full = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit(), "machine": machine(),
-            "load_avg": round(os.getloadavg()[0], 1)}
+    full = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "load_avg": round(os.getloadavg()[0], 1),
+    }
     full.update(row)
     with open(RESULTS, "a", newline="") as f:
         csv.DictWriter(f, fieldnames=header, extrasaction="ignore").writerow(full)
@@ -163,43 +168,87 @@ def run_case(args, spacing_mm: float, seed: int, case: str, version: str) -> dic
             except HelmError as e:
                 err = str(e).splitlines()[0]
                 fit = fit or time.perf_counter() - t1
-        m.sampler.mark()   # per-process peaks -> stage_breakdown
+        m.sampler.mark()  # per-process peaks -> stage_breakdown
         n = int(scan.size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dice = 2 * inter / (ms + ts) if not err and ms + ts else None
     ratio = ms / ts if not err and ts else None
     true_side = opts["fluid"]
-    desc = (f"geometric phantom (bright fluid)" if opts["anatomy"] == "geometric"
-            else f"template phantom, fluid {true_side}, bag gap {opts['bag_gap_mm']:g} mm")
-    res = (f"FAILED: {err}" if err else
-           f"Dice {dice:.4f}, volume ratio {ratio:.4f} (mask {ms} / truth {ts} voxels), fluid_side {side} "
-           f"(true {true_side}{'' if side == true_side else ', WRONG'})")
-    note = "; ".join(x for x in (
-        args.note, f"{desc}, seed {seed}, fluid=auto", res,
-        f"brain_mask fit {fit:.1f} s + refinement/Dice pass {m.wall - fit:.1f} s; phantom scan+truth_mask written "
-        f"to a temporary store in {gen:.1f} s (not in wall_s)",
-        f"cpu {m.sampler.cpu_seconds:.1f} s", m.sampler.stage_breakdown, version) if x)
-    row = {"stage": f"mask-real:{case}", "spacing_mm": f"{spacing_mm:g}", "work_spacing_mm": "native",
-           "voxels": n, "workers": args.workers, "threads_per_worker": 1, "wall_s": round(m.wall, 2),
-           "mvox_per_s": round(n / m.wall / 1e6, 2), "peak_rss_mb": round(m.sampler.peak_rss_overall / 2**20),
-           "read_mb": round(m.sampler.read_bytes / 2**20), "written_mb": round(m.sampler.written_bytes / 2**20),
-           "load_avg": round(m.sampler.mean_load, 1), "note": note}
+    desc = (
+        "geometric phantom (bright fluid)"
+        if opts["anatomy"] == "geometric"
+        else f"template phantom, fluid {true_side}, bag gap {opts['bag_gap_mm']:g} mm"
+    )
+    res = (
+        f"FAILED: {err}"
+        if err
+        else f"Dice {dice:.4f}, volume ratio {ratio:.4f} (mask {ms} / truth {ts} voxels), fluid_side {side} "
+        f"(true {true_side}{'' if side == true_side else ', WRONG'})"
+    )
+    note = "; ".join(
+        x
+        for x in (
+            args.note,
+            f"{desc}, seed {seed}, fluid=auto",
+            res,
+            f"brain_mask fit {fit:.1f} s + refinement/Dice pass {m.wall - fit:.1f} s; phantom scan+truth_mask written "
+            f"to a temporary store in {gen:.1f} s (not in wall_s)",
+            f"cpu {m.sampler.cpu_seconds:.1f} s",
+            m.sampler.stage_breakdown,
+            version,
+        )
+        if x
+    )
+    row = {
+        "stage": f"mask-real:{case}",
+        "spacing_mm": f"{spacing_mm:g}",
+        "work_spacing_mm": "native",
+        "voxels": n,
+        "workers": args.workers,
+        "threads_per_worker": 1,
+        "wall_s": round(m.wall, 2),
+        "mvox_per_s": round(n / m.wall / 1e6, 2),
+        "peak_rss_mb": round(m.sampler.peak_rss_overall / 2**20),
+        "read_mb": round(m.sampler.read_bytes / 2**20),
+        "written_mb": round(m.sampler.written_bytes / 2**20),
+        "load_avg": round(m.sampler.mean_load, 1),
+        "note": note,
+    }
     if not args.no_record:
         record(row)
-    out = {"case": case, "phantom": opts["anatomy"], "fluid": true_side, "gap": opts["bag_gap_mm"],
-           "spacing": spacing_mm, "seed": seed, "voxels": n, "dice": dice, "ratio": ratio, "side": side,
-           "err": err, "wall": m.wall, "fit": fit, "gen": gen, "peak_mb": m.sampler.peak_rss_overall / 2**20,
-           "load": m.sampler.mean_load}
-    print(f"{spacing_mm:g} mm seed {seed} {case:9s} {res}; {m.wall:.1f} s (fit {fit:.1f} s), peak "
-          f"{out['peak_mb']:.0f} MB, load {out['load']:.1f}; phantom {gen:.1f} s", flush=True)
+    out = {
+        "case": case,
+        "phantom": opts["anatomy"],
+        "fluid": true_side,
+        "gap": opts["bag_gap_mm"],
+        "spacing": spacing_mm,
+        "seed": seed,
+        "voxels": n,
+        "dice": dice,
+        "ratio": ratio,
+        "side": side,
+        "err": err,
+        "wall": m.wall,
+        "fit": fit,
+        "gen": gen,
+        "peak_mb": m.sampler.peak_rss_overall / 2**20,
+        "load": m.sampler.mean_load,
+    }
+    print(
+        f"{spacing_mm:g} mm seed {seed} {case:9s} {res}; {m.wall:.1f} s (fit {fit:.1f} s), peak "
+        f"{out['peak_mb']:.0f} MB, load {out['load']:.1f}; phantom {gen:.1f} s",
+        flush=True,
+    )
     return out
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| phantom | fluid | bag gap mm | spacing mm | seed | voxels | Dice | volume ratio | fluid side decided "
-             "| mask wall s | peak RSS MB | phantom written s | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| phantom | fluid | bag gap mm | spacing mm | seed | voxels | Dice | volume ratio | fluid side decided "
+        "| mask wall s | peak RSS MB | phantom written s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
         gap = "-" if r["gap"] is None else f"{r['gap']:g}"
         dice = "error" if r["err"] else f"{r['dice']:.4f}"
@@ -207,9 +256,11 @@ def markdown(table: list[dict]) -> str:
         side = r["side"] or "-"
         if r["side"] and r["side"] != r["fluid"]:
             side += f" (true {r['fluid']})"
-        lines.append(f"| {'template' if r['phantom'] == 'mni152' else 'geometric'} | {r['fluid']} | {gap} | "
-                     f"{r['spacing']:g} | {r['seed']} | {r['voxels']:,} | {dice} | {ratio} | {side} | "
-                     f"{r['wall']:.1f} | {r['peak_mb']:.0f} | {r['gen']:.1f} | {r['load']:.1f} |")
+        lines.append(
+            f"| {'template' if r['phantom'] == 'mni152' else 'geometric'} | {r['fluid']} | {gap} | "
+            f"{r['spacing']:g} | {r['seed']} | {r['voxels']:,} | {dice} | {ratio} | {side} | "
+            f"{r['wall']:.1f} | {r['peak_mb']:.0f} | {r['gen']:.1f} | {r['load']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -218,11 +269,18 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", type=float, nargs="+", default=[1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, in order (default {DEFAULT_CASES})")
-    ap.add_argument("--budget-min", type=float, default=0.0,
-                    help="start no new case after this many minutes since the start (0: no limit)")
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=0.0,
+        help="start no new case after this many minutes since the start (0: no limit)",
+    )
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--snapshot", action="store_true",
-                    help="run on a copy of helm_dask taken at the start (immune to edits during the run)")
+    ap.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run on a copy of helm_dask taken at the start (immune to edits during the run)",
+    )
     ap.add_argument("--no-record", action="store_true", help="print only, append no rows")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, disk_size, measured  # noqa: E402
+from harness import append_row, disk_size, measured
 
 
 def main(argv=None) -> int:
@@ -38,8 +38,18 @@ def main(argv=None) -> int:
     if out.exists():
         shutil.rmtree(out)
     exe = Path(sys.executable).with_name("helm-dask")
-    cmd = [str(exe), "phantom", str(out), "--anatomy", a.anatomy, "--spacing", f"{a.spacing:g}",
-           "--workers", str(a.workers), "--quiet"]
+    cmd = [
+        str(exe),
+        "phantom",
+        str(out),
+        "--anatomy",
+        a.anatomy,
+        "--spacing",
+        f"{a.spacing:g}",
+        "--workers",
+        str(a.workers),
+        "--quiet",
+    ]
     if a.fluid:
         cmd += ["--fluid", a.fluid]
     print("+", " ".join(cmd), flush=True)
@@ -52,14 +62,25 @@ def main(argv=None) -> int:
     shape = tuple(int(n) for n in open_volume(out / "scan").shape)
     voxels = shape[0] * shape[1] * shape[2]
     size = disk_size(out)
-    row = {"stage": f"phantom-cli:{a.anatomy}", "spacing_mm": a.spacing, "work_spacing_mm": "native",
-           "voxels": voxels, "workers": a.workers, "threads_per_worker": 1, "wall_s": round(m.wall, 1),
-           "mvox_per_s": round(voxels / m.wall / 1e6, 2), "peak_rss_mb": round(m.sampler.peak_rss / 2**20),
-           "read_mb": round(m.sampler.read_bytes / 2**20), "written_mb": round(m.sampler.written_bytes / 2**20),
-           "load_avg": round(m.sampler.mean_load, 1),
-           "note": (f"`{' '.join(['helm-dask'] + cmd[1:])}` (all five outputs, scan grid {list(shape)}, "
-                    f"store {size / 2**30:.2f} GiB); peak RSS of the CLI + scheduler + workers; "
-                    f"CPU {m.sampler.cpu_seconds:.0f} s. {a.note}").strip()}
+    row = {
+        "stage": f"phantom-cli:{a.anatomy}",
+        "spacing_mm": a.spacing,
+        "work_spacing_mm": "native",
+        "voxels": voxels,
+        "workers": a.workers,
+        "threads_per_worker": 1,
+        "wall_s": round(m.wall, 1),
+        "mvox_per_s": round(voxels / m.wall / 1e6, 2),
+        "peak_rss_mb": round(m.sampler.peak_rss / 2**20),
+        "read_mb": round(m.sampler.read_bytes / 2**20),
+        "written_mb": round(m.sampler.written_bytes / 2**20),
+        "load_avg": round(m.sampler.mean_load, 1),
+        "note": (
+            f"`{' '.join(['helm-dask'] + cmd[1:])}` (all five outputs, scan grid {list(shape)}, "
+            f"store {size / 2**30:.2f} GiB); peak RSS of the CLI + scheduler + workers; "
+            f"CPU {m.sampler.cpu_seconds:.0f} s. {a.note}"
+        ).strip(),
+    }
     row = append_row(row)
     print(json.dumps({k: row[k] for k in ("stage", "spacing_mm", "voxels", "wall_s", "peak_rss_mb", "load_avg")}))
     if not a.keep:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Sampler, append_row  # noqa: E402
+from harness import Sampler, append_row
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 
 def ensure_inputs(workdir: Path, spacing: float) -> tuple[Path, Path, int]:
@@ -49,52 +49,82 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=os.environ.get("HELM_BENCH_DIR", "/tmp/helm-bench"))
     ap.add_argument("--note", default="")
     ap.add_argument("--no-nifti", action="store_true", help="Zarr store only (helm-dask run --no-nifti)")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep the output folder: finished stages are reused (no row), the others measured")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the output folder: finished stages are reused (no row), the others measured",
+    )
     args = ap.parse_args(argv)
     from helm_dask.pipeline import RunParams, run_subject
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    opts = ClusterOptions(workers=args.workers, threads_per_worker=args.threads_per_worker,
-                          memory_limit=args.memory_limit, quiet=True)
+    opts = ClusterOptions(
+        workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit, quiet=True
+    )
     spacing = "native" if args.spacing == "native" else float(args.spacing)
     out = work / f"run_{args.input_spacing:g}_{args.spacing}"
     if not args.resume:
         shutil.rmtree(out, ignore_errors=True)
     with compute_context(opts):
         scan, hyp, nvox = ensure_inputs(work, args.input_spacing)
-        params = RunParams(scan=str(scan), hypothalamus=str(hyp), out=str(out), side="L", spacing=spacing,
-                           until=args.until, subject="bench", nifti=not args.no_nifti)
-        common = {"spacing_mm": args.input_spacing, "work_spacing_mm": args.spacing, "voxels": nvox,
-                  "workers": args.workers, "threads_per_worker": args.threads_per_worker, "note": args.note}
+        params = RunParams(
+            scan=str(scan),
+            hypothalamus=str(hyp),
+            out=str(out),
+            side="L",
+            spacing=spacing,
+            until=args.until,
+            subject="bench",
+            nifti=not args.no_nifti,
+        )
+        common = {
+            "spacing_mm": args.input_spacing,
+            "work_spacing_mm": args.spacing,
+            "voxels": nvox,
+            "workers": args.workers,
+            "threads_per_worker": args.threads_per_worker,
+            "note": args.note,
+        }
         with Sampler() as s:
             t_stage = [time.perf_counter()]
 
             def log(msg: str) -> None:
                 print(f"  {msg}", flush=True)
-                if ": computing" in msg or ": writing" in msg:    # a stage or a NIfTI export starts
+                if ": computing" in msg or ": writing" in msg:  # a stage or a NIfTI export starts
                     s.mark()
                     t_stage[0] = time.perf_counter()
                 elif ": done in" in msg or ": written in" in msg:
                     stage = msg.split(":", 1)[0]
                     peak, rd, wr = s.mark()
                     dt = time.perf_counter() - t_stage[0]
-                    row = {"stage": f"pipeline:{stage}", "wall_s": round(dt, 2), "peak_rss_mb": round(peak / 2**20),
-                           "read_mb": round(rd / 2**20), "written_mb": round(wr / 2**20),
-                           "load_avg": round(s.stage_load, 1)}
+                    row = {
+                        "stage": f"pipeline:{stage}",
+                        "wall_s": round(dt, 2),
+                        "peak_rss_mb": round(peak / 2**20),
+                        "read_mb": round(rd / 2**20),
+                        "written_mb": round(wr / 2**20),
+                        "load_avg": round(s.stage_load, 1),
+                    }
                     row.update(common)
                     row["note"] = "; ".join(x for x in (common["note"], s.stage_breakdown) if x)
                     row["mvox_per_s"] = round(nvox / dt / 1e6, 2) if dt > 0 else ""
-                    append_row(row)   # at once: a long run that dies later keeps the stages it finished
+                    append_row(row)  # at once: a long run that dies later keeps the stages it finished
                     print(", ".join(f"{k}={row[k]}" for k in ("stage", "wall_s", "peak_rss_mb")), flush=True)
 
             t0 = time.perf_counter()
             run_subject(params, log=log)
             total = time.perf_counter() - t0
-        whole = dict(common, stage=f"pipeline:total(until {args.until})", wall_s=round(total, 2),
-                     peak_rss_mb=round(s.peak_rss_overall / 2**20), mvox_per_s=round(nvox / total / 1e6, 2),
-                     read_mb=round(s.read_bytes / 2**20), written_mb=round(s.written_bytes / 2**20), load_avg=round(s.mean_load, 1))
+        whole = dict(
+            common,
+            stage=f"pipeline:total(until {args.until})",
+            wall_s=round(total, 2),
+            peak_rss_mb=round(s.peak_rss_overall / 2**20),
+            mvox_per_s=round(nvox / total / 1e6, 2),
+            read_mb=round(s.read_bytes / 2**20),
+            written_mb=round(s.written_bytes / 2**20),
+            load_avg=round(s.mean_load, 1),
+        )
         append_row(whole)
         print(f"total {total:.1f}s, peak {whole['peak_rss_mb']} MB", flush=True)
     return 0

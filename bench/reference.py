@@ -70,7 +70,7 @@ KS = (4, 5, 6, 7, 8, 9)
 CLOSING_RADIUS_MM = 1.2
 MARGIN_MM = 10.0
 RIGHT_CODES = {801: 806, 802: 807, 803: 808, 804: 809, 805: 810}
-GIB = 2 ** 30
+GIB = 2**30
 
 #: Built-in memory model (used when WORKDIR/reference_memory.json has no measurement for a stage): peak RSS =
 #: base_mb + bytes_per_voxel * N. Measured with this script at 0.5 mm input (native: 16.4 M voxels; 0.3 mm
@@ -86,9 +86,14 @@ DEFAULT_MODEL = {
 }
 
 #: Where helm-dask's pipeline keeps the same intermediate (fallback input when the upstream reference did not fit).
-PIPELINE_NAMES = {"image_ws": "image_ws", "mask_ws": "mask", "hyp_ws": "hypothalamus",
-                  "preprocessed": "preprocessed", **{f"kmeans_k{k}": f"kmeans_k{k}" for k in KS},
-                  **{f"hemi_k{k}": f"hemi_k{k}" for k in KS}}
+PIPELINE_NAMES = {
+    "image_ws": "image_ws",
+    "mask_ws": "mask",
+    "hyp_ws": "hypothalamus",
+    "preprocessed": "preprocessed",
+    **{f"kmeans_k{k}": f"kmeans_k{k}" for k in KS},
+    **{f"hemi_k{k}": f"hemi_k{k}" for k in KS},
+}
 
 
 #: On the native grid the working-grid inputs are the RAS+ ones (the image masked while loading).
@@ -96,15 +101,21 @@ NATIVE_ALIAS = {"mask_ws": ["mask_ras"], "hyp_ws": ["hyp_ras"], "image_ws": ["sc
 
 
 def stage_inputs(stage: str) -> list[str]:
-    return {"orient": [], "background": ["scan_ras"], "resample": ["scan_ras", "mask_ras", "hyp_ras"],
-            "bias": ["image_ws", "mask_ws"], "kmeans": ["preprocessed", "mask_ws"],
-            "merge": ["hyp_ws"] + [f"kmeans_k{k}" for k in KS],
-            "mirror": ["mask_ws"] + [f"hemi_k{k}" for k in KS]}[stage]
+    return {
+        "orient": [],
+        "background": ["scan_ras"],
+        "resample": ["scan_ras", "mask_ras", "hyp_ras"],
+        "bias": ["image_ws", "mask_ws"],
+        "kmeans": ["preprocessed", "mask_ws"],
+        "merge": ["hyp_ws"] + [f"kmeans_k{k}" for k in KS],
+        "mirror": ["mask_ws"] + [f"hemi_k{k}" for k in KS],
+    }[stage]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the cache of intermediates (plain .npy + one JSON of affines)
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Cache:
     def __init__(self, root: Path, native: bool):
@@ -147,13 +158,14 @@ class Cache:
 # the references (run in the child; plain NumPy / SciPy / scikit-learn / nibabel, no dask)
 # ----------------------------------------------------------------------------------------------------------
 
+
 def ref_orient(cache: Cache, a) -> tuple[dict, str]:
     import nibabel as nib
 
     out = {}
     for name, path in (("scan_ras", a.scan), ("hyp_ras", a.hyp)):
         img = nib.as_closest_canonical(nib.load(path))
-        arr = np.ascontiguousarray(np.asanyarray(img.dataobj))   # the RAS+ copy (nibabel gives a strided view)
+        arr = np.ascontiguousarray(np.asanyarray(img.dataobj))  # the RAS+ copy (nibabel gives a strided view)
         out[name] = (arr, img.affine.copy())
     return out, f"nibabel load + as_closest_canonical of scan and labels (gunzip included), {out['scan_ras'][0].shape}"
 
@@ -173,9 +185,9 @@ def ref_background(cache: Cache, a) -> tuple[dict, str]:
     from scipy import ndimage as ndi
 
     img, aff = a.inputs["scan_ras"]
-    t_air = _otsu(img)                          # air (noise floor) | signal
+    t_air = _otsu(img)  # air (noise floor) | signal
     signal = img > t_air
-    t_fluid = _otsu(img[signal])                # tissue | fluid inside the signal (the phantom's fluid is bright)
+    t_fluid = _otsu(img[signal])  # tissue | fluid inside the signal (the phantom's fluid is bright)
     brain = signal & (img < t_fluid)
     del signal
     lab, n = ndi.label(brain)
@@ -185,9 +197,11 @@ def ref_background(cache: Cache, a) -> tuple[dict, str]:
     del lab
     brain = ndi.binary_fill_holes(brain)
     frac = brain.mean()
-    return ({"mask_ras_plain": (brain.view(np.uint8), aff)},
-            f"plain method: Otsu {t_air:.1f} + Otsu {t_fluid:.1f} + largest of {n} components + fill holes; "
-            f"mask {100 * frac:.1f}% of the grid")
+    return (
+        {"mask_ras_plain": (brain.view(np.uint8), aff)},
+        f"plain method: Otsu {t_air:.1f} + Otsu {t_fluid:.1f} + largest of {n} components + fill holes; "
+        f"mask {100 * frac:.1f}% of the grid",
+    )
 
 
 def work_grid(shape, affine, spacing_mm: float):
@@ -197,7 +211,7 @@ def work_grid(shape, affine, spacing_mm: float):
     r = np.array([n / m for n, m in zip(shape, new)])
     m = np.eye(4)
     m[:3, :3] = np.diag(r)
-    m[:3, 3] = -0.5 + r / 2                     # first new voxel centre, in old voxel units
+    m[:3, 3] = -0.5 + r / 2  # first new voxel centre, in old voxel units
     return new, np.asarray(affine) @ m
 
 
@@ -209,10 +223,13 @@ def ref_resample(cache: Cache, a) -> tuple[dict, str]:
     hyp = a.inputs["hyp_ras"][0]
     new, aff_ws = work_grid(img.shape, aff, float(a.spacing))
     zoom = [m / n for m, n in zip(new, img.shape)]
-    img[mask == 0] = 0                          # the masked image is what the pipeline resamples
+    img[mask == 0] = 0  # the masked image is what the pipeline resamples
     kw = dict(zoom=zoom, mode="nearest", grid_mode=True)
-    out = {"image_ws": (ndi.zoom(img, order=1, **kw), aff_ws), "mask_ws": (ndi.zoom(mask, order=0, **kw), aff_ws),
-           "hyp_ws": (ndi.zoom(hyp, order=0, **kw), aff_ws)}
+    out = {
+        "image_ws": (ndi.zoom(img, order=1, **kw), aff_ws),
+        "mask_ws": (ndi.zoom(mask, order=0, **kw), aff_ws),
+        "hyp_ws": (ndi.zoom(hyp, order=0, **kw), aff_ws),
+    }
     return out, f"zoom {img.shape} -> {new} (image order 1, mask and labels order 0)"
 
 
@@ -224,7 +241,7 @@ def ref_bias(cache: Cache, a, n_iter: int = 5) -> tuple[dict, str]:
     img, aff = a.inputs["image_ws"]
     mask = a.inputs["mask_ws"][0] > 0
     shape = img.shape
-    u_axes = [(np.arange(n) - (n - 1) / 2) / max((n - 1) / 2, 1) for n in shape]   # voxel coords in [-1, 1]
+    u_axes = [(np.arange(n) - (n - 1) / 2) / max((n - 1) / 2, 1) for n in shape]  # voxel coords in [-1, 1]
     idx = np.nonzero(mask)
     u = [u_axes[d][idx[d]] for d in range(3)]
     del idx
@@ -238,21 +255,23 @@ def ref_bias(cache: Cache, a, n_iter: int = 5) -> tuple[dict, str]:
     mu = np.quantile(y, [1 / 6, 1 / 2, 5 / 6])
     for _ in range(n_iter):
         r = y - field
-        cls = np.searchsorted((mu[:-1] + mu[1:]) / 2, r)          # nearest of 3 class means (1-D)
+        cls = np.searchsorted((mu[:-1] + mu[1:]) / 2, r)  # nearest of 3 class means (1-D)
         mu = np.bincount(cls, r, 3) / np.maximum(np.bincount(cls, minlength=3), 1)
         coef = np.linalg.lstsq(A, y - mu[cls], rcond=None)[0]
         field = A @ coef
-        coef[0] -= field.mean()                                  # mean log-bias 0 inside the mask
+        coef[0] -= field.mean()  # mean log-bias 0 inside the mask
         field -= field.mean()
     del A, y, field, r, cls
-    logb = np.zeros(shape, np.float32)                           # the field on the whole grid
+    logb = np.zeros(shape, np.float32)  # the field on the whole grid
     for c, (i, j, k) in zip(coef, terms):
         logb += (c * u_axes[0] ** i)[:, None, None] * (u_axes[1] ** j)[None, :, None] * (u_axes[2] ** k)[None, None, :]
     bias = np.exp(logb, out=logb)
     corrected = np.where(mask, img / bias, 0).astype(np.float32)
-    return ({"preprocessed": (corrected, aff)},
-            f"polynomial degree 3 (20 terms), lstsq on {int(mask.sum()):,} in-mask voxels x {n_iter} iterations, "
-            f"bias {float(bias[mask].min()):.2f}..{float(bias[mask].max()):.2f}")
+    return (
+        {"preprocessed": (corrected, aff)},
+        f"polynomial degree 3 (20 terms), lstsq on {int(mask.sum()):,} in-mask voxels x {n_iter} iterations, "
+        f"bias {float(bias[mask].min()):.2f}..{float(bias[mask].max()):.2f}",
+    )
 
 
 def ref_kmeans(cache: Cache, a) -> tuple[dict, str]:
@@ -276,7 +295,7 @@ def ref_kmeans(cache: Cache, a) -> tuple[dict, str]:
 def _ball(radius_mm: float, spacing) -> np.ndarray:
     h = [int(np.floor(radius_mm / s + 1e-9)) for s in spacing]
     g = np.ogrid[tuple(slice(-n, n + 1) for n in h)]
-    return sum((gi * s) ** 2 for gi, s in zip(g, spacing)) <= radius_mm ** 2 + 1e-9
+    return sum((gi * s) ** 2 for gi, s in zip(g, spacing)) <= radius_mm**2 + 1e-9
 
 
 def ref_merge(cache: Cache, a) -> tuple[dict, str]:
@@ -295,8 +314,9 @@ def ref_merge(cache: Cache, a) -> tuple[dict, str]:
         km = a.inputs[f"kmeans_k{k}"][0]
         out[f"hemi_k{k}"] = (np.where(closed_labels > 0, closed_labels, km).astype(np.uint16), aff)
     added = int((closed_labels > 0).sum() - (lab > 0).sum())
-    return out, (f"binary_closing {se.shape} ball ({int(se.sum())} voxels) + nearest code (EDT), +{added} voxels; "
-                 "six merges")
+    return out, (
+        f"binary_closing {se.shape} ball ({int(se.sum())} voxels) + nearest code (EDT), +{added} voxels; six merges"
+    )
 
 
 def _whole_brain_grid(mask: np.ndarray, aff: np.ndarray, T: np.ndarray, s: float, margin: float):
@@ -323,7 +343,7 @@ def ref_mirror(cache: Cache, a) -> tuple[dict, str]:
     from scipy import ndimage as ndi
 
     mask, aff = a.inputs["mask_ws"]
-    T = cache.affine("mirror_transform")        # world -> world with the medial plane at x = 0 (set by the parent)
+    T = cache.affine("mirror_transform")  # world -> world with the medial plane at x = 0 (set by the parent)
     s = float(np.sqrt((aff[:3, :3] ** 2).sum(axis=0)).min())
     shape, out_aff = _whole_brain_grid(mask > 0, aff, T, s, MARGIN_MM)
     g = np.linalg.inv(aff) @ np.linalg.inv(T) @ out_aff
@@ -333,15 +353,29 @@ def ref_mirror(cache: Cache, a) -> tuple[dict, str]:
     half = shape[0] // 2
     outs = {}
     for k in KS:
-        full = ndi.affine_transform(a.inputs[f"hemi_k{k}"][0], g[:3, :3], offset=g[:3, 3], output_shape=shape,
-                                    order=0, mode="grid-constant", cval=0)
+        full = ndi.affine_transform(
+            a.inputs[f"hemi_k{k}"][0],
+            g[:3, :3],
+            offset=g[:3, 3],
+            output_shape=shape,
+            order=0,
+            mode="grid-constant",
+            cval=0,
+        )
         full[half:] = lut[full[:half][::-1]]
-        outs[k] = full                          # all six held, as a script writing them out at the end would
+        outs[k] = full  # all six held, as a script writing them out at the end would
     return {}, f"affine_transform order 0 onto {shape} ({np.prod(shape):,} voxels) x 6"
 
 
-REFERENCES = {"orient": ref_orient, "background": ref_background, "resample": ref_resample, "bias": ref_bias,
-              "kmeans": ref_kmeans, "merge": ref_merge, "mirror": ref_mirror}
+REFERENCES = {
+    "orient": ref_orient,
+    "background": ref_background,
+    "resample": ref_resample,
+    "bias": ref_bias,
+    "kmeans": ref_kmeans,
+    "merge": ref_merge,
+    "mirror": ref_mirror,
+}
 
 
 def _proc(field: str) -> int:
@@ -372,12 +406,19 @@ def child(a) -> int:
     t1 = time.perf_counter()
     outputs, detail = REFERENCES[a.child](cache, a)
     wall = time.perf_counter() - t1
-    if a.child == "orient":                     # reading the files is this stage's work
+    if a.child == "orient":  # reading the files is this stage's work
         wall, load_s = wall + load_s, 0.0
-    result = {"wall_s": wall, "load_s": load_s, "peak_bytes": _proc("VmHWM"), "base_bytes": base,
-              "read_bytes": _proc("rchar") - io0[0], "written_bytes": _proc("wchar") - io0[1], "detail": detail}
+    result = {
+        "wall_s": wall,
+        "load_s": load_s,
+        "peak_bytes": _proc("VmHWM"),
+        "base_bytes": base,
+        "read_bytes": _proc("rchar") - io0[0],
+        "written_bytes": _proc("wchar") - io0[1],
+        "detail": detail,
+    }
     a.inputs = None
-    for name, (arr, aff) in outputs.items():   # handed to the next stage (unmeasured)
+    for name, (arr, aff) in outputs.items():  # handed to the next stage (unmeasured)
         cache.save(name, arr, aff)
     Path(a.result_file).write_text(json.dumps(result))
     return 0
@@ -386,6 +427,7 @@ def child(a) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # the parent: sizes, prediction, one subprocess per stage, rows
 # ----------------------------------------------------------------------------------------------------------
+
 
 def grid_sizes(input_spacing: float, spacing) -> tuple[int, int]:
     """(input voxels, working-grid voxels) of the phantom (the grid of its NIfTI files; nothing computed)."""
@@ -408,10 +450,12 @@ def load_model(path: Path) -> dict:
 
 
 def does_not_fit(pred: float, ref: dict, n: int, max_bytes: float) -> str:
-    stops = (max_bytes - ref["base_mb"] * 2 ** 20) / ref["bytes_per_voxel"]
-    return (f"does not fit: predicted {pred / GIB:.1f} GB at {n:,} voxels; stops at ~{stops / 1e6:,.0f} M voxels "
-            f"({ref['bytes_per_voxel']:.1f} B/voxel + {ref['base_mb']} MB measured at {ref['n']:,} voxels; limit "
-            f"{max_bytes / GIB:g} GB)")
+    stops = (max_bytes - ref["base_mb"] * 2**20) / ref["bytes_per_voxel"]
+    return (
+        f"does not fit: predicted {pred / GIB:.1f} GB at {n:,} voxels; stops at ~{stops / 1e6:,.0f} M voxels "
+        f"({ref['bytes_per_voxel']:.1f} B/voxel + {ref['base_mb']} MB measured at {ref['n']:,} voxels; limit "
+        f"{max_bytes / GIB:g} GB)"
+    )
 
 
 def predict(stage: str, n: int, model: dict) -> tuple[float, dict] | None:
@@ -420,15 +464,23 @@ def predict(stage: str, n: int, model: dict) -> tuple[float, dict] | None:
     ref = max(meas, key=lambda m: (m["n"], m["bytes_per_voxel"])) if meas else DEFAULT_MODEL.get(stage)
     if ref is None:
         return None
-    return ref["base_mb"] * 2 ** 20 + ref["bytes_per_voxel"] * n, ref
+    return ref["base_mb"] * 2**20 + ref["bytes_per_voxel"] * n, ref
 
 
 def record(path: Path, stage: str, n: int, base: int, peak: int, spacing, ws) -> float:
     model = load_model(path)
     bpv = (peak - base) / n
     entries = [m for m in model.get(stage, []) if m["n"] != n]
-    entries.append({"n": n, "base_mb": round(base / 2 ** 20), "peak_mb": round(peak / 2 ** 20),
-                    "bytes_per_voxel": round(bpv, 2), "input_spacing": spacing, "work_spacing": ws})
+    entries.append(
+        {
+            "n": n,
+            "base_mb": round(base / 2**20),
+            "peak_mb": round(peak / 2**20),
+            "bytes_per_voxel": round(bpv, 2),
+            "input_spacing": spacing,
+            "work_spacing": ws,
+        }
+    )
     model[stage] = sorted(entries, key=lambda m: m["n"])
     path.write_text(json.dumps(model, indent=1))
     return bpv
@@ -478,7 +530,7 @@ def dice(p: Path, q: Path, slab: int = 64) -> float:
     a, b = np.load(p, mmap_mode="r"), np.load(q, mmap_mode="r")
     inter = total = 0
     for i in range(0, a.shape[0], slab):
-        x, y = np.asarray(a[i:i + slab]) > 0, np.asarray(b[i:i + slab]) > 0
+        x, y = np.asarray(a[i : i + slab]) > 0, np.asarray(b[i : i + slab]) > 0
         inter += int(np.count_nonzero(x & y))
         total += int(np.count_nonzero(x)) + int(np.count_nonzero(y))
     return 2 * inter / max(total, 1)
@@ -551,11 +603,13 @@ def main(argv=None) -> int:
             elif pred[0] > max_bytes:
                 print(f"  {stage:10s} {does_not_fit(pred[0], pred[1], n, max_bytes)}")
             else:
-                print(f"  {stage:10s} predicted {pred[0] / GIB:.2f} GB at {n:,} voxels "
-                      f"({pred[1]['bytes_per_voxel']:.1f} B/voxel measured at {pred[1]['n']:,})")
+                print(
+                    f"  {stage:10s} predicted {pred[0] / GIB:.2f} GB at {n:,} voxels "
+                    f"({pred[1]['bytes_per_voxel']:.1f} B/voxel measured at {pred[1]['n']:,})"
+                )
         return 0
     work.mkdir(parents=True, exist_ok=True)
-    scan, hyp, _ = ensure_inputs(work, a.input_spacing)         # the phantom's NIfTI pair (unmeasured)
+    scan, hyp, _ = ensure_inputs(work, a.input_spacing)  # the phantom's NIfTI pair (unmeasured)
     cache = Cache(work / f"reference_{a.input_spacing:g}mm_{a.spacing}", native)
     from helm_dask.phantom import phantom_geometry
 
@@ -563,8 +617,11 @@ def main(argv=None) -> int:
     cache.set_affine("mirror_transform", np.linalg.inv(phantom_geometry(a.input_spacing, "L")["object_to_world"]))
     run_dir = work / f"run_{a.input_spacing:g}_{a.spacing}"
     out_csv = results_path()
-    print(f"reference: input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels),"
-          f" rows -> {out_csv}", flush=True)
+    print(
+        f"reference: input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels),"
+        f" rows -> {out_csv}",
+        flush=True,
+    )
     common = {"spacing_mm": a.input_spacing, "work_spacing_mm": a.spacing, "voxels": n_in, "workers": 1}
     if native and "resample" in a.stages:
         print("  resample: skipped (native working grid)", flush=True)
@@ -580,7 +637,7 @@ def main(argv=None) -> int:
                 append_row(dict(common, stage=f"reference:{stage}", note="; ".join(note + [msg])), out_csv)
                 continue
             needed = []
-            for name in stage_inputs(stage):   # on the native grid the working-grid inputs are the RAS+ ones
+            for name in stage_inputs(stage):  # on the native grid the working-grid inputs are the RAS+ ones
                 needed += NATIVE_ALIAS.get(name, [name]) if native and not cache.has(name) else [name]
             missing = []
             for name in dict.fromkeys(needed):
@@ -602,18 +659,45 @@ def main(argv=None) -> int:
                 continue
             res_file = cache.root / f"result_{stage}.json"
             res_file.unlink(missing_ok=True)
-            argv_c = [sys.executable, str(Path(__file__).resolve()), "--input-spacing", str(a.input_spacing),
-                      "--spacing", a.spacing, "--child", stage, "--cache", str(cache.root), "--scan", str(scan),
-                      "--hyp", str(hyp), "--result-file", str(res_file)]
-            print(f"  {stage}: running on {grid}" + (f", predicted peak {pred[0] / GIB:.2f} GB" if pred else ""),
-                  flush=True)
+            argv_c = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--input-spacing",
+                str(a.input_spacing),
+                "--spacing",
+                a.spacing,
+                "--child",
+                stage,
+                "--cache",
+                str(cache.root),
+                "--scan",
+                str(scan),
+                "--hyp",
+                str(hyp),
+                "--result-file",
+                str(res_file),
+            ]
+            print(
+                f"  {stage}: running on {grid}" + (f", predicted peak {pred[0] / GIB:.2f} GB" if pred else ""),
+                flush=True,
+            )
             rc, sampled, killed = run_child(argv_c, max_bytes)
             if killed or rc != 0 or not res_file.exists():
-                why = (f"killed: RSS passed --max-gb {a.max_gb:g} at {n:,} voxels" if killed
-                       else f"failed (exit code {rc})")
+                why = (
+                    f"killed: RSS passed --max-gb {a.max_gb:g} at {n:,} voxels"
+                    if killed
+                    else f"failed (exit code {rc})"
+                )
                 print(f"  {stage}: {why}", flush=True)
-                append_row(dict(common, stage=f"reference:{stage}", peak_rss_mb=round(sampled / 2 ** 20),
-                                note="; ".join(note + [why])), out_csv)
+                append_row(
+                    dict(
+                        common,
+                        stage=f"reference:{stage}",
+                        peak_rss_mb=round(sampled / 2**20),
+                        note="; ".join(note + [why]),
+                    ),
+                    out_csv,
+                )
                 if not killed:
                     return 1
                 continue
@@ -627,16 +711,27 @@ def main(argv=None) -> int:
                 r["detail"] += f"; Dice {d:.3f} against the true mask (not passed on)"
                 cache.path("mask_ras_plain").unlink(missing_ok=True)
             bpv = record(model_path, stage, n, r["base_bytes"], r["peak_bytes"], a.input_spacing, a.spacing)
-            note += [r["detail"], f"stage grid {grid}; {bpv:.1f} B/voxel above a {r['base_bytes'] / 2 ** 20:.0f} MB "
-                                  f"interpreter" + (f"; inputs loaded in {r['load_s']:.1f} s (not timed)"
-                                                    if stage != "orient" else "")]
-            row = dict(common, stage=f"reference:{stage}", wall_s=round(r["wall_s"], 2),
-                       mvox_per_s=round(n_in / r["wall_s"] / 1e6, 2) if r["wall_s"] > 0 else "",
-                       peak_rss_mb=round(r["peak_bytes"] / 2 ** 20), read_mb=round(r["read_bytes"] / 2 ** 20),
-                       written_mb=round(r["written_bytes"] / 2 ** 20), note="; ".join(note))
+            note += [
+                r["detail"],
+                f"stage grid {grid}; {bpv:.1f} B/voxel above a {r['base_bytes'] / 2**20:.0f} MB "
+                f"interpreter" + (f"; inputs loaded in {r['load_s']:.1f} s (not timed)" if stage != "orient" else ""),
+            ]
+            row = dict(
+                common,
+                stage=f"reference:{stage}",
+                wall_s=round(r["wall_s"], 2),
+                mvox_per_s=round(n_in / r["wall_s"] / 1e6, 2) if r["wall_s"] > 0 else "",
+                peak_rss_mb=round(r["peak_bytes"] / 2**20),
+                read_mb=round(r["read_bytes"] / 2**20),
+                written_mb=round(r["written_bytes"] / 2**20),
+                note="; ".join(note),
+            )
             append_row(row, out_csv)
-            print(f"  {stage}: {r['wall_s']:.2f} s, peak {r['peak_bytes'] / 2 ** 20:.0f} MB "
-                  f"(sampled {sampled / 2 ** 20:.0f} MB), {bpv:.1f} B/voxel -- {r['detail']}", flush=True)
+            print(
+                f"  {stage}: {r['wall_s']:.2f} s, peak {r['peak_bytes'] / 2**20:.0f} MB "
+                f"(sampled {sampled / 2**20:.0f} MB), {bpv:.1f} B/voxel -- {r['detail']}",
+                flush=True,
+            )
     finally:
         if not a.keep_cache:
             shutil.rmtree(cache.root, ignore_errors=True)
@@ -644,8 +739,11 @@ def main(argv=None) -> int:
     print("measured bytes per voxel (peak - interpreter) / stage voxels:", flush=True)
     for stage in STAGES:
         for m in model.get(stage, []):
-            print(f"  {stage:10s} {m['n']:>13,} voxels  {m['bytes_per_voxel']:7.1f} B/voxel  peak {m['peak_mb']:>6} MB"
-                  f"  (input {m['input_spacing']} mm, work {m['work_spacing']})", flush=True)
+            print(
+                f"  {stage:10s} {m['n']:>13,} voxels  {m['bytes_per_voxel']:7.1f} B/voxel  peak {m['peak_mb']:>6} MB"
+                f"  (input {m['input_spacing']} mm, work {m['work_spacing']})",
+                flush=True,
+            )
     return 0
 
 

@@ -30,10 +30,21 @@ def load_rows() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("stage", "stage"), ("spacing_mm", "input mm"), ("work_spacing_mm", "work mm"), ("voxels", "voxels"),
-            ("workers", "workers"), ("wall_s", "wall s"), ("mvox_per_s", "Mvox/s"), ("mb_per_s", "MB/s"),
-            ("peak_rss_mb", "peak RSS MB"), ("read_mb", "read MB"), ("written_mb", "written MB"),
-            ("load_avg", "load"), ("note", "note")]
+    cols = [
+        ("stage", "stage"),
+        ("spacing_mm", "input mm"),
+        ("work_spacing_mm", "work mm"),
+        ("voxels", "voxels"),
+        ("workers", "workers"),
+        ("wall_s", "wall s"),
+        ("mvox_per_s", "Mvox/s"),
+        ("mb_per_s", "MB/s"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("read_mb", "read MB"),
+        ("written_mb", "written MB"),
+        ("load_avg", "load"),
+        ("note", "note"),
+    ]
     out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         vals = []
@@ -56,11 +67,10 @@ def plot(rows: list[dict]) -> None:
     for r in rows:
         if not r.get("voxels") or not r.get("peak_rss_mb") or r["stage"] in ("gzip", "gunzip", "synth"):
             continue
-        if r["stage"].startswith(("pipeline:export ", "bound:")):   # per-file rows and bounds: the table only
+        if r["stage"].startswith(("pipeline:export ", "bound:")):  # per-file rows and bounds: the table only
             continue
         label = r["stage"] + (f" (work {r['work_spacing_mm']})" if r.get("work_spacing_mm") else "")
-        by_stage.setdefault(label, []).append((float(r["voxels"]), float(r["peak_rss_mb"]) / 1024,
-                                               float(r["wall_s"])))
+        by_stage.setdefault(label, []).append((float(r["voxels"]), float(r["peak_rss_mb"]) / 1024, float(r["wall_s"])))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(17, 6.5))
     colours = plt.get_cmap("tab20").colors
     markers = "osD^vP*X"

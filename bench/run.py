@@ -25,17 +25,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, disk_size, measured  # noqa: E402
+from harness import append_row, disk_size, measured
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 IO_STAGES = ["phantom-zarr", "zarr-niigz", "niigz-zarr", "gzip", "gunzip"]
 
 
 def _paths(workdir: Path, spacing: float) -> dict[str, Path]:
     tag = f"{spacing:g}mm"
-    return {"zarr": workdir / f"scan_{tag}.zarr", "niigz": workdir / f"scan_{tag}.nii.gz",
-            "nii": workdir / f"scan_{tag}.nii", "back": workdir / f"scan_{tag}_back.zarr"}
+    return {
+        "zarr": workdir / f"scan_{tag}.zarr",
+        "niigz": workdir / f"scan_{tag}.nii.gz",
+        "nii": workdir / f"scan_{tag}.nii",
+        "back": workdir / f"scan_{tag}_back.zarr",
+    }
 
 
 def run_stage(stage: str, spacing: float, workdir: Path, opts: ClusterOptions, note: str = "") -> dict:
@@ -97,16 +101,29 @@ def run_stage(stage: str, spacing: float, workdir: Path, opts: ClusterOptions, n
         data_bytes = disk_size(p["nii"]) or None
     if voxels is None and data_bytes:
         voxels = (data_bytes - 352) // 4
-    row = {"stage": stage, "spacing_mm": spacing, "voxels": voxels, "workers": opts.workers,
-           "threads_per_worker": opts.threads_per_worker, "wall_s": round(m.wall, 2),
-           "mvox_per_s": round(voxels / m.wall / 1e6, 2) if voxels else "",
-           "mb_per_s": round(data_bytes / m.wall / 2**20, 1) if data_bytes else "",
-           "peak_rss_mb": round(m.sampler.peak_rss / 2**20), "read_mb": round(m.sampler.read_bytes / 2**20),
-           "written_mb": round(m.sampler.written_bytes / 2**20),
-           "data_mb": round(data_bytes / 2**20) if data_bytes else "", "note": note}
+    row = {
+        "stage": stage,
+        "spacing_mm": spacing,
+        "voxels": voxels,
+        "workers": opts.workers,
+        "threads_per_worker": opts.threads_per_worker,
+        "wall_s": round(m.wall, 2),
+        "mvox_per_s": round(voxels / m.wall / 1e6, 2) if voxels else "",
+        "mb_per_s": round(data_bytes / m.wall / 2**20, 1) if data_bytes else "",
+        "peak_rss_mb": round(m.sampler.peak_rss / 2**20),
+        "read_mb": round(m.sampler.read_bytes / 2**20),
+        "written_mb": round(m.sampler.written_bytes / 2**20),
+        "data_mb": round(data_bytes / 2**20) if data_bytes else "",
+        "note": note,
+    }
     row = append_row(row)
-    print(", ".join(f"{k}={row[k]}" for k in ("stage", "spacing_mm", "voxels", "wall_s", "mvox_per_s", "mb_per_s",
-                                               "peak_rss_mb")), flush=True)
+    print(
+        ", ".join(
+            f"{k}={row[k]}"
+            for k in ("stage", "spacing_mm", "voxels", "wall_s", "mvox_per_s", "mb_per_s", "peak_rss_mb")
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -120,8 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=os.environ.get("HELM_BENCH_DIR", "/tmp/helm-bench"))
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
-    opts = ClusterOptions(workers=args.workers, threads_per_worker=args.threads_per_worker,
-                          memory_limit=args.memory_limit, quiet=True)
+    opts = ClusterOptions(
+        workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit, quiet=True
+    )
     stages = IO_STAGES if args.stage == "all-io" else [args.stage]
     for st in stages:
         run_stage(st, args.spacing, Path(args.workdir), opts, note=args.note)

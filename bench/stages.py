@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import append_row, measured  # noqa: E402
+from harness import append_row, measured
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 
 def _store(run: Path, name: str) -> Path:
@@ -52,21 +52,33 @@ def _common(vol, args, run: Path) -> dict:
     from helm_dask.volume import affine_of, spacing_of
 
     sp = float(spacing_of(affine_of(vol)).max())
-    return {"spacing_mm": run.name.split("_")[1] if run.name.startswith("run_") else "",
-            "work_spacing_mm": f"{sp:g}", "voxels": int(vol.size), "workers": args.workers,
-            "threads_per_worker": 1}
+    return {
+        "spacing_mm": run.name.split("_")[1] if run.name.startswith("run_") else "",
+        "work_spacing_mm": f"{sp:g}",
+        "voxels": int(vol.size),
+        "workers": args.workers,
+        "threads_per_worker": 1,
+    }
 
 
 def _emit(vol, args, run: Path, stage: str, m, note: str, **extra) -> None:
     """Append (and print) the row of one measured block ``m`` on volume ``vol``: time, throughput, peak RSS of all
     processes with the per-process breakdown, I/O, load."""
-    m.sampler.mark()   # per-process peaks -> stage_breakdown
-    row = dict(_common(vol, args, run), stage=stage, wall_s=round(m.wall, 2),
-               mvox_per_s=round(vol.size / m.wall / 1e6, 2), peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
-               read_mb=round(m.sampler.read_bytes / 2**20), written_mb=round(m.sampler.written_bytes / 2**20),
-               load_avg=round(m.sampler.mean_load, 1),
-               note="; ".join(x for x in (args.note, note, f"cpu {m.sampler.cpu_seconds:.1f} s",
-                                           m.sampler.stage_breakdown) if x), **extra)
+    m.sampler.mark()  # per-process peaks -> stage_breakdown
+    row = dict(
+        _common(vol, args, run),
+        stage=stage,
+        wall_s=round(m.wall, 2),
+        mvox_per_s=round(vol.size / m.wall / 1e6, 2),
+        peak_rss_mb=round(m.sampler.peak_rss_overall / 2**20),
+        read_mb=round(m.sampler.read_bytes / 2**20),
+        written_mb=round(m.sampler.written_bytes / 2**20),
+        load_avg=round(m.sampler.mean_load, 1),
+        note="; ".join(
+            x for x in (args.note, note, f"cpu {m.sampler.cpu_seconds:.1f} s", m.sampler.stage_breakdown) if x
+        ),
+        **extra,
+    )
     append_row(row)
     print(row, flush=True)
 
@@ -87,8 +99,16 @@ def read_pass(args) -> None:
         with measured() as m:
             total = _sum_pass(vol.data)
     nbytes = vol.size * vol.dtype.itemsize
-    _emit(vol, args, run, f"read-pass:{args.volume}", m, f"sum={total:.6g}",
-          mb_per_s=round(nbytes / 2**20 / m.wall, 1), data_mb=round(nbytes / 2**20))
+    _emit(
+        vol,
+        args,
+        run,
+        f"read-pass:{args.volume}",
+        m,
+        f"sum={total:.6g}",
+        mb_per_s=round(nbytes / 2**20 / m.wall, 1),
+        data_mb=round(nbytes / 2**20),
+    )
 
 
 def closing(args) -> None:
@@ -124,8 +144,13 @@ def kmeans(args) -> None:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
                 res = fit_kmeans(pre, mask, ks=ks, method=args.method, seed=0)
-            rows = [("kmeans:fit-six-k", m, f"{args.method}; inertia k=4..9: "
-                     + " ".join(f"{res[k].inertia:.4g}" for k in ks))]
+            rows = [
+                (
+                    "kmeans:fit-six-k",
+                    m,
+                    f"{args.method}; inertia k=4..9: " + " ".join(f"{res[k].inertia:.4g}" for k in ks),
+                )
+            ]
             with measured() as m2:
                 save_volumes({tmp / f"k{k}.zarr": lab for k, lab in kmeans_maps(pre, mask, res).items()}, pyramid=False)
             rows.append(("kmeans:label-write-six", m2, "six uint8 maps written (no pyramid, no NIfTI)"))
@@ -151,8 +176,14 @@ def background(args) -> None:
             # against the run's own mask (same code path or an earlier one): the voxels that differ
             ref = open_volume(_store(run, "mask_ras")).data
             differ = int((open_volume(tmp / "mask.zarr").data != ref).sum().compute())
-        _emit(scan, args, run, "background:mask", m, f"brain mask written, with pyramid; {differ} voxels differ "
-              "from the run's mask_ras")
+        _emit(
+            scan,
+            args,
+            run,
+            "background:mask",
+            m,
+            f"brain mask written, with pyramid; {differ} voxels differ from the run's mask_ras",
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -172,8 +203,12 @@ def bias(args) -> None:
             with measured() as m:
                 model = estimate_bias(img, mask)
             with measured() as m2:
-                save_volumes({tmp / "bias.zarr": bias_field(model, img, keep_bits=13),
-                              tmp / "preprocessed.zarr": correct_bias(img, model, mask=mask)})
+                save_volumes(
+                    {
+                        tmp / "bias.zarr": bias_field(model, img, keep_bits=13),
+                        tmp / "preprocessed.zarr": correct_bias(img, model, mask=mask),
+                    }
+                )
         _emit(img, args, run, "bias:fit", m, "coarse copy (block means in boxes) + EM fit")
         _emit(img, args, run, "bias:apply-write", m2, "field and corrected image written, with pyramids")
     finally:
@@ -200,13 +235,21 @@ def resample(args) -> None:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
                 # as run does it: the stored scan and mask read box by box, label codes mapped after the vote
-                for name, vol in (("image_ws", resample_image(scan, sp, order=1, mask=mask)),
-                                  ("mask", resample_labels(mask, sp, method="majority")),
-                                  ("hypothalamus", map_right_to_left_codes(resample_labels(labels, sp,
-                                                                                           method="majority")))):
+                for name, vol in (
+                    ("image_ws", resample_image(scan, sp, order=1, mask=mask)),
+                    ("mask", resample_labels(mask, sp, method="majority")),
+                    ("hypothalamus", map_right_to_left_codes(resample_labels(labels, sp, method="majority"))),
+                ):
                     save_volume(vol, tmp / f"{name}.zarr")
-        _emit(scan, args, run, f"resample:to-{sp:g}mm", m, "masked scan (linear, anti-aliased), mask and labels "
-              "(majority) written with pyramids", work_spacing_mm=f"{sp:g}")
+        _emit(
+            scan,
+            args,
+            run,
+            f"resample:to-{sp:g}mm",
+            m,
+            "masked scan (linear, anti-aliased), mask and labels (majority) written with pyramids",
+            work_spacing_mm=f"{sp:g}",
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -217,8 +260,8 @@ def export(args) -> None:
 
     import numpy as np
 
-    from helm_dask.io import open_volume
     from helm_dask.io import nifti as nii
+    from helm_dask.io import open_volume
     from helm_dask.io.convert import save_nifti
 
     run = Path(args.run)
@@ -226,10 +269,12 @@ def export(args) -> None:
     nbytes = vol.size * vol.dtype.itemsize
     # gzip bound: one core's level-1 rate on 64 middle planes (in the file's byte order), times the cores
     z0 = vol.shape[2] // 2
-    raw = nii.slab_bytes(np.asarray(vol.data[:, :, z0:z0 + 64]), vol.dtype)
+    raw = nii.slab_bytes(np.asarray(vol.data[:, :, z0 : z0 + 64]), vol.dtype)
     rates = {}
-    for lib, fn in (("isal", lambda b: nii.gzip_member(b, 1)),
-                    ("zlib", lambda b: gzip.compress(b, compresslevel=1, mtime=0))):
+    for lib, fn in (
+        ("isal", lambda b: nii.gzip_member(b, 1)),
+        ("zlib", lambda b: gzip.compress(b, compresslevel=1, mtime=0)),
+    ):
         t0 = time.perf_counter()
         fn(raw)
         rates[lib] = len(raw) / (time.perf_counter() - t0)
@@ -243,11 +288,18 @@ def export(args) -> None:
             with measured() as m:
                 save_nifti(vol, out / f"{args.volume}.nii.gz", quiet=True)
             size = (out / f"{args.volume}.nii.gz").stat().st_size
-        _emit(vol, args, run, f"export:{args.volume}", m,
-              f"{nbytes / 2**20:,.0f} MB raw -> {size / 2**20:,.0f} MB; bounds on the same bytes: read pass "
-              f"{r.wall:.1f} s, gzip -1 on {ncores} cores ISA-L {bound['isal']:.1f} s / zlib {bound['zlib']:.1f} s "
-              f"(one core {rates['isal'] / 2**20:.0f} / {rates['zlib'] / 2**20:.0f} MB/s)",
-              mb_per_s=round(nbytes / 2**20 / m.wall, 1), data_mb=round(nbytes / 2**20))
+        _emit(
+            vol,
+            args,
+            run,
+            f"export:{args.volume}",
+            m,
+            f"{nbytes / 2**20:,.0f} MB raw -> {size / 2**20:,.0f} MB; bounds on the same bytes: read pass "
+            f"{r.wall:.1f} s, gzip -1 on {ncores} cores ISA-L {bound['isal']:.1f} s / zlib {bound['zlib']:.1f} s "
+            f"(one core {rates['isal'] / 2**20:.0f} / {rates['zlib'] / 2**20:.0f} MB/s)",
+            mb_per_s=round(nbytes / 2**20 / m.wall, 1),
+            data_mb=round(nbytes / 2**20),
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -258,8 +310,10 @@ _STAGE_IO = {
     "resample": (["scan_raw", "mask_ras", "labels_raw"], ["image_ws", "mask", "hypothalamus"]),
     "bias": (["image_ws", "mask"], ["bias", "preprocessed"]),
     "kmeans": (["preprocessed", "mask"], [f"kmeans_k{k}" for k in range(4, 10)]),
-    "merge": ([f"kmeans_k{k}" for k in range(4, 10)] + ["hypothalamus"],
-              [f"hemi_k{k}" for k in range(4, 10)] + ["closed_labels"]),
+    "merge": (
+        [f"kmeans_k{k}" for k in range(4, 10)] + ["hypothalamus"],
+        [f"hemi_k{k}" for k in range(4, 10)] + ["closed_labels"],
+    ),
     "mirror": ([f"hemi_k{k}" for k in range(4, 10)], [f"label_map_k{k}" for k in range(4, 10)]),
 }
 
@@ -286,14 +340,26 @@ def bound(args) -> None:
                     for name in outs:
                         t0 = time.perf_counter()
                         src = zarr.open_array(str(_store(run, name) / "0"), mode="r")
-                        dst = zarr.create_array(str(tmp / f"{name}.zarr"), shape=src.shape, dtype=src.dtype,
-                                                chunks=src.chunks, compressors=src.compressors, fill_value=0)
+                        dst = zarr.create_array(
+                            str(tmp / f"{name}.zarr"),
+                            shape=src.shape,
+                            dtype=src.dtype,
+                            chunks=src.chunks,
+                            compressors=src.compressors,
+                            fill_value=0,
+                        )
                         da.store(da.from_zarr(src), dst, lock=False)
                         parts.append(f"copy {name} {time.perf_counter() - t0:.1f} s")
                         shutil.rmtree(tmp / f"{name}.zarr", ignore_errors=True)
                 vol = open_volume(_store(run, ins[0]))
-                _emit(vol, args, run, f"bound:{stage}", m, "read pass of the inputs + copy of the outputs (full "
-                      "resolution): " + ", ".join(parts))
+                _emit(
+                    vol,
+                    args,
+                    run,
+                    f"bound:{stage}",
+                    m,
+                    "read pass of the inputs + copy of the outputs (full resolution): " + ", ".join(parts),
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -313,9 +379,16 @@ def main(argv=None) -> int:
     sub.choices["kmeans"].add_argument("--method", default="histogram")
     sub.choices["resample"].add_argument("--spacing", default="0.3", help="target spacing in mm")
     args = ap.parse_args(argv)
-    {"read-pass": read_pass, "closing": closing, "kmeans": kmeans, "bias": bias,
-     "background": background, "resample": resample, "export": export,
-     "bound": bound}[args.cmd](args)
+    {
+        "read-pass": read_pass,
+        "closing": closing,
+        "kmeans": kmeans,
+        "bias": bias,
+        "background": background,
+        "resample": resample,
+        "export": export,
+        "bound": bound,
+    }[args.cmd](args)
     return 0
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import RESULTS, append_row, measured  # noqa: E402
+from harness import RESULTS, append_row, measured
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 
 def label_map(spacing_mm: float):
@@ -68,8 +68,13 @@ def main(argv=None) -> int:
     from helm_dask.phantom import phantom_geometry
     from helm_dask.synth import LabelSource, SynthConfig, generate_sample, sample_params
 
-    opts = ClusterOptions(scheduler=args.scheduler, workers=args.workers,
-                          threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit, quiet=True)
+    opts = ClusterOptions(
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=args.memory_limit,
+        quiet=True,
+    )
     crop = tuple(args.crop)
     s = args.source_spacing
     with compute_context(opts):
@@ -87,26 +92,40 @@ def main(argv=None) -> int:
             center = tuple(float(v) for v in phantom_geometry(s)["hypothalamus_centroid_mm"])
         for out_s in args.out_spacing:
             cfg = SynthConfig(crop=crop, spacing_mm=out_s, center=center)
-            warm = generate_sample(src, sample_params(cfg, args.seed, args.n), cfg)[0]   # not measured
+            warm = generate_sample(src, sample_params(cfg, args.seed, args.n), cfg)[0]  # not measured
             level = warm.attrs["synth"]["level"]
             with measured() as m:
                 for i in range(args.n):
                     generate_sample(src, sample_params(cfg, args.seed, i), cfg)
             voxels = args.n * int(np.prod(crop))
-            data_bytes = voxels * 6          # float32 image + uint16 labels
+            data_bytes = voxels * 6  # float32 image + uint16 labels
             rate = args.n / m.wall
-            note = (f"{rate:.3f} samples/s; crop {'x'.join(map(str, crop))} at {out_s:g} mm from the {s:g} mm "
-                    f"phantom label map ({args.source}, level {level}); n={args.n}" + (f"; {args.note}" if args.note
-                                                                                        else ""))
-            row = {"stage": "synth", "spacing_mm": out_s, "voxels": voxels, "workers": args.workers,
-                   "threads_per_worker": args.threads_per_worker, "wall_s": round(m.wall, 2),
-                   "mvox_per_s": round(voxels / m.wall / 1e6, 3), "mb_per_s": round(data_bytes / m.wall / 2**20, 1),
-                   "peak_rss_mb": round(m.sampler.peak_rss / 2**20), "read_mb": round(m.sampler.read_bytes / 2**20),
-                   "written_mb": round(m.sampler.written_bytes / 2**20), "data_mb": round(data_bytes / 2**20),
-                   "note": note}
+            note = (
+                f"{rate:.3f} samples/s; crop {'x'.join(map(str, crop))} at {out_s:g} mm from the {s:g} mm "
+                f"phantom label map ({args.source}, level {level}); n={args.n}"
+                + (f"; {args.note}" if args.note else "")
+            )
+            row = {
+                "stage": "synth",
+                "spacing_mm": out_s,
+                "voxels": voxels,
+                "workers": args.workers,
+                "threads_per_worker": args.threads_per_worker,
+                "wall_s": round(m.wall, 2),
+                "mvox_per_s": round(voxels / m.wall / 1e6, 3),
+                "mb_per_s": round(data_bytes / m.wall / 2**20, 1),
+                "peak_rss_mb": round(m.sampler.peak_rss / 2**20),
+                "read_mb": round(m.sampler.read_bytes / 2**20),
+                "written_mb": round(m.sampler.written_bytes / 2**20),
+                "data_mb": round(data_bytes / 2**20),
+                "note": note,
+            }
             append_row(row, Path(args.results))
-            print(f"synth {out_s:g} mm: {rate:.3f} samples/s, wall {m.wall:.1f}s, level {level}, "
-                  f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+            print(
+                f"synth {out_s:g} mm: {rate:.3f} samples/s, wall {m.wall:.1f}s, level {level}, "
+                f"peak RSS {row['peak_rss_mb']} MB",
+                flush=True,
+            )
         src.close()
     return 0
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Sampler, append_row  # noqa: E402
+from harness import Sampler, append_row
 
-from helm_dask.cluster import ClusterOptions, compute_context  # noqa: E402
+from helm_dask.cluster import ClusterOptions, compute_context
 
 CLASS_ORDER = (1, 2, 3, 5)
 CLASS_SHORT = {1: "CSF/fluid", 2: "GM", 3: "WM", 4: "deep GM", 5: "hypothalamus"}
@@ -52,39 +52,78 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
     ph = work / f"phantom_{fluid}"
     out = work / f"run_{fluid}"
     shutil.rmtree(out, ignore_errors=True)
-    base = {"spacing_mm": args.spacing, "work_spacing_mm": args.work_spacing, "workers": args.workers,
-            "threads_per_worker": args.threads_per_worker}
-    tag = (f"issue 17 item 6; template phantom, fluid {fluid}, bag gap {args.bag_gap_mm:g} mm, seed {args.seed}, "
-           f"side L; run --side auto --fluid auto" + (f"; {args.note}" if args.note else ""))
+    base = {
+        "spacing_mm": args.spacing,
+        "work_spacing_mm": args.work_spacing,
+        "workers": args.workers,
+        "threads_per_worker": args.threads_per_worker,
+    }
+    tag = (
+        f"issue 17 item 6; template phantom, fluid {fluid}, bag gap {args.bag_gap_mm:g} mm, seed {args.seed}, "
+        f"side L; run --side auto --fluid auto" + (f"; {args.note}" if args.note else "")
+    )
 
     with Sampler() as s:
         t0 = time.perf_counter()
-        outputs = write_phantom(ph, anatomy="mni152", spacing_mm=args.spacing, side="L", seed=args.seed,
-                                fluid=fluid, bag_gap_mm=args.bag_gap_mm, overwrite=True, quiet=True)
+        outputs = write_phantom(
+            ph,
+            anatomy="mni152",
+            spacing_mm=args.spacing,
+            side="L",
+            seed=args.seed,
+            fluid=fluid,
+            bag_gap_mm=args.bag_gap_mm,
+            overwrite=True,
+            quiet=True,
+        )
         dt = time.perf_counter() - t0
     from helm_dask.io import read_nifti_header
 
     nvox = int(__import__("numpy").prod(read_nifti_header(outputs["scan"]).shape[:3]))
     base["voxels"] = nvox
-    append_row(dict(base, stage=f"template-phantom:{fluid}", wall_s=round(dt, 2),
-                    mvox_per_s=round(nvox / dt / 1e6, 2), peak_rss_mb=round(s.peak_rss_overall / 2**20),
-                    read_mb=round(s.read_bytes / 2**20), written_mb=round(s.written_bytes / 2**20),
-                    load_avg=round(s.mean_load, 1), note=f"{tag}; 5 NIfTI files written"))
+    append_row(
+        dict(
+            base,
+            stage=f"template-phantom:{fluid}",
+            wall_s=round(dt, 2),
+            mvox_per_s=round(nvox / dt / 1e6, 2),
+            peak_rss_mb=round(s.peak_rss_overall / 2**20),
+            read_mb=round(s.read_bytes / 2**20),
+            written_mb=round(s.written_bytes / 2**20),
+            load_avg=round(s.mean_load, 1),
+            note=f"{tag}; 5 NIfTI files written",
+        )
+    )
     print(f"[{fluid}] phantom written in {dt:.1f}s ({nvox:,} voxels)", flush=True)
 
-    params = RunParams(scan=outputs["scan"], hypothalamus=outputs["hypothalamus"], out=str(out), side="auto",
-                       spacing=args.work_spacing, subject="template", reference_tissue=outputs["truth_tissue"])
+    params = RunParams(
+        scan=outputs["scan"],
+        hypothalamus=outputs["hypothalamus"],
+        out=str(out),
+        side="auto",
+        spacing=args.work_spacing,
+        subject="template",
+        reference_tissue=outputs["truth_tissue"],
+    )
     # phases: a stage ("<stage>: computing" .. "done in"), or "between" (NIfTI exports, side decision), or the QC
     cur = {"phase": None, "stage": None, "t": time.perf_counter()}
     between = {"s": 0.0, "peak": 0, "rd": 0, "wr": 0}
 
     with Sampler() as s:
+
         def row(stage: str, status: str, dt: float, peak: int, rd: int, wr: int, load: float, extra: str = "") -> None:
-            r = dict(base, stage=f"template-run:{fluid}:{stage}", wall_s=round(dt, 2),
-                     mvox_per_s=round(nvox / dt / 1e6, 2) if dt > 0 else "", peak_rss_mb=round(peak / 2**20),
-                     read_mb=round(rd / 2**20), written_mb=round(wr / 2**20), load_avg=round(load, 1),
-                     note="; ".join(x for x in (tag, f"status {status}", extra) if x))
-            append_row(r)   # at once: a run that dies later keeps what it finished
+            r = dict(
+                base,
+                stage=f"template-run:{fluid}:{stage}",
+                wall_s=round(dt, 2),
+                mvox_per_s=round(nvox / dt / 1e6, 2) if dt > 0 else "",
+                peak_rss_mb=round(peak / 2**20),
+                read_mb=round(rd / 2**20),
+                written_mb=round(wr / 2**20),
+                load_avg=round(load, 1),
+                note="; ".join(x for x in (tag, f"status {status}", extra) if x),
+            )
+            append_row(r)  # at once: a run that dies later keeps what it finished
             res["stages"].append({"stage": stage, "status": status, "seconds": round(dt, 2)})
             print(f"[{fluid}] {stage}: {status} in {dt:.1f}s, peak {r['peak_rss_mb']} MB", flush=True)
 
@@ -113,37 +152,75 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
                 cur["t"] = now
             elif msg.startswith("QC report:"):
                 peak, rd, wr = s.mark()
-                row("qc", "computed", now - cur["t"], peak, rd, wr, s.stage_load,
-                    "QC page incl. the k-means agreement pass (reference import, resample, 6 tables)")
+                row(
+                    "qc",
+                    "computed",
+                    now - cur["t"],
+                    peak,
+                    rd,
+                    wr,
+                    s.stage_load,
+                    "QC page incl. the k-means agreement pass (reference import, resample, 6 tables)",
+                )
                 cur.update(phase="done", stage=None, t=now)
 
         t0 = time.perf_counter()
         try:
             run_subject(params, log=log)
             status = "ok"
-        except Exception as e:  # noqa: BLE001 -- reported verbatim, the other fluids go on
+        except Exception as e:
             status = "FAILED"
             where = cur["stage"] or ("qc" if cur["phase"] == "between" else "start")
-            res["error"] = {"stage": where, "type": type(e).__name__, "message": str(e),
-                            "traceback": traceback.format_exc()}
+            res["error"] = {
+                "stage": where,
+                "type": type(e).__name__,
+                "message": str(e),
+                "traceback": traceback.format_exc(),
+            }
             print(res["error"]["traceback"], file=sys.stderr, flush=True)
             peak, rd, wr = s.mark()
-            row(where, "FAILED", time.perf_counter() - cur["t"], peak, rd, wr, s.stage_load,
-                f"error verbatim: {type(e).__name__}: {e}")
+            row(
+                where,
+                "FAILED",
+                time.perf_counter() - cur["t"],
+                peak,
+                rd,
+                wr,
+                s.stage_load,
+                f"error verbatim: {type(e).__name__}: {e}",
+            )
         if between["s"] > 0:
-            row("between-stages", "computed", between["s"], between["peak"], between["rd"], between["wr"],
-                s.mean_load, "sum of the gaps between stages: the NIfTI exports and the side decision")
+            row(
+                "between-stages",
+                "computed",
+                between["s"],
+                between["peak"],
+                between["rd"],
+                between["wr"],
+                s.mean_load,
+                "sum of the gaps between stages: the NIfTI exports and the side decision",
+            )
         total = time.perf_counter() - t0
-        append_row(dict(base, stage=f"template-run:{fluid}:total", wall_s=round(total, 2),
-                        mvox_per_s=round(nvox / total / 1e6, 2), peak_rss_mb=round(s.peak_rss_overall / 2**20),
-                        read_mb=round(s.read_bytes / 2**20), written_mb=round(s.written_bytes / 2**20),
-                        load_avg=round(s.mean_load, 1), note=f"{tag}; status {status}; whole run incl. exports and QC"))
+        append_row(
+            dict(
+                base,
+                stage=f"template-run:{fluid}:total",
+                wall_s=round(total, 2),
+                mvox_per_s=round(nvox / total / 1e6, 2),
+                peak_rss_mb=round(s.peak_rss_overall / 2**20),
+                read_mb=round(s.read_bytes / 2**20),
+                written_mb=round(s.written_bytes / 2**20),
+                load_avg=round(s.mean_load, 1),
+                note=f"{tag}; status {status}; whole run incl. exports and QC",
+            )
+        )
     res["total_s"] = round(total, 2)
     run_json = out / "template" / "run.json"
     if run_json.exists():
         info = json.loads(run_json.read_text())
-        res["run_stages"] = {k: {"status": v.get("status"), "seconds": v.get("seconds")}
-                             for k, v in (info.get("stages") or {}).items()}
+        res["run_stages"] = {
+            k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in (info.get("stages") or {}).items()
+        }
         bg = info.get("background") or {}
         res["background"] = {"fluid_side": bg.get("fluid_side"), "mask_mm3": info.get("mask_mm3")}
         res["agreement"] = info.get("kmeans_agreement")
@@ -153,13 +230,20 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
             dice = {int(c): d for c, d in r["dice"].items()}
             parts = [f"ARI {r['ari']:.4f}"] + [
                 f"Dice {CLASS_SHORT.get(c, c)} {dice[c]['dice']:.3f} (cluster {dice[c]['cluster']})"
-                for c in CLASS_ORDER if c in dice]
+                for c in CLASS_ORDER
+                if c in dice
+            ]
             exc = r.get("excluded") or {}
-            append_row(dict(base, stage=f"template-agree:{fluid}:k{k}", wall_s="",
-                            note=f"{tag}; " + "; ".join(parts)
-                            + f"; {r['voxels']:,} voxels where both are non-zero (left out: "
-                              f"{exc.get('kmeans_only', 0):,} k-means only, {exc.get('tissue_only', 0):,} truth "
-                              "only)"))
+            append_row(
+                dict(
+                    base,
+                    stage=f"template-agree:{fluid}:k{k}",
+                    wall_s="",
+                    note=f"{tag}; " + "; ".join(parts) + f"; {r['voxels']:,} voxels where both are non-zero (left out: "
+                    f"{exc.get('kmeans_only', 0):,} k-means only, {exc.get('tissue_only', 0):,} truth "
+                    "only)",
+                )
+            )
     elif ag:
         res["error"] = res["error"] or {"stage": "qc", "type": "agreement", "message": ag["error"]}
     if not args.keep:
@@ -170,8 +254,11 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
 
 def markdown(results: list[dict]) -> str:
     stages = ["import", "background", "resample", "bias", "kmeans", "merge", "mirror"]
-    lines = ["| fluid | fluid decided | " + " | ".join(stages) + " | between stages (exports, side) | QC + agreement "
-             "| total s |", "|---|---|" + "---|" * (len(stages) + 3)]
+    lines = [
+        "| fluid | fluid decided | " + " | ".join(stages) + " | between stages (exports, side) | QC + agreement "
+        "| total s |",
+        "|---|---|" + "---|" * (len(stages) + 3),
+    ]
     for r in results:
         rs = r.get("run_stages") or {}
         by = {st["stage"]: ("FAILED" if st["status"] == "FAILED" else st["seconds"]) for st in r["stages"]}
@@ -189,8 +276,11 @@ def markdown(results: list[dict]) -> str:
         decided = (r.get("background") or {}).get("fluid_side") or "\u2013"
         total = f"{r['total_s']:.1f}" if "total_s" in r else "\u2013"
         lines.append(f"| {r['fluid']} | {decided} | " + " | ".join(cells) + f" | {total} |")
-    lines += ["", "| fluid | k | ARI | Dice CSF/fluid (1) | Dice GM (2) | Dice WM (3) | Dice hypothalamus (5) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| fluid | k | ARI | Dice CSF/fluid (1) | Dice GM (2) | Dice WM (3) | Dice hypothalamus (5) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         ag = r.get("agreement")
         if not ag or ag.get("error"):
@@ -218,8 +308,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--memory-limit", default="auto")
-    ap.add_argument("--workdir", default=os.environ.get("HELM_BENCH_DIR") or None,
-                    help="parent of the temporary folder (default $HELM_BENCH_DIR or the system temp dir)")
+    ap.add_argument(
+        "--workdir",
+        default=os.environ.get("HELM_BENCH_DIR") or None,
+        help="parent of the temporary folder (default $HELM_BENCH_DIR or the system temp dir)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the phantoms and runs (their folder is printed)")
     ap.add_argument("--markdown", help="also write the summary tables to this file")
     ap.add_argument("--note", default="", help="appended to every row's note")
@@ -229,8 +322,9 @@ def main(argv=None) -> int:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="helm-template-", dir=args.workdir))
     print(f"working in {work}", flush=True)
-    opts = ClusterOptions(workers=args.workers, threads_per_worker=args.threads_per_worker,
-                          memory_limit=args.memory_limit, quiet=True)
+    opts = ClusterOptions(
+        workers=args.workers, threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit, quiet=True
+    )
     results = []
     try:
         with compute_context(opts):

@@ -1,14 +1,15 @@
 """helm-dask: HELM whole-brain label maps from ultra-high-resolution ex vivo MRI, out of core with Dask."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("helm-dask")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from .errors import HelmError  # noqa: E402
-from .volume import (  # noqa: E402
+from .errors import HelmError
+from .volume import (
     affine_of,
     like,
     make_volume,

@@ -88,14 +88,19 @@ _GROWTH_STEP_MM = 4.0
 # small helpers shared with the bias stage
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _check_3d(vol: xr.DataArray, what: str) -> None:
     if not isinstance(vol, xr.DataArray) or "affine" not in vol.attrs:
-        raise HelmError(f"{what} must be a volume (xarray.DataArray with attrs['affine'])",
-                        hint="Build it with helm_dask.make_volume or open it with helm_dask.io.")
+        raise HelmError(
+            f"{what} must be a volume (xarray.DataArray with attrs['affine'])",
+            hint="Build it with helm_dask.make_volume or open it with helm_dask.io.",
+        )
     if vol.ndim != 3:
-        raise HelmError(f"{what} must be 3-D (x, y, z); got dims {vol.dims}",
-                        path=vol.attrs.get("source") or None,
-                        hint="Choose one echo or combine echoes (rms/mean) before this stage.")
+        raise HelmError(
+            f"{what} must be 3-D (x, y, z); got dims {vol.dims}",
+            path=vol.attrs.get("source") or None,
+            hint="Choose one echo or combine echoes (rms/mean) before this stage.",
+        )
 
 
 def _as_dask(vol: xr.DataArray) -> da.Array:
@@ -160,8 +165,9 @@ def block_centres(n: int, f: int) -> np.ndarray:
     return (start + stop - 1) / 2.0
 
 
-def block_mean(vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.DataArray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def block_mean(
+    vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.DataArray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact coarse block mean of a volume (computed eagerly; the result is small).
 
     Parameters
@@ -196,11 +202,12 @@ def block_mean(vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.Dat
     if mask is None:
         (s,) = compute_batched([_aligned_block_sums(arr, factors)])
         return s / counts, np.ones_like(counts)
-    m = (_as_dask(mask) > 0)
+    m = _as_dask(mask) > 0
     # in boxes: the rechunk to whole blocks (e.g. 128 -> 120 voxels for 2 mm blocks at 0.1 mm) would otherwise
     # let the scheduler hold split input chunks across whole cross-sections of the volume
-    s, cm = compute_batched([_aligned_block_sums(da.where(m, arr, 0), factors),
-                             _aligned_block_sums(m.astype(np.float32), factors)])
+    s, cm = compute_batched(
+        [_aligned_block_sums(da.where(m, arr, 0), factors), _aligned_block_sums(m.astype(np.float32), factors)]
+    )
     mean = np.divide(s, cm, out=np.zeros_like(s), where=cm > 0)
     return mean, cm / counts
 
@@ -209,8 +216,16 @@ def block_mean(vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.Dat
 # 1-D Gaussian mixture (weighted EM, deterministic)
 # ----------------------------------------------------------------------------------------------------------
 
-def gmm1d(x: np.ndarray, weights: np.ndarray | None = None, n_components: int = 3, *, max_iter: int = 500,
-          tol: float = 1e-10, var_floor: float | None = None) -> dict:
+
+def gmm1d(
+    x: np.ndarray,
+    weights: np.ndarray | None = None,
+    n_components: int = 3,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-10,
+    var_floor: float | None = None,
+) -> dict:
     """Fit a 1-D Gaussian mixture by EM to (optionally weighted) samples; deterministic.
 
     The start is deterministic (component means at the weighted quantiles ``(k + 1/2) / K``), so there is no
@@ -230,14 +245,17 @@ def gmm1d(x: np.ndarray, weights: np.ndarray | None = None, n_components: int = 
     x, w = x[keep], w[keep]
     K = int(n_components)
     if K < 1 or x.size < K:
-        raise HelmError(f"cannot fit a {K}-class intensity mixture to {x.size} distinct samples",
-                        hint="The image has too little signal; check the input.")
+        raise HelmError(
+            f"cannot fit a {K}-class intensity mixture to {x.size} distinct samples",
+            hint="The image has too little signal; check the input.",
+        )
     w = w / w.sum()
     mu_all = float(np.sum(w * x))
     var_all = float(np.sum(w * (x - mu_all) ** 2))
     if not var_all > 0:
-        raise HelmError("the intensities are constant: nothing to separate",
-                        hint="The image looks empty (all background).")
+        raise HelmError(
+            "the intensities are constant: nothing to separate", hint="The image looks empty (all background)."
+        )
     floor = var_floor if var_floor is not None else 1e-6 * var_all
     order = np.argsort(x, kind="stable")
     cdf = np.cumsum(w[order])
@@ -250,9 +268,12 @@ def gmm1d(x: np.ndarray, weights: np.ndarray | None = None, n_components: int = 
     prev = -np.inf
     ll = -np.inf
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        logp = (np.log(pi)[None, :] - 0.5 * np.log(2 * np.pi * var)[None, :]
-                - 0.5 * (x[:, None] - means[None, :]) ** 2 / var[None, :])
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
+        logp = (
+            np.log(pi)[None, :]
+            - 0.5 * np.log(2 * np.pi * var)[None, :]
+            - 0.5 * (x[:, None] - means[None, :]) ** 2 / var[None, :]
+        )
         mx = logp.max(axis=1, keepdims=True)
         lse = mx[:, 0] + np.log(np.exp(logp - mx).sum(axis=1))
         ll = float(np.sum(w * lse))
@@ -267,8 +288,13 @@ def gmm1d(x: np.ndarray, weights: np.ndarray | None = None, n_components: int = 
             break
         prev = ll
     o = np.argsort(means, kind="stable")
-    return {"weights": pi[o].tolist(), "means": means[o].tolist(), "sds": np.sqrt(var[o]).tolist(),
-            "loglik": ll, "n_iter": int(n_iter)}
+    return {
+        "weights": pi[o].tolist(),
+        "means": means[o].tolist(),
+        "sds": np.sqrt(var[o]).tolist(),
+        "loglik": ll,
+        "n_iter": int(n_iter),
+    }
 
 
 def _gmm_labels(x: np.ndarray, gmm: dict) -> np.ndarray:
@@ -286,13 +312,14 @@ def _gmm_labels(x: np.ndarray, gmm: dict) -> np.ndarray:
 # coarse model
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _ball(radius_mm: float, spacing_mm: np.ndarray) -> np.ndarray:
     """Ellipsoidal ball structuring element (radius in mm) on a grid with the given spacing."""
     r = np.asarray(radius_mm / np.asarray(spacing_mm, dtype=np.float64))
     n = np.floor(r + 1e-9).astype(int)
     if np.all(n == 0):
         return np.ones((1, 1, 1), dtype=bool)
-    g = np.ogrid[-n[0]:n[0] + 1, -n[1]:n[1] + 1, -n[2]:n[2] + 1]
+    g = np.ogrid[-n[0] : n[0] + 1, -n[1] : n[1] + 1, -n[2] : n[2] + 1]
     d2 = sum((gi / max(ri, 1e-12)) ** 2 for gi, ri in zip(g, r))
     return d2 <= 1.0 + 1e-9
 
@@ -307,8 +334,14 @@ def _largest_component(m: np.ndarray) -> np.ndarray:
 
 
 def _faces(m: np.ndarray) -> list[bool]:
-    return [bool(m[0].any()), bool(m[-1].any()), bool(m[:, 0].any()), bool(m[:, -1].any()),
-            bool(m[:, :, 0].any()), bool(m[:, :, -1].any())]
+    return [
+        bool(m[0].any()),
+        bool(m[-1].any()),
+        bool(m[:, 0].any()),
+        bool(m[:, -1].any()),
+        bool(m[:, :, 0].any()),
+        bool(m[:, :, -1].any()),
+    ]
 
 
 def _closing(m: np.ndarray, radius_mm: float, spacing_c: np.ndarray) -> np.ndarray:
@@ -317,8 +350,7 @@ def _closing(m: np.ndarray, radius_mm: float, spacing_c: np.ndarray) -> np.ndarr
     if sc.size == 1:
         return m
     pad = [(n // 2 + 1, n // 2 + 1) for n in sc.shape]
-    return ndi.binary_closing(np.pad(m, pad), structure=sc)[tuple(slice(p[0], p[0] + n)
-                                                                 for p, n in zip(pad, m.shape))]
+    return ndi.binary_closing(np.pad(m, pad), structure=sc)[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape))]
 
 
 @dataclass
@@ -326,22 +358,21 @@ class CoarseModel:
     """Everything the full-resolution refinement needs (small arrays on the coarse grid)."""
 
     factors: tuple[int, int, int]
-    shape: tuple[int, int, int]           # full-resolution shape
-    spacing_c: np.ndarray                 # coarse voxel size (mm)
-    mask: np.ndarray                      # coarse mask (bool)
-    band: np.ndarray                      # coarse voxels whose children are refined (bool)
-    m_brain: np.ndarray                   # local tissue intensity at the brain surface (float64, image units)
-    m_out: np.ndarray                     # local intensity of what surrounds the brain (fluid, or the background)
-    side: str                             # the surrounding fluid: "bright", "dark" or "none" (no signal)
-    m_air: float                          # air intensity (coarse median)
-    theta: float = 0.5                    # tissue fraction at which a partial-volume voxel counts as brain
-    fill: np.ndarray | None = None        # coarse voxels the brain holds without tissue (closed sulci, ventricles)
-    cap: np.ndarray | None = None         # local upper intensity bound of tissue (bag wall), or None
+    shape: tuple[int, int, int]  # full-resolution shape
+    spacing_c: np.ndarray  # coarse voxel size (mm)
+    mask: np.ndarray  # coarse mask (bool)
+    band: np.ndarray  # coarse voxels whose children are refined (bool)
+    m_brain: np.ndarray  # local tissue intensity at the brain surface (float64, image units)
+    m_out: np.ndarray  # local intensity of what surrounds the brain (fluid, or the background)
+    side: str  # the surrounding fluid: "bright", "dark" or "none" (no signal)
+    m_air: float  # air intensity (coarse median)
+    theta: float = 0.5  # tissue fraction at which a partial-volume voxel counts as brain
+    fill: np.ndarray | None = None  # coarse voxels the brain holds without tissue (closed sulci, ventricles)
+    cap: np.ndarray | None = None  # local upper intensity bound of tissue (bag wall), or None
     info: dict = field(default_factory=dict)
 
 
-def _normconv(values: np.ndarray, weight: np.ndarray, sigma_vox: np.ndarray, fallback,
-              lam: float = 0.02) -> np.ndarray:
+def _normconv(values: np.ndarray, weight: np.ndarray, sigma_vox: np.ndarray, fallback, lam: float = 0.02) -> np.ndarray:
     """Local weighted mean by normalised Gaussian convolution, pulled to ``fallback`` (a number or a map)
     where data are scarce. ``values`` are weighted sums (value * weight) and ``weight`` the weights."""
     num = ndi.gaussian_filter(np.asarray(values, dtype=np.float64), sigma_vox, mode="nearest")
@@ -349,8 +380,9 @@ def _normconv(values: np.ndarray, weight: np.ndarray, sigma_vox: np.ndarray, fal
     return (num + lam * fallback) / (den + lam)
 
 
-def _robust_smooth_fit(logc: np.ndarray, region: np.ndarray, B: list, tol: float, n_iter: int = 4,
-                       regularization: float = 1e-3) -> tuple[np.ndarray, float, np.ndarray]:
+def _robust_smooth_fit(
+    logc: np.ndarray, region: np.ndarray, B: list, tol: float, n_iter: int = 4, regularization: float = 1e-3
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Smooth DCT field fitted to ``logc`` on ``region``, refitted on its inliers; (field, robust sd, inliers).
 
     The inliers are the region's voxels within ``max(tol, 3 sd)`` of the field (the sd a robust one, from the
@@ -375,9 +407,12 @@ def _robust_smooth_fit(logc: np.ndarray, region: np.ndarray, B: list, tol: float
 
 def _neighbour_noise(logc: np.ndarray, region: np.ndarray) -> float:
     """Noise (log units) from differences between 6-neighbours inside ``region`` (robust; sqrt(2) removed)."""
-    d = [np.abs(np.diff(logc, axis=ax))[(np.diff(region.astype(np.int8), axis=ax) == 0)
-                                       & np.take(region, range(region.shape[ax] - 1), axis=ax)]
-         for ax in range(3)]
+    d = [
+        np.abs(np.diff(logc, axis=ax))[
+            (np.diff(region.astype(np.int8), axis=ax) == 0) & np.take(region, range(region.shape[ax] - 1), axis=ax)
+        ]
+        for ax in range(3)
+    ]
     d = np.concatenate([x.ravel() for x in d])
     return 1.4826 * float(np.median(d)) / math.sqrt(2.0) if d.size else 0.0
 
@@ -395,8 +430,7 @@ def _fill_holes_2d(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, closing_radius_mm: float
-          ) -> np.ndarray:
+def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, closing_radius_mm: float) -> np.ndarray:
     """Tissue candidates -> the brain: opening (cuts thin bridges: bag wall, bubble rims, noise) -> largest
     component -> reconstruction of what the opening shaved off -> closing (sulci and their fixative) -> holes
     filled in 3-D and in slices (ventricles, open or not)."""
@@ -412,13 +446,25 @@ def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, clo
     return _fill_holes_2d(ndi.binary_fill_holes(core))
 
 
-def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, fluid: str = "auto",
-                     fluid_tolerance: float = 0.12, bias_basis_spacing_mm: float = 50.0,
-                     opening_radius_mm: float = 2.0, closing_radius_mm: float = 5.0,
-                     min_tissue_fraction: float = 0.2, band_mm: float | None = None,
-                     band_out_mm: float | None = None, local_sigma_mm: float = 2.0, max_fov_fraction: float = 0.9,
-                     min_brain_fraction: float = 0.05, min_fluid_thickness_mm: float = 5.0,
-                     n_air_components: int = 5, hist_bins: int = 1024) -> CoarseModel:
+def fit_coarse_model(
+    image: xr.DataArray,
+    *,
+    coarse_spacing_mm: float = 1.0,
+    fluid: str = "auto",
+    fluid_tolerance: float = 0.12,
+    bias_basis_spacing_mm: float = 50.0,
+    opening_radius_mm: float = 2.0,
+    closing_radius_mm: float = 5.0,
+    min_tissue_fraction: float = 0.2,
+    band_mm: float | None = None,
+    band_out_mm: float | None = None,
+    local_sigma_mm: float = 2.0,
+    max_fov_fraction: float = 0.9,
+    min_brain_fraction: float = 0.05,
+    min_fluid_thickness_mm: float = 5.0,
+    n_air_components: int = 5,
+    hist_bins: int = 1024,
+) -> CoarseModel:
     """Coarse pass of :func:`brain_mask` (eager; memory ~ the coarse grid). See the module docstring.
 
     Returns the coarse mask, the boundary band and the local tissue / surrounding intensity maps that the
@@ -429,9 +475,11 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     _check_3d(image, "image")
     src = image.attrs.get("source") or None
     if fluid not in FLUID_CHOICES:
-        raise HelmError(f"fluid must be one of {', '.join(FLUID_CHOICES)}, got {fluid!r}",
-                        hint="auto decides from the data; bright / dark: a fixative brighter / darker than "
-                             "tissue; none: no signal (e.g. Fomblin)")
+        raise HelmError(
+            f"fluid must be one of {', '.join(FLUID_CHOICES)}, got {fluid!r}",
+            hint="auto decides from the data; bright / dark: a fixative brighter / darker than "
+            "tissue; none: no signal (e.g. Fomblin)",
+        )
     if not 0.0 < float(min_tissue_fraction) < 1.0:
         raise HelmError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}")
     theta = float(min_tissue_fraction)
@@ -442,8 +490,11 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     c, _ = block_mean(image, factors)
     pos = c > 0
     if pos.sum() < 8 or not np.isfinite(c).all() or float(np.ptp(c[pos])) <= 1e-6 * float(c[pos].max()):
-        raise HelmError("the image is empty or constant (all background): no brain to find", path=src,
-                        hint="Check that the right file/echo was given and that it contains the scan.")
+        raise HelmError(
+            "the image is empty or constant (all background): no brain to find",
+            path=src,
+            hint="Check that the right file/echo was given and that it contains the scan.",
+        )
 
     # ---- 1. air vs signal: mixture on all log-intensities, split at the largest gap between class means ----
     logc_pos = np.log(c[pos])
@@ -452,17 +503,23 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     g_all = gmm1d(centres, hist, max(2, int(n_air_components)), var_floor=(edges[1] - edges[0]) ** 2)
     gaps = np.diff(g_all["means"])
     if gaps.max() < math.log(2.0):
-        raise HelmError("no foreground found: no signal clearly above the noise floor (all background)", path=src,
-                        hint="Check the input scan; a brain should be several times brighter than air.")
+        raise HelmError(
+            "no foreground found: no signal clearly above the noise floor (all background)",
+            path=src,
+            hint="Check the input scan; a brain should be several times brighter than air.",
+        )
     n_air = int(np.argmax(gaps)) + 1
     lab_all = np.zeros(c.shape, dtype=np.int16)
     lab_all[pos] = _gmm_labels(logc_pos, g_all)
-    air = lab_all < n_air                           # includes c <= 0 (a dark fixative may fall here too)
+    air = lab_all < n_air  # includes c <= 0 (a dark fixative may fall here too)
     signal = ~air
     n_signal = int(signal.sum())
     if n_signal < 64:
-        raise HelmError("too little signal above the noise floor to find a brain (all background?)", path=src,
-                        hint="Check the input scan.")
+        raise HelmError(
+            "too little signal above the noise floor to find a brain (all background?)",
+            path=src,
+            hint="Check the input scan.",
+        )
     m_air = float(np.median(c[air])) if air.any() else 0.0
     logc = np.log(np.maximum(c, 1e-6 * float(c[pos].max())))
 
@@ -474,8 +531,11 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     contents = ndi.binary_opening(np.pad(signal, pad, mode="edge"), se)[(slice(pad, -pad),) * 3]
     contents = ndi.binary_fill_holes(_largest_component(contents))
     if contents.sum() < 64:
-        raise HelmError("no specimen found: no thick object with signal in the field of view", path=src,
-                        hint="Check the input scan.")
+        raise HelmError(
+            "no specimen found: no thick object with signal in the field of view",
+            path=src,
+            hint="Check the input scan.",
+        )
     # the lining: the 2nd-3rd layers of the contents (the 1st is the partial volume of the wall)
     # (the field of view's faces count as outside: fixative cut by them lines the contents there too, and a
     # field fitted without it would be extrapolated at the faces)
@@ -508,8 +568,8 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     lining_is_fluid = thick >= min_fluid_thickness_mm and (homogeneous or smooth)
     info: dict[str, Any] = {
         "method": "contrast-adaptive: bag contents, smooth field fitted to their lining, fluid or dark "
-                  "background decided from the data, partial-volume tissue threshold, hull (closing, hole "
-                  "filling in 3-D and in slices); full-resolution band refinement",
+        "background decided from the data, partial-volume tissue threshold, hull (closing, hole "
+        "filling in 3-D and in slices); full-resolution band refinement",
         "coarse_factors": [int(f) for f in factors],
         "coarse_shape": [int(s) for s in c.shape],
         "coarse_spacing_mm": [float(s) for s in spacing_c],
@@ -518,10 +578,16 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
         "air_intensity": m_air,
         "fluid": fluid,
         "min_tissue_fraction": theta,
-        "lining": {"voxels": int(lining.sum()), "scatter_log": sd, "noise_log": noise,
-                   "homogeneous": bool(homogeneous), "closing_gain": smooth_gain, "smooth": bool(smooth),
-                   "max_thickness_mm": thick,
-                   "is_fluid": bool(lining_is_fluid)},
+        "lining": {
+            "voxels": int(lining.sum()),
+            "scatter_log": sd,
+            "noise_log": noise,
+            "homogeneous": bool(homogeneous),
+            "closing_gain": smooth_gain,
+            "smooth": bool(smooth),
+            "max_thickness_mm": thick,
+            "is_fluid": bool(lining_is_fluid),
+        },
     }
     if fluid in ("bright", "dark"):
         has_fluid = True
@@ -536,7 +602,7 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     logf0, lining_in0 = logf, lining_in
     for attempt, has_fluid in enumerate(attempts):
         last = attempt == len(attempts) - 1
-        logf, lining_in = logf0, lining_in0          # each hypothesis starts from the lining's own fit
+        logf, lining_in = logf0, lining_in0  # each hypothesis starts from the lining's own fit
         try:
             cap = None
             if has_fluid:
@@ -553,8 +619,14 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
                 steps = list(np.arange(2.0 * _GROWTH_STEP_MM, depth, _GROWTH_STEP_MM)) + [depth, depth]
                 for reach in steps:
                     fl = contents & signal & (np.abs(logc - logf) < tol) & (d_in <= reach)
-                    logf, _, _ = _robust_smooth_fit(logc, lining_in | (fl & ndi.binary_erosion(fl, border_value=1)), B,
-                                                    fluid_tolerance, n_iter=2, regularization=_FIELD_RIDGE)
+                    logf, _, _ = _robust_smooth_fit(
+                        logc,
+                        lining_in | (fl & ndi.binary_erosion(fl, border_value=1)),
+                        B,
+                        fluid_tolerance,
+                        n_iter=2,
+                        regularization=_FIELD_RIDGE,
+                    )
                 fl = contents & signal & (np.abs(logc - logf) < tol)
                 J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
                 # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
@@ -562,16 +634,21 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
                 # (2nd-3rd layers: the 1st is the partial volume of tissue and fluid)
                 surf = contents & signal & ~fl & (d_fl >= 1.5 * step) & (d_fl <= 2.5 * step)
                 if surf.sum() < 8:
-                    raise HelmError("no brain found: everything inside the bag looks like the fluid", path=src,
-                                    hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use "
-                                         "--fluid none.")
+                    raise HelmError(
+                        "no brain found: everything inside the bag looks like the fluid",
+                        path=src,
+                        hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use --fluid none.",
+                    )
                 tau = float(np.median(J[surf]))
                 side = "bright" if tau < 1.0 else "dark"
                 if fluid in ("bright", "dark") and side != fluid:
-                    raise HelmError(f"--fluid {fluid} was given, but the fixative lining the bag is "
-                                    f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
-                                    f"(tissue/fluid = {tau:.2f})", path=src,
-                                    hint="use --fluid auto (or the other side)")
+                    raise HelmError(
+                        f"--fluid {fluid} was given, but the fixative lining the bag is "
+                        f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
+                        f"(tissue/fluid = {tau:.2f})",
+                        path=src,
+                        hint="use --fluid auto (or the other side)",
+                    )
                 thr = 1.0 + theta * (tau - 1.0)
                 cand = signal & contents & ((J < thr) if side == "bright" else (J > thr))
                 ref = np.exp(logf)
@@ -612,9 +689,15 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
                 cap_rel = 1.3 * float(np.percentile(J[core0], 99)) / tau
                 cand &= J <= cap_rel * tau
                 cap = cap_rel * m_brain
-            info.update({"fluid_side": side, "tissue_to_fluid": tau if has_fluid else None,
-                         "background_to_tissue": None if has_fluid else beta,
-                         "threshold_relative": thr, "fluid_tolerance_used": tol})
+            info.update(
+                {
+                    "fluid_side": side,
+                    "tissue_to_fluid": tau if has_fluid else None,
+                    "background_to_tissue": None if has_fluid else beta,
+                    "threshold_relative": thr,
+                    "fluid_tolerance_used": tol,
+                }
+            )
 
             # ---- 4. the brain: one connected component, sulci closed, ventricles filled ----
             mask_c = _hull(cand, spacing_c, opening_radius_mm, closing_radius_mm)
@@ -625,20 +708,27 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
             continue
         if last or mask_c.sum() >= min_brain_fraction * n_signal:
             break
-        info["rejected"] = {"fluid_with_signal": True,
-                            "reason": f"the largest tissue component holds only {100 * mask_c.sum() / n_signal:.1f}% "
-                                      "of the signal voxels"}
+        info["rejected"] = {
+            "fluid_with_signal": True,
+            "reason": f"the largest tissue component holds only {100 * mask_c.sum() / n_signal:.1f}% "
+            "of the signal voxels",
+        }
     if mask_c.sum() < min_brain_fraction * n_signal:
-        raise HelmError("no brain found: the largest tissue component holds only "
-                        f"{100 * mask_c.sum() / n_signal:.1f}% of the signal voxels "
-                        f"(< {100 * min_brain_fraction:g}%)", path=src,
-                        hint="Check the input; try a smaller coarse_spacing_mm or opening_radius_mm.")
+        raise HelmError(
+            "no brain found: the largest tissue component holds only "
+            f"{100 * mask_c.sum() / n_signal:.1f}% of the signal voxels "
+            f"(< {100 * min_brain_fraction:g}%)",
+            path=src,
+            hint="Check the input; try a smaller coarse_spacing_mm or opening_radius_mm.",
+        )
     frac = float(mask_c.sum()) / mask_c.size
     if all(_faces(mask_c)) or frac > max_fov_fraction:
-        raise HelmError(f"the brain mask touches {sum(_faces(mask_c))} of the 6 faces of the field of view and "
-                        f"covers {100 * frac:.0f}% of it: the bag/fluid was not removed", path=src,
-                        hint="Check the scan (is there fluid or air around the specimen?) or set --fluid "
-                             "explicitly.")
+        raise HelmError(
+            f"the brain mask touches {sum(_faces(mask_c))} of the 6 faces of the field of view and "
+            f"covers {100 * frac:.0f}% of it: the bag/fluid was not removed",
+            path=src,
+            hint="Check the scan (is there fluid or air around the specimen?) or set --fluid explicitly.",
+        )
 
     # ---- 5. local intensities on both sides of the surface (image units), for the per-voxel rule: the smooth
     # models above, pulled to the local means of the tissue under the surface (2nd layer) and of what lies just
@@ -660,31 +750,50 @@ def fit_coarse_model(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, flu
     band_mm = float(band_mm) if band_mm is not None else 1.5 * step
     band_out_mm = float(band_out_mm) if band_out_mm is not None else 1.0 * step
     band = (mask_c & (din <= band_mm)) | (~mask_c & (dout <= band_out_mm))
-    info.update({
-        "coarse_component_voxels": int(mask_c.sum()),
-        "coarse_component_mm3": float(mask_c.sum() * np.prod(spacing_c)),
-        "fov_fraction": frac,
-        "faces_touched": int(sum(_faces(mask_c))),
-        "brain_intensity": float(np.median(m_brain[mask_c])),
-        "fluid_intensity": float(np.median(m_out[mask_c])) if side != "none" else None,
-        "band_mm": band_mm,
-        "band_out_mm": band_out_mm,
-        "local_sigma_mm": float(local_sigma_mm),
-        "opening_radius_mm": float(opening_radius_mm),
-        "closing_radius_mm": float(closing_radius_mm),
-    })
-    return CoarseModel(factors=tuple(int(f) for f in factors), shape=full_shape, spacing_c=spacing_c, mask=mask_c,
-                       band=band, m_brain=np.asarray(m_brain, np.float64), m_out=np.asarray(m_out, np.float64),
-                       side=side, m_air=m_air, theta=theta, fill=mask_c & ~cand & (din > 1.5 * step),
-                       cap=None if cap is None else np.asarray(cap, np.float64), info=info)
+    info.update(
+        {
+            "coarse_component_voxels": int(mask_c.sum()),
+            "coarse_component_mm3": float(mask_c.sum() * np.prod(spacing_c)),
+            "fov_fraction": frac,
+            "faces_touched": int(sum(_faces(mask_c))),
+            "brain_intensity": float(np.median(m_brain[mask_c])),
+            "fluid_intensity": float(np.median(m_out[mask_c])) if side != "none" else None,
+            "band_mm": band_mm,
+            "band_out_mm": band_out_mm,
+            "local_sigma_mm": float(local_sigma_mm),
+            "opening_radius_mm": float(opening_radius_mm),
+            "closing_radius_mm": float(closing_radius_mm),
+        }
+    )
+    return CoarseModel(
+        factors=tuple(int(f) for f in factors),
+        shape=full_shape,
+        spacing_c=spacing_c,
+        mask=mask_c,
+        band=band,
+        m_brain=np.asarray(m_brain, np.float64),
+        m_out=np.asarray(m_out, np.float64),
+        side=side,
+        m_air=m_air,
+        theta=theta,
+        fill=mask_c & ~cand & (din > 1.5 * step),
+        cap=None if cap is None else np.asarray(cap, np.float64),
+        info=info,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # full-resolution passes (band statistics, refinement)
 # ----------------------------------------------------------------------------------------------------------
 
-def _trilinear(coarse: np.ndarray, idx: list[np.ndarray], factors: tuple[int, ...],
-               offset: tuple[int, ...] = (0, 0, 0), full_shape: tuple[int, ...] | None = None) -> np.ndarray:
+
+def _trilinear(
+    coarse: np.ndarray,
+    idx: list[np.ndarray],
+    factors: tuple[int, ...],
+    offset: tuple[int, ...] = (0, 0, 0),
+    full_shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
     """Coarse map interpolated (trilinear, clamped outside) at full-resolution voxel centres.
 
     ``idx`` holds the global full-resolution indices along each axis (an outer grid). Coarse voxel j is centred
@@ -734,8 +843,9 @@ def _air_threshold(model: dict, idx: list) -> np.ndarray:
     return 0.5 * (model["m_air"] + np.minimum(m_b, _coarse(model, "m_out", idx)))
 
 
-def _smoothed_inner(block: np.ndarray, model: dict, depth: tuple, starts: list, sizes: list
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def _smoothed_inner(
+    block: np.ndarray, model: dict, depth: tuple, starts: list, sizes: list
+) -> tuple[np.ndarray, np.ndarray]:
     """(smoothed intensity of the signal voxels, signal voxel?) on the chunk proper.
 
     The smoothing is a normalised convolution that ignores air voxels: fluid next to the bag wall or a bubble,
@@ -758,15 +868,15 @@ def _smoothed_inner(block: np.ndarray, model: dict, depth: tuple, starts: list, 
     if any(s_ > 0 for s_ in sig):
         num = ndi.gaussian_filter(b * w, sig, mode="nearest", truncate=model["truncate"])[inner]
         den = ndi.gaussian_filter(w, sig, mode="nearest", truncate=model["truncate"])[inner]
-        sm = np.divide(num.astype(np.float64), den.astype(np.float64), out=np.zeros(num.shape),
-                       where=den > 1e-6)
+        sm = np.divide(num.astype(np.float64), den.astype(np.float64), out=np.zeros(num.shape), where=den > 1e-6)
     else:
         sm = b[inner].astype(np.float64)
     return sm, w[inner] > 0
 
 
-def _brain_rule(s: np.ndarray, signal: np.ndarray, idx: list, model: dict,
-                inside: np.ndarray | None = None) -> np.ndarray:
+def _brain_rule(
+    s: np.ndarray, signal: np.ndarray, idx: list, model: dict, inside: np.ndarray | None = None
+) -> np.ndarray:
     """Per-voxel rule in the band: at least ``theta`` of the voxel is tissue -- on the tissue side of
     ``m_out + theta (m_brain - m_out)`` between the local tissue intensity at the surface and the local
     intensity of what surrounds it (fluid, or the background when the fixative gives no signal).
@@ -801,12 +911,23 @@ def _chunk_model(model: CoarseModel, sig: tuple, truncate: float, box_lo: tuple,
     lo = [max(0, a // fi - 1) for a, fi in zip(box_lo, f)]
     hi = [min(n, (b - 1) // fi + 2) for b, fi, n in zip(box_hi, f, nc)]
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    return {"factors": f, "shape": model.shape, "cshape": tuple(nc), "offset": tuple(lo),
-            "mask": model.mask[box], "band": model.band[box], "m_brain": model.m_brain[box],
-            "m_out": model.m_out[box], "side": model.side, "m_air": float(model.m_air),
-            "theta": float(model.theta), "cap": None if model.cap is None else model.cap[box],
-            "fill": None if model.fill is None else model.fill[box],
-            "sigma_vox": sig, "truncate": float(truncate)}
+    return {
+        "factors": f,
+        "shape": model.shape,
+        "cshape": tuple(nc),
+        "offset": tuple(lo),
+        "mask": model.mask[box],
+        "band": model.band[box],
+        "m_brain": model.m_brain[box],
+        "m_out": model.m_out[box],
+        "side": model.side,
+        "m_air": float(model.m_air),
+        "theta": float(model.theta),
+        "cap": None if model.cap is None else model.cap[box],
+        "fill": None if model.fill is None else model.fill[box],
+        "sigma_vox": sig,
+        "truncate": float(truncate),
+    }
 
 
 def _band_blocks(chunks: tuple, model: CoarseModel) -> np.ndarray:
@@ -816,8 +937,12 @@ def _band_blocks(chunks: tuple, model: CoarseModel) -> np.ndarray:
     rng = []
     for ax in range(3):
         edges = np.cumsum((0,) + tuple(chunks[ax]))
-        rng.append([(min(int(a) // f[ax], nc[ax] - 1), min((int(b) - 1) // f[ax], nc[ax] - 1) + 1)
-                    for a, b in zip(edges[:-1], edges[1:])])
+        rng.append(
+            [
+                (min(int(a) // f[ax], nc[ax] - 1), min((int(b) - 1) // f[ax], nc[ax] - 1) + 1)
+                for a, b in zip(edges[:-1], edges[1:])
+            ]
+        )
     need = np.zeros(tuple(len(r) for r in rng), dtype=bool)
     for i, (a0, b0) in enumerate(rng[0]):
         for j, (a1, b1) in enumerate(rng[1]):
@@ -827,8 +952,7 @@ def _band_blocks(chunks: tuple, model: CoarseModel) -> np.ndarray:
     return need
 
 
-def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, depth: tuple, model: dict
-                   ) -> np.ndarray:
+def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, depth: tuple, model: dict) -> np.ndarray:
     """One output chunk of the mask from the image box around it (the chunk plus ``depth``, clipped to the
     volume): the clipped part of the halo is the edge voxel repeated (scipy's mode ``"nearest"``)."""
     starts = [a for a, _ in ranges]
@@ -848,8 +972,9 @@ def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, d
     shape = model["shape"]
     idx_e = [np.clip(np.arange(a - r, b + r), 0, n - 1) for (a, b), n in zip(ranges, shape)]
     par_e = np.ix_(*[np.minimum(i // fi, n - 1) - o for i, fi, n, o in zip(idx_e, f, nc, off)])
-    s, signal = _smoothed_inner(block, model, tuple(d - r for d in depth), [a - r for a in starts],
-                                [n + 2 * r for n in sizes])
+    s, signal = _smoothed_inner(
+        block, model, tuple(d - r for d in depth), [a - r for a in starts], [n + 2 * r for n in sizes]
+    )
     coarse_e = model["mask"][par_e]
     band_e = model["band"][par_e]
     rule = _brain_rule(s, signal, idx_e, model, coarse_e)
@@ -867,15 +992,21 @@ def _refine_region(regions: list, ranges: tuple, box_lo: tuple, box_hi: tuple, d
     # opened ventricles) stays brain
     for k in range(1, r + 1):
         cut = (slice(k, -k),) * 3
-        nb = sum(brain[tuple(slice(1 + o, brain.shape[q] - 1 + o) if q == ax else slice(1, -1) for q in range(3))]
-                 .astype(np.int8) for ax in range(3) for o in (-1, 1))
+        nb = sum(
+            brain[tuple(slice(1 + o, brain.shape[q] - 1 + o) if q == ax else slice(1, -1) for q in range(3))].astype(
+                np.int8
+            )
+            for ax in range(3)
+            for o in (-1, 1)
+        )
         brain = np.where(band_e[cut], (rule[cut] & (nb >= 3)) | fill[cut], coarse_e[cut]) & valid[cut]
     keep = brain
     return keep.astype(np.uint8)
 
 
-def refine_mask(image: xr.DataArray, model: CoarseModel, *, refine_sigma_mm: float = 0.25,
-                truncate: float = 3.0) -> da.Array:
+def refine_mask(
+    image: xr.DataArray, model: CoarseModel, *, refine_sigma_mm: float = 0.25, truncate: float = 3.0
+) -> da.Array:
     """Lazy full-resolution mask (uint8 dask array) from a :class:`CoarseModel`; chunked like ``image``.
 
     One task per chunk (:func:`helm_dask.io.regions.region_map`): a chunk that meets the boundary band reads
@@ -905,11 +1036,24 @@ def refine_mask(image: xr.DataArray, model: CoarseModel, *, refine_sigma_mm: flo
 # public API
 # ----------------------------------------------------------------------------------------------------------
 
-def brain_mask(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, fluid: str = "auto",
-               fluid_tolerance: float = 0.12, bias_basis_spacing_mm: float = 50.0, opening_radius_mm: float = 2.0,
-               closing_radius_mm: float = 5.0, min_tissue_fraction: float = 0.2, band_mm: float | None = None,
-               band_out_mm: float | None = None, refine_sigma_mm: float = 0.25, local_sigma_mm: float = 2.0,
-               max_fov_fraction: float = 0.9, min_brain_fraction: float = 0.05) -> xr.DataArray:
+
+def brain_mask(
+    image: xr.DataArray,
+    *,
+    coarse_spacing_mm: float = 1.0,
+    fluid: str = "auto",
+    fluid_tolerance: float = 0.12,
+    bias_basis_spacing_mm: float = 50.0,
+    opening_radius_mm: float = 2.0,
+    closing_radius_mm: float = 5.0,
+    min_tissue_fraction: float = 0.2,
+    band_mm: float | None = None,
+    band_out_mm: float | None = None,
+    refine_sigma_mm: float = 0.25,
+    local_sigma_mm: float = 2.0,
+    max_fov_fraction: float = 0.9,
+    min_brain_fraction: float = 0.05,
+) -> xr.DataArray:
     """Unsupervised brain mask of a bagged ex vivo scan (lazy uint8 volume, kind ``"mask"``).
 
     Parameters
@@ -959,20 +1103,37 @@ def brain_mask(image: xr.DataArray, *, coarse_spacing_mm: float = 1.0, fluid: st
     >>> mask = brain_mask(scan, coarse_spacing_mm=1.0)            # doctest: +SKIP
     >>> brain = apply_mask(scan, mask)                            # doctest: +SKIP
     """
-    model = fit_coarse_model(image, coarse_spacing_mm=coarse_spacing_mm, fluid=fluid,
-                             fluid_tolerance=fluid_tolerance, bias_basis_spacing_mm=bias_basis_spacing_mm,
-                             opening_radius_mm=opening_radius_mm, closing_radius_mm=closing_radius_mm,
-                             min_tissue_fraction=min_tissue_fraction, band_mm=band_mm, band_out_mm=band_out_mm,
-                             local_sigma_mm=local_sigma_mm,
-                             max_fov_fraction=max_fov_fraction, min_brain_fraction=min_brain_fraction)
+    model = fit_coarse_model(
+        image,
+        coarse_spacing_mm=coarse_spacing_mm,
+        fluid=fluid,
+        fluid_tolerance=fluid_tolerance,
+        bias_basis_spacing_mm=bias_basis_spacing_mm,
+        opening_radius_mm=opening_radius_mm,
+        closing_radius_mm=closing_radius_mm,
+        min_tissue_fraction=min_tissue_fraction,
+        band_mm=band_mm,
+        band_out_mm=band_out_mm,
+        local_sigma_mm=local_sigma_mm,
+        max_fov_fraction=max_fov_fraction,
+        min_brain_fraction=min_brain_fraction,
+    )
     data = refine_mask(image, model, refine_sigma_mm=refine_sigma_mm)
-    params = {"coarse_spacing_mm": float(coarse_spacing_mm), "fluid": fluid, "fluid_tolerance": float(fluid_tolerance),
-              "bias_basis_spacing_mm": float(bias_basis_spacing_mm), "opening_radius_mm": float(opening_radius_mm),
-              "closing_radius_mm": float(closing_radius_mm), "min_tissue_fraction": float(min_tissue_fraction),
-              "band_mm": model.info["band_mm"],
-              "band_out_mm": model.info["band_out_mm"], "refine_sigma_mm": float(refine_sigma_mm),
-              "local_sigma_mm": float(local_sigma_mm),
-              "max_fov_fraction": float(max_fov_fraction), "min_brain_fraction": float(min_brain_fraction)}
+    params = {
+        "coarse_spacing_mm": float(coarse_spacing_mm),
+        "fluid": fluid,
+        "fluid_tolerance": float(fluid_tolerance),
+        "bias_basis_spacing_mm": float(bias_basis_spacing_mm),
+        "opening_radius_mm": float(opening_radius_mm),
+        "closing_radius_mm": float(closing_radius_mm),
+        "min_tissue_fraction": float(min_tissue_fraction),
+        "band_mm": model.info["band_mm"],
+        "band_out_mm": model.info["band_out_mm"],
+        "refine_sigma_mm": float(refine_sigma_mm),
+        "local_sigma_mm": float(local_sigma_mm),
+        "max_fov_fraction": float(max_fov_fraction),
+        "min_brain_fraction": float(min_brain_fraction),
+    }
     out = like(image, data, kind="mask", name="brain_mask", step=provenance_record("background", params))
     out.attrs["background"] = dict(model.info, refine_sigma_mm=float(refine_sigma_mm))
     return out
@@ -985,11 +1146,13 @@ def apply_mask(image: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
     """
     _check_3d(image, "image")
     _check_3d(mask, "mask")
-    if tuple(image.shape) != tuple(mask.shape) or not np.allclose(affine_of(image), affine_of(mask),
-                                                                  rtol=0, atol=1e-6):
-        raise HelmError(f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(image.shape)} "
-                        "(shape and affine must agree)", path=image.attrs.get("source") or None,
-                        hint="Compute the mask on this image, or resample it to the image grid first.")
+    if tuple(image.shape) != tuple(mask.shape) or not np.allclose(affine_of(image), affine_of(mask), rtol=0, atol=1e-6):
+        raise HelmError(
+            f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(image.shape)} "
+            "(shape and affine must agree)",
+            path=image.attrs.get("source") or None,
+            hint="Compute the mask on this image, or resample it to the image grid first.",
+        )
     arr = _as_dask(image)
     m = _as_dask(mask)
     if m.chunks != arr.chunks:

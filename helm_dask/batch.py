@@ -75,8 +75,9 @@ def parse_ks(text) -> tuple[int, ...]:
                 elif part:
                     ks.append(int(part))
         except ValueError:
-            raise HelmError(f"--k {text!r} is not a list or range of integers", hint="e.g. --k 4-9 or --k 4,6,8") \
-                from None
+            raise HelmError(
+                f"--k {text!r} is not a list or range of integers", hint="e.g. --k 4-9 or --k 4,6,8"
+            ) from None
     bad = [k for k in ks if not 2 <= k <= 20]
     if not ks or bad:
         raise HelmError(f"k must be between 2 and 20 (got {bad or 'nothing'})", hint="e.g. --k 4-9")
@@ -105,8 +106,13 @@ def _storage_options(v):
 
 #: ``run`` options whose RunParams field has another name or needs parsing; every other option is the field
 #: of the same name (a test checks that each option has one).
-OPTION_TO_FIELD = {"k": ("ks", parse_ks), "no_qc": ("qc", _not), "no_nifti": ("nifti", _not),
-                   "label_map": ("label_map", _label_map), "storage_options": ("storage_options", _storage_options)}
+OPTION_TO_FIELD = {
+    "k": ("ks", parse_ks),
+    "no_qc": ("qc", _not),
+    "no_nifti": ("nifti", _not),
+    "label_map": ("label_map", _label_map),
+    "storage_options": ("storage_options", _storage_options),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,7 +130,7 @@ def run_params_kwargs(options: dict) -> dict:
     for dest, value in options.items():
         name, convert = OPTION_TO_FIELD.get(dest, (dest, None))
         if name not in _FIELDS:
-            raise RuntimeError(f"the run option {dest!r} has no RunParams field")   # a programming error
+            raise RuntimeError(f"the run option {dest!r} has no RunParams field")  # a programming error
         kw[name] = convert(value) if convert is not None else value
     return kw
 
@@ -134,16 +140,16 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 def _value(key: str, value, action: argparse.Action):
     """A manifest value checked and converted like the flag's argument (same type, choices and limits)."""
-    if action.nargs == 0:                                   # a switch: --no-qc, --resample-labels, ...
+    if action.nargs == 0:  # a switch: --no-qc, --resample-labels, ...
         text = str(value).strip().lower()
         if isinstance(value, bool) or text in _TRUE + _FALSE:
             return value if isinstance(value, bool) else text in _TRUE
         raise HelmError(f"{key!r} is a switch (true or false), not {value!r}")
-    if isinstance(action, argparse._AppendAction):          # --label-map: a list, a mapping or "A=B,C=D"
+    if isinstance(action, argparse._AppendAction):  # --label-map: a list, a mapping or "A=B,C=D"
         return value if isinstance(value, (list, dict)) else [str(value)]
     if isinstance(value, (dict, list)) and action.type is None:
-        return value                                        # k: [4, 6]; storage_options: a mapping
-    if isinstance(value, list):                             # chunks: [128, 128, 64] as the flag's 128,128,64
+        return value  # k: [4, 6]; storage_options: a mapping
+    if isinstance(value, list):  # chunks: [128, 128, 64] as the flag's 128,128,64
         value = ",".join(map(str, value))
     if isinstance(value, (dict, bool)):
         raise HelmError(f"{key!r} must be a single value, not {value!r}")
@@ -167,10 +173,12 @@ def _check_keys(keys, where: str, path) -> None:
         if name in known:
             continue
         if name == "out":
-            raise HelmError(f"{where}: 'out' is not a manifest key (every subject writes to --out/<subject>)",
-                            path=path, hint="remove it; give --out on the command line and 'subject:' per row")
-        raise HelmError(f"{where}: unknown key {k!r}", path=path,
-                        hint=f"known keys: {', '.join(sorted(known))}")
+            raise HelmError(
+                f"{where}: 'out' is not a manifest key (every subject writes to --out/<subject>)",
+                path=path,
+                hint="remove it; give --out on the command line and 'subject:' per row",
+            )
+        raise HelmError(f"{where}: unknown key {k!r}", path=path, hint=f"known keys: {', '.join(sorted(known))}")
 
 
 def load_manifest(path) -> tuple[dict, list[dict]]:
@@ -180,8 +188,9 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
     """
     p = Path(path)
     if not p.is_file():
-        raise HelmError("manifest not found" if not p.exists() else "manifest is not a file", path=p,
-                        hint="check the path")
+        raise HelmError(
+            "manifest not found" if not p.exists() else "manifest is not a file", path=p, hint="check the path"
+        )
     base = p.parent
     try:
         text = p.read_text()
@@ -199,16 +208,22 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
             raise HelmError("has no 'subjects:' list", path=p, hint="see 'helm-dask run --help' for the format")
         extra = sorted(str(k) for k in doc if k not in ("params", "subjects"))
         if extra:
-            raise HelmError(f"unknown top-level key {extra[0]!r}", path=p,
-                            hint="a manifest has 'params:' (shared options) and 'subjects:' (one row per subject)")
+            raise HelmError(
+                f"unknown top-level key {extra[0]!r}",
+                path=p,
+                hint="a manifest has 'params:' (shared options) and 'subjects:' (one row per subject)",
+            )
         shared = doc.get("params") or {}
         if not isinstance(shared, dict):
             raise HelmError("'params:' is not a mapping of options", path=p, hint="e.g. params: {spacing: 0.3}")
         subjects = []
         for i, s in enumerate(doc["subjects"]):
             if not isinstance(s, dict):
-                raise HelmError(f"subject {i + 1} is not a mapping of keys ({s!r})", path=p,
-                                hint="e.g. - {scan: s1.nii.gz, hypothalamus: s1_hypo.nii.gz}")
+                raise HelmError(
+                    f"subject {i + 1} is not a mapping of keys ({s!r})",
+                    path=p,
+                    hint="e.g. - {scan: s1.nii.gz, hypothalamus: s1_hypo.nii.gz}",
+                )
             subjects.append(dict(s))
         shared = dict(shared)
     elif p.suffix.lower() == ".csv":
@@ -219,8 +234,11 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
         subjects = []
         for i, row in enumerate(rows):
             if None in row:
-                raise HelmError(f"subject {i + 1} has more cells than the header has columns", path=p,
-                                hint="fix the CSV (quote cells that contain commas)")
+                raise HelmError(
+                    f"subject {i + 1} has more cells than the header has columns",
+                    path=p,
+                    hint="fix the CSV (quote cells that contain commas)",
+                )
             subjects.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
         shared = {}
     else:
@@ -233,18 +251,23 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
         _check_keys(s, f"subject {i + 1}", p)
         for key in ("scan", "hypothalamus"):
             if not s.get(key):
-                raise HelmError(f"subject {i + 1} has no '{key}'", path=p,
-                                hint="every subject needs scan and hypothalamus")
+                raise HelmError(
+                    f"subject {i + 1} has no '{key}'", path=p, hint="every subject needs scan and hypothalamus"
+                )
         for key in PATH_KEYS:
             v = s.get(key)
-            if isinstance(v, str) and v and not os.path.isabs(v) and not is_url(v) \
-                    and not (key == "label_table" and v == "freesurfer"):
+            if (
+                isinstance(v, str)
+                and v
+                and not os.path.isabs(v)
+                and not is_url(v)
+                and not (key == "label_table" and v == "freesurfer")
+            ):
                 s[key] = str(base / v)
     return shared, subjects
 
 
-def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | None = None,
-                   manifest=None) -> RunParams:
+def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | None = None, manifest=None) -> RunParams:
     """The RunParams of one manifest row: ``base`` (the command line), then ``params:``, then the row."""
     known = manifest_keys()
     options = {}
@@ -259,8 +282,7 @@ def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | Non
             try:
                 options[key] = _value(key, v, known[key])
             except HelmError as e:
-                raise HelmError(f"{where}: {e.message}", path=manifest, hint=e.hint or "fix the manifest") \
-                    from None
+                raise HelmError(f"{where}: {e.message}", path=manifest, hint=e.hint or "fix the manifest") from None
     try:
         kw = run_params_kwargs(options)
     except HelmError as e:
@@ -289,14 +311,18 @@ def plan_batch(manifest, base: RunParams) -> list[tuple[int, RunParams]]:
     clashes = [(plan[rows[0] - 1][1].subject_name(), rows) for rows in by_name.values() if len(rows) > 1]
     if clashes:
         text = "; ".join(f"rows {', '.join(map(str, rows))} are all named {name!r}" for name, rows in clashes)
-        raise HelmError(f"two or more subjects would write to the same folder: {text}", path=manifest,
-                        hint="give each row its own 'subject:' (e.g. subject: sub01); a row without one is named "
-                             "after its scan's file name")
+        raise HelmError(
+            f"two or more subjects would write to the same folder: {text}",
+            path=manifest,
+            hint="give each row its own 'subject:' (e.g. subject: sub01); a row without one is named "
+            "after its scan's file name",
+        )
     return plan
 
 
-def run_batch(manifest, base: RunParams, *, quiet: bool = False, debug: bool = False,
-              plan: list | None = None) -> list[dict]:
+def run_batch(
+    manifest, base: RunParams, *, quiet: bool = False, debug: bool = False, plan: list | None = None
+) -> list[dict]:
     """Run every subject of a manifest; returns one summary row per subject (failures included).
 
     The manifest is checked whole first (:func:`plan_batch`, or the ``plan`` it returned): a problem there raises
@@ -313,12 +339,19 @@ def run_batch(manifest, base: RunParams, *, quiet: bool = False, debug: bool = F
             info = run_subject(params, quiet=quiet)
             rows.append(_summary_row(info, time.perf_counter() - t0))
         except HelmError as e:
-            rows.append({"subject": name, "status": f"failed: {e}", "seconds": round(time.perf_counter() - t0, 1),
-                         "stages": {}})
+            rows.append(
+                {"subject": name, "status": f"failed: {e}", "seconds": round(time.perf_counter() - t0, 1), "stages": {}}
+            )
             print(f"helm-dask: [{name}] failed: {e}", file=sys.stderr, flush=True)
         except Exception as e:  # keep going: one broken subject must not stop the batch
-            rows.append({"subject": name, "status": f"failed: internal error {type(e).__name__}: {e}",
-                         "seconds": round(time.perf_counter() - t0, 1), "stages": {}})
+            rows.append(
+                {
+                    "subject": name,
+                    "status": f"failed: internal error {type(e).__name__}: {e}",
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "stages": {},
+                }
+            )
             print(f"helm-dask: [{name}] internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if debug:
                 traceback.print_exc()
@@ -326,9 +359,13 @@ def run_batch(manifest, base: RunParams, *, quiet: bool = False, debug: bool = F
 
 
 def _summary_row(info: dict, seconds: float) -> dict:
-    row = {"subject": info["subject"], "status": "ok", "seconds": round(seconds, 1),
-           "stages": {k: v["seconds"] for k, v in info.get("stages", {}).items()},
-           "skipped": [k for k, v in info.get("stages", {}).items() if v["status"] == "skipped"]}
+    row = {
+        "subject": info["subject"],
+        "status": "ok",
+        "seconds": round(seconds, 1),
+        "stages": {k: v["seconds"] for k, v in info.get("stages", {}).items()},
+        "skipped": [k for k, v in info.get("stages", {}).items() if v["status"] == "skipped"],
+    }
     tr = info.get("transform")
     if tr:
         row["overlap_fraction"] = tr.get("fraction_across")
@@ -352,9 +389,15 @@ def format_summary(rows: list[dict]) -> str:
     for r in rows:
         ov = r.get("overlap_fraction")
         vol = r.get("mask_mm3")
-        lines.append([r["subject"], *[f"{r['stages'][s]:.1f}" if s in r.get("stages", {}) else "-" for s in stages],
-                      f"{vol:,.0f}" if isinstance(vol, (int, float)) else "-",
-                      f"{ov:.2e}" if isinstance(ov, (int, float)) else "-", r["status"]])
+        lines.append(
+            [
+                r["subject"],
+                *[f"{r['stages'][s]:.1f}" if s in r.get("stages", {}) else "-" for s in stages],
+                f"{vol:,.0f}" if isinstance(vol, (int, float)) else "-",
+                f"{ov:.2e}" if isinstance(ov, (int, float)) else "-",
+                r["status"],
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])

@@ -72,8 +72,7 @@ from .background import _as_dask, _check_3d, block_centres, block_mean, coarse_f
 from .errors import HelmError
 from .volume import affine_of, like, provenance_record, spacing_of
 
-__all__ = ["BiasModel", "estimate_bias", "bias_field", "correct_bias", "dct_basis", "fit_dct_mixture",
-           "fit_dct_lsq"]
+__all__ = ["BiasModel", "estimate_bias", "bias_field", "correct_bias", "dct_basis", "fit_dct_mixture", "fit_dct_lsq"]
 
 
 def dct_basis(u: np.ndarray, n_voxels: int, n_functions: int) -> np.ndarray:
@@ -105,16 +104,21 @@ class BiasModel:
 
     def to_dict(self) -> dict:
         """JSON-able dict (lists of floats)."""
-        return {"coefficients": np.asarray(self.coefficients, dtype=np.float64).tolist(),
-                "shape": [int(s) for s in self.shape],
-                "affine": np.asarray(self.affine, dtype=np.float64).tolist(),
-                "info": self.info}
+        return {
+            "coefficients": np.asarray(self.coefficients, dtype=np.float64).tolist(),
+            "shape": [int(s) for s in self.shape],
+            "affine": np.asarray(self.affine, dtype=np.float64).tolist(),
+            "info": self.info,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BiasModel":
-        return cls(coefficients=np.asarray(d["coefficients"], dtype=np.float64),
-                   shape=tuple(int(s) for s in d["shape"]),
-                   affine=np.asarray(d["affine"], dtype=np.float64), info=dict(d.get("info", {})))
+    def from_dict(cls, d: dict) -> BiasModel:
+        return cls(
+            coefficients=np.asarray(d["coefficients"], dtype=np.float64),
+            shape=tuple(int(s) for s in d["shape"]),
+            affine=np.asarray(d["affine"], dtype=np.float64),
+            info=dict(d.get("info", {})),
+        )
 
     def log_field(self, u0: np.ndarray, u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
         """Log-bias on the outer grid of continuous model-voxel indices ``u0 x u1 x u2`` (float64)."""
@@ -125,9 +129,9 @@ class BiasModel:
 
 def _separable(c: np.ndarray, b0: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
     """sum_abc c[a,b,c] b0[x,a] b1[y,b] b2[z,c], contracted one axis at a time (small intermediates)."""
-    t = np.tensordot(b0, c, axes=(1, 0))            # x, b, c
-    t = np.tensordot(t, b1, axes=(1, 1))            # x, c, y
-    t = np.tensordot(t, b2, axes=(1, 1))            # x, y, z
+    t = np.tensordot(b0, c, axes=(1, 0))  # x, b, c
+    t = np.tensordot(t, b1, axes=(1, 1))  # x, c, y
+    t = np.tensordot(t, b2, axes=(1, 1))  # x, y, z
     return t
 
 
@@ -146,8 +150,9 @@ def _n_functions(n_voxels: int, spacing_mm: float, basis_spacing_mm: float) -> i
     return int(math.floor(2.0 * length / basis_spacing_mm + 1e-9)) + 1
 
 
-def fit_dct_lsq(values: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, regularization: float = 1e-3
-                ) -> tuple[np.ndarray, np.ndarray]:
+def fit_dct_lsq(
+    values: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, regularization: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted least-squares fit of a smooth DCT field (constant included) to values on a grid.
 
     Minimises ``sum w (values - field)^2 + ridge``, the ridge growing with frequency squared (relative to the
@@ -163,8 +168,9 @@ def fit_dct_lsq(values: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, regul
     P = int(np.prod(K))
     A = _normal_matrix(np.asarray(w, dtype=np.float64), *B)
     rhs = np.einsum("xyz,xa,yb,zc->abc", w * values, *B, optimize=True).ravel()
-    kk = np.add.outer(np.add.outer((np.arange(K[0]) / K[0]) ** 2, (np.arange(K[1]) / K[1]) ** 2),
-                      (np.arange(K[2]) / K[2]) ** 2).ravel()
+    kk = np.add.outer(
+        np.add.outer((np.arange(K[0]) / K[0]) ** 2, (np.arange(K[1]) / K[1]) ** 2), (np.arange(K[2]) / K[2]) ** 2
+    ).ravel()
     tr = float(np.trace(A)) / P
     coef = np.linalg.solve(A + np.diag(regularization * tr * kk + 1e-12 * tr), rhs).reshape(K)
     return coef, _separable(coef, *B)
@@ -174,13 +180,21 @@ def _embed(c: np.ndarray, K: list[int]) -> np.ndarray:
     """Coefficients of a smaller (or larger) DCT basis placed into a basis of size K (lowest frequencies)."""
     out = np.zeros(K)
     n = [min(a, b) for a, b in zip(c.shape, K)]
-    out[:n[0], :n[1], :n[2]] = c[:n[0], :n[1], :n[2]]
+    out[: n[0], : n[1], : n[2]] = c[: n[0], : n[1], : n[2]]
     return out
 
 
-def fit_dct_mixture(logy: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, n_classes: int = 3,
-                    max_iter: int = 100, tol: float = 1e-6, regularization: float = 1e-4,
-                    init_coef: np.ndarray | None = None) -> dict:
+def fit_dct_mixture(
+    logy: np.ndarray,
+    w: np.ndarray,
+    B: list[np.ndarray],
+    *,
+    n_classes: int = 3,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    regularization: float = 1e-4,
+    init_coef: np.ndarray | None = None,
+) -> dict:
     """EM for "log-intensity = class mean + DCT log-bias + Gaussian noise" on a (coarse) grid, in memory.
 
     Parameters
@@ -208,8 +222,10 @@ def fit_dct_mixture(logy: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, n_c
     lv = logy[valid]
     wv = w[valid]
     # frequency-weighted ridge (only the relative size matters; it keeps the extrapolation calm)
-    kk = np.add.outer(np.add.outer((np.arange(K[0]) / max(K[0], 1)) ** 2, (np.arange(K[1]) / max(K[1], 1)) ** 2),
-                      (np.arange(K[2]) / max(K[2], 1)) ** 2).ravel()
+    kk = np.add.outer(
+        np.add.outer((np.arange(K[0]) / max(K[0], 1)) ** 2, (np.arange(K[1]) / max(K[1], 1)) ** 2),
+        (np.arange(K[2]) / max(K[2], 1)) ** 2,
+    ).ravel()
     free = np.arange(P) != 0  # the constant is confounded with the class means: not fitted
 
     coef = np.zeros(P) if init_coef is None else _embed(np.asarray(init_coef, dtype=np.float64), K).ravel()
@@ -238,7 +254,7 @@ def fit_dct_mixture(logy: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, n_c
         pi = np.maximum(nk / nk.sum(), 1e-12)
         pi = pi / pi.sum()
         # bias step: weighted least squares of the DCT coefficients
-        prec = g / var                                   # posterior precision per class (times weight)
+        prec = g / var  # posterior precision per class (times weight)
         wgt = prec.sum(axis=1)
         target = lv - (prec * mu).sum(axis=1) / np.maximum(wgt, 1e-300)
         W = np.zeros_like(logb)
@@ -263,13 +279,30 @@ def fit_dct_mixture(logy: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, n_c
     logb = logb - offset
     mu = mu + offset
     o = np.argsort(mu)
-    return {"coef": coef.reshape(K), "logb": logb, "mu": mu[o], "var": var[o], "pi": pi[o], "n_iter": int(it),
-            "history": history}
+    return {
+        "coef": coef.reshape(K),
+        "logb": logb,
+        "mu": mu[o],
+        "var": var[o],
+        "pi": pi[o],
+        "n_iter": int(it),
+        "history": history,
+    }
 
 
-def estimate_bias(image: xr.DataArray, mask: xr.DataArray, *, coarse_spacing_mm: float = 2.0, n_classes: int = 3,
-                  basis_spacing_mm: float = 75.0, max_iter: int = 100, tol: float = 1e-5,
-                  regularization: float = 1e-4, min_coverage: float = 0.5, min_signal: float = 0.2) -> BiasModel:
+def estimate_bias(
+    image: xr.DataArray,
+    mask: xr.DataArray,
+    *,
+    coarse_spacing_mm: float = 2.0,
+    n_classes: int = 3,
+    basis_spacing_mm: float = 75.0,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    regularization: float = 1e-4,
+    min_coverage: float = 0.5,
+    min_signal: float = 0.2,
+) -> BiasModel:
     """Fit a smooth multiplicative bias field inside the mask (SAMSEG-style DCT + log-intensity mixture).
 
     Parameters
@@ -314,8 +347,11 @@ def estimate_bias(image: xr.DataArray, mask: xr.DataArray, *, coarse_spacing_mm:
     src = image.attrs.get("source") or None
     aff = affine_of(image)
     if tuple(image.shape) != tuple(mask.shape) or not np.allclose(aff, affine_of(mask), rtol=0, atol=1e-6):
-        raise HelmError("the mask is not on the image grid (shape and affine must agree)", path=src,
-                        hint="Use the brain mask computed on (or resampled to) this image.")
+        raise HelmError(
+            "the mask is not on the image grid (shape and affine must agree)",
+            path=src,
+            hint="Use the brain mask computed on (or resampled to) this image.",
+        )
     spacing = spacing_of(aff)
     factors = coarse_factors(spacing, coarse_spacing_mm)
     y, cov = block_mean(image, factors, mask=mask)
@@ -326,20 +362,25 @@ def estimate_bias(image: xr.DataArray, mask: xr.DataArray, *, coarse_spacing_mm:
         n_dark = int(dark.sum())
         valid &= ~dark
     if not valid.any():
-        raise HelmError("the brain mask is empty (or the image is 0 inside it): no bias field can be fitted",
-                        path=src, hint="Check the background-removal output.")
+        raise HelmError(
+            "the brain mask is empty (or the image is 0 inside it): no bias field can be fitted",
+            path=src,
+            hint="Check the background-removal output.",
+        )
     shape = tuple(int(s) for s in image.shape)
     K = [_n_functions(n, s, basis_spacing_mm) for n, s in zip(shape, spacing)]
     B = [dct_basis(block_centres(n, f), n, k) for n, f, k in zip(shape, factors, K)]
     P = int(np.prod(K))
     n_valid = int(valid.sum())
     if n_valid < max(50, 5 * P):
-        raise HelmError(f"too few coarse voxels inside the mask ({n_valid}) for {P} bias basis functions",
-                        path=src, hint="Use a smaller coarse_spacing_mm or a larger basis_spacing_mm.")
+        raise HelmError(
+            f"too few coarse voxels inside the mask ({n_valid}) for {P} bias basis functions",
+            path=src,
+            hint="Use a smaller coarse_spacing_mm or a larger basis_spacing_mm.",
+        )
     w = np.where(valid, cov, 0.0)
     logy = np.where(valid, np.log(np.where(valid, y, 1.0)), 0.0)
-    fit = fit_dct_mixture(logy, w, B, n_classes=n_classes, max_iter=max_iter, tol=tol,
-                          regularization=regularization)
+    fit = fit_dct_mixture(logy, w, B, n_classes=n_classes, max_iter=max_iter, tol=tol, regularization=regularization)
     coef, mu, var, pi, it, history = (fit[k] for k in ("coef", "mu", "var", "pi", "n_iter", "history"))
     info = {
         "method": "SAMSEG-style DCT log-bias + log-intensity Gaussian mixture (EM), fitted on a coarse copy",
@@ -365,15 +406,17 @@ def estimate_bias(image: xr.DataArray, mask: xr.DataArray, *, coarse_spacing_mm:
 
 def _field_block(model: dict, chunks: tuple, block_id=None) -> np.ndarray:
     """exp(log-bias) for one chunk of the output grid (float32)."""
-    idx = [np.arange(sum(chunks[ax][:block_id[ax]]), sum(chunks[ax][:block_id[ax] + 1]), dtype=np.float64)
-           for ax in range(3)]
+    idx = [
+        np.arange(sum(chunks[ax][: block_id[ax]]), sum(chunks[ax][: block_id[ax] + 1]), dtype=np.float64)
+        for ax in range(3)
+    ]
     c = model["coef"]
-    M = model["M"]          # like-voxel -> model-voxel (4x4)
+    M = model["M"]  # like-voxel -> model-voxel (4x4)
     shape = model["shape"]
     if model["perm"] is not None:
         perm = model["perm"]  # model axis a depends only on like axis perm[a]
         bs = [dct_basis(M[a, perm[a]] * idx[perm[a]] + M[a, 3], shape[a], c.shape[a]) for a in range(3)]
-        t = _separable(c, *bs)                          # axes in model order (like axes perm[0], perm[1], ...)
+        t = _separable(c, *bs)  # axes in model order (like axes perm[0], perm[1], ...)
         inv = np.argsort(perm)
         t = np.transpose(t, inv)
     else:
@@ -421,12 +464,28 @@ def bias_field(model: BiasModel, like_vol: xr.DataArray, *, keep_bits: int | Non
     perm = None
     if np.all(nz.sum(axis=1) == 1) and np.all(nz.sum(axis=0) == 1):
         perm = tuple(int(np.argmax(nz[a])) for a in range(3))
-    small = {"coef": np.asarray(model.coefficients, dtype=np.float64), "M": M, "shape": tuple(model.shape),
-             "perm": perm, "keep_bits": keep_bits}
-    data = da.map_blocks(_field_block, dask.delayed(small, pure=True), arr.chunks, dtype=np.float32,
-                         chunks=arr.chunks, meta=np.empty((0, 0, 0), np.float32))
-    out = like(like_vol, data, kind="image", name="bias_field",
-               step=provenance_record("bias_field", {"model": model.to_dict()["info"].get("method", "")}))
+    small = {
+        "coef": np.asarray(model.coefficients, dtype=np.float64),
+        "M": M,
+        "shape": tuple(model.shape),
+        "perm": perm,
+        "keep_bits": keep_bits,
+    }
+    data = da.map_blocks(
+        _field_block,
+        dask.delayed(small, pure=True),
+        arr.chunks,
+        dtype=np.float32,
+        chunks=arr.chunks,
+        meta=np.empty((0, 0, 0), np.float32),
+    )
+    out = like(
+        like_vol,
+        data,
+        kind="image",
+        name="bias_field",
+        step=provenance_record("bias_field", {"model": model.to_dict()["info"].get("method", "")}),
+    )
     out.attrs["bias_model"] = model.to_dict()
     return out
 
@@ -442,16 +501,24 @@ def correct_bias(image: xr.DataArray, model: BiasModel, mask: xr.DataArray | Non
     data = (arr.astype(np.float32) / fld.data).astype(np.float32)
     if mask is not None:
         _check_3d(mask, "mask")
-        if tuple(mask.shape) != tuple(image.shape) or not np.allclose(affine_of(mask), affine_of(image),
-                                                                      rtol=0, atol=1e-6):
-            raise HelmError("the mask is not on the image grid (shape and affine must agree)",
-                            path=image.attrs.get("source") or None,
-                            hint="Use the brain mask computed on (or resampled to) this image.")
+        if tuple(mask.shape) != tuple(image.shape) or not np.allclose(
+            affine_of(mask), affine_of(image), rtol=0, atol=1e-6
+        ):
+            raise HelmError(
+                "the mask is not on the image grid (shape and affine must agree)",
+                path=image.attrs.get("source") or None,
+                hint="Use the brain mask computed on (or resampled to) this image.",
+            )
         m = _as_dask(mask)
         if m.chunks != arr.chunks:
             m = m.rechunk(arr.chunks)
         data = da.where(m > 0, data, np.float32(0))
     mdl = model if isinstance(model, BiasModel) else BiasModel.from_dict(model)
-    return like(image, data, kind="image",
-                step=provenance_record("bias_correction", {"basis_functions": mdl.info.get("basis_functions"),
-                                                            "masked": mask is not None}))
+    return like(
+        image,
+        data,
+        kind="image",
+        step=provenance_record(
+            "bias_correction", {"basis_functions": mdl.info.get("basis_functions"), "masked": mask is not None}
+        ),
+    )

@@ -86,6 +86,7 @@ EPS = 1e-9
 # the structuring element
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _spacing3(spacing_mm: Any) -> tuple[float, float, float]:
     try:
         s = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
@@ -102,8 +103,10 @@ def _radius(radius_mm: Any) -> float:
     except (TypeError, ValueError):
         raise HelmError(f"the closing radius must be a number of mm, got {radius_mm!r}") from None
     if not math.isfinite(r) or r < 0:
-        raise HelmError(f"the closing radius must be >= 0 mm, got {radius_mm!r}",
-                        hint="use --closing-radius-mm 1.2 (the paper's value) or 0 to switch the closing off")
+        raise HelmError(
+            f"the closing radius must be >= 0 mm, got {radius_mm!r}",
+            hint="use --closing-radius-mm 1.2 (the paper's value) or 0 to switch the closing off",
+        )
     return r
 
 
@@ -124,7 +127,7 @@ def half_extent(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
     out = []
     for si in s:
         n = int(math.floor(math.sqrt(r2) / si))
-        while ((n + 1) * si) ** 2 <= r2:      # settle floating-point rounding of the estimate both ways
+        while ((n + 1) * si) ** 2 <= r2:  # settle floating-point rounding of the estimate both ways
             n += 1
         while n > 0 and (n * si) ** 2 > r2:
             n -= 1
@@ -177,6 +180,7 @@ def ball(radius_mm: float, spacing_mm: Any) -> np.ndarray:
 # per-block NumPy kernels
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _bbox(mask: np.ndarray, margin: tuple[int, ...]) -> tuple[slice, ...] | None:
     """Bounding box of the True voxels grown by ``margin`` per axis (clipped), or None when empty."""
     out = []
@@ -213,7 +217,7 @@ def _closing_np(mask: np.ndarray, spacing: tuple[float, float, float], r2: float
     """
     dil = _nearest_sq(mask, spacing) <= r2
     if dil.all():
-        return dil        # nothing outside the dilation within reach: the erosion removes nothing here
+        return dil  # nothing outside the dilation within reach: the erosion removes nothing here
     return _nearest_sq(~dil, spacing) > r2
 
 
@@ -222,7 +226,7 @@ def _closing_block(block: np.ndarray, *, spacing, half, r2) -> np.ndarray:
     out = np.zeros(block.shape, dtype=bool)
     box = _bbox(mask, tuple(2 * h for h in half))
     if box is None:
-        return out            # no label within reach: nothing to close (the common case)
+        return out  # no label within reach: nothing to close (the common case)
     out[box] = _closing_np(mask[box], spacing, r2)
     return out
 
@@ -244,20 +248,21 @@ def _close_labels_block(block: np.ndarray, *, spacing, half, r2, codes) -> np.nd
     sub = _bbox(added, tuple(2 * h for h in half))
     lab_s, added_s = lab_c[sub], added[sub]
     present = np.unique(lab_s[lab_s != 0])
-    if present.size == 0:        # cannot happen (the closing only adds voxels within r of a label)
+    if present.size == 0:  # cannot happen (the closing only adds voxels within r of a label)
         return out
-    q = np.stack([_nearest_sq(lab_s == c, spacing)[added_s] for c in present])   # codes x added voxels
+    q = np.stack([_nearest_sq(lab_s == c, spacing)[added_s] for c in present])  # codes x added voxels
     qmin = q.min(axis=0)
     tied = q <= qmin * (1.0 + EPS)
-    choice = present[np.argmax(tied, axis=0)]      # first (= smallest) code among the tied ones
+    choice = present[np.argmax(tied, axis=0)]  # first (= smallest) code among the tied ones
     view = out[box][sub]
-    view[added_s] = choice          # basic slices: ``view`` writes through into ``out``
+    view[added_s] = choice  # basic slices: ``view`` writes through into ``out``
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # chunked application
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs) -> da.Array:
     """``func`` on every chunk with ``depth`` voxels of context per side, background (0) beyond the volume.
@@ -280,8 +285,7 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
     return region_map(_overlap_task, [data], data.chunks, plan, dtype, name="closing", cache=False)
 
 
-def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict
-                  ) -> np.ndarray:
+def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict) -> np.ndarray:
     out = func(pad_halo(regions[0], ranges, lo, hi, depth, "constant"), **kwargs)
     return out[tuple(slice(d, d + b - a) for (a, b), d in zip(ranges, depth))]
 
@@ -295,8 +299,10 @@ def _geometry(vol: Any, spacing_mm: Any) -> tuple[da.Array, tuple[float, float, 
         sp = spacing_of(a)
         gram = (m.T @ m) / np.outer(sp, sp)
         if np.abs(gram - np.eye(3)).max() > 1e-6:
-            raise HelmError("the volume's affine has sheared voxel axes: a sphere in mm is not an ellipsoid in "
-                            "voxels there", hint="resample it to an orthogonal grid first")
+            raise HelmError(
+                "the volume's affine has sheared voxel axes: a sphere in mm is not an ellipsoid in voxels there",
+                hint="resample it to an orthogonal grid first",
+            )
         data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
         return data, _spacing3(sp)
     if spacing_mm is None:
@@ -335,12 +341,14 @@ def binary_closing_mm(mask: Any, radius_mm: float, *, spacing_mm: Any = None) ->
     data, spacing = _geometry(mask, spacing_mm)
     r = _radius(radius_mm)
     half = half_extent(r, spacing)
-    out = _overlap_apply(data, _closing_block, tuple(2 * h for h in half), bool,
-                         spacing=spacing, half=half, r2=_r2(r))
+    out = _overlap_apply(data, _closing_block, tuple(2 * h for h in half), bool, spacing=spacing, half=half, r2=_r2(r))
     if isinstance(mask, xr.DataArray):
-        return like(mask, out.astype(np.uint8), kind="mask",
-                    step=provenance_record("closing.binary_closing_mm",
-                                           {"radius_mm": r, "spacing_mm": list(spacing)}))
+        return like(
+            mask,
+            out.astype(np.uint8),
+            kind="mask",
+            step=provenance_record("closing.binary_closing_mm", {"radius_mm": r, "spacing_mm": list(spacing)}),
+        )
     return out
 
 
@@ -376,17 +384,31 @@ def close_labels(labels_vol: xr.DataArray, radius_mm: float = 1.2, *, codes: Any
     """
     data, spacing = _geometry(labels_vol, None)
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.bool_)):
-        raise HelmError(f"manual labels must be integer codes, got dtype {data.dtype}",
-                        hint="validate them with helm_dask.labels.validate_manual_labels first")
+        raise HelmError(
+            f"manual labels must be integer codes, got dtype {data.dtype}",
+            hint="validate them with helm_dask.labels.validate_manual_labels first",
+        )
     r = _radius(radius_mm)
     code_arr = None if codes is None else np.unique(np.asarray(list(codes), dtype=np.int64))
     if code_arr is not None and (code_arr.size == 0 or code_arr.min() < 1 or code_arr.max() > 65535):
         raise HelmError(f"codes must be label values in 1..65535, got {list(codes)!r}")
     half = half_extent(r, spacing)
-    out = _overlap_apply(data, _close_labels_block, tuple(2 * h for h in half), np.uint16,
-                         spacing=spacing, half=half, r2=_r2(r), codes=code_arr)
-    params = {"radius_mm": r, "spacing_mm": list(spacing), "depth_voxels": [2 * h for h in half],
-              "codes": None if code_arr is None else code_arr.tolist()}
+    out = _overlap_apply(
+        data,
+        _close_labels_block,
+        tuple(2 * h for h in half),
+        np.uint16,
+        spacing=spacing,
+        half=half,
+        r2=_r2(r),
+        codes=code_arr,
+    )
+    params = {
+        "radius_mm": r,
+        "spacing_mm": list(spacing),
+        "depth_voxels": [2 * h for h in half],
+        "codes": None if code_arr is None else code_arr.tolist(),
+    }
     return like(labels_vol, out, kind="labels", step=provenance_record("closing.close_labels", params))
 
 
@@ -411,12 +433,17 @@ def merge_labels(kmeans_vol: xr.DataArray, closed_labels_vol: xr.DataArray) -> x
     [1, 801, 3, 250]
     """
     if kmeans_vol.shape != closed_labels_vol.shape:
-        raise HelmError(f"the k-means map {kmeans_vol.shape} and the manual labels {closed_labels_vol.shape} "
-                        "are not on the same grid", hint="resample the labels to the working grid first")
+        raise HelmError(
+            f"the k-means map {kmeans_vol.shape} and the manual labels {closed_labels_vol.shape} "
+            "are not on the same grid",
+            hint="resample the labels to the working grid first",
+        )
     a, b = affine_of(kmeans_vol), affine_of(closed_labels_vol)
     if not np.allclose(a, b, rtol=0, atol=1e-6 * max(1.0, float(np.abs(a).max()))):
-        raise HelmError("the k-means map and the manual labels have different affines (not the same grid)",
-                        hint="resample the labels to the working grid first")
+        raise HelmError(
+            "the k-means map and the manual labels have different affines (not the same grid)",
+            hint="resample the labels to the working grid first",
+        )
     km = kmeans_vol.data if isinstance(kmeans_vol.data, da.Array) else da.asarray(kmeans_vol.data)
     man = closed_labels_vol.data if isinstance(closed_labels_vol.data, da.Array) else da.asarray(closed_labels_vol.data)
     man = man.rechunk(km.chunks)

@@ -32,8 +32,10 @@ from .errors import HelmError
 LOCAL_SCHEDULERS = ("threads", "synchronous")
 #: How long to wait for a scheduler to accept us; short, so that a wrong address fails fast.
 CONNECT_TIMEOUT = "10s"
-_TLS_HINT = ("pass --tls-ca/--tls-cert/--tls-key (or set distributed.comm.tls.* in a Dask config file, "
-             "e.g. one named by DASK_CONFIG)")
+_TLS_HINT = (
+    "pass --tls-ca/--tls-cert/--tls-key (or set distributed.comm.tls.* in a Dask config file, "
+    "e.g. one named by DASK_CONFIG)"
+)
 
 
 @dataclass
@@ -46,19 +48,26 @@ class ClusterOptions:
     memory_limit: str | None = None
     dashboard: str = "127.0.0.1:0"  # localhost only unless asked otherwise
     quiet: bool = False
-    tls_ca: str | None = None       # PEM file of the CA that signed the cluster's certificates
-    tls_cert: str | None = None     # PEM certificate this process presents (may also hold the key)
-    tls_key: str | None = None      # PEM private key of tls_cert
+    tls_ca: str | None = None  # PEM file of the CA that signed the cluster's certificates
+    tls_cert: str | None = None  # PEM certificate this process presents (may also hold the key)
+    tls_key: str | None = None  # PEM private key of tls_cert
     connect_timeout: str = CONNECT_TIMEOUT
 
     @classmethod
-    def from_args(cls, args) -> "ClusterOptions":
+    def from_args(cls, args) -> ClusterOptions:
         """Options from an ``argparse`` namespace built with the CLI's compute options (missing ones: defaults)."""
-        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-        return cls(scheduler=get("scheduler"), workers=get("workers"), threads_per_worker=get("threads_per_worker"),
-                   memory_limit=get("memory_limit"), dashboard=get("dashboard_address") or "127.0.0.1:0",
-                   quiet=bool(get("quiet", False)), tls_ca=get("tls_ca"), tls_cert=get("tls_cert"),
-                   tls_key=get("tls_key"))
+        get = lambda name, default=None: getattr(args, name, default)
+        return cls(
+            scheduler=get("scheduler"),
+            workers=get("workers"),
+            threads_per_worker=get("threads_per_worker"),
+            memory_limit=get("memory_limit"),
+            dashboard=get("dashboard_address") or "127.0.0.1:0",
+            quiet=bool(get("quiet", False)),
+            tls_ca=get("tls_ca"),
+            tls_cert=get("tls_cert"),
+            tls_key=get("tls_key"),
+        )
 
 
 def default_workers() -> int:
@@ -87,8 +96,10 @@ def parse_memory_limit(text: str) -> str:
     except (ValueError, TypeError):
         raise ValueError(f"is not a size like 4GB or 3.5GiB (or auto): {text!r}") from None
     if n < MIN_WORKER_MEMORY:
-        raise ValueError(f"{text!r} is below the minimum of {MIN_WORKER_MEMORY // 2**20} MiB per worker (a worker "
-                         f"holds ~250 MB before any data and pauses at 80% of its limit)")
+        raise ValueError(
+            f"{text!r} is below the minimum of {MIN_WORKER_MEMORY // 2**20} MiB per worker (a worker "
+            f"holds ~250 MB before any data and pauses at 80% of its limit)"
+        )
     return str(text)
 
 
@@ -122,9 +133,10 @@ def security_from_options(opts: ClusterOptions):
     if not (opts.tls_ca or opts.tls_cert or opts.tls_key):
         return None
     if not (opts.tls_ca and opts.tls_cert):
-        raise HelmError("TLS needs at least --tls-ca and --tls-cert (and --tls-key unless the key is inside the "
-                        "certificate file)", hint="pass all three, e.g. --tls-ca ca.pem --tls-cert me.pem "
-                                                  "--tls-key me.key")
+        raise HelmError(
+            "TLS needs at least --tls-ca and --tls-cert (and --tls-key unless the key is inside the certificate file)",
+            hint="pass all three, e.g. --tls-ca ca.pem --tls-cert me.pem --tls-key me.key",
+        )
     for flag, path in (("--tls-ca", opts.tls_ca), ("--tls-cert", opts.tls_cert), ("--tls-key", opts.tls_key)):
         if path is not None and not os.path.isfile(path):
             raise HelmError(f"{flag} file not found", path=path, hint="give the path of a PEM file")
@@ -132,15 +144,25 @@ def security_from_options(opts: ClusterOptions):
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=opts.tls_ca)
         ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
     except (ssl.SSLError, OSError, ValueError) as e:
-        raise HelmError(f"cannot load the TLS files ({e})", path=opts.tls_cert,
-                        hint="--tls-ca must be the CA's PEM certificate, --tls-cert a PEM certificate and "
-                             "--tls-key its unencrypted PEM private key") from None
+        raise HelmError(
+            f"cannot load the TLS files ({e})",
+            path=opts.tls_cert,
+            hint="--tls-ca must be the CA's PEM certificate, --tls-cert a PEM certificate and "
+            "--tls-key its unencrypted PEM private key",
+        ) from None
     from distributed.security import Security
 
     cert, key = opts.tls_cert, opts.tls_key
-    return Security(tls_ca_file=opts.tls_ca, tls_client_cert=cert, tls_client_key=key,
-                    tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key,
-                    require_encryption=True)
+    return Security(
+        tls_ca_file=opts.tls_ca,
+        tls_client_cert=cert,
+        tls_client_key=key,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
+        require_encryption=True,
+    )
 
 
 def scheduler_address(target: str) -> str:
@@ -153,16 +175,25 @@ def scheduler_address(target: str) -> str:
             with open(target, encoding="utf-8") as f:
                 address = json.load(f)["address"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise HelmError(f"not a Dask scheduler file ({type(e).__name__}: {e})", path=target,
-                            hint="give the file written by `dask scheduler --scheduler-file FILE`, or an address "
-                                 "like tcp://HOST:8786") from None
+            raise HelmError(
+                f"not a Dask scheduler file ({type(e).__name__}: {e})",
+                path=target,
+                hint="give the file written by `dask scheduler --scheduler-file FILE`, or an address "
+                "like tcp://HOST:8786",
+            ) from None
         if not isinstance(address, str) or not address:
-            raise HelmError("the scheduler file has no address", path=target,
-                            hint="give the file written by `dask scheduler --scheduler-file FILE`")
+            raise HelmError(
+                "the scheduler file has no address",
+                path=target,
+                hint="give the file written by `dask scheduler --scheduler-file FILE`",
+            )
         return address
     if "://" not in target and (target.endswith(".json") or os.sep in target):
-        raise HelmError("scheduler file not found", path=target,
-                        hint="start the scheduler with --scheduler-file, or give its address like tcp://HOST:8786")
+        raise HelmError(
+            "scheduler file not found",
+            path=target,
+            hint="start the scheduler with --scheduler-file, or give its address like tcp://HOST:8786",
+        )
     return target
 
 
@@ -183,28 +214,40 @@ def _connection_error(address: str, exc: BaseException, timeout: str) -> HelmErr
         # distributed's message for a tls:// address without any TLS configuration
         return HelmError(f"scheduler {address} requires TLS but no certificates were given", hint=_TLS_HINT)
     if isinstance(exc, RuntimeError) and "encryption required" in text:
-        return HelmError(f"TLS is required (--tls-* or distributed.comm.require-encryption) but scheduler address "
-                         f"{address} is not tls://",
-                         hint="use the tls:// address the scheduler prints (or its scheduler file)")
+        return HelmError(
+            f"TLS is required (--tls-* or distributed.comm.require-encryption) but scheduler address "
+            f"{address} is not tls://",
+            hint="use the tls:// address the scheduler prints (or its scheduler file)",
+        )
     if isinstance(exc, FatalCommClosedError) or any(issubclass(c, ssl.SSLError) for c in causes):
         detail = next((str(c) for c in chain if isinstance(c, ssl.SSLError)), text)
-        return HelmError(f"TLS handshake with scheduler {address} failed ({detail.strip()})",
-                         hint="check that --tls-ca is the CA that signed the cluster's certificates and that "
-                              "--tls-cert/--tls-key were signed by it; a scheduler without TLS needs tcp:// and no "
-                              "--tls-* flags")
+        return HelmError(
+            f"TLS handshake with scheduler {address} failed ({detail.strip()})",
+            hint="check that --tls-ca is the CA that signed the cluster's certificates and that "
+            "--tls-cert/--tls-key were signed by it; a scheduler without TLS needs tcp:// and no "
+            "--tls-* flags",
+        )
     if any(issubclass(c, ConnectionRefusedError) for c in causes):
-        return HelmError(f"no Dask scheduler at {address} (connection refused)",
-                         hint="start one (`dask scheduler`) or fix --scheduler (tcp://HOST:PORT or a scheduler file)")
+        return HelmError(
+            f"no Dask scheduler at {address} (connection refused)",
+            hint="start one (`dask scheduler`) or fix --scheduler (tcp://HOST:PORT or a scheduler file)",
+        )
     if not secure and any(issubclass(c, (ConnectionResetError, CommClosedError)) for c in causes):
         # a TLS scheduler drops a plain-TCP client as soon as it sees no TLS hello
-        return HelmError(f"scheduler {address} refused the connection: it probably requires TLS",
-                         hint=f"connect to tls://{address.split('://')[-1]} and {_TLS_HINT}")
+        return HelmError(
+            f"scheduler {address} refused the connection: it probably requires TLS",
+            hint=f"connect to tls://{address.split('://')[-1]} and {_TLS_HINT}",
+        )
     if isinstance(exc, (OSError, TimeoutError)):
-        return HelmError(f"scheduler {address} did not answer within {timeout} ({text})",
-                         hint="check the address, that the scheduler is running and reachable (firewall), and "
-                              "for a TLS scheduler the tls:// scheme and the --tls-* files")
-    return HelmError(f"cannot connect to scheduler {address} ({type(exc).__name__}: {text})",
-                     hint="check --scheduler and the --tls-* options")
+        return HelmError(
+            f"scheduler {address} did not answer within {timeout} ({text})",
+            hint="check the address, that the scheduler is running and reachable (firewall), and "
+            "for a TLS scheduler the tls:// scheme and the --tls-* files",
+        )
+    return HelmError(
+        f"cannot connect to scheduler {address} ({type(exc).__name__}: {text})",
+        hint="check --scheduler and the --tls-* options",
+    )
 
 
 def connect_client(opts: ClusterOptions):
@@ -216,7 +259,7 @@ def connect_client(opts: ClusterOptions):
     kw = {"security": security} if security is not None else {}
     try:
         return Client(address, timeout=opts.connect_timeout, **kw)
-    except Exception as e:  # noqa: BLE001 -- every way of not connecting gets one actionable line
+    except Exception as e:
         err = _connection_error(address, e, opts.connect_timeout)
     # The half-built Client (kept alive by the traceback) would print a traceback from its __del__ at exit
     # (distributed's Client.close on a client that never connected): collect it now, quietly.
@@ -246,10 +289,17 @@ def start_local_cluster(opts: ClusterOptions):
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        return LocalCluster(n_workers=opts.workers or default_workers(),
-                            threads_per_worker=opts.threads_per_worker or 1, memory_limit=opts.memory_limit or "auto",
-                            processes=True, host="127.0.0.1", dashboard_address=opts.dashboard,
-                            silence_logs=logging.CRITICAL, preload=["helm_dask.cluster"], **kw)
+        return LocalCluster(
+            n_workers=opts.workers or default_workers(),
+            threads_per_worker=opts.threads_per_worker or 1,
+            memory_limit=opts.memory_limit or "auto",
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=opts.dashboard,
+            silence_logs=logging.CRITICAL,
+            preload=["helm_dask.cluster"],
+            **kw,
+        )
     finally:
         if main:
             signal.signal(signal.SIGINT, old)
@@ -260,7 +310,7 @@ def _dashboard_link(client) -> str:
         if client.cluster is None and "dashboard" not in client.scheduler_info().get("services", {}):
             return "(no dashboard)"
         return client.dashboard_link or "(no dashboard)"
-    except Exception:  # noqa: BLE001 -- a missing dashboard must never stop a run
+    except Exception:
         return "(no dashboard)"
 
 
@@ -272,15 +322,20 @@ def _run_error(exc: BaseException, address: str, client) -> HelmError | None:
     from distributed.comm.core import CommClosedError
 
     if isinstance(exc, KilledWorker):
-        return HelmError(f"a task failed repeatedly because the workers running it died ({exc})",
-                         hint="workers were killed or ran out of memory: raise --memory-limit or lower "
-                              "--threads-per-worker, then rerun (finished stages are reused)")
+        return HelmError(
+            f"a task failed repeatedly because the workers running it died ({exc})",
+            hint="workers were killed or ran out of memory: raise --memory-limit or lower "
+            "--threads-per-worker, then rerun (finished stages are reused)",
+        )
     lost = client.status != "running"  # the client gave up reconnecting (it cancels every future then)
-    if isinstance(exc, CommClosedError) or (lost and isinstance(exc, (concurrent.futures.CancelledError,
-                                                                          OSError, TimeoutError))):
-        return HelmError(f"lost the connection to scheduler {address} ({type(exc).__name__})",
-                         hint="check that the scheduler is still running, then rerun: finished stages are reused, "
-                              "nothing half-written is kept")
+    if isinstance(exc, CommClosedError) or (
+        lost and isinstance(exc, (concurrent.futures.CancelledError, OSError, TimeoutError))
+    ):
+        return HelmError(
+            f"lost the connection to scheduler {address} ({type(exc).__name__})",
+            hint="check that the scheduler is still running, then rerun: finished stages are reused, "
+            "nothing half-written is kept",
+        )
     return None
 
 
@@ -310,7 +365,7 @@ def compute_context(opts: ClusterOptions | None = None):
     # Stages ship small fitted models (the bag-removal coarse model is ~35 MB, whatever the volume size) once per
     # graph; distributed's advice about large graphs is not actionable for users, so keep it out of their output.
     warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
-    logging.getLogger("asyncio").addFilter(_ALL_EXIT_FILTER)     # idempotent: one filter object
+    logging.getLogger("asyncio").addFilter(_ALL_EXIT_FILTER)  # idempotent: one filter object
     if opts.scheduler in LOCAL_SCHEDULERS:
         with dask.config.set(scheduler=opts.scheduler):
             yield None
@@ -326,8 +381,12 @@ def compute_context(opts: ClusterOptions | None = None):
     try:
         if not opts.quiet:
             nthreads = client.nthreads()
-            print(f"dask: {len(nthreads)} worker(s), {sum(nthreads.values())} thread(s) at {address}; "
-                  f"dashboard {_dashboard_link(client)}", file=sys.stderr, flush=True)
+            print(
+                f"dask: {len(nthreads)} worker(s), {sum(nthreads.values())} thread(s) at {address}; "
+                f"dashboard {_dashboard_link(client)}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             yield client
         except Exception as e:

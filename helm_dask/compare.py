@@ -48,8 +48,9 @@ def _label_files(folder: Path, filename: str) -> list[str]:
     return sorted(str(p) for p in folder.iterdir() if p.name.endswith(LABEL_EXTS) and not p.name.startswith("."))
 
 
-def compare_folders(a, b, *, filename: str = "hypothalamus.nii.gz", labels=None, groups="paper",
-                    resample_b: bool = False):
+def compare_folders(
+    a, b, *, filename: str = "hypothalamus.nii.gz", labels=None, groups="paper", resample_b: bool = False
+):
     """Pair subjects by name and compare each pair; returns (per-subject rows, summary rows, unpaired names)."""
     from .metrics import pair_by_name, summarise
 
@@ -61,8 +62,11 @@ def compare_folders(a, b, *, filename: str = "hypothalamus.nii.gz", labels=None,
 
     pairs, only_a, only_b = pair_by_name(names(fa), names(fb))
     if not pairs:
-        raise HelmError(f"no subject appears in both folders ({len(fa)} maps in A, {len(fb)} in B)", path=a,
-                        hint="name the maps (or subject folders) the same way in both folders")
+        raise HelmError(
+            f"no subject appears in both folders ({len(fa)} maps in A, {len(fb)} in B)",
+            path=a,
+            hint="name the maps (or subject folders) the same way in both folders",
+        )
     per_subject = {}
     for name, pa, pb in pairs:
         pa = pa if Path(pa).is_file() or pa.endswith(".zarr") else str(Path(pa) / filename)

@@ -18,8 +18,9 @@ def _say(quiet: bool, *msg) -> None:
         print(*msg, flush=True)
 
 
-def run_demo(out, *, cluster: ClusterOptions | None = None, spacing_mm: float = 1.0, quiet: bool = False,
-             overwrite: bool = False) -> int:
+def run_demo(
+    out, *, cluster: ClusterOptions | None = None, spacing_mm: float = 1.0, quiet: bool = False, overwrite: bool = False
+) -> int:
     from .batch import format_summary, run_batch
     from .compare import compare_files
     from .metrics import format_table
@@ -42,7 +43,8 @@ def run_demo(out, *, cluster: ClusterOptions | None = None, spacing_mm: float = 
             "  - {scan: phantom_L/scan.nii.gz, hypothalamus: phantom_L/hypothalamus.nii.gz, side: auto,"
             " subject: phantom_L}\n"
             "  - {scan: phantom_R/scan.nii.gz, hypothalamus: phantom_R/hypothalamus.nii.gz, side: auto,"
-            " subject: phantom_R}\n")
+            " subject: phantom_R}\n"
+        )
         _say(quiet, f"[demo] helm-dask run {manifest} --out {out / 'results'}")
         base = RunParams(scan="", hypothalamus="", out=str(out / "results"))
         rows = run_batch(manifest, base, quiet=quiet)
@@ -50,8 +52,9 @@ def run_demo(out, *, cluster: ClusterOptions | None = None, spacing_mm: float = 
         left = out / "results" / "phantom_L"
         if (left / "hemi_k6.nii.gz").exists():
             _say(quiet, "[demo] true hypothalamus vs the pipeline's merged map (k = 6), left phantom:")
-            table = compare_files(out / "inputs" / "phantom_L" / "hypothalamus.nii.gz", left / "hemi_k6.nii.gz",
-                                  resample_b=True)
+            table = compare_files(
+                out / "inputs" / "phantom_L" / "hypothalamus.nii.gz", left / "hemi_k6.nii.gz", resample_b=True
+            )
             _say(quiet, format_table(table))
     _say(quiet, f"\n[demo] done in {time.perf_counter() - t0:.1f}s; outputs in {(out / 'results').resolve()}")
     return 0 if all(r["status"] == "ok" for r in rows) else 4

@@ -26,8 +26,9 @@ class HelmError(Exception):
         :data:`helm_dask.cli.EXIT_CODES`).
     """
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None,
-                 exit_code: int = 2):
+    def __init__(
+        self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None, exit_code: int = 2
+    ):
         self.message = message
         self.path = None if path is None else os.fspath(path)
         self.hint = hint

@@ -75,8 +75,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import dask
 import dask.array as da
@@ -95,15 +96,16 @@ K_MIN, K_MAX = 2, 20
 TIE_RULE = "a value exactly at the midpoint of two centroids goes to the upper cluster"
 
 _DEFAULT_CHUNKS = (128, 128, 128)
-_PIECE = 1 << 22          # voxels per sub-slab in the per-chunk histogram (keeps float64 bincount sums exact)
-_DENSE_SPAN = 1 << 21     # per-chunk key span up to which a dense bincount is used instead of np.unique
-_DP_GROUPS = 1 << 17      # bins are grouped into at most this many for the dynamic-programming initialisation
-_FAN_IN = 8               # tree-reduction fan-in of per-chunk histograms
+_PIECE = 1 << 22  # voxels per sub-slab in the per-chunk histogram (keeps float64 bincount sums exact)
+_DENSE_SPAN = 1 << 21  # per-chunk key span up to which a dense bincount is used instead of np.unique
+_DP_GROUPS = 1 << 17  # bins are grouped into at most this many for the dynamic-programming initialisation
+_FAN_IN = 8  # tree-reduction fan-in of per-chunk histograms
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Result
 # --------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class KMeansResult:
@@ -150,14 +152,26 @@ class KMeansResult:
 
     def to_dict(self) -> dict:
         """JSON-able dict (lists and Python scalars only)."""
-        return {"k": self.k, "centroids": [float(c) for c in self.centroids], "inertia": self.inertia,
-                "method": self.method, "n_voxels": self.n_voxels, "extra": _jsonable(self.extra)}
+        return {
+            "k": self.k,
+            "centroids": [float(c) for c in self.centroids],
+            "inertia": self.inertia,
+            "method": self.method,
+            "n_voxels": self.n_voxels,
+            "extra": _jsonable(self.extra),
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "KMeansResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> KMeansResult:
         """Inverse of :meth:`to_dict`."""
-        return cls(k=d["k"], centroids=np.asarray(d["centroids"], dtype=np.float64), inertia=d["inertia"],
-                   method=d["method"], n_voxels=d["n_voxels"], extra=dict(d.get("extra", {})))
+        return cls(
+            k=d["k"],
+            centroids=np.asarray(d["centroids"], dtype=np.float64),
+            inertia=d["inertia"],
+            method=d["method"],
+            n_voxels=d["n_voxels"],
+            extra=dict(d.get("extra", {})),
+        )
 
 
 def _jsonable(x: Any) -> Any:
@@ -190,28 +204,40 @@ def _thresholds(centroids: np.ndarray) -> np.ndarray:
 # Inputs
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _as_dask(x: Any) -> da.Array:
     data = x.data if isinstance(x, xr.DataArray) else x
     if not isinstance(data, da.Array):
         data = np.asarray(data)
-        data = da.from_array(data, chunks=tuple(min(c, s) for c, s in zip(_DEFAULT_CHUNKS, data.shape))
-                             if data.ndim == 3 else "auto")
+        data = da.from_array(
+            data, chunks=tuple(min(c, s) for c, s in zip(_DEFAULT_CHUNKS, data.shape)) if data.ndim == 3 else "auto"
+        )
     return data
 
 
 def _inputs(image: Any, mask: Any) -> tuple[da.Array, da.Array]:
     img, msk = _as_dask(image), _as_dask(mask)
     if img.ndim != 3:
-        raise HelmError(f"k-means needs a 3-D intensity image, got {img.ndim}-D (shape {img.shape})",
-                        hint="choose or combine the echoes first (--echo N or --echo-combine)")
+        raise HelmError(
+            f"k-means needs a 3-D intensity image, got {img.ndim}-D (shape {img.shape})",
+            hint="choose or combine the echoes first (--echo N or --echo-combine)",
+        )
     if msk.shape != img.shape:
-        raise HelmError(f"mask shape {msk.shape} differs from image shape {img.shape}",
-                        hint="use the brain mask made on the same grid as the image (resample it with the image)")
-    if isinstance(image, xr.DataArray) and isinstance(mask, xr.DataArray) \
-            and "affine" in image.attrs and "affine" in mask.attrs:
+        raise HelmError(
+            f"mask shape {msk.shape} differs from image shape {img.shape}",
+            hint="use the brain mask made on the same grid as the image (resample it with the image)",
+        )
+    if (
+        isinstance(image, xr.DataArray)
+        and isinstance(mask, xr.DataArray)
+        and "affine" in image.attrs
+        and "affine" in mask.attrs
+    ):
         if not np.allclose(affine_of(image), affine_of(mask), rtol=0, atol=1e-6):
-            raise HelmError("mask and image have different affines (they are not on the same grid)",
-                            hint="resample the mask onto the image grid first")
+            raise HelmError(
+                "mask and image have different affines (they are not on the same grid)",
+                hint="resample the mask onto the image grid first",
+            )
     if msk.chunks != img.chunks:
         msk = msk.rechunk(img.chunks)
     return img, msk
@@ -226,11 +252,12 @@ def _check_ks(ks: Any) -> list[int]:
         raise HelmError(f"ks must be an integer or an iterable of integers, got {ks!r}") from None
     if not ks:
         raise HelmError("ks is empty: give at least one number of clusters", hint="e.g. ks=range(4, 10)")
-    bad = [k for k in ks if not isinstance(k, (int, np.integer)) or isinstance(k, bool)
-           or not K_MIN <= int(k) <= K_MAX]
+    bad = [k for k in ks if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not K_MIN <= int(k) <= K_MAX]
     if bad:
-        raise HelmError(f"k must be an integer between {K_MIN} and {K_MAX}; got {bad}",
-                        hint=f"pass ks within {K_MIN}..{K_MAX} (the default is 4..9)")
+        raise HelmError(
+            f"k must be an integer between {K_MIN} and {K_MAX}; got {bad}",
+            hint=f"pass ks within {K_MIN}..{K_MAX} (the default is 4..9)",
+        )
     return sorted({int(k) for k in ks})
 
 
@@ -248,7 +275,7 @@ def _tree(parts: list, fn) -> Any:
     if not parts:
         return dask.delayed(fn)()
     while len(parts) > 1:
-        parts = [dask.delayed(fn, pure=True)(*parts[i:i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
+        parts = [dask.delayed(fn, pure=True)(*parts[i : i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
     return parts[0]
 
 
@@ -273,14 +300,17 @@ def _block_pairs(img: da.Array, msk: da.Array) -> list[tuple]:
 # Pass 1: exact integer histogram keyed by float32 bit patterns
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _shift_for(n_bins: Any) -> int:
     try:
         b = int(n_bins)
     except (TypeError, ValueError):
         b = -1
     if b < 256 or b > 65536 or b & (b - 1):
-        raise HelmError(f"n_bins must be a power of two between 256 and 65536 (bins per octave); got {n_bins!r}",
-                        hint="the default 2048 gives bins 0.05 % wide")
+        raise HelmError(
+            f"n_bins must be a power of two between 256 and 65536 (bins per octave); got {n_bins!r}",
+            hint="the default 2048 gives bins 0.05 % wide",
+        )
     return 23 - int(math.log2(b))
 
 
@@ -338,8 +368,9 @@ def _hist_nb(u: np.ndarray, m: np.ndarray, s: int, kmin: int, nb: int) -> tuple:
 
 
 @njit(cache=True, nogil=True)
-def _hist_full_nb(u: np.ndarray, m: np.ndarray, s: int, cnt: np.ndarray, s1: np.ndarray,
-                  s2: np.ndarray) -> bool:  # pragma: no cover
+def _hist_full_nb(
+    u: np.ndarray, m: np.ndarray, s: int, cnt: np.ndarray, s1: np.ndarray, s2: np.ndarray
+) -> bool:  # pragma: no cover
     """:func:`_hist_nb` into arrays that span every non-negative finite key (zeroed by the caller), without
     a first pass for the span; False (arrays then partly filled) at the first voxel with a sign bit or not
     finite."""
@@ -358,8 +389,9 @@ def _hist_full_nb(u: np.ndarray, m: np.ndarray, s: int, cnt: np.ndarray, s1: np.
 
 
 @njit(cache=True, nogil=True)
-def _refine_count_nb(u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray,
-                     cnt: np.ndarray) -> None:  # pragma: no cover
+def _refine_count_nb(
+    u: np.ndarray, m: np.ndarray, s: int, r0: int, rank: np.ndarray, cnt: np.ndarray
+) -> None:  # pragma: no cover
     """``cnt[rank * 2**s + L] += 1`` for the masked voxels whose key is refined (``rank >= 0``; refined keys all
     >= 0): -0.0 counts as +0.0 (as in _masked_f32); negative and non-finite voxels are skipped (no refined key
     holds them)."""
@@ -389,7 +421,7 @@ def _hist_block(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
     """Per-chunk histogram: (keys, count, sum L, sum L^2) as int64, plus the number of non-finite voxels."""
     v, m = _flat_inputs(img, msk)
     u = v.view(np.uint32)
-    n_keys = (0x7F800000 >> s) + 1          # every non-negative finite key
+    n_keys = (0x7F800000 >> s) + 1  # every non-negative finite key
     if n_keys <= _DENSE_SPAN:
         # the usual case (finite intensities >= 0, default bins): one compiled loop into arrays over all keys
         # (zero pages that stay untouched cost nothing), no span pass -- the same integers as the NumPy path
@@ -399,7 +431,7 @@ def _hist_block(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
             return nz.astype(np.int64), cnt[nz], s1[nz], s2[nz], 0
         return _hist_block_np(img, msk, s)
     kmin, kmax, ok = _span_nb(u, m, s)
-    if ok and kmax < kmin:          # no voxel of this chunk in the mask
+    if ok and kmax < kmin:  # no voxel of this chunk in the mask
         return (*_empty_hist()[:4], 0)
     if ok and kmax - kmin < _DENSE_SPAN:
         # the usual case (finite intensities >= 0): one compiled loop, no temporaries -- the same integers as
@@ -419,7 +451,7 @@ def _hist_block_np(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
         v = v[finite]
     out = []
     for start in range(0, v.size, _PIECE):
-        key, low = _keys(v[start:start + _PIECE], s)
+        key, low = _keys(v[start : start + _PIECE], s)
         kmin, kmax = int(key.min()), int(key.max())
         if kmax - kmin < _DENSE_SPAN:
             idx, nb, base = key - kmin, kmax - kmin + 1, kmin
@@ -434,8 +466,9 @@ def _hist_block_np(img: np.ndarray, msk: np.ndarray, s: int) -> tuple:
         s2 = np.bincount(idx, weights=lf * lf, minlength=nb)
         nz = np.flatnonzero(cnt)
         keys = nz + base if np.isscalar(base) else base[nz]
-        out.append((keys.astype(np.int64), cnt[nz].astype(np.int64), s1[nz].astype(np.int64),
-                    s2[nz].astype(np.int64), 0))
+        out.append(
+            (keys.astype(np.int64), cnt[nz].astype(np.int64), s1[nz].astype(np.int64), s2[nz].astype(np.int64), 0)
+        )
     if not out:
         return (*_empty_hist()[:4], nonfinite)
     merged = _merge_hists(*out) if len(out) > 1 else out[0]
@@ -472,7 +505,7 @@ def _refine_block(img: np.ndarray, msk: np.ndarray, s: int, rkeys: np.ndarray) -
         per = max(1, _DENSE_SPAN >> s)
         codes, counts = [], []
         for g0 in range(0, rkeys.size, per):
-            grp = rkeys[g0:g0 + per]
+            grp = rkeys[g0 : g0 + per]
             r0 = int(grp[0])
             rank = np.full(int(grp[-1]) - r0 + 1, -1, dtype=np.int32)
             rank[grp - r0] = np.arange(grp.size, dtype=np.int32)
@@ -508,7 +541,7 @@ def _refine_pass(img: da.Array, msk: da.Array, s: int, rkeys: np.ndarray) -> dic
     """Exact float32 values and counts inside each bin of ``rkeys`` (one pass). Returns {key: (values, counts)}."""
     rkeys = np.asarray(np.sort(rkeys), dtype=np.int64)
     parts = _pair_tasks(img, msk, _refine_block, s, rkeys)
-    (codes, counts), = dask.compute(_tree(parts, _merge_refine))
+    ((codes, counts),) = dask.compute(_tree(parts, _merge_refine))
     rank, low = codes >> s, codes & ((1 << s) - 1)
     out = {}
     for r, key in enumerate(rkeys):
@@ -530,6 +563,7 @@ def _bin_values(key: int, low: np.ndarray, s: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 # Weighted 1-D Lloyd on bins
 # --------------------------------------------------------------------------------------------------------------
+
 
 class _Points:
     """Sorted weighted points: coarse bins (mean, count, within-bin SS, value range) and exact values."""
@@ -569,12 +603,18 @@ class _Points:
             parts_coarse.append(np.zeros(vals.shape, dtype=bool))
         p = np.concatenate(parts_p)
         order = np.argsort(p, kind="stable")
-        self._set(p[order], np.concatenate(parts_w)[order], np.concatenate(parts_ss)[order],
-                  np.concatenate(parts_lo)[order], np.concatenate(parts_hi)[order],
-                  np.concatenate(parts_key)[order], np.concatenate(parts_coarse)[order])
+        self._set(
+            p[order],
+            np.concatenate(parts_w)[order],
+            np.concatenate(parts_ss)[order],
+            np.concatenate(parts_lo)[order],
+            np.concatenate(parts_hi)[order],
+            np.concatenate(parts_key)[order],
+            np.concatenate(parts_coarse)[order],
+        )
 
     @classmethod
-    def from_values(cls, values: np.ndarray) -> "_Points":
+    def from_values(cls, values: np.ndarray) -> _Points:
         """Exact points from a sample of values (distinct values weighted by their multiplicity)."""
         u, c = np.unique(np.asarray(values, dtype=np.float64), return_counts=True)
         self = cls.__new__(cls)
@@ -584,7 +624,7 @@ class _Points:
 
     def _set(self, p, w, ss, lo, hi, key, coarse) -> None:
         self.p, self.w, self.ss, self.lo, self.hi, self.key = p, w, ss, lo, hi, key
-        self.coarse = coarse        # True: a bin whose values are not known exactly
+        self.coarse = coarse  # True: a bin whose values are not known exactly
         self.ss_total = float(self.ss.sum())
         self.n_total = float(self.w.sum())
         self.ref = float((self.w * self.p).sum() / self.n_total)
@@ -602,7 +642,7 @@ class _Points:
 
     def means(self, b: np.ndarray, accurate: bool) -> np.ndarray:
         n = self.cw[b[1:]] - self.cw[b[:-1]]
-        if accurate:   # direct segment sums: no cancellation (used to finish at the exact fixed point)
+        if accurate:  # direct segment sums: no cancellation (used to finish at the exact fixed point)
             return np.add.reduceat(self.wp, b[:-1]) / np.add.reduceat(self.w, b[:-1])
         return self.ref + (self.cs[b[1:]] - self.cs[b[:-1]]) / n
 
@@ -626,7 +666,7 @@ class _Points:
 
     def _straddles(self, cand: np.ndarray, mid: np.ndarray) -> np.ndarray:
         # bin [lo, hi] straddles a midpoint m iff lo < m <= hi (values < m go down, values >= m go up)
-        j = np.searchsorted(mid, self.lo[cand], side="right")     # first midpoint > lo
+        j = np.searchsorted(mid, self.lo[cand], side="right")  # first midpoint > lo
         m = mid[np.minimum(j, mid.size - 1)]
         return self.coarse[cand] & (j < mid.size) & (m <= self.hi[cand])
 
@@ -658,7 +698,7 @@ def _lloyd(P: _Points, c0: np.ndarray, max_iter: int) -> tuple[np.ndarray, int, 
         if prev is not None and np.array_equal(b, prev):
             if accurate:
                 return c, it, True
-            accurate = True   # converged with fast prefix sums: finish with exact segment means
+            accurate = True  # converged with fast prefix sums: finish with exact segment means
         c = P.means(b, accurate)
         prev = b
     return c, max_iter, False
@@ -681,7 +721,7 @@ def _init_kpp(P: _Points, k: int, rng: np.random.Generator) -> np.ndarray:
         i = min(int(np.searchsorted(cp, rng.random() * cp[-1], side="right")), len(P) - 1)
         c.append(P.p[i])
         d2 = np.minimum(d2, (P.p - P.p[i]) ** 2)
-    while len(c) < k:      # fewer distinct points than k cannot happen after validation; keep robust
+    while len(c) < k:  # fewer distinct points than k cannot happen after validation; keep robust
         c.append(c[-1])
     return np.asarray(c)
 
@@ -701,8 +741,7 @@ def _dp_inits(P: _Points, ks: list[int]) -> dict[int, np.ndarray]:
         starts = np.arange(B)
     q = P.p - P.ref
     G = starts.size
-    pw, ps, pq = (np.r_[0.0, np.cumsum(np.add.reduceat(a, starts))]
-                  for a in (P.w, P.w * q, P.w * q * q + P.ss))
+    pw, ps, pq = (np.r_[0.0, np.cumsum(np.add.reduceat(a, starts))] for a in (P.w, P.w * q, P.w * q * q + P.ss))
 
     def cost(i: np.ndarray, j: np.ndarray) -> np.ndarray:
         return np.maximum((pq[j] - pq[i]) - (ps[j] - ps[i]) ** 2 / (pw[j] - pw[i]), 0.0)
@@ -723,13 +762,17 @@ def _dp_inits(P: _Points, ks: list[int]) -> dict[int, np.ndarray]:
             task = np.repeat(np.arange(jm.size), n)
             i = ilo[task] + np.arange(task.size) - np.repeat(np.cumsum(n) - n, n)
             val = d[i] + cost(i, jm[task])
-            order = np.lexsort((val, task))                     # per task: smallest value, then smallest i
+            order = np.lexsort((val, task))  # per task: smallest value, then smallest i
             first = order[np.r_[0, np.cumsum(n)[:-1]]]
             best = i[first]
             dn[jm], opt[jm] = val[first], best
             left, right = jlo <= jm - 1, jm + 1 <= jhi
-            jlo, jhi, ilo, ihi = (np.r_[jlo[left], jm[right] + 1], np.r_[jm[left] - 1, jhi[right]],
-                                  np.r_[ilo[left], best[right]], np.r_[best[left], ihi[right]])
+            jlo, jhi, ilo, ihi = (
+                np.r_[jlo[left], jm[right] + 1],
+                np.r_[jm[left] - 1, jhi[right]],
+                np.r_[ilo[left], best[right]],
+                np.r_[best[left], ihi[right]],
+            )
         d = dn
         opts.append(opt)
     out = {}
@@ -766,8 +809,11 @@ def _qc_histogram(P: _Points, n: int = 128) -> dict:
     lo, hi = float(P.p[0]), float(P.p[-1])
     edges = np.linspace(lo, hi, n + 1) if hi > lo else np.array([lo - 0.5, hi + 0.5])
     counts, _ = np.histogram(P.p, bins=edges, weights=P.w)
-    return {"edges": edges.tolist(), "counts": np.rint(counts).astype(np.int64).tolist(),
-            "note": "QC only: counts of the fine bins, each placed at its mean"}
+    return {
+        "edges": edges.tolist(),
+        "counts": np.rint(counts).astype(np.int64).tolist(),
+        "note": "QC only: counts of the fine bins, each placed at its mean",
+    }
 
 
 def _fit_histogram(img, msk, ks, *, seed, n_bins, n_init, max_refine_passes, max_iter) -> dict[int, KMeansResult]:
@@ -783,19 +829,19 @@ def _fit_histogram(img, msk, ks, *, seed, n_bins, n_init, max_refine_passes, max
         refined.update(_refine_pass(img, msk, s, key))
         passes += 1
     P = _Points(hist, s, refined)
-    if refined:     # every bin resolved: the points are the distinct intensities
+    if refined:  # every bin resolved: the points are the distinct intensities
         _check_distinct(ks, len(P))
     # (otherwise there are >= max(ks) non-empty bins, hence >= max(ks) distinct intensities)
     dp = _dp_inits(P, ks)
     fits = {k: _fit_bins(P, k, seed, n_init, max_iter, dp.get(k)) for k in ks}
-    for round_ in range(max_refine_passes):
+    for _ in range(max_refine_passes):
         todo = np.unique(np.concatenate([P.key[P.straddlers(f["centroids"])] for f in fits.values()]))
         if todo.size == 0:
             break
         refined.update(_refine_pass(img, msk, s, todo))
         passes += 1
         P = _Points(hist, s, refined)
-        for k, f in fits.items():
+        for f in fits.values():
             c, n_iter, conv = _lloyd(P, f["centroids"], max_iter)
             f.update(centroids=c, n_iter=f["n_iter"] + n_iter, converged=conv, inertia=P.inertia(c))
     qc = _qc_histogram(P)
@@ -807,36 +853,54 @@ def _fit_histogram(img, msk, ks, *, seed, n_bins, n_init, max_refine_passes, max
         # exact: Lloyd converged and no bin of unknown values straddles a midpoint, so the centroids are the
         # exact means of the voxel clusters and the inertia is the exact inertia of the label map
         exact = bool(f["converged"] and P.straddlers(c).size == 0)
-        extra = {"data_passes": passes, "exact": exact, "converged": f["converged"],
-                 "n_bins_per_octave": int(n_bins), "n_hist_bins": int(key.size),
-                 "n_refined_bins": len(refined), "init": f["init"], "n_inits": f["n_inits"],
-                 "n_iter": int(f["n_iter"]), "seed": int(seed), "cluster_sizes": sizes,
-                 "thresholds": _thresholds(c).astype(np.float64), "tie_rule": TIE_RULE,
-                 "chunking_independent": True, "histogram": qc}
+        extra = {
+            "data_passes": passes,
+            "exact": exact,
+            "converged": f["converged"],
+            "n_bins_per_octave": int(n_bins),
+            "n_hist_bins": int(key.size),
+            "n_refined_bins": len(refined),
+            "init": f["init"],
+            "n_inits": f["n_inits"],
+            "n_iter": int(f["n_iter"]),
+            "seed": int(seed),
+            "cluster_sizes": sizes,
+            "thresholds": _thresholds(c).astype(np.float64),
+            "tie_rule": TIE_RULE,
+            "chunking_independent": True,
+            "histogram": qc,
+        }
         out[k] = KMeansResult(k, c, P.inertia(c, b), "histogram", n_vox, extra)
     return out
 
 
 def _check_data(n_vox: int, nonfinite: int) -> None:
     if nonfinite:
-        raise HelmError(f"{nonfinite} voxels inside the mask are NaN or infinite",
-                        hint="fix the preprocessing (bias correction) or exclude them from the mask")
+        raise HelmError(
+            f"{nonfinite} voxels inside the mask are NaN or infinite",
+            hint="fix the preprocessing (bias correction) or exclude them from the mask",
+        )
     if n_vox == 0:
-        raise HelmError("the brain mask is empty: there is no voxel to cluster",
-                        hint="check the brain mask (stage 2) and that it is on the image grid")
+        raise HelmError(
+            "the brain mask is empty: there is no voxel to cluster",
+            hint="check the brain mask (stage 2) and that it is on the image grid",
+        )
 
 
 def _check_distinct(ks: list[int], n_distinct: int) -> None:
     bad = [k for k in ks if k > n_distinct]
     if bad:
-        raise HelmError(f"only {n_distinct} distinct intensities inside the mask, fewer than k = {bad}",
-                        hint=f"use k <= {n_distinct}, and check that the input is the preprocessed intensity "
-                             "image (not a label map or a mask)")
+        raise HelmError(
+            f"only {n_distinct} distinct intensities inside the mask, fewer than k = {bad}",
+            hint=f"use k <= {n_distinct}, and check that the input is the preprocessed intensity "
+            "image (not a label map or a mask)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Exact inertia pass (minibatch, dask-ml)
 # --------------------------------------------------------------------------------------------------------------
+
 
 def _inertia_block(img: np.ndarray, msk: np.ndarray, cents: tuple) -> np.ndarray:
     v = _masked_f32(img, msk)
@@ -860,7 +924,7 @@ def _inertia_pass(img: da.Array, msk: da.Array, cents: list[np.ndarray]) -> list
     (tot,) = dask.compute(_tree(parts, _sum_arrays))
     out, i = [], 0
     for c in cents:
-        out.append((float(tot[i]), np.rint(tot[i + 1:i + 1 + c.size]).astype(np.int64)))
+        out.append((float(tot[i]), np.rint(tot[i + 1 : i + 1 + c.size]).astype(np.int64)))
         i += 1 + c.size
     return out
 
@@ -869,11 +933,14 @@ def _inertia_pass(img: da.Array, msk: da.Array, cents: list[np.ndarray]) -> list
 # minibatch
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _grid_blocks(shape: tuple[int, ...], block_shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
     """Slices of a fixed block grid, in C order of the block indices."""
     starts = [range(0, n, b) for n, b in zip(shape, block_shape)]
-    return [tuple(slice(i, min(i + b, n)) for i, b, n in zip(corner, block_shape, shape))
-            for corner in itertools.product(*starts)]
+    return [
+        tuple(slice(i, min(i + b, n)) for i, b, n in zip(corner, block_shape, shape))
+        for corner in itertools.product(*starts)
+    ]
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -894,7 +961,7 @@ def _sample_block(img: np.ndarray, msk: np.ndarray, offset: tuple, shape: tuple,
     m = np.asarray(msk) != 0
     v = _masked_f32(img, m)
     nonfinite = int(v.size - np.count_nonzero(np.isfinite(v)))
-    distinct = np.unique(v[np.isfinite(v)])[:K_MAX + 1]
+    distinct = np.unique(v[np.isfinite(v)])[: K_MAX + 1]
     if v.size == 0:
         return np.zeros(0, np.uint64), v, 0, nonfinite, distinct
     ijk = [a.astype(np.int64) + o for a, o in zip(np.nonzero(m), offset)]
@@ -911,19 +978,23 @@ def _sample_block(img: np.ndarray, msk: np.ndarray, offset: tuple, shape: tuple,
 def _merge_samples(*parts: tuple, size: int) -> tuple:
     key = np.concatenate([p[0] for p in parts])
     val = np.concatenate([p[1] for p in parts])
-    order = np.argsort(key)[:size]       # keys are distinct (bijective hash of distinct indices)
-    distinct = np.unique(np.concatenate([p[4] for p in parts]))[:K_MAX + 1]
+    order = np.argsort(key)[:size]  # keys are distinct (bijective hash of distinct indices)
+    distinct = np.unique(np.concatenate([p[4] for p in parts]))[: K_MAX + 1]
     return key[order], val[order], sum(p[2] for p in parts), sum(p[3] for p in parts), distinct
 
 
 def _sample_pass(img: da.Array, msk: da.Array, size: int, seed: int) -> tuple:
     """One pass: uniform random sample of ``size`` mask voxels (in random order), counts, distinct values."""
     offsets = list(itertools.product(*[np.r_[0, np.cumsum(c)[:-1]].tolist() for c in img.chunks]))
-    parts = [dask.delayed(_sample_block, pure=True)(bi, bm, tuple(int(o) for o in off), img.shape, size, seed)
-             for (bi, bm), off in zip(_block_pairs(img, msk), offsets)]
+    parts = [
+        dask.delayed(_sample_block, pure=True)(bi, bm, tuple(int(o) for o in off), img.shape, size, seed)
+        for (bi, bm), off in zip(_block_pairs(img, msk), offsets)
+    ]
     while len(parts) > 1:
-        parts = [dask.delayed(_merge_samples, pure=True)(*parts[i:i + _FAN_IN], size=size)
-                 for i in range(0, len(parts), _FAN_IN)]
+        parts = [
+            dask.delayed(_merge_samples, pure=True)(*parts[i : i + _FAN_IN], size=size)
+            for i in range(0, len(parts), _FAN_IN)
+        ]
     (res,) = dask.compute(parts[0])
     return res
 
@@ -949,8 +1020,9 @@ def _fit_minibatch(img, msk, ks, **kw) -> dict[int, KMeansResult]:
         return _fit_minibatch_1(img, msk, ks, **kw)
 
 
-def _fit_minibatch_1(img, msk, ks, *, seed, batch_size, block_shape, blocks_per_compute, n_init,
-                     n_epochs, init_size) -> dict[int, KMeansResult]:
+def _fit_minibatch_1(
+    img, msk, ks, *, seed, batch_size, block_shape, blocks_per_compute, n_init, n_epochs, init_size
+) -> dict[int, KMeansResult]:
     from sklearn.cluster import MiniBatchKMeans
 
     batch_size = int(batch_size)
@@ -964,8 +1036,17 @@ def _fit_minibatch_1(img, msk, ks, *, seed, batch_size, block_shape, blocks_per_
     _check_data(n_vox, nonfinite)
     _check_distinct(ks, distinct.size)
     init = _init_centres(sample.astype(np.float64), ks, seed, n_init)
-    models = {k: MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=1,
-                                 init=init[k][:, None], compute_labels=False) for k in ks}
+    models = {
+        k: MiniBatchKMeans(
+            n_clusters=k,
+            random_state=seed,
+            batch_size=batch_size,
+            n_init=1,
+            init=init[k][:, None],
+            compute_labels=False,
+        )
+        for k in ks
+    }
     # passes 2..: the stream
     block_shape = tuple(int(b) for b in (block_shape if np.ndim(block_shape) else (block_shape,) * 3))
     blocks = _grid_blocks(img.shape, block_shape)
@@ -984,14 +1065,14 @@ def _fit_minibatch_1(img, msk, ks, *, seed, batch_size, block_shape, blocks_per_
         xb = x[:nfull].astype(np.float64)[:, None]
         for i in range(0, nfull, batch_size):
             for m in models.values():
-                m.partial_fit(xb[i:i + batch_size])
+                m.partial_fit(xb[i : i + batch_size])
         buf = [x[nfull:]] if nfull < x.size else []
         nbuf = x.size - nfull
 
     for _ in range(int(n_epochs)):
         order = rng.permutation(len(blocks))
         for g in range(0, len(order), blocks_per_compute):
-            sel = [blocks[i] for i in order[g:g + blocks_per_compute]]
+            sel = [blocks[i] for i in order[g : g + blocks_per_compute]]
             for bi, bm in dask.compute(*[(img[sl], msk[sl]) for sl in sel]):
                 v = _masked_f32(bi, bm)
                 if v.size:
@@ -1005,13 +1086,22 @@ def _fit_minibatch_1(img, msk, ks, *, seed, batch_size, block_shape, blocks_per_
     stats = _inertia_pass(img, msk, cents)
     out = {}
     for k, c, (inert, sizes) in zip(ks, cents, stats):
-        extra = {"data_passes": int(n_epochs) + 2, "batch_size": batch_size, "block_shape": list(block_shape),
-                 "n_epochs": int(n_epochs), "init_size": int(sample.size), "n_steps": int(models[k].n_steps_),
-                 "seed": int(seed), "cluster_sizes": sizes, "thresholds": _thresholds(c).astype(np.float64),
-                 "tie_rule": TIE_RULE, "chunking_independent": True,
-                 "stream": "init: optimal k-means of a uniform random sample (hash of the global voxel "
-                           "index); stream: fixed block grid, seeded permuted block order per epoch, C order in "
-                           "blocks, seeded shuffle in windows of 16 batches"}
+        extra = {
+            "data_passes": int(n_epochs) + 2,
+            "batch_size": batch_size,
+            "block_shape": list(block_shape),
+            "n_epochs": int(n_epochs),
+            "init_size": int(sample.size),
+            "n_steps": int(models[k].n_steps_),
+            "seed": int(seed),
+            "cluster_sizes": sizes,
+            "thresholds": _thresholds(c).astype(np.float64),
+            "tie_rule": TIE_RULE,
+            "chunking_independent": True,
+            "stream": "init: optimal k-means of a uniform random sample (hash of the global voxel "
+            "index); stream: fixed block grid, seeded permuted block order per epoch, C order in "
+            "blocks, seeded shuffle in windows of 16 batches",
+        }
         out[k] = KMeansResult(k, c, inert, "minibatch", n_vox, extra)
     return out
 
@@ -1020,12 +1110,15 @@ def _fit_minibatch_1(img, msk, ks, *, seed, batch_size, block_shape, blocks_per_
 # dask-ml
 # --------------------------------------------------------------------------------------------------------------
 
+
 def _fit_daskml(img, msk, ks, *, seed, n_bins) -> dict[int, KMeansResult]:
     try:
         from dask_ml.cluster import KMeans as DaskKMeans
     except ImportError:
-        raise HelmError("method='dask-ml' needs the optional package dask-ml, which is not installed",
-                        hint="pip install dask-ml, or use method='histogram' (exact, the default)") from None
+        raise HelmError(
+            "method='dask-ml' needs the optional package dask-ml, which is not installed",
+            hint="pip install dask-ml, or use method='histogram' (exact, the default)",
+        ) from None
     # validation (empty mask, non-finite values, distinct intensities) from the exact histogram pass
     s = _shift_for(n_bins)
     hist = _histogram_pass(img, msk, s)
@@ -1045,11 +1138,16 @@ def _fit_daskml(img, msk, ks, *, seed, n_bins) -> dict[int, KMeansResult]:
     stats = _inertia_pass(img, msk, cents)
     out = {}
     for k, c, it, (inert, sizes) in zip(ks, cents, iters, stats):
-        extra = {"n_iter": it, "seed": int(seed), "cluster_sizes": sizes,
-                 "data_passes": "many: a validation pass, a chunk-size pass, then per k one per k-means|| "
-                                "round and Lloyd iteration, and a final inertia pass",
-                 "thresholds": _thresholds(c).astype(np.float64), "tie_rule": TIE_RULE,
-                 "chunking_independent": False}
+        extra = {
+            "n_iter": it,
+            "seed": int(seed),
+            "cluster_sizes": sizes,
+            "data_passes": "many: a validation pass, a chunk-size pass, then per k one per k-means|| "
+            "round and Lloyd iteration, and a final inertia pass",
+            "thresholds": _thresholds(c).astype(np.float64),
+            "tie_rule": TIE_RULE,
+            "chunking_independent": False,
+        }
         out[k] = KMeansResult(k, c, inert, "dask-ml", n_vox, extra)
     return out
 
@@ -1058,11 +1156,24 @@ def _fit_daskml(img, msk, ks, *, seed, n_bins) -> dict[int, KMeansResult]:
 # Public API
 # --------------------------------------------------------------------------------------------------------------
 
-def fit_kmeans(image: Any, mask: Any, *, ks: Iterable[int] | int = range(4, 10), method: str = "histogram",
-               seed: int = 0, n_bins: int = 2048, n_init: int = 10, max_refine_passes: int = 2,
-               max_iter: int = 10000, batch_size: int = 65536, n_epochs: int = 1,
-               block_shape: Any = (128, 128, 128), blocks_per_compute: int = 4,
-               init_size: int = 1 << 17) -> dict[int, KMeansResult]:
+
+def fit_kmeans(
+    image: Any,
+    mask: Any,
+    *,
+    ks: Iterable[int] | int = range(4, 10),
+    method: str = "histogram",
+    seed: int = 0,
+    n_bins: int = 2048,
+    n_init: int = 10,
+    max_refine_passes: int = 2,
+    max_iter: int = 10000,
+    batch_size: int = 65536,
+    n_epochs: int = 1,
+    block_shape: Any = (128, 128, 128),
+    blocks_per_compute: int = 4,
+    init_size: int = 1 << 17,
+) -> dict[int, KMeansResult]:
     """Fit 1-D k-means to the intensities inside ``mask`` for every k in ``ks``, from as few passes as possible.
 
     Computes eagerly and returns only small fitted parameters; the label maps are made lazily by
@@ -1125,12 +1236,29 @@ def fit_kmeans(image: Any, mask: Any, *, ks: Iterable[int] | int = range(4, 10),
     if method == "histogram":
         if int(n_init) < 0 or int(max_refine_passes) < 0 or int(max_iter) < 1:
             raise HelmError("n_init and max_refine_passes must be >= 0 and max_iter >= 1")
-        return _fit_histogram(img, msk, ks_, seed=seed, n_bins=n_bins, n_init=int(n_init),
-                              max_refine_passes=int(max_refine_passes), max_iter=int(max_iter))
+        return _fit_histogram(
+            img,
+            msk,
+            ks_,
+            seed=seed,
+            n_bins=n_bins,
+            n_init=int(n_init),
+            max_refine_passes=int(max_refine_passes),
+            max_iter=int(max_iter),
+        )
     if method == "minibatch":
-        return _fit_minibatch(img, msk, ks_, seed=seed, batch_size=batch_size, block_shape=block_shape,
-                              blocks_per_compute=max(1, int(blocks_per_compute)), n_init=int(n_init),
-                              n_epochs=n_epochs, init_size=init_size)
+        return _fit_minibatch(
+            img,
+            msk,
+            ks_,
+            seed=seed,
+            batch_size=batch_size,
+            block_shape=block_shape,
+            blocks_per_compute=max(1, int(blocks_per_compute)),
+            n_init=int(n_init),
+            n_epochs=n_epochs,
+            init_size=init_size,
+        )
     return _fit_daskml(img, msk, ks_, seed=seed, n_bins=n_bins)
 
 
@@ -1178,10 +1306,13 @@ def _label_volume(image: Any, data: da.Array, result: KMeansResult) -> Any:
     """The lazy labels ``data`` as a volume on the image's grid, with the fit in its attrs."""
     if not isinstance(image, xr.DataArray) or "affine" not in image.attrs:
         return data
-    params = {"k": result.k, "method": result.method, "centroids": [float(c) for c in result.centroids],
-              "tie_rule": TIE_RULE}
-    out = like(image, data, kind="labels", name=f"kmeans_k{result.k}",
-               step=provenance_record("kmeans", params))
+    params = {
+        "k": result.k,
+        "method": result.method,
+        "centroids": [float(c) for c in result.centroids],
+        "tie_rule": TIE_RULE,
+    }
+    out = like(image, data, kind="labels", name=f"kmeans_k{result.k}", step=provenance_record("kmeans", params))
     out.attrs["kmeans"] = result.to_dict()
     return out
 
@@ -1195,7 +1326,7 @@ def _label_tables(results: list[KMeansResult]) -> tuple[np.ndarray, np.ndarray]:
     + 1``, never a search result) holds the 0 given to voxels outside the mask.
     """
     union = np.unique(np.concatenate([r.thresholds for r in results])).astype(np.float32)
-    below = np.concatenate([[-np.inf], union.astype(np.float64)])     # U[u - 1], -inf for u = 0
+    below = np.concatenate([[-np.inf], union.astype(np.float64)])  # U[u - 1], -inf for u = 0
     tables = np.zeros((len(results), union.size + 2), dtype=np.uint8)
     for i, r in enumerate(results):
         tables[i, :-1] = np.searchsorted(r.thresholds.astype(np.float64), below, side="right") + 1
@@ -1203,8 +1334,9 @@ def _label_tables(results: list[KMeansResult]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
-def _labels_nb(v: np.ndarray, m: np.ndarray, union: np.ndarray, tables: np.ndarray,
-               out: np.ndarray) -> None:  # pragma: no cover (compiled)
+def _labels_nb(
+    v: np.ndarray, m: np.ndarray, union: np.ndarray, tables: np.ndarray, out: np.ndarray
+) -> None:  # pragma: no cover (compiled)
     """out[j, i] = tables[j, u] with u = searchsorted(union, v[i], "right") (NaN last, as NumPy sorts it),
     or the outside column where the mask is 0."""
     n_u = union.size
@@ -1259,6 +1391,14 @@ def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> d
         return {}
     union, tables = _label_tables(res)
     img, msk = _inputs(image, mask)
-    stack = da.map_blocks(_labels_block, img, msk, dtype=np.uint8, new_axis=0, chunks=((len(ks),), *img.chunks),
-                          union=union, tables=tables)
+    stack = da.map_blocks(
+        _labels_block,
+        img,
+        msk,
+        dtype=np.uint8,
+        new_axis=0,
+        chunks=((len(ks),), *img.chunks),
+        union=union,
+        tables=tables,
+    )
     return {k: _label_volume(image, stack[i], r) for i, (k, r) in enumerate(zip(ks, res))}

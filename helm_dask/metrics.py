@@ -56,7 +56,8 @@ import csv
 import itertools
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -67,10 +68,16 @@ from .errors import HelmError
 
 #: Names of the label codes this module knows (FreeSurfer hypothalamic subunits + fornix).
 LABEL_NAMES: dict[int, str] = {
-    801: "L anterior-inferior", 802: "L anterior-superior", 803: "L posterior",
-    804: "L tuberal-inferior", 805: "L tuberal-superior",
-    806: "R anterior-inferior", 807: "R anterior-superior", 808: "R posterior",
-    809: "R tuberal-inferior", 810: "R tuberal-superior",
+    801: "L anterior-inferior",
+    802: "L anterior-superior",
+    803: "L posterior",
+    804: "L tuberal-inferior",
+    805: "L tuberal-superior",
+    806: "R anterior-inferior",
+    807: "R anterior-superior",
+    808: "R posterior",
+    809: "R tuberal-inferior",
+    810: "R tuberal-superior",
     250: "fornix",
 }
 HYPOTHALAMIC_CODES: tuple[int, ...] = tuple(range(801, 811))
@@ -91,13 +98,26 @@ PAPER_GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 #: Numeric fields of a result row, in output order.
-METRIC_FIELDS: tuple[str, ...] = ("dice", "avg_hd_mean_mm", "avg_hd_max_mm", "d_ab_mm", "d_ba_mm", "hd95_mm",
-                                  "hd_mm", "volume_a_mm3", "volume_b_mm3", "voxels_a", "voxels_b")
+METRIC_FIELDS: tuple[str, ...] = (
+    "dice",
+    "avg_hd_mean_mm",
+    "avg_hd_max_mm",
+    "d_ab_mm",
+    "d_ba_mm",
+    "hd95_mm",
+    "hd_mm",
+    "volume_a_mm3",
+    "volume_b_mm3",
+    "voxels_a",
+    "voxels_b",
+)
 ROW_FIELDS: tuple[str, ...] = ("name", "kind", "codes", "status") + METRIC_FIELDS
 
-DEFINITIONS = ("avg HD = average Hausdorff distance over all voxels (Taha & Hanbury 2015), in mm between voxel "
-               "centres; 'mean' = mean of the two directed average distances, 'max' = the larger of the two; "
-               "HD95 = larger of the two directed 95th percentiles; Dice in voxels; volumes in mm3.")
+DEFINITIONS = (
+    "avg HD = average Hausdorff distance over all voxels (Taha & Hanbury 2015), in mm between voxel "
+    "centres; 'mean' = mean of the two directed average distances, 'max' = the larger of the two; "
+    "HD95 = larger of the two directed 95th percentiles; Dice in voxels; volumes in mm3."
+)
 
 STATUS_OK = "ok"
 STATUS_BOTH_EMPTY = "absent in both"
@@ -105,17 +125,19 @@ STATUS_A_EMPTY = "absent in A"
 STATUS_B_EMPTY = "absent in B"
 STATUS_TOO_LARGE = "too large for distances"
 
-DEFAULT_MAX_BOX_VOXELS = 2 ** 25  # ~33 M voxels: ~1 GB of working memory for the distance transforms
+DEFAULT_MAX_BOX_VOXELS = 2**25  # ~33 M voxels: ~1 GB of working memory for the distance transforms
 
 
 # ------------------------------------------------------------------------------------- in-memory core
+
 
 def _check_pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(a)
     b = np.asarray(b)
     if a.shape != b.shape:
-        raise HelmError(f"the two masks have different shapes {a.shape} and {b.shape}",
-                        hint="Compare maps on the same grid.")
+        raise HelmError(
+            f"the two masks have different shapes {a.shape} and {b.shape}", hint="Compare maps on the same grid."
+        )
     return a.astype(bool, copy=False), b.astype(bool, copy=False)
 
 
@@ -199,12 +221,19 @@ def _distances_in_box(a: np.ndarray, b: np.ndarray, sp: Sequence[float]) -> dict
     d_a = ndi.distance_transform_edt(~b, sampling=sp)[a]
     d_b = ndi.distance_transform_edt(~a, sampling=sp)[b]
     d_ab, d_ba = float(np.mean(d_a)), float(np.mean(d_b))
-    return dict(mean=0.5 * (d_ab + d_ba), max=max(d_ab, d_ba), d_ab=d_ab, d_ba=d_ba,
-                hd95=float(max(np.percentile(d_a, 95), np.percentile(d_b, 95))),
-                hd=float(max(d_a.max(), d_b.max())), status=STATUS_OK)
+    return dict(
+        mean=0.5 * (d_ab + d_ba),
+        max=max(d_ab, d_ba),
+        d_ab=d_ab,
+        d_ba=d_ba,
+        hd95=float(max(np.percentile(d_a, 95), np.percentile(d_b, 95))),
+        hd=float(max(d_a.max(), d_b.max())),
+        status=STATUS_OK,
+    )
 
 
 # --------------------------------------------------------------------------- chunked statistics pass
+
 
 def _block_stats(a: np.ndarray, b: np.ndarray, offset: Sequence[int]) -> dict:
     """Per-code counts and bounding boxes in A and B, and joint (A code, B code) counts, for one block.
@@ -298,39 +327,47 @@ def label_statistics(a_data: Any, b_data: Any, *, fan_in: int = 8) -> dict:
     if not parts:
         return {"a": {}, "b": {}, "joint": {}}
     while len(parts) > 1:
-        parts = [dask.delayed(_merge_stats, pure=True)(*parts[i:i + fan_in]) for i in range(0, len(parts), fan_in)]
+        parts = [dask.delayed(_merge_stats, pure=True)(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     (res,) = dask.compute(parts[0])
     return res
 
 
 # ------------------------------------------------------------------------------------ compare volumes
 
+
 def _check_labels_volume(vol: Any, what: str):
     import dask.array as da
 
     data = getattr(vol, "data", None)
     if data is None or "affine" not in getattr(vol, "attrs", {}):
-        raise HelmError(f"{what} is not a volume (an xarray.DataArray with attrs['affine'])",
-                        hint="Open it with helm_dask.io or build it with helm_dask.make_volume.")
+        raise HelmError(
+            f"{what} is not a volume (an xarray.DataArray with attrs['affine'])",
+            hint="Open it with helm_dask.io or build it with helm_dask.make_volume.",
+        )
     if data.ndim != 3:
         raise HelmError(f"{what} is {data.ndim}-D; label maps are 3-D", path=vol.attrs.get("source") or None)
     dt = np.dtype(data.dtype)
     if not (np.issubdtype(dt, np.integer) or dt == np.bool_):
-        raise HelmError(f"{what} has dtype {dt}, not an integer label map", path=vol.attrs.get("source") or None,
-                        hint="Compare label maps (integer codes); cast with .astype() if the values are codes.")
+        raise HelmError(
+            f"{what} has dtype {dt}, not an integer label map",
+            path=vol.attrs.get("source") or None,
+            hint="Compare label maps (integer codes); cast with .astype() if the values are codes.",
+        )
     return data if isinstance(data, da.Array) else da.asarray(data)
 
 
 def _check_orthogonal(affine: np.ndarray, source: str | None) -> np.ndarray:
     m = affine[:3, :3]
-    sp = np.sqrt((m ** 2).sum(axis=0))
+    sp = np.sqrt((m**2).sum(axis=0))
     if np.any(sp <= 0) or not np.all(np.isfinite(sp)):
         raise HelmError("the affine has a zero or non-finite voxel size", path=source or None)
     cos = (m.T @ m) / np.outer(sp, sp)
     if np.max(np.abs(cos - np.eye(3))) > 1e-4:
-        raise HelmError("the voxel axes are not orthogonal (sheared affine), so voxel-grid distances in mm "
-                        "would not be exact", path=source or None,
-                        hint="Resample the maps onto an orthogonal grid first (helm_dask.resample).")
+        raise HelmError(
+            "the voxel axes are not orthogonal (sheared affine), so voxel-grid distances in mm would not be exact",
+            path=source or None,
+            hint="Resample the maps onto an orthogonal grid first (helm_dask.resample).",
+        )
     return sp
 
 
@@ -344,9 +381,11 @@ def _same_grid(a_vol, b_vol, atol: float = 1e-6) -> str | None:
     fa, fb = affine_of(a_vol), affine_of(b_vol)
     diff = float(np.max(np.abs(fa - fb)))
     if diff > atol:
-        return (f"affines differ by up to {diff:.3g} mm (A spacing {np.round(np.sqrt((fa[:3, :3] ** 2).sum(0)), 6)}"
-                f", B spacing {np.round(np.sqrt((fb[:3, :3] ** 2).sum(0)), 6)}; A origin "
-                f"{np.round(fa[:3, 3], 4)}, B origin {np.round(fb[:3, 3], 4)})")
+        return (
+            f"affines differ by up to {diff:.3g} mm (A spacing {np.round(np.sqrt((fa[:3, :3] ** 2).sum(0)), 6)}"
+            f", B spacing {np.round(np.sqrt((fb[:3, :3] ** 2).sum(0)), 6)}; A origin "
+            f"{np.round(fa[:3, 3], 4)}, B origin {np.round(fb[:3, 3], 4)})"
+        )
     return None
 
 
@@ -400,8 +439,16 @@ def _box_metrics(a_box: np.ndarray, b_box: np.ndarray, codes: tuple[int, ...], s
     return _distances_in_box(a, b, sp)
 
 
-def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", margin_mm: float = 2.0,
-                    max_box_voxels: int = DEFAULT_MAX_BOX_VOXELS, resample_b: bool = False) -> list[dict]:
+def compare_volumes(
+    a_vol,
+    b_vol,
+    *,
+    labels: Any = None,
+    groups: Any = "paper",
+    margin_mm: float = 2.0,
+    max_box_voxels: int = DEFAULT_MAX_BOX_VOXELS,
+    resample_b: bool = False,
+) -> list[dict]:
     """Compare two label maps per label and per group: Dice, average Hausdorff (mean and max), HD95, volumes.
 
     Out of core: one chunked statistics pass over both maps (:func:`label_statistics`), then, for each
@@ -455,9 +502,12 @@ def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", 
     diff = _same_grid(a_vol, b_vol)
     if diff is not None:
         if not resample_b:
-            raise HelmError(f"A and B are on different grids ({diff})", path=src_a,
-                            hint="Resample one map onto the other's grid by nearest neighbour "
-                                 "(helm_dask.resample.resample_to_grid, or resample_b=True) and compare again.")
+            raise HelmError(
+                f"A and B are on different grids ({diff})",
+                path=src_a,
+                hint="Resample one map onto the other's grid by nearest neighbour "
+                "(helm_dask.resample.resample_to_grid, or resample_b=True) and compare again.",
+            )
         from .resample import resample_to_grid
 
         b_vol = resample_to_grid(b_vol, tuple(a_vol.shape), affine_of(a_vol), order=0)
@@ -483,9 +533,17 @@ def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", 
         na = sum(stats["a"][c][0] for c in codes if c in stats["a"])
         nb = sum(stats["b"][c][0] for c in codes if c in stats["b"])
         inter = sum(n for (c1, c2), n in stats["joint"].items() if c1 in cs and c2 in cs)
-        row = dict(name=name, kind=kind, codes=tuple(codes), status=STATUS_OK,
-                   dice=_dice_from_counts(inter, na, nb), voxels_a=na, voxels_b=nb,
-                   volume_a_mm3=na * voxel_mm3, volume_b_mm3=nb * voxel_mm3)
+        row = dict(
+            name=name,
+            kind=kind,
+            codes=tuple(codes),
+            status=STATUS_OK,
+            dice=_dice_from_counts(inter, na, nb),
+            voxels_a=na,
+            voxels_b=nb,
+            volume_a_mm3=na * voxel_mm3,
+            volume_b_mm3=nb * voxel_mm3,
+        )
         if na == 0 or nb == 0:
             st = STATUS_BOTH_EMPTY if na == nb == 0 else (STATUS_A_EMPTY if na == 0 else STATUS_B_EMPTY)
             row.update(_row_distances(_empty_distances(st)))
@@ -497,8 +555,11 @@ def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", 
                 row.update(_row_distances(_empty_distances(STATUS_TOO_LARGE)))
             else:
                 sl = tuple(slice(int(l), int(h) + 1) for l, h in zip(lo, hi))
-                tasks.append(dask.delayed(_box_metrics, pure=True)(a_data[sl], b_data[sl], tuple(codes),
-                                                                   tuple(float(x) for x in sp)))
+                tasks.append(
+                    dask.delayed(_box_metrics, pure=True)(
+                        a_data[sl], b_data[sl], tuple(codes), tuple(float(x) for x in sp)
+                    )
+                )
                 task_rows.append(row)
         rows.append(row)
     for row, res in zip(task_rows, dask.compute(*tasks)):
@@ -507,11 +568,19 @@ def compare_volumes(a_vol, b_vol, *, labels: Any = None, groups: Any = "paper", 
 
 
 def _row_distances(d: Mapping[str, Any]) -> dict:
-    return dict(avg_hd_mean_mm=d["mean"], avg_hd_max_mm=d["max"], d_ab_mm=d["d_ab"], d_ba_mm=d["d_ba"],
-                hd95_mm=d["hd95"], hd_mm=d["hd"], status=d["status"])
+    return dict(
+        avg_hd_mean_mm=d["mean"],
+        avg_hd_max_mm=d["max"],
+        d_ab_mm=d["d_ab"],
+        d_ba_mm=d["d_ba"],
+        hd95_mm=d["hd95"],
+        hd_mm=d["hd"],
+        status=d["status"],
+    )
 
 
 # ----------------------------------------------------------------------------------- batches and output
+
 
 def summarise(rows_per_subject: Mapping[str, Sequence[Mapping[str, Any]]], *, ddof: int = 1) -> list[dict]:
     """Mean and standard deviation over subjects of every metric, per label/group (like the paper's Table 2).
@@ -539,8 +608,13 @@ def summarise(rows_per_subject: Mapping[str, Sequence[Mapping[str, Any]]], *, dd
     out = []
     for key in order:
         name, rs = key[1], by_name[key]
-        s: dict[str, Any] = dict(name=name, kind=rs[0].get("kind", ""), codes=tuple(rs[0].get("codes", ())),
-                                 n_subjects=len(rs), n_ok=sum(r.get("status") == STATUS_OK for r in rs))
+        s: dict[str, Any] = dict(
+            name=name,
+            kind=rs[0].get("kind", ""),
+            codes=tuple(rs[0].get("codes", ())),
+            n_subjects=len(rs),
+            n_ok=sum(r.get("status") == STATUS_OK for r in rs),
+        )
         for m in METRIC_FIELDS:
             if not any(m in r for r in rs):
                 continue
@@ -564,9 +638,15 @@ def _fmt(v: Any, digits: int) -> str:
     return f"{v:.{digits}f}"
 
 
-_TABLE_COLUMNS = (("Dice", "dice", 3), ("avgHD mean", "avg_hd_mean_mm", 3), ("avgHD max", "avg_hd_max_mm", 3),
-                  ("HD95", "hd95_mm", 3), ("HD", "hd_mm", 3), ("vol A mm3", "volume_a_mm3", 2),
-                  ("vol B mm3", "volume_b_mm3", 2))
+_TABLE_COLUMNS = (
+    ("Dice", "dice", 3),
+    ("avgHD mean", "avg_hd_mean_mm", 3),
+    ("avgHD max", "avg_hd_max_mm", 3),
+    ("HD95", "hd95_mm", 3),
+    ("HD", "hd_mm", 3),
+    ("vol A mm3", "volume_a_mm3", 2),
+    ("vol B mm3", "volume_b_mm3", 2),
+)
 
 
 def _codes_text(codes: Iterable[int]) -> str:
@@ -593,8 +673,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for _, key, digits in _TABLE_COLUMNS:
             if summary:
                 m, s = r.get(f"{key}_mean"), r.get(f"{key}_std")
-                cells.append("n/a" if m is None or math.isnan(float(m)) else
-                             f"{_fmt(m, digits)} +- {_fmt(s, digits)}")
+                cells.append("n/a" if m is None or math.isnan(float(m)) else f"{_fmt(m, digits)} +- {_fmt(s, digits)}")
             else:
                 cells.append(_fmt(r.get(key), digits))
         if summary:
@@ -603,7 +682,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             cells.append(str(r.get("status", "")))
         body.append(cells)
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     units = "distances in mm; " + ("mean +- std over subjects (sample std); " if summary else "")
     out = [line(header), line(["-" * w for w in widths])] + [line(c) for c in body]
     out += ["", units + DEFINITIONS]
@@ -645,8 +724,12 @@ def to_csv(rows: Any, path: str | os.PathLike) -> str:
             for r in flat:
                 w.writerow({k: _csv_value(v) for k, v in r.items()})
     except OSError as e:
-        raise HelmError(f"cannot write the CSV file ({e.strerror})", path=path, exit_code=3,
-                        hint="Check that the folder exists and is writable.") from None
+        raise HelmError(
+            f"cannot write the CSV file ({e.strerror})",
+            path=path,
+            exit_code=3,
+            hint="Check that the folder exists and is writable.",
+        ) from None
     return path
 
 
@@ -686,13 +769,16 @@ def pair_by_name(paths_a: Iterable[str | os.PathLike], paths_b: Iterable[str | o
     Returns ``(pairs, only_a, only_b)``: ``pairs`` a sorted list of ``(name, path_a, path_b)``, and the
     names found on one side only. Duplicate names on one side raise HelmError.
     """
+
     def index(paths, side):
         d: dict[str, str] = {}
         for p in paths:
             n = subject_name(p)
             if n in d:
-                raise HelmError(f"two files in {side} have the same subject name {n!r}: {d[n]} and {p}",
-                                hint="Keep one map per subject in each folder.")
+                raise HelmError(
+                    f"two files in {side} have the same subject name {n!r}: {d[n]} and {p}",
+                    hint="Keep one map per subject in each folder.",
+                )
             d[n] = os.fspath(p)
         return d
 
@@ -710,8 +796,14 @@ def pair_by_name(paths_a: Iterable[str | os.PathLike], paths_b: Iterable[str | o
 # and nothing larger than a block is ever held.
 
 #: Names of the phantoms' tissue classes (:data:`helm_dask.phantom.TISSUE_NAMES`; the template phantom has no 4).
-TISSUE_CLASS_NAMES: dict[int, str] = {0: "outside", 1: "CSF/fluid", 2: "grey matter", 3: "white matter",
-                                      4: "deep grey matter", 5: "hypothalamus"}
+TISSUE_CLASS_NAMES: dict[int, str] = {
+    0: "outside",
+    1: "CSF/fluid",
+    2: "grey matter",
+    3: "white matter",
+    4: "deep grey matter",
+    5: "hypothalamus",
+}
 
 
 def _as_label_data(x: Any, what: str):
@@ -724,8 +816,10 @@ def _as_label_data(x: Any, what: str):
     if dt == np.bool_:
         data = data.astype(np.uint8)
     elif not np.issubdtype(dt, np.integer):
-        raise HelmError(f"{what} has dtype {dt}, not integer codes",
-                        hint="give label maps (integer codes); cast with .astype() if the values are codes")
+        raise HelmError(
+            f"{what} has dtype {dt}, not integer codes",
+            hint="give label maps (integer codes); cast with .astype() if the values are codes",
+        )
     return data
 
 
@@ -738,11 +832,11 @@ def _pair_counts(a: np.ndarray, b: np.ndarray) -> dict:
     a64, b64 = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
     amin, amax, bmin, bmax = int(a64.min()), int(a64.max()), int(b64.min()), int(b64.max())
     na, nb = amax - amin + 1, bmax - bmin + 1
-    if na * nb <= max(1 << 16, a.size):          # few codes (k-means maps, tissue classes): one dense bincount
+    if na * nb <= max(1 << 16, a.size):  # few codes (k-means maps, tissue classes): one dense bincount
         counts = np.bincount(((a64 - amin) * nb + (b64 - bmin)).ravel(), minlength=na * nb)
         nz = np.flatnonzero(counts)
         return {(int(k // nb) + amin, int(k % nb) + bmin): int(counts[k]) for k in nz}
-    ua, ia = np.unique(a64, return_inverse=True)   # many or sparse codes: dense indices first
+    ua, ia = np.unique(a64, return_inverse=True)  # many or sparse codes: dense indices first
     ub, ib = np.unique(b64, return_inverse=True)
     keys, counts = np.unique(ia.ravel().astype(np.int64) * len(ub) + ib.ravel(), return_counts=True)
     return {(int(ua[k // len(ub)]), int(ub[k % len(ub)])): int(n) for k, n in zip(keys.tolist(), counts.tolist())}
@@ -780,8 +874,10 @@ def contingency_tables(maps: Sequence[Any], tissue: Any, mask: Any = None, *, fa
     ms = [_as_label_data(m, "the k-means map") for m in maps]
     for m in ms:
         if tuple(m.shape) != tuple(t.shape):
-            raise HelmError(f"the k-means map has shape {tuple(m.shape)} and the tissue map {tuple(t.shape)}",
-                            hint="put both on the same grid first (see reference_on_grid)")
+            raise HelmError(
+                f"the k-means map has shape {tuple(m.shape)} and the tissue map {tuple(t.shape)}",
+                hint="put both on the same grid first (see reference_on_grid)",
+            )
     mk = None
     if mask is not None:
         mk = _as_label_data(mask, "the mask")
@@ -796,12 +892,13 @@ def contingency_tables(maps: Sequence[Any], tissue: Any, mask: Any = None, *, fa
     kb = None if mk is None else mk.to_delayed()
     parts = []
     for idx in itertools.product(*(range(len(c)) for c in t.chunks)):
-        parts.append(dask.delayed(_block_tables, pure=True)(tb[idx], None if kb is None else kb[idx],
-                                                            *(b[idx] for b in mb)))
+        parts.append(
+            dask.delayed(_block_tables, pure=True)(tb[idx], None if kb is None else kb[idx], *(b[idx] for b in mb))
+        )
     if not parts:
         return [{} for _ in ms]
     while len(parts) > 1:
-        parts = [dask.delayed(_merge_tables, pure=True)(*parts[i:i + fan_in]) for i in range(0, len(parts), fan_in)]
+        parts = [dask.delayed(_merge_tables, pure=True)(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     (res,) = dask.compute(parts[0])
     return res
 
@@ -828,16 +925,16 @@ def adjusted_rand_from_table(table: Mapping[tuple[int, int], int]) -> float:
         rows[i] = rows.get(i, 0) + int(c)
         cols[j] = cols.get(j, 0) + int(c)
     sum_sq = sum(c * c for c in counts)
-    tp = sum_sq - n                                        # ordered pairs together in both
-    fp = sum(c * c for c in rows.values()) - sum_sq        # together in the clusters only
-    fn = sum(c * c for c in cols.values()) - sum_sq        # together in the classes only
+    tp = sum_sq - n  # ordered pairs together in both
+    fp = sum(c * c for c in rows.values()) - sum_sq  # together in the clusters only
+    fn = sum(c * c for c in cols.values()) - sum_sq  # together in the classes only
     tn = n * n - tp - fp - fn - n
     if fn == 0 and fp == 0:
         return 1.0
     den = (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)
     if den == 0:
         return math.nan
-    return 2 * (tp * tn - fn * fp) / den      # int / int: correctly rounded, whatever the size
+    return 2 * (tp * tn - fn * fp) / den  # int / int: correctly rounded, whatever the size
 
 
 def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = "both non-zero") -> dict:
@@ -852,9 +949,11 @@ def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = 
     full = {(int(i), int(j)): int(c) for (i, j), c in table.items() if int(c) > 0}
     if region == "both non-zero":
         inside = {key: c for key, c in full.items() if key[0] != 0 and key[1] != 0}
-        excluded = {"kmeans_only": sum(c for (i, j), c in full.items() if i != 0 and j == 0),
-                    "tissue_only": sum(c for (i, j), c in full.items() if i == 0 and j != 0),
-                    "tissue_only_by_class": {j: c for (i, j), c in sorted(full.items()) if i == 0 and j != 0}}
+        excluded = {
+            "kmeans_only": sum(c for (i, j), c in full.items() if i != 0 and j == 0),
+            "tissue_only": sum(c for (i, j), c in full.items() if i == 0 and j != 0),
+            "tissue_only_by_class": {j: c for (i, j), c in sorted(full.items()) if i == 0 and j != 0},
+        }
     elif region == "mask":
         inside, excluded = full, None
     else:
@@ -878,12 +977,24 @@ def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = 
         mine = [i for i in clusters if owner[i] == j]
         n_m = sum(rows[i] for i in mine)
         inter = sum(inside.get((i, j), 0) for i in mine)
-        dice_rows[j] = {"name": TISSUE_CLASS_NAMES.get(j, f"class {j}"), "dice": best, "cluster": best_i,
-                        "class_voxels": cols[j], "cluster_voxels": rows.get(best_i, 0) if best_i is not None else 0,
-                        "dice_merged": 2.0 * inter / (n_m + cols[j]), "merged_clusters": mine}
-    out = {"ari": adjusted_rand_from_table(inside), "region": region, "voxels": sum(inside.values()),
-           "clusters": clusters, "classes": classes, "dice": dice_rows,
-           "contingency": [[i, j, c] for (i, j), c in sorted(full.items())]}
+        dice_rows[j] = {
+            "name": TISSUE_CLASS_NAMES.get(j, f"class {j}"),
+            "dice": best,
+            "cluster": best_i,
+            "class_voxels": cols[j],
+            "cluster_voxels": rows.get(best_i, 0) if best_i is not None else 0,
+            "dice_merged": 2.0 * inter / (n_m + cols[j]),
+            "merged_clusters": mine,
+        }
+    out = {
+        "ari": adjusted_rand_from_table(inside),
+        "region": region,
+        "voxels": sum(inside.values()),
+        "clusters": clusters,
+        "classes": classes,
+        "dice": dice_rows,
+        "contingency": [[i, j, c] for (i, j), c in sorted(full.items())],
+    }
     if excluded is not None:
         out["excluded"] = excluded
     return out
@@ -898,8 +1009,10 @@ def kmeans_agreement_many(kmeans_maps: Mapping[Any, Any], tissue: Any, mask: Any
             if hasattr(m, "attrs") and "affine" in m.attrs:
                 diff = _same_grid(m, tissue, atol=1e-4)
                 if diff:
-                    raise HelmError(f"the k-means map {key} and the tissue map are not on the same grid: {diff}",
-                                    hint="resample the tissue map onto the working grid first (reference_on_grid)")
+                    raise HelmError(
+                        f"the k-means map {key} and the tissue map are not on the same grid: {diff}",
+                        hint="resample the tissue map onto the working grid first (reference_on_grid)",
+                    )
     tables = contingency_tables([kmeans_maps[key] for key in keys], tissue, mask)
     region = "both non-zero" if mask is None else "mask"
     return {key: agreement_from_table(t, region=region) for key, t in zip(keys, tables)}
@@ -962,6 +1075,8 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
     out = resample_labels(t, spacing, method="majority")
     diff = _same_grid(out, target_vol, atol=1e-4)
     if diff:
-        raise HelmError(f"the reference tissue map does not land on the working grid: {diff}",
-                        hint="give a tissue map on the scan's voxel grid (same shape and affine as the scan)")
+        raise HelmError(
+            f"the reference tissue map does not land on the working grid: {diff}",
+            hint="give a tissue map on the scan's voxel grid (same shape and affine as the scan)",
+        )
     return out

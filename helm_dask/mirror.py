@@ -82,7 +82,8 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import dask
 import dask.array as da
@@ -110,14 +111,14 @@ __all__ = [
 #: Left (801-805) -> right (806-810) hypothalamic subunit codes, applied on the mirrored (x > 0) side.
 RIGHT_CODES: dict[int, int] = {801: 806, 802: 807, 803: 808, 804: 809, 805: 810}
 
-_NBINS = 65536            # histogram bins per refinement level of the exact quantile
-_MAX_LEVELS = 4           # 65536**4 bins: beyond float64 resolution, so the last bin holds equal values
+_NBINS = 65536  # histogram bins per refinement level of the exact quantile
+_MAX_LEVELS = 4  # 65536**4 bins: beyond float64 resolution, so the last bin holds equal values
 _MAX_COLLECT = 4_000_000  # values of the quantile's bin gathered in memory (else refine the bin)
-_MAX_COLUMNS = 2048       # footprint columns per axis for the gap
-_SPLIT_EVERY = 8          # fan-in of the tree reductions
-_N_COARSE = 20_000        # sample points used on the coarse grid of normals (all n_sample for the refinement)
-_N_STARTS = 4             # distinct basins of the coarse grid refined on the prefix (the best then on all)
-_BATCH = 8                # normals evaluated together: (batch, n) arrays; small batches are the fastest (BLAS)
+_MAX_COLUMNS = 2048  # footprint columns per axis for the gap
+_SPLIT_EVERY = 8  # fan-in of the tree reductions
+_N_COARSE = 20_000  # sample points used on the coarse grid of normals (all n_sample for the refinement)
+_N_STARTS = 4  # distinct basins of the coarse grid refined on the prefix (the best then on all)
+_BATCH = 8  # normals evaluated together: (batch, n) arrays; small batches are the fastest (BLAS)
 #: The six world axis directions, tried before the sphere lattice: a medial face aligned with the voxel
 #: grid (phantoms, resliced scans) is then found exactly, and wins ties.
 _AXES = np.array([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0], [0, 0, -1.0]])
@@ -126,6 +127,7 @@ _AXES = np.array([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1
 # ----------------------------------------------------------------------------------------------------------
 # the transform
 # ----------------------------------------------------------------------------------------------------------
+
 
 def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
     """``R = Rx(rx) @ Ry(ry) @ Rz(rz)`` (right-handed, degrees); its first row does not depend on ``rx``.
@@ -195,7 +197,7 @@ class MirrorTransform:
     n_normals: int = 0
 
     def __post_init__(self) -> None:
-        if self.normal is None:           # transforms written before the field existed: the matrix holds it
+        if self.normal is None:  # transforms written before the field existed: the matrix holds it
             n = np.asarray(self.matrix, dtype=np.float64)[0, :3]
             self.normal = tuple(float(v) for v in n / np.linalg.norm(n))
 
@@ -214,22 +216,35 @@ class MirrorTransform:
             elif isinstance(v, tuple):
                 v = [float(x) for x in v]
             d[f.name] = v
-        d["convention"] = ("T(v) = R (v - centre_mm) + centre_mm + translation_mm, R = Rx(rx) Ry(ry) Rz(rz), "
-                           "angles_deg = (rx, ry, rz); matrix = the same map as 4x4 world -> world (RAS+ mm); "
-                           "mirror plane x = 0; normal = the plane's unit normal in the input world frame "
-                           "(first row of R), R = the smallest rotation taking it to +x")
+        d["convention"] = (
+            "T(v) = R (v - centre_mm) + centre_mm + translation_mm, R = Rx(rx) Ry(ry) Rz(rz), "
+            "angles_deg = (rx, ry, rz); matrix = the same map as 4x4 world -> world (RAS+ mm); "
+            "mirror plane x = 0; normal = the plane's unit normal in the input world frame "
+            "(first row of R), R = the smallest rotation taking it to +x"
+        )
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MirrorTransform":
+    def from_dict(cls, d: Mapping[str, Any]) -> MirrorTransform:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        missing = {"matrix", "angles_deg", "translation_mm", "centre_mm", "cost", "fraction_across", "gap_mm",
-                   "alpha", "n_voxels"} - set(kw)
+        missing = {
+            "matrix",
+            "angles_deg",
+            "translation_mm",
+            "centre_mm",
+            "cost",
+            "fraction_across",
+            "gap_mm",
+            "alpha",
+            "n_voxels",
+        } - set(kw)
         if missing:
-            raise HelmError(f"the mirror transform lacks {sorted(missing)}",
-                            hint="re-run the mirroring fit to write a complete transform.json")
+            raise HelmError(
+                f"the mirror transform lacks {sorted(missing)}",
+                hint="re-run the mirroring fit to write a complete transform.json",
+            )
         kw["matrix"] = np.asarray(kw["matrix"], dtype=np.float64).reshape(4, 4)
         for k in ("angles_deg", "translation_mm", "centre_mm", "normal"):
             if kw.get(k) is not None:
@@ -245,14 +260,17 @@ class MirrorTransform:
             fh.write("\n")
 
     @classmethod
-    def load_json(cls, path: str | os.PathLike) -> "MirrorTransform":
+    def load_json(cls, path: str | os.PathLike) -> MirrorTransform:
         """Read a transform written by :meth:`save_json`."""
         try:
             with open(path) as fh:
                 d = json.load(fh)
         except (OSError, ValueError) as exc:
-            raise HelmError(f"cannot read the mirror transform ({exc})", path=path,
-                            hint="check the path, or re-run the mirroring fit") from None
+            raise HelmError(
+                f"cannot read the mirror transform ({exc})",
+                path=path,
+                hint="check the path, or re-run the mirroring fit",
+            ) from None
         try:
             return cls.from_dict(d)
         except HelmError as exc:
@@ -277,13 +295,15 @@ def mirror_cost(points_mm: np.ndarray, matrix: np.ndarray, alpha: float) -> floa
 # chunk machinery (pure module-level functions: picklable, no closure over arrays)
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
     if not isinstance(vol, xr.DataArray):
-        raise HelmError(f"{what} must be a volume (xarray.DataArray with attrs['affine']), got {type(vol).__name__}",
-                        hint="build it with helm_dask.make_volume or open it with helm_dask.io")
+        raise HelmError(
+            f"{what} must be a volume (xarray.DataArray with attrs['affine']), got {type(vol).__name__}",
+            hint="build it with helm_dask.make_volume or open it with helm_dask.io",
+        )
     if vol.ndim != 3:
-        raise HelmError(f"{what} must be 3-D (x, y, z), got dims {vol.dims}",
-                        path=vol.attrs.get("source") or None)
+        raise HelmError(f"{what} must be 3-D (x, y, z), got dims {vol.dims}", path=vol.attrs.get("source") or None)
     return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
 
 
@@ -292,15 +312,16 @@ def _block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
     offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
     blocks = data.to_delayed()
     dfn = dask.delayed(fn, pure=True)
-    return [dfn(blocks[idx], tuple(int(offsets[d][idx[d]]) for d in range(3)), *args)
-            for idx in np.ndindex(*blocks.shape)]
+    return [
+        dfn(blocks[idx], tuple(int(offsets[d][idx[d]]) for d in range(3)), *args) for idx in np.ndindex(*blocks.shape)
+    ]
 
 
 def _tree(parts: list, combine: Callable) -> Any:
     """Fixed-shape tree reduction of delayed partial results (deterministic grouping)."""
     dcomb = dask.delayed(combine, pure=True)
     while len(parts) > 1:
-        parts = [dcomb(*parts[i:i + _SPLIT_EVERY]) for i in range(0, len(parts), _SPLIT_EVERY)]
+        parts = [dcomb(*parts[i : i + _SPLIT_EVERY]) for i in range(0, len(parts), _SPLIT_EVERY)]
     return parts[0]
 
 
@@ -315,15 +336,17 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 # pass 1: count, exact index sums, nonzero bounding box, bottom-K hash sample ---------------------------------
 
-def _stats_block(block: np.ndarray, offset: tuple[int, int, int], shape: tuple[int, int, int], k: int,
-                 key: int) -> tuple:
+
+def _stats_block(
+    block: np.ndarray, offset: tuple[int, int, int], shape: tuple[int, int, int], k: int, key: int
+) -> tuple:
     sel = np.asarray(block) != 0
     flat = np.flatnonzero(sel)
     if flat.size == 0:
         return (0, (0, 0, 0), None, np.empty(0, np.uint64), np.empty(0, np.int64))
     loc = np.unravel_index(flat, sel.shape)
     g = [loc[d].astype(np.int64) + offset[d] for d in range(3)]
-    sums = tuple(int(gd.sum(dtype=np.int64)) for gd in g)          # exact integers: order-free
+    sums = tuple(int(gd.sum(dtype=np.int64)) for gd in g)  # exact integers: order-free
     bbox = tuple((int(gd.min()), int(gd.max())) for gd in g)
     lin = (g[0] * shape[1] + g[1]) * shape[2] + g[2]
     h = _splitmix64(lin.astype(np.uint64) ^ np.uint64(key))
@@ -337,8 +360,7 @@ def _stats_combine(*parts: tuple) -> tuple:
     count = sum(p[0] for p in parts)
     sums = tuple(sum(p[1][d] for p in parts) for d in range(3))
     boxes = [p[2] for p in parts if p[2] is not None]
-    bbox = None if not boxes else tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
-                                        for d in range(3))
+    bbox = None if not boxes else tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(3))
     return count, sums, bbox, np.concatenate([p[3] for p in parts]), np.concatenate([p[4] for p in parts])
 
 
@@ -351,12 +373,13 @@ class _StatsCombiner:
     def __call__(self, *parts: tuple) -> tuple:
         count, sums, bbox, h, lin = _stats_combine(*parts)
         if h.size > self.k:
-            keep = np.argpartition(h, self.k - 1)[:self.k]
+            keep = np.argpartition(h, self.k - 1)[: self.k]
             h, lin = h[keep], lin[keep]
         return (count, sums, bbox, h, lin)
 
 
 # passes 2-3: x after the rotation, histogram levels, footprint columns, the quantile's bin -------------------
+
 
 def _lin_block(shape: tuple[int, ...], offset: tuple[int, int, int], w: Sequence[float], b: float) -> np.ndarray:
     """``((b + w0 i) + w1 j) + w2 k`` for the block's global indices: the same float ops for a voxel in any
@@ -378,8 +401,14 @@ def _select_levels(u: np.ndarray, levels: Sequence[tuple[float, float, int]]) ->
     return u
 
 
-def _hist_block(block: np.ndarray, offset: tuple[int, int, int], geom: dict, levels: tuple,
-                level: tuple[float, float], columns: bool) -> tuple:
+def _hist_block(
+    block: np.ndarray,
+    offset: tuple[int, int, int],
+    geom: dict,
+    levels: tuple,
+    level: tuple[float, float],
+    columns: bool,
+) -> tuple:
     sel = np.asarray(block) != 0
     empty = (np.zeros(_NBINS, np.int64), np.zeros(_NBINS, np.float64), 0.0, None)
     if not sel.any():
@@ -414,14 +443,18 @@ def _merge_columns(cols: list) -> tuple | None:
     z1 = max(c[1] + c[2].shape[1] for c in cols)
     out = np.full((y1 - y0, z1 - z0), -np.inf)
     for cy, cz, a in cols:
-        view = out[cy - y0:cy - y0 + a.shape[0], cz - z0:cz - z0 + a.shape[1]]
+        view = out[cy - y0 : cy - y0 + a.shape[0], cz - z0 : cz - z0 + a.shape[1]]
         np.maximum(view, a, out=view)
     return (y0, z0, out)
 
 
 def _hist_combine(*parts: tuple) -> tuple:
-    return (sum(p[0] for p in parts), sum(p[1] for p in parts), math.fsum(p[2] for p in parts),
-            _merge_columns([p[3] for p in parts]))
+    return (
+        sum(p[0] for p in parts),
+        sum(p[1] for p in parts),
+        math.fsum(p[2] for p in parts),
+        _merge_columns([p[3] for p in parts]),
+    )
 
 
 def _collect_block(block: np.ndarray, offset: tuple[int, int, int], geom: dict, levels: tuple) -> tuple:
@@ -448,19 +481,20 @@ def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
 # the fit
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _sample_cost(points_t: np.ndarray, normals: np.ndarray, alpha: float) -> np.ndarray:
     """Cost per voxel on the (centred) sample points, given as a contiguous (3, n) array, for each unit normal
     (row of ``normals``), each with its best t_x (the closed-form quantile)."""
     n = points_t.shape[1]
     m = min(n, int(math.floor(alpha * n)) + 1)
     normals = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
-    total = normals @ points_t.sum(axis=1)               # sum of u, linear in the normal: no pass over u
+    total = normals @ points_t.sum(axis=1)  # sum of u, linear in the normal: no pass over u
     out = np.empty(len(normals))
-    for s in range(0, len(normals), _BATCH):             # batches keep the (batch, n) arrays small
-        u = np.partition(normals[s:s + _BATCH] @ points_t, n - m, axis=1)     # (batch, n)
-        q = u[:, n - m]                                  # the m-th largest: the best t_x in closed form
-        above = (u[:, n - m + 1:] - q[:, None]).sum(axis=1)   # after the partition: exactly those >= q
-        out[s:s + _BATCH] = (above - alpha * (total[s:s + _BATCH] - n * q)) / n
+    for s in range(0, len(normals), _BATCH):  # batches keep the (batch, n) arrays small
+        u = np.partition(normals[s : s + _BATCH] @ points_t, n - m, axis=1)  # (batch, n)
+        q = u[:, n - m]  # the m-th largest: the best t_x in closed form
+        above = (u[:, n - m + 1 :] - q[:, None]).sum(axis=1)  # after the partition: exactly those >= q
+        out[s : s + _BATCH] = (above - alpha * (total[s : s + _BATCH] - n * q)) / n
     return out
 
 
@@ -486,7 +520,7 @@ def sphere_normals(n: int) -> np.ndarray:
 def _tangent_basis(n0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two unit vectors completing ``n0`` to an orthonormal frame (a fixed rule: deterministic)."""
     axis = np.zeros(3)
-    axis[int(np.argmin(np.abs(n0)))] = 1.0                # the world axis least aligned with n0
+    axis[int(np.argmin(np.abs(n0)))] = 1.0  # the world axis least aligned with n0
     e1 = np.cross(n0, axis)
     e1 /= np.linalg.norm(e1)
     return e1, np.cross(n0, e1)
@@ -505,8 +539,9 @@ def _normal_at(frame: tuple, ab_deg: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n)
 
 
-def _refine(pts_t: np.ndarray, n0: np.ndarray, alpha: float, step_deg: float, xatol: float,
-            fatol: float) -> tuple[np.ndarray, float]:
+def _refine(
+    pts_t: np.ndarray, n0: np.ndarray, alpha: float, step_deg: float, xatol: float, fatol: float
+) -> tuple[np.ndarray, float]:
     """Nelder-Mead over the two tangent angles around ``n0`` (simplex edge ``step_deg``); returns the best
     normal and its cost. The start is kept unless something is strictly better (exact ties stay exact)."""
     from scipy.optimize import minimize
@@ -518,8 +553,12 @@ def _refine(pts_t: np.ndarray, n0: np.ndarray, alpha: float, step_deg: float, xa
 
     start = fun(np.zeros(2))
     simplex = np.array([[0.0, 0.0], [step_deg, 0.0], [0.0, step_deg]])
-    res = minimize(fun, np.zeros(2), method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "xatol": xatol, "fatol": fatol, "maxiter": 600})
+    res = minimize(
+        fun,
+        np.zeros(2),
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": xatol, "fatol": fatol, "maxiter": 600},
+    )
     if float(res.fun) < start:
         return _normal_at(frame, res.x), float(res.fun)
     return n0.copy(), start
@@ -538,8 +577,9 @@ def _distinct_best(normals: np.ndarray, costs: np.ndarray, k: int, min_sep_deg: 
     return picked
 
 
-def _search_normal(points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float,
-                   refine: bool) -> tuple[np.ndarray, float]:
+def _search_normal(
+    points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float, refine: bool
+) -> tuple[np.ndarray, float]:
     """The plane normal minimising the sample cost: the candidate normals on a prefix of the sample, then
     Nelder-Mead from the best distinct ones (on the prefix), then from the best result (and a close rival
     minimum) on the whole sample. Returns the unit normal and its cost per voxel on the whole sample."""
@@ -551,8 +591,9 @@ def _search_normal(points: np.ndarray, alpha: float, candidates: np.ndarray, spa
         return _search_normal_1(points, alpha, candidates, spacing_deg, refine)
 
 
-def _search_normal_1(points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float,
-                     refine: bool) -> tuple[np.ndarray, float]:
+def _search_normal_1(
+    points: np.ndarray, alpha: float, candidates: np.ndarray, spacing_deg: float, refine: bool
+) -> tuple[np.ndarray, float]:
     # the points are in hash order, so any prefix is itself a uniform sample: the coarse grid only has to
     # find the basins, a smaller prefix does that at a fraction of the cost
     pts = np.ascontiguousarray(points.T)
@@ -570,9 +611,12 @@ def _search_normal_1(points: np.ndarray, alpha: float, candidates: np.ndarray, s
     # minimum (> 1 degree away) of nearly the same cost (within 5%: the prefix may rank those wrongly); starts
     # in one wide basin (the usual case) converge together and are refined once
     first = stage1[order[0]]
-    runs = [first[0]] + [stage1[i][0] for i in order[1:2]
-                         if float(stage1[i][0] @ first[0]) < math.cos(math.radians(1.0))
-                         and stage1[i][1] <= first[1] + 0.05 * abs(first[1])]
+    runs = [first[0]] + [
+        stage1[i][0]
+        for i in order[1:2]
+        if float(stage1[i][0] @ first[0]) < math.cos(math.radians(1.0))
+        and stage1[i][1] <= first[1] + 0.05 * abs(first[1])
+    ]
     best, best_cost = None, math.inf
     for n0 in runs:
         n, c = _refine(pts, n0, alpha, max(0.05, 0.05 * spacing_deg), 1e-6, 1e-13)
@@ -603,9 +647,9 @@ def minimal_rotation(normal: Sequence[float]) -> np.ndarray:
     # Rodrigues for the axis n x e_x: R = I + [v]x + [v]x^2 / (1 + nx), v = (0, nz, -ny). 1 + nx is
     # computed as s / (1 - nx) when nx < 0: no cancellation near -x, so R stays orthonormal there too.
     h = 1.0 / (1.0 + nx) if nx >= 0 else (1.0 - nx) / s
-    return np.array([[nx, ny, nz],
-                     [-ny, 1.0 - ny * ny * h, -ny * nz * h],
-                     [-nz, -ny * nz * h, 1.0 - nz * nz * h]]) + 0.0      # + 0.0: no -0.0
+    return (
+        np.array([[nx, ny, nz], [-ny, 1.0 - ny * ny * h, -ny * nz * h], [-nz, -ny * nz * h, 1.0 - nz * nz * h]]) + 0.0
+    )  # + 0.0: no -0.0
 
 
 def euler_angles(r: np.ndarray) -> tuple[float, float, float]:
@@ -626,11 +670,10 @@ def euler_angles(r: np.ndarray) -> tuple[float, float, float]:
         rz = 0.0
     rx_m = r @ rotation_matrix((0.0, math.degrees(ry), math.degrees(rz))).T
     rx = math.atan2(float(rx_m[2, 1]), float(rx_m[1, 1]))
-    return tuple(math.degrees(a) + 0.0 for a in (rx, ry, rz))   # + 0.0: no -0.0 in the JSON
+    return tuple(math.degrees(a) + 0.0 for a in (rx, ry, rz))  # + 0.0: no -0.0 in the JSON
 
 
-def _exact_quantile(data: da.Array, geom: dict, m: int, u_lo: float, u_hi: float,
-                    columns: bool) -> dict:
+def _exact_quantile(data: da.Array, geom: dict, m: int, u_lo: float, u_hi: float, columns: bool) -> dict:
     """The m-th largest x (after the rotation) over all mask voxels, with the sums the cost needs."""
     levels: list[tuple[float, float, int]] = []
     lo, width = u_lo, (u_hi - u_lo) / _NBINS
@@ -638,23 +681,24 @@ def _exact_quantile(data: da.Array, geom: dict, m: int, u_lo: float, u_hi: float
     total, cols, rank = None, None, m
     for level in range(_MAX_LEVELS):
         inv_w = 1.0 / width if width > 0 else 0.0
-        cnt, sums, tot, col = _run(data, _hist_block, _hist_combine, geom, tuple(levels), (lo, inv_w),
-                                   columns and level == 0)
+        cnt, sums, tot, col = _run(
+            data, _hist_block, _hist_combine, geom, tuple(levels), (lo, inv_w), columns and level == 0
+        )
         if level == 0:
             total, cols = tot, col
-        above = np.concatenate([np.cumsum(cnt[::-1])[::-1][1:], [0]])    # voxels in higher bins
+        above = np.concatenate([np.cumsum(cnt[::-1])[::-1][1:], [0]])  # voxels in higher bins
         target = int(np.nonzero(above < rank)[0][0])
         rank -= int(above[target])
         n_above += int(above[target])
-        s_above += math.fsum(sums[target + 1:])
+        s_above += math.fsum(sums[target + 1 :])
         levels.append((lo, inv_w, target))
         if cnt[target] <= _MAX_COLLECT or width == 0.0:
             break
         lo, width = lo + target * width, width / _NBINS
     vals, cnts = _run(data, _collect_block, _collect_combine, geom, tuple(levels))
-    vals, cnts = vals[::-1], cnts[::-1]                    # descending
+    vals, cnts = vals[::-1], cnts[::-1]  # descending
     cum = np.cumsum(cnts)
-    pos = int(np.searchsorted(cum, rank))                  # first value whose cumulative count reaches rank
+    pos = int(np.searchsorted(cum, rank))  # first value whose cumulative count reaches rank
     q = float(vals[pos])
     n_above += int(cum[pos - 1]) if pos > 0 else 0
     s_above += math.fsum((vals[:pos] * cnts[:pos]).tolist())
@@ -667,15 +711,24 @@ def _check_alpha(alpha: float) -> float:
     except (TypeError, ValueError):
         raise HelmError(f"--alpha must be a number, got {alpha!r}") from None
     if not (0.0 < a < 0.5):
-        raise HelmError(f"--alpha must be in (0, 0.5), got {alpha!r}",
-                        hint="alpha is the fraction of the hemisphere allowed across the mirror plane; "
-                             "the published value is 5e-4")
+        raise HelmError(
+            f"--alpha must be in (0, 0.5), got {alpha!r}",
+            hint="alpha is the fraction of the hemisphere allowed across the mirror plane; the published value is 5e-4",
+        )
     return a
 
 
-def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_000, seed: int = 0,
-               n_normals: int = 2000, grid_deg: tuple[float, float] | None = None, refine: bool = True,
-               gap_quantile: float = 0.5) -> MirrorTransform:
+def fit_mirror(
+    mask: xr.DataArray,
+    *,
+    alpha: float = 5e-4,
+    n_sample: int = 200_000,
+    seed: int = 0,
+    n_normals: int = 2000,
+    grid_deg: tuple[float, float] | None = None,
+    refine: bool = True,
+    gap_quantile: float = 0.5,
+) -> MirrorTransform:
     """Fit the mirroring transform of a LEFT hemisphere mask (the plane may face any direction).
 
     Minimises ``C(T)`` (module docstring) over the mask's voxel centres (world mm from the mask's affine,
@@ -754,15 +807,18 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     k = int(n_sample)
     count, sums, bbox, _h, lin = _run(data, _stats_block, _StatsCombiner(k), shape, k, key)
     if count == 0:
-        raise HelmError("the brain mask is empty (no nonzero voxel); cannot fit the mirror plane", path=src,
-                        hint="check the background-removal stage output")
+        raise HelmError(
+            "the brain mask is empty (no nonzero voxel); cannot fit the mirror plane",
+            path=src,
+            hint="check the background-removal stage output",
+        )
     if count < 10:
         raise HelmError(f"the brain mask has only {count} voxels; cannot fit the mirror plane", path=src)
     a3, at = affine[:3, :3], affine[:3, 3]
     centre = a3 @ (np.array(sums, dtype=np.float64) / count) + at
-    order = np.argsort(_h, kind="stable")                  # canonical order: by hash, not by chunk
+    order = np.argsort(_h, kind="stable")  # canonical order: by hash, not by chunk
     ijk = np.stack(np.unravel_index(lin[order], shape), axis=1).astype(np.float64)
-    points = ijk @ a3.T + (at - centre)                    # sample voxel centres relative to the centroid
+    points = ijk @ a3.T + (at - centre)  # sample voxel centres relative to the centroid
 
     # the plane normal on the sample ------------------------------------------------------------------------------
     if grid_deg is None:
@@ -779,9 +835,13 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
         ry = math.degrees(math.asin(max(-1.0, min(1.0, float(normal[2])))))
         rz = math.degrees(math.atan2(-float(normal[1]), float(normal[0])))
         if max(abs(ry), abs(rz)) > half_deg - 0.5 * step_deg:
-            warnings.warn(f"the best mirror plane lies at the edge of the searched angles (ry, rz = "
-                          f"{ry:.2f}, {rz:.2f} deg, range +-{half_deg:g}); widen grid_deg (or drop it: "
-                          f"the default search covers every direction)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the best mirror plane lies at the edge of the searched angles (ry, rz = "
+                f"{ry:.2f}, {rz:.2f} deg, range +-{half_deg:g}); widen grid_deg (or drop it: "
+                f"the default search covers every direction)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     r = minimal_rotation(normal)
     angles = euler_angles(r)
 
@@ -796,10 +856,17 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     y_c, z_c = rel @ r[1], rel @ r[2]
     extent = max(np.ptp(y_c), np.ptp(z_c))
     col_mm = max(col_mm, extent / (_MAX_COLUMNS - 2))
-    geom = {"w": r[0] @ a3, "b": float(r[0] @ (at - centre)),
-            "wy": r[1] @ a3, "by": float(r[1] @ (at - centre)),
-            "wz": r[2] @ a3, "bz": float(r[2] @ (at - centre)),
-            "y0": float(y_c.min() - col_mm), "z0": float(z_c.min() - col_mm), "inv_col": 1.0 / col_mm}
+    geom = {
+        "w": r[0] @ a3,
+        "b": float(r[0] @ (at - centre)),
+        "wy": r[1] @ a3,
+        "by": float(r[1] @ (at - centre)),
+        "wz": r[2] @ a3,
+        "bz": float(r[2] @ (at - centre)),
+        "y0": float(y_c.min() - col_mm),
+        "z0": float(z_c.min() - col_mm),
+        "inv_col": 1.0 / col_mm,
+    }
     u_c = rel @ r[0]
     pad = 1e-9 * max(1.0, float(np.abs(u_c).max()))
     m = min(count, int(math.floor(alpha * count)) + 1)
@@ -809,30 +876,43 @@ def fit_mirror(mask: xr.DataArray, *, alpha: float = 5e-4, n_sample: int = 200_0
     y0c, z0c, col = ex["columns"]
     tops = col[np.isfinite(col)]
     gap = float(np.quantile(np.maximum(q - tops, 0.0), float(gap_quantile)))
-    translation = (float(-q - centre[0]), 0.0, 0.0)        # x after T = (x after R, centred) - q
+    translation = (float(-q - centre[0]), 0.0, 0.0)  # x after T = (x after R, centred) - q
     ext_c = np.array([[hi_box[d] + 0.5 if (c >> d) & 1 else lo_box[d] - 0.5 for d in range(3)] for c in range(8)])
-    return MirrorTransform(matrix=_rigid_matrix(r, translation, centre), angles_deg=angles,
-                           translation_mm=translation, centre_mm=tuple(float(c) for c in centre),
-                           cost=float(cost), fraction_across=ex["n_across"] / count, gap_mm=gap, alpha=alpha,
-                           n_voxels=int(count), n_sample=int(len(points)), cost_sample=float(cost_sample),
-                           gap_quantile=float(gap_quantile), bbox_mm=ext_c @ a3.T + at,
-                           spacing_mm=float(sp.min()), normal=tuple(float(v) + 0.0 for v in r[0]),
-                           search=search, n_normals=int(len(candidates)))
+    return MirrorTransform(
+        matrix=_rigid_matrix(r, translation, centre),
+        angles_deg=angles,
+        translation_mm=translation,
+        centre_mm=tuple(float(c) for c in centre),
+        cost=float(cost),
+        fraction_across=ex["n_across"] / count,
+        gap_mm=gap,
+        alpha=alpha,
+        n_voxels=int(count),
+        n_sample=int(len(points)),
+        cost_sample=float(cost_sample),
+        gap_quantile=float(gap_quantile),
+        bbox_mm=ext_c @ a3.T + at,
+        spacing_mm=float(sp.min()),
+        normal=tuple(float(v) + 0.0 for v in r[0]),
+        search=search,
+        n_normals=int(len(candidates)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the anatomical check: the hypothalamus is a midline structure
 # ----------------------------------------------------------------------------------------------------------
 
-_HYPOTHALAMUS_CODES = tuple(range(801, 811))   # FreeSurfer's subunits, both sides (the fornix is left out)
-_DIST_BIN_MM = 0.01                             # bin of the |distance| histogram (the percentile's resolution)
+_HYPOTHALAMUS_CODES = tuple(range(801, 811))  # FreeSurfer's subunits, both sides (the fornix is left out)
+_DIST_BIN_MM = 0.01  # bin of the |distance| histogram (the percentile's resolution)
 
 
-def _plane_block(block: np.ndarray, offset: tuple[int, int, int], codes: tuple | None, w: np.ndarray,
-                 b: float) -> tuple:
+def _plane_block(
+    block: np.ndarray, offset: tuple[int, int, int], codes: tuple | None, w: np.ndarray, b: float
+) -> tuple:
     """[count, exact index sums, min/max signed distance, |distance| histogram] of the selected voxels."""
     blk = np.asarray(block)
-    if not blk.any():                                          # most chunks: labels are small
+    if not blk.any():  # most chunks: labels are small
         return (0, (0, 0, 0), math.inf, -math.inf, np.zeros(0, np.int64))
     sel = (blk != 0) if codes is None else np.isin(blk, codes)
     flat = np.flatnonzero(sel)
@@ -842,7 +922,7 @@ def _plane_block(block: np.ndarray, offset: tuple[int, int, int], codes: tuple |
     g = [loc[d].astype(np.int64) + offset[d] for d in range(3)]
     # signed distance from the plane (world x after T) of the selected voxels only: labels are sparse
     d = ((b + w[0] * g[0]) + w[1] * g[1]) + w[2] * g[2]
-    hist = np.bincount(np.ceil(np.abs(d) / _DIST_BIN_MM).astype(np.int64))     # bin i: |d| in ((i-1)w, iw]
+    hist = np.bincount(np.ceil(np.abs(d) / _DIST_BIN_MM).astype(np.int64))  # bin i: |d| in ((i-1)w, iw]
     return (int(flat.size), tuple(int(gd.sum(dtype=np.int64)) for gd in g), float(d.min()), float(d.max()), hist)
 
 
@@ -850,14 +930,24 @@ def _plane_combine(*parts: tuple) -> tuple:
     size = max(p[4].size for p in parts)
     hist = np.zeros(size, np.int64)
     for p in parts:
-        hist[:p[4].size] += p[4]
-    return (sum(p[0] for p in parts), tuple(sum(p[1][d] for p in parts) for d in range(3)),
-            min(p[2] for p in parts), max(p[3] for p in parts), hist)
+        hist[: p[4].size] += p[4]
+    return (
+        sum(p[0] for p in parts),
+        tuple(sum(p[1][d] for p in parts) for d in range(3)),
+        min(p[2] for p in parts),
+        max(p[3] for p in parts),
+        hist,
+    )
 
 
-def check_hypothalamus_plane(transform: MirrorTransform, hypothalamus_volume: xr.DataArray, *,
-                             max_distance_mm: float = 15.0, codes: Sequence[int] | None = None,
-                             path: str | os.PathLike | None = None) -> dict:
+def check_hypothalamus_plane(
+    transform: MirrorTransform,
+    hypothalamus_volume: xr.DataArray,
+    *,
+    max_distance_mm: float = 15.0,
+    codes: Sequence[int] | None = None,
+    path: str | os.PathLike | None = None,
+) -> dict:
     """Check that the hypothalamus labels lie on the fitted mirror plane (it is a midline structure).
 
     The hypothalamus lines the third ventricle, so in a hemisphere it sits on the medial face, which the fit
@@ -916,37 +1006,51 @@ def check_hypothalamus_plane(transform: MirrorTransform, hypothalamus_volume: xr
         raise HelmError(f"max_distance_mm must be a positive number, got {max_distance_mm!r}")
     aff = affine_of(hypothalamus_volume)
     row = np.asarray(transform.matrix, dtype=np.float64)[0]
-    w = row[:3] @ aff[:3, :3]                                  # voxel index -> world x after T
+    w = row[:3] @ aff[:3, :3]  # voxel index -> world x after T
     b = float(row[:3] @ aff[:3, 3] + row[3])
     use = tuple(int(c) for c in (_HYPOTHALAMUS_CODES if codes is None else codes))
     count, sums, dmin, dmax, hist = _run(data, _plane_block, _plane_combine, use, w, b)
     used: Any = "801-810" if codes is None else list(use)
-    if count == 0 and codes is None:                           # e.g. another numbering: every label
+    if count == 0 and codes is None:  # e.g. another numbering: every label
         count, sums, dmin, dmax, hist = _run(data, _plane_block, _plane_combine, None, w, b)
         used = "nonzero"
     if count == 0:
-        raise HelmError("the hypothalamus labels are empty; cannot check them against the mirror plane",
-                        path=src, hint="check the hypothalamus label file")
+        raise HelmError(
+            "the hypothalamus labels are empty; cannot check them against the mirror plane",
+            path=src,
+            hint="check the hypothalamus label file",
+        )
     centroid = aff[:3, :3] @ (np.array(sums, dtype=np.float64) / count) + aff[:3, 3]
     dist = float(row[:3] @ centroid + row[3])
-    p90 = float(np.searchsorted(np.cumsum(hist), 0.9 * count)) * _DIST_BIN_MM     # the bin's upper edge
-    result = {"centroid_mm": [float(c) for c in centroid], "centroid_distance_mm": dist,
-              "p90_distance_mm": round(p90, 6), "min_distance_mm": dmin, "max_distance_mm": dmax,
-              "n_voxels": int(count), "codes": used, "limit_mm": limit, "ok": True}
+    p90 = float(np.searchsorted(np.cumsum(hist), 0.9 * count)) * _DIST_BIN_MM  # the bin's upper edge
+    result = {
+        "centroid_mm": [float(c) for c in centroid],
+        "centroid_distance_mm": dist,
+        "p90_distance_mm": round(p90, 6),
+        "min_distance_mm": dmin,
+        "max_distance_mm": dmax,
+        "n_voxels": int(count),
+        "codes": used,
+        "limit_mm": limit,
+        "ok": True,
+    }
     if abs(dist) > limit:
         raise HelmError(
             f"the hypothalamus labels lie {abs(dist):.1f} mm from the fitted mirror plane (centroid; 90% of "
             f"their voxels within {p90:.1f} mm; at most {limit:g} mm expected, the hypothalamus is a midline "
             "structure): the labels may come from another scan or subject, the header (affine) may not match "
-            "the anatomy, or the brain mask may be wrong", path=src,
+            "the anatomy, or the brain mask may be wrong",
+            path=src,
             hint="check that the labels were drawn on this scan, that the scan's header matches the anatomy, "
-                 "and the brain mask (mask.nii.gz)")
+            "and the brain mask (mask.nii.gz)",
+        )
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the whole-brain grid
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _nonzero_bbox_block(block: np.ndarray, offset: tuple[int, int, int]) -> tuple | None:
     sel = np.asarray(block) != 0
@@ -971,15 +1075,17 @@ def _bbox_corners_mm(vol: xr.DataArray) -> np.ndarray:
     data = _as_dask(vol, "the hemisphere volume")
     box = _run(data, _nonzero_bbox_block, _bbox_combine)
     if box is None:
-        raise HelmError("the hemisphere volume is empty (no nonzero voxel); nothing to mirror",
-                        path=vol.attrs.get("source") or None)
+        raise HelmError(
+            "the hemisphere volume is empty (no nonzero voxel); nothing to mirror", path=vol.attrs.get("source") or None
+        )
     a = affine_of(vol)
     c = np.array([[box[d][1] + 0.5 if (n >> d) & 1 else box[d][0] - 0.5 for d in range(3)] for n in range(8)])
     return c @ a[:3, :3].T + a[:3, 3]
 
 
-def whole_brain_grid(vol: xr.DataArray | None, transform: MirrorTransform, *, spacing_mm: float | None = None,
-                     margin_mm: float = 10.0) -> tuple[tuple[int, int, int], np.ndarray]:
+def whole_brain_grid(
+    vol: xr.DataArray | None, transform: MirrorTransform, *, spacing_mm: float | None = None, margin_mm: float = 10.0
+) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and affine of the axis-aligned RAS+ whole-brain grid (no data computed unless ``vol`` is given).
 
     The grid covers the hemisphere's bounding box after ``T`` (the 8 corners of its nonzero region, voxel
@@ -1000,8 +1106,10 @@ def whole_brain_grid(vol: xr.DataArray | None, transform: MirrorTransform, *, sp
     """
     if vol is None:
         if transform.bbox_mm is None:
-            raise HelmError("the mirror transform holds no bounding box; pass the hemisphere mask volume",
-                            hint="whole_brain_grid(mask, transform)")
+            raise HelmError(
+                "the mirror transform holds no bounding box; pass the hemisphere mask volume",
+                hint="whole_brain_grid(mask, transform)",
+            )
         corners = np.asarray(transform.bbox_mm, dtype=np.float64).reshape(8, 3)
         default_sp = transform.spacing_mm
     else:
@@ -1032,14 +1140,16 @@ def whole_brain_grid(vol: xr.DataArray | None, transform: MirrorTransform, *, sp
 # the resampling
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _source_coords(g: np.ndarray, d: int, i: float, j: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Continuous source index along ``d`` of output voxels (i, j[:, None], k[None, :]), with the float
     expression of ``scipy.ndimage.affine_transform``: ``((offset + m0 i) + m1 j) + m2 k``."""
     return ((g[d, 3] + g[d, 0] * i) + (g[d, 1] * j)[:, None]) + (g[d, 2] * k)[None, :]
 
 
-def _gather_block(regions: list, start: tuple[int, int, int], g: np.ndarray, ranges: tuple,
-                  src_shape: tuple[int, int, int], mode: str) -> np.ndarray:
+def _gather_block(
+    regions: list, start: tuple[int, int, int], g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int], mode: str
+) -> np.ndarray:
     """Nearest-neighbour gather of every map for one output block (all maps share the index computation)."""
     (i0, i1), (j0, j1), (k0, k1) = ranges
     regions = [np.asarray(r) for r in regions]
@@ -1048,7 +1158,7 @@ def _gather_block(regions: list, start: tuple[int, int, int], g: np.ndarray, ran
     j = np.arange(j0, j1, dtype=np.float64)
     k = np.arange(k0, k1, dtype=np.float64)
     flats = [r.reshape(-1) for r in regions]
-    for p, i in enumerate(range(i0, i1)):                  # plane by plane: small temporaries
+    for p, i in enumerate(range(i0, i1)):  # plane by plane: small temporaries
         valid = np.ones((j1 - j0, k1 - k0), bool)
         flat = np.zeros((j1 - j0, k1 - k0), np.int64)
         for d in range(3):
@@ -1068,8 +1178,10 @@ def _gather_block(regions: list, start: tuple[int, int, int], g: np.ndarray, ran
         for mi, f in enumerate(flats):
             vals = f[sel]
             if vals.dtype.kind in "iu" and vals.size and (vals.min() < 0 or vals.max() > 65535):
-                raise HelmError("a label map holds values outside 0..65535; cannot store it as uint16",
-                                hint="check the label map's codes")
+                raise HelmError(
+                    "a label map holds values outside 0..65535; cannot store it as uint16",
+                    hint="check the label map's codes",
+                )
             out[mi, p][valid] = vals
     return out
 
@@ -1077,14 +1189,15 @@ def _gather_block(regions: list, start: tuple[int, int, int], g: np.ndarray, ran
 def _right_codes_block(block: np.ndarray, codes: tuple) -> np.ndarray:
     out = block.copy()
     for left, right in codes:
-        out[block == left] = right                       # masks from the unmodified input: no chaining
+        out[block == left] = right  # masks from the unmodified input: no chaining
     return out
 
 
 def _source_region(g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int]) -> tuple | None:
     """Index box of the source voxels an output block can reach (its 8 corners, +-1 voxel), clipped."""
-    corners = np.array([[ranges[d][1] - 1 if (c >> d) & 1 else ranges[d][0] for d in range(3)] for c in range(8)],
-                       dtype=np.float64)
+    corners = np.array(
+        [[ranges[d][1] - 1 if (c >> d) & 1 else ranges[d][0] for d in range(3)] for c in range(8)], dtype=np.float64
+    )
     src = corners @ g[:3, :3].T + g[:3, 3]
     lo = np.floor(src.min(axis=0) + 0.5).astype(int) - 1
     hi = np.floor(src.max(axis=0) + 0.5).astype(int) + 1
@@ -1095,22 +1208,38 @@ def _source_region(g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int]
     return tuple(int(v) for v in lo), tuple(int(v) + 1 for v in hi)
 
 
-def _whole_brain_block(regions: list, lo: tuple, g: np.ndarray, parts: tuple, ry: tuple, rz: tuple,
-                       src_shape: tuple[int, int, int], mode: str, codes: tuple) -> np.ndarray:
+def _whole_brain_block(
+    regions: list,
+    lo: tuple,
+    g: np.ndarray,
+    parts: tuple,
+    ry: tuple,
+    rz: tuple,
+    src_shape: tuple[int, int, int],
+    mode: str,
+    codes: tuple,
+) -> np.ndarray:
     """One whole-brain output chunk: its x < 0 part gathered directly, its x > 0 part gathered at the mirrored
     x < 0 positions, reversed along x and with the right-hemisphere codes."""
     width = sum(x1 - x0 for (x0, x1), _, _ in parts)
     out = np.zeros((len(regions), width, ry[1] - ry[0], rz[1] - rz[0]), np.uint16)
     for (x0, x1), at, mirrored in parts:
         blk = _gather_block(regions, lo, g, ((x0, x1), ry, rz), src_shape, mode)
-        out[:, at:at + x1 - x0] = _right_codes_block(blk[:, ::-1], codes) if mirrored else blk
+        out[:, at : at + x1 - x0] = _right_codes_block(blk[:, ::-1], codes) if mirrored else blk
     return out
 
 
-def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: MirrorTransform, *,
-                  grid: tuple[Sequence[int], np.ndarray] | None = None, spacing_mm: float | None = None,
-                  margin_mm: float = 10.0, right_codes: Mapping[int, int] | None = None,
-                  chunks: int = 128, mode: str = "grid-constant") -> dict | xr.DataArray:
+def mirror_labels(
+    maps: Mapping[Any, xr.DataArray] | xr.DataArray,
+    transform: MirrorTransform,
+    *,
+    grid: tuple[Sequence[int], np.ndarray] | None = None,
+    spacing_mm: float | None = None,
+    margin_mm: float = 10.0,
+    right_codes: Mapping[int, int] | None = None,
+    chunks: int = 128,
+    mode: str = "grid-constant",
+) -> dict | xr.DataArray:
     """Whole-brain label maps: the transformed left hemisphere on x < 0, its mirror image on x > 0; lazy.
 
     Every output chunk is one task that reads from each source map only the bounded region it needs and
@@ -1178,23 +1307,28 @@ def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: Mi
         what = "the label map" if name is None else f"label map {name!r}"
         d = _as_dask(v, what)
         if d.dtype.kind not in "biu":
-            raise HelmError(f"{what} has dtype {d.dtype}; label maps must hold integer codes",
-                            path=v.attrs.get("source") or None)
+            raise HelmError(
+                f"{what} has dtype {d.dtype}; label maps must hold integer codes", path=v.attrs.get("source") or None
+            )
         if d.shape != first.shape or not np.allclose(affine_of(v), src_aff, rtol=0, atol=1e-6):
-            raise HelmError(f"{what} is not on the same voxel grid as the first map "
-                            f"(shape {d.shape} vs {first.shape})", path=v.attrs.get("source") or None,
-                            hint="mirror maps that share the hemisphere's grid")
+            raise HelmError(
+                f"{what} is not on the same voxel grid as the first map (shape {d.shape} vs {first.shape})",
+                path=v.attrs.get("source") or None,
+                hint="mirror maps that share the hemisphere's grid",
+            )
         datas.append(d)
     if grid is None:
-        sp = float(spacing_of(src_aff).min()) if spacing_mm is None else spacing_mm   # the maps' spacing
+        sp = float(spacing_of(src_aff).min()) if spacing_mm is None else spacing_mm  # the maps' spacing
         grid = whole_brain_grid(None, transform, spacing_mm=sp, margin_mm=margin_mm)
     out_shape = tuple(int(s) for s in grid[0])
     out_aff = np.asarray(grid[1], dtype=np.float64)
     if out_shape[0] % 2:
-        raise HelmError(f"the whole-brain grid must have an even number of x voxels, got {out_shape[0]}",
-                        hint="build it with whole_brain_grid")
+        raise HelmError(
+            f"the whole-brain grid must have an even number of x voxels, got {out_shape[0]}",
+            hint="build it with whole_brain_grid",
+        )
     codes = tuple(sorted((int(a), int(b)) for a, b in (RIGHT_CODES if right_codes is None else right_codes).items()))
-    g = np.linalg.inv(src_aff) @ np.linalg.inv(transform.matrix) @ out_aff    # output index -> source index
+    g = np.linalg.inv(src_aff) @ np.linalg.inv(transform.matrix) @ out_aff  # output index -> source index
     src_shape = tuple(int(s) for s in first.shape)
     size = int(chunks)
     nx, half = out_shape[0], out_shape[0] // 2
@@ -1219,13 +1353,21 @@ def mirror_labels(maps: Mapping[Any, xr.DataArray] | xr.DataArray, transform: Mi
         hi = tuple(max(bx[1][d] for bx in boxes) for d in range(3))
         return lo, hi, (lo, g, tuple(parts), ry, rz, src_shape, mode, codes)
 
-    full = region_map(_whole_brain_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16,
-                      name="mirror-gather")                           # (maps, x, y, z)
-    params = {"matrix": transform.matrix.tolist(), "alpha": transform.alpha, "grid_shape": list(out_shape),
-              "spacing_mm": float(spacing_of(out_aff).min()), "margin_mm": float(margin_mm), "mode": mode,
-              "right_codes": {str(a): b for a, b in codes}}
+    full = region_map(
+        _whole_brain_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16, name="mirror-gather"
+    )  # (maps, x, y, z)
+    params = {
+        "matrix": transform.matrix.tolist(),
+        "alpha": transform.alpha,
+        "grid_shape": list(out_shape),
+        "spacing_mm": float(spacing_of(out_aff).min()),
+        "margin_mm": float(margin_mm),
+        "mode": mode,
+        "right_codes": {str(a): b for a, b in codes},
+    }
     outs = {}
     for mi, (name, v) in enumerate(items):
-        outs[name] = like(v, full[mi], affine=out_aff, kind="labels",
-                          step=provenance_record("mirror.mirror_labels", params))
+        outs[name] = like(
+            v, full[mi], affine=out_aff, kind="labels", step=provenance_record("mirror.mirror_labels", params)
+        )
     return outs[None] if single else outs

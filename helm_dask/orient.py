@@ -66,14 +66,17 @@ SIDE_MIN_STRENGTH = 0.2
 # reorientation
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _ras_ornt(affine: np.ndarray) -> np.ndarray:
     """nibabel orientation (per input axis: output axis, flip) taking the voxel axes to the closest RAS+."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(affine)
     if np.isnan(ornt).any():
-        raise HelmError("the affine is degenerate (a voxel axis has no direction); cannot reorient to RAS+",
-                        hint="check the sform/qform of the input file")
+        raise HelmError(
+            "the affine is degenerate (a voxel axis has no direction); cannot reorient to RAS+",
+            hint="check the sform/qform of the input file",
+        )
     return ornt
 
 
@@ -124,9 +127,14 @@ def to_ras(vol: xr.DataArray) -> xr.DataArray:
         data = data.transpose(perm)
     # a stored scan stays readable box by box from its store (region tasks: resampling)
     register_view(data, source, [bool(f < 0) for f in ornt[:, 1]], perm)
-    step = provenance_record("orient.to_ras", {"orientation_in": code_in,
-                                               "axis_order": perm[:3],
-                                               "flipped_input_axes": [int(i) for i in np.nonzero(ornt[:, 1] < 0)[0]]})
+    step = provenance_record(
+        "orient.to_ras",
+        {
+            "orientation_in": code_in,
+            "axis_order": perm[:3],
+            "flipped_input_axes": [int(i) for i in np.nonzero(ornt[:, 1] < 0)[0]],
+        },
+    )
     return like(vol, data, affine=new_affine, step=step)
 
 
@@ -166,15 +174,18 @@ def flip_left_right(vol: xr.DataArray) -> xr.DataArray:
     index[ax] = slice(None, None, -1)
     data = data[tuple(index)]
     register_view(data, source, [d == ax for d in range(3)], [0, 1, 2])
-    return like(vol, data, affine=new_affine,
-                step=provenance_record("orient.flip_left_right", {"mirror_plane": "world x = 0",
-                                                                   "voxel_axis": ax}))
+    return like(
+        vol,
+        data,
+        affine=new_affine,
+        step=provenance_record("orient.flip_left_right", {"mirror_plane": "world x = 0", "voxel_axis": ax}),
+    )
 
 
 def _map_codes_block(block: np.ndarray) -> np.ndarray:
     out = block.copy()
     sel = (block >= 806) & (block <= 810)
-    out[sel] = block[sel] - 5          # 806..810 -> 801..805 (RIGHT_TO_LEFT), in the block's own dtype
+    out[sel] = block[sel] - 5  # 806..810 -> 801..805 (RIGHT_TO_LEFT), in the block's own dtype
     return out
 
 
@@ -194,19 +205,26 @@ def map_right_to_left_codes(labels_vol: xr.DataArray) -> xr.DataArray:
     """
     data = labels_vol.data if isinstance(labels_vol.data, da.Array) else da.asarray(labels_vol.data)
     if np.issubdtype(data.dtype, np.integer) and np.iinfo(data.dtype).max < 806:
-        new = data                     # a uint8/int8 map cannot hold right codes: nothing to do
+        new = data  # a uint8/int8 map cannot hold right codes: nothing to do
     else:
         new = data.map_blocks(_map_codes_block, dtype=data.dtype)
-    return like(labels_vol, new, step=provenance_record("orient.map_right_to_left_codes",
-                                                        {"mapping": {str(k): v for k, v in RIGHT_TO_LEFT.items()}}))
+    return like(
+        labels_vol,
+        new,
+        step=provenance_record(
+            "orient.map_right_to_left_codes", {"mapping": {str(k): v for k, v in RIGHT_TO_LEFT.items()}}
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # side detection (chunked reductions)
 # ----------------------------------------------------------------------------------------------------------
 
-def _block_moments(block: np.ndarray, offset: tuple[int, int, int], affine: np.ndarray,
-                   threshold: float | None) -> np.ndarray:
+
+def _block_moments(
+    block: np.ndarray, offset: tuple[int, int, int], affine: np.ndarray, threshold: float | None
+) -> np.ndarray:
     """[count, sum i, sum j, sum k, min world x, max world x] of the selected voxels of one block.
 
     Selected = ``block > threshold`` (or ``block != 0`` without a threshold). Counts and index sums are exact
@@ -226,8 +244,12 @@ def _block_moments(block: np.ndarray, offset: tuple[int, int, int], affine: np.n
     sj = int(cj @ np.arange(j0, j0 + nj, dtype=np.int64))
     sk = int(ck @ np.arange(k0, k0 + nk, dtype=np.int64))
     # world x of the selected voxel centres (exact min/max; a block-sized float64 array at most)
-    xw = (affine[0, 0] * np.arange(i0, i0 + ni)[:, None, None] + affine[0, 1] * np.arange(j0, j0 + nj)[None, :, None]
-          + affine[0, 2] * np.arange(k0, k0 + nk)[None, None, :] + affine[0, 3])
+    xw = (
+        affine[0, 0] * np.arange(i0, i0 + ni)[:, None, None]
+        + affine[0, 1] * np.arange(j0, j0 + nj)[None, :, None]
+        + affine[0, 2] * np.arange(k0, k0 + nk)[None, None, :]
+        + affine[0, 3]
+    )
     xw = np.broadcast_to(xw, sel.shape)[sel]
     return np.array([count, si, sj, sk, xw.min(), xw.max()], dtype=np.float64)
 
@@ -251,8 +273,11 @@ def _combine_moments(parts: list, affine: np.ndarray) -> dict | None:
         return None
     centroid_vox = arr[:, 1:4].sum(axis=0) / count
     centroid = voxel_to_world(affine, centroid_vox[None])[0]
-    return {"count": int(count), "centroid_mm": centroid,
-            "x_range_mm": (float(arr[:, 4].min()), float(arr[:, 5].max()))}
+    return {
+        "count": int(count),
+        "centroid_mm": centroid,
+        "x_range_mm": (float(arr[:, 4].min()), float(arr[:, 5].max())),
+    }
 
 
 def _otsu(hist: np.ndarray, edges: np.ndarray) -> float:
@@ -268,8 +293,7 @@ def _otsu(hist: np.ndarray, edges: np.ndarray) -> float:
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
-def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, *,
-                bins: int = 256) -> tuple[str, dict]:
+def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, *, bins: int = 256) -> tuple[str, dict]:
     """Decide whether a hemisphere is left (``"L"``) or right (``"R"``) from where its hypothalamus lies.
 
     The hypothalamus lies on the medial face of a hemisphere, so in RAS+ world coordinates it sits on the +x
@@ -321,24 +345,31 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
         lo, hi, h_parts = dask.compute(b.min(), b.max(), hyp_tasks)
         lo, hi = float(lo), float(hi)
         if not np.isfinite(lo) or not np.isfinite(hi):
-            raise HelmError("the scan contains NaN or infinite values; cannot locate the brain",
-                            path=scan_or_mask_vol.attrs.get("source") or None)
+            raise HelmError(
+                "the scan contains NaN or infinite values; cannot locate the brain",
+                path=scan_or_mask_vol.attrs.get("source") or None,
+            )
         if hi > lo:
             hist, edges = da.histogram(b, bins=bins, range=(lo, hi))
             threshold = _otsu(np.asarray(hist.compute()), np.asarray(edges))
         else:
-            threshold = lo - 1.0          # constant image: every voxel counts
+            threshold = lo - 1.0  # constant image: every voxel counts
         brain_from = f"voxels of the scan above the Otsu threshold {threshold:.4g}"
         (b_parts,) = dask.compute(_moments_tasks(b, a_b, threshold))
     hyp = _combine_moments(h_parts, a_h)
     brain = _combine_moments(b_parts, a_b)
     if hyp is None:
-        raise HelmError("the hypothalamus labels are empty (no nonzero voxel); cannot detect the side",
-                        path=hypothalamus_vol.attrs.get("source") or None,
-                        hint="pass --side L or --side R")
+        raise HelmError(
+            "the hypothalamus labels are empty (no nonzero voxel); cannot detect the side",
+            path=hypothalamus_vol.attrs.get("source") or None,
+            hint="pass --side L or --side R",
+        )
     if brain is None:
-        raise HelmError("the brain is empty (no voxel selected); cannot detect the side",
-                        path=scan_or_mask_vol.attrs.get("source") or None, hint="pass --side L or --side R")
+        raise HelmError(
+            "the brain is empty (no voxel selected); cannot detect the side",
+            path=scan_or_mask_vol.attrs.get("source") or None,
+            hint="pass --side L or --side R",
+        )
     hx, bx = float(hyp["centroid_mm"][0]), float(brain["centroid_mm"][0])
     xmin, xmax = brain["x_range_mm"]
     offset = hx - bx
@@ -346,19 +377,33 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     rel = offset / half_width
     side = "L" if offset > 0 else "R"
     confident = abs(rel) >= SIDE_MIN_STRENGTH
-    reason = (f"the hypothalamus centroid (x = {hx:.2f} mm) lies {abs(offset):.2f} mm on the "
-              f"{'+x' if offset > 0 else '-x'} side of the brain centroid (x = {bx:.2f} mm; brain spans x "
-              f"{xmin:.2f} to {xmax:.2f} mm), and the hypothalamus is medial, so this is a "
-              f"{'left' if side == 'L' else 'right'} hemisphere ({side})")
+    reason = (
+        f"the hypothalamus centroid (x = {hx:.2f} mm) lies {abs(offset):.2f} mm on the "
+        f"{'+x' if offset > 0 else '-x'} side of the brain centroid (x = {bx:.2f} mm; brain spans x "
+        f"{xmin:.2f} to {xmax:.2f} mm), and the hypothalamus is medial, so this is a "
+        f"{'left' if side == 'L' else 'right'} hemisphere ({side})"
+    )
     if not confident:
-        reason += (f" -- weak evidence: the offset is only {100 * abs(rel):.0f}% of the brain half-width "
-                   f"(below {100 * SIDE_MIN_STRENGTH:.0f}%); check the side and pass --side L or --side R")
-    info = {"side": side, "hypothalamus_centroid_mm": [float(c) for c in hyp["centroid_mm"]],
-            "brain_centroid_mm": [float(c) for c in brain["centroid_mm"]], "brain_x_range_mm": [xmin, xmax],
-            "offset_x_mm": offset, "distance_mm": abs(offset), "relative_offset": rel, "strength": abs(rel),
-            "min_strength": SIDE_MIN_STRENGTH, "confident": confident,
-            "hypothalamus_voxels": hyp["count"], "brain_voxels": brain["count"], "brain_from": brain_from,
-            "reason": reason}
+        reason += (
+            f" -- weak evidence: the offset is only {100 * abs(rel):.0f}% of the brain half-width "
+            f"(below {100 * SIDE_MIN_STRENGTH:.0f}%); check the side and pass --side L or --side R"
+        )
+    info = {
+        "side": side,
+        "hypothalamus_centroid_mm": [float(c) for c in hyp["centroid_mm"]],
+        "brain_centroid_mm": [float(c) for c in brain["centroid_mm"]],
+        "brain_x_range_mm": [xmin, xmax],
+        "offset_x_mm": offset,
+        "distance_mm": abs(offset),
+        "relative_offset": rel,
+        "strength": abs(rel),
+        "min_strength": SIDE_MIN_STRENGTH,
+        "confident": confident,
+        "hypothalamus_voxels": hyp["count"],
+        "brain_voxels": brain["count"],
+        "brain_from": brain_from,
+        "reason": reason,
+    }
     return side, info
 
 
@@ -368,9 +413,11 @@ def _normalise_side(side: Any, *, allow_auto: bool = True) -> str:
     if allow_auto:
         table["auto"] = "auto"
     if s not in table:
-        raise HelmError(f"--side must be {'L, R or auto' if allow_auto else 'L or R'}, got {side!r}",
-                        hint="pass --side L for a left hemisphere, --side R for a right one"
-                             + (", or --side auto to detect it from the hypothalamus labels" if allow_auto else ""))
+        raise HelmError(
+            f"--side must be {'L, R or auto' if allow_auto else 'L or R'}, got {side!r}",
+            hint="pass --side L for a left hemisphere, --side R for a right one"
+            + (", or --side auto to detect it from the hypothalamus labels" if allow_auto else ""),
+        )
     return table[s]
 
 
@@ -390,8 +437,10 @@ def check_side(side_given: str, info: dict) -> str | None:
     detected = info["side"]
     if given == detected:
         return None
-    return (f"--side {given} was given, but {info['reason']}. Proceeding with --side {given} as asked; "
-            f"if that is wrong, rerun with --side {detected} (or --side auto)")
+    return (
+        f"--side {given} was given, but {info['reason']}. Proceeding with --side {given} as asked; "
+        f"if that is wrong, rerun with --side {detected} (or --side auto)"
+    )
 
 
 def require_clear_side(info: dict, *, path: Any = None) -> None:
@@ -416,24 +465,28 @@ def require_clear_side(info: dict, *, path: Any = None) -> None:
     limit = float(info.get("min_strength", SIDE_MIN_STRENGTH))
     if strength >= limit:
         return None
-    raise HelmError(f"--side auto cannot tell left from right: the hypothalamus centroid lies only "
-                    f"{abs(float(info.get('offset_x_mm', 0.0))):.1f} mm ({100 * strength:.0f}% of the brain "
-                    f"half-width, {100 * limit:.0f}% needed) from the brain centroid along x; likely causes: a "
-                    "header (affine) that does not match the anatomy, or hypothalamus labels from another scan",
-                    path=path,
-                    hint="pass --side L or --side R if you know the side, or fix the header of the scan and labels")
+    raise HelmError(
+        f"--side auto cannot tell left from right: the hypothalamus centroid lies only "
+        f"{abs(float(info.get('offset_x_mm', 0.0))):.1f} mm ({100 * strength:.0f}% of the brain "
+        f"half-width, {100 * limit:.0f}% needed) from the brain centroid along x; likely causes: a "
+        "header (affine) that does not match the anatomy, or hypothalamus labels from another scan",
+        path=path,
+        hint="pass --side L or --side R if you know the side, or fix the header of the scan and labels",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # grid checks
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _fmt(v: np.ndarray, digits: int = 4) -> str:
     return "(" + ", ".join(f"{x:.{digits}f}" for x in np.asarray(v, dtype=np.float64)) + ")"
 
 
-def check_same_grid(scan_vol: xr.DataArray, labels_vol: xr.DataArray, *, path: Any = None,
-                    atol_mm: float = 1e-4, rtol: float = 1e-6) -> None:
+def check_same_grid(
+    scan_vol: xr.DataArray, labels_vol: xr.DataArray, *, path: Any = None, atol_mm: float = 1e-4, rtol: float = 1e-6
+) -> None:
     """Raise :class:`HelmError` unless the scan and the labels sample the same voxel grid.
 
     Two grids are the same when, after :func:`to_ras` (which is exact), they have the same shape and the
@@ -466,8 +519,10 @@ def check_same_grid(scan_vol: xr.DataArray, labels_vol: xr.DataArray, *, path: A
         diffs.append(f"voxel size (mm, RAS order) {_fmt(sp_s, 5)} vs {_fmt(sp_l, 5)}")
     org_s, org_l = rs_aff[:3, 3], rl_aff[:3, 3]
     if not np.allclose(org_s, org_l, rtol=rtol, atol=atol_mm):
-        diffs.append(f"origin (world position of the first voxel centre after reorientation, mm) {_fmt(org_s)} "
-                     f"vs {_fmt(org_l)}, {float(np.linalg.norm(org_s - org_l)):.4f} mm apart")
+        diffs.append(
+            f"origin (world position of the first voxel centre after reorientation, mm) {_fmt(org_s)} "
+            f"vs {_fmt(org_l)}, {float(np.linalg.norm(org_s - org_l)):.4f} mm apart"
+        )
     code_s, code_l = orientation_code(a_s), orientation_code(a_l)
     dir_s = rs_aff[:3, :3] / sp_s
     dir_l = rl_aff[:3, :3] / sp_l
@@ -482,17 +537,21 @@ def check_same_grid(scan_vol: xr.DataArray, labels_vol: xr.DataArray, *, path: A
         corner = np.array([[n - 1 for n in rs_shape]], dtype=np.float64)
         gap = float(np.linalg.norm(voxel_to_world(rs_aff, corner) - voxel_to_world(rl_aff, corner)))
         diffs.append(f"the last voxel centres are {gap:.4f} mm apart")
-    raise HelmError("the scan and the labels are on different voxel grids: " + "; ".join(diffs),
-                    path=path if path is not None else (labels_vol.attrs.get("source") or None),
-                    hint="pass --resample-labels to resample the labels onto the scan grid by nearest neighbour")
+    raise HelmError(
+        "the scan and the labels are on different voxel grids: " + "; ".join(diffs),
+        path=path if path is not None else (labels_vol.attrs.get("source") or None),
+        hint="pass --resample-labels to resample the labels onto the scan grid by nearest neighbour",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the stage
 # ----------------------------------------------------------------------------------------------------------
 
-def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = "auto", *,
-                   check: bool = True) -> tuple[xr.DataArray, xr.DataArray | None, dict]:
+
+def orient_subject(
+    scan: xr.DataArray, labels: xr.DataArray | None, side: str = "auto", *, check: bool = True
+) -> tuple[xr.DataArray, xr.DataArray | None, dict]:
     """Stage 1: reorient scan and labels to RAS+, mirror a right hemisphere to a left one, map label codes.
 
     Both volumes go through :func:`to_ras`; when the side is ``"R"`` both are flipped about the world plane
@@ -525,14 +584,15 @@ def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = 
     """
     given = _normalise_side(side)
     if given == "auto" and labels is None:
-        raise HelmError("--side auto needs the hypothalamus labels to decide the side",
-                        hint="pass --side L or --side R")
+        raise HelmError(
+            "--side auto needs the hypothalamus labels to decide the side", hint="pass --side L or --side R"
+        )
     detection, detection_error = None, None
     if labels is not None and given == "auto":
         _, detection = detect_side(scan, labels)
         require_clear_side(detection, path=labels.attrs.get("source") or None)
     elif labels is not None and check:
-        try:                      # only advisory when the side is given: never fatal
+        try:  # only advisory when the side is given: never fatal
             _, detection = detect_side(scan, labels)
         except HelmError as err:
             detection_error = str(err)
@@ -540,10 +600,18 @@ def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = 
     warning = check_side(given, detection) if detection is not None else None
     if warning:
         warnings.warn(warning, UserWarning, stacklevel=2)
-    info: dict[str, Any] = {"side": used, "side_given": given, "flipped": used == "R",
-                            "orientation_in": {"scan": orientation_code(affine_of(scan)),
-                                               "labels": None if labels is None else orientation_code(affine_of(labels))},
-                            "detection": detection, "detection_error": detection_error, "warning": warning}
+    info: dict[str, Any] = {
+        "side": used,
+        "side_given": given,
+        "flipped": used == "R",
+        "orientation_in": {
+            "scan": orientation_code(affine_of(scan)),
+            "labels": None if labels is None else orientation_code(affine_of(labels)),
+        },
+        "detection": detection,
+        "detection_error": detection_error,
+        "warning": warning,
+    }
     scan_out = to_ras(scan)
     labels_out = None if labels is None else to_ras(labels)
     if used == "R":
@@ -556,8 +624,9 @@ def orient_subject(scan: xr.DataArray, labels: xr.DataArray | None, side: str = 
     if given == "auto":
         info["message"] = f"--side auto: detected {used}: {detection['reason']}"
     else:
-        info["message"] = f"--side {given} given" + (f"; detection agrees: {detection['reason']}"
-                                                     if detection is not None and not warning else "")
+        info["message"] = f"--side {given} given" + (
+            f"; detection agrees: {detection['reason']}" if detection is not None and not warning else ""
+        )
     if used == "R":
         info["message"] += "; mirrored about world x = 0 to a left hemisphere"
     return scan_out, labels_out, info

@@ -98,9 +98,14 @@ TISSUE_WM = 3
 TISSUE_DEEP_GM = 4
 TISSUE_HYPOTHALAMUS = 5
 #: Names of the ``truth_tissue`` classes.
-TISSUE_NAMES = {TISSUE_OUTSIDE: "outside", TISSUE_CSF: "csf", TISSUE_GM: "cortical grey matter",
-                TISSUE_WM: "white matter", TISSUE_DEEP_GM: "deep grey matter",
-                TISSUE_HYPOTHALAMUS: "hypothalamus"}
+TISSUE_NAMES = {
+    TISSUE_OUTSIDE: "outside",
+    TISSUE_CSF: "csf",
+    TISSUE_GM: "cortical grey matter",
+    TISSUE_WM: "white matter",
+    TISSUE_DEEP_GM: "deep grey matter",
+    TISSUE_HYPOTHALAMUS: "hypothalamus",
+}
 
 #: Hypothalamic subunit codes by side, in the order anterior-inferior, anterior-superior, posterior,
 #: tuberal-inferior, tuberal-superior (FreeSurfer numbering).
@@ -119,12 +124,14 @@ FOV_MM = (192.0, 82.0, 130.0)
 # compartments: the one internal label every output is derived from (by lookup tables)
 # ------------------------------------------------------------------------------------------------------------
 _AIR, _PLASTIC, _FLUID, _BUBBLE, _CSF, _GM, _WM, _DEEP = 0, 1, 2, 3, 4, 5, 6, 7
-_HYP = (8, 9, 10, 11, 12)          # anterior-inferior, anterior-superior, posterior, tuberal-inferior, -superior
+_HYP = (8, 9, 10, 11, 12)  # anterior-inferior, anterior-superior, posterior, tuberal-inferior, -superior
 _FORNIX = 13
 _NCOMP = 14
 
-_TISSUE_LUT = np.array([0, 0, 0, 0, TISSUE_CSF, TISSUE_GM, TISSUE_WM, TISSUE_DEEP_GM]
-                       + [TISSUE_HYPOTHALAMUS] * 5 + [TISSUE_WM], dtype=np.uint8)
+_TISSUE_LUT = np.array(
+    [0, 0, 0, 0, TISSUE_CSF, TISSUE_GM, TISSUE_WM, TISSUE_DEEP_GM] + [TISSUE_HYPOTHALAMUS] * 5 + [TISSUE_WM],
+    dtype=np.uint8,
+)
 _MASK_LUT = (np.arange(_NCOMP) >= _CSF).astype(np.uint8)
 # Signal at the first echo (TE 5.65 ms) before bias and noise: a FLASH-like ex vivo contrast -- bright fixative
 # fluid, CSF close to it, grey > deep grey > white matter, air and plastic dark.
@@ -157,16 +164,15 @@ _RIPPLE = 0.03
 # Medial window (Y, Z ellipse on the medial face) where the hemisection exposes white and deep grey matter.
 _WINDOW = (-6.0, -4.0, 42.0, 24.0)
 # Deep grey nuclei (centre X, Y, Z; semi-axes): thalamus (reaching the medial face) and striatum.
-_NUCLEI = (((-8.0, -9.0, 0.0), (9.0, 15.0, 9.0)),
-           ((-22.0, 8.0, 2.0), (6.0, 16.0, 10.0)))
+_NUCLEI = (((-8.0, -9.0, 0.0), (9.0, 15.0, 9.0)), ((-22.0, 8.0, 2.0), (6.0, 16.0, 10.0)))
 # Lateral ventricle: X centre, Y centre, semi-axes; Z centre = top - bend * ((Y - yc) / ay)^2 (an arch).
 _VENT = dict(xc=-12.0, yc=-6.0, ax=4.5, ay=30.0, az=4.0, ztop=16.0, bend=5.0)
 # Hypothalamus: ellipsoid (centre, semi-axes) cut by the medial plane; subregion boundaries (relative Y, Z).
 _HYPO_C = (-3.0, 4.0, -14.0)
 _HYPO_R = (5.0, 7.0, 5.5)
-_HYPO_ANTERIOR_Y = 2.5      # Y - Yc above this: anterior
-_HYPO_POSTERIOR_Y = -2.0    # Y - Yc below this: posterior
-_HYPO_SPLIT_Z = 0.0         # Z - Zc below this: inferior (anterior and tuberal parts)
+_HYPO_ANTERIOR_Y = 2.5  # Y - Yc above this: anterior
+_HYPO_POSTERIOR_Y = -2.0  # Y - Yc below this: posterior
+_HYPO_SPLIT_Z = 0.0  # Z - Zc below this: inferior (anterior and tuberal parts)
 # Fornix: a tube of this radius around a circular arc in the plane X = xf (centre Y0, Z0, radius R) from
 # angle a0 (posterior-inferior end, in the mammillary region) to a1 (above the thalamus), degrees.
 _FORNIX_ARC = dict(xf=-4.5, y0=-8.0, z0=-2.0, R=16.0, r=1.3, a0=-62.0, a1=80.0)
@@ -176,8 +182,14 @@ _BAG_R = (40.0, 91.0, 63.5)
 _BAG_P = (20, 6, 6)
 _BAG_WALL_MM = 0.6
 # Air bubbles in the fluid (centre X, Y, Z, radius), clear of brain and bag (checked by the tests).
-_BUBBLES = ((-62.0, 66.0, 44.0, 3.5), (-12.0, -72.0, 46.0, 2.5), (-66.0, -60.0, -46.0, 3.0),
-            (-30.0, 80.0, -40.0, 2.0), (-70.0, 20.0, 54.0, 1.5), (-8.0, 74.0, 40.0, 2.0))
+_BUBBLES = (
+    (-62.0, 66.0, 44.0, 3.5),
+    (-12.0, -72.0, 46.0, 2.5),
+    (-66.0, -60.0, -46.0, 3.0),
+    (-30.0, 80.0, -40.0, 2.0),
+    (-70.0, 20.0, 54.0, 1.5),
+    (-8.0, 74.0, 40.0, 2.0),
+)
 # FOV centre in the object frame of the LEFT hemisphere (the bag centre).
 _FOV_C = _BAG_C
 # Object -> world (RAS+ mm) for the left hemisphere: rotations about x, y, z (degrees), then a translation.
@@ -207,17 +219,25 @@ def _check(spacing_mm: Any, side: Any) -> tuple[float, str]:
     try:
         s = float(spacing_mm)
     except (TypeError, ValueError):
-        raise HelmError(f"spacing_mm must be a number of millimetres, got {spacing_mm!r}",
-                        hint="e.g. 0.5, or 0.1 for the native resolution") from None
+        raise HelmError(
+            f"spacing_mm must be a number of millimetres, got {spacing_mm!r}",
+            hint="e.g. 0.5, or 0.1 for the native resolution",
+        ) from None
     if not math.isfinite(s) or s <= 0:
-        raise HelmError(f"spacing_mm must be a positive number of millimetres, got {spacing_mm!r}",
-                        hint="e.g. 0.5, or 0.1 for the native resolution")
+        raise HelmError(
+            f"spacing_mm must be a positive number of millimetres, got {spacing_mm!r}",
+            hint="e.g. 0.5, or 0.1 for the native resolution",
+        )
     if s > 20.0:
-        raise HelmError(f"spacing_mm={s:g} is too coarse: the phantom would have fewer than 4 voxels on an axis",
-                        hint="use a spacing of at most 20 mm (1-2 mm for a quick look)")
+        raise HelmError(
+            f"spacing_mm={s:g} is too coarse: the phantom would have fewer than 4 voxels on an axis",
+            hint="use a spacing of at most 20 mm (1-2 mm for a quick look)",
+        )
     if s < 0.02:
-        raise HelmError(f"spacing_mm={s:g} is too fine: the phantom would have more than 2.5e11 voxels",
-                        hint="use 0.1 mm for the native resolution, or a coarser spacing")
+        raise HelmError(
+            f"spacing_mm={s:g} is too fine: the phantom would have more than 2.5e11 voxels",
+            hint="use 0.1 mm for the native resolution, or a coarser spacing",
+        )
     sd = str(side).strip().upper() if isinstance(side, str) else side
     sd = {"LEFT": "L", "RIGHT": "R"}.get(sd, sd)
     if sd not in ("L", "R"):
@@ -251,8 +271,7 @@ def _affine(s: float, side: str) -> np.ndarray:
     vox_to_obj[1, 0] = -s
     vox_to_obj[0, 1] = -s
     vox_to_obj[2, 2] = -s
-    vox_to_obj[:3, 3] = (_FOV_C[0] + s * (n1 - 1) / 2.0, _FOV_C[1] + s * (n0 - 1) / 2.0,
-                         _FOV_C[2] + s * (n2 - 1) / 2.0)
+    vox_to_obj[:3, 3] = (_FOV_C[0] + s * (n1 - 1) / 2.0, _FOV_C[1] + s * (n0 - 1) / 2.0, _FOV_C[2] + s * (n2 - 1) / 2.0)
     vox_to_obj[3, 3] = 1.0
     aff = _object_to_world_left() @ vox_to_obj
     if side == "R":
@@ -269,20 +288,25 @@ def _affine(s: float, side: str) -> np.ndarray:
 # +, -, *, /, sqrt and comparisons (exactly rounded IEEE operations).
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _features_y(y: np.ndarray) -> dict[str, np.ndarray]:
-    return {"y": y,
-            "zc": 2.5 * np.sin(np.pi * y / 170.0),                 # the hemisphere's Z centre bends with Y
-            "rip": np.sin(2.0 * np.pi * y / 26.0),
-            "bias": 0.18 * (y / 90.0) - 0.40 * (y / 90.0) ** 2,
-            "bias_s": np.sin(np.pi * y / 150.0)}
+    return {
+        "y": y,
+        "zc": 2.5 * np.sin(np.pi * y / 170.0),  # the hemisphere's Z centre bends with Y
+        "rip": np.sin(2.0 * np.pi * y / 26.0),
+        "bias": 0.18 * (y / 90.0) - 0.40 * (y / 90.0) ** 2,
+        "bias_s": np.sin(np.pi * y / 150.0),
+    }
 
 
 def _features_z(z: np.ndarray) -> dict[str, np.ndarray]:
-    return {"z": z,
-            "wx": 1.0 - 0.12 * z / _HEMI_AZ,                       # narrower at the top
-            "rip": np.sin(2.0 * np.pi * z / 22.0 + 0.7),
-            "bias": -0.22 * (z / 63.0) - 0.28 * (z / 63.0) ** 2,
-            "bias_s": np.sin(np.pi * z / 100.0)}
+    return {
+        "z": z,
+        "wx": 1.0 - 0.12 * z / _HEMI_AZ,  # narrower at the top
+        "rip": np.sin(2.0 * np.pi * z / 22.0 + 0.7),
+        "bias": -0.22 * (z / 63.0) - 0.28 * (z / 63.0) ** 2,
+        "bias_s": np.sin(np.pi * z / 100.0),
+    }
 
 
 def _features_x(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -361,8 +385,7 @@ def _compartments(fy: dict, fx: dict, fz: dict) -> np.ndarray:
     # ... and up to the medial face inside the medial window (no medial cortex there)
     wy, wz, way, waz = _WINDOW
     window = ((y[:, None] - wy) / way) ** 2 + ((z[None, :] - wz) / waz) ** 2 <= 1.0
-    _paint(comp, np.where((x > -t) & (x <= 0.0), (x / _HEMI_AX) ** 2, np.inf),
-           np.where(window, g_in, -np.inf), _WM)
+    _paint(comp, np.where((x > -t) & (x <= 0.0), (x / _HEMI_AX) ** 2, np.inf), np.where(window, g_in, -np.inf), _WM)
 
     # deep grey nuclei, ventricle
     for c, r in _NUCLEI:
@@ -377,9 +400,11 @@ def _compartments(fy: dict, fx: dict, fz: dict) -> np.ndarray:
     yr = y[:, None] - _HYPO_C[1]
     zr = z[None, :] - _HYPO_C[2]
     inferior = zr < _HYPO_SPLIT_Z
-    codes = np.where(yr > _HYPO_ANTERIOR_Y, np.where(inferior, _HYP[0], _HYP[1]),
-                     np.where(yr < _HYPO_POSTERIOR_Y, _HYP[2],
-                              np.where(inferior, _HYP[3], _HYP[4]))).astype(np.uint8)
+    codes = np.where(
+        yr > _HYPO_ANTERIOR_Y,
+        np.where(inferior, _HYP[0], _HYP[1]),
+        np.where(yr < _HYPO_POSTERIOR_Y, _HYP[2], np.where(inferior, _HYP[3], _HYP[4])),
+    ).astype(np.uint8)
     _paint(comp, fxh, gh, codes)
 
     # fornix: |X - xf|^2 <= r^2 - (rho - R)^2 on the arc's angular range (a wedge narrower than 180 degrees)
@@ -416,8 +441,15 @@ def _stream_key(seed: int, side: str, echo: int) -> np.uint64:
     return np.uint64(_splitmix64_scalar(k ^ (0x1000 + echo)))
 
 
-def _hash_block(key: np.uint64, i: np.ndarray, j: np.ndarray, k: np.ndarray, shape: tuple[int, int, int],
-                out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+def _hash_block(
+    key: np.uint64,
+    i: np.ndarray,
+    j: np.ndarray,
+    k: np.ndarray,
+    shape: tuple[int, int, int],
+    out: np.ndarray,
+    tmp: np.ndarray,
+) -> np.ndarray:
     """splitmix64 of the global linear voxel index (i * n1 + j) * n2 + k, for one stream ``key``."""
     n1, n2 = np.uint64(shape[1]), np.uint64(shape[2])
     # (idx * GAMMA + key) distributes over the three index terms (arithmetic modulo 2^64)
@@ -444,11 +476,11 @@ def _neg2log(u: np.ndarray) -> np.ndarray:
     Written with +, -, *, / only so that the result does not depend on the array layout or the machine."""
     bits = u.view(np.int32)
     e = (bits >> 23) - 127
-    m = ((bits & 0x007FFFFF) | 0x3F800000).view(np.float32)      # u = m * 2^e, m in [1, 2)
+    m = ((bits & 0x007FFFFF) | 0x3F800000).view(np.float32)  # u = m * 2^e, m in [1, 2)
     big = m > _SQRT2
-    m = np.where(big, m * np.float32(0.5), m)                    # m in [0.707, 1.414)
+    m = np.where(big, m * np.float32(0.5), m)  # m in [0.707, 1.414)
     e = (e + big).astype(np.float32)
-    s = (m - np.float32(1.0)) / (m + np.float32(1.0))            # |s| <= 0.1716
+    s = (m - np.float32(1.0)) / (m + np.float32(1.0))  # |s| <= 0.1716
     z = s * s
     p = np.float32(1 / 9)
     for c in (1 / 7, 1 / 5, 1 / 3, 1.0):
@@ -475,8 +507,8 @@ def _rician(signal: np.ndarray, h: np.ndarray, sigma: float) -> np.ndarray:
 
     |S + n|^2 = S^2 + 2 S sigma r cos(theta) + sigma^2 r^2, so only r^2 = -2 ln u1 and cos(theta) are needed;
     theta is uniform on [0, pi) here, which gives the same distribution of the magnitude."""
-    u1 = ((h >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)   # (0, 1)
-    v = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)                   # [0, 1)
+    u1 = ((h >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)  # (0, 1)
+    v = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)  # [0, 1)
     r2 = _neg2log(u1)
     rc = np.sqrt(r2) * _cos_pi(v)
     sg = np.float32(sigma)
@@ -489,15 +521,18 @@ def _rician(signal: np.ndarray, h: np.ndarray, sigma: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 # block functions (pure: everything from the global index range of the block)
 # ------------------------------------------------------------------------------------------------------------
-_SLAB_VOXELS = 1 << 16   # noise is generated in cache-sized slabs (same values, much faster than whole chunks)
+_SLAB_VOXELS = 1 << 16  # noise is generated in cache-sized slabs (same values, much faster than whole chunks)
 
 
 def _block_features(s: float, side: str, loc) -> tuple[dict, dict, dict]:
     yf, xf, zf = _axes_full(s, side)
     fy, fx, fz = _features_y(yf), _features_x(xf), _features_z(zf)
     (i0, i1), (j0, j1), (k0, k1) = loc[:3]
-    return ({k: v[i0:i1] for k, v in fy.items()}, {k: v[j0:j1] for k, v in fx.items()},
-            {k: v[k0:k1] for k, v in fz.items()})
+    return (
+        {k: v[i0:i1] for k, v in fy.items()},
+        {k: v[j0:j1] for k, v in fx.items()},
+        {k: v[k0:k1] for k, v in fz.items()},
+    )
 
 
 def _render(name: str, s: float, side: str, echoes: int, seed: int, loc) -> np.ndarray:
@@ -545,6 +580,7 @@ def _block(name: str, s: float, side: str, echoes: int, seed: int, block_info=No
 # public API
 # ------------------------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=4)
 def _world_geometry(side: str) -> dict:
     """Spacing-independent truths, computed once by fine sampling (0.1 mm) of the object."""
@@ -559,18 +595,20 @@ def _world_geometry(side: str) -> dict:
     centroid_obj = np.array([x[ix].mean(), y[iy].mean(), z[iz].mean()])
     counts = np.bincount(comp.ravel(), minlength=_NCOMP)
     codes = HYPOTHALAMUS_CODES[side]
-    volumes = {codes[n]: float(counts[c] * step ** 3) for n, c in enumerate(_HYP)}
+    volumes = {codes[n]: float(counts[c] * step**3) for n, c in enumerate(_HYP)}
     o2w = _object_to_world_left()
     if side == "R":
-        o2w = _MIRROR @ o2w @ _MIRROR        # object frame of a right hemisphere: the left one mirrored
+        o2w = _MIRROR @ o2w @ _MIRROR  # object frame of a right hemisphere: the left one mirrored
         centroid_obj[0] = -centroid_obj[0]
         normal_obj = np.array([-1.0, 0.0, 0.0])
     else:
         normal_obj = np.array([1.0, 0.0, 0.0])
-    return {"object_to_world": o2w,
-            "medial_plane": {"point_mm": o2w[:3, 3].copy(), "normal": o2w[:3, :3] @ normal_obj},
-            "hypothalamus_centroid_mm": o2w[:3, :3] @ centroid_obj + o2w[:3, 3],
-            "hypothalamus_volume_mm3": volumes}
+    return {
+        "object_to_world": o2w,
+        "medial_plane": {"point_mm": o2w[:3, 3].copy(), "normal": o2w[:3, :3] @ normal_obj},
+        "hypothalamus_centroid_mm": o2w[:3, :3] @ centroid_obj + o2w[:3, 3],
+        "hypothalamus_volume_mm3": volumes,
+    }
 
 
 def phantom_geometry(spacing_mm: float, side: str = "L") -> dict:
@@ -598,11 +636,18 @@ def phantom_geometry(spacing_mm: float, side: str = "L") -> dict:
     s, sd = _check(spacing_mm, side)
     aff = _affine(s, sd)
     w = _world_geometry(sd)
-    return {"shape": _shape(s), "affine": aff, "spacing_mm": s, "side": sd, "fov_mm": FOV_MM,
-            "orientation": orientation_code(aff), "object_to_world": w["object_to_world"].copy(),
-            "medial_plane": {k: v.copy() for k, v in w["medial_plane"].items()},
-            "hypothalamus_centroid_mm": w["hypothalamus_centroid_mm"].copy(),
-            "hypothalamus_volume_mm3": dict(w["hypothalamus_volume_mm3"])}
+    return {
+        "shape": _shape(s),
+        "affine": aff,
+        "spacing_mm": s,
+        "side": sd,
+        "fov_mm": FOV_MM,
+        "orientation": orientation_code(aff),
+        "object_to_world": w["object_to_world"].copy(),
+        "medial_plane": {k: v.copy() for k, v in w["medial_plane"].items()},
+        "hypothalamus_centroid_mm": w["hypothalamus_centroid_mm"].copy(),
+        "hypothalamus_volume_mm3": dict(w["hypothalamus_volume_mm3"]),
+    }
 
 
 _OUTPUTS = {  # name: (dtype, kind)
@@ -622,15 +667,26 @@ def _normalize_chunks(chunks: Any, shape: tuple[int, int, int]) -> tuple:
             raise ValueError
         return da.core.normalize_chunks(tuple(chunks), shape, dtype=np.float32)
     except (ValueError, TypeError):
-        raise HelmError(f"chunks must be an int or 3 chunk sizes (x, y, z), got {chunks!r}",
-                        hint="e.g. chunks=(128, 128, 128)") from None
+        raise HelmError(
+            f"chunks must be an int or 3 chunk sizes (x, y, z), got {chunks!r}", hint="e.g. chunks=(128, 128, 128)"
+        ) from None
 
 
 _MNI_OPTIONS = ("fluid", "bag_gap_mm", "header_rotation_deg", "header_rotation_axis")
 
 
-def _lazy_outputs(block, lead: tuple, tail: tuple, norm: tuple, echoes: int, aff: np.ndarray, params: dict,
-                  info: dict, graph_name: str, provenance_extra: dict | None = None) -> dict:
+def _lazy_outputs(
+    block,
+    lead: tuple,
+    tail: tuple,
+    norm: tuple,
+    echoes: int,
+    aff: np.ndarray,
+    params: dict,
+    info: dict,
+    graph_name: str,
+    provenance_extra: dict | None = None,
+) -> dict:
     """The five lazy output volumes of a phantom (shared by :func:`phantom` and the template phantom).
 
     ``block(name, *lead, echoes, *tail, block_info=...)`` renders one chunk of output ``name``; ``graph_name``
@@ -640,13 +696,26 @@ def _lazy_outputs(block, lead: tuple, tail: tuple, norm: tuple, echoes: int, aff
     for name, (dtype, kind) in _OUTPUTS.items():
         four_d = name == "scan" and echoes > 1
         ch = norm + ((echoes,),) if four_d else norm
-        arr = da.map_blocks(block, name, *lead, echoes if name == "scan" else 1, *tail, chunks=ch,
-                            dtype=dtype, meta=np.empty((0,) * len(ch), dtype=dtype),
-                            name=graph_name.format(name=name))
-        vol = make_volume(arr, aff, kind=kind, name=name, source="phantom",
-                          provenance=[provenance_record("phantom", dict(params, output=name,
-                                                                        **(provenance_extra or {})))],
-                          attrs={"phantom": dict(info)})
+        arr = da.map_blocks(
+            block,
+            name,
+            *lead,
+            echoes if name == "scan" else 1,
+            *tail,
+            chunks=ch,
+            dtype=dtype,
+            meta=np.empty((0,) * len(ch), dtype=dtype),
+            name=graph_name.format(name=name),
+        )
+        vol = make_volume(
+            arr,
+            aff,
+            kind=kind,
+            name=name,
+            source="phantom",
+            provenance=[provenance_record("phantom", dict(params, output=name, **(provenance_extra or {})))],
+            attrs={"phantom": dict(info)},
+        )
         if four_d:
             vol = vol.assign_coords(echo=("echo", np.array(ECHO_TIMES_MS[:echoes])))
             vol.attrs["echo_times_ms"] = list(ECHO_TIMES_MS[:echoes])
@@ -654,8 +723,16 @@ def _lazy_outputs(block, lead: tuple, tail: tuple, norm: tuple, echoes: int, aff
     return out
 
 
-def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: int = 0,
-            chunks=(128, 128, 128), anatomy: str = "geometric", **mni_options) -> dict:
+def phantom(
+    spacing_mm: float = 0.5,
+    *,
+    side: str = "L",
+    echoes: int = 1,
+    seed: int = 0,
+    chunks=(128, 128, 128),
+    anatomy: str = "geometric",
+    **mni_options,
+) -> dict:
     """The built-in phantom as lazy volumes (nothing is computed here).
 
     Parameters
@@ -702,26 +779,37 @@ def phantom(spacing_mm: float = 0.5, *, side: str = "L", echoes: int = 1, seed: 
 
         return phantom_mni(spacing_mm, side=side, echoes=echoes, seed=seed, chunks=chunks, **given)
     if anatomy != "geometric":
-        raise HelmError(f"anatomy must be 'geometric' or 'mni152', got {anatomy!r}",
-                        hint="geometric: the built-in geometric hemisphere; mni152: made from the MNI152 template")
+        raise HelmError(
+            f"anatomy must be 'geometric' or 'mni152', got {anatomy!r}",
+            hint="geometric: the built-in geometric hemisphere; mni152: made from the MNI152 template",
+        )
     if given:
-        raise HelmError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to anatomy='mni152' only",
-                        hint="pass anatomy='mni152', or leave them out for the geometric phantom")
+        raise HelmError(
+            f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to anatomy='mni152' only",
+            hint="pass anatomy='mni152', or leave them out for the geometric phantom",
+        )
     s, sd = _check(spacing_mm, side)
     if isinstance(echoes, bool) or not isinstance(echoes, (int, np.integer)) or not 1 <= echoes <= 4:
-        raise HelmError(f"echoes must be an integer from 1 to 4, got {echoes!r}",
-                        hint="use echoes=1 (a 3-D scan) or echoes=4 (all four echoes)")
+        raise HelmError(
+            f"echoes must be an integer from 1 to 4, got {echoes!r}",
+            hint="use echoes=1 (a 3-D scan) or echoes=4 (all four echoes)",
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise HelmError(f"seed must be a non-negative integer, got {seed!r}", hint="e.g. seed=0")
     echoes, seed = int(echoes), int(seed)
     shape = _shape(s)
     norm = _normalize_chunks(chunks, shape)
     aff = _affine(s, sd)
-    params = {"spacing_mm": s, "side": sd, "echoes": echoes, "seed": seed,
-              "model_version": PHANTOM_MODEL_VERSION}
-    info = dict(params, noise_sigma=NOISE_SIGMA, echo_times_ms=list(ECHO_TIMES_MS[:echoes]),
-                fov_mm=list(FOV_MM), orientation="PLI")
+    params = {"spacing_mm": s, "side": sd, "echoes": echoes, "seed": seed, "model_version": PHANTOM_MODEL_VERSION}
+    info = dict(
+        params,
+        noise_sigma=NOISE_SIGMA,
+        echo_times_ms=list(ECHO_TIMES_MS[:echoes]),
+        fov_mm=list(FOV_MM),
+        orientation="PLI",
+    )
     from dask.base import tokenize
 
-    return _lazy_outputs(_block, (s, sd), (seed,), norm, echoes, aff, params, info,
-                         f"phantom-{{name}}-{tokenize(params, norm)}")
+    return _lazy_outputs(
+        _block, (s, sd), (seed,), norm, echoes, aff, params, info, f"phantom-{{name}}-{tokenize(params, norm)}"
+    )

@@ -18,10 +18,22 @@ PHANTOM_FILES = ("scan", "hypothalamus", "truth_mask", "truth_tissue", "truth_bi
 MNI_OPTIONS = ("fluid", "bag_gap_mm", "header_rotation_deg", "header_rotation_axis")
 
 
-def write_phantom(out, *, spacing_mm: float = 0.5, side: str = "L", echoes: int = 1, seed: int = 0, chunks=None,
-                  overwrite: bool = False, quiet: bool = True, anatomy: str = "geometric", fluid: str | None = None,
-                  bag_gap_mm: float | None = None, header_rotation_deg: float | None = None,
-                  header_rotation_axis: str | None = None) -> dict[str, str]:
+def write_phantom(
+    out,
+    *,
+    spacing_mm: float = 0.5,
+    side: str = "L",
+    echoes: int = 1,
+    seed: int = 0,
+    chunks=None,
+    overwrite: bool = False,
+    quiet: bool = True,
+    anatomy: str = "geometric",
+    fluid: str | None = None,
+    bag_gap_mm: float | None = None,
+    header_rotation_deg: float | None = None,
+    header_rotation_axis: str | None = None,
+) -> dict[str, str]:
     """Generate the phantom chunk by chunk and write it; returns ``{name: path}``.
 
     ``OUT.zarr`` gives one store with the volumes ``OUT.zarr/scan``, ``OUT.zarr/hypothalamus``, ... (each a
@@ -37,19 +49,37 @@ def write_phantom(out, *, spacing_mm: float = 0.5, side: str = "L", echoes: int 
     """
     from .phantom import phantom
 
-    given = {k: v for k, v in zip(MNI_OPTIONS, (fluid, bag_gap_mm, header_rotation_deg, header_rotation_axis))
-             if v is not None}
+    given = {
+        k: v
+        for k, v in zip(MNI_OPTIONS, (fluid, bag_gap_mm, header_rotation_deg, header_rotation_axis))
+        if v is not None
+    }
     out = os.fspath(out)
     is_zarr = out.rstrip("/").endswith(".zarr")
     # Zarr: cubic chunks; NIfTI: thin z-chunks (whole planes in x, y) so that every slab is generated exactly once.
-    vols = phantom(spacing_mm, side=side, echoes=echoes, seed=seed, anatomy=anatomy,
-                   chunks=chunks or ((128, 128, 128) if is_zarr else (256, 256, 16)), **given)
+    vols = phantom(
+        spacing_mm,
+        side=side,
+        echoes=echoes,
+        seed=seed,
+        anatomy=anatomy,
+        chunks=chunks or ((128, 128, 128) if is_zarr else (256, 256, 16)),
+        **given,
+    )
     info = vols["scan"].attrs["phantom"]
-    collection = {"kind": "phantom", "volumes": list(PHANTOM_FILES), "anatomy": anatomy, "spacing_mm": spacing_mm,
-                  "side": side, "echoes": echoes, "seed": seed}
+    collection = {
+        "kind": "phantom",
+        "volumes": list(PHANTOM_FILES),
+        "anatomy": anatomy,
+        "spacing_mm": spacing_mm,
+        "side": side,
+        "echoes": echoes,
+        "seed": seed,
+    }
     if anatomy == "mni152":
-        collection.update({k: info[k] for k in MNI_OPTIONS}, template=info["template"],
-                          model_version=info["model_version"])
+        collection.update(
+            {k: info[k] for k in MNI_OPTIONS}, template=info["template"], model_version=info["model_version"]
+        )
     if is_zarr:
         with atomic_path(out, overwrite=overwrite) as tmp:
             root = zarr.open_group(tmp, mode="w", zarr_format=3)

@@ -58,29 +58,31 @@ __all__ = ["FLUIDS", "MNI_MODEL_VERSION", "TEMPLATE_FILES", "phantom_mni", "phan
 MNI_MODEL_VERSION = 1
 
 #: The template files (in the nilearn distribution, ``nilearn/datasets/data/``).
-TEMPLATE_FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-                  "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-                  "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
 
 #: Fixative signal at the first echo, by ``fluid`` (white matter is 38, grey matter 60).
 FLUIDS = {"bright": 80.0, "dark": 14.0, "none": 0.0}
 _S_GM, _S_WM, _S_WALL = 60.0, 38.0, 100.0
 # T2* (ms): grey, white, fluid, wall (for multi-echo scans)
 _T2_GM, _T2_WM, _T2_FLUID, _T2_WALL = 32.0, 26.0, 90.0, 20.0
-_TEXTURE = 0.05          # relative amplitude of the fine tissue texture
-_WALL_MM = 0.6           # bag wall thickness
-_AIR_MM = 3.0            # air between the bag and the edge of the field of view
-_BAG_P = 8.0             # exponent of the rounded-box bag
-_TILT_MAX_DEG = 12.0     # the specimen's seeded tilt in the bag, per axis
+_TEXTURE = 0.05  # relative amplitude of the fine tissue texture
+_WALL_MM = 0.6  # bag wall thickness
+_AIR_MM = 3.0  # air between the bag and the edge of the field of view
+_BAG_P = 8.0  # exponent of the rounded-box bag
+_TILT_MAX_DEG = 12.0  # the specimen's seeded tilt in the bag, per axis
 _WORLD_SHIFT_MM = (1.2, -6.0, 10.0)
 
 # Hypothalamus (left, MNI mm): an ellipsoid lateral to the third ventricle, below the thalamus, from the anterior
 # commissure (y ~ +2) to the mammillary bodies (y ~ -12), restricted to tissue.
 _HYPO_C = (-4.6, -3.5, -10.5)
 _HYPO_R = (3.6, 8.5, 5.5)
-_HYPO_ANTERIOR_Y = 0.0       # y above this: anterior
-_HYPO_POSTERIOR_Y = -8.0     # y below this: posterior (mammillary)
-_HYPO_SPLIT_Z = -10.5        # z below this: inferior (anterior and tuberal parts)
+_HYPO_ANTERIOR_Y = 0.0  # y above this: anterior
+_HYPO_POSTERIOR_Y = -8.0  # y below this: posterior (mammillary)
+_HYPO_SPLIT_Z = -10.5  # z below this: inferior (anterior and tuberal parts)
 # Fornix column: a 1.2 mm tube along this polyline (MNI mm), from above the anterior commissure down and back to
 # the mammillary body.
 _FORNIX_PTS = ((-3.2, -1.0, 10.0), (-3.6, -0.5, 2.0), (-4.3, -3.0, -5.0), (-4.6, -8.5, -11.5))
@@ -91,6 +93,7 @@ _FORNIX_R = 1.2
 # the template, read once per process from the installed nilearn files
 # ------------------------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def template_files() -> dict[str, dict[str, str]]:
     """``{key: {"path", "sha256", "file"}}`` of the three template files, found in the installed distribution.
@@ -100,8 +103,10 @@ def template_files() -> dict[str, dict[str, str]]:
     try:
         dist = metadata.distribution("nilearn")
     except metadata.PackageNotFoundError:
-        raise HelmError("the MNI152 template phantom needs the nilearn package (its wheel ships the template)",
-                        hint="pip install nilearn") from None
+        raise HelmError(
+            "the MNI152 template phantom needs the nilearn package (its wheel ships the template)",
+            hint="pip install nilearn",
+        ) from None
     wanted = {v: k for k, v in TEMPLATE_FILES.items()}
     found: dict[str, dict[str, str]] = {}
     for f in dist.files or ():
@@ -112,8 +117,10 @@ def template_files() -> dict[str, dict[str, str]]:
             found[wanted[f.name]] = {"path": path, "sha256": sha, "file": f.name}
     missing = sorted(set(TEMPLATE_FILES) - set(found))
     if missing:
-        raise HelmError(f"the installed nilearn has no {TEMPLATE_FILES[missing[0]]}",
-                        hint="install nilearn >= 0.10 (its wheel ships the MNI152 2009a templates)")
+        raise HelmError(
+            f"the installed nilearn has no {TEMPLATE_FILES[missing[0]]}",
+            hint="install nilearn >= 0.10 (its wheel ships the MNI152 2009a templates)",
+        )
     return found
 
 
@@ -154,37 +161,50 @@ def _template() -> dict:
     w = np.pad(wm[box], pad)
     coef_g = ndi.spline_filter(g, order=3, output=np.float32, mode="mirror")
     coef_w = ndi.spline_filter(w, order=3, output=np.float32, mode="mirror")
-    crop_origin = origin + lo - pad          # template mm of crop voxel (0, 0, 0)
+    crop_origin = origin + lo - pad  # template mm of crop voxel (0, 0, 0)
     # hemisphere points (1 mm voxel centres inside the brain on the left of the cut): extent and centroid
     pts = idx + origin
     pts = pts[pts[:, 0] < _cut_x(pts[:, 1], pts[:, 2])]
     # dilated brain (nearest-neighbour lookup decides where the interpolation is needed at all)
     near = ndi.binary_dilation(f > 0, iterations=2)
-    return {"f": f, "coef_g": coef_g, "coef_w": coef_w, "near": near, "origin": crop_origin,
-            "points": pts.astype(np.float64), "centroid": pts.mean(axis=0)}
+    return {
+        "f": f,
+        "coef_g": coef_g,
+        "coef_w": coef_w,
+        "near": near,
+        "origin": crop_origin,
+        "points": pts.astype(np.float64),
+        "centroid": pts.mean(axis=0),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
 # geometry: voxel -> bag frame -> template (object) mm -> world
 # ------------------------------------------------------------------------------------------------------------
 
-def _check_options(fluid: Any, bag_gap_mm: Any, header_rotation_deg: Any, header_rotation_axis: Any
-                   ) -> tuple[str, float, float, str]:
+
+def _check_options(
+    fluid: Any, bag_gap_mm: Any, header_rotation_deg: Any, header_rotation_axis: Any
+) -> tuple[str, float, float, str]:
     if fluid not in FLUIDS:
-        raise HelmError(f"fluid must be one of {', '.join(FLUIDS)}, got {fluid!r}",
-                        hint="bright: fixative brighter than tissue; dark: darker; none: no signal (Fomblin)")
+        raise HelmError(
+            f"fluid must be one of {', '.join(FLUIDS)}, got {fluid!r}",
+            hint="bright: fixative brighter than tissue; dark: darker; none: no signal (Fomblin)",
+        )
     try:
         gap = float(bag_gap_mm)
         rot = float(header_rotation_deg)
     except (TypeError, ValueError):
-        raise HelmError("bag_gap_mm and header_rotation_deg must be numbers",
-                        hint="e.g. bag_gap_mm=5, header_rotation_deg=0") from None
+        raise HelmError(
+            "bag_gap_mm and header_rotation_deg must be numbers", hint="e.g. bag_gap_mm=5, header_rotation_deg=0"
+        ) from None
     if not (math.isfinite(gap) and 0.0 <= gap <= 50.0):
-        raise HelmError(f"bag_gap_mm must be between 0 and 50 mm, got {bag_gap_mm!r}",
-                        hint="0 presses the bag onto the brain; 5 leaves at least 5 mm of fluid around it")
+        raise HelmError(
+            f"bag_gap_mm must be between 0 and 50 mm, got {bag_gap_mm!r}",
+            hint="0 presses the bag onto the brain; 5 leaves at least 5 mm of fluid around it",
+        )
     if not (math.isfinite(rot) and -360.0 <= rot <= 360.0):
-        raise HelmError(f"header_rotation_deg must be an angle in degrees, got {header_rotation_deg!r}",
-                        hint="e.g. 30")
+        raise HelmError(f"header_rotation_deg must be an angle in degrees, got {header_rotation_deg!r}", hint="e.g. 30")
     if header_rotation_axis not in ("x", "y", "z"):
         raise HelmError(f"header_rotation_axis must be x, y or z, got {header_rotation_axis!r}")
     return fluid, gap, rot, header_rotation_axis
@@ -197,11 +217,16 @@ def _tilt(seed: int) -> np.ndarray:
 
 
 # unit vectors spread evenly over the sphere (Fibonacci lattice)
-_SPHERE = np.stack([np.sqrt(1.0 - np.linspace(1 - 1 / 256, -1 + 1 / 256, 256) ** 2)
-                    * np.cos(np.pi * (3.0 - math.sqrt(5.0)) * np.arange(256)),
-                    np.sqrt(1.0 - np.linspace(1 - 1 / 256, -1 + 1 / 256, 256) ** 2)
-                    * np.sin(np.pi * (3.0 - math.sqrt(5.0)) * np.arange(256)),
-                    np.linspace(1 - 1 / 256, -1 + 1 / 256, 256)], axis=1)
+_SPHERE = np.stack(
+    [
+        np.sqrt(1.0 - np.linspace(1 - 1 / 256, -1 + 1 / 256, 256) ** 2)
+        * np.cos(np.pi * (3.0 - math.sqrt(5.0)) * np.arange(256)),
+        np.sqrt(1.0 - np.linspace(1 - 1 / 256, -1 + 1 / 256, 256) ** 2)
+        * np.sin(np.pi * (3.0 - math.sqrt(5.0)) * np.arange(256)),
+        np.linspace(1 - 1 / 256, -1 + 1 / 256, 256),
+    ],
+    axis=1,
+)
 
 
 def _bag_radii(q: np.ndarray, c: np.ndarray, r0: np.ndarray, need: float) -> np.ndarray:
@@ -240,12 +265,12 @@ def _layout(seed: int, gap: float) -> dict:
     t = _template()
     rot = _tilt(seed)
     c = t["centroid"]
-    q = (t["points"] - c) @ rot                      # bag-frame coordinates of the hemisphere's voxel centres
+    q = (t["points"] - c) @ rot  # bag-frame coordinates of the hemisphere's voxel centres
     lo, hi = q.min(axis=0) - 0.5, q.max(axis=0) + 0.5
     bag_c = (lo + hi) / 2.0
     bag_r = _bag_radii(q, bag_c, (hi - lo) / 2.0 + gap, gap + 0.5)
     half = bag_r + _WALL_MM + _AIR_MM
-    fov = 2.0 * np.ceil(half)                        # whole mm, so every spacing samples the same extent
+    fov = 2.0 * np.ceil(half)  # whole mm, so every spacing samples the same extent
     # bubbles: seeded spheres pressed onto the tissue, at hemisphere surface points facing away from the centre
     rng = np.random.default_rng([int(seed), 0x425542])
     d = np.linalg.norm(q, axis=1)
@@ -254,10 +279,17 @@ def _layout(seed: int, gap: float) -> dict:
     for n in rng.choice(outer, size=6, replace=False):
         r = float(rng.uniform(1.5, 3.5))
         u = q[n] / max(d[n], 1e-9)
-        centre_bag = q[n] + u * (0.8 * r)            # overlapping the surface: the tissue keeps its voxels
+        centre_bag = q[n] + u * (0.8 * r)  # overlapping the surface: the tissue keeps its voxels
         bubbles.append((tuple(rot @ centre_bag + c), r))
-    return {"rot": rot, "centroid": c, "bag_c": bag_c, "bag_r": bag_r, "fov": fov, "fov_c": bag_c,
-            "bubbles": tuple(bubbles)}
+    return {
+        "rot": rot,
+        "centroid": c,
+        "bag_c": bag_c,
+        "bag_r": bag_r,
+        "fov": fov,
+        "fov_c": bag_c,
+        "bubbles": tuple(bubbles),
+    }
 
 
 def _shape(s: float, lay: dict) -> tuple[int, int, int]:
@@ -266,8 +298,7 @@ def _shape(s: float, lay: dict) -> tuple[int, int, int]:
     return tuple(max(1, int(round(f / s))) for f in (fy, fx, fz))
 
 
-def _bag_axes(s: float, shape: tuple[int, int, int], lay: dict, side: str
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bag_axes(s: float, shape: tuple[int, int, int], lay: dict, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bag-frame coordinates (X, Y, Z mm) of the voxel centres along axes 1, 0, 2 (whole axes)."""
     n0, n1, n2 = shape
     cx, cy, cz = lay["fov_c"]
@@ -327,6 +358,7 @@ def _affines(s: float, side: str, lay: dict, rot_deg: float, rot_axis: str) -> t
 # smooth per-axis tables (evaluated on whole axes, then sliced: a voxel's value does not depend on its chunk)
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _bias_tables(x: np.ndarray, y: np.ndarray, z: np.ndarray, lay: dict) -> tuple:
     """7 T-like field in the bag frame = e^{gx} e^{gy} e^{gz} (1 + a Gx Gy Gz): gradients (coil profile) times
     a central brightening (the dielectric effect). About 0.6-1.4 over the brain (0.65-1.24 before the
@@ -357,6 +389,7 @@ def _outer3(a: np.ndarray, b: np.ndarray, c: np.ndarray, op=np.add) -> np.ndarra
 # one block
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _segment_dist2(p: tuple, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = b - a
     t = ((p[0] - a[0]) * d[0] + (p[1] - a[1]) * d[1] + (p[2] - a[2]) * d[2]) / float(d @ d)
@@ -364,8 +397,7 @@ def _segment_dist2(p: tuple, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sum((p[k] - (a[k] + t * d[k])) ** 2 for k in range(3))
 
 
-def _block_model(s: float, side: str, seed: int, gap: float, loc, *, fractions: bool = True,
-                 where=None) -> dict:
+def _block_model(s: float, side: str, seed: int, gap: float, loc, *, fractions: bool = True, where=None) -> dict:
     """Fractions and compartments of one block: brain weight, grey / white / fluid fractions, bag, bubbles.
 
     ``fractions=False`` skips the grey/white interpolation (the truth mask needs only the brain); ``where``
@@ -415,19 +447,34 @@ def _block_model(s: float, side: str, seed: int, gap: float, loc, *, fractions: 
     b = np.clip(0.5 + (f - 0.5) * steep, 0.0, 1.0) * np.clip(0.5 + (xc - obj[0]) / s, 0.0, 1.0)
     b = b.astype(np.float32)
     # bag (bag frame, separable), bubbles (object frame)
-    ax, ay, az = (np.abs((v - lay["bag_c"][d]) / lay["bag_r"][d]) ** _BAG_P for d, v in
-                  ((0, bx[j0:j1]), (1, by[i0:i1]), (2, bz[k0:k1])))
+    ax, ay, az = (
+        np.abs((v - lay["bag_c"][d]) / lay["bag_r"][d]) ** _BAG_P
+        for d, v in ((0, bx[j0:j1]), (1, by[i0:i1]), (2, bz[k0:k1]))
+    )
     bag_in = _outer3(ay, ax, az) <= 1.0
     wr = lay["bag_r"] + _WALL_MM
-    ax, ay, az = (np.abs((v - lay["bag_c"][d]) / wr[d]) ** _BAG_P for d, v in
-                  ((0, bx[j0:j1]), (1, by[i0:i1]), (2, bz[k0:k1])))
+    ax, ay, az = (
+        np.abs((v - lay["bag_c"][d]) / wr[d]) ** _BAG_P for d, v in ((0, bx[j0:j1]), (1, by[i0:i1]), (2, bz[k0:k1]))
+    )
     wall = (_outer3(ay, ax, az) <= 1.0) & ~bag_in
     bubble = np.zeros(nshape, dtype=bool)
     for (cx, cy, cz), r in lay["bubbles"]:
         bubble |= ((obj[0] - cx) ** 2 + (obj[1] - cy) ** 2 + (obj[2] - cz) ** 2) <= r * r
     bubble &= bag_in & ~truth
-    return {"obj": obj, "f": f, "g": g, "w": w, "b": b, "truth": truth, "bag_in": bag_in, "wall": wall,
-            "bubble": bubble, "axes": (bx, by, bz), "lay": lay, "shape": shape}
+    return {
+        "obj": obj,
+        "f": f,
+        "g": g,
+        "w": w,
+        "b": b,
+        "truth": truth,
+        "bag_in": bag_in,
+        "wall": wall,
+        "bubble": bubble,
+        "axes": (bx, by, bz),
+        "lay": lay,
+        "shape": shape,
+    }
 
 
 def _hypothalamus(m: dict, side: str) -> np.ndarray:
@@ -443,16 +490,19 @@ def _hypothalamus(m: dict, side: str) -> np.ndarray:
     # (a chunk-dependent output, seen with the NIfTI writer's 16-plane slabs)
     if not _in_hypothalamus_box(obj).any():
         return out
-    codes = HYPOTHALAMUS_CODES[side]        # ant-inf, ant-sup, posterior, tub-inf, tub-sup
+    codes = HYPOTHALAMUS_CODES[side]  # ant-inf, ant-sup, posterior, tub-inf, tub-sup
     inferior = z < _HYPO_SPLIT_Z
-    sub = np.where(y > _HYPO_ANTERIOR_Y, np.where(inferior, codes[0], codes[1]),
-                   np.where(y < _HYPO_POSTERIOR_Y, codes[2], np.where(inferior, codes[3], codes[4])))
+    sub = np.where(
+        y > _HYPO_ANTERIOR_Y,
+        np.where(inferior, codes[0], codes[1]),
+        np.where(y < _HYPO_POSTERIOR_Y, codes[2], np.where(inferior, codes[3], codes[4])),
+    )
     out[hyp] = sub[hyp]
     d2 = np.full(x.shape, np.inf)
     pts = [np.asarray(p, dtype=np.float64) for p in _FORNIX_PTS]
     for a, bb in zip(pts[:-1], pts[1:]):
         d2 = np.minimum(d2, _segment_dist2(obj, a, bb))
-    out[(d2 <= _FORNIX_R ** 2) & tissue & (hyp | (z > _HYPO_C[2]))] = FORNIX_LABEL
+    out[(d2 <= _FORNIX_R**2) & tissue & (hyp | (z > _HYPO_C[2]))] = FORNIX_LABEL
     return out
 
 
@@ -482,7 +532,7 @@ def _texture(m: dict, s: float, side: str, loc) -> np.ndarray:
     (i0, i1), (j0, j1), (k0, k1) = loc[:3]
     acc = np.zeros(m["f"].shape, np.float64)
     for kv, ph in zip(_WAVES, _PHASES):
-        kb = kv @ R                      # k . (R b + c) = (R^T k) . b + k . c
+        kb = kv @ R  # k . (R b + c) = (R^T k) . b + k . c
         ey = np.exp(1j * (kb[1] * by + ph + float(kv @ c)))[i0:i1]
         ex = np.exp(1j * (kb[0] * bx))[j0:j1]
         ez = np.exp(1j * (kb[2] * bz))[k0:k1]
@@ -499,8 +549,14 @@ def _stream_key(seed: int, side: str, echo: int) -> np.uint64:
 def _in_hypothalamus_box(obj: list) -> np.ndarray:
     lo = np.minimum(np.min(_FORNIX_PTS, axis=0), np.subtract(_HYPO_C, _HYPO_R)) - 2.0
     hi = np.maximum(np.max(_FORNIX_PTS, axis=0), np.add(_HYPO_C, _HYPO_R)) + 2.0
-    return ((obj[0] >= lo[0]) & (obj[0] <= hi[0]) & (obj[1] >= lo[1]) & (obj[1] <= hi[1])
-            & (obj[2] >= lo[2]) & (obj[2] <= hi[2]))
+    return (
+        (obj[0] >= lo[0])
+        & (obj[0] <= hi[0])
+        & (obj[1] >= lo[1])
+        & (obj[1] <= hi[1])
+        & (obj[2] >= lo[2])
+        & (obj[2] <= hi[2])
+    )
 
 
 def _render(name: str, s: float, side: str, echoes: int, seed: int, fluid: str, gap: float, loc) -> np.ndarray:
@@ -554,8 +610,16 @@ def _block(name, s, side, echoes, seed, fluid, gap, block_info=None):
 # public API
 # ------------------------------------------------------------------------------------------------------------
 
-def phantom_mni_geometry(spacing_mm: float, side: str = "L", *, seed: int = 0, bag_gap_mm: float = 5.0,
-                         header_rotation_deg: float = 0.0, header_rotation_axis: str = "z") -> dict:
+
+def phantom_mni_geometry(
+    spacing_mm: float,
+    side: str = "L",
+    *,
+    seed: int = 0,
+    bag_gap_mm: float = 5.0,
+    header_rotation_deg: float = 0.0,
+    header_rotation_axis: str = "z",
+) -> dict:
     """Voxel grid and true world geometry of the template phantom (eager; small).
 
     Returns a dict like :func:`helm_dask.phantom.phantom_geometry`: ``shape``, ``affine`` (as stored, header
@@ -580,18 +644,33 @@ def phantom_mni_geometry(spacing_mm: float, side: str = "L", *, seed: int = 0, b
     p_mid = np.array([float(_cut_x(np.array(0.0), np.array(0.0))), 0.0, 0.0])
     nrm = np.array([1.0, 0.0, 0.0])
     hc = np.array(_HYPO_C)
-    world = lambda p: m[:3, :3] @ p + m[:3, 3]   # noqa: E731
-    return {"shape": _shape(s, lay), "affine": aff, "true_affine": true, "spacing_mm": s, "side": sd,
-            "fov_mm": tuple(float(v) for v in (lay["fov"][1], lay["fov"][0], lay["fov"][2])),
-            "orientation": orientation_code(aff), "tilt": lay["rot"].copy(),
-            "medial_plane": {"point_mm": world(p_mid), "normal": m[:3, :3] @ nrm},
-            "hypothalamus_centroid_mm": world(hc)}
+    world = lambda p: m[:3, :3] @ p + m[:3, 3]
+    return {
+        "shape": _shape(s, lay),
+        "affine": aff,
+        "true_affine": true,
+        "spacing_mm": s,
+        "side": sd,
+        "fov_mm": tuple(float(v) for v in (lay["fov"][1], lay["fov"][0], lay["fov"][2])),
+        "orientation": orientation_code(aff),
+        "tilt": lay["rot"].copy(),
+        "medial_plane": {"point_mm": world(p_mid), "normal": m[:3, :3] @ nrm},
+        "hypothalamus_centroid_mm": world(hc),
+    }
 
 
-
-def phantom_mni(spacing_mm: float = 1.0, *, side: str = "L", fluid: str = "bright", bag_gap_mm: float = 5.0,
-                header_rotation_deg: float = 0.0, header_rotation_axis: str = "z", echoes: int = 1, seed: int = 0,
-                chunks=(128, 128, 128)) -> dict:
+def phantom_mni(
+    spacing_mm: float = 1.0,
+    *,
+    side: str = "L",
+    fluid: str = "bright",
+    bag_gap_mm: float = 5.0,
+    header_rotation_deg: float = 0.0,
+    header_rotation_axis: str = "z",
+    echoes: int = 1,
+    seed: int = 0,
+    chunks=(128, 128, 128),
+) -> dict:
     """The template phantom as lazy volumes (nothing is computed here).
 
     Parameters
@@ -634,14 +713,36 @@ def phantom_mni(spacing_mm: float = 1.0, *, side: str = "L", fluid: str = "brigh
     norm = _normalize_chunks(chunks, shape)
     aff, _ = _affines(s, sd, lay, rot, axis)
     files = template_files()
-    params = {"anatomy": "mni152", "spacing_mm": s, "side": sd, "fluid": fluid, "bag_gap_mm": gap,
-              "header_rotation_deg": rot, "header_rotation_axis": axis, "echoes": echoes, "seed": seed,
-              "model_version": MNI_MODEL_VERSION}
-    info = dict(params, noise_sigma=NOISE_SIGMA, echo_times_ms=list(ECHO_TIMES_MS[:echoes]),
-                fov_mm=[float(v) for v in (lay["fov"][1], lay["fov"][0], lay["fov"][2])],
-                template={k: {"file": v["file"], "sha256": v["sha256"]} for k, v in files.items()})
+    params = {
+        "anatomy": "mni152",
+        "spacing_mm": s,
+        "side": sd,
+        "fluid": fluid,
+        "bag_gap_mm": gap,
+        "header_rotation_deg": rot,
+        "header_rotation_axis": axis,
+        "echoes": echoes,
+        "seed": seed,
+        "model_version": MNI_MODEL_VERSION,
+    }
+    info = dict(
+        params,
+        noise_sigma=NOISE_SIGMA,
+        echo_times_ms=list(ECHO_TIMES_MS[:echoes]),
+        fov_mm=[float(v) for v in (lay["fov"][1], lay["fov"][0], lay["fov"][2])],
+        template={k: {"file": v["file"], "sha256": v["sha256"]} for k, v in files.items()},
+    )
     from dask.base import tokenize
 
-    return _lazy_outputs(_block, (s, sd), (seed, fluid, gap), norm, echoes, aff, params, info,
-                         f"phantom-mni-{{name}}-{tokenize(params, norm)}",
-                         provenance_extra={"template": info["template"]})
+    return _lazy_outputs(
+        _block,
+        (s, sd),
+        (seed, fluid, gap),
+        norm,
+        echoes,
+        aff,
+        params,
+        info,
+        f"phantom-mni-{{name}}-{tokenize(params, norm)}",
+        provenance_extra={"template": info["template"]},
+    )

@@ -32,9 +32,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -68,16 +69,16 @@ class RunParams:
     hypothalamus: str
     out: str
     side: str = "auto"
-    mask: str | None = None             # an external brain mask on the scan's grid (NIfTI/MGH; non-zero = brain)
-    fluid: str = "auto"                 # what fills the bag: auto|bright|dark|none (unused with ``mask``)
+    mask: str | None = None  # an external brain mask on the scan's grid (NIfTI/MGH; non-zero = brain)
+    fluid: str = "auto"  # what fills the bag: auto|bright|dark|none (unused with ``mask``)
     subject: str | None = None
-    spacing: Any = 0.3                  # mm, or "native"
+    spacing: Any = 0.3  # mm, or "native"
     until: str = "mirror"
     echo: int | None = None
     echo_combine: str = "rms"
     nonfinite: str = "error"
     resample_labels: bool = False
-    label_map: dict = field(default_factory=dict)   # extra code -> code mapping for the manual labels
+    label_map: dict = field(default_factory=dict)  # extra code -> code mapping for the manual labels
     ks: tuple = (4, 5, 6, 7, 8, 9)
     kmeans_method: str = "histogram"
     closing_radius_mm: float = 1.2
@@ -87,13 +88,13 @@ class RunParams:
     layout: str = "flat"
     chunks: tuple | None = None
     seed: int = 0
-    qc: bool = True                     # write OUT/<subject>/qc/report.html at the end (local outputs only)
-    nifti: bool = True                  # write the .nii.gz exports (False: the Zarr store only; not a stage
-                                        # parameter, so a later run with True exports what is missing)
+    qc: bool = True  # write OUT/<subject>/qc/report.html at the end (local outputs only)
+    nifti: bool = True  # write the .nii.gz exports (False: the Zarr store only; not a stage
+    # parameter, so a later run with True exports what is missing)
     storage_options: dict | None = None  # fsspec options for URL inputs/outputs (never written to run.json)
     reference_tissue: str | None = None  # a tissue-class map on the scan's grid: QC reports the k-means agreement
-                                         # (not a stage parameter: no stage reads it)
-    verify_inputs: bool = False          # recognise unchanged inputs by content (sha256), not size + mtime
+    # (not a stage parameter: no stage reads it)
+    verify_inputs: bool = False  # recognise unchanged inputs by content (sha256), not size + mtime
 
     def subject_name(self) -> str:
         """The subject's folder under ``out``: ``subject`` if given (refused unless a safe single path
@@ -113,8 +114,17 @@ class RunParams:
 def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
     """Hash of what makes a stage's output: its parameters, its algorithm version (:data:`STAGE_VERSIONS`), the
     package version and the keys of the stages it reads."""
-    blob = json.dumps({"stage": stage, "params": params, "upstream": upstream, "version": __version__,
-                       "stage_version": STAGE_VERSIONS[stage]}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "stage": stage,
+            "params": params,
+            "upstream": upstream,
+            "version": __version__,
+            "stage_version": STAGE_VERSIONS[stage],
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -178,8 +188,15 @@ class Subject:
         """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
         location.makedirs(self.store, self.so)
         vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
-        save_volume(vol, self.vpath(name), chunks=self.p.chunks, overwrite=True,
-                    extra={"stage_key": key, "stage": stage}, storage_options=self.so, batch_chunks=batch_chunks)
+        save_volume(
+            vol,
+            self.vpath(name),
+            chunks=self.p.chunks,
+            overwrite=True,
+            extra={"stage_key": key, "stage": stage},
+            storage_options=self.so,
+            batch_chunks=batch_chunks,
+        )
         return self.open(name)
 
     def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
@@ -187,11 +204,19 @@ class Subject:
         from .io.store import save_volumes
 
         location.makedirs(self.store, self.so)
-        todo = {self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
-                for n, v in vols.items() if not self.volume_ok(n, key)}
+        todo = {
+            self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
+            for n, v in vols.items()
+            if not self.volume_ok(n, key)
+        }
         if todo:
-            save_volumes(todo, chunks=self.p.chunks, overwrite=True, extra={"stage_key": key, "stage": stage},
-                         storage_options=self.so)
+            save_volumes(
+                todo,
+                chunks=self.p.chunks,
+                overwrite=True,
+                extra={"stage_key": key, "stage": stage},
+                storage_options=self.so,
+            )
         return {n: self.open(n) for n in vols}
 
     def write_json(self, path: str, payload: dict, key: str) -> None:
@@ -203,8 +228,13 @@ class Subject:
         path = self.path(filename)
         if not self.p.nifti or self.nifti_ok(path, key):
             return path
-        prov = {"stage_key": key, "subject": self.name, "version": __version__,
-                "provenance": vol.attrs.get("provenance", []), "inputs": self.input_checksums()}
+        prov = {
+            "stage_key": key,
+            "subject": self.name,
+            "version": __version__,
+            "provenance": vol.attrs.get("provenance", []),
+            "inputs": self.input_checksums(),
+        }
         self.log(f"export {filename}: writing")
         t0 = time.perf_counter()
         save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True, storage_options=self.so)
@@ -224,8 +254,9 @@ def _json_default(o):
     return str(o)
 
 
-def fingerprint_input(path: str, cache: dict | None, storage_options: dict | None = None, *,
-                      verify: bool = False) -> str:
+def fingerprint_input(
+    path: str, cache: dict | None, storage_options: dict | None = None, *, verify: bool = False
+) -> str:
     """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged, unless
     ``verify`` (``--verify-inputs``: a file replaced by another of the same size and mtime is then noticed)."""
     stamp = location.stamp(path, storage_options)
@@ -238,8 +269,16 @@ def fingerprint_input(path: str, cache: dict | None, storage_options: dict | Non
 # Stages. Each returns its outputs (lazy volumes reopened from the store) and records its key.
 
 
-def _stage(subj: Subject, stage: str, params: dict, upstream: list[str], outputs: list[str],
-           compute: Callable[[str], dict], *, json_outputs: list[str] = ()) -> dict:
+def _stage(
+    subj: Subject,
+    stage: str,
+    params: dict,
+    upstream: list[str],
+    outputs: list[str],
+    compute: Callable[[str], dict],
+    *,
+    json_outputs: list[str] = (),
+) -> dict:
     """Run ``compute(key)`` unless every output already carries ``key``; returns the outputs."""
     key = stage_key(stage, params, {u: subj.keys[u] for u in upstream})
     subj.keys[stage] = key
@@ -274,7 +313,7 @@ def run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         try:
             return _run_subject(params, quiet=quiet, log=log)
         except BaseException:
-            if new:     # a run that failed before writing anything leaves no empty folders behind
+            if new:  # a run that failed before writing anything leaves no empty folders behind
                 _remove_empty_tree(Path(folder))
             raise
 
@@ -288,7 +327,7 @@ def _remove_empty_tree(folder: Path) -> None:
             d.rmdir()
         folder.rmdir()
     except OSError:
-        pass    # something appeared meanwhile: keep it
+        pass  # something appeared meanwhile: keep it
 
 
 def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
@@ -307,25 +346,33 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         if not location.exists(params.mask, so):
             raise HelmError("brain mask not found", path=params.mask, hint="check the --mask path")
         if not (is_nifti_path(params.mask) or is_mgh_path(params.mask)):
-            raise HelmError("the brain mask must be a .nii, .nii.gz, .mgz or .mgh file", path=params.mask,
-                            hint="convert it to NIfTI (e.g. mri_convert mask.mgz mask.nii.gz)")
+            raise HelmError(
+                "the brain mask must be a .nii, .nii.gz, .mgz or .mgh file",
+                path=params.mask,
+                hint="convert it to NIfTI (e.g. mri_convert mask.mgz mask.nii.gz)",
+            )
     if params.side not in ("L", "R", "auto"):
         raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
     if params.fluid not in FLUIDS:
         raise HelmError(f"--fluid must be one of {', '.join(FLUIDS)}, not {params.fluid!r}")
     if params.layout == "helm" and not params.nifti:
-        raise HelmError("--layout helm arranges the NIfTI files, and --no-nifti writes none",
-                        hint="drop one of the two (a later run without --no-nifti writes the files)")
+        raise HelmError(
+            "--layout helm arranges the NIfTI files, and --no-nifti writes none",
+            hint="drop one of the two (a later run without --no-nifti writes the files)",
+        )
     from .io.nifti import read_nifti_header
     from .labels import lut_table
 
-    lut_table(params.label_table, params.ks)    # a bad --label-table now, not after the k-means
+    lut_table(params.label_table, params.ks)  # a bad --label-table now, not after the k-means
     head = read_nifti_header(params.scan, storage_options=so)
     if head.stored_ndim < 3 or min(head.shape[:3]) < 2:
         # a single plane would be imported and fail much later with messages about other things
         what = f"a {head.stored_ndim}-D image" if head.stored_ndim < 3 else "a single slice"
-        raise HelmError(f"the scan is {what} (shape {tuple(head.shape[:max(head.stored_ndim, 2)])}), not a 3-D "
-                        f"volume", path=params.scan, hint="give the 3-D scan (or a 4-D multi-echo scan)")
+        raise HelmError(
+            f"the scan is {what} (shape {tuple(head.shape[: max(head.stored_ndim, 2)])}), not a 3-D volume",
+            path=params.scan,
+            hint="give the 3-D scan (or a 4-D multi-echo scan)",
+        )
     subj = Subject(params, quiet=quiet, log=log)
     location.makedirs(subj.dir, so)
     t_start = time.perf_counter()
@@ -340,8 +387,7 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     verify = params.verify_inputs
     sha_scan = fingerprint_input(params.scan, cache["scan_raw"], so, verify=verify)
     sha_lab = fingerprint_input(params.hypothalamus, cache["labels_raw"], so, verify=verify)
-    subj.info["inputs"] = {location.absolute(params.scan): sha_scan,
-                           location.absolute(params.hypothalamus): sha_lab}
+    subj.info["inputs"] = {location.absolute(params.scan): sha_scan, location.absolute(params.hypothalamus): sha_lab}
     # how an unchanged input was recognised (a checksum is reused only when this says size + mtime)
     subj.info["input_check"] = "sha256" if verify else "size+mtime (sha256 when they change)"
     sha_mask = None
@@ -350,22 +396,39 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         same = (cache["mask_raw"] or {}).get("path") == location.absolute(params.mask)
         sha_mask = fingerprint_input(params.mask, cache["mask_raw"] if same else None, so, verify=verify)
         subj.info["inputs"][location.absolute(params.mask)] = sha_mask
-    imp_params = {"scan_sha256": sha_scan, "labels_sha256": sha_lab, "echo": params.echo,
-                  "echo_combine": params.echo_combine, "nonfinite": params.nonfinite,
-                  "chunks": params.chunks}
+    imp_params = {
+        "scan_sha256": sha_scan,
+        "labels_sha256": sha_lab,
+        "echo": params.echo,
+        "echo_combine": params.echo_combine,
+        "nonfinite": params.nonfinite,
+        "chunks": params.chunks,
+    }
 
     def do_import(key):
         location.makedirs(subj.store, so)
         for nm, src, kind in (("scan_raw", params.scan, "image"), ("labels_raw", params.hypothalamus, "labels")):
             if subj.volume_ok(nm, key):
                 continue
-            nifti_to_zarr(src, subj.vpath(nm), chunks=params.chunks, echo=params.echo,
-                          echo_combine=params.echo_combine if params.echo is None else None, kind=kind,
-                          nonfinite=params.nonfinite, overwrite=True, quiet=quiet, storage_options=so)
+            nifti_to_zarr(
+                src,
+                subj.vpath(nm),
+                chunks=params.chunks,
+                echo=params.echo,
+                echo_combine=params.echo_combine if params.echo is None else None,
+                kind=kind,
+                nonfinite=params.nonfinite,
+                overwrite=True,
+                quiet=quiet,
+                storage_options=so,
+            )
             stamp = location.stamp(src, so)
             sha = read_meta(subj.vpath(nm), storage_options=so)["input_sha256"]
-            _update_meta(subj.vpath(nm), {"stage_key": key, "stage": "import",
-                                          "input_stamp": {"stamp": stamp, "sha256": sha}}, so)
+            _update_meta(
+                subj.vpath(nm),
+                {"stage_key": key, "stage": "import", "input_stamp": {"stamp": stamp, "sha256": sha}},
+                so,
+            )
         return {nm: subj.open(nm) for nm in ("scan_raw", "labels_raw")}
 
     out = _stage(subj, "import", imp_params, [], ["scan_raw", "labels_raw"], do_import)
@@ -403,7 +466,7 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     # kept in its store's metadata, so a resumed run that skips the stage reports it too.
     subj.info["background"] = dict(mask_ras.attrs.get("background") or {})
     if params.mask:
-        subj.info["background"]["path"] = location.absolute(params.mask)   # this run's name for the same file
+        subj.info["background"]["path"] = location.absolute(params.mask)  # this run's name for the same file
     labels_ras = orient_mod.to_ras(labels_raw)
     side, side_info = _decide_side(subj, params.side, mask_ras, labels_ras)
     subj.info["side"] = {"given": params.side, "used": side, **side_info}
@@ -420,8 +483,12 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     # labels_fl: flipped like the scan, right codes not yet mapped (a downsampling votes on it first)
     labels_l = orient_mod.map_right_to_left_codes(labels_fl)
     masked = apply_mask(scan_l, mask_l)
-    rs_params = {"spacing": params.spacing, "side": side, "label_map": params.label_map,
-                 "resample_labels": params.resample_labels}
+    rs_params = {
+        "spacing": params.spacing,
+        "side": side,
+        "label_map": params.label_map,
+        "resample_labels": params.resample_labels,
+    }
 
     def do_resample(key):
         batch = None
@@ -441,9 +508,11 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
                 # batches, which cover nearly the whole input: 2.2 GB per worker)
                 ratio = float(np.prod(spacing_of(affine_of(img)) / spacing_of(affine_of(masked))))
                 batch = max(1, round(STORE_BATCH_CHUNKS / ratio)) if ratio > 1.0 else None
-        return {"image_ws": subj.save("image_ws", img, key, "resample", rs_params, batch),
-                "mask": subj.save("mask", msk, key, "resample", rs_params, batch),
-                "hypothalamus": subj.save("hypothalamus", lab, key, "resample", rs_params, batch)}
+        return {
+            "image_ws": subj.save("image_ws", img, key, "resample", rs_params, batch),
+            "mask": subj.save("mask", msk, key, "resample", rs_params, batch),
+            "hypothalamus": subj.save("hypothalamus", lab, key, "resample", rs_params, batch),
+        }
 
     out = _stage(subj, "resample", rs_params, ["background"], ["image_ws", "mask", "hypothalamus"], do_resample)
     image_ws, mask_ws, hyp_ws = out["image_ws"], out["mask"], out["hypothalamus"]
@@ -461,14 +530,19 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         # ~7 GB less per copy at 0.1 mm; the correction below divides by the exact field
         field_v = bias_field(model, image_ws, keep_bits=13)
         corrected = correct_bias(image_ws, model, mask=mask_ws)
-        return {"bias": subj.save("bias", field_v, key, "bias", bias_params),
-                "preprocessed": subj.save("preprocessed", corrected, key, "bias", bias_params)}
+        return {
+            "bias": subj.save("bias", field_v, key, "bias", bias_params),
+            "preprocessed": subj.save("preprocessed", corrected, key, "bias", bias_params),
+        }
 
-    out = _stage(subj, "bias", bias_params, ["resample"], ["bias", "preprocessed"], do_bias,
-                 json_outputs=[bias_json])
+    out = _stage(subj, "bias", bias_params, ["resample"], ["bias", "preprocessed"], do_bias, json_outputs=[bias_json])
     pre, bias_v = out["preprocessed"], out["bias"]
-    for vol, fname, dtype in ((pre, "preprocessed.nii.gz", "float32"), (mask_ws, "mask.nii.gz", "uint8"),
-                              (bias_v, "bias.nii.gz", "float32"), (hyp_ws, "hypothalamus.nii.gz", "uint16")):
+    for vol, fname, dtype in (
+        (pre, "preprocessed.nii.gz", "float32"),
+        (mask_ws, "mask.nii.gz", "uint8"),
+        (bias_v, "bias.nii.gz", "float32"),
+        (hyp_ws, "hypothalamus.nii.gz", "uint16"),
+    ):
         subj.export(vol, fname, subj.keys["bias"], dtype=dtype)
     if last < STAGES.index("kmeans"):
         return _finish(subj, t_start)
@@ -511,8 +585,7 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         if subj.volume_ok("closed_labels", key):
             closed = subj.open("closed_labels")
         else:
-            closed = subj.save("closed_labels", close_labels(hyp_ws, params.closing_radius_mm), key, "merge",
-                               mg_params)
+            closed = subj.save("closed_labels", close_labels(hyp_ws, params.closing_radius_mm), key, "merge", mg_params)
         maps = {f"hemi_k{k}": merge_labels(km[f"kmeans_k{k}"], closed) for k in ks}
         out = subj.save_many(maps, key, "merge", mg_params)
         out["closed_labels"] = closed
@@ -539,7 +612,7 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         if doc is None:
             transform = fit_mirror(mask_ws, alpha=params.alpha, seed=params.seed)
             doc = {"transform": transform.to_dict()}
-            subj.write_json(tr_json, doc, key)       # kept even if the check below stops the run
+            subj.write_json(tr_json, doc, key)  # kept even if the check below stops the run
         transform = MirrorTransform.from_dict(doc["transform"])
         # the hypothalamus is a midline structure: labels far from the fitted plane mean mismatched inputs
         # (labels of another scan, a header that does not match the anatomy, a wrong mask) -- stop here
@@ -570,7 +643,7 @@ def _write_lut(subj: Subject, table, ks) -> None:
         if location.read_text(target, subj.so) == text:
             return
     except (OSError, HelmError):
-        pass    # missing or unreadable: write it
+        pass  # missing or unreadable: write it
     location.write_text_atomic(target, text, subj.so)
 
 
@@ -596,31 +669,52 @@ def _external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
     from .volume import make_volume, orientation_code
 
     src, so = subj.p.mask, subj.so
-    fix = ("give a mask on the scan's voxel grid (e.g. SAMSEG's segmentation of this scan; any non-zero value is "
-           "brain), or drop --mask to compute one")
+    fix = (
+        "give a mask on the scan's voxel grid (e.g. SAMSEG's segmentation of this scan; any non-zero value is "
+        "brain), or drop --mask to compute one"
+    )
     if not subj.volume_ok("mask_raw", key):
         info = read_header(src, storage_options=so)
         if len(info.shape) != 3:
-            raise HelmError(f"the brain mask is {len(info.shape)}-D (shape {info.shape}), not 3-D", path=src,
-                            hint=fix)
-        header_only = make_volume(da.zeros(info.shape, dtype=np.uint8, chunks=info.shape), info.affine,
-                                  kind="mask")
+            raise HelmError(f"the brain mask is {len(info.shape)}-D (shape {info.shape}), not 3-D", path=src, hint=fix)
+        header_only = make_volume(da.zeros(info.shape, dtype=np.uint8, chunks=info.shape), info.affine, kind="mask")
         try:
             check_same_grid(scan_raw, header_only, path=src)
-        except HelmError as e:   # its message speaks of labels and its hint of --resample-labels
-            raise HelmError(e.message.replace("the labels", "the brain mask"), path=src,
-                            hint="resample the mask onto the scan first (nearest neighbour, e.g. mri_vol2vol "
-                                 "--regheader --interp nearest), or drop --mask to compute one") from None
+        except HelmError as e:  # its message speaks of labels and its hint of --resample-labels
+            raise HelmError(
+                e.message.replace("the labels", "the brain mask"),
+                path=src,
+                hint="resample the mask onto the scan first (nearest neighbour, e.g. mri_vol2vol "
+                "--regheader --interp nearest), or drop --mask to compute one",
+            ) from None
         # NaN/inf are zeroed on import and counted: refused here with a message about the mask, not the scan
-        out = nifti_to_zarr(src, subj.vpath("mask_raw"), chunks=subj.p.chunks, kind="labels", nonfinite="zero",
-                            pyramid=False, overwrite=True, quiet=subj.quiet, storage_options=so)
+        out = nifti_to_zarr(
+            src,
+            subj.vpath("mask_raw"),
+            chunks=subj.p.chunks,
+            kind="labels",
+            nonfinite="zero",
+            pyramid=False,
+            overwrite=True,
+            quiet=subj.quiet,
+            storage_options=so,
+        )
         if out["nonfinite"]:
             location.remove_quietly(subj.vpath("mask_raw"), so)
             raise HelmError(f"the brain mask has {out['nonfinite']:,} NaN or infinite voxels", path=src, hint=fix)
-        _update_meta(subj.vpath("mask_raw"), {"stage_key": key, "stage": "background",
-                                              "input_stamp": {"stamp": location.stamp(src, so),
-                                                              "sha256": out["sha256"],
-                                                              "path": location.absolute(src)}}, so)
+        _update_meta(
+            subj.vpath("mask_raw"),
+            {
+                "stage_key": key,
+                "stage": "background",
+                "input_stamp": {
+                    "stamp": location.stamp(src, so),
+                    "sha256": out["sha256"],
+                    "path": location.absolute(src),
+                },
+            },
+            so,
+        )
     raw = subj.open("mask_raw")
     n = int(da.count_nonzero(raw.data).compute())
     if n == 0:
@@ -628,12 +722,24 @@ def _external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
     ras = to_ras(raw)
     # The grids agree within check_same_grid's tolerance (1e-4 mm); the mask takes the scan's exact affine so that
     # it sits on the scan like a computed mask would (apply_mask and the resampling compare affines exactly).
-    mask = like(ras, (ras.data != 0).astype(np.uint8), affine=affine_of(scan_ras), kind="mask", name="brain_mask",
-                step=provenance_record("background", {"method": "external", "nonzero_is_brain": True},
-                                       {location.absolute(src): sha}))
-    mask.attrs["background"] = {"method": "external", "path": location.absolute(src), "sha256": sha,
-                                "orientation_in": orientation_code(affine_of(raw)), "voxels": n,
-                                "mm3": n * float(np.prod(spacing_of(affine_of(raw))))}
+    mask = like(
+        ras,
+        (ras.data != 0).astype(np.uint8),
+        affine=affine_of(scan_ras),
+        kind="mask",
+        name="brain_mask",
+        step=provenance_record(
+            "background", {"method": "external", "nonzero_is_brain": True}, {location.absolute(src): sha}
+        ),
+    )
+    mask.attrs["background"] = {
+        "method": "external",
+        "path": location.absolute(src),
+        "sha256": sha,
+        "orientation_in": orientation_code(affine_of(raw)),
+        "voxels": n,
+        "mm3": n * float(np.prod(spacing_of(affine_of(raw)))),
+    }
     return mask
 
 
@@ -670,8 +776,12 @@ def _decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, 
 
 
 #: ``--layout helm``: the published dataset's folders, filled with links to the subject's outputs.
-HELM_LAYOUT = {"preprocessed": ["preprocessed.nii.gz"], "hypothalamus": ["hypothalamus.nii.gz"],
-               "whole_brain_segmentation": ["kmeans_k{k}.nii.gz"], "label_maps": ["label_map_k{k}.nii.gz"]}
+HELM_LAYOUT = {
+    "preprocessed": ["preprocessed.nii.gz"],
+    "hypothalamus": ["hypothalamus.nii.gz"],
+    "whole_brain_segmentation": ["kmeans_k{k}.nii.gz"],
+    "label_maps": ["label_map_k{k}.nii.gz"],
+}
 
 
 def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: dict | None = None) -> list:
@@ -685,7 +795,7 @@ def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: d
         made = []
         for folder, patterns in HELM_LAYOUT.items():
             for pat in patterns:
-                for k in (ks if "{k}" in pat else [None]):
+                for k in ks if "{k}" in pat else [None]:
                     src = location.join(out, subject, pat.format(k=k))
                     if not location.exists(src, storage_options):
                         continue
@@ -697,14 +807,14 @@ def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: d
     made = []
     for folder, patterns in HELM_LAYOUT.items():
         for pat in patterns:
-            for k in (ks if "{k}" in pat else [None]):
+            for k in ks if "{k}" in pat else [None]:
                 src = out / subject / pat.format(k=k)
                 if not src.exists():
                     continue
                 suffix = "" if k is None else f"_k{k}"
                 dst = out / folder / f"{subject}{suffix}.nii.gz"
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(location.sibling(dst, ".tmp"))     # unique: concurrent runs do not share it
+                tmp = Path(location.sibling(dst, ".tmp"))  # unique: concurrent runs do not share it
                 try:
                     os.link(src, tmp)
                 except OSError:
@@ -721,8 +831,7 @@ def _finish(subj: Subject, t_start: float) -> dict:
     subj.info["status"] = "ok"
     # Storage options may hold credentials: they stay out of run.json (they do not change any result).
     subj.info["params"] = {k: v for k, v in asdict(subj.p).items() if k != "storage_options"}
-    location.write_text_atomic(subj.path("run.json"), json.dumps(subj.info, indent=2, default=_json_default),
-                               subj.so)
+    location.write_text_atomic(subj.path("run.json"), json.dumps(subj.info, indent=2, default=_json_default), subj.so)
     if subj.p.qc and location.is_url(subj.dir):
         # The QC page reads its inputs through local paths and writes a folder of images; on object storage
         # it is left out rather than half-supported. Run `helm-dask run` on a local or shared-filesystem OUT

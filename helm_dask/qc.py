@@ -47,8 +47,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dask
 import dask.array as da
@@ -58,29 +59,50 @@ from .errors import HelmError
 from .io.location import sibling, write_text_atomic
 from .io.store import is_complete, open_volume, read_meta
 from .labels import COLOURS, FORNIX, FORNIX_NAME, HYPOTHALAMUS, cluster_colour, label_counts
-from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, \
-    world_to_voxel
+from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, world_to_voxel
 
 __all__ = ["write_qc_report", "choose_level", "label_volumes_mm3", "hypothalamus_box"]
 
 #: Which stage (and ``--until`` value) makes each output; used to say what is missing and how to get it.
-PRODUCER = {"scan_raw": ("import", "preprocess"), "labels_raw": ("import", "preprocess"),
-            "mask_ras": ("background", "preprocess"), "image_ws": ("resample", "preprocess"),
-            "mask": ("resample", "preprocess"), "hypothalamus": ("resample", "preprocess"),
-            "bias": ("bias", "preprocess"), "preprocessed": ("bias", "preprocess"),
-            "kmeans": ("kmeans", "kmeans"), "closed_labels": ("merge", "merge"), "hemi": ("merge", "merge"),
-            "label_map": ("mirror", "mirror"), "transform.json": ("mirror", "mirror"),
-            "kmeans.json": ("kmeans", "kmeans"), "run.json": ("", "")}
+PRODUCER = {
+    "scan_raw": ("import", "preprocess"),
+    "labels_raw": ("import", "preprocess"),
+    "mask_ras": ("background", "preprocess"),
+    "image_ws": ("resample", "preprocess"),
+    "mask": ("resample", "preprocess"),
+    "hypothalamus": ("resample", "preprocess"),
+    "bias": ("bias", "preprocess"),
+    "preprocessed": ("bias", "preprocess"),
+    "kmeans": ("kmeans", "kmeans"),
+    "closed_labels": ("merge", "merge"),
+    "hemi": ("merge", "merge"),
+    "label_map": ("mirror", "mirror"),
+    "transform.json": ("mirror", "mirror"),
+    "kmeans.json": ("kmeans", "kmeans"),
+    "run.json": ("", ""),
+}
 
-_SHORT = {801: "L anterior-inferior", 802: "L anterior-superior", 803: "L posterior",
-          804: "L tuberal-inferior", 805: "L tuberal-superior", 806: "R anterior-inferior",
-          807: "R anterior-superior", 808: "R posterior", 809: "R tuberal-inferior", 810: "R tuberal-superior",
-          FORNIX: "fornix"}
+_SHORT = {
+    801: "L anterior-inferior",
+    802: "L anterior-superior",
+    803: "L posterior",
+    804: "L tuberal-inferior",
+    805: "L tuberal-superior",
+    806: "R anterior-inferior",
+    807: "R anterior-superior",
+    808: "R posterior",
+    809: "R tuberal-inferior",
+    810: "R tuberal-superior",
+    FORNIX: "fornix",
+}
 _LABEL_CODES = tuple(sorted(_SHORT))
 _PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}
-_PANEL_AXES = {2: (0, 1), 1: (0, 2), 0: (1, 2)}      # plane normal -> (horizontal, vertical) voxel axes
-_WORLD_AXIS = {0: "x (mm)   left \u2192 right", 1: "y (mm)   posterior \u2192 anterior",
-               2: "z (mm)   inferior \u2192 superior"}
+_PANEL_AXES = {2: (0, 1), 1: (0, 2), 0: (1, 2)}  # plane normal -> (horizontal, vertical) voxel axes
+_WORLD_AXIS = {
+    0: "x (mm)   left \u2192 right",
+    1: "y (mm)   posterior \u2192 anterior",
+    2: "z (mm)   inferior \u2192 superior",
+}
 _MIRROR_COLOUR = "#ff2bd6"
 _MASK_COLOUR = "#00e0ff"
 _DPI = 100
@@ -147,8 +169,9 @@ def _plane(vol, axis: int, index: int, crop: dict[int, tuple[int, int]] | None =
 def _projections(data: da.Array, select: Callable[[da.Array], da.Array]) -> tuple[np.ndarray, ...]:
     """Per-axis voxel counts of ``select(data)`` (three 1-D int64 arrays): a chunked integer reduction."""
     m = select(data)
-    return tuple(np.asarray(p) for p in dask.compute(*(m.sum(axis=ax, dtype=np.int64)
-                                                        for ax in ((1, 2), (0, 2), (0, 1)))))
+    return tuple(
+        np.asarray(p) for p in dask.compute(*(m.sum(axis=ax, dtype=np.int64) for ax in ((1, 2), (0, 2), (0, 1))))
+    )
 
 
 def _nonzero(d: da.Array) -> da.Array:
@@ -159,8 +182,13 @@ def _left_hypothalamus(d: da.Array) -> da.Array:
     return (d >= 801) & (d <= 805)
 
 
-def hypothalamus_box(sub_or_dir: Any, name: str = "hypothalamus", *, max_slice_px: int = 512,
-                     select: Callable[[da.Array], da.Array] = _nonzero) -> dict | None:
+def hypothalamus_box(
+    sub_or_dir: Any,
+    name: str = "hypothalamus",
+    *,
+    max_slice_px: int = 512,
+    select: Callable[[da.Array], da.Array] = _nonzero,
+) -> dict | None:
     """Centroid (world mm) and level-0 voxel bounding box of the labels of a stored volume; ``None`` if empty.
 
     Computed from per-axis projections at the pyramid level :func:`choose_level` picks (a chunked integer
@@ -275,8 +303,9 @@ def _overlay_cluster_rgb(j: int, k: int) -> tuple[float, float, float]:
     return (r, g, b)
 
 
-def _label_rgba(plane: np.ndarray, k: int, *, clusters: str = "lut", cluster_alpha: float = 1.0,
-                label_alpha: float = 1.0) -> np.ndarray:
+def _label_rgba(
+    plane: np.ndarray, k: int, *, clusters: str = "lut", cluster_alpha: float = 1.0, label_alpha: float = 1.0
+) -> np.ndarray:
     """RGBA image (floats, plane.shape + (4,)) of a label plane; 0 is transparent.
 
     Hypothalamus codes and the fornix take the LUT (FreeSurfer) colours; clusters 1..k the LUT grey ramp
@@ -291,12 +320,11 @@ def _label_rgba(plane: np.ndarray, k: int, *, clusters: str = "lut", cluster_alp
         if v in COLOURS:
             rgb, a = tuple(c / 255 for c in COLOURS[v][:3]), label_alpha
         elif 1 <= v <= max(k, 1) and clusters != "none":
-            rgb = (tuple(c / 255 for c in cluster_colour(v, k)[:3]) if clusters == "lut"
-                   else _overlay_cluster_rgb(v, k))
+            rgb = tuple(c / 255 for c in cluster_colour(v, k)[:3]) if clusters == "lut" else _overlay_cluster_rgb(v, k)
             a = cluster_alpha
         elif clusters == "none":
             continue
-        else:          # a code that has no colour: white, so that it is seen
+        else:  # a code that has no colour: white, so that it is seen
             rgb, a = (1.0, 1.0, 1.0), label_alpha
         out[plane == v] = (*rgb, a)
     return out
@@ -322,10 +350,18 @@ class _Layer:
         self.vol, self.how, self.kw = vol, how, kw
 
 
-def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm: np.ndarray, *,
-                  crop_mm: np.ndarray | None = None, mirror_line: bool = False, crosshair: bool = True,
-                  legend: list[tuple[str, Any]] | None = None, colorbar_row: int | None = None,
-                  panel_in: float = 3.7):
+def _slice_figure(
+    rows: list[tuple[str, list[_Layer]]],
+    frame: _Frame,
+    point_mm: np.ndarray,
+    *,
+    crop_mm: np.ndarray | None = None,
+    mirror_line: bool = False,
+    crosshair: bool = True,
+    legend: list[tuple[str, Any]] | None = None,
+    colorbar_row: int | None = None,
+    panel_in: float = 3.7,
+):
     """A figure of ``len(rows)`` x 3 panels (axial, coronal, sagittal) through ``point_mm``.
 
     ``crop_mm``: (3, 2) display-coordinate limits (a close-up); then each plane is read cropped to it.
@@ -333,10 +369,8 @@ def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm:
     from matplotlib.figure import Figure
 
     width = 3 * panel_in + (0.8 if colorbar_row is not None else 0.0)
-    height = len(rows) * panel_in + (0.3 * math.ceil(len(legend) / max(1, int(width / 2.3))) + 0.2
-                                     if legend else 0.0)
-    fig = Figure(figsize=(width, height), dpi=_DPI,
-                 layout="constrained")
+    height = len(rows) * panel_in + (0.3 * math.ceil(len(legend) / max(1, int(width / 2.3))) + 0.2 if legend else 0.0)
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
     pt = frame.of_world(point_mm)
     for r, (row_title, layers) in enumerate(rows):
@@ -360,8 +394,7 @@ def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm:
                 lo_v, hi_v = crop.get(v, (0, vol.shape[v]))
                 data = _plane(vol, normal, idx, crop or None)
                 planes[li, normal] = (data, idx, (lo_h, hi_h), (lo_v, hi_v))
-        windows = {li: _window([planes[li, n][0] for n in (2, 1, 0)]) for li, l in enumerate(layers)
-                   if l.how == "grey"}
+        windows = {li: _window([planes[li, n][0] for n in (2, 1, 0)]) for li, l in enumerate(layers) if l.how == "grey"}
         for col, normal in enumerate((2, 1, 0)):
             ax = axes[col]
             h, v = _PANEL_AXES[normal]
@@ -374,9 +407,13 @@ def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm:
                 if layer.how == "grey":
                     ax.imshow(data.T, cmap="gray", vmin=windows[li][0], vmax=windows[li][1], **kw)
                 elif layer.how == "field":
-                    im = ax.imshow(np.ma.masked_invalid(data.T.astype(np.float64)),
-                                   cmap=layer.kw.get("cmap", "RdBu_r"), vmin=layer.kw["vmin"],
-                                   vmax=layer.kw["vmax"], **kw)
+                    im = ax.imshow(
+                        np.ma.masked_invalid(data.T.astype(np.float64)),
+                        cmap=layer.kw.get("cmap", "RdBu_r"),
+                        vmin=layer.kw["vmin"],
+                        vmax=layer.kw["vmax"],
+                        **kw,
+                    )
                     if colorbar_row == r and col == 2:
                         cb = sf.colorbar(im, ax=list(axes), fraction=0.03, pad=0.01)
                         cb.set_label(layer.kw.get("label", ""))
@@ -386,20 +423,33 @@ def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm:
                     veil[data == 0] = (0, 0, 0, 1)
                     ax.imshow(veil.transpose(1, 0, 2), **kw)
                 elif layer.how == "labels":
-                    rgba = _label_rgba(data, layer.kw.get("k", 0), clusters=layer.kw.get("clusters", "lut"),
-                                       cluster_alpha=layer.kw.get("cluster_alpha", 1.0),
-                                       label_alpha=layer.kw.get("label_alpha", 1.0))
+                    rgba = _label_rgba(
+                        data,
+                        layer.kw.get("k", 0),
+                        clusters=layer.kw.get("clusters", "lut"),
+                        cluster_alpha=layer.kw.get("cluster_alpha", 1.0),
+                        label_alpha=layer.kw.get("label_alpha", 1.0),
+                    )
                     ax.imshow(rgba.transpose(1, 0, 2), **kw)
                 elif layer.how == "contour":
                     if data.min() != data.max() and min(data.shape) > 1:
-                        ax.contour(ch, cv, (data != 0).T.astype(np.float32), levels=[0.5],
-                                   colors=layer.kw.get("color", _MASK_COLOUR), linewidths=layer.kw.get("lw", 1.0))
+                        ax.contour(
+                            ch,
+                            cv,
+                            (data != 0).T.astype(np.float32),
+                            levels=[0.5],
+                            colors=layer.kw.get("color", _MASK_COLOUR),
+                            linewidths=layer.kw.get("lw", 1.0),
+                        )
                 if li == 0:
                     ax.set_xlim(h0, h1)
                     ax.set_ylim(v0, v1)
                     pos = frame.coords(affine_of(layer.vol), normal, layer.vol.shape[normal])[idx]
-                    where = (f"{'xyz'[normal]} = {pos:.1f} mm" if frame.aligned
-                             else f"voxel axis {'ijk'[normal]}: {pos:.1f} mm")
+                    where = (
+                        f"{'xyz'[normal]} = {pos:.1f} mm"
+                        if frame.aligned
+                        else f"voxel axis {'ijk'[normal]}: {pos:.1f} mm"
+                    )
                     ax.set_title(f"{_PLANES[normal]}, {where}", fontsize=10)
             if crosshair:
                 ax.axvline(pt[h], color="#ffe14d", lw=0.7, alpha=0.6, ls=":")
@@ -414,20 +464,20 @@ def _slice_figure(rows: list[tuple[str, list[_Layer]]], frame: _Frame, point_mm:
         from matplotlib.patches import Patch
 
         handles = []
-        for text, colour in legend:
+        for _text, colour in legend:
             if isinstance(colour, tuple) and colour and colour[0] == "line":
                 handles.append(Line2D([0], [0], color=colour[1], lw=2, ls=colour[2]))
             else:
                 handles.append(Patch(facecolor=colour, edgecolor="black", lw=0.5))
         # as many columns as fit in the figure's width (a legend wider than the figure would be cut off)
         ncol = max(1, min(len(legend), int(fig.get_figwidth() / 2.3)))
-        fig.legend(handles, [t for t, _ in legend], loc="outside lower center", ncol=ncol,
-                   fontsize=9, frameon=False)
+        fig.legend(handles, [t for t, _ in legend], loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
     return fig
 
 
-def _label_legend(codes: list[int], k: int = 0, clusters: str | None = None, *,
-                  both_sides: bool = False) -> list[tuple[str, Any]]:
+def _label_legend(
+    codes: list[int], k: int = 0, clusters: str | None = None, *, both_sides: bool = False
+) -> list[tuple[str, Any]]:
     def text(c):
         if both_sides and 801 <= c <= 805:
             return f"{_SHORT[c][2:]} ({c} L / {c + 5} R)"
@@ -435,11 +485,21 @@ def _label_legend(codes: list[int], k: int = 0, clusters: str | None = None, *,
 
     items = [(text(c), tuple(x / 255 for x in COLOURS[c][:3])) for c in codes if c in COLOURS]
     if clusters == "overlay" and k:
-        items += [(f"cluster {j}" + (" (darkest)" if j == 1 else " (brightest)" if j == k else ""),
-                   _overlay_cluster_rgb(j, k)) for j in range(1, k + 1)]
+        items += [
+            (
+                f"cluster {j}" + (" (darkest)" if j == 1 else " (brightest)" if j == k else ""),
+                _overlay_cluster_rgb(j, k),
+            )
+            for j in range(1, k + 1)
+        ]
     elif clusters == "lut" and k:
-        items += [(f"cluster {j}" + (" (darkest)" if j == 1 else " (brightest)"),
-                   tuple(x / 255 for x in cluster_colour(j, k)[:3])) for j in (1, k)]
+        items += [
+            (
+                f"cluster {j}" + (" (darkest)" if j == 1 else " (brightest)"),
+                tuple(x / 255 for x in cluster_colour(j, k)[:3]),
+            )
+            for j in (1, k)
+        ]
     return items
 
 
@@ -447,8 +507,14 @@ def _label_legend(codes: list[int], k: int = 0, clusters: str | None = None, *,
 # Histogram
 
 
-def _histogram_figure(edges: np.ndarray, counts: np.ndarray, centroids: np.ndarray | None, k: int,
-                      thresholds: np.ndarray | None, source: str):
+def _histogram_figure(
+    edges: np.ndarray,
+    counts: np.ndarray,
+    centroids: np.ndarray | None,
+    k: int,
+    thresholds: np.ndarray | None,
+    source: str,
+):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11.5, 4.2), dpi=_DPI, layout="constrained")
@@ -467,8 +533,17 @@ def _histogram_figure(edges: np.ndarray, counts: np.ndarray, centroids: np.ndarr
         for j, c in enumerate(centroids, 1):
             col = _overlay_cluster_rgb(j, k)
             ax.axvline(float(c), color=col, lw=2.4, label=f"cluster {j}: centroid {c:.4g}")
-            ax.text(float(c), 1.01, str(j), color=col, ha="center", va="bottom", fontsize=11, fontweight="bold",
-                    transform=ax.get_xaxis_transform())
+            ax.text(
+                float(c),
+                1.01,
+                str(j),
+                color=col,
+                ha="center",
+                va="bottom",
+                fontsize=11,
+                fontweight="bold",
+                transform=ax.get_xaxis_transform(),
+            )
     ax.set_xlabel("intensity (preprocessed image, inside the brain mask)")
     ax.set_ylabel("voxels per bin (log)")
     ax.set_title(f"k = {k}; {source}" if k else source, fontsize=10, pad=18)
@@ -512,8 +587,8 @@ def _ks_present(sub: _Subject, kmeans_json: dict | None) -> list[int]:
     if sub.store.is_dir():
         for p in sub.store.iterdir():
             for prefix in ("kmeans_k", "hemi_k", "label_map_k"):
-                if p.name.startswith(prefix) and p.name[len(prefix):].isdigit() and sub.has(p.name):
-                    ks.add(int(p.name[len(prefix):]))
+                if p.name.startswith(prefix) and p.name[len(prefix) :].isdigit() and sub.has(p.name):
+                    ks.add(int(p.name[len(prefix) :]))
     return sorted(ks)
 
 
@@ -553,8 +628,11 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
     if not subject_dir.is_dir():
         raise HelmError("subject folder not found", path=subject_dir, hint="give OUT/<subject> of 'helm-dask run'")
     if not sub.store.is_dir():
-        raise HelmError("is not a helm-dask subject folder (no helm.zarr inside)", path=subject_dir,
-                        hint="give OUT/<subject> of 'helm-dask run' (run the pipeline first)")
+        raise HelmError(
+            "is not a helm-dask subject folder (no helm.zarr inside)",
+            path=subject_dir,
+            hint="give OUT/<subject> of 'helm-dask run' (run the pipeline first)",
+        )
     if int(max_slice_px) < 16:
         raise HelmError(f"max_slice_px must be at least 16, got {max_slice_px}")
     qc_dir = subject_dir / "qc"
@@ -566,9 +644,12 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
     if k is None:
         k = ks[(len(ks) - 1) // 2] if ks else None
     elif int(k) not in ks:
-        raise HelmError(f"no k-means result for k = {k} in this subject "
-                        f"({'ks present: ' + ', '.join(map(str, ks)) if ks else 'no k-means result at all'})",
-                        path=subject_dir, hint="choose one of the ks the run made, or rerun with --ks")
+        raise HelmError(
+            f"no k-means result for k = {k} in this subject "
+            f"({'ks present: ' + ', '.join(map(str, ks)) if ks else 'no k-means result at all'})",
+            path=subject_dir,
+            hint="choose one of the ks the run made, or rerun with --ks",
+        )
     k = None if k is None else int(k)
     subject = (run or {}).get("subject") or subject_dir.name
 
@@ -581,14 +662,34 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
     # what a full run makes, in pipeline order; listed on the page when absent, with the stage that makes it
     kk = "*" if k is None else str(k)
     missing: list[tuple[str, str]] = []
-    for n in ("run.json", "scan_raw", "labels_raw", "mask_ras", "image_ws", "mask", "hypothalamus", "bias",
-              "preprocessed", "kmeans.json", f"kmeans_k{kk}", "closed_labels", f"hemi_k{kk}", f"label_map_k{kk}",
-              "transform.json"):
+    for n in (
+        "run.json",
+        "scan_raw",
+        "labels_raw",
+        "mask_ras",
+        "image_ws",
+        "mask",
+        "hypothalamus",
+        "bias",
+        "preprocessed",
+        "kmeans.json",
+        f"kmeans_k{kk}",
+        "closed_labels",
+        f"hemi_k{kk}",
+        f"label_map_k{kk}",
+        "transform.json",
+    ):
         if not have(n):
             base = n.split("_k")[0] if n.startswith(("kmeans_k", "hemi_k", "label_map_k")) else n
             stage, until = PRODUCER[base]
-            missing.append((n, "written when a run finishes (was the run interrupted?)" if n == "run.json" else
-                            f"made by the {stage} stage (helm-dask run --until {until} or later)"))
+            missing.append(
+                (
+                    n,
+                    "written when a run finishes (was the run interrupted?)"
+                    if n == "run.json"
+                    else f"made by the {stage} stage (helm-dask run --until {until} or later)",
+                )
+            )
 
     figures: list[dict] = []
 
@@ -597,8 +698,9 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         figures.append({"name": name, "title": title, "caption": caption, "png": data})
 
     def skip_figure(title: str, names: list[str]) -> None:
-        figures.append({"name": None, "title": title, "caption": "Not available: missing "
-                        + ", ".join(names) + ".", "png": None})
+        figures.append(
+            {"name": None, "title": title, "caption": "Not available: missing " + ", ".join(names) + ".", "png": None}
+        )
 
     # -- where to cut: the hypothalamus ----------------------------------------------------------------------
     hyp = hypothalamus_box(sub, "hypothalamus", max_slice_px=max_slice_px) if need("hypothalamus") else None
@@ -617,19 +719,30 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
             point = voxel_to_world(affine_of(raw), (np.array(raw.shape[:3]) - 1)[None] / 2.0)[0]
         layers = [_Layer(raw, "grey")]
         if need("mask_ras"):
-            layers.append(_Layer(sub.open("mask_ras", choose_level(sub.path("mask_ras"), max_slice_px)),
-                                 "contour"))
+            layers.append(_Layer(sub.open("mask_ras", choose_level(sub.path("mask_ras"), max_slice_px)), "contour"))
         frame = _Frame(affine_of(raw))
-        fig = _slice_figure([("raw scan", layers)], frame, point,
-                            legend=[("brain mask outline", ("line", _MASK_COLOUR, "-"))] if len(layers) > 1 else None)
+        fig = _slice_figure(
+            [("raw scan", layers)],
+            frame,
+            point,
+            legend=[("brain mask outline", ("line", _MASK_COLOUR, "-"))] if len(layers) > 1 else None,
+        )
         a_raw = affine_of(sub.open("scan_raw"))
-        note = (f"The scan's grid is oblique (up to {frame.obliquity_deg():.1f}\u00b0 from the world axes): these "
-                "are voxel planes, in mm from the first voxel, reordered to the closest RAS+ axes without "
-                "interpolation." if not frame.aligned else "World coordinates (RAS+, mm).")
-        add_figure("raw_scan", title,
-                   f"Original scan ({orientation_code(a_raw)}, voxel {_fmt_mm(spacing_of(a_raw))} mm, "
-                   f"pyramid level {raw.attrs.get('level', 0)}) through the centroid of the manual hypothalamus "
-                   f"labels (dotted cross). Cyan: outline of the brain mask (background stage). {note}", fig)
+        note = (
+            f"The scan's grid is oblique (up to {frame.obliquity_deg():.1f}\u00b0 from the world axes): these "
+            "are voxel planes, in mm from the first voxel, reordered to the closest RAS+ axes without "
+            "interpolation."
+            if not frame.aligned
+            else "World coordinates (RAS+, mm)."
+        )
+        add_figure(
+            "raw_scan",
+            title,
+            f"Original scan ({orientation_code(a_raw)}, voxel {_fmt_mm(spacing_of(a_raw))} mm, "
+            f"pyramid level {raw.attrs.get('level', 0)}) through the centroid of the manual hypothalamus "
+            f"labels (dotted cross). Cyan: outline of the brain mask (background stage). {note}",
+            fig,
+        )
     else:
         skip_figure(title, ["scan_raw"])
 
@@ -645,8 +758,10 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
     def ws_note(frame: _Frame) -> str:
         if frame.aligned:
             return "World coordinates (RAS+, mm)."
-        return (f"The working grid keeps the scan's directions (oblique by up to {frame.obliquity_deg():.1f}\u00b0): "
-                "voxel planes, in mm from the first voxel.")
+        return (
+            f"The working grid keeps the scan's directions (oblique by up to {frame.obliquity_deg():.1f}\u00b0): "
+            "voxel planes, in mm from the first voxel."
+        )
 
     # -- 2. bias field ------------------------------------------------------------------------------------------
     title = "Bias-field correction"
@@ -660,15 +775,26 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         vals = np.concatenate([b[m != 0] for b, m in zip(bplanes, mplanes) if b.shape == m.shape] or [np.ones(1)])
         dev = float(np.max(np.abs(vals - 1.0))) if vals.size else 0.1
         dev = max(dev, 0.01)
-        rows = [("input (resampled)", [_Layer(img, "grey"), _Layer(msk, "contour")]),
-                ("bias field", [_Layer(bias, "field", vmin=1 - dev, vmax=1 + dev, cmap="RdBu_r",
-                                       label="bias (multiplicative)"), _Layer(msk, "veil"),
-                                _Layer(msk, "contour")])]
+        rows = [
+            ("input (resampled)", [_Layer(img, "grey"), _Layer(msk, "contour")]),
+            (
+                "bias field",
+                [
+                    _Layer(bias, "field", vmin=1 - dev, vmax=1 + dev, cmap="RdBu_r", label="bias (multiplicative)"),
+                    _Layer(msk, "veil"),
+                    _Layer(msk, "contour"),
+                ],
+            ),
+        ]
         fig = _slice_figure(rows, frame, point, colorbar_row=1)
-        add_figure("bias_field", title,
-                   f"Top: the masked, resampled image before correction. Bottom: the fitted multiplicative bias "
-                   f"field inside the brain mask (range {1 - dev:.3f}\u2013{1 + dev:.3f} on these planes; the "
-                   f"corrected image is the input divided by it). {ws_note(frame)}", fig)
+        add_figure(
+            "bias_field",
+            title,
+            f"Top: the masked, resampled image before correction. Bottom: the fitted multiplicative bias "
+            f"field inside the brain mask (range {1 - dev:.3f}\u2013{1 + dev:.3f} on these planes; the "
+            f"corrected image is the input divided by it). {ws_note(frame)}",
+            fig,
+        )
     else:
         skip_figure(title, [n for n in ("bias", "image_ws", "mask") if not sub.has(n)])
 
@@ -678,29 +804,53 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         pre = ws_open("preprocessed")
         point = ws_point if ws_point is not None else ws_centre(pre)
         frame = _Frame(affine_of(pre))
-        rows = [("preprocessed", [_Layer(pre, "grey")] + ([_Layer(ws_open("mask"), "contour")]
-                                                          if sub.has("mask") else []))]
-        captions = ["Row 1: the preprocessed image (bias-corrected, masked)"
-                    + (" with the brain-mask outline (cyan)" if sub.has("mask") else "") + "."]
+        rows = [
+            ("preprocessed", [_Layer(pre, "grey")] + ([_Layer(ws_open("mask"), "contour")] if sub.has("mask") else []))
+        ]
+        captions = [
+            "Row 1: the preprocessed image (bias-corrected, masked)"
+            + (" with the brain-mask outline (cyan)" if sub.has("mask") else "")
+            + "."
+        ]
         legend = []
         if k is not None and need(f"kmeans_k{k}"):
-            rows.append((f"k-means, k = {k}", [_Layer(pre, "grey"),
-                                              _Layer(ws_open(f"kmeans_k{k}"), "labels", k=k, clusters="overlay",
-                                                     cluster_alpha=0.8)]))
-            captions.append(f"Row {len(rows)}: the k-means map (k = {k}) over the image (80 % opaque), clusters "
-                            "numbered by intensity, coloured from dark violet (cluster 1, darkest tissue) to "
-                            "yellow-green (brightest).")
+            rows.append(
+                (
+                    f"k-means, k = {k}",
+                    [
+                        _Layer(pre, "grey"),
+                        _Layer(ws_open(f"kmeans_k{k}"), "labels", k=k, clusters="overlay", cluster_alpha=0.8),
+                    ],
+                )
+            )
+            captions.append(
+                f"Row {len(rows)}: the k-means map (k = {k}) over the image (80 % opaque), clusters "
+                "numbered by intensity, coloured from dark violet (cluster 1, darkest tissue) to "
+                "yellow-green (brightest)."
+            )
             legend += _label_legend([], k, "overlay")
         if k is not None and need(f"hemi_k{k}"):
-            rows.append(("merged labels", [_Layer(pre, "grey"),
-                                           _Layer(ws_open(f"hemi_k{k}"), "labels", k=k, clusters="none",
-                                                  label_alpha=0.9)]))
-            captions.append(f"Row {len(rows)}: the labels the merge put over the k-means map (manual "
-                            "hypothalamus labels and fornix after the closing) in their FreeSurfer colours.")
+            rows.append(
+                (
+                    "merged labels",
+                    [
+                        _Layer(pre, "grey"),
+                        _Layer(ws_open(f"hemi_k{k}"), "labels", k=k, clusters="none", label_alpha=0.9),
+                    ],
+                )
+            )
+            captions.append(
+                f"Row {len(rows)}: the labels the merge put over the k-means map (manual "
+                "hypothalamus labels and fornix after the closing) in their FreeSurfer colours."
+            )
             legend = _label_legend(list(range(801, 806)) + [FORNIX]) + legend
         fig = _slice_figure(rows, frame, point, legend=legend or None)
-        add_figure("segmentation", title, " ".join(captions) + f" Planes through the hypothalamus centroid. "
-                   f"{ws_note(frame)}", fig)
+        add_figure(
+            "segmentation",
+            title,
+            " ".join(captions) + f" Planes through the hypothalamus centroid. {ws_note(frame)}",
+            fig,
+        )
     else:
         skip_figure(title, ["preprocessed"])
 
@@ -717,24 +867,37 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         # the finest level whose crop fits in max_slice_px
         path = sub.path("preprocessed")
         nlev = int(read_meta(path).get("nlevels", 1))
-        lev = next((L for L in range(nlev) if max(box[:, 1] - box[:, 0]) / 2 ** L <= max_slice_px), nlev - 1)
+        lev = next((L for L in range(nlev) if max(box[:, 1] - box[:, 0]) / 2**L <= max_slice_px), nlev - 1)
         pre_c = sub.open("preprocessed", lev)
         lab_lev = min(lev, int(read_meta(sub.path(lab_name)).get("nlevels", 1)) - 1)
         labs = sub.open(lab_name, lab_lev)
         frame = _Frame(affine_of(pre_c))
-        corners = voxel_to_world(a0, np.array([[box[0, i], box[1, j], box[2, m]] for i in (0, 1) for j in (0, 1)
-                                               for m in (0, 1)]))
+        corners = voxel_to_world(
+            a0, np.array([[box[0, i], box[1, j], box[2, m]] for i in (0, 1) for j in (0, 1) for m in (0, 1)])
+        )
         disp = np.array([frame.of_world(c) for c in corners])
         crop_mm = np.stack([disp.min(axis=0), disp.max(axis=0)], axis=1)
-        rows = [("preprocessed", [_Layer(pre_c, "grey")]),
-                ("labels", [_Layer(pre_c, "grey"), _Layer(labs, "labels", k=0, clusters="none", label_alpha=0.75)])]
-        fig = _slice_figure(rows, frame, hyp["centroid_mm"], crop_mm=crop_mm, crosshair=False,
-                            legend=_label_legend(list(range(801, 806)) + [FORNIX]))
+        rows = [
+            ("preprocessed", [_Layer(pre_c, "grey")]),
+            ("labels", [_Layer(pre_c, "grey"), _Layer(labs, "labels", k=0, clusters="none", label_alpha=0.75)]),
+        ]
+        fig = _slice_figure(
+            rows,
+            frame,
+            hyp["centroid_mm"],
+            crop_mm=crop_mm,
+            crosshair=False,
+            legend=_label_legend(list(range(801, 806)) + [FORNIX]),
+        )
         what = "after the closing (merge stage)" if lab_name == "closed_labels" else "as drawn (resampled)"
-        add_figure("hypothalamus_closeup", title,
-                   f"The hypothalamus and {margin_mm:g} mm around it at pyramid level {lev} (full working "
-                   f"resolution at level 0): the image alone, and with the manual labels {what} in their "
-                   f"FreeSurfer colours. {ws_note(frame)}", fig)
+        add_figure(
+            "hypothalamus_closeup",
+            title,
+            f"The hypothalamus and {margin_mm:g} mm around it at pyramid level {lev} (full working "
+            f"resolution at level 0): the image alone, and with the manual labels {what} in their "
+            f"FreeSurfer colours. {ws_note(frame)}",
+            fig,
+        )
     else:
         skip_figure(title, ["hypothalamus labels" if hyp is None else "preprocessed"])
 
@@ -745,20 +908,29 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         b = hypothalamus_box(sub, f"label_map_k{k}", max_slice_px=max_slice_px, select=_left_hypothalamus)
         point = ws_centre(lm) if b is None else b["centroid_mm"]
         frame = _Frame(affine_of(lm))
-        fig = _slice_figure([(f"label map, k = {k}", [_Layer(lm, "labels", k=k, clusters="lut")])], frame, point,
-                            mirror_line=True,
-                            legend=_label_legend(list(range(801, 806)) + [FORNIX], k, "lut", both_sides=True)
-                            + [("mirror plane x = 0", ("line", _MIRROR_COLOUR, "--"))])
+        fig = _slice_figure(
+            [(f"label map, k = {k}", [_Layer(lm, "labels", k=k, clusters="lut")])],
+            frame,
+            point,
+            mirror_line=True,
+            legend=_label_legend(list(range(801, 806)) + [FORNIX], k, "lut", both_sides=True)
+            + [("mirror plane x = 0", ("line", _MIRROR_COLOUR, "--"))],
+        )
         tr = (tr_json or {}).get("transform", {})
         extra = ""
         if tr:
-            extra = (f" Mirror fit: {100 * float(tr.get('fraction_across', float('nan'))):.3f} % of the mask across "
-                     f"the plane, median gap {float(tr.get('gap_mm', float('nan'))):.2f} mm.")
-        add_figure("label_map", title,
-                   f"The whole-brain map (k = {k}) in its axis-aligned RAS+ grid (world mm): clusters in the grey "
-                   f"ramp of lut.txt, hypothalamus (801\u2013805 left, 806\u2013810 right) and fornix in FreeSurfer "
-                   f"colours. Dashed magenta: the mirror plane x = 0; planes through the left hypothalamus."
-                   + extra, fig)
+            extra = (
+                f" Mirror fit: {100 * float(tr.get('fraction_across', float('nan'))):.3f} % of the mask across "
+                f"the plane, median gap {float(tr.get('gap_mm', float('nan'))):.2f} mm."
+            )
+        add_figure(
+            "label_map",
+            title,
+            f"The whole-brain map (k = {k}) in its axis-aligned RAS+ grid (world mm): clusters in the grey "
+            f"ramp of lut.txt, hypothalamus (801\u2013805 left, 806\u2013810 right) and fornix in FreeSurfer "
+            f"colours. Dashed magenta: the mirror plane x = 0; planes through the left hypothalamus." + extra,
+            fig,
+        )
     elif k is not None:
         skip_figure(title, [f"label_map_k{k}"])
     else:
@@ -781,12 +953,20 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         hist_info = {"source": source, "edges": edges.tolist(), "counts": counts.tolist()}
         cents = np.asarray(res["centroids"], dtype=np.float64) if res else None
         thr = res.get("extra", {}).get("thresholds") if res else None
-        fig = _histogram_figure(edges, counts.astype(np.float64), cents, k or 0,
-                                None if thr is None else np.asarray(thr, dtype=np.float64), source)
-        cap = ("Intensities of the preprocessed image inside the brain mask. "
-               + (f"Solid lines: the {k} k-means centroids (numbered as the clusters, colours as in the "
-                  "overlay); dotted: the decision thresholds between clusters." if res else
-                  "No k-means result yet: no centroids."))
+        fig = _histogram_figure(
+            edges,
+            counts.astype(np.float64),
+            cents,
+            k or 0,
+            None if thr is None else np.asarray(thr, dtype=np.float64),
+            source,
+        )
+        cap = "Intensities of the preprocessed image inside the brain mask. " + (
+            f"Solid lines: the {k} k-means centroids (numbered as the clusters, colours as in the "
+            "overlay); dotted: the decision thresholds between clusters."
+            if res
+            else "No k-means result yet: no centroids."
+        )
         add_figure("histogram", title, cap, fig)
     else:
         skip_figure(title, ["kmeans.json", "preprocessed"])
@@ -800,27 +980,45 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
             vox_mm3 = float(abs(np.linalg.det(affine_of(vol)[:3, :3])))
             volumes[name] = label_volumes_mm3(vol)
     codes = sorted(set().union(*[set(v) for v in volumes.values()]) if volumes else set())
-    vol_rows = [{"code": c, "name": HYPOTHALAMUS.get(c, FORNIX_NAME if c == FORNIX else f"label_{c}"),
-                 "short": _SHORT.get(c, f"label {c}"),
-                 "manual_mm3": volumes.get("hypothalamus", {}).get(c, 0.0) if "hypothalamus" in volumes else None,
-                 "closed_mm3": volumes.get("closed_labels", {}).get(c, 0.0) if "closed_labels" in volumes else None}
-                for c in codes]
+    vol_rows = [
+        {
+            "code": c,
+            "name": HYPOTHALAMUS.get(c, FORNIX_NAME if c == FORNIX else f"label_{c}"),
+            "short": _SHORT.get(c, f"label {c}"),
+            "manual_mm3": volumes.get("hypothalamus", {}).get(c, 0.0) if "hypothalamus" in volumes else None,
+            "closed_mm3": volumes.get("closed_labels", {}).get(c, 0.0) if "closed_labels" in volumes else None,
+        }
+        for c in codes
+    ]
     with open(qc_dir / "label_volumes.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["code", "name", "manual_mm3", "after_closing_mm3"])
         for r in vol_rows:
-            w.writerow([r["code"], r["name"], "" if r["manual_mm3"] is None else f"{r['manual_mm3']:.6g}",
-                        "" if r["closed_mm3"] is None else f"{r['closed_mm3']:.6g}"])
+            w.writerow(
+                [
+                    r["code"],
+                    r["name"],
+                    "" if r["manual_mm3"] is None else f"{r['manual_mm3']:.6g}",
+                    "" if r["closed_mm3"] is None else f"{r['closed_mm3']:.6g}",
+                ]
+            )
 
     # -- k-means vs a reference tissue map (only with run --reference-tissue) -------------------------------------
     agreement = _reference_agreement(sub, run, ks, qc_dir)
 
     # -- facts -------------------------------------------------------------------------------------------------------
     facts = _facts(sub, run, km_json, tr_json, k, ks)
-    summary = {"subject": subject, "k": k, "ks": ks, "facts": facts, "missing": [m for m, _ in missing],
-               "histogram": hist_info,
-               "figures": [f["name"] for f in figures if f["name"]],
-               "label_volumes_mm3": vol_rows, "voxel_mm3": vox_mm3}
+    summary = {
+        "subject": subject,
+        "k": k,
+        "ks": ks,
+        "facts": facts,
+        "missing": [m for m, _ in missing],
+        "histogram": hist_info,
+        "figures": [f["name"] for f in figures if f["name"]],
+        "label_volumes_mm3": vol_rows,
+        "voxel_mm3": vox_mm3,
+    }
     if agreement is not None:
         summary["kmeans_agreement"] = agreement
     write_text_atomic(qc_dir / "qc.json", json.dumps(summary, indent=2, default=str))
@@ -833,29 +1031,49 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
     return out
 
 
-def _facts(sub: _Subject, run: dict | None, km_json: dict | None, tr_json: dict | None, k: int | None,
-           ks: list[int]) -> list[tuple[str, str]]:
+def _facts(
+    sub: _Subject, run: dict | None, km_json: dict | None, tr_json: dict | None, k: int | None, ks: list[int]
+) -> list[tuple[str, str]]:
     facts: list[tuple[str, str]] = []
     run = run or {}
     side = run.get("side") or {}
     if side:
         used, given = side.get("used", "?"), side.get("given", "?")
-        facts.append(("Hemisphere", f"{'left' if used == 'L' else 'right' if used == 'R' else used} ({used}); "
-                                    f"--side {given}" + ("" if side.get("confident", True) else " (NOT confident)")))
+        facts.append(
+            (
+                "Hemisphere",
+                f"{'left' if used == 'L' else 'right' if used == 'R' else used} ({used}); "
+                f"--side {given}" + ("" if side.get("confident", True) else " (NOT confident)"),
+            )
+        )
         if side.get("reason"):
             facts.append(("Side decision", str(side["reason"])))
     if sub.has("scan_raw"):
         a = affine_of(sub.open("scan_raw"))
-        facts.append(("Scan", f"{' x '.join(map(str, sub.open('scan_raw').shape[:3]))} voxels, "
-                              f"{_fmt_mm(spacing_of(a))} mm, {orientation_code(a)}"
-                              + ("" if is_axis_aligned(a) else f", oblique ({_Frame(a).obliquity_deg():.1f}\u00b0)")))
+        facts.append(
+            (
+                "Scan",
+                f"{' x '.join(map(str, sub.open('scan_raw').shape[:3]))} voxels, "
+                f"{_fmt_mm(spacing_of(a))} mm, {orientation_code(a)}"
+                + ("" if is_axis_aligned(a) else f", oblique ({_Frame(a).obliquity_deg():.1f}\u00b0)"),
+            )
+        )
     if sub.has("hypothalamus"):
         v = sub.open("hypothalamus")
         flipped = (run.get("side") or {}).get("used") == "R"
-        facts.append(("Working grid", f"{' x '.join(map(str, v.shape[:3]))} voxels, "
-                                      f"{_fmt_mm(spacing_of(affine_of(v)))} mm"
-                      + ("; the right hemisphere is mirrored to a left one (codes 806-810 -> 801-805) for "
-                         "processing, as in the working-grid figures" if flipped else "")))
+        facts.append(
+            (
+                "Working grid",
+                f"{' x '.join(map(str, v.shape[:3]))} voxels, "
+                f"{_fmt_mm(spacing_of(affine_of(v)))} mm"
+                + (
+                    "; the right hemisphere is mirrored to a left one (codes 806-810 -> 801-805) for "
+                    "processing, as in the working-grid figures"
+                    if flipped
+                    else ""
+                ),
+            )
+        )
     if run.get("mask_mm3") is not None:
         facts.append(("Brain mask", f"{float(run['mask_mm3']) / 1000:.1f} cm\u00b3"))
     if k is not None:
@@ -869,19 +1087,35 @@ def _facts(sub: _Subject, run: dict | None, km_json: dict | None, tr_json: dict 
     tr = (tr_json or {}).get("transform") or run.get("transform")
     if tr:
         ang = tr.get("angles_deg") or []
-        facts.append(("Mirror", f"{100 * float(tr.get('fraction_across', float('nan'))):.3f} % of the mask across "
-                                f"x = 0, gap {float(tr.get('gap_mm', float('nan'))):.2f} mm (median), rotation "
-                                + ", ".join(f"{float(x):.2f}\u00b0" for x in ang)))
+        facts.append(
+            (
+                "Mirror",
+                f"{100 * float(tr.get('fraction_across', float('nan'))):.3f} % of the mask across "
+                f"x = 0, gap {float(tr.get('gap_mm', float('nan'))):.2f} mm (median), rotation "
+                + ", ".join(f"{float(x):.2f}\u00b0" for x in ang),
+            )
+        )
     stages = run.get("stages") or {}
     if stages:
-        facts.append(("Stage times", ", ".join(f"{n} {float(s.get('seconds', 0)):.1f} s"
-                                               + (" (reused)" if s.get("status") == "skipped" else "")
-                                               for n, s in stages.items())
-                      + (f"; total {float(run['seconds']):.1f} s" if run.get("seconds") is not None else "")))
+        facts.append(
+            (
+                "Stage times",
+                ", ".join(
+                    f"{n} {float(s.get('seconds', 0)):.1f} s" + (" (reused)" if s.get("status") == "skipped" else "")
+                    for n, s in stages.items()
+                )
+                + (f"; total {float(run['seconds']):.1f} s" if run.get("seconds") is not None else ""),
+            )
+        )
     params = run.get("params") or {}
     if params:
-        facts.append(("Run", f"--until {params.get('until', '?')}, --spacing {params.get('spacing', '?')}, "
-                             f"ks {params.get('ks', '?')}"))
+        facts.append(
+            (
+                "Run",
+                f"--until {params.get('until', '?')}, --spacing {params.get('spacing', '?')}, "
+                f"ks {params.get('ks', '?')}",
+            )
+        )
     from . import __version__
 
     facts.append(("Report", f"helm-dask {__version__}, {datetime.datetime.now().isoformat(timespec='seconds')}"))
@@ -913,18 +1147,28 @@ document.body.setAttribute('data-images-total',im.length);document.body.setAttri
 
 def _html(subject: str, facts, figures, vol_rows, missing, k, vox_mm3) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>helm-dask QC \u2013 {e(subject)}</title>", f"<style>{_CSS}</style>",
-             f"<script>{_JS}</script>", "</head><body>",
-             f"<h1>helm-dask QC report \u2013 {e(subject)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>helm-dask QC \u2013 {e(subject)}</title>",
+        f"<style>{_CSS}</style>",
+        f"<script>{_JS}</script>",
+        "</head><body>",
+        f"<h1>helm-dask QC report \u2013 {e(subject)}</h1>",
+    ]
     nav = [f'<a href="#{f["name"]}">{e(f["title"])}</a>' for f in figures if f["name"]]
     parts.append("<nav>" + "".join(nav) + '<a href="#volumes">Label volumes</a></nav>')
     if missing:
-        parts.append('<div class="missing" id="missing"><b>Missing outputs</b> (the report shows what exists):<ul>'
-                     + "".join(f"<li><code>{e(n)}</code> \u2013 {e(why)}</li>" for n, why in missing)
-                     + "</ul></div>")
-    parts.append('<h2 id="facts">Facts</h2><table class="facts">'
-                 + "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td></tr>" for a, b in facts) + "</table>")
+        parts.append(
+            '<div class="missing" id="missing"><b>Missing outputs</b> (the report shows what exists):<ul>'
+            + "".join(f"<li><code>{e(n)}</code> \u2013 {e(why)}</li>" for n, why in missing)
+            + "</ul></div>"
+        )
+    parts.append(
+        '<h2 id="facts">Facts</h2><table class="facts">'
+        + "".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td></tr>" for a, b in facts)
+        + "</table>"
+    )
     for f in figures:
         anchor = f' id="{f["name"]}"' if f["name"] else ""
         parts.append(f"<h2{anchor}>{e(f['title'])}</h2>")
@@ -932,8 +1176,10 @@ def _html(subject: str, facts, figures, vol_rows, missing, k, vox_mm3) -> str:
             parts.append(f'<p class="na">{e(f["caption"])}</p>')
             continue
         b64 = base64.b64encode(f["png"]).decode("ascii")
-        parts.append(f'<figure><img alt="{e(f["title"])}" src="data:image/png;base64,{b64}">'
-                     f"<figcaption>{e(f['caption'])} <i>(also qc/{e(f['name'])}.png)</i></figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{e(f["title"])}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{e(f['caption'])} <i>(also qc/{e(f['name'])}.png)</i></figcaption></figure>"
+        )
     parts.append('<h2 id="volumes">Label volumes</h2>')
     if vol_rows:
         have_m = any(r["manual_mm3"] is not None for r in vol_rows)
@@ -945,8 +1191,10 @@ def _html(subject: str, facts, figures, vol_rows, missing, k, vox_mm3) -> str:
         for r in vol_rows:
             c = r["code"]
             rgb = COLOURS.get(c, (255, 255, 255, 0))[:3]
-            cells = (f'<td class="num">{c}</td><td><span class="sw" style="background:rgb{tuple(rgb)}"></span>'
-                     f"{e(r['short'])}</td><td>{e(r['name'])}</td>")
+            cells = (
+                f'<td class="num">{c}</td><td><span class="sw" style="background:rgb{tuple(rgb)}"></span>'
+                f"{e(r['short'])}</td><td>{e(r['name'])}</td>"
+            )
             attrs = f'data-code="{c}"'
             if have_m:
                 cells += f'<td class="num">{r["manual_mm3"]:.1f}</td>'
@@ -955,14 +1203,16 @@ def _html(subject: str, facts, figures, vol_rows, missing, k, vox_mm3) -> str:
                 cells += f'<td class="num">{r["closed_mm3"]:.1f}</td>'
                 attrs += f' data-closed-mm3="{r["closed_mm3"]!r}"'
             rows.append(f"<tr {attrs}>{cells}</tr>")
-        tot = '<tr><th></th><th>total</th><th></th>'
+        tot = "<tr><th></th><th>total</th><th></th>"
         if have_m:
             tot += f'<th class="num">{sum(r["manual_mm3"] or 0 for r in vol_rows):.1f}</th>'
         if have_c:
             tot += f'<th class="num">{sum(r["closed_mm3"] or 0 for r in vol_rows):.1f}</th>'
         parts.append(f'<table id="volume-table">{head}</tr>{"".join(rows)}{tot}</tr></table>')
-        parts.append(f'<p style="font-size:13px">At the working resolution (voxel {vox_mm3:.4g} mm\u00b3); '
-                     "also in qc/label_volumes.csv.</p>")
+        parts.append(
+            f'<p style="font-size:13px">At the working resolution (voxel {vox_mm3:.4g} mm\u00b3); '
+            "also in qc/label_volumes.csv.</p>"
+        )
     else:
         parts.append('<p class="na">Not available: no hypothalamus labels on the working grid yet.</p>')
     parts.append("</body></html>")
@@ -996,11 +1246,16 @@ def _reference_agreement(sub: _Subject, run: dict | None, ks: list[int], qc_dir:
         return None
     side = ((run or {}).get("side") or {}).get("used") or "L"
     spacing = params.get("spacing", 0.3)
-    info: dict[str, Any] = {"reference": str(ref), "side": side, "spacing": spacing,
-                            "region": "voxels where both the k-means map and the reference are non-zero",
-                            "class_names": {str(c): n for c, n in TISSUE_CLASS_NAMES.items()},
-                            "ks": {}, "error": None}
-    tmp = Path(sibling(qc_dir / "reference_tissue.zarr", ".tmp"))   # unique per writer
+    info: dict[str, Any] = {
+        "reference": str(ref),
+        "side": side,
+        "spacing": spacing,
+        "region": "voxels where both the k-means map and the reference are non-zero",
+        "class_names": {str(c): n for c, n in TISSUE_CLASS_NAMES.items()},
+        "ks": {},
+        "error": None,
+    }
+    tmp = Path(sibling(qc_dir / "reference_tissue.zarr", ".tmp"))  # unique per writer
     try:
         if not ks:
             raise HelmError("no k-means maps to compare (the run stopped before the kmeans stage)")
@@ -1039,8 +1294,11 @@ def _agreement_html(info: dict) -> str:
     ks = sorted(info.get("ks", {}), key=int)
     classes = sorted({int(c) for k in ks for c in info["ks"][k].get("dice", {})})
     names = info.get("class_names", {})
-    head = "<tr><th>k</th><th>ARI</th>" + "".join(
-        f"<th>Dice {e(names.get(str(c), f'class {c}'))} ({c})</th>" for c in classes) + "</tr>"
+    head = (
+        "<tr><th>k</th><th>ARI</th>"
+        + "".join(f"<th>Dice {e(names.get(str(c), f'class {c}'))} ({c})</th>" for c in classes)
+        + "</tr>"
+    )
     rows = []
     for k in ks:
         r = info["ks"][k]
@@ -1048,24 +1306,31 @@ def _agreement_html(info: dict) -> str:
         cells = f'<td class="num">{e(k)}</td><td class="num" data-ari="{r.get("ari")!r}">{_fmt_num(r.get("ari"))}</td>'
         for c in classes:
             d = dice.get(c)
-            cells += ("<td class=\"num\">\u2013</td>" if d is None else
-                      f'<td class="num">{_fmt_num(d["dice"])} (cluster {e(str(d["cluster"]))})</td>')
+            cells += (
+                '<td class="num">\u2013</td>'
+                if d is None
+                else f'<td class="num">{_fmt_num(d["dice"])} (cluster {e(str(d["cluster"]))})</td>'
+            )
         rows.append(f'<tr data-k="{e(k)}">{cells}</tr>')
     r0 = info["ks"][ks[0]] if ks else {}
     exc = r0.get("excluded") or {}
     parts.append(f'<table id="kmeans-agreement-table">{head}{"".join(rows)}</table>')
-    parts.append('<p style="font-size:13px">Reference: <code>' + e(info.get("reference", "")) + "</code>, put on the "
-                 "working grid by majority vote. Adjusted Rand index of the clusters vs the reference classes, and "
-                 "per class the Dice of its best-matching single cluster, over the "
-                 f"{int(r0.get('voxels', 0)):,} voxels where both maps are non-zero (left out: "
-                 f"{int(exc.get('kmeans_only', 0)):,} in the k-means map only, {int(exc.get('tissue_only', 0)):,} "
-                 "in the reference only). Also in qc/kmeans_agreement.json and run.json.</p>")
+    parts.append(
+        '<p style="font-size:13px">Reference: <code>' + e(info.get("reference", "")) + "</code>, put on the "
+        "working grid by majority vote. Adjusted Rand index of the clusters vs the reference classes, and "
+        "per class the Dice of its best-matching single cluster, over the "
+        f"{int(r0.get('voxels', 0)):,} voxels where both maps are non-zero (left out: "
+        f"{int(exc.get('kmeans_only', 0)):,} in the k-means map only, {int(exc.get('tissue_only', 0)):,} "
+        "in the reference only). Also in qc/kmeans_agreement.json and run.json.</p>"
+    )
     return "\n".join(parts)
 
 
 def _with_agreement_section(page: str, info: dict) -> str:
     """The page with the agreement table before the label volumes (and a link to it)."""
-    page = page.replace('<a href="#volumes">Label volumes</a></nav>',
-                        f'<a href="#kmeans-agreement">{html.escape(_AGREEMENT_TITLE)}</a>'
-                        '<a href="#volumes">Label volumes</a></nav>', 1)
+    page = page.replace(
+        '<a href="#volumes">Label volumes</a></nav>',
+        f'<a href="#kmeans-agreement">{html.escape(_AGREEMENT_TITLE)}</a><a href="#volumes">Label volumes</a></nav>',
+        1,
+    )
     return page.replace('<h2 id="volumes">', _agreement_html(info) + '\n<h2 id="volumes">', 1)

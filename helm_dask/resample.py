@@ -41,7 +41,8 @@ Example
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -68,20 +69,23 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: Extra input voxels around a chunk for the cubic B-spline prefilter: its impulse response decays as
 #: 0.268**d, so 16 voxels leave a chunk-boundary error below ~1e-9 of the image range.
 SPLINE_MARGIN = 16
-_TRUNCATE = 4.0          # Gaussian truncated at 4 sigma (scipy's default)
-_EPS = 1e-6              # tolerance deciding "integer factor" / "aligned grids"
+_TRUNCATE = 4.0  # Gaussian truncated at 4 sigma (scipy's default)
+_EPS = 1e-6  # tolerance deciding "integer factor" / "aligned grids"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # geometry
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _spacing_vec(spacing_mm: Any) -> np.ndarray:
     try:
         s = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,)).copy()
     except (TypeError, ValueError):
-        raise HelmError(f"--spacing must be a number of mm, three numbers or 'native'; got {spacing_mm!r}",
-                        hint="e.g. --spacing 0.3") from None
+        raise HelmError(
+            f"--spacing must be a number of mm, three numbers or 'native'; got {spacing_mm!r}",
+            hint="e.g. --spacing 0.3",
+        ) from None
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise HelmError(f"--spacing must be positive, got {spacing_mm!r}", hint="e.g. --spacing 0.3")
     return s
@@ -147,12 +151,13 @@ def antialias_sigma_mm(spacing_in_mm: Any, spacing_out_mm: Any) -> np.ndarray:
     """
     s_in = np.broadcast_to(np.asarray(spacing_in_mm, dtype=np.float64), (3,))
     s_out = np.broadcast_to(np.asarray(spacing_out_mm, dtype=np.float64), (3,))
-    return np.sqrt(np.maximum(s_out ** 2 - s_in ** 2, 0.0)) * FWHM_TO_SIGMA
+    return np.sqrt(np.maximum(s_out**2 - s_in**2, 0.0)) * FWHM_TO_SIGMA
 
 
 # ----------------------------------------------------------------------------------------------------------
 # chunk machinery
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _check3d(vol: xr.DataArray, what: str) -> da.Array:
     if vol.ndim != 3:
@@ -166,7 +171,7 @@ def _normalize_out_chunks(chunks: Any, shape: tuple[int, ...], default: Sequence
     return da.core.normalize_chunks(chunks, shape=shape, dtype=np.float32)
 
 
-_MIN_OUT_CHUNK = 16      # output voxels per chunk axis at least: keeps margins from dominating tiny chunks
+_MIN_OUT_CHUNK = 16  # output voxels per chunk axis at least: keeps margins from dominating tiny chunks
 
 
 def _default_out_chunks(data: da.Array, factor: np.ndarray) -> list[int]:
@@ -191,8 +196,10 @@ def _default_out_chunks(data: da.Array, factor: np.ndarray) -> list[int]:
 # intensities
 # ----------------------------------------------------------------------------------------------------------
 
-def _axis_plan(n: np.ndarray, n_new: tuple[int, ...], r: np.ndarray, t: np.ndarray,
-               antialias: bool) -> tuple[list[int], np.ndarray]:
+
+def _axis_plan(
+    n: np.ndarray, n_new: tuple[int, ...], r: np.ndarray, t: np.ndarray, antialias: bool
+) -> tuple[list[int], np.ndarray]:
     """Per axis: block factor k (>= 1) for an exact block-mean axis, or 0 for an interpolated axis;
     and the Gaussian sigma in input voxels for the interpolated ones."""
     blocks, sigma_vox = [], np.zeros(3)
@@ -221,37 +228,66 @@ def _block_mean(x: np.ndarray, blocks: Sequence[int]) -> np.ndarray:
     return x.reshape(shape).mean(axis=tuple(axes)) if axes else x
 
 
-def _interp_reduced(y: np.ndarray, blocks: Sequence[int], sigma_vox: np.ndarray, r: np.ndarray,
-                    offset: np.ndarray, out_shape: tuple[int, ...], order: int) -> np.ndarray:
+def _interp_reduced(
+    y: np.ndarray,
+    blocks: Sequence[int],
+    sigma_vox: np.ndarray,
+    r: np.ndarray,
+    offset: np.ndarray,
+    out_shape: tuple[int, ...],
+    order: int,
+) -> np.ndarray:
     """Gaussian (mode nearest) then interpolation (mode nearest) on an array already block-averaged."""
     if np.any(sigma_vox > 0):
         y = ndi.gaussian_filter(y, sigma=sigma_vox, mode="nearest", truncate=_TRUNCATE)
     if all(k > 0 for k in blocks):
         return y
     matrix = np.array([1.0 if k > 0 else r[d] for d, k in enumerate(blocks)])
-    return ndi.affine_transform(y, matrix, offset=offset, output_shape=out_shape, order=order,
-                                mode="nearest", prefilter=True, output=np.float64)
+    return ndi.affine_transform(
+        y, matrix, offset=offset, output_shape=out_shape, order=order, mode="nearest", prefilter=True, output=np.float64
+    )
 
 
-def _resample_block(regions: list, blocks: Sequence[int], sigma_vox: np.ndarray, r: np.ndarray,
-                    offset: np.ndarray, out_shape: tuple[int, ...], order: int) -> np.ndarray:
+def _resample_block(
+    regions: list,
+    blocks: Sequence[int],
+    sigma_vox: np.ndarray,
+    r: np.ndarray,
+    offset: np.ndarray,
+    out_shape: tuple[int, ...],
+    order: int,
+) -> np.ndarray:
     sub = np.asarray(regions[0])
-    if len(regions) > 1:                                        # the mask: the image is 0 outside it
+    if len(regions) > 1:  # the mask: the image is 0 outside it
         sub = np.where(np.asarray(regions[1]) > 0, sub, sub.dtype.type(0))
     y = _block_mean(np.asarray(sub, dtype=np.float64), blocks)
     return _interp_reduced(y, blocks, sigma_vox, r, offset, out_shape, order).astype(np.float32)
 
 
-def _reference_resample(data: np.ndarray, shape_new: tuple[int, ...], r: np.ndarray, t: np.ndarray,
-                        blocks: Sequence[int], sigma_vox: np.ndarray, order: int) -> np.ndarray:
+def _reference_resample(
+    data: np.ndarray,
+    shape_new: tuple[int, ...],
+    r: np.ndarray,
+    t: np.ndarray,
+    blocks: Sequence[int],
+    sigma_vox: np.ndarray,
+    order: int,
+) -> np.ndarray:
     """The whole-array computation the chunked one equals (used by the tests; small arrays only)."""
     y = _block_mean(np.asarray(data, dtype=np.float64), blocks)
     offset = np.array([0.0 if k > 0 else t[d] for d, k in enumerate(blocks)])
     return _interp_reduced(y, blocks, sigma_vox, r, offset, tuple(shape_new), order).astype(np.float32)
 
 
-def resample(vol: xr.DataArray, spacing_mm: Any, *, order: int = 1, prefilter: bool = True,
-             chunks: Any = None, mask: xr.DataArray | None = None) -> xr.DataArray:
+def resample(
+    vol: xr.DataArray,
+    spacing_mm: Any,
+    *,
+    order: int = 1,
+    prefilter: bool = True,
+    chunks: Any = None,
+    mask: xr.DataArray | None = None,
+) -> xr.DataArray:
     """Resample an image to ``spacing_mm`` (mm, float or 3 floats) over the same field of view; lazy.
 
     Per voxel axis: exact block mean when the factor ``s_new / s`` is an integer and the grids align
@@ -299,8 +335,10 @@ def resample(vol: xr.DataArray, spacing_mm: Any, *, order: int = 1, prefilter: b
     sources = [data]
     if mask is not None:
         if tuple(mask.shape) != tuple(vol.shape) or not np.allclose(affine_of(mask), a, rtol=0, atol=1e-6):
-            raise HelmError(f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(vol.shape)}",
-                            hint="give the mask made on this image's grid")
+            raise HelmError(
+                f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(vol.shape)}",
+                hint="give the mask made on this image's grid",
+            )
         sources.append(_check3d(mask, "resample"))
     new_shape, new_affine = target_grid(vol.shape, a, spacing_mm)
     _, r, t = grid_mapping(vol.shape, a, spacing_mm)
@@ -314,32 +352,39 @@ def resample(vol: xr.DataArray, spacing_mm: Any, *, order: int = 1, prefilter: b
         lo, hi, offset = [], [], np.zeros(3)
         for d, (o0, o1) in enumerate(ranges):
             k = blocks[d]
-            if k > 0:                                   # block axis: exactly the k*(o1-o0) voxels
+            if k > 0:  # block axis: exactly the k*(o1-o0) voxels
                 lo.append(o0 * k)
                 hi.append(o1 * k)
             else:
                 x0, x1 = t[d] + r[d] * o0, t[d] + r[d] * (o1 - 1)
                 a = max(0, math.floor(x0) - pad[d])
                 b = min(int(n[d]), math.floor(x1) + 2 + pad[d])
-                a = min(a, max(0, b - 1))               # keep a non-empty box even far outside
+                a = min(a, max(0, b - 1))  # keep a non-empty box even far outside
                 lo.append(a)
                 hi.append(b)
-                offset[d] = t[d] + r[d] * o0 - a        # local coordinate of the chunk's first voxel
+                offset[d] = t[d] + r[d] * o0 - a  # local coordinate of the chunk's first voxel
         shape = tuple(b - a for a, b in ranges)
         return lo, hi, (blocks, sigma_vox, r, offset, shape, order)
 
     out = region_map(_resample_block, sources, out_chunks, plan, np.float32, name="resample")
-    step = provenance_record("resample", {"spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
-                                          "order": order, "prefilter": prefilter,
-                                          "block_mean_axes": [d for d in range(3) if blocks[d] > 1],
-                                          "masked": mask is not None,
-                                          "antialias_sigma_mm": (sigma_vox * spacing_of(a)).tolist()})
+    step = provenance_record(
+        "resample",
+        {
+            "spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
+            "order": order,
+            "prefilter": prefilter,
+            "block_mean_axes": [d for d in range(3) if blocks[d] > 1],
+            "masked": mask is not None,
+            "antialias_sigma_mm": (sigma_vox * spacing_of(a)).tolist(),
+        },
+    )
     return like(vol, out, affine=new_affine, kind="image", step=step)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # labels
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _nearest_index(n: int, n_new: int, r: float, t: float) -> np.ndarray:
     """Nearest input index of every output voxel: floor(t + r*m + 0.5), clipped (scipy's order-0 rule)."""
@@ -381,7 +426,7 @@ def _majority_block(regions: list, foot: Sequence[tuple[np.ndarray, np.ndarray]]
     shape = tuple(len(a) for a, _ in foot)
     best = np.zeros(shape, dtype=sub.dtype)
     best_count = np.full(shape, -1, dtype=np.int32)
-    for value in np.unique(sub):              # ascending: a later code wins only with strictly more votes
+    for value in np.unique(sub):  # ascending: a later code wins only with strictly more votes
         cnt = _box_counts(sub == value, foot)
         better = cnt > best_count
         best[better] = value
@@ -389,8 +434,7 @@ def _majority_block(regions: list, foot: Sequence[tuple[np.ndarray, np.ndarray]]
     return best
 
 
-def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "nearest",
-                    chunks: Any = None) -> xr.DataArray:
+def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "nearest", chunks: Any = None) -> xr.DataArray:
     """Resample a label map or mask to ``spacing_mm`` over the same field of view; lazy, dtype kept.
 
     ``method="nearest"``: the input voxel ``floor(t + r*m + 0.5)`` (clipped to the volume), identical to
@@ -427,6 +471,7 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
             lo = [int(i.min()) for i in local]
             hi = [int(i.max()) + 1 for i in local]
             return lo, hi, ([i - a for i, a in zip(local, lo)],)
+
         func = _gather_block
     else:
         foot = [_footprints(n[d], new_shape[d], r[d], t[d]) for d in range(3)]
@@ -437,11 +482,13 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
             lo = [int(x.min()) for x in fa]
             hi = [int(x.max()) for x in fb]
             return lo, hi, ([(x - a, y - a) for x, y, a in zip(fa, fb, lo)],)
+
         func = _majority_block
 
     out = region_map(func, [data], out_chunks, plan, data.dtype, name=f"resample-labels-{method}")
-    step = provenance_record("resample_labels", {"spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
-                                                 "method": method})
+    step = provenance_record(
+        "resample_labels", {"spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)], "method": method}
+    )
     return like(vol, out, affine=new_affine, step=step)
 
 
@@ -449,18 +496,24 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
 # arbitrary target grid
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _grid_coords(m: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
     """Input voxel coordinates (3, ni, nj, nk) of the output voxels in ``ranges`` (global indices, so the
     floating-point values are identical whatever the chunking)."""
     i = np.arange(*ranges[0], dtype=np.float64)[:, None, None]
     j = np.arange(*ranges[1], dtype=np.float64)[None, :, None]
     k = np.arange(*ranges[2], dtype=np.float64)[None, None, :]
-    return np.stack([np.broadcast_to(m[d, 0] * i + m[d, 1] * j + m[d, 2] * k + m[d, 3],
-                                     (i.shape[0], j.shape[1], k.shape[2])) for d in range(3)])
+    return np.stack(
+        [
+            np.broadcast_to(m[d, 0] * i + m[d, 1] * j + m[d, 2] * k + m[d, 3], (i.shape[0], j.shape[1], k.shape[2]))
+            for d in range(3)
+        ]
+    )
 
 
-def _to_grid_block(regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int],
-                   order: int, out_dtype) -> np.ndarray:
+def _to_grid_block(
+    regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int], order: int, out_dtype
+) -> np.ndarray:
     x = _grid_coords(m, ranges)
     n_in = np.asarray(n_in).reshape(3, 1, 1, 1)
     # inside the input field of view (outer voxel edges), as the order-0 rule floor(x + 0.5) in [0, n-1]
@@ -478,8 +531,9 @@ def _to_grid_block(regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in
     return out.astype(out_dtype)
 
 
-def resample_to_grid(vol: xr.DataArray, shape: Sequence[int], affine: Any, *, order: int = 0,
-                     chunks: Any = None) -> xr.DataArray:
+def resample_to_grid(
+    vol: xr.DataArray, shape: Sequence[int], affine: Any, *, order: int = 0, chunks: Any = None
+) -> xr.DataArray:
     """Resample a volume onto another grid ``(shape, affine)`` (any orientation or obliquity); lazy.
 
     Output voxel centres are mapped to input voxel coordinates ``x = inv(affine_in) @ affine @ m``;
@@ -518,13 +572,15 @@ def resample_to_grid(vol: xr.DataArray, shape: Sequence[int], affine: Any, *, or
     pad = 1 if order == 0 else (2 if order == 1 else 3 + SPLINE_MARGIN)
 
     def plan(index, ranges):
-        corners = np.array([[ranges[0][c0], ranges[1][c1], ranges[2][c2]]
-                            for c0 in (0, 1) for c1 in (0, 1) for c2 in (0, 1)], dtype=np.float64)
+        corners = np.array(
+            [[ranges[0][c0], ranges[1][c1], ranges[2][c2]] for c0 in (0, 1) for c1 in (0, 1) for c2 in (0, 1)],
+            dtype=np.float64,
+        )
         corners -= np.array([[c0, c1, c2] for c0 in (0, 1) for c1 in (0, 1) for c2 in (0, 1)])  # last index
         x = corners @ m[:3, :3].T + m[:3, 3]
         xmin, xmax = x.min(axis=0), x.max(axis=0)
         if np.any(xmax < -0.5 - 1e-9) or np.any(xmin >= np.array(n_in) - 0.5 + 1e-9):
-            return None                                       # entirely outside the input: zeros, no read
+            return None  # entirely outside the input: zeros, no read
         lo = [max(0, math.floor(xmin[d]) - pad) for d in range(3)]
         hi = [min(n_in[d], math.floor(xmax[d]) + 2 + pad) for d in range(3)]
         lo = [min(a, max(0, b - 1)) for a, b in zip(lo, hi)]

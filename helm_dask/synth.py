@@ -64,9 +64,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -112,6 +113,7 @@ _MAX_LABEL = np.iinfo(np.uint16).max
 # ----------------------------------------------------------------------------------------------------------------
 # configuration and per-sample parameters
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -179,10 +181,11 @@ class SynthConfig:
     def __post_init__(self):
         _validate_config(self)
 
-    def without_augmentation(self) -> "SynthConfig":
+    def without_augmentation(self) -> SynthConfig:
         """The same configuration with every augmentation off (intensities and their noise kept)."""
-        return dataclasses.replace(self, affine=False, deformation=False, bias=False, gamma=False,
-                                   acquisition=False, max_shift_mm=0.0)
+        return dataclasses.replace(
+            self, affine=False, deformation=False, bias=False, gamma=False, acquisition=False, max_shift_mm=0.0
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -221,21 +224,26 @@ def _validate_config(c: SynthConfig) -> None:
         bad(f"scaling must be positive, got {c.scaling!r}", "e.g. scaling=(0.85, 1.15)")
     if c.std_range[0] < 0:
         bad(f"std_range must be non-negative, got {c.std_range!r}", "e.g. std_range=(0, 35)")
-    if not (c.level == "auto" or (isinstance(c.level, (int, np.integer)) and not isinstance(c.level, bool)
-                                  and c.level >= 0)):
+    if not (
+        c.level == "auto" or (isinstance(c.level, (int, np.integer)) and not isinstance(c.level, bool) and c.level >= 0)
+    ):
         bad(f"level must be 'auto' or a non-negative integer, got {c.level!r}", "e.g. --level auto")
     if isinstance(c.center, str):
         if c.center not in ("hypothalamus", "volume"):
-            bad(f"center must be 'hypothalamus', 'volume' or three world coordinates, got {c.center!r}",
-                "e.g. --center hypothalamus or --center-mm 10 -5 3")
+            bad(
+                f"center must be 'hypothalamus', 'volume' or three world coordinates, got {c.center!r}",
+                "e.g. --center hypothalamus or --center-mm 10 -5 3",
+            )
     else:
         try:
             ctr = tuple(float(v) for v in c.center)
         except (TypeError, ValueError):
             ctr = ()
         if len(ctr) != 3 or not all(math.isfinite(v) for v in ctr):
-            bad(f"center must be 'hypothalamus', 'volume' or three world coordinates, got {c.center!r}",
-                "e.g. --center-mm 10 -5 3")
+            bad(
+                f"center must be 'hypothalamus', 'volume' or three world coordinates, got {c.center!r}",
+                "e.g. --center-mm 10 -5 3",
+            )
         object.__setattr__(c, "center", ctr)
 
 
@@ -281,9 +289,12 @@ class SampleParams:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SampleParams":
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-              if k in {f.name for f in dataclasses.fields(cls)}}
+    def from_dict(cls, d: dict) -> SampleParams:
+        kw = {
+            k: (tuple(v) if isinstance(v, list) else v)
+            for k, v in d.items()
+            if k in {f.name for f in dataclasses.fields(cls)}
+        }
         return cls(**kw)
 
 
@@ -317,7 +328,7 @@ def sample_params(config: SynthConfig | None, seed: int, index: int) -> SamplePa
     gamma = float(np.exp(rng.normal(0.0, cfg.gamma_std)))
     axis = int(rng.integers(0, 3))
     acq = rng.uniform(cfg.spacing_mm, max(cfg.spacing_mm, cfg.max_spacing_mm))
-    f = lambda a: tuple(float(v) for v in a)  # noqa: E731 -- plain floats keep the params JSON-able
+    f = lambda a: tuple(float(v) for v in a)
     kw: dict[str, Any] = {}
     if cfg.affine:
         kw.update(rotation_deg=f(rot), scaling=f(scl), shear=f(shr))
@@ -347,6 +358,7 @@ def label_intensity(seed: int, index: int, label: int, config: SynthConfig | Non
 # the label map and its pyramid
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _level_shapes(shape0: Sequence[int], n: int) -> list[tuple[int, int, int]]:
     """Shapes of stride levels 0..n-1 exactly as the store's pyramid makes them (``n // 2`` per level)."""
     shapes = [tuple(int(s) for s in shape0)]
@@ -364,14 +376,24 @@ class LabelSource:
     (stride pyramid, no shift) and voxel ``i`` equal to level-0 voxel ``2^L i``.
     """
 
-    def __init__(self, data0: da.Array, affine0: np.ndarray, *, stored: Sequence[da.Array] = (),
-                 name: str = "labels", path: str | None = None, tmpdir: str | None = None):
+    def __init__(
+        self,
+        data0: da.Array,
+        affine0: np.ndarray,
+        *,
+        stored: Sequence[da.Array] = (),
+        name: str = "labels",
+        path: str | None = None,
+        tmpdir: str | None = None,
+    ):
         if data0.ndim != 3:
-            raise HelmError(f"the label map must be 3-D, got {data0.ndim}-D", path=path,
-                            hint="give a single 3-D label volume")
+            raise HelmError(
+                f"the label map must be 3-D, got {data0.ndim}-D", path=path, hint="give a single 3-D label volume"
+            )
         if not (np.issubdtype(data0.dtype, np.integer) or np.issubdtype(data0.dtype, np.floating)):
-            raise HelmError(f"the label map has dtype {data0.dtype}, not integer codes", path=path,
-                            hint="give an integer label map")
+            raise HelmError(
+                f"the label map has dtype {data0.dtype}, not integer codes", path=path, hint="give an integer label map"
+            )
         self.data0 = data0
         self.affine0 = np.asarray(affine0, dtype=np.float64)
         self.spacing0 = spacing_of(self.affine0)
@@ -388,7 +410,7 @@ class LabelSource:
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, src: Any, *, tmp_dir: str | os.PathLike | None = None) -> "LabelSource":
+    def open(cls, src: Any, *, tmp_dir: str | os.PathLike | None = None) -> LabelSource:
         """A :class:`LabelSource` from a DataArray, a ``.zarr`` store or a NIfTI file (or itself)."""
         if isinstance(src, LabelSource):
             return src
@@ -419,20 +441,26 @@ class LabelSource:
         if p.rstrip("/").endswith(".zarr") or os.path.isdir(p) or "://" in p:
             read_meta(p)
             return cls._from_store(p, name=Path(p.rstrip("/")).stem, path=p)
-        raise HelmError("is neither a NIfTI file nor a helm-dask .zarr store", path=p,
-                        hint="give a .nii/.nii.gz label map or a .zarr store")
+        raise HelmError(
+            "is neither a NIfTI file nor a helm-dask .zarr store",
+            path=p,
+            hint="give a .nii/.nii.gz label map or a .zarr store",
+        )
 
     @classmethod
-    def _from_store(cls, store: str, *, name: str, path: str) -> "LabelSource":
+    def _from_store(cls, store: str, *, name: str, path: str) -> LabelSource:
         from .io.store import open_volume, read_meta
 
         meta = read_meta(store)
         if meta.get("four_d"):
             raise HelmError("is a 4-D volume, not a label map", path=path, hint="give a 3-D label map")
         if meta.get("kind") not in ("labels", "mask"):
-            raise HelmError(f"is a store of kind {meta.get('kind')!r}, not labels (its pyramid is averaged)",
-                            path=path, hint="convert the label map with kind labels (a NIfTI with the label "
-                                            "intent, or pass the .nii.gz directly)")
+            raise HelmError(
+                f"is a store of kind {meta.get('kind')!r}, not labels (its pyramid is averaged)",
+                path=path,
+                hint="convert the label map with kind labels (a NIfTI with the label "
+                "intent, or pass the .nii.gz directly)",
+            )
         vols = [open_volume(store, level=lev) for lev in range(int(meta.get("nlevels", 1)))]
         return cls(vols[0].data, affine_of(vols[0]), stored=[v.data for v in vols], name=name, path=path)
 
@@ -454,14 +482,17 @@ class LabelSource:
         return len(self.shapes)
 
     def level_affine(self, level: int) -> np.ndarray:
-        f = 2.0 ** level
+        f = 2.0**level
         return self.affine0 @ np.diag([f, f, f, 1.0])
 
     def level(self, level: int) -> da.Array:
         """Level ``level`` as a lazy dask array: a stored level, or a stride of the nearest stored one."""
         if not 0 <= level < self.nlevels:
-            raise HelmError(f"the label map has no level {level} (levels 0..{self.nlevels - 1})",
-                            path=self.path, hint="choose --level auto or a smaller level")
+            raise HelmError(
+                f"the label map has no level {level} (levels 0..{self.nlevels - 1})",
+                path=self.path,
+                hint="choose --level auto or a smaller level",
+            )
         m = min(level, len(self.stored) - 1)
         arr = self.stored[m]
         if level == m:
@@ -469,13 +500,13 @@ class LabelSource:
         f = 2 ** (level - m)
         n = self.shapes[level]
         # Same voxels as the stored pyramid would hold: level-m voxel f*i, trimmed like build_pyramid.
-        return arr[: n[0] * f: f, : n[1] * f: f, : n[2] * f: f]
+        return arr[: n[0] * f : f, : n[1] * f : f, : n[2] * f : f]
 
     def auto_level(self, spacing_mm: float) -> int:
         """Coarsest level whose voxels are at most half of ``spacing_mm`` (level 0 if none is)."""
         best = 0
         for lev in range(self.nlevels):
-            if float(self.spacing0.max()) * 2 ** lev <= spacing_mm / 2 * (1 + 1e-9):
+            if float(self.spacing0.max()) * 2**lev <= spacing_mm / 2 * (1 + 1e-9):
                 best = lev
         return best
 
@@ -492,7 +523,7 @@ class LabelSource:
             return self._centroid[key].copy()
         start = 0
         for lev in range(self.nlevels):
-            if float(self.spacing0.max()) * 2 ** lev <= CENTROID_SPACING_MM * (1 + 1e-9):
+            if float(self.spacing0.max()) * 2**lev <= CENTROID_SPACING_MM * (1 + 1e-9):
                 start = lev
         for lev in range(start, -1, -1):
             sums = _index_sums(self.level(lev), np.asarray(key))
@@ -501,8 +532,11 @@ class LabelSource:
                 c = self.level_affine(lev)[:3, :3] @ ijk + self.level_affine(lev)[:3, 3]
                 self._centroid[key] = c
                 return c.copy()
-        raise HelmError(f"the label map has no hypothalamus labels ({key[0]}-{key[-1]}) to centre the crop on",
-                        path=self.path, hint="centre it elsewhere: --center volume or --center-mm X Y Z")
+        raise HelmError(
+            f"the label map has no hypothalamus labels ({key[0]}-{key[-1]}) to centre the crop on",
+            path=self.path,
+            hint="centre it elsewhere: --center volume or --center-mm X Y Z",
+        )
 
     def center_mm(self, center: Any) -> np.ndarray:
         if isinstance(center, str):
@@ -529,15 +563,21 @@ def _index_sums(arr: da.Array, codes: np.ndarray) -> np.ndarray:
     """``[count, sum_i, sum_j, sum_k]`` of the voxels whose value is in ``codes`` (int64, chunk by chunk)."""
     import dask.array as da
 
-    parts = da.map_blocks(_index_sums_block, arr, codes=codes, chunks=((1,) * arr.numblocks[0], (1,) * arr.numblocks[1],
-                                                                  (1,) * arr.numblocks[2], (4,)),
-                          new_axis=3, dtype=np.int64)
+    parts = da.map_blocks(
+        _index_sums_block,
+        arr,
+        codes=codes,
+        chunks=((1,) * arr.numblocks[0], (1,) * arr.numblocks[1], (1,) * arr.numblocks[2], (4,)),
+        new_axis=3,
+        dtype=np.int64,
+    )
     return np.asarray(parts.sum(axis=(0, 1, 2), dtype=np.int64).compute(), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # geometry of a sample
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _out_affine(center: np.ndarray, crop: Sequence[int], spacing_mm: float) -> np.ndarray:
     """Axis-aligned RAS+ grid of ``crop`` voxels whose centre (voxel (n-1)/2) is ``center``."""
@@ -549,7 +589,7 @@ def _out_affine(center: np.ndarray, crop: Sequence[int], spacing_mm: float) -> n
 
 def _bspline3(t: np.ndarray) -> np.ndarray:
     t = np.abs(t)
-    out = np.where(t < 1, 2.0 / 3.0 - t ** 2 + t ** 3 / 2, 0.0)
+    out = np.where(t < 1, 2.0 / 3.0 - t**2 + t**3 / 2, 0.0)
     return np.where((t >= 1) & (t < 2), (2 - t) ** 3 / 6, out)
 
 
@@ -569,14 +609,15 @@ def _bspline_weights(n: int, nodes: int) -> np.ndarray:
 def _bspline_field(coef: np.ndarray, weights: Sequence[np.ndarray]) -> np.ndarray:
     """Tensor-product B-spline: ``sum_abc Wx[i,a] Wy[j,b] Wz[k,c] coef[..., a, b, c]``."""
     wx, wy, wz = weights
-    f = np.tensordot(coef, wz, axes=([-1], [1]))          # (..., a, b, k)
-    f = np.tensordot(f, wy, axes=([-2], [1]))             # (..., a, k, j)
-    f = np.tensordot(f, wx, axes=([-3], [1]))             # (..., k, j, i)
+    f = np.tensordot(coef, wz, axes=([-1], [1]))  # (..., a, b, k)
+    f = np.tensordot(f, wy, axes=([-2], [1]))  # (..., a, k, j)
+    f = np.tensordot(f, wx, axes=([-3], [1]))  # (..., k, j, i)
     return np.moveaxis(f, (-1, -2, -3), (-3, -2, -1))
 
 
-def _grid_coefficients(seed: int, index: int, stream: int, lead: tuple, crop, spacing_mm: float,
-                       step_mm: float, std: float) -> tuple[np.ndarray, list[np.ndarray]]:
+def _grid_coefficients(
+    seed: int, index: int, stream: int, lead: tuple, crop, spacing_mm: float, step_mm: float, std: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
     nodes = tuple(_bspline_nodes(n, step_mm / spacing_mm) for n in crop)
     rng = np.random.default_rng((seed, index, stream))
     coef = rng.standard_normal(lead + nodes) * std
@@ -644,8 +685,16 @@ def plan_sample(source: Any, params: SampleParams, config: SynthConfig | None = 
     coef = weights = None
     margin = np.zeros(3)
     if params.nonlin_std_mm > 0:
-        coef, weights = _grid_coefficients(params.seed, params.index, _STREAM_DEFORM, (3,), cfg.crop,
-                                           cfg.spacing_mm, cfg.nonlin_spacing_mm, params.nonlin_std_mm)
+        coef, weights = _grid_coefficients(
+            params.seed,
+            params.index,
+            _STREAM_DEFORM,
+            (3,),
+            cfg.crop,
+            cfg.spacing_mm,
+            cfg.nonlin_spacing_mm,
+            params.nonlin_std_mm,
+        )
         # convex-hull property: |d_j| <= max |coef_j| everywhere
         dmax = np.abs(coef).reshape(3, -1).max(axis=1)
         margin = np.abs(disp) @ dmax
@@ -657,11 +706,23 @@ def plan_sample(source: Any, params: SampleParams, config: SynthConfig | None = 
     hi = np.floor(cc.max(axis=0) + margin + 0.5).astype(np.int64) + 2
     lo = np.clip(lo, 0, shape)
     hi = np.clip(hi, 0, shape)
-    plan = SamplePlan(level=level, level_affine=a_lev, level_shape=tuple(shape), out_affine=a_out,
-                      crop=tuple(cfg.crop), center_mm=center, matrix=matrix, offset=offset, disp_matrix=disp,
-                      deform_coef=coef, deform_weights=weights, box_lo=lo, box_hi=hi)
+    plan = SamplePlan(
+        level=level,
+        level_affine=a_lev,
+        level_shape=tuple(shape),
+        out_affine=a_out,
+        crop=tuple(cfg.crop),
+        center_mm=center,
+        matrix=matrix,
+        offset=offset,
+        disp_matrix=disp,
+        deform_coef=coef,
+        deform_weights=weights,
+        box_lo=lo,
+        box_hi=hi,
+    )
     if plan.box_voxels > 0:
-        plan.box = arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        plan.box = arr[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     return plan
 
 
@@ -669,7 +730,7 @@ def plan_sample(source: Any, params: SampleParams, config: SynthConfig | None = 
 # generation
 # ----------------------------------------------------------------------------------------------------------------
 
-_SLAB_VOXELS = 1 << 20   # output voxels per coordinate slab: bounds the float64 temporaries (~50 MB)
+_SLAB_VOXELS = 1 << 20  # output voxels per coordinate slab: bounds the float64 temporaries (~50 MB)
 
 
 def _source_indices(plan: SamplePlan) -> tuple[np.ndarray, np.ndarray]:
@@ -695,8 +756,7 @@ def _source_indices(plan: SamplePlan) -> tuple[np.ndarray, np.ndarray]:
             # same arithmetic as scipy.ndimage.affine_transform: x = matrix @ v + offset, then floor(x + 0.5)
             c = ii * m[a, 0] + jj * m[a, 1] + kk * m[a, 2] + off[a]
             if d is not None:
-                c = c + (plan.disp_matrix[a, 0] * d[0] + plan.disp_matrix[a, 1] * d[1]
-                         + plan.disp_matrix[a, 2] * d[2])
+                c = c + (plan.disp_matrix[a, 0] * d[0] + plan.disp_matrix[a, 1] * d[1] + plan.disp_matrix[a, 2] * d[2])
             r = np.floor(c + 0.5)
             inside &= (r >= 0) & (r < lim[a])
             rounded.append(r)
@@ -755,12 +815,18 @@ def _as_codes(vals: np.ndarray, path: str | None) -> np.ndarray:
         return vals.astype(np.uint16)
     if np.issubdtype(vals.dtype, np.floating):
         if not np.all(np.isfinite(vals)) or np.any(vals != np.round(vals)):
-            raise HelmError("the label map has non-integer values", path=path,
-                            hint="give integer label codes (round or convert the map)")
+            raise HelmError(
+                "the label map has non-integer values",
+                path=path,
+                hint="give integer label codes (round or convert the map)",
+            )
     lo, hi = vals.min(), vals.max()
     if lo < 0 or hi > _MAX_LABEL:
-        raise HelmError(f"the label map has codes outside 0..{_MAX_LABEL} ({lo}..{hi})", path=path,
-                        hint="relabel the map to 16-bit codes")
+        raise HelmError(
+            f"the label map has codes outside 0..{_MAX_LABEL} ({lo}..{hi})",
+            path=path,
+            hint="relabel the map to 16-bit codes",
+        )
     return vals.astype(np.uint16)
 
 
@@ -787,7 +853,7 @@ def _simulate_acquisition(img: np.ndarray, axis: int, ratio: float, blur_factor:
 
     img = ndi.gaussian_filter1d(img, sigma=blur_factor * ratio, axis=axis, mode="nearest")
     k = int(math.floor((n - 1) / ratio)) + 1
-    t = ((n - 1) - (k - 1) * ratio) / 2.0          # low-res samples centred on the axis
+    t = ((n - 1) - (k - 1) * ratio) / 2.0  # low-res samples centred on the axis
     low = _interp_axis(img, t + ratio * np.arange(k), axis)
     return _interp_axis(low, (np.arange(n) - t) / ratio, axis).astype(np.float32)
 
@@ -806,25 +872,27 @@ def _synthesize(labels: np.ndarray, params: SampleParams, cfg: SynthConfig) -> t
     img = mean_lut[labels]
     if cfg.intensity_noise:
         noise = np.random.default_rng((params.seed, params.index, _STREAM_NOISE)).standard_normal(
-            labels.shape, dtype=np.float32)
+            labels.shape, dtype=np.float32
+        )
         img += std_lut[labels] * noise
     if params.bias_std > 0:
-        coef, w = _grid_coefficients(params.seed, params.index, _STREAM_BIAS, (), cfg.crop, cfg.spacing_mm,
-                                     cfg.bias_spacing_mm, params.bias_std)
+        coef, w = _grid_coefficients(
+            params.seed, params.index, _STREAM_BIAS, (), cfg.crop, cfg.spacing_mm, cfg.bias_spacing_mm, params.bias_std
+        )
         img *= np.exp(_bspline_field(coef, w)).astype(np.float32)
     if params.gamma != 1.0:
         img = (255.0 * (np.maximum(img, 0) / np.float32(255.0)) ** np.float32(params.gamma)).astype(np.float32)
     if params.acq_axis is not None:
-        img = _simulate_acquisition(img, params.acq_axis, params.acq_spacing_mm / cfg.spacing_mm,
-                                    cfg.blur_factor)
+        img = _simulate_acquisition(img, params.acq_axis, params.acq_spacing_mm / cfg.spacing_mm, cfg.blur_factor)
     if cfg.normalize:
         lo, hi = float(img.min()), float(img.max())
         img = ((img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)).astype(np.float32)
     return np.ascontiguousarray(img, dtype=np.float32), model
 
 
-def generate_sample(source: Any, params: SampleParams, config: SynthConfig | None = None
-                    ) -> tuple[xr.DataArray, xr.DataArray]:
+def generate_sample(
+    source: Any, params: SampleParams, config: SynthConfig | None = None
+) -> tuple[xr.DataArray, xr.DataArray]:
     """One synthetic ``(image, labels)`` pair, computed eagerly on its output grid.
 
     Parameters
@@ -866,18 +934,44 @@ def generate_sample(source: Any, params: SampleParams, config: SynthConfig | Non
     finally:
         if own:
             src.close()
-    info = {"params": params.to_dict(), "intensities": {str(k): v for k, v in model.items()},
-            "level": plan.level, "center_mm": plan.center_mm.tolist(), "source": src.path or src.name}
+    info = {
+        "params": params.to_dict(),
+        "intensities": {str(k): v for k, v in model.items()},
+        "level": plan.level,
+        "center_mm": plan.center_mm.tolist(),
+        "source": src.path or src.name,
+    }
     step = provenance_record("synth", dict(info, config=cfg.to_dict()))
-    img_vol = make_volume(image, plan.out_affine, kind="image", name="image", source=src.path or src.name,
-                          provenance=[step], attrs={"synth": info})
-    lab_vol = make_volume(labels, plan.out_affine, kind="labels", name="labels", source=src.path or src.name,
-                          provenance=[step], attrs={"synth": info})
+    img_vol = make_volume(
+        image,
+        plan.out_affine,
+        kind="image",
+        name="image",
+        source=src.path or src.name,
+        provenance=[step],
+        attrs={"synth": info},
+    )
+    lab_vol = make_volume(
+        labels,
+        plan.out_affine,
+        kind="labels",
+        name="labels",
+        source=src.path or src.name,
+        provenance=[step],
+        attrs={"synth": info},
+    )
     return img_vol, lab_vol
 
 
-def iter_samples(labels: Any, n: int | None, seed: int, config: SynthConfig | None = None, *, start: int = 0,
-                 tmp_dir: str | os.PathLike | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_samples(
+    labels: Any,
+    n: int | None,
+    seed: int,
+    config: SynthConfig | None = None,
+    *,
+    start: int = 0,
+    tmp_dir: str | os.PathLike | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``n`` (``None``: endless) ``(image, labels)`` NumPy pairs for a training loop.
 
     Sample ``i`` is ``generate_sample(labels, sample_params(config, seed, start + i), config)``; the label map
@@ -910,9 +1004,18 @@ def iter_samples(labels: Any, n: int | None, seed: int, config: SynthConfig | No
             src.close()
 
 
-def write_samples(label_path: Any, out_dir: str | os.PathLike, n: int, seed: int,
-                  config: SynthConfig | None = None, *, start: int = 0, zarr: bool = False,
-                  overwrite: bool = False, quiet: bool = True) -> list[dict]:
+def write_samples(
+    label_path: Any,
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int,
+    config: SynthConfig | None = None,
+    *,
+    start: int = 0,
+    zarr: bool = False,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> list[dict]:
     """Write ``n`` samples as ``sample_{i:04d}_image.nii.gz`` / ``_labels.nii.gz`` (and ``.zarr``) in ``out_dir``.
 
     Also writes ``samples.json`` (config, and per sample its params, per-label intensities, files). A NIfTI
@@ -930,12 +1033,17 @@ def write_samples(label_path: Any, out_dir: str | os.PathLike, n: int, seed: int
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise HelmError(f"cannot create the output folder ({e.strerror or e})", path=out,
-                        hint="choose a folder you can write to", exit_code=3) from None
+        raise HelmError(
+            f"cannot create the output folder ({e.strerror or e})",
+            path=out,
+            hint="choose a folder you can write to",
+            exit_code=3,
+        ) from None
     manifest = out / "samples.json"
     if manifest.exists() and not overwrite:
-        raise HelmError("already exists", path=manifest, hint="pass --overwrite to replace it, or choose another "
-                                                              "--out", exit_code=3)
+        raise HelmError(
+            "already exists", path=manifest, hint="pass --overwrite to replace it, or choose another --out", exit_code=3
+        )
     records = []
     with contextlib.ExitStack() as stack:
         src = LabelSource.open(label_path, tmp_dir=out)
@@ -945,8 +1053,13 @@ def write_samples(label_path: Any, out_dir: str | os.PathLike, n: int, seed: int
         for i in range(start, start + n):
             params = sample_params(cfg, seed, i)
             img, lab = generate_sample(src, params, cfg)
-            rec = {"index": i, "params": params.to_dict(), "intensities": img.attrs["synth"]["intensities"],
-                   "level": img.attrs["synth"]["level"], "center_mm": img.attrs["synth"]["center_mm"]}
+            rec = {
+                "index": i,
+                "params": params.to_dict(),
+                "intensities": img.attrs["synth"]["intensities"],
+                "level": img.attrs["synth"]["level"],
+                "center_mm": img.attrs["synth"]["center_mm"],
+            }
             for what, vol in (("image", img), ("labels", lab)):
                 rec[what] = save_nifti(vol, out / f"sample_{i:04d}_{what}.nii.gz", overwrite=overwrite)
                 if zarr:
@@ -954,8 +1067,14 @@ def write_samples(label_path: Any, out_dir: str | os.PathLike, n: int, seed: int
             records.append(rec)
             prog.update(1)
         prog.close()
-    doc = {"source": os.fspath(label_path) if not isinstance(label_path, (xr.DataArray, LabelSource))
-           else str(getattr(label_path, "name", "")), "seed": seed, "config": cfg.to_dict(), "samples": records}
+    doc = {
+        "source": os.fspath(label_path)
+        if not isinstance(label_path, (xr.DataArray, LabelSource))
+        else str(getattr(label_path, "name", "")),
+        "seed": seed,
+        "config": cfg.to_dict(),
+        "samples": records,
+    }
     tmp = manifest.with_name(f".{manifest.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, manifest)
@@ -965,6 +1084,7 @@ def write_samples(label_path: Any, out_dir: str | os.PathLike, n: int, seed: int
 # ----------------------------------------------------------------------------------------------------------------
 # command line (hooked into helm_dask.cli by add_synth_parser)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _positive(text: str) -> float:
     import argparse
@@ -995,31 +1115,57 @@ def _level_arg(text: str):
 def add_synth_parser(subparsers, common_parents, add_compute_options):
     """Add the ``synth`` sub-command to the ``helm-dask`` parser (``subparsers`` from ``add_subparsers``)."""
     p = subparsers.add_parser(
-        "synth", parents=list(common_parents), help="SynthSeg-style synthetic (image, labels) pairs from a label map",
+        "synth",
+        parents=list(common_parents),
+        help="SynthSeg-style synthetic (image, labels) pairs from a label map",
         description="Write N synthetic (image, labels) pairs generated from LABEL_MAP (NIfTI or .zarr): random "
-                    "affine + smooth deformation, per-label Gaussian intensities, bias field, gamma and a "
-                    "simulated low-resolution acquisition, cropped around the hypothalamus. Same --seed, same "
-                    "samples.")
+        "affine + smooth deformation, per-label Gaussian intensities, bias field, gamma and a "
+        "simulated low-resolution acquisition, cropped around the hypothalamus. Same --seed, same "
+        "samples.",
+    )
     p.add_argument("label_map", metavar="LABEL_MAP", help="a .nii/.nii.gz label map or a helm-dask .zarr store")
     p.add_argument("--n", type=int, default=10, help="number of samples (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--start", type=int, default=0, help="index of the first sample (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--spacing", type=_positive, default=1.0, metavar="MM", help="output voxel size (default 1.0)")
-    p.add_argument("--crop", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
-                   help="output size in voxels (default 96 96 96)")
-    p.add_argument("--center", choices=["hypothalamus", "volume"], default="hypothalamus",
-                   help="crop centre: the hypothalamus (codes 801-810, default) or the map's centre")
-    p.add_argument("--center-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="crop centre as a world point (RAS+ mm); overrides --center")
-    p.add_argument("--level", type=_level_arg, default="auto",
-                   help="pyramid level to read the labels at (default auto: voxels <= spacing/2; 0 is exact)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs=3,
+        default=(96, 96, 96),
+        metavar=("X", "Y", "Z"),
+        help="output size in voxels (default 96 96 96)",
+    )
+    p.add_argument(
+        "--center",
+        choices=["hypothalamus", "volume"],
+        default="hypothalamus",
+        help="crop centre: the hypothalamus (codes 801-810, default) or the map's centre",
+    )
+    p.add_argument(
+        "--center-mm",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="crop centre as a world point (RAS+ mm); overrides --center",
+    )
+    p.add_argument(
+        "--level",
+        type=_level_arg,
+        default="auto",
+        help="pyramid level to read the labels at (default auto: voxels <= spacing/2; 0 is exact)",
+    )
     p.add_argument("--zarr", action="store_true", help="also write each sample as .zarr stores")
     p.add_argument("--normalize", action="store_true", help="rescale every image to [0, 1]")
     g = p.add_argument_group("augmentations (all on by default)")
-    for flag, what in (("affine", "rotation, scaling and shear"), ("deformation", "the smooth non-linear deformation"),
-                       ("bias", "the bias field"), ("gamma", "the gamma augmentation"),
-                       ("acquisition", "the simulated low-resolution acquisition")):
+    for flag, what in (
+        ("affine", "rotation, scaling and shear"),
+        ("deformation", "the smooth non-linear deformation"),
+        ("bias", "the bias field"),
+        ("gamma", "the gamma augmentation"),
+        ("acquisition", "the simulated low-resolution acquisition"),
+    ):
         g.add_argument(f"--no-{flag}", action="store_true", help=f"switch off {what}")
     g.add_argument("--no-augmentation", action="store_true", help="switch all of the above off")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -1030,11 +1176,18 @@ def add_synth_parser(subparsers, common_parents, add_compute_options):
 
 def config_from_args(args) -> SynthConfig:
     off = getattr(args, "no_augmentation", False)
-    return SynthConfig(crop=tuple(args.crop), spacing_mm=args.spacing,
-                       center=tuple(args.center_mm) if args.center_mm else args.center, level=args.level,
-                       affine=not (off or args.no_affine), deformation=not (off or args.no_deformation),
-                       bias=not (off or args.no_bias), gamma=not (off or args.no_gamma),
-                       acquisition=not (off or args.no_acquisition), normalize=args.normalize)
+    return SynthConfig(
+        crop=tuple(args.crop),
+        spacing_mm=args.spacing,
+        center=tuple(args.center_mm) if args.center_mm else args.center,
+        level=args.level,
+        affine=not (off or args.no_affine),
+        deformation=not (off or args.no_deformation),
+        bias=not (off or args.no_bias),
+        gamma=not (off or args.no_gamma),
+        acquisition=not (off or args.no_acquisition),
+        normalize=args.normalize,
+    )
 
 
 def cmd_synth(args) -> int:
@@ -1042,10 +1195,19 @@ def cmd_synth(args) -> int:
     from .cluster import ClusterOptions, compute_context
 
     cfg = config_from_args(args)
-    opts = ClusterOptions.from_args(args)   # TLS and every other compute option, as for the other commands
+    opts = ClusterOptions.from_args(args)  # TLS and every other compute option, as for the other commands
     with compute_context(opts):
-        records = write_samples(args.label_map, args.out, args.n, args.seed, cfg, start=args.start, zarr=args.zarr,
-                                overwrite=args.overwrite, quiet=getattr(args, "quiet", False))
+        records = write_samples(
+            args.label_map,
+            args.out,
+            args.n,
+            args.seed,
+            cfg,
+            start=args.start,
+            zarr=args.zarr,
+            overwrite=args.overwrite,
+            quiet=getattr(args, "quiet", False),
+        )
     if not getattr(args, "quiet", False):
         print(f"wrote {len(records)} sample(s) to {args.out} (samples.json lists their parameters)", flush=True)
     return 0

@@ -17,7 +17,8 @@ chunks it crosses; write it to a store first to browse it quickly).
 Coordinates. Planes are cut along the *voxel* axes ``x, y, z`` (dims of the volume). Their extents are in mm,
 in the convention of the volume's own coordinates (``vol.x`` etc.): world RAS+ mm for an axis-aligned affine,
 mm along the voxel axis from the first voxel centre otherwise (``attrs["coords"] == "voxel_mm"``; an oblique
-scan stays oblique after :func:`helm_dask.orient.to_ras`, which only permutes and flips axes). Points (``point_mm``) are always *world* RAS+ mm. Every extent is exact
+scan stays oblique after :func:`helm_dask.orient.to_ras`, which only permutes and flips axes). Points
+(``point_mm``) are always *world* RAS+ mm. Every extent is exact
 for voxel centres at the level shown (its own affine: block centres for means, block corners for strides).
 
 Example
@@ -35,8 +36,9 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import dask
 import dask.array as da
@@ -46,14 +48,26 @@ import xarray as xr
 from .errors import HelmError
 from .volume import affine_of, is_axis_aligned, make_volume, orientation_code, provenance_record, spacing_of
 
-__all__ = ["OrthoSlices", "Plane", "at_level", "choose_level", "crop_mm", "histogram", "label_centroid_mm",
-           "label_colormap", "orthogonal_slices", "plot_orthogonal", "pyramid_levels", "slice_browser"]
+__all__ = [
+    "OrthoSlices",
+    "Plane",
+    "at_level",
+    "choose_level",
+    "crop_mm",
+    "histogram",
+    "label_centroid_mm",
+    "label_colormap",
+    "orthogonal_slices",
+    "plot_orthogonal",
+    "pyramid_levels",
+    "slice_browser",
+]
 
 DIMS = ("x", "y", "z")
 #: The in-plane axes of the plane that fixes each dim (rows, columns of ``Plane.data``).
 IN_PLANE = {"x": ("y", "z"), "y": ("x", "z"), "z": ("x", "y")}
 DEFAULT_MAX_PX = 512
-DEFAULT_MAX_VOXELS = 1 << 24        # 16 M voxels: a histogram pass over a coarse level takes a second or two
+DEFAULT_MAX_VOXELS = 1 << 24  # 16 M voxels: a histogram pass over a coarse level takes a second or two
 _GRID_TOL = 1e-6
 
 
@@ -73,11 +87,15 @@ class _Grid:
 
 def _check_volume(vol: Any, what: str = "volume") -> xr.DataArray:
     if not isinstance(vol, xr.DataArray) or "affine" not in vol.attrs:
-        raise HelmError(f"the {what} must be a helm-dask volume (an xarray.DataArray with attrs['affine'])",
-                        hint="open it with helm_dask.io.open_volume or build it with helm_dask.make_volume")
+        raise HelmError(
+            f"the {what} must be a helm-dask volume (an xarray.DataArray with attrs['affine'])",
+            hint="open it with helm_dask.io.open_volume or build it with helm_dask.make_volume",
+        )
     if vol.ndim != 3:
-        raise HelmError(f"the {what} is {vol.ndim}-D; only 3-D volumes can be sliced",
-                        hint="pick one echo first, e.g. vol.isel(echo=0)")
+        raise HelmError(
+            f"the {what} is {vol.ndim}-D; only 3-D volumes can be sliced",
+            hint="pick one echo first, e.g. vol.isel(echo=0)",
+        )
     return vol
 
 
@@ -140,7 +158,7 @@ def _level_shape(vol: xr.DataArray, level: int) -> tuple[int, int, int]:
         top = min(level, info["nlevels"] - 1)
         f = 2 ** (level - top)
         return tuple(-(-n // f) for n in info["shapes"][top])
-    f = 2 ** level
+    f = 2**level
     return tuple(-(-n // f) for n in shape0)
 
 
@@ -164,7 +182,7 @@ def _grid(vol: xr.DataArray, level: int) -> _Grid:
             data, aff = data[::f, ::f, ::f], _stride_affine(aff, f)
         return _Grid(data, aff, level, src)
     data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
-    f = 2 ** level
+    f = 2**level
     if f > 1:
         return _Grid(data[::f, ::f, ::f], _stride_affine(affine_of(vol), f), level, f"stride {f}")
     return _Grid(data, affine_of(vol), 0, "full resolution")
@@ -196,14 +214,25 @@ def pyramid_levels(vol: xr.DataArray, *, extra: int = 0) -> list[dict]:
             base = info["affines"][top] if info is not None else aff0
             shape, aff = _level_shape(vol, lev), _stride_affine(base, f)
             src = "full resolution" if f == 1 else f"stride {f}" + (f" of store level {top}" if info else "")
-        out.append({"level": lev, "shape": tuple(int(s) for s in shape),
-                    "spacing_mm": tuple(float(s) for s in spacing_of(aff)), "voxels": int(np.prod(shape)),
-                    "source": src})
+        out.append(
+            {
+                "level": lev,
+                "shape": tuple(int(s) for s in shape),
+                "spacing_mm": tuple(float(s) for s in spacing_of(aff)),
+                "voxels": int(np.prod(shape)),
+                "source": src,
+            }
+        )
     return out
 
 
-def choose_level(vol: xr.DataArray, *, max_px: int | None = DEFAULT_MAX_PX, max_voxels: int | None = None,
-                 box: Sequence[int] | None = None) -> int:
+def choose_level(
+    vol: xr.DataArray,
+    *,
+    max_px: int | None = DEFAULT_MAX_PX,
+    max_voxels: int | None = None,
+    box: Sequence[int] | None = None,
+) -> int:
     """The finest level whose shape (or ``box`` of full-resolution voxels) fits ``max_px`` per side and ``max_voxels``.
 
     Cheap: reads metadata only.
@@ -212,7 +241,7 @@ def choose_level(vol: xr.DataArray, *, max_px: int | None = DEFAULT_MAX_PX, max_
     for lev in range(64):
         shape = _level_shape(vol, lev)
         if box is not None:  # a crop: its size at this level (+1: the box may straddle a voxel boundary)
-            shape = tuple(min(s, -(-int(b) // 2 ** lev) + 1) for s, b in zip(shape, box))
+            shape = tuple(min(s, -(-int(b) // 2**lev) + 1) for s, b in zip(shape, box))
         ok = (max_px is None or max(shape) <= max_px) and (max_voxels is None or int(np.prod(shape)) <= max_voxels)
         if ok or max(shape) <= 1:
             return lev
@@ -234,12 +263,23 @@ def at_level(vol: xr.DataArray, level: int) -> xr.DataArray:
     g = _grid(vol, level)
     if info is None and g.level == 0:
         return vol
-    attrs = {k: v for k, v in vol.attrs.items() if k not in ("affine", "units", "kind", "coords", "source",
-                                                             "provenance", "store", "level")}
-    prov = list(vol.attrs.get("provenance", [])) + [provenance_record("view.at_level",
-                                                                      {"level": int(level), "read": g.source})]
-    return make_volume(g.data, g.affine, kind=vol.attrs.get("kind", "image"), name=vol.name,
-                       source=vol.attrs.get("source", ""), provenance=prov, attrs=attrs)
+    attrs = {
+        k: v
+        for k, v in vol.attrs.items()
+        if k not in ("affine", "units", "kind", "coords", "source", "provenance", "store", "level")
+    }
+    prov = list(vol.attrs.get("provenance", [])) + [
+        provenance_record("view.at_level", {"level": int(level), "read": g.source})
+    ]
+    return make_volume(
+        g.data,
+        g.affine,
+        kind=vol.attrs.get("kind", "image"),
+        name=vol.name,
+        source=vol.attrs.get("source", ""),
+        provenance=prov,
+        attrs=attrs,
+    )
 
 
 def crop_mm(vol: xr.DataArray, point_mm: Sequence[float], radius_mm: float) -> xr.DataArray:
@@ -270,19 +310,33 @@ def crop_mm(vol: xr.DataArray, point_mm: Sequence[float], radius_mm: float) -> x
     lo = np.clip(np.ceil(u - h - 1e-9).astype(int), 0, shape)
     hi = np.clip(np.floor(u + h + 1e-9).astype(int) + 1, 0, shape)
     if np.any(hi <= lo):
-        raise HelmError(f"the box of +-{radius_mm} mm around {np.round(point, 3).tolist()} holds no voxel of the "
-                        "volume", hint="choose a point inside the field of view or a larger radius")
+        raise HelmError(
+            f"the box of +-{radius_mm} mm around {np.round(point, 3).tolist()} holds no voxel of the volume",
+            hint="choose a point inside the field of view or a larger radius",
+        )
     data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
     shift = np.eye(4)
     shift[:3, 3] = lo
-    attrs = {k: v for k, v in vol.attrs.items() if k not in ("affine", "units", "kind", "coords", "source",
-                                                             "provenance", "store", "level")}
-    prov = list(vol.attrs.get("provenance", [])) + [provenance_record(
-        "view.crop_mm", {"point_mm": point.tolist(), "radius_mm": float(radius_mm), "start": lo.tolist(),
-                         "stop": hi.tolist()})]
-    return make_volume(data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))], aff @ shift,
-                       kind=vol.attrs.get("kind", "image"), name=vol.name, source=vol.attrs.get("source", ""),
-                       provenance=prov, attrs=attrs)
+    attrs = {
+        k: v
+        for k, v in vol.attrs.items()
+        if k not in ("affine", "units", "kind", "coords", "source", "provenance", "store", "level")
+    }
+    prov = list(vol.attrs.get("provenance", [])) + [
+        provenance_record(
+            "view.crop_mm",
+            {"point_mm": point.tolist(), "radius_mm": float(radius_mm), "start": lo.tolist(), "stop": hi.tolist()},
+        )
+    ]
+    return make_volume(
+        data[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))],
+        aff @ shift,
+        kind=vol.attrs.get("kind", "image"),
+        name=vol.name,
+        source=vol.attrs.get("source", ""),
+        provenance=prov,
+        attrs=attrs,
+    )
 
 
 def _block_moments(block: np.ndarray, offset: tuple[int, int, int], codes: np.ndarray | None) -> np.ndarray:
@@ -314,9 +368,12 @@ def label_centroid_mm(vol: xr.DataArray, codes: Iterable[int] | None = None) -> 
     arr = None if codes is None else np.asarray(sorted({int(c) for c in codes}))
     starts = [np.cumsum((0,) + c[:-1]) for c in data.chunks]
     blocks = data.to_delayed()
-    parts = [dask.delayed(_block_moments)(blocks[i, j, k], (int(starts[0][i]), int(starts[1][j]), int(starts[2][k])),
-                                          arr)
-             for i in range(blocks.shape[0]) for j in range(blocks.shape[1]) for k in range(blocks.shape[2])]
+    parts = [
+        dask.delayed(_block_moments)(blocks[i, j, k], (int(starts[0][i]), int(starts[1][j]), int(starts[2][k])), arr)
+        for i in range(blocks.shape[0])
+        for j in range(blocks.shape[1])
+        for k in range(blocks.shape[2])
+    ]
     total = np.sum(dask.compute(*parts), axis=0)
     if total[0] == 0:
         return None
@@ -380,13 +437,16 @@ def _index_map(ref_affine: np.ndarray, affine: np.ndarray, what: str) -> tuple[n
     diag = np.diag(m)[:3]
     off = m[:3, :3] - np.diag(diag)
     if np.abs(off).max() > 1e-6 * max(1.0, np.abs(diag).max()) or np.any(diag <= 0):
-        raise HelmError(f"the {what} is not on a grid parallel to the volume's (its voxel axes point elsewhere)",
-                        hint="bring it onto the volume's grid first, e.g. helm_dask.resample.resample_to_grid")
+        raise HelmError(
+            f"the {what} is not on a grid parallel to the volume's (its voxel axes point elsewhere)",
+            hint="bring it onto the volume's grid first, e.g. helm_dask.resample.resample_to_grid",
+        )
     return diag.copy(), m[:3, 3].copy()
 
 
-def _slices(vol: xr.DataArray, *, point_mm, level, max_px, radius_mm, ref_affine, compute: bool,
-            what: str = "volume") -> OrthoSlices:
+def _slices(
+    vol: xr.DataArray, *, point_mm, level, max_px, radius_mm, ref_affine, compute: bool, what: str = "volume"
+) -> OrthoSlices:
     vol = _check_volume(vol, what)
     _, shape0, aff0 = _full_res(vol)
     if point_mm is None:
@@ -407,11 +467,13 @@ def _slices(vol: xr.DataArray, *, point_mm, level, max_px, radius_mm, ref_affine
     shape = tuple(int(s) for s in g.data.shape)
     scale, offset, kind = _frame(ref_affine)
     alpha, beta = _index_map(ref_affine, g.affine, what)
-    u = np.linalg.solve(g.affine[:3, :3], point - g.affine[:3, 3])   # continuous voxel index at this level
+    u = np.linalg.solve(g.affine[:3, :3], point - g.affine[:3, 3])  # continuous voxel index at this level
     if np.any(u < -0.5 - 1e-6) or np.any(u > np.asarray(shape) - 0.5 + 1e-6):
-        raise HelmError(f"point_mm {np.round(point, 3).tolist()} is outside the {what} (voxel index "
-                        f"{np.round(u, 2).tolist()} at level {g.level}, shape {list(shape)})",
-                        hint="choose a point inside the field of view (default: its centre)")
+        raise HelmError(
+            f"point_mm {np.round(point, 3).tolist()} is outside the {what} (voxel index "
+            f"{np.round(u, 2).tolist()} at level {g.level}, shape {list(shape)})",
+            hint="choose a point inside the field of view (default: its centre)",
+        )
     idx = np.clip(np.floor(u + 0.5).astype(int), 0, np.asarray(shape) - 1)
     lo, hi = np.zeros(3, int), np.asarray(shape)
     if radius_mm is not None:
@@ -432,17 +494,43 @@ def _slices(vol: xr.DataArray, *, point_mm, level, max_px, radius_mm, ref_affine
     planes = {}
     for (fixed, arr), d in zip(zip(DIMS, arrays), range(3)):
         a, b = [DIMS.index(n) for n in IN_PLANE[fixed]]
-        ext = (float(mm(a, lo[a] - 0.5)), float(mm(a, hi[a] - 0.5)), float(mm(b, lo[b] - 0.5)),
-               float(mm(b, hi[b] - 0.5)))
-        planes[fixed] = Plane(fixed, IN_PLANE[fixed], arr, ext, int(idx[d]), float(mm(d, idx[d])),
-                              (mm(a, np.arange(lo[a], hi[a])), mm(b, np.arange(lo[b], hi[b]))))
-    return OrthoSlices(planes, g.level, g.source, g.affine.copy(), shape, tuple(int(i) for i in idx), point,
-                       kind, orientation_code(g.affine))
+        ext = (
+            float(mm(a, lo[a] - 0.5)),
+            float(mm(a, hi[a] - 0.5)),
+            float(mm(b, lo[b] - 0.5)),
+            float(mm(b, hi[b] - 0.5)),
+        )
+        planes[fixed] = Plane(
+            fixed,
+            IN_PLANE[fixed],
+            arr,
+            ext,
+            int(idx[d]),
+            float(mm(d, idx[d])),
+            (mm(a, np.arange(lo[a], hi[a])), mm(b, np.arange(lo[b], hi[b]))),
+        )
+    return OrthoSlices(
+        planes,
+        g.level,
+        g.source,
+        g.affine.copy(),
+        shape,
+        tuple(int(i) for i in idx),
+        point,
+        kind,
+        orientation_code(g.affine),
+    )
 
 
-def orthogonal_slices(vol: xr.DataArray, *, point_mm: Sequence[float] | None = None, level: int | None = None,
-                      max_px: int = DEFAULT_MAX_PX, radius_mm: float | None = None,
-                      compute: bool = True) -> OrthoSlices:
+def orthogonal_slices(
+    vol: xr.DataArray,
+    *,
+    point_mm: Sequence[float] | None = None,
+    level: int | None = None,
+    max_px: int = DEFAULT_MAX_PX,
+    radius_mm: float | None = None,
+    compute: bool = True,
+) -> OrthoSlices:
     """Three orthogonal planes of a volume through a world point, at a pyramid level, with mm extents.
 
     Bounded: only the three planes are read (at ``level``), never the volume. Computed eagerly (three small
@@ -480,8 +568,15 @@ def orthogonal_slices(vol: xr.DataArray, *, point_mm: Sequence[float] | None = N
     >>> s.level, s["z"].data.shape, s["z"].extent_mm
     (1, (256, 32), (-1.0, 511.0, -1.0, 63.0))
     """
-    return _slices(vol, point_mm=point_mm, level=level, max_px=max_px, radius_mm=radius_mm,
-                   ref_affine=affine_of(_check_volume(vol)), compute=compute)
+    return _slices(
+        vol,
+        point_mm=point_mm,
+        level=level,
+        max_px=max_px,
+        radius_mm=radius_mm,
+        ref_affine=affine_of(_check_volume(vol)),
+        compute=compute,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -504,8 +599,9 @@ def _as_table(table: Any):
     return load_label_table(os.fspath(table) if isinstance(table, os.PathLike) else table)
 
 
-def label_colormap(codes: Any = None, *, table: Any = "freesurfer", background_alpha: float = 0.0,
-                   n_clusters: int | None = None):
+def label_colormap(
+    codes: Any = None, *, table: Any = "freesurfer", background_alpha: float = 0.0, n_clusters: int | None = None
+):
     """A matplotlib colormap and norm that give each label code its colour from a label table (LUT).
 
     Parameters
@@ -550,8 +646,7 @@ def label_colormap(codes: Any = None, *, table: Any = "freesurfer", background_a
         raise HelmError("label codes must be integers", hint="pass the codes present in a label map") from None
     if not codes:
         codes = [0]
-    clusters = [c for c in codes if 1 <= c <= 99 and c not in table.entries and table.out_code(c) not in
-                table.entries]
+    clusters = [c for c in codes if 1 <= c <= 99 and c not in table.entries and table.out_code(c) not in table.entries]
     n = int(n_clusters) if n_clusters is not None else max(clusters, default=2)
     colours = []
     for c in codes:
@@ -588,7 +683,7 @@ def _plane_line(ax, plane: Plane, fixed_d: int, ref_affine: np.ndarray, point, n
     c = float(n @ np.asarray(point, dtype=np.float64))
     scale, offset, _ = _frame(ref_affine)
     a3, t = ref_affine[:3, :3], ref_affine[:3, 3]
-    h = (a3.T @ n) / scale             # n . p = sum_d h_d (mm_d - offset_d) + n . t
+    h = (a3.T @ n) / scale  # n . p = sum_d h_d (mm_d - offset_d) + n . t
     r = c - n @ t + float(h @ offset)  # -> sum_d h_d mm_d = r
     ia, ib = [DIMS.index(d) for d in plane.axes]
     r = r - h[fixed_d] * plane.position_mm
@@ -617,15 +712,31 @@ def _robust_limits(arrays) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, contour: Any = None,
-                    point_mm: Sequence[float] | None = None, level: int | None = None,
-                    max_px: int = DEFAULT_MAX_PX, radius_mm: float | None = None, ax: Any = None,
-                    lut: Any = "freesurfer", title: str | None = None, planes: Any = None,
-                    cmap: str = "gray", vmin: float | None = None, vmax: float | None = None,
-                    overlay_alpha: float = 0.5, overlay_cmap: str = "magma", contour_colors: Any = None,
-                    contour_labels: Sequence[str] | None = None, plane_colors: Any = None,
-                    plane_labels: Sequence[str] | None = None,
-                    crosshair: bool = True, colorbar: bool = True):
+def plot_orthogonal(
+    vol: xr.DataArray,
+    *,
+    overlay: xr.DataArray | None = None,
+    contour: Any = None,
+    point_mm: Sequence[float] | None = None,
+    level: int | None = None,
+    max_px: int = DEFAULT_MAX_PX,
+    radius_mm: float | None = None,
+    ax: Any = None,
+    lut: Any = "freesurfer",
+    title: str | None = None,
+    planes: Any = None,
+    cmap: str = "gray",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    overlay_alpha: float = 0.5,
+    overlay_cmap: str = "magma",
+    contour_colors: Any = None,
+    contour_labels: Sequence[str] | None = None,
+    plane_colors: Any = None,
+    plane_labels: Sequence[str] | None = None,
+    crosshair: bool = True,
+    colorbar: bool = True,
+):
     """Three orthogonal slices of a volume with optional label/image overlay, mask outlines and world planes.
 
     Bounded like :func:`orthogonal_slices` (three planes per layer are read, at the level chosen for ``vol``;
@@ -675,8 +786,16 @@ def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, c
         _, _, aff0 = _full_res(v)
         ratio = float(np.median(spacing_of(base.affine) / spacing_of(aff0)))
         lev = max(0, int(round(math.log2(ratio)))) if ratio > 0 else 0
-        return _slices(v, point_mm=base.point_mm, level=lev, max_px=max_px, radius_mm=radius_mm,
-                       ref_affine=ref, compute=True, what=what)
+        return _slices(
+            v,
+            point_mm=base.point_mm,
+            level=lev,
+            max_px=max_px,
+            radius_mm=radius_mm,
+            ref_affine=ref,
+            compute=True,
+            what=what,
+        )
 
     ov = cut(overlay, "overlay") if overlay is not None else None
     contours = [cut(c, "contour") for c in _as_list(contour)]
@@ -689,8 +808,12 @@ def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, c
         base_kw = {"cmap": bcmap, "norm": bnorm, "interpolation": "nearest"}
     else:
         lo, hi = _robust_limits(p.data for p in base.planes.values())
-        base_kw = {"cmap": cmap, "vmin": lo if vmin is None else vmin, "vmax": hi if vmax is None else vmax,
-                   "interpolation": "nearest"}
+        base_kw = {
+            "cmap": cmap,
+            "vmin": lo if vmin is None else vmin,
+            "vmax": hi if vmax is None else vmax,
+            "interpolation": "nearest",
+        }
     ov_kw, ov_img = {}, None
     if ov is not None:
         if overlay.attrs.get("kind", "image") in ("labels", "mask"):
@@ -699,8 +822,7 @@ def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, c
             ov_kw = {"cmap": ocmap, "norm": onorm, "interpolation": "nearest", "alpha": overlay_alpha}
         else:
             lo, hi = _robust_limits(p.data for p in ov.planes.values())
-            ov_kw = {"cmap": overlay_cmap, "vmin": lo, "vmax": hi, "interpolation": "nearest",
-                     "alpha": overlay_alpha}
+            ov_kw = {"cmap": overlay_cmap, "vmin": lo, "vmax": hi, "interpolation": "nearest", "alpha": overlay_alpha}
 
     letters = base.axis_codes
     unit = "mm" if base.coords == "world" else "mm along axis"
@@ -736,8 +858,9 @@ def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, c
     if ov_img is not None and ov_kw.get("cmap") == overlay_cmap and colorbar:
         fig.colorbar(ov_img, ax=axes, shrink=0.8, label=str(overlay.name or "overlay"))
     handles = [Line2D([], [], color=col, label=lab) for lab, col in zip(_as_list(contour_labels), ccolors)]
-    handles += [Line2D([], [], color=col, linestyle="--", label=lab)
-                for lab, col in zip(_as_list(plane_labels), pcolors)]
+    handles += [
+        Line2D([], [], color=col, linestyle="--", label=lab) for lab, col in zip(_as_list(plane_labels), pcolors)
+    ]
     if handles:
         axes[-1].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.6)
     sp = spacing_of(base.affine)
@@ -754,7 +877,7 @@ def plot_orthogonal(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, c
 # Histogram
 
 
-_HIST_PIECE = 1 << 20   # voxels per piece inside a chunk: bounds the int64 bin-index temporaries (8 MB)
+_HIST_PIECE = 1 << 20  # voxels per piece inside a chunk: bounds the int64 bin-index temporaries (8 MB)
 
 
 def _block_histogram(x: np.ndarray, m: np.ndarray | None = None, *, edges: np.ndarray) -> np.ndarray:
@@ -764,19 +887,25 @@ def _block_histogram(x: np.ndarray, m: np.ndarray | None = None, *, edges: np.nd
     flat = x.reshape(-1)
     keep = None if m is None else m.reshape(-1)
     for start in range(0, flat.size, _HIST_PIECE):
-        v = flat[start:start + _HIST_PIECE]
+        v = flat[start : start + _HIST_PIECE]
         if keep is not None:
-            v = v[keep[start:start + _HIST_PIECE]]
+            v = v[keep[start : start + _HIST_PIECE]]
         idx = np.searchsorted(edges, v, side="right") - 1
-        idx[v == edges[-1]] = nb - 1                    # the last bin is closed on the right
-        idx = idx[(idx >= 0) & (idx < nb)]              # below, above or NaN: not counted
+        idx[v == edges[-1]] = nb - 1  # the last bin is closed on the right
+        idx = idx[(idx >= 0) & (idx < nb)]  # below, above or NaN: not counted
         out += np.bincount(idx, minlength=nb)
     return out.reshape(1, 1, 1, nb)
 
 
-def histogram(vol: xr.DataArray, mask: xr.DataArray | None = None, *, bins: Any = 256,
-              range: tuple[float, float] | None = None, level: int | None = None,
-              max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+def histogram(
+    vol: xr.DataArray,
+    mask: xr.DataArray | None = None,
+    *,
+    bins: Any = 256,
+    range: tuple[float, float] | None = None,
+    level: int | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> tuple[np.ndarray, np.ndarray]:
     """Intensity histogram of a volume (inside ``mask`` if given), computed by dask at a coarse level.
 
     Parameters
@@ -818,8 +947,11 @@ def histogram(vol: xr.DataArray, mask: xr.DataArray | None = None, *, bins: Any 
         if m.shape != x.shape:
             diff = np.abs(np.subtract(m.shape, x.shape))
             if diff.max() > 1:
-                raise HelmError(f"the mask (shape {list(m.shape)} at level {level}) is not on the volume's grid "
-                                f"(shape {list(x.shape)})", hint="pass a mask made on the same grid as the volume")
+                raise HelmError(
+                    f"the mask (shape {list(m.shape)} at level {level}) is not on the volume's grid "
+                    f"(shape {list(x.shape)})",
+                    hint="pass a mask made on the same grid as the volume",
+                )
             # A store level is floor(n / 2), a stride ceil(n / 2): the same grid, one voxel apart at the far end.
             common = tuple(min(a, b) for a, b in zip(m.shape, x.shape))
             x, m = x[tuple(slice(0, c) for c in common)], m[tuple(slice(0, c) for c in common)]
@@ -833,8 +965,9 @@ def histogram(vol: xr.DataArray, mask: xr.DataArray | None = None, *, bins: Any 
                 xf = da.where(m, xf, np.nan)
             lo, hi, n = dask.compute(da.nanmin(xf), da.nanmax(xf), m.sum() if m is not None else da.asarray(1))
             if int(n) == 0:
-                raise HelmError("the mask is empty: no voxel to make a histogram of",
-                                hint="check the mask (or pass mask=None)")
+                raise HelmError(
+                    "the mask is empty: no voxel to make a histogram of", hint="check the mask (or pass mask=None)"
+                )
             lo, hi = float(lo), float(hi)
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise HelmError("the volume holds no finite value at this level; pass range=(lo, hi)")
@@ -848,8 +981,14 @@ def histogram(vol: xr.DataArray, mask: xr.DataArray | None = None, *, bins: Any 
     args = (x,) if m is None else (x, m)
     # One integer histogram per chunk (exact, so the sum does not depend on the chunking or the order), then a
     # tree sum of those small arrays.
-    per_chunk = da.map_blocks(_block_histogram, *args, edges=edges, new_axis=3, dtype=np.int64,
-                              chunks=tuple((1,) * len(c) for c in x.chunks) + ((nb,),))
+    per_chunk = da.map_blocks(
+        _block_histogram,
+        *args,
+        edges=edges,
+        new_axis=3,
+        dtype=np.int64,
+        chunks=tuple((1,) * len(c) for c in x.chunks) + ((nb,),),
+    )
     counts = per_chunk.sum(axis=(0, 1, 2), dtype=np.int64).compute()
     return np.asarray(counts, dtype=np.int64), edges
 
@@ -858,8 +997,15 @@ def histogram(vol: xr.DataArray, mask: xr.DataArray | None = None, *, bins: Any 
 # Interactive browsing
 
 
-def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, contour: Any = None,
-                  level: int | None = None, max_px: int = DEFAULT_MAX_PX, lut: Any = "freesurfer"):
+def slice_browser(
+    vol: xr.DataArray,
+    *,
+    overlay: xr.DataArray | None = None,
+    contour: Any = None,
+    level: int | None = None,
+    max_px: int = DEFAULT_MAX_PX,
+    lut: Any = "freesurfer",
+):
     """An interactive slice browser (ipywidgets): pick a plane and move through it; one plane is read per move.
 
     Returns an ``ipywidgets.VBox`` (display it in Jupyter: a plane menu, an index slider and the picture) or,
@@ -871,8 +1017,9 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
     try:
         import ipywidgets as widgets
     except ImportError:
-        return ("slice_browser needs ipywidgets (pip install ipywidgets); use plot_orthogonal(vol, point_mm=...) "
-                "meanwhile")
+        return (
+            "slice_browser needs ipywidgets (pip install ipywidgets); use plot_orthogonal(vol, point_mm=...) meanwhile"
+        )
     import io
 
     from matplotlib.figure import Figure
@@ -881,10 +1028,12 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
     first = orthogonal_slices(vol, level=level, max_px=max_px, compute=False)
     lev, shape, aff = first.level, first.shape, first.affine
     letters = first.axis_codes
-    dim_w = widgets.Dropdown(options=[(f"{d} (-> {letters[i]})", d) for i, d in enumerate(DIMS)], value="z",
-                             description="plane")
-    idx_w = widgets.IntSlider(value=shape[2] // 2, min=0, max=shape[2] - 1, description="index",
-                              continuous_update=False)
+    dim_w = widgets.Dropdown(
+        options=[(f"{d} (-> {letters[i]})", d) for i, d in enumerate(DIMS)], value="z", description="plane"
+    )
+    idx_w = widgets.IntSlider(
+        value=shape[2] // 2, min=0, max=shape[2] - 1, description="index", continuous_update=False
+    )
     image = widgets.Image(format="png")
     box = widgets.VBox([widgets.HBox([dim_w, idx_w]), image])
 
@@ -896,26 +1045,36 @@ def slice_browser(vol: xr.DataArray, *, overlay: xr.DataArray | None = None, con
         fig = Figure(figsize=(6.5, 5), layout="constrained")
         ax = fig.subplots(1, 1)
         # One plane per move: the three planes are built lazily and only the wanted one is computed.
-        p = _slices(vol, point_mm=point, level=lev, max_px=max_px, radius_mm=None, ref_affine=affine_of(vol),
-                    compute=False)[plane]
+        p = _slices(
+            vol, point_mm=point, level=lev, max_px=max_px, radius_mm=None, ref_affine=affine_of(vol), compute=False
+        )[plane]
         p.data = np.asarray(p.data.compute())
         if vol.attrs.get("kind") == "labels":
             cm, nm = label_colormap(np.unique(p.data), table=lut, background_alpha=1.0)
             ax.imshow(p.data.T, origin="lower", extent=p.extent_mm, cmap=cm, norm=nm, interpolation="nearest")
         else:
             lo, hi = _robust_limits([p.data])
-            ax.imshow(p.data.T, origin="lower", extent=p.extent_mm, cmap="gray", vmin=lo, vmax=hi,
-                      interpolation="nearest")
+            ax.imshow(
+                p.data.T, origin="lower", extent=p.extent_mm, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest"
+            )
         for layer, color in ((overlay, None), *[(c, "#00e5ff") for c in _as_list(contour)]):
             if layer is None:
                 continue
-            q = _slices(layer, point_mm=point, level=lev, max_px=max_px, radius_mm=None,
-                        ref_affine=affine_of(vol), compute=False)[plane]
+            q = _slices(
+                layer,
+                point_mm=point,
+                level=lev,
+                max_px=max_px,
+                radius_mm=None,
+                ref_affine=affine_of(vol),
+                compute=False,
+            )[plane]
             qd = np.asarray(q.data.compute())
             if color is None:
                 cm, nm = label_colormap(np.unique(qd), table=lut)
-                ax.imshow(qd.T, origin="lower", extent=q.extent_mm, cmap=cm, norm=nm, alpha=0.5,
-                          interpolation="nearest")
+                ax.imshow(
+                    qd.T, origin="lower", extent=q.extent_mm, cmap=cm, norm=nm, alpha=0.5, interpolation="nearest"
+                )
             elif qd.shape[0] >= 2 and qd.shape[1] >= 2 and 0 < (qd > 0).sum() < qd.size:
                 ax.contour(*q.coords_mm, (qd > 0).T.astype(np.float32), levels=[0.5], colors=[color])
         ax.set_title(f"{plane} = {p.position_mm:.1f} mm (index {index} at level {lev})")

@@ -25,7 +25,8 @@ Example
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -70,9 +71,16 @@ def voxel_coords(affine: Any, shape: tuple[int, ...]) -> tuple[dict[str, np.ndar
     return {d: sp[i] * np.arange(shape[i]) for i, d in enumerate(DIMS)}, "voxel_mm"
 
 
-def make_volume(data: Any, affine: Any, *, kind: str = "image", name: str | None = None,
-                source: str | None = None, provenance: list | None = None,
-                attrs: Mapping[str, Any] | None = None) -> xr.DataArray:
+def make_volume(
+    data: Any,
+    affine: Any,
+    *,
+    kind: str = "image",
+    name: str | None = None,
+    source: str | None = None,
+    provenance: list | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> xr.DataArray:
     """Wrap a 3-D (or 4-D, echo last) NumPy/Dask array and its affine into a volume DataArray."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -82,10 +90,14 @@ def make_volume(data: Any, affine: Any, *, kind: str = "image", name: str | None
     dims = DIMS if data.ndim == 3 else DIMS + ("echo",)
     coords, coord_kind = voxel_coords(a, data.shape)
     all_attrs = dict(attrs or {})
-    all_attrs.update(affine=a.copy(), units="mm", kind=kind, coords=coord_kind,
-                     source=source if source is not None else all_attrs.get("source", ""),
-                     provenance=copy.deepcopy(list(provenance if provenance is not None
-                                                   else all_attrs.get("provenance", []))))
+    all_attrs.update(
+        affine=a.copy(),
+        units="mm",
+        kind=kind,
+        coords=coord_kind,
+        source=source if source is not None else all_attrs.get("source", ""),
+        provenance=copy.deepcopy(list(provenance if provenance is not None else all_attrs.get("provenance", []))),
+    )
     return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=all_attrs)
 
 
@@ -97,8 +109,15 @@ def affine_of(vol: xr.DataArray) -> np.ndarray:
         raise ValueError("this DataArray has no attrs['affine']; build it with helm_dask.make_volume") from None
 
 
-def like(vol: xr.DataArray, data: Any, *, affine: Any = None, kind: str | None = None, name: str | None = None,
-         step: Mapping[str, Any] | None = None) -> xr.DataArray:
+def like(
+    vol: xr.DataArray,
+    data: Any,
+    *,
+    affine: Any = None,
+    kind: str | None = None,
+    name: str | None = None,
+    step: Mapping[str, Any] | None = None,
+) -> xr.DataArray:
     """A new volume derived from ``vol``: same attrs, new data and (optionally) a new affine or kind.
 
     ``step`` (a provenance record, see :func:`provenance_record`) is appended to the provenance list.
@@ -106,20 +125,27 @@ def like(vol: xr.DataArray, data: Any, *, affine: Any = None, kind: str | None =
     prov = copy.deepcopy(list(vol.attrs.get("provenance", [])))
     if step is not None:
         prov.append(dict(step))
-    extra = {k: v for k, v in vol.attrs.items()
-             if k not in ("affine", "units", "kind", "coords", "source", "provenance")}
-    return make_volume(data, affine_of(vol) if affine is None else affine,
-                       kind=kind or vol.attrs.get("kind", "image"), name=name or vol.name,
-                       source=vol.attrs.get("source", ""), provenance=prov, attrs=extra)
+    extra = {
+        k: v for k, v in vol.attrs.items() if k not in ("affine", "units", "kind", "coords", "source", "provenance")
+    }
+    return make_volume(
+        data,
+        affine_of(vol) if affine is None else affine,
+        kind=kind or vol.attrs.get("kind", "image"),
+        name=name or vol.name,
+        source=vol.attrs.get("source", ""),
+        provenance=prov,
+        attrs=extra,
+    )
 
 
-def provenance_record(stage: str, params: Mapping[str, Any] | None = None,
-                      inputs: Mapping[str, str] | None = None) -> dict:
+def provenance_record(
+    stage: str, params: Mapping[str, Any] | None = None, inputs: Mapping[str, str] | None = None
+) -> dict:
     """One provenance entry: stage name, JSON-able parameters, package version, input checksums."""
     from . import __version__
 
-    return {"stage": stage, "params": dict(params or {}), "version": __version__,
-            "inputs": dict(inputs or {})}
+    return {"stage": stage, "params": dict(params or {}), "version": __version__, "inputs": dict(inputs or {})}
 
 
 def world_to_voxel(affine: Any, points_mm: np.ndarray) -> np.ndarray:

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from helm_dask.background import (apply_mask, block_mean, brain_mask, coarse_factors, fit_coarse_model, gmm1d,
-                                  refine_mask)
+from helm_dask.background import (
+    apply_mask,
+    block_mean,
+    brain_mask,
+    coarse_factors,
+    fit_coarse_model,
+    gmm1d,
+    refine_mask,
+)
 from helm_dask.errors import HelmError
 from helm_dask.volume import affine_of, make_volume
 
@@ -59,7 +66,15 @@ def synth_bagged_brain(shape=SHAPE, *, fluid=160.0, seed=0, noise=4.0, bias_amp=
     tissue[wm] = 3
     tissue[deep] = 4
     tissue[vent] = 1
-    return img, brain.astype(np.uint8), np.exp(logb).astype(np.float32), tissue, vent, bubbles, bag_in & ~brain & ~bubbles
+    return (
+        img,
+        brain.astype(np.uint8),
+        np.exp(logb).astype(np.float32),
+        tissue,
+        vent,
+        bubbles,
+        bag_in & ~brain & ~bubbles,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +110,7 @@ def _dice(a, b):
 # -------------------------------------------------------------------------------------------------------------
 # building blocks vs independent references
 # -------------------------------------------------------------------------------------------------------------
+
 
 def test_coarse_factors():
     assert coarse_factors([0.5, 0.5, 0.5], 1.0) == (2, 2, 2)
@@ -137,8 +153,15 @@ def test_gmm1d_matches_sklearn():
     rng = np.random.default_rng(0)
     x = np.r_[rng.normal(1.0, 0.3, 4000), rng.normal(3.0, 0.5, 3000), rng.normal(4.5, 0.2, 2000)]
     ours = gmm1d(x, n_components=3, tol=1e-12, max_iter=2000)
-    sk = GaussianMixture(3, covariance_type="full", tol=1e-10, max_iter=2000, random_state=0,
-                         means_init=np.array([[0.9], [3.1], [4.4]]), reg_covar=0.0).fit(x[:, None])
+    sk = GaussianMixture(
+        3,
+        covariance_type="full",
+        tol=1e-10,
+        max_iter=2000,
+        random_state=0,
+        means_init=np.array([[0.9], [3.1], [4.4]]),
+        reg_covar=0.0,
+    ).fit(x[:, None])
     o = np.argsort(sk.means_[:, 0])
     np.testing.assert_allclose(ours["means"], sk.means_[o, 0], atol=1e-4)
     np.testing.assert_allclose(ours["sds"], np.sqrt(sk.covariances_[o, 0, 0]), atol=1e-4)
@@ -173,8 +196,8 @@ def _reference_refinement(img, model, spacing, refine_sigma_mm=0.25):
     par = np.ix_(*[np.minimum(np.arange(n) // fi, nc - 1) for n, fi, nc in zip(img.shape, f, model.mask.shape)])
     fill = model.fill[par]
     brain = np.where(model.band[par], rule | fill, model.mask[par])
-    for _ in range(2):                                       # two passes of the three-neighbour test
-        p = np.pad(brain, 1)                                 # nothing beyond the volume
+    for _ in range(2):  # two passes of the three-neighbour test
+        p = np.pad(brain, 1)  # nothing beyond the volume
         nb = sum(np.roll(p, sh, axis=ax)[1:-1, 1:-1, 1:-1].astype(int) for ax in range(3) for sh in (-1, 1))
         brain = np.where(model.band[par], (rule & (nb >= 3)) | fill, model.mask[par])
     return brain.astype(np.uint8)
@@ -206,10 +229,9 @@ def test_refinement_of_a_stored_reoriented_image_matches_numpy_reference(bright,
     from helm_dask.orient import to_ras
 
     img = bright[0]
-    las = np.diag([-1.0, 1.0, 1.0, 1.0])                 # stored x runs right to left: to_ras flips it
+    las = np.diag([-1.0, 1.0, 1.0, 1.0])  # stored x runs right to left: to_ras flips it
     las[0, 3] = img.shape[0] - 1.0
-    store = save_volume(make_volume(da.from_array(img[::-1], chunks=chunks), las), tmp_path / "s.zarr",
-                        chunks=chunks)
+    store = save_volume(make_volume(da.from_array(img[::-1], chunks=chunks), las), tmp_path / "s.zarr", chunks=chunks)
     vol = to_ras(open_volume(store))
     assert regions.store_view_of(vol.data) is not None
     np.testing.assert_array_equal(vol.values, img)
@@ -232,7 +254,7 @@ def test_refinement_reads_only_chunks_near_the_boundary(bright):
     out = refine_mask(vol, model).compute()
     assert np.array_equal(out, refine_mask(_vol(img, 8), model).compute())
     n_blocks = int(np.prod(arr.numblocks))
-    assert 0 < len(set(read)) < 0.9 * n_blocks       # uniform chunks (deep inside / outside) are not read
+    assert 0 < len(set(read)) < 0.9 * n_blocks  # uniform chunks (deep inside / outside) are not read
 
 
 def test_mask_is_chunk_and_affine_independent(bright):
@@ -250,6 +272,7 @@ def test_mask_is_chunk_and_affine_independent(bright):
     assert np.array_equal(affine_of(obl), aff)
     # the threaded and the synchronous scheduler agree (worker count does not matter)
     import dask
+
     with dask.config.set(scheduler="synchronous"):
         assert np.array_equal(brain_mask(_vol(img, 16), coarse_spacing_mm=2.0).values, ref_np)
 
@@ -262,12 +285,12 @@ def test_mask_accuracy_on_synthetic_bagged_brain(which, bright, dark):
     assert m.attrs["kind"] == "mask" and mm.dtype == np.uint8 and set(np.unique(mm)) <= {0, 1}
     d = _dice(mm, truth)
     assert d >= 0.995, d
-    assert ndi.label(mm)[1] == 1                       # one connected brain
-    assert mm[vent].all()                              # internal ventricle filled
-    assert mm[bubbles].mean() < 0.02                   # bubbles removed
-    assert mm[fluid].mean() < 0.02                    # fluid removed
+    assert ndi.label(mm)[1] == 1  # one connected brain
+    assert mm[vent].all()  # internal ventricle filled
+    assert mm[bubbles].mean() < 0.02  # bubbles removed
+    assert mm[fluid].mean() < 0.02  # fluid removed
     info = m.attrs["background"]
-    json.dumps(info)                                   # JSON-able
+    json.dumps(info)  # JSON-able
     assert info["fluid_side"] == which
     assert info["coarse_factors"] == [2, 2, 2]
     assert info["coarse_component_voxels"] > 0
@@ -296,6 +319,7 @@ def test_apply_mask(bright):
 # -------------------------------------------------------------------------------------------------------------
 # bad inputs
 # -------------------------------------------------------------------------------------------------------------
+
 
 def test_empty_and_constant_images_raise():
     with pytest.raises(HelmError, match="all background"):
@@ -332,6 +356,7 @@ def test_four_d_input_raises():
 # acceptance on the built-in phantom (1 mm for speed; 0.5 mm is checked by hand, see the module docstring)
 # -------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spacing_mm", [1.0, 2.0])
 def test_phantom_brain_mask(spacing_mm):
     """Also on a coarse 2 mm input (the pipeline tests' size), where the bag lining is only one voxel deep."""
@@ -341,11 +366,11 @@ def test_phantom_brain_mask(spacing_mm):
     tissue = vols["truth_tissue"].values
     m = brain_mask(vols["scan"], coarse_spacing_mm=1.0)
     mm = m.values
-    assert np.array_equal(affine_of(m), affine_of(vols["scan"]))      # oblique, permuted acquisition affine
+    assert np.array_equal(affine_of(m), affine_of(vols["scan"]))  # oblique, permuted acquisition affine
     d = _dice(mm, truth)
     assert d >= 0.98, d
-    assert ndi.label(mm)[1] == 1                                        # one connected brain
-    assert mm[tissue == phantom.TISSUE_CSF].mean() > 0.99              # internal ventricle filled
+    assert ndi.label(mm)[1] == 1  # one connected brain
+    assert mm[tissue == phantom.TISSUE_CSF].mean() > 0.99  # internal ventricle filled
     assert m.attrs["background"]["fluid_side"] == "bright"
 
 
@@ -353,6 +378,7 @@ def test_phantom_brain_mask(spacing_mm):
 # real anatomy: the template phantom, every fixative contrast, the bag pressed on the brain or not; always
 # fluid="auto" (choosing the variant by hand would be per-case tuning)
 # -------------------------------------------------------------------------------------------------------------
+
 
 def _template_case(spacing_mm, fluid, gap):
     pm = pytest.importorskip("helm_dask.phantom_mni")
@@ -374,7 +400,7 @@ def _check_template_mask(spacing_mm, fluid, gap, max_detached=0):
     assert sizes.sum() - sizes.max() <= max_detached, (n, sorted(sizes)[-3:])
     info = m.attrs["background"]
     json.dumps(info)
-    assert info["fluid_side"] == fluid                            # what auto decided, and said
+    assert info["fluid_side"] == fluid  # what auto decided, and said
     assert info["fluid"] == "auto"
 
 
@@ -409,15 +435,15 @@ def test_fluid_hypothesis_that_leaves_no_brain_is_rejected(monkeypatch):
     real = bgmod._closing
 
     def no_gain(m, radius_mm, spacing_c):
-        return m.copy() if radius_mm == 4.0 else real(m, radius_mm, spacing_c)   # the smoothness cue's closing
+        return m.copy() if radius_mm == 4.0 else real(m, radius_mm, spacing_c)  # the smoothness cue's closing
 
     monkeypatch.setattr(bgmod, "_closing", no_gain)
     m = brain_mask(scan)
     info = m.attrs["background"]
-    assert info["lining"]["smooth"] and info["lining"]["is_fluid"]              # the cues said: fluid
+    assert info["lining"]["smooth"] and info["lining"]["is_fluid"]  # the cues said: fluid
     reason = info["rejected"]["reason"]
     assert info["rejected"]["fluid_with_signal"] and ("no brain" in reason or "signal voxels" in reason), reason
     assert info["fluid_side"] == "none"
     assert _dice(m.values > 0, truth) >= 0.95
-    with pytest.raises(HelmError, match="no brain found"):                      # forced: no second hypothesis
+    with pytest.raises(HelmError, match="no brain found"):  # forced: no second hypothesis
         brain_mask(scan, fluid="bright")

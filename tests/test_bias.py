@@ -92,6 +92,7 @@ def _random_model(shape=SHAPE, affine=None, seed=1):
 # basis and field evaluation
 # -------------------------------------------------------------------------------------------------------------
 
+
 def test_dct_basis_is_scipy_dct_ii():
     n = 17
     b = dct_basis(np.arange(n), n, n)
@@ -122,8 +123,8 @@ def test_bias_field_keep_bits_rounds_and_compresses():
     exact = bias_field(model, like_vol).values
     kept = bias_field(model, like_vol, keep_bits=13).values
     ref = _reference_field(model, SHAPE, aff)
-    np.testing.assert_allclose(kept, ref, rtol=2.0**-14 + 1e-6)      # round to nearest on 13 mantissa bits
-    assert np.all(kept.view(np.uint32) & np.uint32(0x3FF) == 0)       # the 10 dropped bits are zero
+    np.testing.assert_allclose(kept, ref, rtol=2.0**-14 + 1e-6)  # round to nearest on 13 mantissa bits
+    assert np.all(kept.view(np.uint32) & np.uint32(0x3FF) == 0)  # the 10 dropped bits are zero
     assert not np.array_equal(kept, exact)
     assert len(zlib.compress(kept.tobytes(), 1)) < 0.75 * len(zlib.compress(exact.tobytes(), 1))
 
@@ -164,6 +165,7 @@ def test_model_json_roundtrip():
 # estimation
 # -------------------------------------------------------------------------------------------------------------
 
+
 def _reference_estimate(img, mask, factors, K, n_classes, max_iter, tol=1e-6, regularization=1e-4):
     """The same EM with plain NumPy: block means by reshaping the whole array, an explicit design matrix."""
     nc = [-(-n // f) for n, f in zip(img.shape, factors)]
@@ -183,11 +185,18 @@ def _reference_estimate(img, mask, factors, K, n_classes, max_iter, tol=1e-6, re
     g = np.meshgrid(*centres, indexing="ij")
     u = np.stack([gi[valid] for gi in g], 1)
     ks = [(a, b, c) for a in range(K[0]) for b in range(K[1]) for c in range(K[2])]
-    Phi = np.stack([np.cos(np.pi * a * (u[:, 0] + .5) / img.shape[0]) * np.cos(np.pi * b * (u[:, 1] + .5) /
-                    img.shape[1]) * np.cos(np.pi * c * (u[:, 2] + .5) / img.shape[2]) for a, b, c in ks], 1)
+    Phi = np.stack(
+        [
+            np.cos(np.pi * a * (u[:, 0] + 0.5) / img.shape[0])
+            * np.cos(np.pi * b * (u[:, 1] + 0.5) / img.shape[1])
+            * np.cos(np.pi * c * (u[:, 2] + 0.5) / img.shape[2])
+            for a, b, c in ks
+        ],
+        1,
+    )
     pen = np.array([(a / K[0]) ** 2 + (b / K[1]) ** 2 + (c / K[2]) ** 2 for a, b, c in ks])
     lv, wv = np.log(y[valid]), cov[valid]
-    h, e = np.histogram(lv, bins=2048, weights=wv)       # the mixture starts from a fit to the histogram
+    h, e = np.histogram(lv, bins=2048, weights=wv)  # the mixture starts from a fit to the histogram
     gm = gmm1d(0.5 * (e[1:] + e[:-1]), h, n_classes, var_floor=(e[1] - e[0]) ** 2)
     pi, mu, var = np.array(gm["weights"]), np.array(gm["means"]), np.array(gm["sds"]) ** 2
     floor = 1e-6 * np.var(lv) + 1e-12
@@ -223,14 +232,26 @@ def _reference_estimate(img, mask, factors, K, n_classes, max_iter, tol=1e-6, re
 def test_estimate_matches_numpy_reference_and_is_chunk_independent(synth, chunks):
     img, mask, _, _ = synth
     aff = _oblique_affine()
-    model = estimate_bias(_vol(img, chunks, aff), _vol(mask, chunks, aff, "mask"), coarse_spacing_mm=2.0,
-                          basis_spacing_mm=30.0, max_iter=40, tol=1e-6)
+    model = estimate_bias(
+        _vol(img, chunks, aff),
+        _vol(mask, chunks, aff, "mask"),
+        coarse_spacing_mm=2.0,
+        basis_spacing_mm=30.0,
+        max_iter=40,
+        tol=1e-6,
+    )
     assert model.info["basis_functions"] == [4, 3, 3]
     ref = _reference_estimate(img, mask, (2, 2, 2), (4, 3, 3), 3, 40)
     np.testing.assert_allclose(model.coefficients, ref, atol=1e-6)
-    one = estimate_bias(_vol(img, SHAPE, aff), _vol(mask, SHAPE, aff, "mask"), coarse_spacing_mm=2.0,
-                        basis_spacing_mm=30.0, max_iter=40, tol=1e-6)
-    assert np.array_equal(model.coefficients, one.coefficients)        # bit-identical across chunkings
+    one = estimate_bias(
+        _vol(img, SHAPE, aff),
+        _vol(mask, SHAPE, aff, "mask"),
+        coarse_spacing_mm=2.0,
+        basis_spacing_mm=30.0,
+        max_iter=40,
+        tol=1e-6,
+    )
+    assert np.array_equal(model.coefficients, one.coefficients)  # bit-identical across chunkings
     json.dumps(model.to_dict())
 
 
@@ -242,7 +263,7 @@ def test_estimate_recovers_bias_and_flattens_white_matter(synth):
     inside = mask > 0
     r = np.corrcoef(np.log(fld[inside]), np.log(true_bias[inside]))[0, 1]
     assert r >= 0.95, r
-    assert abs(float(np.mean(np.log(fld[inside])))) < 0.02          # normalised: mean log-bias ~ 0
+    assert abs(float(np.mean(np.log(fld[inside])))) < 0.02  # normalised: mean log-bias ~ 0
     corrected = correct_bias(iv, model, mv).values
     wm = tissue == 3
     cv0 = img[wm].std() / img[wm].mean()
@@ -267,6 +288,7 @@ def test_bias_field_chunk_independent(synth):
 # bad inputs
 # -------------------------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs_raise(synth):
     img, mask, _, _ = synth
     iv = _vol(img, 16)
@@ -288,6 +310,7 @@ def test_bad_inputs_raise(synth):
 # -------------------------------------------------------------------------------------------------------------
 # acceptance on the built-in phantom (1 mm for speed; 0.5 mm is checked by hand)
 # -------------------------------------------------------------------------------------------------------------
+
 
 def test_phantom_bias():
     phantom = pytest.importorskip("helm_dask.phantom")

@@ -28,13 +28,19 @@ def bright():
 
     try:
         v = phantom_mni(SPACING_MM, fluid="bright", bag_gap_mm=5.0, seed=0)
-    except HelmError as e:              # the template ships in the nilearn wheel
+    except HelmError as e:  # the template ships in the nilearn wheel
         pytest.skip(f"template phantom unavailable: {e}")
-    scan, mask, tissue, bias = dask.compute(*[v[k].data for k in ("scan", "truth_mask", "truth_tissue",
-                                                                    "truth_bias")])
+    scan, mask, tissue, bias = dask.compute(*[v[k].data for k in ("scan", "truth_mask", "truth_tissue", "truth_bias")])
     masked = np.where(mask > 0, scan, np.float32(0)).astype(np.float32)
-    return {"scan": scan, "masked": masked, "mask": mask, "tissue": tissue, "bias": bias,
-            "affine": affine_of(v["scan"]), "chunks": v["scan"].data.chunks}
+    return {
+        "scan": scan,
+        "masked": masked,
+        "mask": mask,
+        "tissue": tissue,
+        "bias": bias,
+        "affine": affine_of(v["scan"]),
+        "chunks": v["scan"].data.chunks,
+    }
 
 
 def _n4_log_field(masked: np.ndarray, mask: np.ndarray, spacing: float) -> np.ndarray:
@@ -64,7 +70,7 @@ def test_bias_on_template_phantom_no_worse_than_n4(bright):
     p = bright
     image = make_volume(da.from_array(p["masked"], chunks=p["chunks"]), p["affine"])
     mask = make_volume(da.from_array(p["mask"], chunks=p["chunks"]), p["affine"], kind="mask")
-    model = estimate_bias(image, mask)                                   # as the pipeline calls it
+    model = estimate_bias(image, mask)  # as the pipeline calls it
     ours = np.log(bias_field(model, image).values.astype(np.float64))
     n4 = _n4_log_field(p["masked"], p["mask"], SPACING_MM)
     r_ours, r_n4 = _corr(ours, p), _corr(n4, p)
@@ -77,5 +83,4 @@ def test_bias_on_template_phantom_no_worse_than_n4(bright):
         before = p["scan"][sel].astype(np.float64)
         after = before / np.exp(ours[sel])
         floor = before / p["bias"][sel]
-        assert _cv(after) < _cv(before) and _cv(after) <= 1.15 * _cv(floor), (code, _cv(before), _cv(after),
-                                                                              _cv(floor))
+        assert _cv(after) < _cv(before) and _cv(after) <= 1.15 * _cv(floor), (code, _cv(before), _cv(after), _cv(floor))

@@ -28,16 +28,16 @@ def test_console_script_installed():
 
 
 def test_phantom_folder_and_store(tmp_path, capsys):
-    run_cli("phantom", tmp_path / "ph", "--spacing", 4, "--side", "R", "--seed", 3, "--scheduler", "threads",
-            "--quiet")
+    run_cli("phantom", tmp_path / "ph", "--spacing", 4, "--side", "R", "--seed", 3, "--scheduler", "threads", "--quiet")
     for name in ("scan", "hypothalamus", "truth_mask", "truth_tissue", "truth_bias"):
         assert (tmp_path / "ph" / f"{name}.nii.gz").exists()
     hyp = nib.load(tmp_path / "ph" / "hypothalamus.nii.gz")
     assert hyp.header.get_data_dtype() == np.uint16 and hyp.header.get_intent()[0] == "label"
     codes = set(np.unique(np.asanyarray(hyp.dataobj)).tolist())
     assert codes <= {0, 250, 806, 807, 808, 809, 810} and 808 in codes
-    run_cli("phantom", tmp_path / "ph.zarr", "--spacing", 4, "--side", "R", "--seed", 3, "--scheduler", "threads",
-            "--quiet")
+    run_cli(
+        "phantom", tmp_path / "ph.zarr", "--spacing", 4, "--side", "R", "--seed", 3, "--scheduler", "threads", "--quiet"
+    )
     scan = open_volume(tmp_path / "ph.zarr" / "scan")
     # The NIfTI and Zarr outputs hold the same phantom.
     np.testing.assert_array_equal(scan.values, nib.load(tmp_path / "ph" / "scan.nii.gz").get_fdata(dtype=np.float32))
@@ -53,8 +53,9 @@ def test_convert_and_info(tmp_path, capsys):
     data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
     aff = np.array([[0, 0, 0.2, 1], [-0.2, 0, 0, 2], [0, -0.2, 0, 3], [0, 0, 0, 1.0]])
     nib.save(nib.Nifti1Image(data, aff), tmp_path / "a.nii.gz")
-    run_cli("convert", tmp_path / "a.nii.gz", tmp_path / "a.zarr", "--chunks", "4,4,3", "--scheduler", "threads",
-            "--quiet")
+    run_cli(
+        "convert", tmp_path / "a.nii.gz", tmp_path / "a.zarr", "--chunks", "4,4,3", "--scheduler", "threads", "--quiet"
+    )
     capsys.readouterr()
     run_cli("info", tmp_path / "a.zarr", "--json")
     d = json.loads(capsys.readouterr().out)
@@ -95,8 +96,20 @@ def test_run_requires_hypothalamus(tmp_path, capsys):
 
 @pytest.mark.parametrize("k,msg", [("1-3", "between 2 and 20"), ("4-25", "between 2 and 20"), ("a", "integers")])
 def test_bad_k(tmp_path, capsys, k, msg):
-    code = main(["run", str(tmp_path / "s.nii.gz"), "--hypothalamus", str(tmp_path / "h.nii.gz"), "--out",
-                 str(tmp_path), "--k", k, "--scheduler", "threads"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "s.nii.gz"),
+            "--hypothalamus",
+            str(tmp_path / "h.nii.gz"),
+            "--out",
+            str(tmp_path),
+            "--k",
+            k,
+            "--scheduler",
+            "threads",
+        ]
+    )
     assert code == 2 and msg in capsys.readouterr().err
 
 
@@ -105,8 +118,19 @@ def test_convert_on_a_local_cluster(tmp_path, capsys):
     rng = np.random.default_rng(0)
     data = rng.normal(size=(20, 18, 40)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
-    run_cli("convert", tmp_path / "a.nii.gz", tmp_path / "a.zarr", "--chunks", 8, "--workers", 1,
-            "--threads-per-worker", 1, "--memory-limit", "1GB")
+    run_cli(
+        "convert",
+        tmp_path / "a.nii.gz",
+        tmp_path / "a.zarr",
+        "--chunks",
+        8,
+        "--workers",
+        1,
+        "--threads-per-worker",
+        1,
+        "--memory-limit",
+        "1GB",
+    )
     assert "dashboard" in capsys.readouterr().err
     run_cli("convert", tmp_path / "a.zarr", tmp_path / "b.nii.gz", "--workers", 1, "--quiet")
     assert np.asanyarray(nib.load(tmp_path / "b.nii.gz").dataobj).tobytes() == data.tobytes()
@@ -117,8 +141,18 @@ def test_run_mask_and_fluid_flags(tmp_path, capsys):
     assert "--mask FILE" in out.stdout and "--fluid {auto,bright,dark,none}" in out.stdout
     manifest = tmp_path / "m.yaml"
     manifest.write_text("subjects: []\n")
-    code = main(["run", str(manifest), "--mask", str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "o"),
-                 "--scheduler", "threads"])
+    code = main(
+        [
+            "run",
+            str(manifest),
+            "--mask",
+            str(tmp_path / "m.nii.gz"),
+            "--out",
+            str(tmp_path / "o"),
+            "--scheduler",
+            "threads",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
@@ -144,7 +178,7 @@ def test_fault_hook_and_memory_limit(monkeypatch):
     from helm_dask.io.store import final_path_of
 
     monkeypatch.setenv("HELM_DASK_FAULT", "ENOSPC@write:kmeans_*")
-    fault("write:scan_raw")                         # another point: nothing happens
+    fault("write:scan_raw")  # another point: nothing happens
     with pytest.raises(OSError) as ei:
         fault("write:kmeans_k4", "/o/s/helm.zarr/.kmeans_k4.tmp-0123abcdp12h89abcdef/0")
     assert ei.value.errno == errno.ENOSPC

@@ -24,10 +24,10 @@ from helm_dask.volume import affine_of, make_volume
 
 # name -> (radius mm, spacing mm, shape)
 CASES = {
-    "r4_iso": (1.2, (0.3, 0.3, 0.3), (36, 34, 32)),               # 4 voxels (4 * 0.3 is not exactly 1.2)
-    "r12_iso": (1.2, (0.1, 0.1, 0.1), (30, 29, 28)),              # 12 voxels
-    "aniso_03": (1.2, (0.3, 0.3, 0.45), (36, 32, 28)),            # 4 x 4 x 2 voxels
-    "aniso_01": (1.2, (0.1, 0.12, 0.15), (32, 30, 28)),           # 12 x 10 x 8 voxels
+    "r4_iso": (1.2, (0.3, 0.3, 0.3), (36, 34, 32)),  # 4 voxels (4 * 0.3 is not exactly 1.2)
+    "r12_iso": (1.2, (0.1, 0.1, 0.1), (30, 29, 28)),  # 12 voxels
+    "aniso_03": (1.2, (0.3, 0.3, 0.45), (36, 32, 28)),  # 4 x 4 x 2 voxels
+    "aniso_01": (1.2, (0.1, 0.12, 0.15), (32, 30, 28)),  # 12 x 10 x 8 voxels
 }
 # whole array; chunks larger than the depth on some axes; chunks smaller than the depth everywhere
 CHUNKINGS = ["whole", (13, 17, 16), (5, 7, 9)]
@@ -46,12 +46,12 @@ def make_mask(shape, half, seed=0):
     c = np.array(shape) // 2
     g = max(1, int(h[0]) // 2)
     a, b = slice(c[1] - 6, c[1] + 6), slice(c[2] - 6, c[2] + 6)
-    m[c[0] - g - 2:c[0] - g, a, b] = True          # plates 2g voxels apart: narrower than the ball
-    m[c[0] + g:c[0] + g + 2, a, b] = True
-    m[2:shape[0] - 2, 3, 3] = True                 # a one-voxel line with one-voxel gaps
-    m[6:shape[0] - 6:5, 3, 3] = False
-    m[0:4, shape[1] - 10:shape[1] - 2, shape[2] - 10:shape[2] - 2] = True     # block on the x = 0 face ...
-    m[0:2, shape[1] - 7:shape[1] - 5, shape[2] - 7:shape[2] - 5] = False      # ... with a notch open to it
+    m[c[0] - g - 2 : c[0] - g, a, b] = True  # plates 2g voxels apart: narrower than the ball
+    m[c[0] + g : c[0] + g + 2, a, b] = True
+    m[2 : shape[0] - 2, 3, 3] = True  # a one-voxel line with one-voxel gaps
+    m[6 : shape[0] - 6 : 5, 3, 3] = False
+    m[0:4, shape[1] - 10 : shape[1] - 2, shape[2] - 10 : shape[2] - 2] = True  # block on the x = 0 face ...
+    m[0:2, shape[1] - 7 : shape[1] - 5, shape[2] - 7 : shape[2] - 5] = False  # ... with a notch open to it
     m |= rng.random(shape) < 0.002
     return m
 
@@ -64,7 +64,7 @@ def scipy_closing(m, radius_mm, spacing):
     return c[tuple(slice(x, x + n) for x, n in zip(h, m.shape))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case_data(name):
     r, sp, shape = CASES[name]
     m = make_mask(shape, half_extent(r, sp), seed=len(name))
@@ -74,6 +74,7 @@ def case_data(name):
 # ----------------------------------------------------------------------------------------------------------
 # the structuring element
 # ----------------------------------------------------------------------------------------------------------
+
 
 def exact_ball(radius, spacing):
     """Independent definition with exact rational arithmetic: sum (d_i s_i)^2 <= r^2."""
@@ -103,8 +104,9 @@ def test_ball_sizes_and_depths():
     # lattice points of the radius-4 and radius-12 spheres (i^2 + j^2 + k^2 <= r^2)
     assert int(ball(1.2, 0.3).sum()) == 257 and int(ball(4.0, 1.0).sum()) == 257
     g = np.arange(-12, 13)
-    assert int(ball(1.2, 0.1).sum()) == int(((g[:, None, None] ** 2 + g[None, :, None] ** 2
-                                              + g[None, None, :] ** 2) <= 144).sum())
+    assert int(ball(1.2, 0.1).sum()) == int(
+        ((g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2) <= 144).sum()
+    )
     assert ball(0.0, 0.3).shape == (1, 1, 1) and ball(0.2, 0.3).sum() == 1
     # the sphere is symmetric (dilation by it needs no reflection)
     b = ball(1.2, (0.1, 0.12, 0.15))
@@ -114,6 +116,7 @@ def test_ball_sizes_and_depths():
 # ----------------------------------------------------------------------------------------------------------
 # binary closing against scipy
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunking", CHUNKINGS, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
@@ -137,8 +140,8 @@ def test_reference_is_sensitive_to_the_border_and_gaps():
     unpadded = ndi.binary_closing(m, structure=ball(r, sp))
     assert (m & ~unpadded).any() and not (m & ~ref).any()
     c = np.array(shape) // 2
-    assert not m[c[0], c[1], c[2]] and ref[c[0], c[1], c[2]]           # between the plates
-    assert not ref[0, shape[1] - 6, shape[2] - 6] and m[0, shape[1] - 3, shape[2] - 3]     # the notch
+    assert not m[c[0], c[1], c[2]] and ref[c[0], c[1], c[2]]  # between the plates
+    assert not ref[0, shape[1] - 6, shape[2] - 6] and m[0, shape[1] - 3, shape[2] - 3]  # the notch
     got = binary_closing_mm(da.from_array(m, chunks=(7, 8, 9)), r, spacing_mm=sp).compute()
     np.testing.assert_array_equal(got, ref)
 
@@ -152,7 +155,7 @@ def test_volume_api_uses_the_affine_spacing():
     r, sp, shape = CASES["aniso_03"]
     m, ref = case_data("aniso_03")
     aff = np.eye(4)
-    aff[:3, :3] = rotation(20) @ np.diag([-sp[0], sp[1], sp[2]])      # oblique, flipped: spacing from columns
+    aff[:3, :3] = rotation(20) @ np.diag([-sp[0], sp[1], sp[2]])  # oblique, flipped: spacing from columns
     aff[:3, 3] = [10.0, -4.0, 2.5]
     vol = make_volume(da.from_array(m.astype(np.uint8), chunks=(11, 9, 10)), aff, kind="mask")
     out = binary_closing_mm(vol, r)
@@ -186,8 +189,9 @@ def test_axis_shorter_than_the_depth():
     ref = scipy_closing(m, 1.2, 0.3)
     assert ref.sum() > m.sum()
     for ch in [(30, 26, 3), (6, 5, 1)]:
-        np.testing.assert_array_equal(binary_closing_mm(da.from_array(m, chunks=ch), 1.2, spacing_mm=0.3).compute(),
-                                      ref)
+        np.testing.assert_array_equal(
+            binary_closing_mm(da.from_array(m, chunks=ch), 1.2, spacing_mm=0.3).compute(), ref
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,8 +228,8 @@ def brute_force_close_labels(lab, radius_mm, spacing):
     lc = lab[m]
     codes = np.unique(lc)
     for start in range(0, len(added), 256):
-        a = added[start:start + 256]
-        q = sq(a[:, None, :] - lv[None, :, :], spacing)                      # added x labelled
+        a = added[start : start + 256]
+        q = sq(a[:, None, :] - lv[None, :, :], spacing)  # added x labelled
         per_code = np.stack([np.where(lc[None, :] == c, q, np.inf).min(axis=1) for c in codes])
         qmin = per_code.min(axis=0)
         choice = codes[np.argmax(per_code <= qmin * (1 + 1e-9), axis=0)]
@@ -233,7 +237,7 @@ def brute_force_close_labels(lab, radius_mm, spacing):
     return out, closed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def label_case(name):
     r, sp, shape = CASES[name]
     shape = tuple(min(n, 30) for n in shape)
@@ -249,16 +253,16 @@ def test_close_labels_nearest_code(name, chunking):
     lab, ref, closed = label_case(name)
     added = closed & (lab == 0)
     assert added.sum() >= 50
-    assert len(np.unique(ref[added])) >= 3             # several codes compete for the added voxels
+    assert len(np.unique(ref[added])) >= 3  # several codes compete for the added voxels
     aff = np.diag([*sp, 1.0])
     vol = make_volume(da.from_array(lab, chunks=chunks_of(chunking, lab.shape)), aff, kind="labels")
     out = close_labels(vol, r)
     assert out.dtype == np.uint16 and out.attrs["kind"] == "labels"
     assert out.data.chunks == vol.data.chunks
     got = out.values
-    np.testing.assert_array_equal(got[lab != 0], lab[lab != 0])         # manual voxels unchanged
-    np.testing.assert_array_equal(got != 0, closed)                      # support = the closing of the union
-    np.testing.assert_array_equal(got, ref)                              # added voxels: nearest code
+    np.testing.assert_array_equal(got[lab != 0], lab[lab != 0])  # manual voxels unchanged
+    np.testing.assert_array_equal(got != 0, closed)  # support = the closing of the union
+    np.testing.assert_array_equal(got, ref)  # added voxels: nearest code
 
 
 @pytest.mark.parametrize("chunks", [(7, 30, 9), 16])
@@ -270,8 +274,11 @@ def test_close_labels_of_a_stored_volume_reads_boxes_from_the_store(tmp_path, ch
 
     r, sp, _ = CASES["r4_iso"]
     lab, ref, _ = label_case("r4_iso")
-    store = save_volume(make_volume(da.from_array(lab, chunks=chunks), np.diag([*sp, 1.0]), kind="labels"),
-                        tmp_path / "lab.zarr", chunks=chunks)
+    store = save_volume(
+        make_volume(da.from_array(lab, chunks=chunks), np.diag([*sp, 1.0]), kind="labels"),
+        tmp_path / "lab.zarr",
+        chunks=chunks,
+    )
     vol = open_volume(store)
     assert regions.store_view_of(vol.data) is not None
     np.testing.assert_array_equal(close_labels(vol, r).values, ref)
@@ -281,7 +288,7 @@ def test_close_labels_of_a_stored_volume_reads_boxes_from_the_store(tmp_path, ch
 def test_close_labels_ties_take_the_smallest_code(chunks):
     lab = np.zeros((20, 20, 20), np.uint16)
     lab[4:9, 5:15, 5:15] = 805
-    lab[10:15, 5:15, 5:15] = 802          # one-voxel gap at x = 9, equidistant from both plates
+    lab[10:15, 5:15, 5:15] = 802  # one-voxel gap at x = 9, equidistant from both plates
     vol = make_volume(da.from_array(lab, chunks=chunks), np.diag([0.3, 0.3, 0.3, 1.0]), kind="labels")
     got = close_labels(vol, 1.2).values
     ref = scipy_closing(lab != 0, 1.2, 0.3)
@@ -307,6 +314,7 @@ def test_close_labels_codes_filter_and_radius_zero():
 # ----------------------------------------------------------------------------------------------------------
 # merge
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunks", [(10, 10, 10), (4, 7, 3)])
 def test_merge_manual_overrides_kmeans(chunks):

@@ -371,38 +371,72 @@ def test_both_kubernetes_paths_expose_the_same_scheduler_address(k8s):
 
 POD_SPEC = {"$ref": "/api/_definitions.json#/$defs/io.k8s.api.core.v1.PodSpec"}
 SERVICE_SPEC = {"$ref": "/api/_definitions.json#/$defs/io.k8s.api.core.v1.ServiceSpec"}
-SIMPLE_META = {"type": "object", "additionalProperties": False,
-               "properties": {"labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                              "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+SIMPLE_META = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 # dask-kubernetes operator CRDs (dask_kubernetes/operator/customresources/templates.yaml, daskjob.yaml)
 DASK_CLUSTER_SPEC = {
-    "type": "object", "additionalProperties": False, "required": ["scheduler", "worker"],
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["scheduler", "worker"],
     "properties": {
         "idleTimeout": {"type": "integer"},
-        "scheduler": {"type": "object", "additionalProperties": False, "required": ["spec", "service"],
-                      "properties": {"metadata": SIMPLE_META, "spec": POD_SPEC, "service": SERVICE_SPEC}},
-        "worker": {"type": "object", "additionalProperties": False, "required": ["spec"],
-                   "properties": {"replicas": {"type": "integer"}, "metadata": SIMPLE_META, "spec": POD_SPEC}},
+        "scheduler": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["spec", "service"],
+            "properties": {"metadata": SIMPLE_META, "spec": POD_SPEC, "service": SERVICE_SPEC},
+        },
+        "worker": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["spec"],
+            "properties": {"replicas": {"type": "integer"}, "metadata": SIMPLE_META, "spec": POD_SPEC},
+        },
     },
 }
 OBJECT_META = {"$ref": "/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
 CRD_SCHEMAS = {
-    "DaskCluster": {"$id": "https://kubernetes.io/api/daskcluster.json", "type": "object",
-                    "required": ["apiVersion", "kind", "metadata", "spec"],
-                    "properties": {"apiVersion": {"const": "kubernetes.dask.org/v1"}, "kind": {"const": "DaskCluster"},
-                                   "metadata": OBJECT_META, "spec": DASK_CLUSTER_SPEC}},
-    "DaskJob": {"$id": "https://kubernetes.io/api/daskjob.json", "type": "object",
-                "required": ["apiVersion", "kind", "metadata", "spec"],
-                "properties": {"apiVersion": {"const": "kubernetes.dask.org/v1"}, "kind": {"const": "DaskJob"},
-                               "metadata": OBJECT_META,
-                               "spec": {"type": "object", "additionalProperties": False,
-                                        "required": ["cluster", "job"],
-                                        "properties": {
-                                            "job": {"type": "object", "additionalProperties": False,
-                                                    "required": ["spec"],
-                                                    "properties": {"metadata": SIMPLE_META, "spec": POD_SPEC}},
-                                            "cluster": {"type": "object", "required": ["spec"],
-                                                        "properties": {"spec": DASK_CLUSTER_SPEC}}}}}},
+    "DaskCluster": {
+        "$id": "https://kubernetes.io/api/daskcluster.json",
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "kubernetes.dask.org/v1"},
+            "kind": {"const": "DaskCluster"},
+            "metadata": OBJECT_META,
+            "spec": DASK_CLUSTER_SPEC,
+        },
+    },
+    "DaskJob": {
+        "$id": "https://kubernetes.io/api/daskjob.json",
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "kubernetes.dask.org/v1"},
+            "kind": {"const": "DaskJob"},
+            "metadata": OBJECT_META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["cluster", "job"],
+                "properties": {
+                    "job": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["spec"],
+                        "properties": {"metadata": SIMPLE_META, "spec": POD_SPEC},
+                    },
+                    "cluster": {"type": "object", "required": ["spec"], "properties": {"spec": DASK_CLUSTER_SPEC}},
+                },
+            },
+        },
+    },
 }
 
 
@@ -427,8 +461,10 @@ def k8s_schema():
                 kv.validate(doc, version, strict=True)
                 return
         elif isinstance(schema, str):  # a definition name, e.g. io.k8s.api.core.v1.Volume
-            schema = {"$id": "https://kubernetes.io/api/fragment.json",
-                      "$ref": f"/api/_definitions.json#/$defs/{schema}"}
+            schema = {
+                "$id": "https://kubernetes.io/api/fragment.json",
+                "$ref": f"/api/_definitions.json#/$defs/{schema}",
+            }
         jsonschema.Draft202012Validator(schema, registry=registry).validate(doc)
 
     validate.error = jsonschema.ValidationError
@@ -457,7 +493,7 @@ def test_k8s_schema_check_catches_mistakes(k8s, k8s_schema, mutate):
         k8s_schema(doc)
     bad_pvc = copy.deepcopy(k8s["pvc.yaml"])
     bad_pvc["spec"]["accesModes"] = bad_pvc["spec"].pop("accessModes")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 -- kubernetes-validate raises its own types per kind
         k8s_schema(bad_pvc)
 
 
@@ -467,16 +503,75 @@ def test_k8s_schema_check_catches_mistakes(k8s, k8s_schema, mutate):
 # helm, silently.
 CHART_KEYS = {
     None: {"nameOverride", "fullnameOverride", "scheduler", "webUI", "worker", "additional_worker_groups", "jupyter"},
-    "scheduler": {"name", "enabled", "image", "replicas", "serviceType", "loadBalancerIP", "servicePort",
-                  "serviceAnnotations", "env", "extraArgs", "resources", "tolerations", "affinity", "nodeSelector",
-                  "securityContext", "serviceAccountName", "metrics", "livenessProbe", "readinessProbe"},
-    "worker": {"name", "image", "replicas", "strategy", "custom_scheduler_url", "default_resources", "env",
-               "extraArgs", "resources", "mounts", "annotations", "tolerations", "affinity", "nodeSelector",
-               "securityContext", "serviceAccountName", "port", "portDashboard", "threads_per_worker", "metrics",
-               "livenessProbe", "readinessProbe"},
-    "jupyter": {"name", "enabled", "rbac", "image", "serviceType", "servicePort", "password", "passwordHint", "env",
-                "command", "args", "extraConfig", "resources", "mounts", "tolerations", "affinity", "nodeSelector",
-                "securityContext", "serviceAccountName", "ingress", "livenessProbe", "readinessProbe"},
+    "scheduler": {
+        "name",
+        "enabled",
+        "image",
+        "replicas",
+        "serviceType",
+        "loadBalancerIP",
+        "servicePort",
+        "serviceAnnotations",
+        "env",
+        "extraArgs",
+        "resources",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "metrics",
+        "livenessProbe",
+        "readinessProbe",
+    },
+    "worker": {
+        "name",
+        "image",
+        "replicas",
+        "strategy",
+        "custom_scheduler_url",
+        "default_resources",
+        "env",
+        "extraArgs",
+        "resources",
+        "mounts",
+        "annotations",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "port",
+        "portDashboard",
+        "threads_per_worker",
+        "metrics",
+        "livenessProbe",
+        "readinessProbe",
+    },
+    "jupyter": {
+        "name",
+        "enabled",
+        "rbac",
+        "image",
+        "serviceType",
+        "servicePort",
+        "password",
+        "passwordHint",
+        "env",
+        "command",
+        "args",
+        "extraConfig",
+        "resources",
+        "mounts",
+        "tolerations",
+        "affinity",
+        "nodeSelector",
+        "securityContext",
+        "serviceAccountName",
+        "ingress",
+        "livenessProbe",
+        "readinessProbe",
+    },
 }
 IMAGE_KEYS = {"repository", "tag", "pullPolicy", "pullSecrets", "dask_worker"}
 
@@ -498,9 +593,18 @@ def test_helm_values_use_known_chart_keys_and_our_image(values):
 def test_helm_values_worker_command_as_the_chart_renders_it(values):
     w, s = values["worker"], values["scheduler"]
     # dask/templates/dask-worker-deployment.yaml
-    args = [w["image"]["dask_worker"], f"{values['fullnameOverride']}-scheduler:{s.get('servicePort', 8786)}",
-            "--nthreads", str(w["threads_per_worker"]), "--memory-limit", str(w["resources"]["limits"]["memory"]),
-            "--no-dashboard", "--dashboard-address", "8790", *w["extraArgs"]]
+    args = [
+        w["image"]["dask_worker"],
+        f"{values['fullnameOverride']}-scheduler:{s.get('servicePort', 8786)}",
+        "--nthreads",
+        str(w["threads_per_worker"]),
+        "--memory-limit",
+        str(w["resources"]["limits"]["memory"]),
+        "--no-dashboard",
+        "--dashboard-address",
+        "8790",
+        *w["extraArgs"],
+    ]
     p = parse_dask(args)
     assert p["scheduler"] == "helm-dask-scheduler:8786"
     assert p["nthreads"] == 2 <= int(w["resources"]["limits"]["cpu"])
@@ -593,8 +697,25 @@ def test_run_manifest_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rm = import_run_manifest()
     manifest = DEPLOY / "manifest.example.yaml"
-    rc = rm.main([str(manifest), "--out", str(tmp_path / "out"), "--jobs", "3", "--queue", "short",
-                  "--walltime", "02:00:00", "--dry-run", "--", "--spacing", "native", "--k", "4-6"])
+    rc = rm.main(
+        [
+            str(manifest),
+            "--out",
+            str(tmp_path / "out"),
+            "--jobs",
+            "3",
+            "--queue",
+            "short",
+            "--walltime",
+            "02:00:00",
+            "--dry-run",
+            "--",
+            "--spacing",
+            "native",
+            "--k",
+            "4-6",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "#SBATCH -p short" in out and "#SBATCH -t 02:00:00" in out and "#SBATCH --cpus-per-task=2" in out

@@ -34,12 +34,12 @@ from helm_dask.errors import HelmError
 
 BIN = Path(sys.executable).parent
 HELM = [sys.executable, "-m", "helm_dask.cli"]
-SPACING_IN = 2.0     # mm: a tiny phantom (~50^3 voxels); the method is resolution-independent
-SPACING_WORK = 2.5   # at this spacing the bias stage lasts several seconds: time to kill something midway
+SPACING_IN = 2.0  # mm: a tiny phantom (~50^3 voxels); the method is resolution-independent
+SPACING_WORK = 2.5  # at this spacing the bias stage lasts several seconds: time to kill something midway
 KILL_STAGE = "bias"
 KILL_OUTPUTS = ("bias", "preprocessed")  # the stage's volumes in helm.zarr
-RUN_TIMEOUT = 240    # s, per CLI run: a hung run fails the test instead of the suite
-CHUNKS = "32"         # several chunks per volume: tasks spread over both workers, many chunk files compared
+RUN_TIMEOUT = 240  # s, per CLI run: a hung run fails the test instead of the suite
+CHUNKS = "32"  # several chunks per volume: tasks spread over both workers, many chunk files compared
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
@@ -48,10 +48,25 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def run_args(phantom: Path, out: Path, *extra) -> list[str]:
-    return [*HELM, "run", str(phantom / "scan.nii.gz"), "--hypothalamus", str(phantom / "hypothalamus.nii.gz"),
-            "--out", str(out), "--subject", "ph", "--spacing", str(SPACING_WORK), "--k", "4-5", "--no-qc",
-            "--chunks", CHUNKS,
-            *map(str, extra)]
+    return [
+        *HELM,
+        "run",
+        str(phantom / "scan.nii.gz"),
+        "--hypothalamus",
+        str(phantom / "hypothalamus.nii.gz"),
+        "--out",
+        str(out),
+        "--subject",
+        "ph",
+        "--spacing",
+        str(SPACING_WORK),
+        "--k",
+        "4-5",
+        "--no-qc",
+        "--chunks",
+        CHUNKS,
+        *map(str, extra),
+    ]
 
 
 def helm(args, *, env=None, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
@@ -60,8 +75,9 @@ def helm(args, *, env=None, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
 
 def run_until(args, trigger: str, *, timeout=RUN_TIMEOUT):
     """Start a CLI run and return (process, output so far) once a line containing ``trigger`` was printed."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
+    )
     seen = []
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
@@ -131,51 +147,78 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
     paths = {}
 
     def write(name, key, cert):
         paths[f"{name}_key"] = folder / f"{name}.key"
         paths[f"{name}_cert"] = folder / f"{name}.pem"
-        paths[f"{name}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
+        paths[f"{name}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def builder(subject, issuer, public_key):
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
-                .not_valid_after(valid["not_valid_after"]))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid["not_valid_before"])
+            .not_valid_after(valid["not_valid_after"])
+        )
 
     def ca_cert(name):
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (builder(subject, subject, key.public_key())
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            builder(subject, subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
         return key, cert
 
     ca_key, ca = ca_cert("helm-dask test CA")
     write("ca", ca_key, ca)
     for role in ("scheduler", "worker", "client"):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"helm-dask {role}")]), ca.subject,
-                        key.public_key())
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            builder(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"helm-dask {role}")]), ca.subject, key.public_key()
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         write(role, key, cert)
     other_key, other = ca_cert("some other CA")  # signs nothing of this cluster: a wrong --tls-ca
     write("other_ca", other_key, other)
@@ -199,30 +242,74 @@ class Cluster:
     def _tls_flags(self, role):
         if not self.tls:
             return []
-        return ["--tls-ca-file", self.tls["ca_cert"], "--tls-cert", self.tls[f"{role}_cert"],
-                "--tls-key", self.tls[f"{role}_key"]]
+        return [
+            "--tls-ca-file",
+            self.tls["ca_cert"],
+            "--tls-cert",
+            self.tls[f"{role}_cert"],
+            "--tls-key",
+            self.tls[f"{role}_key"],
+        ]
 
     def _spawn(self, name, args):
         log = open(self.folder / f"{name}.log", "w")
         self.logs.append(log)
         # own session: the finalizer can kill the process and anything it started (the worker under a nanny)
-        self.procs.append(subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=self.folder, env=ENV, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                [str(a) for a in args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.folder,
+                env=ENV,
+                start_new_session=True,
+            )
+        )
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self.folder.mkdir(parents=True, exist_ok=True)
         proto = ["--protocol", "tls"] if self.tls else []
-        self._spawn("scheduler", [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", *proto,
-                                  "--scheduler-file", self.sched_file, "--no-dashboard", *self._tls_flags("scheduler")])
+        self._spawn(
+            "scheduler",
+            [
+                BIN / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                *proto,
+                "--scheduler-file",
+                self.sched_file,
+                "--no-dashboard",
+                *self._tls_flags("scheduler"),
+            ],
+        )
         deadline = time.monotonic() + 60
         while not self.sched_file.exists() or not self.sched_file.read_text().strip().endswith("}"):
             assert time.monotonic() < deadline, (self.folder / "scheduler.log").read_text()
             assert self.procs[0].poll() is None, (self.folder / "scheduler.log").read_text()
             time.sleep(0.2)
         for i in range(2):
-            self._spawn(f"worker{i}", [BIN / "dask", "worker", "--scheduler-file", self.sched_file, "--nworkers", 1,
-                                       "--nthreads", 1, "--memory-limit", "1GB", "--no-dashboard",
-                                       "--local-directory", self.folder / f"w{i}", *self._tls_flags("worker")])
+            self._spawn(
+                f"worker{i}",
+                [
+                    BIN / "dask",
+                    "worker",
+                    "--scheduler-file",
+                    self.sched_file,
+                    "--nworkers",
+                    1,
+                    "--nthreads",
+                    1,
+                    "--memory-limit",
+                    "1GB",
+                    "--no-dashboard",
+                    "--local-directory",
+                    self.folder / f"w{i}",
+                    *self._tls_flags("worker"),
+                ],
+            )
         with self.client() as c:
             c.wait_for_workers(2, timeout=90)
         return self
@@ -238,9 +325,12 @@ class Cluster:
         if self.tls:
             from distributed.security import Security
 
-            kw["security"] = Security(tls_ca_file=str(self.tls["ca_cert"]),
-                                      tls_client_cert=str(self.tls["client_cert"]),
-                                      tls_client_key=str(self.tls["client_key"]), require_encryption=True)
+            kw["security"] = Security(
+                tls_ca_file=str(self.tls["ca_cert"]),
+                tls_client_cert=str(self.tls["client_cert"]),
+                tls_client_key=str(self.tls["client_key"]),
+                require_encryption=True,
+            )
         return Client(self.address, timeout="30s", **kw)
 
     def worker_pids(self) -> dict[str, int]:
@@ -323,7 +413,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> 
 
 def test_real_cluster_gives_identical_outputs(phantom, reference, tcp_cluster, tmp_path):
     assert tcp_cluster.address.startswith("tcp://127.0.0.1:")
-    res = helm(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.sched_file))   # via the scheduler file
+    res = helm(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.sched_file))  # via the scheduler file
     check_ok(res)
     assert f"dask: 2 worker(s), 2 thread(s) at {tcp_cluster.address}; dashboard " in res.stderr
     n = assert_same_outputs(reference, tmp_path)
@@ -336,8 +426,7 @@ def test_real_cluster_gives_identical_outputs(phantom, reference, tcp_cluster, t
 
 def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, tmp_path):
     before = tcp_cluster.worker_pids()
-    proc, seen = run_until(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address),
-                           f"{KILL_STAGE}: computing")
+    proc, seen = run_until(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address), f"{KILL_STAGE}: computing")
     victim_addr, victim = sorted(before.items())[0]
     # into the stage: wait until the victim is running (or holds) tasks of it -- not a fixed sleep, which a fast
     # machine outruns -- then kill the worker process itself, not its nanny
@@ -366,12 +455,12 @@ def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, t
 def test_client_killed_midway_leaves_no_final_output_and_resumes(phantom, reference, tcp_cluster, tmp_path):
     args = run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address)
     proc, seen = run_until(args, f"{KILL_STAGE}: computing")
-    with tcp_cluster.client() as c:   # wait until the stage's tasks run (a fixed sleep loses on a fast machine)
+    with tcp_cluster.client() as c:  # wait until the stage's tasks run (a fixed sleep loses on a fast machine)
         deadline = time.monotonic() + 60
         while not any(c.processing().values()):
             assert time.monotonic() < deadline and proc.poll() is None, "the stage never started its tasks"
             time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)   # no chance to clean up: as a power cut or `kill -9` would do
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: as a power cut or `kill -9` would do
     code, text = finish(proc, seen)
     assert code == -signal.SIGKILL and f"{KILL_STAGE}: done" not in text, text
     subj = tmp_path / "ph"
@@ -396,8 +485,14 @@ def test_client_killed_midway_leaves_no_final_output_and_resumes(phantom, refere
     assert f"[ph] {KILL_STAGE}: computing" in res.stdout
     info = json.loads((subj / "run.json").read_text())
     assert {s: v["status"] for s, v in info["stages"].items()} == {
-        "import": "skipped", "background": "skipped", "resample": "skipped", "bias": "computed",
-        "kmeans": "computed", "merge": "computed", "mirror": "computed"}
+        "import": "skipped",
+        "background": "skipped",
+        "resample": "skipped",
+        "bias": "computed",
+        "kmeans": "computed",
+        "merge": "computed",
+        "mirror": "computed",
+    }
     assert_same_outputs(reference, tmp_path)
 
 
@@ -410,8 +505,20 @@ def test_tls_run_succeeds_and_matches(phantom, reference, tls_cluster, certs, tm
     assert addr.startswith("tls://127.0.0.1:")
     with tls_cluster.client() as c:
         assert all(w.startswith("tls://") for w in c.scheduler_info()["workers"])
-    res = helm(run_args(phantom, tmp_path, "--scheduler", addr, "--tls-ca", certs["ca_cert"],
-                        "--tls-cert", certs["client_cert"], "--tls-key", certs["client_key"]))
+    res = helm(
+        run_args(
+            phantom,
+            tmp_path,
+            "--scheduler",
+            addr,
+            "--tls-ca",
+            certs["ca_cert"],
+            "--tls-cert",
+            certs["client_cert"],
+            "--tls-key",
+            certs["client_key"],
+        )
+    )
     check_ok(res)
     assert f"at {addr};" in res.stderr
     assert_same_outputs(reference, tmp_path)
@@ -438,20 +545,36 @@ def test_tls_scheduler_refuses_clients_without_certificates(phantom, tls_cluster
     # More ways of getting it wrong, in one process (saves interpreter start-ups): each one line, exit 2.
     ca, cert, key = (str(certs[k]) for k in ("ca_cert", "client_cert", "client_key"))
     cases = {
-        "scheduler file -> the same tls:// address": (["--scheduler", str(tls_cluster.sched_file)],
-                                                      [addr, "requires TLS"]),
-        "plain TCP to the TLS port": (["--scheduler", f"tcp://127.0.0.1:{port}"],
-                                      [f"tcp://127.0.0.1:{port}", "refused the connection", "requires TLS",
-                                       f"tls://127.0.0.1:{port}"]),
-        "certificates of another CA": (["--scheduler", addr, "--tls-ca", str(certs["other_ca_cert"]),
-                                        "--tls-cert", str(certs["other_ca_cert"]),
-                                        "--tls-key", str(certs["other_ca_key"])],
-                                       [addr, "TLS handshake", "failed", "--tls-ca"]),
-        "TLS flags with a tcp:// address": (["--scheduler", f"tcp://127.0.0.1:{port}", "--tls-ca", ca,
-                                             "--tls-cert", cert, "--tls-key", key], ["is not tls://"]),
+        "scheduler file -> the same tls:// address": (
+            ["--scheduler", str(tls_cluster.sched_file)],
+            [addr, "requires TLS"],
+        ),
+        "plain TCP to the TLS port": (
+            ["--scheduler", f"tcp://127.0.0.1:{port}"],
+            [f"tcp://127.0.0.1:{port}", "refused the connection", "requires TLS", f"tls://127.0.0.1:{port}"],
+        ),
+        "certificates of another CA": (
+            [
+                "--scheduler",
+                addr,
+                "--tls-ca",
+                str(certs["other_ca_cert"]),
+                "--tls-cert",
+                str(certs["other_ca_cert"]),
+                "--tls-key",
+                str(certs["other_ca_key"]),
+            ],
+            [addr, "TLS handshake", "failed", "--tls-ca"],
+        ),
+        "TLS flags with a tcp:// address": (
+            ["--scheduler", f"tcp://127.0.0.1:{port}", "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key],
+            ["is not tls://"],
+        ),
     }
-    argv = [[str(a) for a in run_args(phantom, tmp_path / f"x{i}", *extra)[len(HELM):]]
-            for i, (extra, _) in enumerate(cases.values())]
+    argv = [
+        [str(a) for a in run_args(phantom, tmp_path / f"x{i}", *extra)[len(HELM) :]]
+        for i, (extra, _) in enumerate(cases.values())
+    ]
     res = helm([sys.executable, "-c", REFUSALS, json.dumps(argv)], timeout=120)
     check_ok(res)
     for (name, (_, fragments)), (code, err) in zip(cases.items(), json.loads(res.stdout.splitlines()[-1])):
@@ -467,16 +590,39 @@ def test_tls_from_a_dask_config_file_without_flags(tls_cluster, certs, tmp_path)
     import yaml
 
     cfg = tmp_path / "dask.yaml"
-    cfg.write_text(yaml.safe_dump({"distributed": {"comm": {
-        "require-encryption": True,
-        "tls": {"ca-file": str(certs["ca_cert"]),
-                "client": {"cert": str(certs["client_cert"]), "key": str(certs["client_key"])}}}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "distributed": {
+                    "comm": {
+                        "require-encryption": True,
+                        "tls": {
+                            "ca-file": str(certs["ca_cert"]),
+                            "client": {"cert": str(certs["client_cert"]), "key": str(certs["client_key"])},
+                        },
+                    }
+                }
+            }
+        )
+    )
     rng = np.random.default_rng(0)
     data = rng.normal(100, 10, (12, 10, 8)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 0.5, 1.0])), tmp_path / "a.nii.gz")
     env = dict(ENV, DASK_CONFIG=str(cfg))
-    res = helm([*HELM, "convert", str(tmp_path / "a.nii.gz"), str(tmp_path / "a.zarr"), "--scheduler",
-                tls_cluster.address, "--chunks", "4"], env=env, timeout=120)
+    res = helm(
+        [
+            *HELM,
+            "convert",
+            str(tmp_path / "a.nii.gz"),
+            str(tmp_path / "a.zarr"),
+            "--scheduler",
+            tls_cluster.address,
+            "--chunks",
+            "4",
+        ],
+        env=env,
+        timeout=120,
+    )
     check_ok(res)
     assert f"at {tls_cluster.address};" in res.stderr
     from helm_dask.io.store import open_volume
@@ -493,13 +639,22 @@ def test_option_errors_and_scheduler_file(tmp_path, certs):
     with pytest.raises(HelmError, match="--tls-ca and --tls-cert"):
         security_from_options(ClusterOptions(tls_cert=str(certs["client_cert"])))
     with pytest.raises(HelmError, match="--tls-key file not found"):
-        security_from_options(ClusterOptions(tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]),
-                                             tls_key=str(tmp_path / "missing.key")))
+        security_from_options(
+            ClusterOptions(
+                tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]), tls_key=str(tmp_path / "missing.key")
+            )
+        )
     with pytest.raises(HelmError, match="cannot load the TLS files"):  # a key that does not match the cert
-        security_from_options(ClusterOptions(tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]),
-                                             tls_key=str(certs["worker_key"])))
-    sec = security_from_options(ClusterOptions(tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]),
-                                               tls_key=str(certs["client_key"])))
+        security_from_options(
+            ClusterOptions(
+                tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]), tls_key=str(certs["worker_key"])
+            )
+        )
+    sec = security_from_options(
+        ClusterOptions(
+            tls_ca=str(certs["ca_cert"]), tls_cert=str(certs["client_cert"]), tls_key=str(certs["client_key"])
+        )
+    )
     assert sec.require_encryption and sec.tls_client_cert == str(certs["client_cert"])
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"type": "Scheduler", "address": "tls://127.0.0.1:8786"}))

@@ -14,7 +14,7 @@ from helm_dask.io import open_volume
 from helm_dask.phantom_io import write_phantom
 from helm_dask.pipeline import RunParams, run_subject
 
-SPACING_IN = 3.0    # mm: the mask path does not depend on the resolution; small keeps it quick
+SPACING_IN = 3.0  # mm: the mask path does not depend on the resolution; small keeps it quick
 SPACING_WORK = 3.0
 
 
@@ -26,8 +26,17 @@ def phantom(tmp_path_factory):
 
 
 def _params(ph, out, mask, **kw):
-    base = dict(scan=str(ph / "scan.nii.gz"), hypothalamus=str(ph / "hypothalamus.nii.gz"), out=str(out),
-                side="L", spacing=SPACING_WORK, ks=(4,), until="preprocess", qc=False, mask=str(mask))
+    base = dict(
+        scan=str(ph / "scan.nii.gz"),
+        hypothalamus=str(ph / "hypothalamus.nii.gz"),
+        out=str(out),
+        side="L",
+        spacing=SPACING_WORK,
+        ks=(4,),
+        until="preprocess",
+        qc=False,
+        mask=str(mask),
+    )
     base.update(kw)
     return RunParams(**base)
 
@@ -55,8 +64,7 @@ def test_external_mask_is_stored_recorded_and_resumes(phantom, tmp_path, fmt):
     labelled = np.where(data > 0, np.where(np.arange(data.shape[2]) % 2 == 0, 3, 41), 0).astype(np.int32)
     _save(labelled, aff, mask_file)
     info = run_subject(_params(phantom, tmp_path / "o", mask_file), quiet=True)
-    assert _status(info) == {"import": "computed", "background": "computed", "resample": "computed",
-                             "bias": "computed"}
+    assert _status(info) == {"import": "computed", "background": "computed", "resample": "computed", "bias": "computed"}
     assert info["stages"]["background"]["params"]["method"] == "external"
     bg = info["background"]
     assert bg["method"] == "external" and bg["path"] == str(mask_file)
@@ -80,8 +88,12 @@ def test_external_mask_is_stored_recorded_and_resumes(phantom, tmp_path, fmt):
     smaller = np.where(np.arange(data.shape[0])[:, None, None] < data.shape[0] // 2, 0, labelled).astype(np.int32)
     _save(smaller, aff, mask_file)
     changed = run_subject(_params(phantom, tmp_path / "o", mask_file), quiet=True)
-    assert _status(changed) == {"import": "skipped", "background": "computed", "resample": "computed",
-                                "bias": "computed"}
+    assert _status(changed) == {
+        "import": "skipped",
+        "background": "computed",
+        "resample": "computed",
+        "bias": "computed",
+    }
     assert changed["background"]["sha256"] != sha and changed["background"]["voxels"] == int((smaller > 0).sum())
 
 
@@ -122,9 +134,28 @@ def test_cli_bad_mask_is_one_line_exit_2(phantom, tmp_path, capsys, case):
     elif case == "not_a_volume":
         mask = tmp_path / "m.txt"
         mask.write_text("brain")
-    code = main(["run", str(phantom / "scan.nii.gz"), "--hypothalamus", str(phantom / "hypothalamus.nii.gz"),
-                 "--mask", str(mask), "--out", str(tmp_path / "o"), "--spacing", str(SPACING_WORK), "--k", "4",
-                 "--until", "preprocess", "--no-qc", "--scheduler", "threads", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(phantom / "scan.nii.gz"),
+            "--hypothalamus",
+            str(phantom / "hypothalamus.nii.gz"),
+            "--mask",
+            str(mask),
+            "--out",
+            str(tmp_path / "o"),
+            "--spacing",
+            str(SPACING_WORK),
+            "--k",
+            "4",
+            "--until",
+            "preprocess",
+            "--no-qc",
+            "--scheduler",
+            "threads",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, err
@@ -135,9 +166,11 @@ def test_manifest_mask_key_relative_to_the_manifest(phantom, tmp_path):
     from helm_dask.batch import load_manifest, subject_params
 
     manifest = tmp_path / "m.yaml"
-    manifest.write_text("params: {fluid: none}\nsubjects:\n"
-                        f"  - {{scan: {phantom / 'scan.nii.gz'}, hypothalamus: {phantom / 'hypothalamus.nii.gz'},"
-                        " mask: masks/s1.mgz}\n")
+    manifest.write_text(
+        "params: {fluid: none}\nsubjects:\n"
+        f"  - {{scan: {phantom / 'scan.nii.gz'}, hypothalamus: {phantom / 'hypothalamus.nii.gz'},"
+        " mask: masks/s1.mgz}\n"
+    )
     shared, subjects = load_manifest(manifest)
     p = subject_params(RunParams(scan="", hypothalamus="", out=str(tmp_path)), shared, subjects[0])
     assert p.mask == str(tmp_path / "masks" / "s1.mgz") and p.fluid == "none"

@@ -15,10 +15,7 @@ from helm_dask.io import convert, describe, nifti_to_zarr, open_volume, read_nif
 from helm_dask.io.store import read_meta
 from helm_dask.volume import make_volume
 
-OBLIQUE = np.array([[0.0, 0.02, -0.3, 12.5],
-                    [-0.29, 0.0, 0.01, 40.0],
-                    [0.01, 0.31, 0.0, -7.25],
-                    [0.0, 0.0, 0.0, 1.0]])
+OBLIQUE = np.array([[0.0, 0.02, -0.3, 12.5], [-0.29, 0.0, 0.01, 40.0], [0.01, 0.31, 0.0, -7.25], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _make(shape, dtype, rng):
@@ -45,8 +42,10 @@ def _save(tmp_path, data, name, *, version=1, sform_code=2, qform_code=1, slope=
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize("dtype,chunks", [("float32", 7), ("int16", (5, 9, 16)), ("uint8", 64), ("float64", 4),
-                                          ("uint16", (3, 3, 3)), ("int32", 10)])
+@pytest.mark.parametrize(
+    "dtype,chunks",
+    [("float32", 7), ("int16", (5, 9, 16)), ("uint8", 64), ("float64", 4), ("uint16", (3, 3, 3)), ("int32", 10)],
+)
 def test_round_trip_bit_exact(tmp_path, ext, version, dtype, chunks):
     rng = np.random.default_rng(42)
     data = _make((13, 11, 17), dtype, rng)
@@ -242,7 +241,7 @@ def test_corrupt_gzip(tmp_path, gzip_backend):
     full = _save(tmp_path, data, "full.nii.gz")
     raw = bytearray(open(full, "rb").read())
     mid = len(raw) // 2
-    raw[mid: mid + 64] = bytes(64)
+    raw[mid : mid + 64] = bytes(64)
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(bytes(raw))
     _fails(bad, tmp_path / "o.zarr", "could not be read|truncated|corrupt", chunks=8)
@@ -328,7 +327,7 @@ def test_batched_store_equals_one_store(tmp_path, batch):
     from helm_dask.io.store import store_batched
 
     x = np.random.default_rng(0).normal(size=(37, 23, 30)).astype(np.float32)
-    a = da.from_array(x, chunks=8)[::-1, :, ::-1] * 2 + 1          # chunks (5, 8, 8, 8, 8) ... after the flip
+    a = da.from_array(x, chunks=8)[::-1, :, ::-1] * 2 + 1  # chunks (5, 8, 8, 8, 8) ... after the flip
     y = (x[::-1, :, ::-1] * 2 + 1).astype(np.float32)
     t1 = zarr.create_array(tmp_path / "a.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
     t2 = zarr.create_array(tmp_path / "b.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
@@ -365,11 +364,13 @@ def test_a_running_writers_temporaries_are_left_alone(tmp_path):
     try:
         host = location._HOST
         other = "0" * 8 if host != "0" * 8 else "1" * 8
-        names = {f".a.zarr.tmp-0123abcdp{live.pid}h{host}": True,          # running here: kept
-                 f".a.zarr.tmp-0123abcdp{dead.pid}h{host}": False,         # its process is gone
-                 f".a.zarr.tmp-0123abcdp{live.pid}h{other}": True,         # another host, recent
-                 f".a.zarr.old-0123abcdp{live.pid}h{other}.old": False,    # another host, a day old
-                 ".a.zarr.tmp-dead0000": False}                             # no writer recorded
+        names = {
+            f".a.zarr.tmp-0123abcdp{live.pid}h{host}": True,  # running here: kept
+            f".a.zarr.tmp-0123abcdp{dead.pid}h{host}": False,  # its process is gone
+            f".a.zarr.tmp-0123abcdp{live.pid}h{other}": True,  # another host, recent
+            f".a.zarr.old-0123abcdp{live.pid}h{other}.old": False,  # another host, a day old
+            ".a.zarr.tmp-dead0000": False,
+        }  # no writer recorded
         for n in names:
             (tmp_path / n).mkdir()
         old = time.time() - location.FOREIGN_WRITER_GRACE_S - 60
@@ -482,7 +483,7 @@ def test_provenance_extension_round_trip(tmp_path):
 @pytest.mark.parametrize("variant", ["3d", "4d", "echo", "rms", "scaled"])
 def test_thin_landing_and_thin_export_paths(tmp_path, variant):
     """Tiny memory budgets force the bounded-memory paths (thin landing chunks, thin scratch copy on export)."""
-    from helm_dask.io.convert import save_nifti, zarr_to_nifti
+    from helm_dask.io.convert import save_nifti
 
     rng = np.random.default_rng(7)
     shape = (12, 10, 24) + ((3,) if variant in ("4d", "echo", "rms") else ())
@@ -520,8 +521,9 @@ def test_export_reads_stored_views_in_the_task(tmp_path, slab_mb):
     from helm_dask.orient import flip_left_right
 
     data = np.random.default_rng(4).integers(0, 9, size=(11, 9, 20)).astype(np.uint16)
-    store = save_volume(make_volume(data, np.diag([0.5, 0.5, 0.5, 1.0]), kind="labels"), tmp_path / "s.zarr",
-                        chunks=(4, 5, 8))
+    store = save_volume(
+        make_volume(data, np.diag([0.5, 0.5, 0.5, 1.0]), kind="labels"), tmp_path / "s.zarr", chunks=(4, 5, 8)
+    )
     vol = flip_left_right(open_volume(store))
     assert regions.store_view_of(vol.data) is not None
     out = save_nifti(vol, tmp_path / "f.nii.gz", slab_mb=slab_mb)
@@ -557,8 +559,10 @@ def test_batched_store_under_a_distributed_client(tmp_path, batch):
     x = np.random.default_rng(1).normal(size=(30, 21, 24)).astype(np.float32)
     y = (x[::-1, :, ::-1] * 2 + 1).astype(np.float32)
     t = zarr.create_array(tmp_path / "a.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster):
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
         for _ in range(2):
             t[...] = 0
             a = da.from_array(x, chunks=(7, 9, 5))[::-1, :, ::-1] * 2 + 1
@@ -573,13 +577,12 @@ def test_compute_batched_equals_one_computation(batch, monkeypatch):
     import dask
     import dask.array as da
 
+    import helm_dask.background as bg
     import helm_dask.io.store as store
     from helm_dask.background import _aligned_block_sums, block_mean
     from helm_dask.volume import make_volume
 
-    import helm_dask.background as bg
-
-    monkeypatch.setattr(bg, "_BLOCK_TARGET", 10)     # block-sum chunks of 10 x 9 x 8 voxels: 5 x 4 x 4 of them
+    monkeypatch.setattr(bg, "_BLOCK_TARGET", 10)  # block-sum chunks of 10 x 9 x 8 voxels: 5 x 4 x 4 of them
     x = np.random.default_rng(2).normal(size=(41, 33, 29))
     m = (np.random.default_rng(3).random(x.shape) < 0.7).astype(np.uint8)
     a = da.from_array(x, chunks=8)
@@ -620,7 +623,7 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
     monkeypatch.setattr(store.da, "store", flaky)
     store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
     boxes = len(list(store._block_batches((3, 2, 2), 2)))
-    assert np.array_equal(t[...], x) and boxes > 2 and calls["n"] == boxes + 1     # one box ran twice
+    assert np.array_equal(t[...], x) and boxes > 2 and calls["n"] == boxes + 1  # one box ran twice
 
     def always(*a, **kw):
         raise KeyError("x")

@@ -17,17 +17,14 @@ from helm_dask.kmeans import KMeansResult, fit_kmeans, kmeans_labels, kmeans_map
 from helm_dask.volume import affine_of, make_volume
 
 KS = list(range(4, 10))
-AFFINE = np.array([[-0.1, 0.0, 0.0, 12.0],
-                   [0.0, 0.1, 0.0, -3.0],
-                   [0.0, 0.0, 0.1, 7.5],
-                   [0.0, 0.0, 0.0, 1.0]])
+AFFINE = np.array([[-0.1, 0.0, 0.0, 12.0], [0.0, 0.1, 0.0, -3.0], [0.0, 0.0, 0.1, 7.5], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _phantom(n=40, seed=0):
     """Six overlapping intensity classes in deformed shells, a linear bias and noise, zero outside a ball."""
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij")
-    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    r = np.sqrt(x**2 + y**2 + z**2)
     mask = (r < 0.95).astype(np.uint8)
     cls = np.digitize(r + 0.15 * np.sin(4 * x) * np.cos(3 * y), [0.25, 0.45, 0.6, 0.75, 0.85])
     means = np.array([120.0, 260.0, 400.0, 520.0, 700.0, 850.0])
@@ -36,8 +33,10 @@ def _phantom(n=40, seed=0):
 
 
 def _vols(img, mask, chunks):
-    return (make_volume(da.from_array(img, chunks=chunks), AFFINE),
-            make_volume(da.from_array(mask, chunks=chunks), AFFINE, kind="mask"))
+    return (
+        make_volume(da.from_array(img, chunks=chunks), AFFINE),
+        make_volume(da.from_array(mask, chunks=chunks), AFFINE, kind="mask"),
+    )
 
 
 def _rank_labels(km, k):
@@ -69,6 +68,7 @@ def data():
 
 
 # ------------------------------------------------------------------------------------------------ histogram
+
 
 def test_histogram_inertia_matches_sklearn(data):
     res, v = data["res"], data["v"]
@@ -125,7 +125,7 @@ def test_histogram_labels_equal_sklearn_except_ties(data):
         differ = ours != theirs
         assert np.all(tie[differ]), (k, int(differ.sum()))
         assert differ.sum() <= 2
-    assert same_optimum >= 3     # the comparison with sklearn's own n_init=10 search is not vacuous
+    assert same_optimum >= 3  # the comparison with sklearn's own n_init=10 search is not vacuous
 
 
 @pytest.mark.parametrize("chunks,workers", [(40, 1), ((13, 20, 7), 2), ((8, 40, 40), 2), (16, 1)])
@@ -139,7 +139,7 @@ def test_identical_across_chunkings_and_workers(data, chunks, workers):
     I16, M16 = _vols(img, mask, 16)
     for k, lab in zip(KS, labs):
         ref = data["res"][k]
-        np.testing.assert_array_equal(res[k].centroids, ref.centroids)     # bit-identical
+        np.testing.assert_array_equal(res[k].centroids, ref.centroids)  # bit-identical
         assert res[k].inertia == ref.inertia
         assert res[k].extra["data_passes"] == ref.extra["data_passes"]
         np.testing.assert_array_equal(lab, kmeans_labels(I16, M16, ref).values)
@@ -157,8 +157,8 @@ def test_label_maps_order_geometry_and_attrs(data):
         assert np.all(lab[mask == 0] == 0)
         assert set(np.unique(lab[mask > 0]).tolist()) == set(range(1, k + 1))
         means = [img[lab == j].mean() for j in range(1, k + 1)]
-        assert np.all(np.diff(means) > 0)                      # cluster 1 darkest, k brightest
-        assert img[lab == 1].max() < img[lab == 2].min()       # intervals of intensity
+        assert np.all(np.diff(means) > 0)  # cluster 1 darkest, k brightest
+        assert img[lab == 1].max() < img[lab == 2].min()  # intervals of intensity
         back = KMeansResult.from_dict(json.loads(json.dumps(vol.attrs["kmeans"])))
         np.testing.assert_array_equal(back.centroids, data["res"][k].centroids)
         assert back.inertia == data["res"][k].inertia and back.method == "histogram"
@@ -171,8 +171,8 @@ def test_all_k_lookup_equals_float64_midpoint_rule():
     rng = np.random.default_rng(5)
     res = {}
     for k in range(2, 10):
-        c = np.sort(rng.choice(np.arange(1, 40) * 2.5, size=k, replace=False))   # shared midpoints across k
-        c[-1] += rng.random() / 3                                                 # and a few that are not floats
+        c = np.sort(rng.choice(np.arange(1, 40) * 2.5, size=k, replace=False))  # shared midpoints across k
+        c[-1] += rng.random() / 3  # and a few that are not floats
         res[k] = KMeansResult(k, c, 0.0, "histogram", 1)
     ts = np.unique(np.concatenate([r.thresholds for r in res.values()]))
     near = (ts[:, None] + np.arange(-2, 3, dtype=np.float32) * np.spacing(ts)[:, None]).ravel()
@@ -199,8 +199,11 @@ def test_tie_rule_and_float32_thresholds():
     c = np.array([0.1, 0.2])
     mid = 0.5 * (c[0] + c[1])
     near = np.float32(mid) + np.arange(-50, 51, dtype=np.float32) * np.spacing(np.float32(mid))
-    lab = kmeans_labels(near.reshape(1, 1, -1), np.ones((1, 1, near.size)),
-                        KMeansResult(2, c, 0.0, "histogram", 1)).compute().ravel()
+    lab = (
+        kmeans_labels(near.reshape(1, 1, -1), np.ones((1, 1, near.size)), KMeansResult(2, c, 0.0, "histogram", 1))
+        .compute()
+        .ravel()
+    )
     np.testing.assert_array_equal(lab, np.where(near.astype(np.float64) >= mid, 2, 1))
 
 
@@ -212,10 +215,10 @@ def test_few_distinct_values_global_optimum(seed):
     counts = rng.integers(1, 40, size=values.size)
     flat = np.repeat(values, counts)
     n = 10 * 10 * 10
-    img = np.full(n, 999.0, np.float32)          # outside the mask: ignored
-    img[:flat.size] = rng.permutation(flat)
+    img = np.full(n, 999.0, np.float32)  # outside the mask: ignored
+    img[: flat.size] = rng.permutation(flat)
     mask = np.zeros(n, np.uint8)
-    mask[:flat.size] = 1
+    mask[: flat.size] = 1
     I, M = _vols(img.reshape(10, 10, 10), mask.reshape(10, 10, 10), (4, 5, 3))
     ks = [2, 3, 4, 5]
     res = fit_kmeans(I, M, ks=ks)
@@ -254,7 +257,7 @@ def test_negative_intensities_mirror(data):
 def test_wide_range_any_bin_resolution():
     """Intensities over 10 decades and both signs; coarse, default and fine bins (sparse per-chunk path)."""
     rng = np.random.default_rng(5)
-    img = (rng.lognormal(2.0, 2.5, size=(20, 20, 20)) * rng.choice([-1, 1, 1, 1], size=(20, 20, 20)))
+    img = rng.lognormal(2.0, 2.5, size=(20, 20, 20)) * rng.choice([-1, 1, 1, 1], size=(20, 20, 20))
     img = img.astype(np.float32)
     mask = np.ones(img.shape, np.uint8)
     v = img.ravel().astype(np.float64)
@@ -295,7 +298,7 @@ def test_histogram_passes_over_the_data(data):
         assert passes <= 2 and all(r.extra["data_passes"] == passes for r in res.values())
         _READS["n"] = 0
         dask.compute(*[m.data for m in kmeans_maps(counted, M, res).values()])
-        assert _READS["n"] == nblocks        # all six maps from one read of the image
+        assert _READS["n"] == nblocks  # all six maps from one read of the image
     # one pass only: allowed, flagged not exact when a bin straddles a midpoint, still close
     _READS["n"] = 0
     with dask.config.set(scheduler="synchronous"):
@@ -307,14 +310,18 @@ def test_histogram_passes_over_the_data(data):
 
 # ------------------------------------------------------------------------------------------------ minibatch
 
+
 def test_minibatch_within_two_percent_and_chunking_independent(data):
     img, mask = data["img"], data["mask"]
     out = []
     for chunks in [(16, 16, 16), (13, 20, 7)]:
         I, M = _vols(img, mask, chunks)
         # init_size: the init sample is 7 % of the voxels, so the stream (57 batches) does real work
-        out.append(fit_kmeans(I, M, ks=KS, method="minibatch", batch_size=1024, block_shape=(10, 20, 20),
-                              init_size=4096, seed=0))
+        out.append(
+            fit_kmeans(
+                I, M, ks=KS, method="minibatch", batch_size=1024, block_shape=(10, 20, 20), init_size=4096, seed=0
+            )
+        )
     for k in KS:
         r = out[0][k]
         sk = data["sk"][k].inertia_
@@ -332,6 +339,7 @@ def test_minibatch_within_two_percent_and_chunking_independent(data):
 
 # ------------------------------------------------------------------------------------------------ dask-ml
 
+
 def test_dask_ml_within_two_percent(data):
     pytest.importorskip("dask_ml")
     img, mask = data["img"], data["mask"]
@@ -344,6 +352,7 @@ def test_dask_ml_within_two_percent(data):
 def test_dask_ml_missing_is_a_clear_error(data):
     try:
         import dask_ml  # noqa: F401
+
         pytest.skip("dask-ml is installed")
     except ImportError:
         pass
@@ -352,6 +361,7 @@ def test_dask_ml_missing_is_a_clear_error(data):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+
 
 @pytest.mark.parametrize("ks", [[1], [21], [4, 25], [], [4.5], 0])
 def test_bad_k(data, ks):
@@ -368,7 +378,7 @@ def test_empty_mask(data, method):
 @pytest.mark.parametrize("method", ["histogram", "minibatch"])
 def test_fewer_distinct_intensities_than_k(method):
     img = np.random.default_rng(0).choice([10.0, 20.0, 35.0], size=(12, 12, 12)).astype(np.float32)
-    img[0, 0, 0] = 77.0           # outside the mask: not counted
+    img[0, 0, 0] = 77.0  # outside the mask: not counted
     mask = np.ones(img.shape, np.uint8)
     mask[0, 0, 0] = 0
     with pytest.raises(HelmError, match=r"only 3 distinct intensities .* k = \[4, 5\]"):
@@ -415,9 +425,14 @@ def test_compiled_binning_equals_numpy(n_bins):
     assert (((0x7F800000 >> s) + 1) <= km._DENSE_SPAN) == (n_bins == 2048)
     x = np.abs(rng.normal(300, 120, (20, 17, 13))).astype(np.float32)
     x.flat[:40] = np.array([0.0, 1e-40, 3e-39, 1e30, 7.5] * 8, dtype=np.float32)
-    cases = [(x, rng.random(x.shape) < 0.6), (x, (rng.random(x.shape) < 0.3).astype(np.uint8)),
-             (x, rng.random(x.shape) * (rng.random(x.shape) < 0.5)), (x, np.zeros(x.shape, bool)),
-             (x[:, ::2, :], np.ones((20, 9, 13), np.uint8)), (x.astype(np.float64), np.ones(x.shape, bool))]
+    cases = [
+        (x, rng.random(x.shape) < 0.6),
+        (x, (rng.random(x.shape) < 0.3).astype(np.uint8)),
+        (x, rng.random(x.shape) * (rng.random(x.shape) < 0.5)),
+        (x, np.zeros(x.shape, bool)),
+        (x[:, ::2, :], np.ones((20, 9, 13), np.uint8)),
+        (x.astype(np.float64), np.ones(x.shape, bool)),
+    ]
     for img, m in cases:
         got, ref = km._hist_block(img, m, s), km._hist_block_np(img, m, s)
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, ref))
@@ -433,7 +448,7 @@ def test_compiled_binning_equals_numpy(n_bins):
             ref_r = np.unique(code, return_counts=True)
             assert np.array_equal(got_r[0], ref_r[0]) and np.array_equal(got_r[1], ref_r[1])
     z = x.copy()
-    z.flat[::97] = -0.0                                         # counts as +0.0: the refined key 0 must see it
+    z.flat[::97] = -0.0  # counts as +0.0: the refined key 0 must see it
     zk = np.sort(np.asarray(km._hist_block_np(z, np.ones(z.shape, bool), s)[0])[:3])
     v = km._masked_f32(z, np.ones(z.shape, bool))
     key, low = km._keys(v, s)
@@ -445,7 +460,7 @@ def test_compiled_binning_equals_numpy(n_bins):
     y[0, 0, 0], y[1, 1, 1] = -5.0, np.nan
     got, ref = km._hist_block(y, np.ones(y.shape, bool), s), km._hist_block_np(y, np.ones(y.shape, bool), s)
     assert got[4] == 1 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, ref))
-    rk = np.sort(np.asarray(ref[0])[::4])                       # negative keys too: the NumPy refinement
+    rk = np.sort(np.asarray(ref[0])[::4])  # negative keys too: the NumPy refinement
     v = km._masked_f32(y, np.ones(y.shape, bool))
     key, low = km._keys(v[np.isfinite(v)], s)
     sel = np.isin(key, rk)

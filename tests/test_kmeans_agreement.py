@@ -38,7 +38,7 @@ def _pair(seed: int, kk: int = 6, nc: int = 4, shape=(13, 7, 9), noise: float = 
 def test_ari_matches_sklearn_inside_both(seed, chunks):
     km, tissue = _pair(seed)
     a = km if chunks is None else da.from_array(km, chunks=chunks)
-    b = tissue if chunks is None else da.from_array(tissue, chunks=(3, 3, 3))   # rechunked to a's chunks
+    b = tissue if chunks is None else da.from_array(tissue, chunks=(3, 3, 3))  # rechunked to a's chunks
     r = kmeans_agreement(a, b)
     inside = (km != 0) & (tissue != 0)
     assert r["voxels"] == int(inside.sum())
@@ -72,13 +72,14 @@ def test_tables_exact_for_every_chunking_and_sparse_codes():
         ref = t if ref is None else ref
         assert t == ref
     inside = (km != 0) & (tissue != 0)
-    assert kmeans_agreement(km, tissue)["ari"] == pytest.approx(adjusted_rand_score(tissue[inside], km[inside]),
-                                                               abs=1e-12)
+    assert kmeans_agreement(km, tissue)["ari"] == pytest.approx(
+        adjusted_rand_score(tissue[inside], km[inside]), abs=1e-12
+    )
 
 
 def test_ari_special_cases():
-    assert adjusted_rand_from_table({(1, 5): 10}) == 1.0            # one cluster, one class
-    assert adjusted_rand_from_table({(1, 2): 3, (2, 1): 4}) == 1.0   # relabelled
+    assert adjusted_rand_from_table({(1, 5): 10}) == 1.0  # one cluster, one class
+    assert adjusted_rand_from_table({(1, 2): 3, (2, 1): 4}) == 1.0  # relabelled
     assert math.isnan(adjusted_rand_from_table({}))
     km, tissue = _pair(4, noise=0.9)
     r = kmeans_agreement(km, tissue)
@@ -125,16 +126,16 @@ def test_reference_on_grid_flip_and_spacing():
 
     rng = np.random.default_rng(0)
     tissue = rng.integers(0, 4, (12, 10, 8)).astype(np.uint8)
-    aff = np.array([[-1.0, 0, 0, 20], [0, 1, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]])    # LAS on disk
+    aff = np.array([[-1.0, 0, 0, 20], [0, 1, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]])  # LAS on disk
     vol = make_volume(da.from_array(tissue, chunks=5), aff, kind="labels")
     for side in ("L", "R"):
         v = to_ras(vol)
         if side == "R":
             v = flip_left_right(v)
-        target = resample_labels(v, 2.0, method="majority")   # what the run's working grid looks like
+        target = resample_labels(v, 2.0, method="majority")  # what the run's working grid looks like
         out = reference_on_grid(vol, target, side=side, spacing=2.0)
         np.testing.assert_array_equal(out.values, target.values)
-        same = reference_on_grid(vol, v, side=side)            # already on the grid: returned as is
+        same = reference_on_grid(vol, v, side=side)  # already on the grid: returned as is
         np.testing.assert_array_equal(same.values, v.values)
     other = make_volume(da.zeros((5, 5, 5), np.uint8), np.eye(4), kind="labels")
     with pytest.raises(HelmError, match="working grid"):
@@ -147,23 +148,47 @@ def test_cli_reference_tissue_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("--reference-tissue FILE optional: a tissue-class map on the scan's grid (e.g. a phantom's "
-            "truth_tissue.nii.gz); QC then reports the k-means agreement") in text
-    code = main(["run", str(tmp_path / "s.nii.gz"), "--hypothalamus", str(tmp_path / "h.nii.gz"), "--out",
-                 str(tmp_path), "--reference-tissue", str(tmp_path / "nope.nii.gz"), "--scheduler", "threads"])
+    assert (
+        "--reference-tissue FILE optional: a tissue-class map on the scan's grid (e.g. a phantom's "
+        "truth_tissue.nii.gz); QC then reports the k-means agreement"
+    ) in text
+    code = main(
+        [
+            "run",
+            str(tmp_path / "s.nii.gz"),
+            "--hypothalamus",
+            str(tmp_path / "h.nii.gz"),
+            "--out",
+            str(tmp_path),
+            "--reference-tissue",
+            str(tmp_path / "nope.nii.gz"),
+            "--scheduler",
+            "threads",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "reference tissue map not found" in err and "Traceback" not in err
     (tmp_path / "m.csv").write_text("scan,hypothalamus\ns.nii.gz,h.nii.gz\n")
     (tmp_path / "t.nii.gz").write_bytes(b"")
-    code = main(["run", str(tmp_path / "m.csv"), "--out", str(tmp_path), "--reference-tissue",
-                 str(tmp_path / "t.nii.gz"), "--scheduler", "threads"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "m.csv"),
+            "--out",
+            str(tmp_path),
+            "--reference-tissue",
+            str(tmp_path / "t.nii.gz"),
+            "--scheduler",
+            "threads",
+        ]
+    )
     assert code != 0 and "--reference-tissue is one subject's" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ end to end
 
 SPACING = 3.0
-KS = (4, 6)   # two maps keep the test short; the agreement pass is the same for six
+KS = (4, 6)  # two maps keep the test short; the agreement pass is the same for six
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +199,17 @@ def template_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("template3mm")
     ph = root / "phantom"
     write_phantom(ph, anatomy="mni152", spacing_mm=SPACING, side="L", seed=1, fluid="bright", bag_gap_mm=5.0)
-    params = RunParams(scan=str(ph / "scan.nii.gz"), hypothalamus=str(ph / "hypothalamus.nii.gz"),
-                       out=str(root / "out"), side="auto", spacing=SPACING, ks=KS, subject="t",
-                       nifti=False, reference_tissue=str(ph / "truth_tissue.nii.gz"))
+    params = RunParams(
+        scan=str(ph / "scan.nii.gz"),
+        hypothalamus=str(ph / "hypothalamus.nii.gz"),
+        out=str(root / "out"),
+        side="auto",
+        spacing=SPACING,
+        ks=KS,
+        subject="t",
+        nifti=False,
+        reference_tissue=str(ph / "truth_tissue.nii.gz"),
+    )
     info = run_subject(params, quiet=True)
     return root / "out" / "t", info
 
@@ -190,7 +223,7 @@ def test_run_reports_kmeans_agreement(template_run):
     for k, r in ag["ks"].items():
         assert math.isfinite(r["ari"]) and -1.0 <= r["ari"] <= 1.0, (k, r["ari"])
         assert r["voxels"] > 0
-        assert {"1", "2", "3"} <= set(r["dice"])          # CSF/fluid, grey and white matter at least
+        assert {"1", "2", "3"} <= set(r["dice"])  # CSF/fluid, grey and white matter at least
         for c in r["dice"].values():
             assert 0.0 <= c["dice"] <= 1.0
     assert json.loads((d / "qc" / "kmeans_agreement.json").read_text())["ks"] == ag["ks"]
@@ -235,6 +268,6 @@ def test_template_run_mirror_plane_is_the_medial_plane(template_run):
     ang = math.degrees(math.acos(min(1.0, abs(float(n @ true_n)) / np.linalg.norm(n) / np.linalg.norm(true_n))))
     # the plane x = 0 after T passes through the true medial point within a few mm
     off = float((T[:3, :3] @ true_p + T[:3, 3])[0])
-    assert ang < 3.0 and abs(off) < 3.0, (ang, off)      # measured: 0.9 deg, 0.4 mm on a 3 mm grid
+    assert ang < 3.0 and abs(off) < 3.0, (ang, off)  # measured: 0.9 deg, 0.4 mm on a 3 mm grid
     chk = run["mirror_check"]
     assert chk["ok"] and abs(chk["centroid_distance_mm"]) < 10.0, chk

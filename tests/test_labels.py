@@ -36,7 +36,7 @@ def manual(seed=0, extra=()):
     lab = np.zeros((12, 10, 8), np.int32)
     lab[3:8, 2:7, 2:6] = rng.choice([801, 802, 803, 804, 805], size=(5, 5, 4))
     lab[8:10, 4:6, 3:5] = FORNIX
-    for (v, n) in extra:
+    for v, n in extra:
         idx = rng.choice(lab.size, size=n, replace=False)
         lab.ravel()[idx] = v
     return lab
@@ -49,6 +49,7 @@ def vol_of(a, chunks=(12, 10, 8)):
 # ----------------------------------------------------------------------------------------------------------
 # codes
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_freesurfer_codes_names_and_colours():
     assert HYPOTHALAMUS_LEFT[801] == "L_hypothalamus_anterior_inferior"
@@ -66,6 +67,7 @@ def test_freesurfer_codes_names_and_colours():
 # colour tables
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_lut_round_trip(tmp_path):
     p = write_lut(tmp_path / "lut.txt", ks=(4, 5, 6, 7, 8, 9))
     text = p.read_text().splitlines()
@@ -76,7 +78,7 @@ def test_lut_round_trip(tmp_path):
     assert back.entries == want.entries
     assert sorted(back.entries) == [0, *range(1, 10), 250, *range(801, 811)]
     greys = [back.entries[j][1] for j in range(1, 10)]
-    assert len(set(greys)) == 9 and [g[1] for g in greys] == sorted(g[1] for g in greys)   # dark -> light
+    assert len(set(greys)) == 9 and [g[1] for g in greys] == sorted(g[1] for g in greys)  # dark -> light
     # and writing what was read gives the same file content
     back.to_colorlut(tmp_path / "again.txt")
     assert LabelTable.from_colorlut(tmp_path / "again.txt").entries == back.entries
@@ -102,12 +104,15 @@ def test_published_numbering_needs_a_file(tmp_path):
 
 def test_json_and_tsv_code_maps(tmp_path):
     j = tmp_path / "pub.json"
-    j.write_text(json.dumps({"name": "pub", "map": {"801": 11, "802": 12, "250": 20},
-                             "entries": {"11": ["hyp_ai", [1, 2, 3, 0]]}}))
+    j.write_text(
+        json.dumps(
+            {"name": "pub", "map": {"801": 11, "802": 12, "250": 20}, "entries": {"11": ["hyp_ai", [1, 2, 3, 0]]}}
+        )
+    )
     t = load_label_table(j)
     assert t.out_code(801) == 11 and t.out_code(803) == 803 and t.out_code(3) == 3
     assert t.entries[11] == ("hyp_ai", (1, 2, 3, 0))
-    assert t.entries[12] == (HYPOTHALAMUS[802], COLOURS[802])       # our name and colour carried over
+    assert t.entries[12] == (HYPOTHALAMUS[802], COLOURS[802])  # our name and colour carried over
     assert 801 not in t.entries and t.entries[20][0] == "Fornix"
     tsv = tmp_path / "pub.tsv"
     tsv.write_text("ours\tpublished\tname\n801\t11\thyp_ai\n802\t12\n3\t103\n")
@@ -128,23 +133,25 @@ def test_code_map_collisions_are_refused(tmp_path):
     with pytest.raises(HelmError, match="same output code"):
         LabelTable("x", {}, {801: 12, 802: 12})
     with pytest.raises(HelmError, match="same output code"):
-        LabelTable("x", {}, {801: 803})                       # 803 itself is left as it is
+        LabelTable("x", {}, {801: 803})  # 803 itself is left as it is
     with pytest.raises(HelmError, match="same output code"):
-        LabelTable("x", {}, {801: 5}).with_clusters(6)        # cluster 5 keeps code 5
+        LabelTable("x", {}, {801: 5}).with_clusters(6)  # cluster 5 keeps code 5
     with pytest.raises(HelmError, match="cannot be renumbered"):
         LabelTable("x", {}, {801: 0})
 
 
 def test_colorlut_matched_by_name(tmp_path):
     p = tmp_path / "published_lut.txt"
-    p.write_text("#No. Label Name: R G B A\n0 Unknown 0 0 0 0\n"
-                 "21 Left-Hypothalamus-anterior-inferior 1 1 1 0\n"
-                 "22 left_hypothalamus_Anterior_Superior 2 2 2 0\n"
-                 "23 Left-hypothalamus-posterior 3 3 3 0\n"
-                 "24 Left-hypothalamus-tuberal-inferior 4 4 4 0\n"
-                 "25 L_hypothalamus_tubular_superior 5 5 5 0\n"
-                 "26 Fornix 6 6 6 0\n"
-                 "31 kmeans-cluster-1 7 7 7 0\n")
+    p.write_text(
+        "#No. Label Name: R G B A\n0 Unknown 0 0 0 0\n"
+        "21 Left-Hypothalamus-anterior-inferior 1 1 1 0\n"
+        "22 left_hypothalamus_Anterior_Superior 2 2 2 0\n"
+        "23 Left-hypothalamus-posterior 3 3 3 0\n"
+        "24 Left-hypothalamus-tuberal-inferior 4 4 4 0\n"
+        "25 L_hypothalamus_tubular_superior 5 5 5 0\n"
+        "26 Fornix 6 6 6 0\n"
+        "31 kmeans-cluster-1 7 7 7 0\n"
+    )
     t = load_label_table(p)
     assert [t.out_code(c) for c in (801, 802, 803, 804, 805, 250, 1, 2)] == [21, 22, 23, 24, 25, 26, 31, 2]
     assert t.entries[24] == ("Left-hypothalamus-tuberal-inferior", (4, 4, 4, 0))
@@ -160,6 +167,7 @@ def test_colorlut_matched_by_name(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # manual segmentations
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 def test_label_counts_matches_numpy(chunks):
@@ -200,7 +208,8 @@ def test_explicit_mapping(chunks):
     assert out.attrs["provenance"][-1]["params"]["mapping"] == {"17": 802, "3": 0, "70000": 250}
     # string keys (as from a JSON run record) work as well
     np.testing.assert_array_equal(
-        validate_manual_labels(vol_of(a, chunks), mapping={"17": 802, "3": 0, "70000": 250}).values, want)
+        validate_manual_labels(vol_of(a, chunks), mapping={"17": 802, "3": 0, "70000": 250}).values, want
+    )
 
 
 def test_mapping_to_an_unknown_code_is_refused():

@@ -33,6 +33,7 @@ ANISO = (0.3, 0.3, 0.6)
 
 # ------------------------------------------------------------------------------ independent reference
 
+
 def ref_dice(a, b):
     sa = set(map(tuple, np.argwhere(a)))
     sb = set(map(tuple, np.argwhere(b)))
@@ -51,9 +52,14 @@ def ref_distances(a, b, affine):
         return dict(mean=math.inf, max=math.inf, d_ab=math.inf, d_ba=math.inf, hd95=math.inf, hd=math.inf)
     dab = cKDTree(pb).query(pa)[0]
     dba = cKDTree(pa).query(pb)[0]
-    return dict(mean=(dab.mean() + dba.mean()) / 2, max=max(dab.mean(), dba.mean()), d_ab=dab.mean(),
-                d_ba=dba.mean(), hd95=max(np.percentile(dab, 95), np.percentile(dba, 95)),
-                hd=max(dab.max(), dba.max()))
+    return dict(
+        mean=(dab.mean() + dba.mean()) / 2,
+        max=max(dab.mean(), dba.mean()),
+        d_ab=dab.mean(),
+        d_ba=dba.mean(),
+        hd95=max(np.percentile(dab, 95), np.percentile(dba, 95)),
+        hd=max(dab.max(), dba.max()),
+    )
 
 
 def diag_affine(spacing, origin=(-5.0, 3.0, 7.0)):
@@ -91,12 +97,16 @@ def blob(shape, seed, frac=0.5, sigma=1.5):
 
 # ------------------------------------------------------------------------------------ in-memory core
 
-@pytest.mark.parametrize("shape,spacing,seed", [
-    ((9, 8, 7), ANISO, 0),
-    ((16, 11, 6), ANISO, 1),
-    ((5, 20, 13), (1.0, 1.0, 1.0), 2),
-    ((12, 12, 12), (0.1, 0.25, 0.7), 3),
-])
+
+@pytest.mark.parametrize(
+    "shape,spacing,seed",
+    [
+        ((9, 8, 7), ANISO, 0),
+        ((16, 11, 6), ANISO, 1),
+        ((5, 20, 13), (1.0, 1.0, 1.0), 2),
+        ((12, 12, 12), (0.1, 0.25, 0.7), 3),
+    ],
+)
 def test_average_hausdorff_matches_bruteforce(shape, spacing, seed):
     a = blob(shape, seed, frac=0.3)
     b = blob(shape, seed + 100, frac=0.2)
@@ -113,8 +123,8 @@ def test_average_hausdorff_matches_bruteforce(shape, spacing, seed):
 def test_average_hausdorff_small_sets_far_apart_and_2d():
     a = np.zeros((30, 3, 4), bool)
     b = np.zeros_like(a)
-    a[0, 0, 0] = True                    # corner voxel
-    b[29, 2, 3] = b[28, 2, 3] = True     # opposite corner
+    a[0, 0, 0] = True  # corner voxel
+    b[29, 2, 3] = b[28, 2, 3] = True  # opposite corner
     assert_close(average_hausdorff(a, b, ANISO), ref_distances(a, b, diag_affine(ANISO)))
     a2 = blob((15, 9), 7, sigma=1.0)
     b2 = blob((15, 9), 8, sigma=1.0)
@@ -168,8 +178,9 @@ def make_labels(seed):
     f = ndi.gaussian_filter(rng.standard_normal(SHAPE), 3.0)
     lab = np.digitize(f, np.quantile(f, [0.3, 0.6])).astype(np.uint16) + 1
     c = np.array([17, 15, 11]) + rng.integers(-1, 2, 3)
-    ell = ((i - c[0]) / 9.0) ** 2 + ((j - c[1]) / 7.0) ** 2 + ((k - c[2]) / 5.0) ** 2 + \
-        0.15 * ndi.gaussian_filter(rng.standard_normal(SHAPE), 1.0) < 1
+    ell = ((i - c[0]) / 9.0) ** 2 + ((j - c[1]) / 7.0) ** 2 + ((k - c[2]) / 5.0) ** 2 + 0.15 * ndi.gaussian_filter(
+        rng.standard_normal(SHAPE), 1.0
+    ) < 1
     ant, tub = i < c[0] - 3, (i >= c[0] - 3) & (i < c[0] + 4)
     sup = k >= c[2]
     lab[ell & ant & ~sup] = 801
@@ -177,9 +188,9 @@ def make_labels(seed):
     lab[ell & ~ant & ~tub] = 803
     lab[ell & tub & ~sup] = 804
     lab[ell & tub & sup] = 805
-    lab[0:3 + seed % 2, 5:8, 3:6] = 250       # fornix on the border
+    lab[0 : 3 + seed % 2, 5:8, 3:6] = 250  # fornix on the border
     if seed % 2 == 0:
-        lab[30:33, 25:28, 18:21] = 807         # a right label in A only
+        lab[30:33, 25:28, 18:21] = 807  # a right label in A only
     return lab
 
 
@@ -193,10 +204,19 @@ def reference_rows(a, b, affine, items):
     for name, codes in items:
         ma, mb = np.isin(a, codes), np.isin(b, codes)
         d = ref_distances(ma, mb, affine)
-        out[name] = dict(dice=ref_dice(ma, mb), avg_hd_mean_mm=d["mean"], avg_hd_max_mm=d["max"],
-                         d_ab_mm=d["d_ab"], d_ba_mm=d["d_ba"], hd95_mm=d["hd95"], hd_mm=d["hd"],
-                         volume_a_mm3=ma.sum() * vox, volume_b_mm3=mb.sum() * vox,
-                         voxels_a=int(ma.sum()), voxels_b=int(mb.sum()))
+        out[name] = dict(
+            dice=ref_dice(ma, mb),
+            avg_hd_mean_mm=d["mean"],
+            avg_hd_max_mm=d["max"],
+            d_ab_mm=d["d_ab"],
+            d_ba_mm=d["d_ba"],
+            hd95_mm=d["hd95"],
+            hd_mm=d["hd"],
+            volume_a_mm3=ma.sum() * vox,
+            volume_b_mm3=mb.sum() * vox,
+            voxels_a=int(ma.sum()),
+            voxels_b=int(mb.sum()),
+        )
     return out
 
 
@@ -205,11 +225,14 @@ def pair():
     return make_labels(0), make_labels(1)
 
 
-@pytest.mark.parametrize("chunks_a,chunks_b,affine", [
-    (SHAPE, (10, 7, 22), diag_affine(ANISO)),
-    ((8, 9, 5), (8, 9, 5), diag_affine(ANISO)),
-    ((13, 30, 4), (34, 6, 7), oblique_affine(ANISO)),
-])
+@pytest.mark.parametrize(
+    "chunks_a,chunks_b,affine",
+    [
+        (SHAPE, (10, 7, 22), diag_affine(ANISO)),
+        ((8, 9, 5), (8, 9, 5), diag_affine(ANISO)),
+        ((13, 30, 4), (34, 6, 7), oblique_affine(ANISO)),
+    ],
+)
 def test_compare_volumes_equals_in_memory(pair, chunks_a, chunks_b, affine):
     a, b = pair
     rows = compare_volumes(vol(a, affine, chunks_a), vol(b, affine, chunks_b))
@@ -218,7 +241,7 @@ def test_compare_volumes_equals_in_memory(pair, chunks_a, chunks_b, affine):
     # that has labels (807 is in A only, so the right groups are there too)
     codes = sorted({int(c) for c in np.unique(np.concatenate([a.ravel(), b.ravel()]))} & (set(range(801, 811)) | {250}))
     assert [r["codes"] for r in rows if r["kind"] == "label"] == [(c,) for c in codes]
-    assert names[len(codes):] == list(PAPER_GROUPS)
+    assert names[len(codes) :] == list(PAPER_GROUPS)
     items = [(r["name"], list(r["codes"])) for r in rows]
     ref = reference_rows(a, b, affine, items)
     for r in rows:
@@ -234,11 +257,16 @@ def test_compare_volumes_equals_in_memory(pair, chunks_a, chunks_b, affine):
 def test_groups_combine_codes(pair):
     a, b = pair
     af = diag_affine(ANISO)
-    rows = compare_volumes(vol(a, af, 11), vol(b, af, 11), labels=[801, 802, 803],
-                           groups={"front": [802, 801], "mixed": (803, 250, 2)})
+    rows = compare_volumes(
+        vol(a, af, 11), vol(b, af, 11), labels=[801, 802, 803], groups={"front": [802, 801], "mixed": (803, 250, 2)}
+    )
     assert [(r["name"], r["codes"]) for r in rows] == [
-        ("L anterior-inferior", (801,)), ("L anterior-superior", (802,)), ("L posterior", (803,)),
-        ("front", (801, 802)), ("mixed", (2, 250, 803))]
+        ("L anterior-inferior", (801,)),
+        ("L anterior-superior", (802,)),
+        ("L posterior", (803,)),
+        ("front", (801, 802)),
+        ("mixed", (2, 250, 803)),
+    ]
     ref = reference_rows(a, b, af, [(r["name"], list(r["codes"])) for r in rows])
     for r in rows:
         assert_close(r, ref[r["name"]])
@@ -258,8 +286,7 @@ def test_labels_all_margin_and_too_large(pair):
     present = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
     assert [r["codes"][0] for r in rows0] == present and 1 in present
     for r0, r5 in zip(rows0, rows5):  # the margin never changes a number
-        assert_close(r0, {k: r5[k] for k in ("dice", "avg_hd_mean_mm", "avg_hd_max_mm", "hd95_mm", "hd_mm")},
-                     tol=1e-12)
+        assert_close(r0, {k: r5[k] for k in ("dice", "avg_hd_mean_mm", "avg_hd_max_mm", "hd95_mm", "hd_mm")}, tol=1e-12)
     ref = reference_rows(a, b, af, [(r["name"], list(r["codes"])) for r in rows0])
     for r in rows0:
         assert_close(r, ref[r["name"]])
@@ -299,6 +326,7 @@ def test_numpy_backed_volume_and_left_only(pair):
 
 # ------------------------------------------------------------------------------------ grids and errors
 
+
 def test_grid_mismatch_raises_and_resample(pair):
     a, b = pair
     af = diag_affine(ANISO)
@@ -336,16 +364,29 @@ def test_bad_volumes_raise(pair):
 
 # ------------------------------------------------------------------------------------ batches, output
 
+
 def _rows(d, h, status="ok"):
-    return [dict(name="L whole", kind="group", codes=(801, 802, 803, 804, 805), status=status, dice=d,
-                 avg_hd_mean_mm=h, volume_a_mm3=100.0),
-            dict(name="fornix", kind="label", codes=(250,), status="ok", dice=0.5, avg_hd_mean_mm=1.0,
-                 volume_a_mm3=2.0)]
+    return [
+        dict(
+            name="L whole",
+            kind="group",
+            codes=(801, 802, 803, 804, 805),
+            status=status,
+            dice=d,
+            avg_hd_mean_mm=h,
+            volume_a_mm3=100.0,
+        ),
+        dict(name="fornix", kind="label", codes=(250,), status="ok", dice=0.5, avg_hd_mean_mm=1.0, volume_a_mm3=2.0),
+    ]
 
 
 def test_summarise_mean_std():
-    per = {"s1": _rows(0.80, 0.30), "s2": _rows(0.85, 0.50), "s3": _rows(0.78, 0.31),
-           "s4": _rows(0.0, math.inf, status="absent in B")}
+    per = {
+        "s1": _rows(0.80, 0.30),
+        "s2": _rows(0.85, 0.50),
+        "s3": _rows(0.78, 0.31),
+        "s4": _rows(0.0, math.inf, status="absent in B"),
+    }
     s = summarise(per)
     assert [r["name"] for r in s] == ["L whole", "fornix"]
     w = s[0]
@@ -391,8 +432,9 @@ def test_format_table_csv_json(pair, tmp_path):
 
 
 def test_pair_by_name():
-    pairs, only_a, only_b = pair_by_name(["x/s1.nii.gz", "x/s2.zarr/", "x/s3.nii"], ["y/s2.nii.gz", "y/s1.zarr",
-                                                                                   "y/s9.nii.gz"])
+    pairs, only_a, only_b = pair_by_name(
+        ["x/s1.nii.gz", "x/s2.zarr/", "x/s3.nii"], ["y/s2.nii.gz", "y/s1.zarr", "y/s9.nii.gz"]
+    )
     assert pairs == [("s1", "x/s1.nii.gz", "y/s1.zarr"), ("s2", "x/s2.zarr/", "y/s2.nii.gz")]
     assert only_a == ["s3"] and only_b == ["s9"]
     with pytest.raises(HelmError, match="same subject name"):

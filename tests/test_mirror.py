@@ -15,21 +15,29 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from helm_dask import mirror
-from helm_dask.io import regions
 from helm_dask.errors import HelmError
-from helm_dask.mirror import (RIGHT_CODES, MirrorTransform, fit_mirror, mirror_cost, mirror_labels,
-                              rotation_matrix, whole_brain_grid)
+from helm_dask.io import regions
+from helm_dask.mirror import (
+    RIGHT_CODES,
+    MirrorTransform,
+    fit_mirror,
+    mirror_cost,
+    mirror_labels,
+    rotation_matrix,
+    whole_brain_grid,
+)
 from helm_dask.volume import affine_of, make_volume
 
 # ----------------------------------------------------------------------------------------------------------
 # synthetic left hemispheres with a known medial plane
 # ----------------------------------------------------------------------------------------------------------
 
-SEMI = (22.0, 30.0, 20.0)          # half-ellipsoid semi-axes (depth x, y, z), mm; flat medial face X = 0
+SEMI = (22.0, 30.0, 20.0)  # half-ellipsoid semi-axes (depth x, y, z), mm; flat medial face X = 0
 
 
-def make_hemisphere(*, ry=7.0, rz=-11.0, rx=3.0, semi=SEMI, shape=(34, 70, 50), spacing=1.0, oblique=2.0,
-                    shift=(4.0, -3.0, 2.0)):
+def make_hemisphere(
+    *, ry=7.0, rz=-11.0, rx=3.0, semi=SEMI, shape=(34, 70, 50), spacing=1.0, oblique=2.0, shift=(4.0, -3.0, 2.0)
+):
     """A half-ellipsoid whose flat medial face (object plane X = 0, normal +X) is placed in the world by a
     known rotation/translation and sampled on a slightly oblique grid. Returns the mask, the affine, the
     object -> world rotation and shift, and the object coordinates of every voxel centre."""
@@ -42,7 +50,7 @@ def make_hemisphere(*, ry=7.0, rz=-11.0, rx=3.0, semi=SEMI, shape=(34, 70, 50), 
     aff[:3, 3] = rs @ np.array([-a / 2, 0.0, 0.0]) + shift - aff[:3, :3] @ centre_vox
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     world = ijk @ aff[:3, :3].T + aff[:3, 3]
-    obj = (world - shift) @ rs                                    # rs^T (p - shift)
+    obj = (world - shift) @ rs  # rs^T (p - shift)
     inside = (obj[:, 0] <= 0) & ((obj[:, 0] / a) ** 2 + (obj[:, 1] / b) ** 2 + (obj[:, 2] / c) ** 2 <= 1)
     return inside.reshape(shape).astype(np.uint8), aff, rs, shift, obj.reshape(shape + (3,))
 
@@ -87,6 +95,7 @@ def fitted(hemi):
 # the fit
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alpha", [2e-3, 5e-4])
 def test_fit_finds_the_known_medial_plane(hemi, fitted, alpha):
     tr = fitted(alpha, (17, 25, 20))
@@ -128,7 +137,7 @@ def test_exact_quantile_and_cost_equal_plain_numpy(hemi, fitted):
     np.testing.assert_allclose(tr.centre_mm, centroid, atol=1e-9)
     u = (pts - centroid) @ tr.matrix[0, :3]
     m = int(math.floor(alpha * n)) + 1
-    q = np.sort(u)[::-1][m - 1]                               # the m-th largest: best t_x in closed form
+    q = np.sort(u)[::-1][m - 1]  # the m-th largest: best t_x in closed form
     assert tr.translation_mm[0] == pytest.approx(-q - centroid[0], abs=1e-9)
     assert tr.cost == pytest.approx(mirror_cost(pts, tr.matrix, alpha), rel=1e-10)
     # the closed-form t_x is a minimum of C along t_x
@@ -143,9 +152,13 @@ def test_fit_is_chunking_independent(hemi, fitted):
     for chunks in [(34, 70, 50), (8, 33, 13), (11, 9, 50)]:
         tr = fitted(2e-3, chunks)
         np.testing.assert_array_equal(tr.matrix, ref.matrix)
-        assert (tr.fraction_across, tr.gap_mm, tr.n_voxels, tr.centre_mm) == \
-               (ref.fraction_across, ref.gap_mm, ref.n_voxels, ref.centre_mm)
-        assert tr.cost == pytest.approx(ref.cost, rel=1e-12)          # float sums: last digits may differ
+        assert (tr.fraction_across, tr.gap_mm, tr.n_voxels, tr.centre_mm) == (
+            ref.fraction_across,
+            ref.gap_mm,
+            ref.n_voxels,
+            ref.centre_mm,
+        )
+        assert tr.cost == pytest.approx(ref.cost, rel=1e-12)  # float sums: last digits may differ
 
 
 def test_subsample_seed_changes_sample_not_result(hemi):
@@ -153,7 +166,7 @@ def test_subsample_seed_changes_sample_not_result(hemi):
     a = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=1)
     b = fit_mirror(vol, alpha=2e-3, n_sample=6000, seed=2)
     assert a.n_sample == b.n_sample == 6000
-    assert not np.array_equal(a.matrix, b.matrix)                 # different samples ...
+    assert not np.array_equal(a.matrix, b.matrix)  # different samples ...
     na, nb = a.matrix[0, :3], b.matrix[0, :3]
     assert math.degrees(math.acos(min(1.0, float(na @ nb)))) < 1.0  # ... about the same plane
     n_true = hemi["rs"][:, 0]
@@ -178,12 +191,19 @@ def test_cost_no_worse_than_dense_nelder_mead(n_sample):
     x_max = float((pts[:, 0]).max())
     rng = np.random.default_rng(0)
     starts = [np.array([0.0, 0.0, 0.0, -x_max, 0.0, 0.0]), np.zeros(6)]
-    starts += [np.concatenate([rng.uniform(-10, 10, 3), [-x_max + rng.uniform(-3, 3)], rng.uniform(-3, 3, 2)])
-               for _ in range(3)]
+    starts += [
+        np.concatenate([rng.uniform(-10, 10, 3), [-x_max + rng.uniform(-3, 3)], rng.uniform(-3, 3, 2)])
+        for _ in range(3)
+    ]
     best = np.inf
     for x0 in starts:
-        res = minimize(_six_parameter_cost, x0, args=(pts, centre, alpha), method="Nelder-Mead",
-                       options={"maxiter": 4000, "maxfev": 4000, "xatol": 1e-7, "fatol": 1e-9})
+        res = minimize(
+            _six_parameter_cost,
+            x0,
+            args=(pts, centre, alpha),
+            method="Nelder-Mead",
+            options={"maxiter": 4000, "maxfev": 4000, "xatol": 1e-7, "fatol": 1e-9},
+        )
         best = min(best, float(res.fun))
     ours = mirror_cost(pts, tr.matrix, alpha)
     assert ours == pytest.approx(tr.cost, rel=1e-10)
@@ -215,7 +235,7 @@ def test_axis_aligned_ties_are_exact():
     for chunks in (7, 30):
         tr = fit_mirror(as_volume(m, np.diag([0.5, 0.5, 0.5, 1.0]), chunks), alpha=1e-2, grid_deg=(4.0, 2.0))
         assert tr.angles_deg == (0.0, 0.0, 0.0)
-        assert tr.translation_mm[0] == pytest.approx(-12.0, abs=1e-12)   # face voxel centres at x = 12 mm
+        assert tr.translation_mm[0] == pytest.approx(-12.0, abs=1e-12)  # face voxel centres at x = 12 mm
         assert tr.fraction_across == 0.0 and tr.gap_mm == 0.0
         pts = mask_points(m, np.diag([0.5, 0.5, 0.5, 1.0]))
         assert tr.cost == pytest.approx(mirror_cost(pts, tr.matrix, 1e-2), rel=1e-12)
@@ -248,8 +268,12 @@ def test_transform_json_roundtrip(tmp_path, fitted):
     back = MirrorTransform.load_json(path)
     np.testing.assert_array_equal(back.matrix, tr.matrix)
     np.testing.assert_array_equal(back.bbox_mm, tr.bbox_mm)
-    assert (back.angles_deg, back.translation_mm, back.cost, back.gap_mm) == \
-           (tr.angles_deg, tr.translation_mm, tr.cost, tr.gap_mm)
+    assert (back.angles_deg, back.translation_mm, back.cost, back.gap_mm) == (
+        tr.angles_deg,
+        tr.translation_mm,
+        tr.cost,
+        tr.gap_mm,
+    )
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(HelmError, match="bad.json"):
@@ -263,12 +287,14 @@ def test_transform_json_roundtrip(tmp_path, fitted):
 # the whole brain
 # ----------------------------------------------------------------------------------------------------------
 
+
 def make_maps(hemi):
     """Two hemisphere label maps on the mask grid: 'clusters' (uint8, 1..4 in bands) and 'merged' (uint16,
     clusters plus the five hypothalamus codes 801-805 in a patch on the medial face)."""
     mask, obj = hemi["mask"].astype(bool), hemi["obj"]
-    clusters = np.where(mask, 1 + (np.floor(obj[..., 0] / 3.0).astype(int) + np.floor(obj[..., 1] / 5.0)
-                                   .astype(int)) % 4, 0).astype(np.uint8)
+    clusters = np.where(
+        mask, 1 + (np.floor(obj[..., 0] / 3.0).astype(int) + np.floor(obj[..., 1] / 5.0).astype(int)) % 4, 0
+    ).astype(np.uint8)
     merged = clusters.astype(np.uint16)
     hyp = mask & (obj[..., 0] > -6) & (np.abs(obj[..., 1]) < 9) & (np.abs(obj[..., 2]) < 7)
     sub = 801 + np.clip(((obj[..., 1] + 9) / 18 * 5).astype(int), 0, 4)
@@ -282,8 +308,9 @@ def reference_whole_brain(src, tr, src_aff, grid, mode, codes=RIGHT_CODES):
     mirror image (output voxel i takes voxel n - 1 - i) with the left codes renamed."""
     shape, out_aff = grid
     g = np.linalg.inv(src_aff) @ np.linalg.inv(tr.matrix) @ out_aff
-    full = ndi.affine_transform(src, g[:3, :3], offset=g[:3, 3], output_shape=tuple(shape), order=0,
-                                mode=mode, cval=0).astype(np.uint16)
+    full = ndi.affine_transform(
+        src, g[:3, :3], offset=g[:3, 3], output_shape=tuple(shape), order=0, mode=mode, cval=0
+    ).astype(np.uint16)
     half = shape[0] // 2
     left = full[:half]
     right = left[::-1].copy()
@@ -314,12 +341,13 @@ def test_mirror_labels_equals_scipy_affine_transform(hemi, fitted, mode, out_chu
         flip = np.eye(4)
         flip[0, 0], flip[0, 3] = -1.0, n - 1
         g = np.linalg.inv(aff) @ np.linalg.inv(tr.matrix) @ grid[1] @ flip
-        direct = ndi.affine_transform(maps[k], g[:3, :3], offset=g[:3, 3], output_shape=grid[0], order=0,
-                                      mode=mode, cval=0)
-        right_direct = direct[n // 2:].astype(np.uint16)
+        direct = ndi.affine_transform(
+            maps[k], g[:3, :3], offset=g[:3, 3], output_shape=grid[0], order=0, mode=mode, cval=0
+        )
+        right_direct = direct[n // 2 :].astype(np.uint16)
         for a, b in RIGHT_CODES.items():
-            right_direct[direct[n // 2:] == a] = b
-        np.testing.assert_array_equal(arr[n // 2:], right_direct)
+            right_direct[direct[n // 2 :] == a] = b
+        np.testing.assert_array_equal(arr[n // 2 :], right_direct)
 
 
 def test_mirrored_map_is_symmetric(hemi, fitted):
@@ -330,15 +358,15 @@ def test_mirrored_map_is_symmetric(hemi, fitted):
     aff = affine_of(out)
     n = arr.shape[0]
     x = aff[0, 3] + aff[0, 0] * np.arange(n)
-    np.testing.assert_allclose(x, -x[::-1], atol=1e-9)                 # voxel centres symmetric about 0
-    assert np.all(x[: n // 2] < 0) and np.all(x[n // 2:] > 0)
-    left, right = arr[: n // 2], arr[n // 2:][::-1]                     # right[i] = voxel n - 1 - i
+    np.testing.assert_allclose(x, -x[::-1], atol=1e-9)  # voxel centres symmetric about 0
+    assert np.all(x[: n // 2] < 0) and np.all(x[n // 2 :] > 0)
+    left, right = arr[: n // 2], arr[n // 2 :][::-1]  # right[i] = voxel n - 1 - i
     for code, rcode in RIGHT_CODES.items():
         assert (left == code).sum() > 0
-        np.testing.assert_array_equal(left == code, right == rcode)    # every left code has its right twin
-        assert not (arr[n // 2:] == code).any() and not (arr[: n // 2] == rcode).any()
+        np.testing.assert_array_equal(left == code, right == rcode)  # every left code has its right twin
+        assert not (arr[n // 2 :] == code).any() and not (arr[: n // 2] == rcode).any()
     clusters = left < 800
-    np.testing.assert_array_equal(left[clusters], right[clusters])     # clusters keep their values
+    np.testing.assert_array_equal(left[clusters], right[clusters])  # clusters keep their values
     # nearest-neighbour resampling at the same spacing keeps the hemisphere's volume (within 3%)
     n_vox = int(hemi["mask"].sum())
     assert abs((left > 0).sum() / n_vox - 1) < 0.03
@@ -354,8 +382,8 @@ def test_whole_brain_grid_covers_both_hemispheres(hemi, fitted):
     assert shape[0] % 2 == 0
     np.testing.assert_allclose(aff, np.diag([1.0, 1.0, 1.0, 1.0]) + np.pad(aff[:3, 3:], ((0, 1), (3, 0))))
     pts = tr.apply(mask_points(hemi["mask"], hemi["affine"]))
-    for mirror in (1.0, -1.0):
-        p = pts * np.array([mirror, 1.0, 1.0])
+    for sign in (1.0, -1.0):
+        p = pts * np.array([sign, 1.0, 1.0])
         ijk = (p - aff[:3, 3]) / np.diag(aff)[:3]
         assert np.all(ijk >= 10.0 - 1e-6) and np.all(ijk <= np.array(shape) - 1 - 10.0 + 1e-6)
     shape2, aff2 = whole_brain_grid(None, tr, spacing_mm=0.5, margin_mm=10.0)
@@ -372,16 +400,17 @@ def test_empty_output_chunks_read_nothing(hemi, fitted):
     tasks = [layer[k] for k in layer]
     gathers = [t for t in tasks if t[0] is regions._region_task]
     zeros = [t for t in tasks if t[0] is regions._full and t[3] == 0]
-    assert len(tasks) == math.prod(len(c) for c in out.data.chunks)       # one task per output chunk
+    assert len(tasks) == math.prod(len(c) for c in out.data.chunks)  # one task per output chunk
     assert len(gathers) + len(zeros) == len(tasks)
-    assert 0 < len(gathers) < 0.6 * len(tasks)                            # far-out chunks: zeros, no read
+    assert 0 < len(gathers) < 0.6 * len(tasks)  # far-out chunks: zeros, no read
     # each gather depends on source chunks only (no intermediate slicing tasks), never on all of them
     src_names = {vol.data.name}
     for t in gathers:
         keys = [key for per_map in t[1] for key in per_map]
         assert {key[0] for key in keys} == src_names and len(keys) < vol.data.npartitions
-    expected, _ = reference_whole_brain(maps["clusters"], tr, hemi["affine"],
-                                        whole_brain_grid(None, tr, margin_mm=24.0), "grid-constant")
+    expected, _ = reference_whole_brain(
+        maps["clusters"], tr, hemi["affine"], whole_brain_grid(None, tr, margin_mm=24.0), "grid-constant"
+    )
     np.testing.assert_array_equal(out.values, expected)
 
 
@@ -394,10 +423,11 @@ def test_store_backed_maps_are_read_region_by_region(tmp_path, hemi, fitted):
     tr = fitted(2e-3, (17, 25, 20))
     maps = make_maps(hemi)
     aff = hemi["affine"]
-    stored = open_volume(save_volume(as_volume(maps["merged"], aff, 12, kind="labels"), tmp_path / "m.zarr",
-                                     pyramid=False))
+    stored = open_volume(
+        save_volume(as_volume(maps["merged"], aff, 12, kind="labels"), tmp_path / "m.zarr", pyramid=False)
+    )
     assert regions.zarr_array_of(stored.data) is not None
-    assert regions.zarr_array_of((stored.data + 0)) is None                 # derived data: generic path
+    assert regions.zarr_array_of(stored.data + 0) is None  # derived data: generic path
     in_memory = as_volume(maps["clusters"], aff, 15, kind="labels")
     for vols, n_deps in (({"merged": stored}, 0), ({"merged": stored, "clusters": in_memory}, 1)):
         out = mirror_labels(vols, tr, margin_mm=4.0, chunks=20)
@@ -413,6 +443,7 @@ def test_store_backed_maps_are_read_region_by_region(tmp_path, hemi, fitted):
 # ----------------------------------------------------------------------------------------------------------
 # the built-in phantom (RAS+ via stage 1), whose medial plane is known
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_phantom_medial_plane():
     phantom_mod = pytest.importorskip("helm_dask.phantom")
@@ -438,6 +469,7 @@ def test_phantom_medial_plane():
 # ----------------------------------------------------------------------------------------------------------
 # bad inputs
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_bad_inputs(hemi, fitted):
     aff = hemi["affine"]
@@ -516,9 +548,11 @@ def brute_costs(points_c, normals, alpha):
     total = normals @ pt.sum(axis=1)
     out = np.empty(len(normals))
     for s in range(0, len(normals), 8):
-        u = np.partition(normals[s:s + 8] @ pt, n - m, axis=1)
+        u = np.partition(normals[s : s + 8] @ pt, n - m, axis=1)
         q = u[:, n - m]
-        out[s:s + 8] = np.maximum(u[:, n - m + 1:] - q[:, None], 0.0).sum(axis=1) - alpha * (total[s:s + 8] - n * q)
+        out[s : s + 8] = np.maximum(u[:, n - m + 1 :] - q[:, None], 0.0).sum(axis=1) - alpha * (
+            total[s : s + 8] - n * q
+        )
     return out
 
 
@@ -543,8 +577,9 @@ def brute_force_normal(points, alpha):
     for theta in np.radians(np.arange(0.0, 180.1, 2.0)):
         k = max(1, int(round(180 * math.sin(theta))))
         phi = np.arange(k) * (2 * math.pi / k)
-        grid.append(np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi),
-                              np.full(k, math.cos(theta))], -1))
+        grid.append(
+            np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.full(k, math.cos(theta))], -1)
+        )
     grid = np.concatenate(grid)
     costs = brute_costs(pc, grid, alpha)
     starts = []
@@ -580,11 +615,18 @@ def ph_mask():
     aff = affine_of(mask)
     normal = np.asarray(phantom_mod.phantom_geometry(PH_SPACING, "L")["medial_plane"]["normal"], float)
     pts = mask_points(arr, aff)
-    with threadpool_limits(limits=1, user_api="blas"):    # thin products: one BLAS thread is 5x faster here
+    with threadpool_limits(limits=1, user_api="blas"):  # thin products: one BLAS thread is 5x faster here
         bn, bc = brute_force_normal(pts, PH_ALPHA)
     fov_centre = aff[:3, :3] @ ((np.array(arr.shape) - 1) / 2.0) + aff[:3, 3]
-    return {"arr": arr, "affine": aff, "normal": normal / np.linalg.norm(normal), "points": pts,
-            "brute_normal": bn, "brute_cost": bc, "fov_centre": fov_centre}
+    return {
+        "arr": arr,
+        "affine": aff,
+        "normal": normal / np.linalg.norm(normal),
+        "points": pts,
+        "brute_normal": bn,
+        "brute_cost": bc,
+        "fov_centre": fov_centre,
+    }
 
 
 def angle_deg(a, b):
@@ -603,12 +645,12 @@ def test_brute_force_finds_the_phantom_plane(ph_mask):
         mat = np.eye(4)
         mat[:3, :3] = mirror.minimal_rotation(normal)
         mat[0, 3] = -(normal @ pts.mean(axis=0)) - np.sort(u)[::-1][m - 1]
-        assert brute_costs(pc, normal[None], PH_ALPHA)[0] == pytest.approx(mirror_cost(pts, mat, PH_ALPHA),
-                                                                          rel=1e-9)
+        assert brute_costs(pc, normal[None], PH_ALPHA)[0] == pytest.approx(mirror_cost(pts, mat, PH_ALPHA), rel=1e-9)
 
 
-@pytest.mark.parametrize("axis,deg", [(0, 0.0)] + [(a, d) for a in range(3) for d in (30.0, 60.0, 90.0)]
-                         + [((1, 2, 3), 150.0), (2, 180.0)])
+@pytest.mark.parametrize(
+    "axis,deg", [(0, 0.0)] + [(a, d) for a in range(3) for d in (30.0, 60.0, 90.0)] + [((1, 2, 3), 150.0), (2, 180.0)]
+)
 def test_fit_is_global_under_any_header_rotation(ph_mask, axis, deg):
     """Header rotated (about the FOV centre) by 0-90 degrees about x, y or z (and by 150 degrees about an
     oblique axis, 180 about z: the medial face then points towards -x): the fitted plane is the true medial
@@ -640,8 +682,10 @@ def test_fit_is_global_under_any_header_rotation(ph_mask, axis, deg):
 
 def test_global_search_equals_the_local_one_on_an_untilted_scan(ph_mask, hemi, fitted):
     """Where the former +-30 degree search sufficed, the global one gives the same plane."""
-    for arr, aff, alpha, cached in ((ph_mask["arr"], ph_mask["affine"], PH_ALPHA, None),
-                                    (hemi["mask"], hemi["affine"], 2e-3, fitted(2e-3, (17, 25, 20)))):
+    for arr, aff, alpha, cached in (
+        (ph_mask["arr"], ph_mask["affine"], PH_ALPHA, None),
+        (hemi["mask"], hemi["affine"], 2e-3, fitted(2e-3, (17, 25, 20))),
+    ):
         vol = as_volume(arr, aff, 25)
         loc = fit_mirror(vol, alpha=alpha, grid_deg=(30.0, 2.0))
         glob = cached or fit_mirror(vol, alpha=alpha)
@@ -653,8 +697,9 @@ def test_global_search_equals_the_local_one_on_an_untilted_scan(ph_mask, hemi, f
 
 def test_minimal_rotation_and_euler_angles():
     rng = np.random.default_rng(3)
-    normals = np.concatenate([rng.normal(size=(200, 3)), mirror._AXES,
-                              [[-1.0, 1e-9, 0.0], [-1.0, 0.0, -1e-12], [-1.0, 1e-5, 1e-5]]])
+    normals = np.concatenate(
+        [rng.normal(size=(200, 3)), mirror._AXES, [[-1.0, 1e-9, 0.0], [-1.0, 0.0, -1e-12], [-1.0, 1e-5, 1e-5]]]
+    )
     for v in normals:
         n = v / np.linalg.norm(v)
         r = mirror.minimal_rotation(v)
@@ -691,6 +736,7 @@ def test_old_transform_json_without_the_new_fields(tmp_path, fitted):
 # the anatomical check: the hypothalamus lies on the fitted plane
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ph_labels(ph_mask):
     phantom_mod = pytest.importorskip("helm_dask.phantom")
@@ -717,7 +763,7 @@ def test_hypothalamus_on_the_medial_face_passes(ph_labels):
         assert r["max_distance_mm"] == pytest.approx(d.max(), abs=1e-9)
         assert np.quantile(np.abs(d), 0.9) - 1e-9 <= r["p90_distance_mm"] <= np.quantile(np.abs(d), 0.9) + 0.01 + 1e-9
         assert abs(r["centroid_distance_mm"]) < 5.0 and r["p90_distance_mm"] < 10.0
-        assert ref is None or r == ref                            # the same numbers for every chunking
+        assert ref is None or r == ref  # the same numbers for every chunking
         ref = r
     # only the fornix (250): the fallback uses every nonzero voxel
     fornix = np.where(lab == 250, lab, 0)

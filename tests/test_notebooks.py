@@ -79,8 +79,7 @@ def _load(path: Path, params: str) -> nbformat.NotebookNode:
 
 
 def _client(nb, cwd: Path) -> NotebookClient:
-    return NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                          resources={"metadata": {"path": str(cwd)}})
+    return NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
 
 
 def _outputs(nb, kind: str) -> list:
@@ -88,13 +87,21 @@ def _outputs(nb, kind: str) -> list:
 
 
 def _text(nb) -> str:
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                   if o.get("output_type") == "stream")
+    return "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
 
 
 def test_there_are_three_notebooks_committed_without_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["01_explore_volume.ipynb", "02_pipeline_step_by_step.ipynb",
-                                           "03_label_maps_and_synthesis.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_explore_volume.ipynb",
+        "02_pipeline_step_by_step.ipynb",
+        "03_label_maps_and_synthesis.ipynb",
+    ]
     for path in NOTEBOOKS:
         nb = nbformat.read(str(path), as_version=4)
         nbformat.validate(nb)
@@ -105,16 +112,28 @@ def test_there_are_three_notebooks_committed_without_outputs():
         assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
 
 
-@pytest.mark.parametrize("name, checks", [
-    ("01_explore_volume.ipynb", ["shape [192, 82, 130]", "drawn from level 0", "dask dashboard: http"]),
-    ("02_pipeline_step_by_step.ipynb", ["brain mask vs truth: Dice", "fitted vs true log bias", "centroids:",
-                                        "punched voxels", "mirror plane vs true medial plane", "whole brain"]),
-    ("03_label_maps_and_synthesis.ipynb", ["pipeline: ok", "L_hypothalamus_posterior", "Fornix"]),
-])
+@pytest.mark.parametrize(
+    "name, checks",
+    [
+        ("01_explore_volume.ipynb", ["shape [192, 82, 130]", "drawn from level 0", "dask dashboard: http"]),
+        (
+            "02_pipeline_step_by_step.ipynb",
+            [
+                "brain mask vs truth: Dice",
+                "fitted vs true log bias",
+                "centroids:",
+                "punched voxels",
+                "mirror plane vs true medial plane",
+                "whole brain",
+            ],
+        ),
+        ("03_label_maps_and_synthesis.ipynb", ["pipeline: ok", "L_hypothalamus_posterior", "Fornix"]),
+    ],
+)
 def test_notebook_executes(name, checks, tmp_path):
     """Every cell runs with the committed parameters (only WORKDIR is redirected to a temporary folder)."""
     nb = _load(ROOT / "notebooks" / name, f"WORKDIR = {str(tmp_path / 'work')!r}")
-    _client(nb, tmp_path).execute()          # raises CellExecutionError if any cell fails
+    _client(nb, tmp_path).execute()  # raises CellExecutionError if any cell fails
     text = _text(nb)
     for needle in checks:
         assert needle in text, f"{name}: expected {needle!r} in the printed output"
@@ -132,12 +151,13 @@ def test_first_notebook_explores_a_big_volume_without_loading_it(tmp_path):
     from helm_dask.phantom import phantom, phantom_geometry
 
     shape = phantom_geometry(spacing)["shape"]
-    volume_bytes = int(np.prod(shape)) * 4                   # the float32 scan: 1.02 GB
-    vols = phantom(spacing, side="L")                         # the notebook's own store layout and names
+    volume_bytes = int(np.prod(shape)) * 4  # the float32 scan: 1.02 GB
+    vols = phantom(spacing, side="L")  # the notebook's own store layout and names
     for name in ("scan", "truth_mask", "hypothalamus"):
         save_volume(vols[name], str(tmp_path / "work" / f"phantom_{spacing:g}mm" / name))
-    nb = _load(ROOT / "notebooks" / "01_explore_volume.ipynb",
-               f"SPACING_MM = {spacing}\nWORKDIR = {str(tmp_path / 'work')!r}")
+    nb = _load(
+        ROOT / "notebooks" / "01_explore_volume.ipynb", f"SPACING_MM = {spacing}\nWORKDIR = {str(tmp_path / 'work')!r}"
+    )
     client = _client(nb, tmp_path)
     peak_file = tmp_path / "peak.txt"
     baseline = sampler = None
@@ -158,9 +178,11 @@ def test_first_notebook_explores_a_big_volume_without_loading_it(tmp_path):
     assert baseline is not None, "the imports cell was not found"
     peak = int(peak_file.read_text())
     growth = peak - baseline
-    print(f"\n01 at {spacing} mm: {shape} = {volume_bytes / 1e6:.0f} MB per full volume; kernel private memory "
-          f"{baseline / 1e6:.0f} MB after imports, peak {peak / 1e6:.0f} MB (+{growth / 1e6:.0f} MB), "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"\n01 at {spacing} mm: {shape} = {volume_bytes / 1e6:.0f} MB per full volume; kernel private memory "
+        f"{baseline / 1e6:.0f} MB after imports, peak {peak / 1e6:.0f} MB (+{growth / 1e6:.0f} MB), "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     assert growth < volume_bytes / 2, (baseline, peak, volume_bytes)
     # and it did what it says: described the 256 M voxel store, drew from the pyramid, made the histogram
     text = _text(nb)
@@ -170,6 +192,7 @@ def test_first_notebook_explores_a_big_volume_without_loading_it(tmp_path):
     # the slice browser: a widget when ipywidgets is installed (`.[notebooks]`), else a printed note
     try:
         import ipywidgets  # noqa: F401
+
         expected_widgets = 1
     except ImportError:
         expected_widgets = 0

@@ -59,7 +59,7 @@ def assert_same_world_values(vol_in, vol_out, mirror=False):
         w[:, 0] = -w[:, 0]
     src = (np.linalg.inv(a_in) @ np.c_[w, np.ones(len(w))].T)[:3].T
     src_int = np.round(src).astype(int)
-    np.testing.assert_allclose(src, src_int, atol=1e-9)        # lands exactly on a voxel centre
+    np.testing.assert_allclose(src, src_int, atol=1e-9)  # lands exactly on a voxel centre
     vin, vout = vol_in.values, vol_out.values
     np.testing.assert_array_equal(vout.reshape(-1), vin[tuple(src_int.T)])
 
@@ -67,6 +67,7 @@ def assert_same_world_values(vol_in, vol_out, mirror=False):
 # ---------------------------------------------------------------------------------------------------------
 # to_ras
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_to_ras_undoes_all_48_permutations_and_flips():
     rng = np.random.default_rng(0)
@@ -125,12 +126,16 @@ def test_to_ras_is_lazy():
 # flip_left_right and codes
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("chunks", CHUNKINGS)
-@pytest.mark.parametrize("name, affine", [
-    ("ras", make_affine([0.3, 0.3, 0.3], origin=(-9.0, 1.0, 2.0))),
-    ("ras_oblique", make_affine([0.12, 0.15, 0.1], deg=6.0, origin=(-9.0, 1.0, 2.0))),
-    ("pli_oblique", make_affine([0.12, 0.15, 0.1], deg=4.0, perm=(1, 0, 2), signs=(-1, 1, -1))),
-])
+@pytest.mark.parametrize(
+    "name, affine",
+    [
+        ("ras", make_affine([0.3, 0.3, 0.3], origin=(-9.0, 1.0, 2.0))),
+        ("ras_oblique", make_affine([0.12, 0.15, 0.1], deg=6.0, origin=(-9.0, 1.0, 2.0))),
+        ("pli_oblique", make_affine([0.12, 0.15, 0.1], deg=4.0, perm=(1, 0, 2), signs=(-1, 1, -1))),
+    ],
+)
 def test_flip_left_right_mirrors_world_x(chunks, name, affine):
     rng = np.random.default_rng(2)
     arr = rng.integers(0, 50, (30, 25, 20)).astype(np.uint16)
@@ -175,12 +180,12 @@ def hemisphere(side, affine=SUBJECT_AFFINE, shape=SUBJECT_SHAPE, seed=0):
     """(scan, brain mask, hypothalamus labels) of a left (x < 0) or right (x > 0) hemisphere in a bag."""
     ijk = np.indices(shape).reshape(3, -1).T
     w = voxel_to_world(affine, ijk)
-    x = w[:, 0] if side == "L" else -w[:, 0]          # a right hemisphere is the left one mirrored
+    x = w[:, 0] if side == "L" else -w[:, 0]  # a right hemisphere is the left one mirrored
     y, z = w[:, 1], w[:, 2]
     brain = ((x + 20) / 17) ** 2 + (y / 19) ** 2 + (z / 15) ** 2 <= 1
     bag = (np.abs(x + 20) <= 21) & (np.abs(y) <= 22) & (np.abs(z) <= 17)
     hyp = brain & (((x + 6) / 3.5) ** 2 + ((y - 2) / 4.5) ** 2 + ((z + 3) / 3.5) ** 2 <= 1)
-    sub = np.clip(((y - 2 + 4.5) / 9 * 5).astype(int), 0, 4)       # five subunits along y
+    sub = np.clip(((y - 2 + 4.5) / 9 * 5).astype(int), 0, 4)  # five subunits along y
     codes = (801 if side == "L" else 806) + sub
     lab = np.where(hyp, codes, 0).astype(np.uint16)
     rng = np.random.default_rng(seed)
@@ -196,8 +201,9 @@ def world_centroid(mask, affine):
 @pytest.mark.parametrize("side", ["L", "R"])
 def test_detect_side_with_mask_equals_numpy_centroids(chunks, side):
     scan, mask, lab = hemisphere(side)
-    got, info = detect_side(vol_of(mask, SUBJECT_AFFINE, chunks, kind="mask"),
-                            vol_of(lab, SUBJECT_AFFINE, chunks, kind="labels"))
+    got, info = detect_side(
+        vol_of(mask, SUBJECT_AFFINE, chunks, kind="mask"), vol_of(lab, SUBJECT_AFFINE, chunks, kind="labels")
+    )
     assert got == side and info["side"] == side and info["confident"]
     hc, bc = world_centroid(lab > 0, SUBJECT_AFFINE), world_centroid(mask > 0, SUBJECT_AFFINE)
     np.testing.assert_allclose(info["hypothalamus_centroid_mm"], hc, atol=1e-9)
@@ -255,12 +261,13 @@ def test_check_side_messages():
 # grid checks
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_check_same_grid_accepts_same_grid_and_other_storage_order():
     a = make_affine([0.12, 0.15, 0.1], deg=3.0)
     scan = vol_of(np.zeros((30, 25, 20), np.float32), a)
     assert check_same_grid(scan, vol_of(np.zeros((30, 25, 20), np.uint16), a, kind="labels")) is None
     tiny = a.copy()
-    tiny[:3, 3] += 2e-5                                  # below the 1e-4 mm tolerance
+    tiny[:3, 3] += 2e-5  # below the 1e-4 mm tolerance
     assert check_same_grid(scan, vol_of(np.zeros((30, 25, 20), np.uint16), tiny, kind="labels")) is None
     # the same voxels stored with axis 0 reversed and axes 1, 2 swapped: to_ras makes them identical
     flip = np.eye(4)
@@ -292,7 +299,7 @@ def test_check_same_grid_explains_differences():
     text = err(np.zeros((30, 25, 20), np.uint16), shifted)
     assert "origin" in text and "0.5000 mm apart" in text
     rotated = a.copy()
-    rotated[:3, :3] = rotation((1, 2, 3), 2.0) @ a[:3, :3]     # 2 degrees more about the same axis
+    rotated[:3, :3] = rotation((1, 2, 3), 2.0) @ a[:3, :3]  # 2 degrees more about the same axis
     text = err(np.zeros((30, 25, 20), np.uint16), rotated)
     # a column perpendicular to the rotation axis turns by 2 degrees, the others by less
     cols = a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)
@@ -309,6 +316,7 @@ def test_check_same_grid_explains_differences():
 # the stage
 # ---------------------------------------------------------------------------------------------------------
 
+
 def pairs(scan, lab):
     """Sorted (scan value, label) pairs: invariant under any voxel permutation applied to both."""
     p = np.stack([scan.ravel().astype(np.float64), lab.ravel().astype(np.float64)], axis=1)
@@ -321,11 +329,13 @@ def test_orient_subject_right_hemisphere_becomes_left(chunks, side_arg):
     scan, mask, lab = hemisphere("R")
     s_in, l_in = vol_of(scan, SUBJECT_AFFINE, chunks), vol_of(lab, SUBJECT_AFFINE, chunks, kind="labels")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                   # the right side given/detected: no warning
+        warnings.simplefilter("error")  # the right side given/detected: no warning
         s_out, l_out, info = orient_subject(s_in, l_in, side_arg)
     assert info["side"] == "R" and info["flipped"] and info["warning"] is None
-    assert info["orientation_in"] == {"scan": orientation_code(SUBJECT_AFFINE),
-                                      "labels": orientation_code(SUBJECT_AFFINE)}
+    assert info["orientation_in"] == {
+        "scan": orientation_code(SUBJECT_AFFINE),
+        "labels": orientation_code(SUBJECT_AFFINE),
+    }
     assert isinstance(s_out.data, da.Array) and isinstance(l_out.data, da.Array)
     assert orientation_code(affine_of(s_out)) == "RAS" == info["orientation_out"]
     np.testing.assert_array_equal(affine_of(s_out), affine_of(l_out))
@@ -348,7 +358,7 @@ def test_orient_subject_right_hemisphere_becomes_left(chunks, side_arg):
     c_in = world_centroid(lab > 0, SUBJECT_AFFINE)
     np.testing.assert_allclose(c_out, c_in * [-1, 1, 1], atol=1e-9)
     _, _, lab_left = hemisphere("L")
-    np.testing.assert_allclose(c_out, world_centroid(lab_left > 0, SUBJECT_AFFINE), atol=0.6)   # half a voxel
+    np.testing.assert_allclose(c_out, world_centroid(lab_left > 0, SUBJECT_AFFINE), atol=0.6)  # half a voxel
 
 
 def test_orient_subject_left_auto_and_wrong_side_warning():
@@ -375,6 +385,7 @@ def test_orient_subject_left_auto_and_wrong_side_warning():
 # ---------------------------------------------------------------------------------------------------------
 # how strong the side decision is: --side auto refuses a guess, an explicit side is trusted
 # ---------------------------------------------------------------------------------------------------------
+
 
 def header_rotated_about_z(deg):
     """SUBJECT_AFFINE with the world rotated by ``deg`` about the z axis through the brain's centre (-20, 0, 0):
@@ -407,7 +418,7 @@ def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
     strong = detect_side(vol_of(mask, SUBJECT_AFFINE, kind="mask"), vol_of(lab, SUBJECT_AFFINE, kind="labels"))[1]
     assert strong["strength"] == pytest.approx(abs(strong["relative_offset"])) and strong["strength"] > 0.5
     assert strong["min_strength"] == SIDE_MIN_STRENGTH and strong["confident"]
-    require_clear_side(strong)                                           # a clear decision passes
+    require_clear_side(strong)  # a clear decision passes
     # the header 90 degrees off about z: the hypothalamus is no longer off the brain's centre along x
     aff = header_rotated_about_z(90.0)
     m_vol, l_vol = vol_of(mask, aff, kind="mask"), vol_of(lab, aff, kind="labels")
@@ -417,8 +428,12 @@ def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
         require_clear_side(weak, path="hyp.nii.gz")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("hyp.nii.gz: --side auto cannot tell left from right")
-    for part in ("header (affine) that does not match the anatomy", "labels from another scan",
-                 "--side L or --side R", "fix the header"):
+    for part in (
+        "header (affine) that does not match the anatomy",
+        "labels from another scan",
+        "--side L or --side R",
+        "fix the header",
+    ):
         assert part in msg
     # the same in the pipeline and in orient_subject with --side auto ...
     subj = _StubSubject()
@@ -434,5 +449,12 @@ def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
     assert _decide_side(subj, other, m_vol, l_vol)[0] == other
     assert "warning" in capsys.readouterr().err and any("WARNING" in m for m in subj.logged)
     # a clear decision goes through the pipeline's auto path
-    assert _decide_side(_StubSubject(), "auto", vol_of(mask, SUBJECT_AFFINE, kind="mask"),
-                        vol_of(lab, SUBJECT_AFFINE, kind="labels"))[0] == "L"
+    assert (
+        _decide_side(
+            _StubSubject(),
+            "auto",
+            vol_of(mask, SUBJECT_AFFINE, kind="mask"),
+            vol_of(lab, SUBJECT_AFFINE, kind="labels"),
+        )[0]
+        == "L"
+    )

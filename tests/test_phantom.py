@@ -11,11 +11,20 @@ import scipy.ndimage as ndi
 
 from helm_dask import phantom as P
 from helm_dask.errors import HelmError
-from helm_dask.phantom import (ECHO_TIMES_MS, FORNIX_LABEL, HYPOTHALAMUS_CODES, NOISE_SIGMA, TISSUE_CSF,
-                               TISSUE_DEEP_GM, TISSUE_GM, TISSUE_HYPOTHALAMUS, TISSUE_WM, phantom,
-                               phantom_geometry)
-from helm_dask.volume import (affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world,
-                              world_to_voxel)
+from helm_dask.phantom import (
+    ECHO_TIMES_MS,
+    FORNIX_LABEL,
+    HYPOTHALAMUS_CODES,
+    NOISE_SIGMA,
+    TISSUE_CSF,
+    TISSUE_DEEP_GM,
+    TISSUE_GM,
+    TISSUE_HYPOTHALAMUS,
+    TISSUE_WM,
+    phantom,
+    phantom_geometry,
+)
+from helm_dask.volume import affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, world_to_voxel
 
 SP = 1.5  # 128 x 55 x 87 voxels: quick
 NAMES = ("scan", "hypothalamus", "truth_mask", "truth_tissue", "truth_bias")
@@ -45,7 +54,7 @@ def test_bit_identical_across_chunkings(ref4, chunks):
         got = vols[name].values
         assert got.dtype == ref4[name].dtype
         assert got.shape == ref4[name].shape
-        np.testing.assert_array_equal(got, ref4[name], err_msg=name)   # bit for bit, NaN-free
+        np.testing.assert_array_equal(got, ref4[name], err_msg=name)  # bit for bit, NaN-free
 
 
 def test_one_echo_is_first_echo(ref4):
@@ -57,10 +66,20 @@ def test_one_echo_is_first_echo(ref4):
 def test_outputs_types_attrs_and_values(ref4):
     vols = phantom(SP, side="L", echoes=4, seed=3)
     aff = affine_of(vols["scan"])
-    kinds = {"scan": "image", "hypothalamus": "labels", "truth_mask": "mask", "truth_tissue": "labels",
-             "truth_bias": "image"}
-    dtypes = {"scan": np.float32, "hypothalamus": np.uint16, "truth_mask": np.uint8, "truth_tissue": np.uint8,
-              "truth_bias": np.float32}
+    kinds = {
+        "scan": "image",
+        "hypothalamus": "labels",
+        "truth_mask": "mask",
+        "truth_tissue": "labels",
+        "truth_bias": "image",
+    }
+    dtypes = {
+        "scan": np.float32,
+        "hypothalamus": np.uint16,
+        "truth_mask": np.uint8,
+        "truth_tissue": np.uint8,
+        "truth_bias": np.float32,
+    }
     for name, vol in vols.items():
         assert isinstance(vol.data, da.Array)
         assert vol.attrs["kind"] == kinds[name] and vol.dtype == dtypes[name]
@@ -76,8 +95,9 @@ def test_outputs_types_attrs_and_values(ref4):
     assert np.array_equal(vols["truth_tissue"].values, ref4["truth_tissue"])
     assert not np.array_equal(vols["scan"].values, ref4["scan"])
 
-    scan, tissue, mask, hyp, bias = (ref4[k] for k in ("scan", "truth_tissue", "truth_mask", "hypothalamus",
-                                                       "truth_bias"))
+    scan, tissue, mask, hyp, bias = (
+        ref4[k] for k in ("scan", "truth_tissue", "truth_mask", "hypothalamus", "truth_bias")
+    )
     assert np.isfinite(scan).all() and scan.min() >= 0
     assert set(np.unique(mask)) == {0, 1}
     assert set(np.unique(tissue)) == {0, 1, 2, 3, 4, 5}
@@ -91,8 +111,7 @@ def test_outputs_types_attrs_and_values(ref4):
     assert np.abs(np.diff(bias, axis=0)).max() < 0.05 * SP
     # contrast (first echo, bias removed): CSF > GM > hypothalamus > deep GM > WM, all separated
     flat = scan[..., 0] / bias
-    means = [flat[tissue == c].mean() for c in (TISSUE_CSF, TISSUE_GM, TISSUE_HYPOTHALAMUS,
-                                                         TISSUE_DEEP_GM, TISSUE_WM)]
+    means = [flat[tissue == c].mean() for c in (TISSUE_CSF, TISSUE_GM, TISSUE_HYPOTHALAMUS, TISSUE_DEEP_GM, TISSUE_WM)]
     assert all(a > b + 3 for a, b in zip(means, means[1:])), means
 
 
@@ -102,8 +121,9 @@ def test_echo_decay(ref4):
         m = np.array([scan[..., e][tissue == cls].mean() for e in range(4)])
         assert np.all(np.diff(m) < 0), m
         # the decay between echoes follows exp(-dTE / T2*) (noise bias is small at this SNR)
-        np.testing.assert_allclose(m[1:] / m[0], np.exp(-(np.array(ECHO_TIMES_MS[1:]) - ECHO_TIMES_MS[0]) / t2s),
-                                   rtol=0.03)
+        np.testing.assert_allclose(
+            m[1:] / m[0], np.exp(-(np.array(ECHO_TIMES_MS[1:]) - ECHO_TIMES_MS[0]) / t2s), rtol=0.03
+        )
 
 
 def _splitmix64(v: int) -> int:
@@ -128,8 +148,8 @@ def test_noise_matches_scalar_reference(ref4):
         for i, j, k in pick:
             idx = (int(i) * shape[1] + int(j)) * shape[2] + int(k)
             h = _splitmix64((key + idx * 0x9E3779B97F4A7C15) & mask)
-            u1 = ((h >> 41) + 0.5) / 2 ** 23
-            v = (h & 0xFFFFFF) / 2 ** 24
+            u1 = ((h >> 41) + 0.5) / 2**23
+            v = (h & 0xFFFFFF) / 2**24
             c = int(tissue[i, j, k])
             s = np.float32(s1[c] * math.exp(-(ECHO_TIMES_MS[e] - ECHO_TIMES_MS[0]) / t2s[c])) * bias[i, j, k]
             r = NOISE_SIGMA * math.sqrt(-2.0 * math.log(u1))
@@ -147,11 +167,11 @@ def test_noise_statistics():
     air = scan[..., 0][comp == P._AIR]
     assert air.size > 50_000
     assert air.mean() == pytest.approx(NOISE_SIGMA * math.sqrt(math.pi / 2), rel=0.01)
-    assert (air ** 2).mean() == pytest.approx(2 * NOISE_SIGMA ** 2, rel=0.02)
+    assert (air**2).mean() == pytest.approx(2 * NOISE_SIGMA**2, rel=0.02)
     wm = comp == P._WM
     s = 38.0 * bias[wm]
-    excess = (scan[..., 0][wm].astype(np.float64) ** 2 - s ** 2).mean()
-    assert excess == pytest.approx(2 * NOISE_SIGMA ** 2, rel=0.05)
+    excess = (scan[..., 0][wm].astype(np.float64) ** 2 - s**2).mean()
+    assert excess == pytest.approx(2 * NOISE_SIGMA**2, rel=0.05)
     # echo noise independent: correlation of the residuals of the two echoes ~ 0
     r0 = scan[..., 0][wm] - s
     r1 = scan[..., 1][wm] - 38.0 * math.exp(-(ECHO_TIMES_MS[1] - ECHO_TIMES_MS[0]) / 26.0) * bias[wm]
@@ -161,16 +181,16 @@ def test_noise_statistics():
 def test_rician_magnitude_is_never_nan():
     """Where the signal cancels the in-phase noise (S = -sigma r cos), float32 rounding took |S + n|^2 a few ulps
     below 0: the magnitude must be a small non-negative number there, not NaN."""
-    h = np.random.default_rng(0).integers(0, 2 ** 63, size=200_000, dtype=np.int64).astype(np.uint64)
-    u1 = ((h >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
-    v = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)
+    h = np.random.default_rng(0).integers(0, 2**63, size=200_000, dtype=np.int64).astype(np.uint64)
+    u1 = ((h >> np.uint64(41)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
+    v = (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
     sigma = np.float32(NOISE_SIGMA)
-    cancel = -np.sqrt(P._neg2log(u1)) * P._cos_pi(v) * sigma          # the signal that cancels n1
+    cancel = -np.sqrt(P._neg2log(u1)) * P._cos_pi(v) * sigma  # the signal that cancels n1
     for scale in (np.float32(1 - 2e-7), np.float32(1), np.float32(1 + 2e-7)):
         m = P._rician((cancel * scale).astype(np.float32), h, float(sigma))
         assert np.isfinite(m).all() and (m >= 0).all()
         # and it is the quadrature part |sigma r sin| up to float32 rounding (r^2 sin^2 = r^2 - (r cos)^2)
-        ref = np.sqrt(np.maximum(P._neg2log(u1).astype(np.float64) * sigma ** 2 - cancel.astype(np.float64) ** 2, 0))
+        ref = np.sqrt(np.maximum(P._neg2log(u1).astype(np.float64) * sigma**2 - cancel.astype(np.float64) ** 2, 0))
         assert np.abs(m - ref).max() < 0.05 * sigma
 
 
@@ -186,8 +206,9 @@ def test_affine_oblique_non_ras(spacing):
     # the centre of the field of view is the same world point at every spacing
     centre = voxel_to_world(aff, (np.array(g["shape"])[None] - 1) / 2.0)[0]
     g0 = phantom_geometry(1.0, "L")
-    np.testing.assert_allclose(centre, voxel_to_world(g0["affine"], (np.array(g0["shape"])[None] - 1) / 2.0)[0],
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        centre, voxel_to_world(g0["affine"], (np.array(g0["shape"])[None] - 1) / 2.0)[0], atol=1e-9
+    )
     # the three voxel axes are rotated a few degrees from the world axes
     cosines = np.abs(aff[:3, :3] / spacing).max(axis=0)
     assert np.all(cosines < math.cos(math.radians(2))) and np.all(cosines > math.cos(math.radians(15)))
@@ -215,7 +236,7 @@ def test_one_native_chunk_near_hypothalamus():
         assert one.shape == (128, 128, 128)
         np.testing.assert_array_equal(one, b[name].data[region].compute())
     labels = a["hypothalamus"].data.blocks[bidx].compute()
-    assert np.isin(labels, HYPOTHALAMUS_CODES["L"]).sum() > 50_000       # the chunk is in the hypothalamus
+    assert np.isin(labels, HYPOTHALAMUS_CODES["L"]).sum() > 50_000  # the chunk is in the hypothalamus
 
 
 def test_mask_has_ventricles_and_no_holes(ref4):
@@ -259,7 +280,7 @@ def test_hypothalamus_geometry_across_spacings():
         hyp = vols["hypothalamus"].values
         ijk = np.argwhere(np.isin(hyp, HYPOTHALAMUS_CODES["L"]))
         cents[sp] = voxel_to_world(affine_of(vols["hypothalamus"]), ijk).mean(axis=0)
-        vol_mm3 = len(ijk) * sp ** 3
+        vol_mm3 = len(ijk) * sp**3
         g = phantom_geometry(sp, "L")
         assert 500 < sum(g["hypothalamus_volume_mm3"].values()) < 1000
         assert vol_mm3 == pytest.approx(sum(g["hypothalamus_volume_mm3"].values()), rel=0.25)
@@ -331,18 +352,21 @@ def test_medial_plane_is_exact():
         assert d.min() == pytest.approx(-74.0, abs=2.0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(spacing_mm=0), "positive"),
-    (dict(spacing_mm=float("nan")), "positive"),
-    (dict(spacing_mm="abc"), "number"),
-    (dict(spacing_mm=50), "too coarse"),
-    (dict(spacing_mm=0.001), "too fine"),
-    (dict(side="X"), "side"),
-    (dict(echoes=5), "echoes"),
-    (dict(echoes=0), "echoes"),
-    (dict(seed=-1), "seed"),
-    (dict(chunks=(10, 10)), "chunks"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(spacing_mm=0), "positive"),
+        (dict(spacing_mm=float("nan")), "positive"),
+        (dict(spacing_mm="abc"), "number"),
+        (dict(spacing_mm=50), "too coarse"),
+        (dict(spacing_mm=0.001), "too fine"),
+        (dict(side="X"), "side"),
+        (dict(echoes=5), "echoes"),
+        (dict(echoes=0), "echoes"),
+        (dict(seed=-1), "seed"),
+        (dict(chunks=(10, 10)), "chunks"),
+    ],
+)
 def test_bad_inputs(kwargs, match):
     args = dict(spacing_mm=2.0)
     args.update(kwargs)

@@ -19,8 +19,16 @@ from helm_dask import phantom_mni as M
 from helm_dask.cli import main
 from helm_dask.errors import HelmError
 from helm_dask.io import open_volume
-from helm_dask.phantom import (FORNIX_LABEL, HYPOTHALAMUS_CODES, NOISE_SIGMA, TISSUE_CSF, TISSUE_GM,
-                               TISSUE_HYPOTHALAMUS, TISSUE_WM, phantom)
+from helm_dask.phantom import (
+    FORNIX_LABEL,
+    HYPOTHALAMUS_CODES,
+    NOISE_SIGMA,
+    TISSUE_CSF,
+    TISSUE_GM,
+    TISSUE_HYPOTHALAMUS,
+    TISSUE_WM,
+    phantom,
+)
 from helm_dask.phantom_io import PHANTOM_FILES, write_phantom
 from helm_dask.phantom_mni import phantom_mni, phantom_mni_geometry, template_files
 from helm_dask.volume import affine_of
@@ -49,9 +57,11 @@ def _bag(s: float, gap: float = 5.0, side: str = "L"):
 
 def _rot(axis: str, deg: float) -> np.ndarray:
     c, s = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+    return {
+        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
+    }[axis]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -82,7 +92,7 @@ def test_missing_nilearn_is_a_helm_error(monkeypatch):
 
     monkeypatch.setattr(M.metadata, "distribution", missing)
     with pytest.raises(HelmError, match="nilearn"):
-        M.template_files.__wrapped__()     # the uncached function: the cache keeps the real files
+        M.template_files.__wrapped__()  # the uncached function: the cache keeps the real files
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -99,7 +109,7 @@ def test_same_voxels_for_any_chunking(one_chunk3, kind):
     ref = one_chunk3
     n0, n1, n2 = phantom_mni_geometry(3.0)["shape"]
     if kind == "irregular":
-        chunks = ((7, 30, n0 - 37), (17, n1 - 17), (5, 40, n2 - 45))      # odd sizes
+        chunks = ((7, 30, n0 - 37), (17, n1 - 17), (5, 40, n2 - 45))  # odd sizes
     else:
         # thin planes, like the NIfTI writer's (a block may hold the fornix without the hypothalamus)
         chunks = ((n0,), (n1,), (4,) * (n2 // 4) + ((n2 % 4,) if n2 % 4 else ()))
@@ -172,8 +182,8 @@ def test_fluid_outside_and_in_the_sulci(fluid):
     assert fluid_vox.sum() > 10000
     gm, wm = np.median(flat[tissue == TISSUE_GM]), np.median(flat[tissue == TISSUE_WM])
     out, csf = np.median(flat[fluid_vox]), np.median(flat[tissue == TISSUE_CSF])
-    assert (tissue == TISSUE_CSF).sum() > 2000           # sulci and ventricles
-    assert gm > wm + 8                                     # ex vivo contrast: grey brighter than white
+    assert (tissue == TISSUE_CSF).sum() > 2000  # sulci and ventricles
+    assert gm > wm + 8  # ex vivo contrast: grey brighter than white
     if fluid == "bright":
         assert out > gm + 10 and csf > gm + 5, (out, csf, gm)
     elif fluid == "dark":
@@ -183,7 +193,7 @@ def test_fluid_outside_and_in_the_sulci(fluid):
         assert np.median(scan[fluid_vox]) < 1.5 * NOISE_SIGMA and csf < wm - 10, (out, csf, wm)
         air = ~bag_in & ~M._block_model(s, "L", 0, 5.0, [(0, n) for n in mask.shape], fractions=False)["wall"]
         assert abs(np.median(scan[fluid_vox]) - np.median(scan[air])) < 0.5
-    assert v["truth_mask"].sum() == phantom_mni(s)["truth_mask"].values.sum()   # same anatomy
+    assert v["truth_mask"].sum() == phantom_mni(s)["truth_mask"].values.sum()  # same anatomy
 
 
 def test_bag_gap(mm1):
@@ -223,7 +233,7 @@ def test_bias_is_a_smooth_7t_like_field(mm1):
     assert 0.55 < b.min() < 0.7 and 1.3 < b.max() < 1.5, (b.min(), b.max())
     assert (bias > 0).all()
     for ax in range(3):
-        assert np.abs(np.diff(bias, axis=ax)).max() < 0.03         # per mm
+        assert np.abs(np.diff(bias, axis=ax)).max() < 0.03  # per mm
     # the scan carries it: the grey matter's intensity follows the field
     gm = v["truth_tissue"] == TISSUE_GM
     lo, hi = bias[gm] < np.percentile(bias[gm], 20), bias[gm] > np.percentile(bias[gm], 80)
@@ -249,8 +259,7 @@ def test_header_rotation(unrotated3, axis):
     centre = g["true_affine"] @ np.append((np.asarray(g["shape"]) - 1) / 2.0, 1.0)
     np.testing.assert_allclose(h @ centre, centre, atol=1e-9)
     # the truths in the stored world follow the header
-    np.testing.assert_allclose(g["medial_plane"]["normal"], _rot(axis, 90.0) @ g0["medial_plane"]["normal"],
-                               atol=1e-12)
+    np.testing.assert_allclose(g["medial_plane"]["normal"], _rot(axis, 90.0) @ g0["medial_plane"]["normal"], atol=1e-12)
     vols = phantom_mni(3.0, header_rotation_deg=90, header_rotation_axis=axis, chunks=64)
     assert vols["scan"].attrs["phantom"]["header_rotation_deg"] == 90.0
     assert vols["scan"].attrs["phantom"]["header_rotation_axis"] == axis
@@ -272,7 +281,7 @@ def test_hypothalamus_labels(mm1):
     assert set(np.unique(hyp).tolist()) == {0, FORNIX_LABEL, *codes}
     assert (mask[hyp > 0]).all()
     assert np.array_equal(np.isin(hyp, codes), tissue == TISSUE_HYPOTHALAMUS)
-    volume = np.isin(hyp, codes).sum() * 1.0 ** 3
+    volume = np.isin(hyp, codes).sum() * 1.0**3
     assert 400 <= volume <= 1200, volume
     for c in codes:
         assert (hyp == c).sum() >= 20, c
@@ -314,9 +323,19 @@ def test_right_is_the_mirror_image_of_left():
 # argument checks, the anatomy dispatch, write_phantom, the command line
 
 
-@pytest.mark.parametrize("kw", [{"fluid": "grey"}, {"bag_gap_mm": -1}, {"bag_gap_mm": "wide"},
-                                {"header_rotation_axis": "w"}, {"header_rotation_deg": float("nan")},
-                                {"echoes": 5}, {"seed": -1}, {"side": "both"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"fluid": "grey"},
+        {"bag_gap_mm": -1},
+        {"bag_gap_mm": "wide"},
+        {"header_rotation_axis": "w"},
+        {"header_rotation_deg": float("nan")},
+        {"echoes": 5},
+        {"seed": -1},
+        {"side": "both"},
+    ],
+)
 def test_bad_arguments_are_helm_errors(kw):
     with pytest.raises(HelmError):
         phantom_mni(3.0, **kw)
@@ -325,7 +344,7 @@ def test_bad_arguments_are_helm_errors(kw):
 def test_anatomy_dispatch():
     a = phantom(3.0, anatomy="mni152", fluid="dark", bag_gap_mm=2, header_rotation_deg=10)
     b = phantom_mni(3.0, fluid="dark", bag_gap_mm=2, header_rotation_deg=10)
-    assert a["scan"].data.name == b["scan"].data.name            # the same graph
+    assert a["scan"].data.name == b["scan"].data.name  # the same graph
     np.testing.assert_array_equal(affine_of(a["scan"]), affine_of(b["scan"]))
     assert a["scan"].attrs["phantom"]["bag_gap_mm"] == 2.0
     # None means the default
@@ -342,8 +361,15 @@ def test_anatomy_dispatch():
 
 def test_write_phantom_store_records_anatomy_and_options(tmp_path):
     out = tmp_path / "t.zarr"
-    paths = write_phantom(out, spacing_mm=4.0, anatomy="mni152", fluid="none", bag_gap_mm=0,
-                          header_rotation_deg=15, header_rotation_axis="x")
+    paths = write_phantom(
+        out,
+        spacing_mm=4.0,
+        anatomy="mni152",
+        fluid="none",
+        bag_gap_mm=0,
+        header_rotation_deg=15,
+        header_rotation_axis="x",
+    )
     assert list(paths) == list(PHANTOM_FILES)
     attrs = zarr.open_group(str(out), mode="r").attrs["helm_dask_collection"]
     assert attrs["anatomy"] == "mni152" and attrs["fluid"] == "none" and attrs["bag_gap_mm"] == 0.0
@@ -365,8 +391,21 @@ def test_write_phantom_store_records_anatomy_and_options(tmp_path):
 
 def test_cli_mni152_nifti(tmp_path, capsys):
     out = tmp_path / "ph"
-    code = main(["phantom", str(out), "--anatomy", "mni152", "--spacing", "3", "--fluid", "dark",
-                 "--scheduler", "threads", "--quiet"])
+    code = main(
+        [
+            "phantom",
+            str(out),
+            "--anatomy",
+            "mni152",
+            "--spacing",
+            "3",
+            "--fluid",
+            "dark",
+            "--scheduler",
+            "threads",
+            "--quiet",
+        ]
+    )
     assert code == 0
     for name in PHANTOM_FILES:
         assert (out / f"{name}.nii.gz").exists(), name
@@ -375,17 +414,23 @@ def test_cli_mni152_nifti(tmp_path, capsys):
     assert img.shape == g["shape"]
     np.testing.assert_allclose(img.affine, g["affine"], atol=1e-4)
     ref = phantom_mni(3.0, fluid="dark")
-    np.testing.assert_array_equal(np.asanyarray(nib.load(out / "hypothalamus.nii.gz").dataobj),
-                                  ref["hypothalamus"].values)
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(out / "hypothalamus.nii.gz").dataobj), ref["hypothalamus"].values
+    )
     np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), ref["scan"].values)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--fluid", "dark"], ["--fluid applies to --anatomy mni152"]),
-    (["--anatomy", "geometric", "--bag-gap-mm", "2", "--header-rotation-axis", "x"],
-     ["--bag-gap-mm, --header-rotation-axis apply to --anatomy mni152"]),
-    (["--anatomy", "mni152", "--bag-gap-mm", "-2"], ["--bag-gap-mm must be between 0 and 50 mm"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--fluid", "dark"], ["--fluid applies to --anatomy mni152"]),
+        (
+            ["--anatomy", "geometric", "--bag-gap-mm", "2", "--header-rotation-axis", "x"],
+            ["--bag-gap-mm, --header-rotation-axis apply to --anatomy mni152"],
+        ),
+        (["--anatomy", "mni152", "--bag-gap-mm", "-2"], ["--bag-gap-mm must be between 0 and 50 mm"]),
+    ],
+)
 def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, args, words):
     out = tmp_path / "ph"
     code = main(["phantom", str(out), "--spacing", "8", "--scheduler", "threads", "--quiet", *args])

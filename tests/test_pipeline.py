@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +14,7 @@ from helm_dask.io.nifti import read_nifti_provenance
 from helm_dask.phantom_io import write_phantom
 from helm_dask.pipeline import RunParams, run_subject
 
-SPACING_IN = 2.0   # mm: small phantoms keep the suite fast; the method is resolution-independent
+SPACING_IN = 2.0  # mm: small phantoms keep the suite fast; the method is resolution-independent
 SPACING_WORK = 2.5
 KS = (4, 6)
 
@@ -31,8 +30,14 @@ def phantoms(tmp_path_factory):
 
 
 def _params(ph, out, **kw):
-    base = dict(scan=str(ph / "scan.nii.gz"), hypothalamus=str(ph / "hypothalamus.nii.gz"), out=str(out),
-                side="auto", spacing=SPACING_WORK, ks=KS)
+    base = dict(
+        scan=str(ph / "scan.nii.gz"),
+        hypothalamus=str(ph / "hypothalamus.nii.gz"),
+        out=str(out),
+        side="auto",
+        spacing=SPACING_WORK,
+        ks=KS,
+    )
     base.update(kw)
     return RunParams(**base)
 
@@ -51,8 +56,7 @@ def test_contract_outputs(full_runs):
         for name in ("preprocessed", "mask", "bias", "hypothalamus"):
             assert (d / f"{name}.nii.gz").exists()
         for k in KS:
-            for name, dtype in ((f"kmeans_k{k}", np.uint8), (f"hemi_k{k}", np.uint16),
-                                (f"label_map_k{k}", np.uint16)):
+            for name, dtype in ((f"kmeans_k{k}", np.uint8), (f"hemi_k{k}", np.uint16), (f"label_map_k{k}", np.uint16)):
                 img = nib.load(d / f"{name}.nii.gz")
                 assert img.header.get_data_dtype() == dtype, name
                 assert img.header.get_intent()[0] == "label"
@@ -100,7 +104,7 @@ def test_whole_brain_map_is_mirrored(full_runs):
     xs = img.affine[0, 0] * np.arange(lm.shape[0]) + img.affine[0, 3]
     np.testing.assert_allclose(xs, -xs[::-1], atol=1e-4)
     left = lm[: lm.shape[0] // 2]
-    right = lm[lm.shape[0] // 2:][::-1]
+    right = lm[lm.shape[0] // 2 :][::-1]
     right_as_left = np.where((right >= 806) & (right <= 810), right - 5, right)
     assert np.mean(left == right_as_left) > 0.999
     assert {806, 807, 808, 809, 810} <= set(np.unique(lm).tolist())
@@ -158,8 +162,14 @@ def test_zarr_only_run_then_nifti_exports_without_recomputing(phantoms, tmp_path
     again = run_subject(_params(phantoms["L"], tmp_path, until="merge", qc=False), quiet=True)
     assert all(s["status"] == "skipped" for s in again["stages"].values())
     names = {f.name for f in subj.glob("*.nii.gz")}
-    assert {"preprocessed.nii.gz", "mask.nii.gz", "bias.nii.gz", "hypothalamus.nii.gz", "kmeans_k4.nii.gz",
-            "hemi_k6.nii.gz"} <= names
+    assert {
+        "preprocessed.nii.gz",
+        "mask.nii.gz",
+        "bias.nii.gz",
+        "hypothalamus.nii.gz",
+        "kmeans_k4.nii.gz",
+        "hemi_k6.nii.gz",
+    } <= names
     with pytest.raises(HelmError, match="--no-nifti"):
         run_subject(_params(phantoms["L"], tmp_path, nifti=False, layout="helm"), quiet=True)
 
@@ -200,8 +210,10 @@ def test_labels_on_another_grid(phantoms, tmp_path):
     with pytest.raises(HelmError, match="resample-labels") as ei:
         run_subject(p, quiet=True)
     assert "shape" in str(ei.value)
-    info = run_subject(_params(phantoms["L"], tmp_path / "o", hypothalamus=str(moved), until="preprocess",
-                               resample_labels=True), quiet=True)
+    info = run_subject(
+        _params(phantoms["L"], tmp_path / "o", hypothalamus=str(moved), until="preprocess", resample_labels=True),
+        quiet=True,
+    )
     assert info["status"] == "ok"
 
 
@@ -213,8 +225,10 @@ def test_unknown_label_codes_listed(phantoms, tmp_path):
     nib.save(nib.Nifti1Image(data, lab.affine), bad)
     with pytest.raises(HelmError, match="77"):
         run_subject(_params(phantoms["L"], tmp_path / "o", hypothalamus=str(bad), until="preprocess"), quiet=True)
-    info = run_subject(_params(phantoms["L"], tmp_path / "o", hypothalamus=str(bad), until="preprocess",
-                               label_map={77: 803}), quiet=True)
+    info = run_subject(
+        _params(phantoms["L"], tmp_path / "o", hypothalamus=str(bad), until="preprocess", label_map={77: 803}),
+        quiet=True,
+    )
     assert info["status"] == "ok"
 
 
@@ -229,7 +243,8 @@ def test_manifest_with_a_broken_subject(phantoms, tmp_path):
         " side: L, subject: left}\n"
         f"  - {{scan: {phantoms['R'] / 'scan.nii.gz'}, hypothalamus: {phantoms['R'] / 'hypothalamus.nii.gz'},"
         " side: R, subject: right}\n"
-        f"  - {{scan: broken.nii.gz, hypothalamus: {phantoms['L'] / 'hypothalamus.nii.gz'}, subject: broken}}\n")
+        f"  - {{scan: broken.nii.gz, hypothalamus: {phantoms['L'] / 'hypothalamus.nii.gz'}, subject: broken}}\n"
+    )
     base = RunParams(scan="", hypothalamus="", out=str(tmp_path / "out"))
     rows = run_batch(manifest, base, quiet=True)
     status = {r["subject"]: r["status"] for r in rows}
@@ -247,8 +262,17 @@ def test_compare_truth_with_pipeline_labels(phantoms, full_runs, capsys):
     from helm_dask.cli import main
 
     out, _ = full_runs
-    code = main(["compare", str(out / "phL" / "hemi_k6.nii.gz"), str(phantoms["L"] / "hypothalamus.nii.gz"),
-                 "--resample", "--scheduler", "threads", "--json"])
+    code = main(
+        [
+            "compare",
+            str(out / "phL" / "hemi_k6.nii.gz"),
+            str(phantoms["L"] / "hypothalamus.nii.gz"),
+            "--resample",
+            "--scheduler",
+            "threads",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     names = {r["name"]: r for r in rows}

@@ -26,7 +26,7 @@ from helm_dask.qc import choose_level, hypothalamus_box, write_qc_report
 from helm_dask.volume import make_volume, voxel_to_world
 
 KS = (4, 6)
-SMALL_CHUNKS = (16, 16, 16)   # for the memory test: a plane then touches a few chunks, not the whole volume
+SMALL_CHUNKS = (16, 16, 16)  # for the memory test: a plane then touches a few chunks, not the whole volume
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -35,12 +35,19 @@ def subjects(tmp_path_factory):
     """ONE pipeline's worth of work: run --until preprocess, copy that folder, then resume to the end."""
     root = tmp_path_factory.mktemp("qc")
     write_phantom(root / "ph", spacing_mm=2.0, side="L", seed=1)
-    params = RunParams(scan=str(root / "ph" / "scan.nii.gz"), hypothalamus=str(root / "ph" / "hypothalamus.nii.gz"),
-                       out=str(root / "out"), subject="phL", spacing=2.5, ks=KS, until="preprocess")
+    params = RunParams(
+        scan=str(root / "ph" / "scan.nii.gz"),
+        hypothalamus=str(root / "ph" / "hypothalamus.nii.gz"),
+        out=str(root / "out"),
+        subject="phL",
+        spacing=2.5,
+        ks=KS,
+        until="preprocess",
+    )
     run_subject(params, quiet=True)
     pre = root / "out" / "phL_pre"
     shutil.copytree(root / "out" / "phL", pre)
-    run_subject(replace(params, until="mirror"), quiet=True)   # resumes: only kmeans, merge, mirror run
+    run_subject(replace(params, until="mirror"), quiet=True)  # resumes: only kmeans, merge, mirror run
     full = root / "out" / "phL"
     return {"full": full, "pre": pre, "full_report": write_qc_report(full), "pre_report": write_qc_report(pre)}
 
@@ -99,7 +106,7 @@ def test_report_figures_are_valid_pngs(subjects):
     report = subjects["full_report"]
     assert report == subjects["full"] / "qc" / "report.html"
     page = _parse(report)
-    assert len(page.imgs) == 6          # raw, bias, segmentation, close-up, label map, histogram
+    assert len(page.imgs) == 6  # raw, bias, segmentation, close-up, label map, histogram
     for img in page.imgs:
         w, h = _png_size(_img_bytes(img, report))
         assert w > 300 and h > 200, (img.get("alt"), w, h)
@@ -108,7 +115,7 @@ def test_report_figures_are_valid_pngs(subjects):
     assert len(files) == 6
     assert {_img_bytes(i, report) for i in page.imgs} == set(files.values())
     text = report.read_text()
-    assert "<link" not in text and "http://" not in text and "https://" not in text   # self-contained
+    assert "<link" not in text and "http://" not in text and "https://" not in text  # self-contained
 
 
 def test_report_facts(subjects):
@@ -119,7 +126,7 @@ def test_report_facts(subjects):
     assert "left (L)" in text
     assert f"{100 * tr['fraction_across']:.3f} % of the mask across" in text
     assert f"gap {tr['gap_mm']:.2f} mm" in text
-    km = json.loads((d / "kmeans.json").read_text())["results"]["4"]      # default k: middle of (4, 6) -> 4
+    km = json.loads((d / "kmeans.json").read_text())["results"]["4"]  # default k: middle of (4, 6) -> 4
     assert "k = 4 shown" in text and f"{km['centroids'][0]:.4g}" in text
     summary = json.loads((d / "qc" / "qc.json").read_text())
     assert summary["k"] == 4 and summary["ks"] == [4, 6] and summary["missing"] == []
@@ -198,7 +205,7 @@ def test_hypothalamus_box_matches_numpy(subjects):
     assert b["voxels"] == len(idx)
     for ax, (lo, hi) in enumerate(b["box"]):
         assert lo <= idx[:, ax].min() and hi > idx[:, ax].max()
-        assert hi - lo <= idx[:, ax].max() - idx[:, ax].min() + 3      # tight: one voxel of margin per side
+        assert hi - lo <= idx[:, ax].max() - idx[:, ax].min() + 3  # tight: one voxel of margin per side
 
 
 def test_choose_level(tmp_path):
@@ -208,7 +215,7 @@ def test_choose_level(tmp_path):
     shapes = [open_volume(p, level=lev).shape for lev in range(3)]
     assert shapes == [(260, 40, 30), (130, 20, 15), (65, 10, 7)]
     assert choose_level(p, 512) == 0 and choose_level(p, 260) == 0 and choose_level(p, 259) == 1
-    assert choose_level(p, 100) == 2 and choose_level(p, 20) == 2      # none small enough: the coarsest
+    assert choose_level(p, 100) == 2 and choose_level(p, 20) == 2  # none small enough: the coarsest
 
 
 def test_bad_inputs(subjects, tmp_path):
@@ -246,8 +253,19 @@ def _rechunked_copy(src: Path, dst: Path, chunks) -> Path:
 
 def test_only_planes_and_chunks_are_in_memory(subjects, tmp_path):
     d = _rechunked_copy(subjects["full"], tmp_path / "phL", SMALL_CHUNKS)
-    names = ("scan_raw", "mask_ras", "image_ws", "bias", "preprocessed", "mask", "hypothalamus", "kmeans_k6",
-             "hemi_k6", "closed_labels", "label_map_k6")
+    names = (
+        "scan_raw",
+        "mask_ras",
+        "image_ws",
+        "bias",
+        "preprocessed",
+        "mask",
+        "hypothalamus",
+        "kmeans_k6",
+        "hemi_k6",
+        "closed_labels",
+        "label_map_k6",
+    )
     vols = {n: open_volume(d / "helm.zarr" / n) for n in names}
     assert all(v.data.chunksize == SMALL_CHUNKS for v in vols.values())
     # the largest plane of any level-0 volume, as float64; and the smallest whole volume
@@ -255,16 +273,16 @@ def test_only_planes_and_chunks_are_in_memory(subjects, tmp_path):
     chunk_bound = int(np.prod(SMALL_CHUNKS)) * 8
     smallest_volume = min(v.nbytes for v in vols.values())
     bound = max(plane_bound, chunk_bound)
-    assert bound < smallest_volume / 2          # the check below can tell a plane from a volume
+    assert bound < smallest_volume / 2  # the check below can tell a plane from a volume
     rec = _Largest()
     with rec:
         write_qc_report(d, k=6)
-    assert rec.tasks > 100                      # the callback saw the work (planes, projections, counts)
+    assert rec.tasks > 100  # the callback saw the work (planes, projections, counts)
     assert rec.nbytes <= bound, rec.what
     # the check works: reading a whole volume trips it
     rec2 = _Largest()
     with rec2:
-        vols["preprocessed"].values
+        _ = vols["preprocessed"].values
     assert rec2.nbytes > bound
     assert "k = 6" in (d / "qc" / "report.html").read_text()
 
@@ -275,8 +293,15 @@ def test_only_planes_and_chunks_are_in_memory(subjects, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(subjects, tmp_path):
     report = subjects["full_report"]
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    base = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = report.resolve().as_uri()
     # the page's onload script counts the images that did not decode
     dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
@@ -285,12 +310,11 @@ def test_report_renders_in_headless_chromium(subjects, tmp_path):
     assert body.body.get("data-images-total") == "6", dom[:300]
     assert body.body.get("data-images-broken") == "0"
     shot = tmp_path / "shot.png"
-    subprocess.run(base + ["--window-size=1280,2400", f"--screenshot={shot}", url], capture_output=True,
-                   timeout=120)
+    subprocess.run(base + ["--window-size=1280,2400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     from matplotlib.image import imread
 
     px = imread(shot)[..., :3]
     assert px.shape[0] >= 2000 and px.shape[1] >= 1200
     non_white = (px < 0.9).any(axis=-1).mean()
-    assert non_white > 0.05                                   # figures drawn, not a blank page
+    assert non_white > 0.05  # figures drawn, not a blank page
     assert px.std() > 0.1

@@ -12,7 +12,7 @@ from helm_dask.io.store import open_volume, save_volume
 from helm_dask.volume import make_volume
 
 SHAPE = (23, 17, 12)
-SHIFT = np.array([3, -2, 1])      # output voxel i <- source voxel i + SHIFT (clipped), read with a margin
+SHIFT = np.array([3, -2, 1])  # output voxel i <- source voxel i + SHIFT (clipped), read with a margin
 MARGIN = 2
 
 
@@ -23,8 +23,7 @@ def reference(src: np.ndarray) -> np.ndarray:
 
 def shifted(regions_, lo, ranges):
     """The output chunk ``ranges`` from the box starting at ``lo`` (margin included)."""
-    idx = [np.clip(np.arange(a, b) + s, 0, n - 1) - l
-           for (a, b), s, n, l in zip(ranges, SHIFT, SHAPE, lo)]
+    idx = [np.clip(np.arange(a, b) + s, 0, n - 1) - l for (a, b), s, n, l in zip(ranges, SHIFT, SHAPE, lo)]
     return regions_[0][np.ix_(*idx)].astype(np.float64)
 
 
@@ -46,6 +45,7 @@ def stored(tmp_path, volume):
     def make(chunks, name="v.zarr"):
         vol = make_volume(da.from_array(volume, chunks=chunks), np.eye(4))
         return open_volume(save_volume(vol, tmp_path / name, pyramid=False, chunks=chunks)).data
+
     return make
 
 
@@ -58,13 +58,13 @@ def test_region_map_equals_numpy(volume, stored, src_chunks, out_chunks, backed)
     chunks = da.core.normalize_chunks(out_chunks, SHAPE)
     out = regions.region_map(shifted, [src], chunks, plan, np.float64)
     layer_deps = out.__dask_graph__().dependencies[out.name]
-    assert (len(layer_deps) == 0) == backed           # store-backed: the tasks read the store themselves
+    assert (len(layer_deps) == 0) == backed  # store-backed: the tasks read the store themselves
     np.testing.assert_array_equal(out.compute(), reference(volume).astype(np.float64))
 
 
 def test_cache_shares_chunks_between_overlapping_boxes_and_stays_in_budget(volume, stored, monkeypatch):
     src = stored((6, 6, 6))
-    cache = regions._ChunkCache(8 * 6 ** 3 * 4)        # room for eight chunks only
+    cache = regions._ChunkCache(8 * 6**3 * 4)  # room for eight chunks only
     monkeypatch.setattr(regions, "_CACHE", cache)
     chunks = da.core.normalize_chunks((3, 3, 3), SHAPE)
     out = regions.region_map(shifted, [src], chunks, plan, np.float64)
@@ -90,7 +90,7 @@ def test_rewritten_store_is_never_served_from_the_cache(tmp_path, volume):
 
 def test_regions_are_private_copies(volume, stored):
     """A task may write into its region: the cached chunk stays intact."""
-    src = stored((23, 17, 12))                        # one chunk: the box is exactly the cached chunk
+    src = stored((23, 17, 12))  # one chunk: the box is exactly the cached chunk
 
     def scribble(regions_, lo, ranges):
         r = regions_[0]
@@ -100,8 +100,7 @@ def test_regions_are_private_copies(volume, stored):
 
     chunks = da.core.normalize_chunks((23, 17, 12), SHAPE)
     for _ in range(2):
-        out = regions.region_map(scribble, [src], chunks, lambda i, r: ((0, 0, 0), SHAPE, ((0, 0, 0), r)),
-                                 np.float64)
+        out = regions.region_map(scribble, [src], chunks, lambda i, r: ((0, 0, 0), SHAPE, ((0, 0, 0), r)), np.float64)
         np.testing.assert_array_equal(out.compute(scheduler="synchronous"), reference(volume))
 
 
@@ -160,7 +159,9 @@ def test_store_views_read_flipped_and_transposed_boxes(volume, stored):
     z = regions.zarr_array_of(stored((5, 4, 3)))
     rng = np.random.default_rng(5)
     for perm1, perm2 in [((0, 1, 2), (2, 0, 1)), ((1, 2, 0), (0, 2, 1)), ((2, 1, 0), (1, 0, 2))]:
-        for f1, f2 in itertools.islice(itertools.product(itertools.product([False, True], repeat=3), repeat=2), 0, 64, 9):
+        for f1, f2 in itertools.islice(
+            itertools.product(itertools.product([False, True], repeat=3), repeat=2), 0, 64, 9
+        ):
             view = regions.StoreView(z).then(f1, perm1).then(f2, perm2)
             ref = volume[tuple(slice(None, None, -1) if f else slice(None) for f in f1)].transpose(perm1)
             ref = ref[tuple(slice(None, None, -1) if f else slice(None) for f in f2)].transpose(perm2)
@@ -174,7 +175,7 @@ def test_store_views_read_flipped_and_transposed_boxes(volume, stored):
     view = regions.store_view_of(ras.data)
     assert view is not None
     np.testing.assert_array_equal(view.read((0, 0, 0), ras.shape), ras.values)
-    assert regions.store_view_of((ras.data + 1)) is None
+    assert regions.store_view_of(ras.data + 1) is None
 
 
 def test_writing_a_volume_releases_the_chunk_cache(tmp_path, volume, stored):

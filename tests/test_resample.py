@@ -60,7 +60,7 @@ def smooth_random(shape, seed=0):
 
 def vol_of(arr, affine, chunks, kind="image"):
     if isinstance(chunks, tuple) and len(chunks) == 2 and isinstance(chunks[0], tuple):
-        chunks = chunks[0]           # a (input, output) pair from CHUNKINGS
+        chunks = chunks[0]  # a (input, output) pair from CHUNKINGS
     return make_volume(da.from_array(arr, chunks=chunks), affine, kind=kind)
 
 
@@ -73,35 +73,38 @@ def reference_resample(arr, affine, new_affine, new_shape, spacing_new, *, block
     """Independent whole-array reference: reshape-mean on block axes, gaussian_filter + affine_transform
     (mode nearest) on the others; the sampling positions are read off the two affines."""
     m = np.linalg.inv(affine) @ new_affine
-    assert np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-12)    # voxel-space scaling only
+    assert np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])), atol=1e-12)  # voxel-space scaling only
     r, t = np.diag(m)[:3], m[:3, 3]
     y = np.asarray(arr, np.float64)
     shape, axes = [], []
     for d in range(3):
         if d in block_axes:
             k = int(round(r[d]))
-            assert abs(t[d] - (k - 1) / 2) < 1e-9            # block voxel centre = mean of its k centres
+            assert abs(t[d] - (k - 1) / 2) < 1e-9  # block voxel centre = mean of its k centres
             shape += [y.shape[d] // k, k]
             axes.append(len(shape) - 1)
         else:
             shape.append(y.shape[d])
     y = y.reshape(shape).mean(axis=tuple(axes)) if axes else y
     s = spacing_of(affine)
-    sigma = np.array([0.0 if d in block_axes else math.sqrt(max(spacing_new ** 2 - s[d] ** 2, 0)) / FWHM / s[d]
-                      for d in range(3)])
+    sigma = np.array(
+        [0.0 if d in block_axes else math.sqrt(max(spacing_new**2 - s[d] ** 2, 0)) / FWHM / s[d] for d in range(3)]
+    )
     if sigma.any():
         y = ndi.gaussian_filter(y, sigma, mode="nearest", truncate=4.0)
     if len(block_axes) == 3:
         return y.astype(np.float32)
     matrix = np.array([1.0 if d in block_axes else r[d] for d in range(3)])
     offset = np.array([0.0 if d in block_axes else t[d] for d in range(3)])
-    return ndi.affine_transform(y, matrix, offset=offset, output_shape=new_shape, order=order,
-                                mode="nearest").astype(np.float32)
+    return ndi.affine_transform(y, matrix, offset=offset, output_shape=new_shape, order=order, mode="nearest").astype(
+        np.float32
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(AFFINES))
 def test_target_grid_extent_spacing_and_directions(name):
@@ -116,8 +119,7 @@ def test_target_grid_extent_spacing_and_directions(name):
     # direction cosines kept (an oblique grid stays oblique)
     np.testing.assert_allclose(new_a[:3, :3] / 0.3, a[:3, :3] / sp, atol=1e-12)
     # centred on the old field of view: the FOV centres coincide
-    np.testing.assert_allclose(voxel_to_world(new_a, [(n_new - 1) / 2]), voxel_to_world(a, [(n - 1) / 2]),
-                               atol=1e-12)
+    np.testing.assert_allclose(voxel_to_world(new_a, [(n_new - 1) / 2]), voxel_to_world(a, [(n - 1) / 2]), atol=1e-12)
     # outer edges: along each voxel axis the new first outer edge lies n_new * 0.3 / 2 before the centre
     centre = voxel_to_world(a, [(n - 1) / 2])[0]
     for d in range(3):
@@ -144,8 +146,7 @@ def test_target_grid_integer_factor_centres_are_block_means_and_tiny_volumes():
     assert new_shape == (10, 12, 3)
     # new voxel (1, 2, 0) centre = mean of the centres of input voxels 3..5 x 4..5 x 0..6
     ijk = np.array([[i, j, k] for i in range(3, 6) for j in range(4, 6) for k in range(7)])
-    np.testing.assert_allclose(voxel_to_world(new_a, [[1, 2, 0]])[0], voxel_to_world(a, ijk).mean(axis=0),
-                               atol=1e-12)
+    np.testing.assert_allclose(voxel_to_world(new_a, [[1, 2, 0]])[0], voxel_to_world(a, ijk).mean(axis=0), atol=1e-12)
     # never fewer than one voxel; centre kept
     shape1, a1 = target_grid((2, 3, 2), np.eye(4), 10.0)
     assert shape1 == (1, 1, 1)
@@ -159,13 +160,14 @@ def test_bad_spacing_is_a_helm_error(bad):
 
 
 def test_antialias_sigma_formula():
-    np.testing.assert_allclose(antialias_sigma_mm(0.12, 0.3), math.sqrt(0.3 ** 2 - 0.12 ** 2) / FWHM)
+    np.testing.assert_allclose(antialias_sigma_mm(0.12, 0.3), math.sqrt(0.3**2 - 0.12**2) / FWHM)
     np.testing.assert_allclose(antialias_sigma_mm(0.3, 0.12), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # intensities
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
 @pytest.mark.parametrize("target", [0.2, [0.3, 0.2, 0.1]])
@@ -182,8 +184,9 @@ def test_integer_factor_is_exact_block_mean(chunks, target):
     np.testing.assert_allclose(spacing_of(affine_of(out)), np.broadcast_to(target, (3,)), rtol=1e-12)
     # the new voxel centre is the mean of the block's input centres (voxel-centre-exact affine)
     ijk = np.array([[i, j, kk] for i in range(k[0]) for j in range(k[1]) for kk in range(k[2])]) + k * [2, 3, 1]
-    np.testing.assert_allclose(voxel_to_world(affine_of(out), [[2, 3, 1]])[0],
-                               voxel_to_world(a, ijk).mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(
+        voxel_to_world(affine_of(out), [[2, 3, 1]])[0], voxel_to_world(a, ijk).mean(axis=0), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
@@ -193,7 +196,7 @@ def test_non_integer_factor_012_to_03_matches_scipy(chunks, order, name):
     arr = smooth_random(SHAPE, seed=2)
     a = AFFINES[name]([0.12, 0.12, 0.12])
     out = resample(vol_of(arr, a, chunks), 0.3, order=order, chunks=oc(chunks))
-    assert out.shape == (12, 10, 8)                      # factor 2.5: 3.6, 3.0, 2.4 mm fields of view
+    assert out.shape == (12, 10, 8)  # factor 2.5: 3.6, 3.0, 2.4 mm fields of view
     ref = reference_resample(arr, a, affine_of(out), out.shape, 0.3, block_axes=(), order=order)
     np.testing.assert_allclose(out.values, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
     # anti-aliasing really happened: without it the values differ
@@ -241,15 +244,17 @@ def test_masked_resample_of_stored_reoriented_scan_matches_scipy(tmp_path, chunk
     arr = smooth_random(SHAPE, seed=6)
     m = (smooth_random(SHAPE, seed=7) > 100).astype(np.uint8)
     a = AFFINES[name]([0.12, 0.12, 0.12])
-    stored = [open_volume(save_volume(vol_of(x, a, chunks, kind=k), tmp_path / f"{k}.zarr", pyramid=False,
-                                      chunks=chunks[0])) for x, k in ((arr, "image"), (m, "mask"))]
+    stored = [
+        open_volume(save_volume(vol_of(x, a, chunks, kind=k), tmp_path / f"{k}.zarr", pyramid=False, chunks=chunks[0]))
+        for x, k in ((arr, "image"), (m, "mask"))
+    ]
     scan, mask = (to_ras(v) for v in stored)
     if flip:
         scan, mask = flip_left_right(scan), flip_left_right(mask)
     out = resample(scan, 0.3, mask=mask, chunks=oc(chunks))
     deps = out.data.__dask_graph__().dependencies
     (name,) = [k for k in deps if str(k).startswith("resample-")]
-    assert not deps[name]                        # the tasks read the stores themselves
+    assert not deps[name]  # the tasks read the stores themselves
     assert all(regions.store_view_of(v.data) is not None for v in (scan, mask))
     masked = np.where(mask.values > 0, scan.values, 0).astype(np.float32)
     ref = reference_resample(masked, affine_of(scan), affine_of(out), out.shape, 0.3, block_axes=(), order=1)
@@ -262,8 +267,11 @@ def test_masked_resample_of_stored_reoriented_scan_matches_scipy(tmp_path, chunk
 def test_output_independent_of_chunking_and_explicit_output_chunks():
     arr = smooth_random(SHAPE, seed=5)
     a = AFFINES["ras"]([0.12, 0.12, 0.12])
-    results = [resample(vol_of(arr, a, c), 0.3, order=3, chunks=out_chunks).values
-               for c, _ in CHUNKINGS for out_chunks in (None, (3, 4, 5), (12, 1, 8))]
+    results = [
+        resample(vol_of(arr, a, c), 0.3, order=3, chunks=out_chunks).values
+        for c, _ in CHUNKINGS
+        for out_chunks in (None, (3, 4, 5), (12, 1, 8))
+    ]
     for r in results[1:]:
         np.testing.assert_allclose(r, results[0], rtol=1e-6, atol=1e-6 * float(np.abs(results[0]).max()))
 
@@ -278,7 +286,7 @@ def test_native_and_laziness_and_errors():
         raise AssertionError("computed while building the graph")
 
     lazy = make_volume(da.zeros(SHAPE, chunks=10).map_blocks(boom, dtype=float), np.diag([0.12] * 3 + [1]))
-    out = resample(lazy, 0.3)                 # building the graph must not compute anything
+    out = resample(lazy, 0.3)  # building the graph must not compute anything
     assert isinstance(out.data, da.Array)
     assert out.attrs["provenance"][-1]["stage"] == "resample"
     with pytest.raises(ValueError):
@@ -292,12 +300,12 @@ def test_native_and_laziness_and_errors():
 def test_smooth_blob_round_trip_keeps_centroid():
     g = np.indices(SHAPE).astype(float)
     c = np.array([13.3, 11.7, 9.2])
-    blob = np.exp(-(((g - c[:, None, None, None]) ** 2).sum(0)) / (2 * 3.0 ** 2)).astype(np.float32)
+    blob = np.exp(-(((g - c[:, None, None, None]) ** 2).sum(0)) / (2 * 3.0**2)).astype(np.float32)
     a = AFFINES["oblique_permuted"]([0.12, 0.12, 0.12])
     down = resample(vol_of(blob, a, (7, 9, 5)), 0.3, chunks=(5, 4, 8))
     back = resample(down, 0.12, chunks=(15, 25, 11))
     assert back.shape == SHAPE
-    np.testing.assert_allclose(affine_of(back), a, atol=1e-12)      # same FOV -> the very same grid
+    np.testing.assert_allclose(affine_of(back), a, atol=1e-12)  # same FOV -> the very same grid
 
     def centroid(arr, aff):
         w = np.clip(arr, 0, None)
@@ -312,6 +320,7 @@ def test_smooth_blob_round_trip_keeps_centroid():
 # labels
 # ---------------------------------------------------------------------------------------------------------
 
+
 def blob_labels(shape, seed=0, codes=(801, 802, 803, 804, 805, 3), dtype=np.uint16):
     """Ellipsoid blobs with different codes (overlaps: later wins) on background 0."""
     rng = np.random.default_rng(seed)
@@ -324,8 +333,10 @@ def blob_labels(shape, seed=0, codes=(801, 802, 803, 804, 805, 3), dtype=np.uint
     return lab
 
 
-@pytest.mark.parametrize("chunks, target", [(c, t) for c in CHUNKINGS for t in (0.3, 0.2)]
-                         + [(CHUNKINGS[0], 0.05), (((7, 9, 5), (20, 33, 16)), 0.05)])
+@pytest.mark.parametrize(
+    "chunks, target",
+    [(c, t) for c in CHUNKINGS for t in (0.3, 0.2)] + [(CHUNKINGS[0], 0.05), (((7, 9, 5), (20, 33, 16)), 0.05)],
+)
 def test_nearest_labels_equal_scipy_order0(chunks, target):
     lab = blob_labels(SHAPE, seed=1)
     a = AFFINES["oblique_permuted"]([0.12, 0.1, 0.1])
@@ -333,9 +344,11 @@ def test_nearest_labels_equal_scipy_order0(chunks, target):
     assert out.dtype == np.uint16 and out.attrs["kind"] == "labels"
     new_shape, r, t = grid_mapping(SHAPE, a, target)
     assert out.shape == new_shape
-    np.testing.assert_allclose(np.linalg.inv(a) @ affine_of(out),
-                               np.block([[np.diag(r), t[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.linalg.inv(a) @ affine_of(out),
+        np.block([[np.diag(r), t[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]),
+        atol=1e-12,
+    )
     coords = [t[d] + r[d] * np.arange(new_shape[d]) for d in range(3)]
     grid = np.stack(np.meshgrid(*coords, indexing="ij"))
     ref = ndi.map_coordinates(lab, grid, order=0, mode="nearest")
@@ -359,21 +372,20 @@ def majority_reference(lab, r, t, new_shape):
     for idx in np.ndindex(*new_shape):
         vals = lab[np.ix_(sel[0][idx[0]], sel[1][idx[1]], sel[2][idx[2]])].ravel()
         codes, counts = np.unique(vals, return_counts=True)
-        out[idx] = codes[np.argmax(counts)]          # np.unique sorts: argmax picks the smallest tied code
+        out[idx] = codes[np.argmax(counts)]  # np.unique sorts: argmax picks the smallest tied code
     return out
 
 
 @pytest.mark.parametrize("chunks", CHUNKINGS)
-@pytest.mark.parametrize("target", [0.3, [0.24, 0.3, 0.15], 0.33])     # 0.33: the FOV is not a multiple
+@pytest.mark.parametrize("target", [0.3, [0.24, 0.3, 0.15], 0.33])  # 0.33: the FOV is not a multiple
 def test_majority_labels_equal_brute_force(chunks, target):
     lab = blob_labels(SHAPE, seed=2)
     rng = np.random.default_rng(0)
     noisy = lab.copy()
-    flip = rng.random(SHAPE) < 0.2                   # salt the map so that votes are close
+    flip = rng.random(SHAPE) < 0.2  # salt the map so that votes are close
     noisy[flip] = rng.choice([0, 3, 801, 802], size=int(flip.sum()))
     a = AFFINES["ras"]([0.12, 0.12, 0.12])
-    out = resample_labels(vol_of(noisy, a, chunks, kind="labels"), target, method="majority",
-                          chunks=oc(chunks))
+    out = resample_labels(vol_of(noisy, a, chunks, kind="labels"), target, method="majority", chunks=oc(chunks))
     new_shape, r, t = grid_mapping(SHAPE, a, target)
     np.testing.assert_array_equal(out.values, majority_reference(noisy, r, t, new_shape))
     assert out.dtype == noisy.dtype
@@ -394,6 +406,7 @@ def test_majority_ties_go_to_smallest_code_and_upsampling_falls_back_to_nearest(
 # ---------------------------------------------------------------------------------------------------------
 # arbitrary grids
 # ---------------------------------------------------------------------------------------------------------
+
 
 def to_grid_reference(arr, a_in, shape, a_out, order):
     m = np.linalg.inv(a_in) @ a_out
@@ -418,8 +431,7 @@ def test_resample_to_grid_matches_map_coordinates(chunks, order):
     out_chunks = (7, 11, 9) if oc(chunks) is None or order == 3 else oc(chunks)
     if order == 0:
         arr = blob_labels(SHAPE, seed=3)
-        out = resample_to_grid(vol_of(arr, a_in, chunks, kind="labels"), shape_out, a_out, order=0,
-                               chunks=out_chunks)
+        out = resample_to_grid(vol_of(arr, a_in, chunks, kind="labels"), shape_out, a_out, order=0, chunks=out_chunks)
         ref = to_grid_reference(arr, a_in, shape_out, a_out, 0)
         assert out.dtype == arr.dtype
         np.testing.assert_array_equal(out.values, ref)
@@ -448,6 +460,7 @@ def test_resample_to_grid_rejects_interpolating_labels_and_skips_far_chunks():
 # round trips (label centroids move by less than half a voxel)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def world_centroids(lab, aff):
     out = {}
     for code in np.unique(lab):
@@ -470,7 +483,7 @@ def test_label_round_trip_right_phantom_moves_centroids_less_than_half_a_voxel(m
     c0, c1 = world_centroids(lab, a), world_centroids(back.values, a)
     assert set(c0) == set(c1)
     shifts = {k: float(np.linalg.norm(c0[k] - c1[k])) for k in c0}
-    assert max(shifts.values()) < 0.5 * 0.3, shifts        # half a 0.3 mm voxel
+    assert max(shifts.values()) < 0.5 * 0.3, shifts  # half a 0.3 mm voxel
     assert np.median(list(shifts.values())) < 0.5 * 0.12, shifts
 
 
@@ -490,9 +503,9 @@ def test_label_round_trip_with_builtin_right_phantom():
     crop = tuple(slice(c - half, c + half) for c in centre)
     a = affine_of(lab)
     a[:3, 3] = voxel_to_world(a, [[c.start for c in crop]])[0]
-    arr = np.asarray(lab.data[crop].compute())         # once: the phantom itself is not under test here
+    arr = np.asarray(lab.data[crop].compute())  # once: the phantom itself is not under test here
     assert {806, 807, 808, 809, 810} <= set(np.unique(arr).tolist())
-    hyp = arr >= 806                                   # the crop holds the whole hypothalamus (the fornix is cut)
+    hyp = arr >= 806  # the crop holds the whole hypothalamus (the fornix is cut)
     assert not (hyp[[0, -1]].any() or hyp[:, [0, -1]].any() or hyp[:, :, [0, -1]].any())
     v = make_volume(da.from_array(arr, chunks=(20, 36, 25)), a, kind="labels")
     c0 = world_centroids(arr, a)

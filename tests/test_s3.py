@@ -36,9 +36,17 @@ from helm_dask.volume import make_volume  # noqa: E402
 
 BUCKET = "helm"
 KS = "4,5"
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
-            "AWS_CONFIG_FILE")
+AWS_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,13 @@ def s3(tmp_path_factory):
         os.environ.pop(k, None)
     # Dummy credentials (moto accepts any); no ~/.aws files can interfere.
     empty = tmp_path_factory.mktemp("aws")
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_SHARED_CREDENTIALS_FILE=str(empty / "credentials"), AWS_CONFIG_FILE=str(empty / "config"))
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_SHARED_CREDENTIALS_FILE=str(empty / "credentials"),
+        AWS_CONFIG_FILE=str(empty / "config"),
+    )
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
@@ -80,7 +93,7 @@ def cat(s3, key) -> bytes:
 
 def ls(s3, prefix) -> list[str]:
     s3.fs.invalidate_cache()
-    return [k[len(BUCKET) + 1:] for k in s3.fs.find(f"{BUCKET}/{prefix}")]
+    return [k[len(BUCKET) + 1 :] for k in s3.fs.find(f"{BUCKET}/{prefix}")]
 
 
 def pending_uploads(s3) -> list:
@@ -97,7 +110,7 @@ def small_nifti(tmp_path_factory):
     data = (np.random.default_rng(0).normal(size=(20, 18, 16)) * 100).astype(np.int16)
     aff = np.array([[0, 0, 0.2, 1], [-0.2, 0, 0, 2], [0, -0.2, 0, 3], [0, 0, 0, 1.0]])
     img = nib.Nifti1Image(data, aff)
-    img.header.set_slope_inter(0.5, 3.0)   # scaled: the raw values and the scaling must both survive
+    img.header.set_slope_inter(0.5, 3.0)  # scaled: the raw values and the scaling must both survive
     nib.save(img, d / "a.nii.gz")
     return d / "a.nii.gz", data
 
@@ -110,8 +123,15 @@ def test_convert_round_trip_through_s3_equals_local(s3, small_nifti, tmp_path, c
     cli("convert", tmp_path / "a.zarr", tmp_path / "back.nii.gz", "--scheduler", "threads", "--quiet")
     # local NIfTI -> S3 Zarr -> S3 NIfTI
     cli("convert", src, f"s3://{BUCKET}/conv/a.zarr", *common, *s3.opt)
-    cli("convert", f"s3://{BUCKET}/conv/a.zarr", f"s3://{BUCKET}/conv/back.nii.gz", "--scheduler", "threads",
-        "--quiet", *s3.opt)
+    cli(
+        "convert",
+        f"s3://{BUCKET}/conv/a.zarr",
+        f"s3://{BUCKET}/conv/back.nii.gz",
+        "--scheduler",
+        "threads",
+        "--quiet",
+        *s3.opt,
+    )
     local_back = (tmp_path / "back.nii.gz").read_bytes()
     assert cat(s3, "conv/back.nii.gz") == local_back
     back = nib.load(tmp_path / "back.nii.gz")
@@ -119,13 +139,17 @@ def test_convert_round_trip_through_s3_equals_local(s3, small_nifti, tmp_path, c
     # S3 NIfTI input -> S3 Zarr -> local NIfTI
     s3.fs.put(str(src), f"{BUCKET}/conv/in.nii.gz")
     cli("convert", f"s3://{BUCKET}/conv/in.nii.gz", f"s3://{BUCKET}/conv/b.zarr", *common, *s3.opt)
-    cli("convert", f"s3://{BUCKET}/conv/b.zarr", tmp_path / "back2.nii.gz", "--scheduler", "threads", "--quiet",
-        *s3.opt)
+    cli(
+        "convert", f"s3://{BUCKET}/conv/b.zarr", tmp_path / "back2.nii.gz", "--scheduler", "threads", "--quiet", *s3.opt
+    )
     assert (tmp_path / "back2.nii.gz").read_bytes() == local_back
     # the Zarr stores hold the same chunks as the local one (same keys, same bytes)
-    local_keys = sorted(str(p.relative_to(tmp_path / "a.zarr")) for p in (tmp_path / "a.zarr").rglob("*")
-                        if p.is_file() and p.name != "zarr.json")
-    remote_keys = sorted(k[len("conv/b.zarr/"):] for k in ls(s3, "conv/b.zarr") if not k.endswith("zarr.json"))
+    local_keys = sorted(
+        str(p.relative_to(tmp_path / "a.zarr"))
+        for p in (tmp_path / "a.zarr").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
+    remote_keys = sorted(k[len("conv/b.zarr/") :] for k in ls(s3, "conv/b.zarr") if not k.endswith("zarr.json"))
     assert remote_keys == local_keys and len(local_keys) == 3 * 3 * 2  # 20 x 18 x 16 in 8^3 chunks, no pyramid
     for k in local_keys:
         assert cat(s3, f"conv/b.zarr/{k}") == (tmp_path / "a.zarr" / k).read_bytes(), k
@@ -134,8 +158,7 @@ def test_convert_round_trip_through_s3_equals_local(s3, small_nifti, tmp_path, c
 
     # info on URLs: same as local except path and size
     capsys.readouterr()
-    for local, url in ((tmp_path / "a.zarr", f"s3://{BUCKET}/conv/a.zarr"),
-                       (src, f"s3://{BUCKET}/conv/in.nii.gz")):
+    for local, url in ((tmp_path / "a.zarr", f"s3://{BUCKET}/conv/a.zarr"), (src, f"s3://{BUCKET}/conv/in.nii.gz")):
         cli("info", local, "--json")
         d_local = json.loads(capsys.readouterr().out)
         cli("info", url, "--json", *s3.opt)
@@ -169,8 +192,16 @@ def test_storage_options_from_the_environment_and_errors(s3, small_nifti, monkey
     # an existing output is refused without --overwrite (exit 3), for a store and for a file
     cli("convert", src, f"s3://{BUCKET}/env/a.zarr", "--scheduler", "threads", "--quiet", *s3.opt)
     cli("convert", src, f"s3://{BUCKET}/env/a.zarr", "--scheduler", "threads", "--quiet", *s3.opt, expect=3)
-    cli("convert", f"s3://{BUCKET}/env/a.zarr", f"s3://{BUCKET}/env/in.nii.gz", "--scheduler", "threads", "--quiet",
-        *s3.opt, expect=3)
+    cli(
+        "convert",
+        f"s3://{BUCKET}/env/a.zarr",
+        f"s3://{BUCKET}/env/in.nii.gz",
+        "--scheduler",
+        "threads",
+        "--quiet",
+        *s3.opt,
+        expect=3,
+    )
     assert "already exists" in capsys.readouterr().err
     assert cat(s3, "env/in.nii.gz") == src.read_bytes()
 
@@ -184,7 +215,7 @@ def test_failed_uploads_leave_nothing(s3, monkeypatch):
 
     # 128^3 float32 (8 MiB) in slabs of 8 planes (512 KiB) with 5 MiB upload parts: the failure comes after a
     # multipart part went up, and the thin scratch copy (slabs thinner than the 64-voxel chunks) lives on S3 too.
-    so = dict(s3.so, default_block_size=5 * 2 ** 20)
+    so = dict(s3.so, default_block_size=5 * 2**20)
     rng = np.random.default_rng(1)
     vol = make_volume(da.from_array(rng.random((128, 128, 128), dtype=np.float32), chunks=64), np.eye(4))
     url = f"s3://{BUCKET}/fail/out.nii"
@@ -203,9 +234,9 @@ def test_failed_uploads_leave_nothing(s3, monkeypatch):
 
     with pytest.raises(RuntimeError, match="worker lost"):
         save_nifti(vol, url, slab_mb=0.5, storage_options=so)
-    assert seen["pending_before_failure"] == 1        # a multipart upload was under way ...
-    assert pending_uploads(s3) == []                  # ... and was aborted
-    assert ls(s3, "fail") == []                       # no object, no scratch store
+    assert seen["pending_before_failure"] == 1  # a multipart upload was under way ...
+    assert pending_uploads(s3) == []  # ... and was aborted
+    assert ls(s3, "fail") == []  # no object, no scratch store
     # an older object is untouched by a failed overwrite
     s3.fs.pipe(f"{BUCKET}/fail/out.nii", b"old")
     seen["slabs"] = 0
@@ -221,7 +252,7 @@ def test_failed_uploads_leave_nothing(s3, monkeypatch):
     save_nifti(vol, url, slab_mb=0.5, storage_options=so, overwrite=True)
     img = nib.Nifti1Image.from_bytes(cat(s3, "fail/out.nii"))
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol.values)
-    assert ls(s3, "fail") == ["fail/.other.nii.thin-dead0000.zarr/zarr.json", "fail/out.nii"]   # scratch removed
+    assert ls(s3, "fail") == ["fail/.other.nii.thin-dead0000.zarr/zarr.json", "fail/out.nii"]  # scratch removed
     s3.fs.rm(f"{BUCKET}/fail/.other.nii.thin-dead0000.zarr", recursive=True)
 
     # a Zarr volume whose computation fails midway is deleted, not left half written
@@ -258,8 +289,17 @@ RUN_ARGS = ["--spacing", "2.5", "--k", KS, "--no-qc", "--quiet", "--layout", "he
 @pytest.fixture(scope="module")
 def local_run(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("local_out")
-    cli("run", phantom / "scan.nii.gz", "--hypothalamus", phantom / "hypothalamus.nii.gz", "--out", out,
-        "--scheduler", "threads", *RUN_ARGS)
+    cli(
+        "run",
+        phantom / "scan.nii.gz",
+        "--hypothalamus",
+        phantom / "hypothalamus.nii.gz",
+        "--out",
+        out,
+        "--scheduler",
+        "threads",
+        *RUN_ARGS,
+    )
     return out / "scan"
 
 
@@ -276,8 +316,17 @@ def _nifti_parts(raw: bytes) -> tuple[bytes, bytes, dict]:
     return raw[:108] + raw[112:348], raw[off:], prov
 
 
-S3_RUN = ["run", f"s3://{BUCKET}/in/scan.nii.gz", "--hypothalamus", f"s3://{BUCKET}/in/hypothalamus.nii.gz",
-          "--out", f"s3://{BUCKET}/out", "--scheduler", "threads", *RUN_ARGS]
+S3_RUN = [
+    "run",
+    f"s3://{BUCKET}/in/scan.nii.gz",
+    "--hypothalamus",
+    f"s3://{BUCKET}/in/hypothalamus.nii.gz",
+    "--out",
+    f"s3://{BUCKET}/out",
+    "--scheduler",
+    "threads",
+    *RUN_ARGS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +339,15 @@ def test_run_on_s3_matches_local(s3, s3_run, local_run):
     keys = s3_run
     local_files = sorted(p.name for p in local_run.iterdir() if p.is_file())
     assert sorted(k.split("/", 2)[2] for k in keys if "/helm.zarr/" not in k) == local_files
-    assert {"lut.txt", "run.json", "transform.json", "kmeans.json", "bias_model.json",
-            "label_map_k5.nii.gz", "preprocessed.nii.gz"} <= set(local_files)
+    assert {
+        "lut.txt",
+        "run.json",
+        "transform.json",
+        "kmeans.json",
+        "bias_model.json",
+        "label_map_k5.nii.gz",
+        "preprocessed.nii.gz",
+    } <= set(local_files)
     local_vols = sorted(p.parent.name for p in (local_run / "helm.zarr").glob("*/zarr.json"))
     remote_vols = sorted({k.split("/")[3] for k in keys if "/helm.zarr/" in k})
     assert remote_vols == local_vols and "label_map_k4" in remote_vols
@@ -309,22 +365,29 @@ def test_run_on_s3_matches_local(s3, s3_run, local_run):
             run = json.loads(remote)
             assert {s["status"] for s in run["stages"].values()} == {"computed"}
             assert "storage_options" not in run["params"]
-            assert [s["key"] for s in run["stages"].values()] == \
-                [s["key"] for s in json.loads(local)["stages"].values()]
+            assert [s["key"] for s in run["stages"].values()] == [
+                s["key"] for s in json.loads(local)["stages"].values()
+            ]
         else:
             assert remote == local, name
     assert n_nifti == 4 + 3 * 2
     # --layout helm: the dataset's folders, copied server-side
     assert cat(s3, "out/label_maps/scan_k5.nii.gz") == cat(s3, "out/scan/label_map_k5.nii.gz")
     assert cat(s3, "out/whole_brain_segmentation/scan_k4.nii.gz") == cat(s3, "out/scan/kmeans_k4.nii.gz")
-    assert sorted(k.split("/")[1] for k in ls(s3, "out") if k.count("/") == 2 and "/scan/" not in k) == \
-        ["hypothalamus", "label_maps", "label_maps", "preprocessed", "whole_brain_segmentation",
-         "whole_brain_segmentation"]
+    assert sorted(k.split("/")[1] for k in ls(s3, "out") if k.count("/") == 2 and "/scan/" not in k) == [
+        "hypothalamus",
+        "label_maps",
+        "label_maps",
+        "preprocessed",
+        "whole_brain_segmentation",
+        "whole_brain_segmentation",
+    ]
     # the intermediates too: same voxels in every volume of helm.zarr
     for vol in ("mask", "preprocessed", "hemi_k5", "label_map_k4"):
         np.testing.assert_array_equal(
             open_volume(f"s3://{BUCKET}/out/scan/helm.zarr/{vol}", storage_options=s3.so).values,
-            open_volume(local_run / "helm.zarr" / vol).values)
+            open_volume(local_run / "helm.zarr" / vol).values,
+        )
 
 
 def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monkeypatch):
@@ -339,11 +402,12 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
 
     def etags() -> dict:
         s3.fs.invalidate_cache()
-        return {k: (info["ETag"], info["LastModified"]) for k, info in
-                s3.fs.find(f"{BUCKET}/out/scan", detail=True).items()}
+        return {
+            k: (info["ETag"], info["LastModified"]) for k, info in s3.fs.find(f"{BUCKET}/out/scan", detail=True).items()
+        }
 
     before = etags()
-    time.sleep(1.1)     # LastModified has a resolution of a second: a rewrite of the same bytes shows
+    time.sleep(1.1)  # LastModified has a resolution of a second: a rewrite of the same bytes shows
     with monkeypatch.context() as m:
         m.setattr(pipeline, "save_nifti", no_write)
         m.setattr(pipeline, "nifti_to_zarr", no_write)
@@ -352,7 +416,7 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     run = json.loads(cat(s3, "out/scan/run.json"))
     assert {s["status"] for s in run["stages"].values()} == {"skipped"}
     assert ls(s3, "out/scan") == s3_run
-    after = etags()     # no object rewritten (lut.txt, JSON, chunks) but the run record itself
+    after = etags()  # no object rewritten (lut.txt, JSON, chunks) but the run record itself
     assert {k for k in before if before[k] != after[k]} <= {f"{BUCKET}/out/scan/run.json"}
 
     # Another seed: k-means (only) recomputes, and its maps fail while their stores are being written.
@@ -368,9 +432,17 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
 
     url = f"s3://{BUCKET}/out/scan"
     old_key = read_nifti_provenance(f"{url}/kmeans_k4.nii.gz", storage_options=s3.so)["stage_key"]
-    params = RunParams(scan=f"s3://{BUCKET}/in/scan.nii.gz", hypothalamus=f"s3://{BUCKET}/in/hypothalamus.nii.gz",
-                       out=f"s3://{BUCKET}/out", spacing=2.5, ks=(4, 5), until="kmeans", qc=False, seed=7,
-                       storage_options=s3.so)
+    params = RunParams(
+        scan=f"s3://{BUCKET}/in/scan.nii.gz",
+        hypothalamus=f"s3://{BUCKET}/in/hypothalamus.nii.gz",
+        out=f"s3://{BUCKET}/out",
+        spacing=2.5,
+        ks=(4, 5),
+        until="kmeans",
+        qc=False,
+        seed=7,
+        storage_options=s3.so,
+    )
     monkeypatch.setattr(km, "kmeans_maps", failing)
     with pytest.raises(RuntimeError, match="worker died"):
         run_subject(params, quiet=True)
@@ -386,8 +458,13 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     monkeypatch.setattr(km, "kmeans_maps", real)
     info = run_subject(params, quiet=True)
     st = {k: v["status"] for k, v in info["stages"].items()}
-    assert st == {"import": "skipped", "background": "skipped", "resample": "skipped", "bias": "skipped",
-                  "kmeans": "computed"}
+    assert st == {
+        "import": "skipped",
+        "background": "skipped",
+        "resample": "skipped",
+        "bias": "skipped",
+        "kmeans": "computed",
+    }
     new_key = read_nifti_provenance(f"{url}/kmeans_k4.nii.gz", storage_options=s3.so)["stage_key"]
     assert new_key == info["stages"]["kmeans"]["key"] != old_key
     img = nib.Nifti1Image.from_bytes(gzip.decompress(cat(s3, "out/scan/kmeans_k5.nii.gz")))
@@ -398,7 +475,7 @@ def test_localcluster_workers_get_the_options(s3, phantom, local_run, monkeypatc
     """Workers see neither the endpoint nor credentials in their environment: only --storage-options."""
     secret = "s3cr3t-only-in-the-options"
     so = dict(s3.so, key="testing", secret=secret)
-    (tmp_path / "s3.json").write_text(json.dumps(so))   # @FILE: credentials stay off the command line
+    (tmp_path / "s3.json").write_text(json.dumps(so))  # @FILE: credentials stay off the command line
     import fsspec
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
@@ -406,9 +483,26 @@ def test_localcluster_workers_get_the_options(s3, phantom, local_run, monkeypatc
     # Nothing else tells a worker where the server is: one that did not get the options would go to AWS.
     assert not [k for k in os.environ if k.startswith(("AWS_ENDPOINT", "FSSPEC_S3"))]
     assert "endpoint_url" not in fsspec.config.conf.get("s3", {})
-    cli("run", f"s3://{BUCKET}/in/scan.nii.gz", "--hypothalamus", f"s3://{BUCKET}/in/hypothalamus.nii.gz",
-        "--out", f"s3://{BUCKET}/out3", "--until", "preprocess", "--workers", "1", "--threads-per-worker", "2",
-        "--spacing", "2.5", "--no-qc", "--quiet", "--storage-options", f"@{tmp_path / 's3.json'}")
+    cli(
+        "run",
+        f"s3://{BUCKET}/in/scan.nii.gz",
+        "--hypothalamus",
+        f"s3://{BUCKET}/in/hypothalamus.nii.gz",
+        "--out",
+        f"s3://{BUCKET}/out3",
+        "--until",
+        "preprocess",
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "2",
+        "--spacing",
+        "2.5",
+        "--no-qc",
+        "--quiet",
+        "--storage-options",
+        f"@{tmp_path / 's3.json'}",
+    )
     for name in ("preprocessed", "mask", "bias", "hypothalamus"):
         _, d_r, _ = _nifti_parts(cat(s3, f"out3/scan/{name}.nii.gz"))
         _, d_l, _ = _nifti_parts((local_run / f"{name}.nii.gz").read_bytes())
@@ -418,7 +512,7 @@ def test_localcluster_workers_get_the_options(s3, phantom, local_run, monkeypatc
         if key.endswith((".json", ".txt")):
             assert secret.encode() not in cat(s3, key), key
         elif key.endswith(".nii.gz"):
-            assert secret.encode() not in gzip.decompress(cat(s3, key))[:1 << 16], key
+            assert secret.encode() not in gzip.decompress(cat(s3, key))[: 1 << 16], key
     assert read_nifti_provenance(f"s3://{BUCKET}/out3/scan/mask.nii.gz", storage_options=so)["stage_key"]
 
 

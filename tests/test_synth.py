@@ -54,9 +54,9 @@ def label_array(shape=SHAPE, seed=0):
     coarse = rng.integers(1, 7, tuple(-(-s // 6) for s in shape))
     lab = np.kron(coarse, np.ones((6, 6, 6), int))[: shape[0], : shape[1], : shape[2]].astype(np.uint16)
     c = [s // 2 for s in shape]
-    lab[c[0] - 4: c[0] + 4, c[1] - 3: c[1] + 3, c[2] - 3: c[2]] = 801
-    lab[c[0] - 4: c[0] + 4, c[1] - 3: c[1] + 3, c[2]: c[2] + 3] = 802
-    lab[c[0] + 4: c[0] + 7, c[1] - 3: c[1] + 3, c[2] - 3: c[2] + 3] = 803
+    lab[c[0] - 4 : c[0] + 4, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2]] = 801
+    lab[c[0] - 4 : c[0] + 4, c[1] - 3 : c[1] + 3, c[2] : c[2] + 3] = 802
+    lab[c[0] + 4 : c[0] + 7, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = 803
     lab[:2], lab[:, -2:] = 0, 0
     return lab
 
@@ -72,14 +72,18 @@ def centre_of(out_affine, crop):
 def scipy_reference(lab, src_affine, params, out_affine, crop):
     """The sample's labels computed independently: one affine_transform of the whole source array."""
     c = centre_of(out_affine, crop)
-    fwd = (Rotation.from_euler("xyz", params.rotation_deg, degrees=True).as_matrix()
-           @ np.diag(params.scaling) @ (np.eye(3) + _offdiag(params.shear)))
+    fwd = (
+        Rotation.from_euler("xyz", params.rotation_deg, degrees=True).as_matrix()
+        @ np.diag(params.scaling)
+        @ (np.eye(3) + _offdiag(params.shear))
+    )
     pull = np.eye(4)
     pull[:3, :3] = np.linalg.inv(fwd)
     pull[:3, 3] = c - pull[:3, :3] @ c
     t = np.linalg.inv(src_affine) @ pull @ out_affine
-    return ndi.affine_transform(lab, t[:3, :3], t[:3, 3], output_shape=tuple(crop), order=0,
-                                mode="grid-constant", cval=0)
+    return ndi.affine_transform(
+        lab, t[:3, :3], t[:3, 3], output_shape=tuple(crop), order=0, mode="grid-constant", cval=0
+    )
 
 
 def _offdiag(shear):
@@ -108,16 +112,23 @@ def test_sample_params_seeded_jsonable_and_independent_of_flags():
     # switching a step off neutralises it and leaves every other draw as it was
     q = sample_params(SynthConfig(crop=(20, 20, 20), max_shift_mm=2.0, bias=False, affine=False), 7, 3)
     assert q.bias_std == 0 and q.rotation_deg == (0, 0, 0) and q.scaling == (1, 1, 1) and q.shear == (0,) * 6
-    assert (q.gamma, q.nonlin_std_mm, q.acq_spacing_mm, q.shift_mm) == (p.gamma, p.nonlin_std_mm,
-                                                                         p.acq_spacing_mm, p.shift_mm)
+    assert (q.gamma, q.nonlin_std_mm, q.acq_spacing_mm, q.shift_mm) == (
+        p.gamma,
+        p.nonlin_std_mm,
+        p.acq_spacing_mm,
+        p.shift_mm,
+    )
     off = sample_params(cfg.without_augmentation(), 7, 3)
     assert (off.nonlin_std_mm, off.bias_std, off.gamma, off.acq_axis, off.shift_mm) == (0, 0, 1.0, None, (0, 0, 0))
 
 
 def test_forward_matrix_is_rotation_scaling_shear():
     p = sample_params(SynthConfig(), 1, 2)
-    ref = (Rotation.from_euler("xyz", p.rotation_deg, degrees=True).as_matrix() @ np.diag(p.scaling)
-           @ (np.eye(3) + _offdiag(p.shear)))
+    ref = (
+        Rotation.from_euler("xyz", p.rotation_deg, degrees=True).as_matrix()
+        @ np.diag(p.scaling)
+        @ (np.eye(3) + _offdiag(p.shear))
+    )
     np.testing.assert_allclose(p.forward_matrix(), ref, atol=1e-14)
     np.testing.assert_allclose(p.pull_matrix() @ ref, np.eye(3), atol=1e-12)
 
@@ -149,7 +160,7 @@ def test_pure_affine_labels_equal_scipy_affine_transform(index, chunks):
 
 def test_coarse_level_is_scipy_on_the_strided_map():
     lab = label_array((64, 60, 52))
-    cfg = SynthConfig(crop=(20, 18, 16), spacing_mm=2.3, **AFFINE_ONLY)   # auto level: 0.9*2 <= 2.3/2 < 0.9*4
+    cfg = SynthConfig(crop=(20, 18, 16), spacing_mm=2.3, **AFFINE_ONLY)  # auto level: 0.9*2 <= 2.3/2 < 0.9*4
     vol = label_volume(lab, (16, 16, 16), affine=np.diag([0.5, 0.5, 0.5, 1.0]))
     p = sample_params(cfg, 2, 0)
     plan = plan_sample(vol, p, cfg)
@@ -167,7 +178,7 @@ def test_store_pyramid_gives_the_same_samples_as_the_lazy_volume(tmp_path):
     vol = label_volume(lab, (32, 32, 32), affine=np.diag([0.4, 0.4, 0.4, 1.0]))
     store = save_volume(vol, tmp_path / "lab.zarr", chunks=(32, 32, 32))
     src = LabelSource.open(store)
-    assert len(src.stored) == 2            # level 1 stored; level 2 is a stride of it
+    assert len(src.stored) == 2  # level 1 stored; level 2 is a stride of it
     cfg = SynthConfig(crop=(16, 16, 16), spacing_mm=3.3)
     for i in range(2):
         p = sample_params(cfg, 5, i)
@@ -181,12 +192,18 @@ def test_store_pyramid_gives_the_same_samples_as_the_lazy_volume(tmp_path):
 def test_deformation_moves_labels_a_little():
     lab = label_array()
     vol = label_volume(lab, (10, 10, 10))
-    base = SynthConfig(crop=(30, 30, 30), spacing_mm=1.0, level=0, nonlin_std_mm=3.0, nonlin_spacing_mm=8.0,
-                       **{**AFFINE_ONLY, "deformation": True})
+    base = SynthConfig(
+        crop=(30, 30, 30),
+        spacing_mm=1.0,
+        level=0,
+        nonlin_std_mm=3.0,
+        nonlin_spacing_mm=8.0,
+        **{**AFFINE_ONLY, "deformation": True},
+    )
     p = sample_params(base, 4, 0)
     _, warped = generate_sample(vol, p, base)
     off = SynthConfig(**{**base.to_dict(), "deformation": False})
-    _, straight = generate_sample(vol, sample_params(off, 4, 0), off)     # same draws, deformation off
+    _, straight = generate_sample(vol, sample_params(off, 4, 0), off)  # same draws, deformation off
     differ = (warped.values != straight.values).mean()
     assert 0.01 < differ < 0.6
     assert set(np.unique(warped.values)) <= set(np.unique(lab))
@@ -226,8 +243,7 @@ def test_same_seed_same_sample_any_chunking_or_scheduler():
 def test_per_label_means_and_stds_match_the_drawn_ones():
     lab = np.zeros((40, 40, 40), np.uint16)
     lab[:, :20], lab[:, 20:], lab[10:30, 10:30, 10:30] = 3, 7, 801
-    cfg = SynthConfig(crop=(40, 40, 40), spacing_mm=1.0, center="volume", level=0,
-                      **{**AFFINE_ONLY, "affine": False})
+    cfg = SynthConfig(crop=(40, 40, 40), spacing_mm=1.0, center="volume", level=0, **{**AFFINE_ONLY, "affine": False})
     vol = label_volume(lab, (16, 16, 16), affine=np.eye(4))
     for index in range(3):
         img, out = generate_sample(vol, sample_params(cfg, 9, index), cfg)
@@ -245,7 +261,7 @@ def test_per_label_means_and_stds_match_the_drawn_ones():
 def test_without_augmentation_the_image_is_a_function_of_the_labels():
     lab = label_array()
     other = lab.copy()
-    other[20:30, 5:15, 5:15] = 4              # same map except one region
+    other[20:30, 5:15, 5:15] = 4  # same map except one region
     cfg = SynthConfig(crop=(24, 24, 24), spacing_mm=1.0, level=0).without_augmentation()
     p = sample_params(cfg, 6, 2)
     img_a, lab_a = generate_sample(label_volume(lab, (7, 9, 5)), p, cfg)
@@ -265,12 +281,18 @@ def test_without_augmentation_the_image_is_a_function_of_the_labels():
 def test_bias_gamma_and_acquisition_against_references():
     lab = label_array()
     vol = label_volume(lab, (10, 10, 10))
-    base = SynthConfig(crop=(26, 24, 22), spacing_mm=1.0, level=0, bias_spacing_mm=10.0,
-                       **{**AFFINE_ONLY, "affine": False})
+    base = SynthConfig(
+        crop=(26, 24, 22), spacing_mm=1.0, level=0, bias_spacing_mm=10.0, **{**AFFINE_ONLY, "affine": False}
+    )
     full = SynthConfig(**{**base.to_dict(), "bias": True, "gamma": True, "acquisition": True})
     # a draw with a clearly visible bias field and a clearly coarser acquisition
-    i = next(i for i in range(100) if sample_params(full, 8, i).bias_std > 0.3
-             and sample_params(full, 8, i).acq_spacing_mm > 3 and abs(math.log(sample_params(full, 8, i).gamma)) > 0.1)
+    i = next(
+        i
+        for i in range(100)
+        if sample_params(full, 8, i).bias_std > 0.3
+        and sample_params(full, 8, i).acq_spacing_mm > 3
+        and abs(math.log(sample_params(full, 8, i).gamma)) > 0.1
+    )
     p_all = sample_params(full, 8, i)
     plain, _ = generate_sample(vol, sample_params(base, 8, i), base)
     plain = plain.values.astype(np.float64)
@@ -298,9 +320,12 @@ def test_bias_gamma_and_acquisition_against_references():
     k = int(math.floor((n - 1) / r)) + 1
     t = ((n - 1) - (k - 1) * r) / 2
     lines = np.moveaxis(blurred, ax, -1).reshape(-1, n)
-    ref = np.array([np.interp((np.arange(n) - t) / r, np.arange(k), np.interp(t + r * np.arange(k),
-                                                                             np.arange(n), line))
-                    for line in lines])
+    ref = np.array(
+        [
+            np.interp((np.arange(n) - t) / r, np.arange(k), np.interp(t + r * np.arange(k), np.arange(n), line))
+            for line in lines
+        ]
+    )
     ref = np.moveaxis(ref.reshape(np.moveaxis(blurred, ax, -1).shape), -1, ax)
     np.testing.assert_allclose(acq.values, ref, rtol=1e-4, atol=1e-3)
 
@@ -321,13 +346,13 @@ def test_a_sample_over_a_lazy_01mm_map_reads_only_a_few_chunks():
     hyp, tissue = ph["hypothalamus"], ph["truth_tissue"]
     computed = []
 
-    def spy(block, block_info=None):          # records every chunk of the label map that gets computed
+    def spy(block, block_info=None):  # records every chunk of the label map that gets computed
         computed.append(tuple(block_info[0]["chunk-location"]))
         return block
 
     merged = da.where(hyp.data > 0, hyp.data, tissue.data.astype(np.uint16))
     labels = make_volume(da.map_blocks(spy, merged, dtype=np.uint16), affine_of(hyp), kind="labels")
-    total = int(np.prod(merged.numblocks))     # whole hemisphere: 2 gigavoxels in 8190 chunks, never stored
+    total = int(np.prod(merged.numblocks))  # whole hemisphere: 2 gigavoxels in 8190 chunks, never stored
     assert total == 30 * 13 * 21
     centre = tuple(phantom_geometry(0.1)["hypothalamus_centroid_mm"])
     for spacing, crop, level in ((0.3, (16, 16, 16), 0), (1.0, (12, 12, 12), 2)):
@@ -335,7 +360,7 @@ def test_a_sample_over_a_lazy_01mm_map_reads_only_a_few_chunks():
         cfg = SynthConfig(crop=crop, spacing_mm=spacing, center=centre)
         p = sample_params(cfg, 0, 0)
         plan = plan_sample(labels, p, cfg)
-        assert plan.level == level and not computed        # planning computes nothing
+        assert plan.level == level and not computed  # planning computes nothing
         tasks, _, _ = gather_tasks(plan)
         assert int(np.prod(plan.box.numblocks)) <= 30
         img, out = generate_sample(labels, p, cfg)
@@ -354,11 +379,12 @@ def test_hypothalamus_centroid_is_chunking_independent():
     ref = affine_of(ph["hypothalamus"]) @ np.r_[ref, 1.0]
     got = []
     for chunks in ((50, 30, 40), (17, 82, 9), (96, 5, 65)):
-        src = LabelSource.open(make_volume(ph["hypothalamus"].data.rechunk(chunks), affine_of(ph["hypothalamus"]),
-                                           kind="labels"))
+        src = LabelSource.open(
+            make_volume(ph["hypothalamus"].data.rechunk(chunks), affine_of(ph["hypothalamus"]), kind="labels")
+        )
         got.append(src.centroid_mm())
         np.testing.assert_allclose(got[-1], ref[:3], atol=1e-12)
-        np.testing.assert_array_equal(got[-1], got[0])           # integer sums: bit-identical
+        np.testing.assert_array_equal(got[-1], got[0])  # integer sums: bit-identical
     # and close to the phantom's true (continuous) centroid
     assert np.linalg.norm(got[0] - phantom_geometry(1.0)["hypothalamus_centroid_mm"]) < 0.5
 
@@ -398,31 +424,80 @@ def test_write_samples_from_nifti_and_the_cli(tmp_path):
     common.add_argument("--quiet", action="store_true")
     common.add_argument("--debug", action="store_true")
     add_synth_parser(parser.add_subparsers(dest="command"), [common], cli._add_compute_options)
-    args = parser.parse_args(["synth", str(src), "--n", "1", "--seed", "4", "--start", "1", "--out",
-                              str(tmp_path / "cli"), "--spacing", "1.2", "--crop", "12", "12", "12",
-                              "--scheduler", "synchronous", "--quiet"])
+    args = parser.parse_args(
+        [
+            "synth",
+            str(src),
+            "--n",
+            "1",
+            "--seed",
+            "4",
+            "--start",
+            "1",
+            "--out",
+            str(tmp_path / "cli"),
+            "--spacing",
+            "1.2",
+            "--crop",
+            "12",
+            "12",
+            "12",
+            "--scheduler",
+            "synchronous",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     got = nib.load(tmp_path / "cli" / "sample_0001_image.nii.gz")
-    np.testing.assert_array_equal(np.asarray(got.dataobj),
-                                  generate_sample(vol, sample_params(cfg, 4, 1), cfg)[0].values)
-    args = parser.parse_args(["synth", str(src), "--out", str(tmp_path / "x"), "--no-augmentation",
-                              "--center-mm", "1", "2", "3", "--level", "0"])
+    np.testing.assert_array_equal(
+        np.asarray(got.dataobj), generate_sample(vol, sample_params(cfg, 4, 1), cfg)[0].values
+    )
+    args = parser.parse_args(
+        [
+            "synth",
+            str(src),
+            "--out",
+            str(tmp_path / "x"),
+            "--no-augmentation",
+            "--center-mm",
+            "1",
+            "2",
+            "3",
+            "--level",
+            "0",
+        ]
+    )
     from helm_dask.synth import config_from_args
 
     c = config_from_args(args)
     assert (c.affine, c.deformation, c.bias, c.gamma, c.acquisition, c.center, c.level) == (
-        False, False, False, False, False, (1.0, 2.0, 3.0), 0)
+        False,
+        False,
+        False,
+        False,
+        False,
+        (1.0, 2.0, 3.0),
+        0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(crop=(10, 0, 10)), "crop"), (dict(crop=(10, 10)), "crop"), (dict(spacing_mm=-1), "spacing_mm"),
-    (dict(scaling=(1.2, 0.8)), "scaling"), (dict(center="brainstem"), "center"), (dict(level=-1), "level"),
-    (dict(std_range=(-1, 3)), "std_range"), (dict(rotation_deg=float("nan")), "rotation_deg"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(crop=(10, 0, 10)), "crop"),
+        (dict(crop=(10, 10)), "crop"),
+        (dict(spacing_mm=-1), "spacing_mm"),
+        (dict(scaling=(1.2, 0.8)), "scaling"),
+        (dict(center="brainstem"), "center"),
+        (dict(level=-1), "level"),
+        (dict(std_range=(-1, 3)), "std_range"),
+        (dict(rotation_deg=float("nan")), "rotation_deg"),
+    ],
+)
 def test_bad_config(kw, match):
     with pytest.raises(HelmError, match=match):
         SynthConfig(**kw)
@@ -437,8 +512,11 @@ def test_bad_inputs(tmp_path):
     fractional = label_array().astype(np.float32)
     fractional[20, 18, 15] = 801.5
     with pytest.raises(HelmError, match="non-integer"):
-        generate_sample(label_volume(fractional), p, SynthConfig(crop=(8, 8, 8), center=(
-            *(SRC_AFFINE @ [20, 18, 15, 1])[:3],), **AFFINE_ONLY, affine=False))
+        generate_sample(
+            label_volume(fractional),
+            p,
+            SynthConfig(crop=(8, 8, 8), center=(*(SRC_AFFINE @ [20, 18, 15, 1])[:3],), **AFFINE_ONLY, affine=False),
+        )
     big = label_array().astype(np.int32)
     big[big == 801] = 70000
     with pytest.raises(HelmError, match="outside 0..65535"):

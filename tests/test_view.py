@@ -12,9 +12,19 @@ from dask.core import flatten
 from helm_dask.errors import HelmError
 from helm_dask.io import open_volume, save_volume
 from helm_dask.labels import COLOURS, LabelTable, cluster_colour, freesurfer_table, write_lut
+from helm_dask.view import (
+    at_level,
+    choose_level,
+    crop_mm,
+    histogram,
+    label_centroid_mm,
+    label_colormap,
+    orthogonal_slices,
+    plot_orthogonal,
+    pyramid_levels,
+    slice_browser,
+)
 from helm_dask.volume import affine_of, like, make_volume, voxel_to_world
-from helm_dask.view import (at_level, choose_level, crop_mm, histogram, label_centroid_mm, label_colormap,
-                            orthogonal_slices, plot_orthogonal, pyramid_levels, slice_browser)
 
 SHAPE = (20, 16, 12)
 
@@ -57,7 +67,7 @@ def _edges(c):
 def test_planes_equal_numpy_slicing_and_extents_follow_the_affine(ref, chunks, kind):
     aff = _affine(kind)
     vol = make_volume(da.from_array(ref, chunks=chunks), aff)
-    point = voxel_to_world(aff, np.array([[5.3, 7.8, 2.6]]))[0]   # nearest voxel centre (5, 8, 3)
+    point = voxel_to_world(aff, np.array([[5.3, 7.8, 2.6]]))[0]  # nearest voxel centre (5, 8, 3)
     s = orthogonal_slices(vol, point_mm=point)
     assert s.level == 0 and s.index == (5, 8, 3)
     np.testing.assert_array_equal(s["x"].data, ref[5, :, :])
@@ -105,8 +115,11 @@ def test_crop_mm_is_numpy_slicing_with_a_shifted_affine(ref, kind):
     small = crop_mm(vol, point, 2.0)
     # spacing (0.5, 0.7, 1.1): centres within +-2 mm -> x 6.2..14.2 -> 7..14, y 5.14..10.86 -> 6..10, z 5..7
     np.testing.assert_array_equal(small.values, ref[7:15, 6:11, 5:8])
-    np.testing.assert_allclose(voxel_to_world(affine_of(small), np.array([[0, 0, 0], [3, 2, 1]])),
-                               voxel_to_world(aff, np.array([[7, 6, 5], [10, 8, 6]])), atol=1e-9)
+    np.testing.assert_allclose(
+        voxel_to_world(affine_of(small), np.array([[0, 0, 0], [3, 2, 1]])),
+        voxel_to_world(aff, np.array([[7, 6, 5], [10, 8, 6]])),
+        atol=1e-9,
+    )
     assert small.attrs["kind"] == "image" and small.attrs["provenance"][-1]["stage"] == "view.crop_mm"
     clipped = crop_mm(vol, voxel_to_world(aff, np.array([[0.0, 15.0, 0.0]]))[0], 1.0)
     np.testing.assert_array_equal(clipped.values, ref[0:3, 14:16, 0:1])
@@ -157,8 +170,7 @@ def store(tmp_path_factory):
     aff[:3, 3] = [-20.0, 5.0, 1.0]
     d = tmp_path_factory.mktemp("view")
     p_img = save_volume(make_volume(da.from_array(img, chunks=32), aff), str(d / "img.zarr"), chunks=32)
-    p_msk = save_volume(make_volume(da.from_array(msk, chunks=32), aff, kind="mask"), str(d / "msk.zarr"),
-                        chunks=32)
+    p_msk = save_volume(make_volume(da.from_array(msk, chunks=32), aff, kind="mask"), str(d / "msk.zarr"), chunks=32)
     return {"img": img, "msk": msk, "p_img": p_img, "p_msk": p_msk, "affine": aff}
 
 
@@ -192,7 +204,7 @@ def test_pyramid_levels_of_a_store_are_read_from_the_store(store):
 
 def test_a_derived_volume_does_not_borrow_its_sources_pyramid(store):
     vol = open_volume(store["p_img"])
-    doubled = like(vol, vol.data * 2)           # same grid, same attrs["store"], other data
+    doubled = like(vol, vol.data * 2)  # same grid, same attrs["store"], other data
     assert doubled.attrs["store"] == store["p_img"]
     assert [lv["source"] for lv in pyramid_levels(doubled, extra=1)] == ["full resolution", "stride 2"]
     np.testing.assert_array_equal(at_level(doubled, 1).values, (store["img"] * 2)[::2, ::2, ::2])
@@ -203,7 +215,7 @@ def test_a_derived_volume_does_not_borrow_its_sources_pyramid(store):
 def test_a_big_lazy_volume_is_shown_at_a_coarse_level_computing_only_the_chunks_of_each_plane():
     from helm_dask.phantom import phantom
 
-    vol = phantom(0.1)["scan"]                   # 1920 x 820 x 1300, 1155 lazy chunks of 128^3, never computed
+    vol = phantom(0.1)["scan"]  # 1920 x 820 x 1300, 1155 lazy chunks of 128^3, never computed
     s = orthogonal_slices(vol, compute=False)
     assert s.level == 2 and s.source == "stride 4" and s.shape == (480, 205, 325)
     nblocks = [len(c) for c in vol.data.chunks]
@@ -227,7 +239,7 @@ def test_label_colormap_gives_the_lut_colours(tmp_path):
     cmap, norm = label_colormap(table)
     for code in [801, 802, 803, 804, 805, 806, 810, 250]:
         np.testing.assert_allclose(cmap(norm(code)), (*np.array(COLOURS[code][:3]) / 255.0, 1.0))
-    assert cmap(norm(0))[3] == 0.0                       # background transparent
+    assert cmap(norm(0))[3] == 0.0  # background transparent
     cmap, norm = label_colormap([0, 1, 2, 3, 801], background_alpha=1.0)
     for j in (1, 2, 3):
         np.testing.assert_allclose(cmap(norm(j))[:3], np.array(cluster_colour(j, 3)[:3]) / 255.0)
@@ -259,8 +271,15 @@ def test_plot_orthogonal_draws_overlay_outline_and_world_plane(ref, kind):
     mask = make_volume(da.from_array((ref > 0.3).astype(np.uint8), chunks=6), aff, kind="mask")
     point = voxel_to_world(aff, np.array([[7.0, 8.0, 5.0]]))[0]
     normal = np.array([0.3, 1.0, 0.2])
-    fig = plot_orthogonal(vol, overlay=labels, contour=[mask], point_mm=point, planes=[(point, normal)],
-                          contour_labels=["mask"], title="t")
+    fig = plot_orthogonal(
+        vol,
+        overlay=labels,
+        contour=[mask],
+        point_mm=point,
+        planes=[(point, normal)],
+        contour_labels=["mask"],
+        title="t",
+    )
     assert isinstance(fig, Figure)
     axes = fig.axes[:3]
     expected = {"x": lab[7, :, :], "y": lab[:, 8, :], "z": lab[:, :, 5]}
@@ -270,7 +289,7 @@ def test_plot_orthogonal_draws_overlay_outline_and_world_plane(ref, kind):
         assert len(images) == 2
         np.testing.assert_array_equal(np.asarray(images[0].get_array()), base[fixed].T)
         np.testing.assert_array_equal(np.asarray(images[1].get_array()), expected[fixed].T)
-        assert len(ax.collections) >= 1                                   # the mask outline
+        assert len(ax.collections) >= 1  # the mask outline
         # the dashed plane line: its points, mapped back to world mm, lie on the plane
         line = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"][0]
         xa, xb = line.get_xdata(), line.get_ydata()
@@ -315,7 +334,7 @@ def test_histogram_bins_are_numpys_at_the_edges_and_nan_is_not_counted():
     for bins in (4, np.array([0.0, 1.0, 1.5, 4.0])):
         counts, edges = histogram(vol, bins=bins, range=(0.0, 4.0))
         np.testing.assert_array_equal(counts, np.histogram(vals[np.isfinite(vals)], bins=edges)[0])
-    assert counts.tolist() == [4 * 2, 4 * 1, 4 * 6]                     # 4.0 falls in the last, closed bin
+    assert counts.tolist() == [4 * 2, 4 * 1, 4 * 6]  # 4.0 falls in the last, closed bin
 
 
 def test_histogram_reads_a_coarse_level_of_a_store(store):
@@ -335,7 +354,7 @@ def test_histogram_reads_a_coarse_level_of_a_store(store):
 def test_slice_browser_without_and_with_ipywidgets(ref, monkeypatch):
     vol = make_volume(da.from_array(ref, chunks=(7, 5, 4)), _affine("ras"))
     with monkeypatch.context() as m:
-        m.setitem(sys.modules, "ipywidgets", None)        # import fails as if it were not installed
+        m.setitem(sys.modules, "ipywidgets", None)  # import fails as if it were not installed
         msg = slice_browser(vol)
         assert isinstance(msg, str) and "pip install ipywidgets" in msg
     pytest.importorskip("ipywidgets")
@@ -354,6 +373,6 @@ def test_slice_browser_without_and_with_ipywidgets(ref, monkeypatch):
     assert image.value[:8] == b"\x89PNG\r\n\x1a\n"
     plane_w.value = "x"
     assert index_w.max == SHAPE[0] - 1
-    np.testing.assert_array_equal(shown(), ref[SHAPE[2] // 2, :, :].T)   # redrawn: plane x, the index kept (6)
+    np.testing.assert_array_equal(shown(), ref[SHAPE[2] // 2, :, :].T)  # redrawn: plane x, the index kept (6)
     index_w.value = 13
     np.testing.assert_array_equal(shown(), ref[13, :, :].T)

@@ -33,8 +33,9 @@ def _import_jobqueue():
     try:
         import dask_jobqueue
     except ImportError:
-        raise SystemExit("dask-jobqueue is not installed: pip install dask-jobqueue (in helm-dask's environment)") \
-            from None
+        raise SystemExit(
+            "dask-jobqueue is not installed: pip install dask-jobqueue (in helm-dask's environment)"
+        ) from None
     return dask_jobqueue
 
 
@@ -69,8 +70,18 @@ def make_cluster(**overrides):
 
 def helm_dask_command(manifest, out, address, extra=()) -> list[str]:
     """The client command: this interpreter's helm-dask, so client and workers run the same versions."""
-    return [sys.executable, "-m", "helm_dask.cli", "run", os.fspath(manifest), "--out", os.fspath(out),
-            "--scheduler", address, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "helm_dask.cli",
+        "run",
+        os.fspath(manifest),
+        "--out",
+        os.fspath(out),
+        "--scheduler",
+        address,
+        *extra,
+    ]
 
 
 def main(argv=None) -> int:
@@ -78,7 +89,7 @@ def main(argv=None) -> int:
     extra = []
     if "--" in argv:
         i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+        argv, extra = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", help="helm-dask manifest (.yaml/.csv) on shared storage")
     p.add_argument("--out", required=True, help="output folder on shared storage")
@@ -87,11 +98,16 @@ def main(argv=None) -> int:
     p.add_argument("--queue", help="SLURM partition (overrides the config)")
     p.add_argument("--account", help="SLURM account (overrides the config)")
     p.add_argument("--walltime", help="per worker job, e.g. 12:00:00 (overrides the config)")
-    p.add_argument("--wait-workers", type=int, default=1,
-                   help="start helm-dask once this many workers are up (default 1; helm-dask sizes some parallel "
-                        "steps by the workers present when they start)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the worker job script and the client command; submit nothing")
+    p.add_argument(
+        "--wait-workers",
+        type=int,
+        default=1,
+        help="start helm-dask once this many workers are up (default 1; helm-dask sizes some parallel "
+        "steps by the workers present when they start)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the worker job script and the client command; submit nothing"
+    )
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -106,8 +122,9 @@ def main(argv=None) -> int:
 def _run(args, extra) -> int:
     cluster = make_cluster(queue=args.queue, account=args.account, walltime=args.walltime)
     try:
-        cmd = helm_dask_command(Path(args.manifest).resolve(), Path(args.out).resolve(), cluster.scheduler_address,
-                                extra)
+        cmd = helm_dask_command(
+            Path(args.manifest).resolve(), Path(args.out).resolve(), cluster.scheduler_address, extra
+        )
         if args.dry_run:
             print(cluster.job_script())
             print("# client command:")
@@ -115,8 +132,9 @@ def _run(args, extra) -> int:
             return 0
         # adapt() rather than scale(): it also replaces jobs that reach their walltime or get preempted.
         cluster.adapt(minimum_jobs=args.jobs, maximum_jobs=args.jobs)
-        print(f"scheduler {cluster.scheduler_address}  dashboard {cluster.dashboard_link}  jobs {args.jobs}",
-              flush=True)
+        print(
+            f"scheduler {cluster.scheduler_address}  dashboard {cluster.dashboard_link}  jobs {args.jobs}", flush=True
+        )
         if args.wait_workers:
             print(f"waiting for {args.wait_workers} worker(s) (squeue --me shows the jobs)", flush=True)
             with Client(cluster) as client:

@@ -27,12 +27,23 @@ import zarr
 from ..errors import HelmError
 from ..progress import Progress
 from ..volume import affine_of, provenance_record
-from . import location
+from . import location, regions
 from . import nifti as nii
-from . import regions
 from .mgh import is_mgh_path, read_mgh_header
-from .store import (_store_dask, atomic_path, atomic_store, build_pyramid, compressor_for, create_level,
-                    normalize_chunks, open_group, open_volume, read_meta, select_echo, write_attrs)
+from .store import (
+    _store_dask,
+    atomic_path,
+    atomic_store,
+    build_pyramid,
+    compressor_for,
+    create_level,
+    normalize_chunks,
+    open_group,
+    open_volume,
+    read_meta,
+    select_echo,
+    write_attrs,
+)
 
 ECHO_COMBINE = ("rms", "mean")
 
@@ -57,9 +68,21 @@ def read_header(src, *, storage_options: dict | None = None) -> nii.NiftiInfo:
     return nii.read_nifti_header(src, storage_options=storage_options)
 
 
-def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combine: str | None = None,
-                  kind: str = "auto", nonfinite: str = "error", overwrite: bool = False, pyramid: bool = True,
-                  layer_mb: float = 64, quiet: bool = True, storage_options: dict | None = None) -> dict:
+def nifti_to_zarr(
+    src,
+    dst,
+    *,
+    chunks=None,
+    echo: int | None = None,
+    echo_combine: str | None = None,
+    kind: str = "auto",
+    nonfinite: str = "error",
+    overwrite: bool = False,
+    pyramid: bool = True,
+    layer_mb: float = 64,
+    quiet: bool = True,
+    storage_options: dict | None = None,
+) -> dict:
     """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
 
     A FreeSurfer ``.mgh``/``.mgz`` file (e.g. a SAMSEG segmentation) is read the same way, streamed; its store
@@ -101,15 +124,21 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
     info = read_header(src, storage_options=storage_options)
     if info.stored_ndim < 3:
         # padded to one plane it would import, and fail much later with messages about something else
-        raise HelmError(f"is a {info.stored_ndim}-D image (shape {tuple(info.shape[:info.stored_ndim])}), not a "
-                        f"3-D volume", path=src, hint="give a 3-D volume (or a 4-D multi-echo scan)")
+        raise HelmError(
+            f"is a {info.stored_ndim}-D image (shape {tuple(info.shape[: info.stored_ndim])}), not a 3-D volume",
+            path=src,
+            hint="give a 3-D volume (or a 4-D multi-echo scan)",
+        )
     four_d = len(info.shape) == 4
     nt = info.shape[3] if four_d else 1
     if not four_d and echo not in (None, 0):
         raise HelmError(f"is a 3-D volume; --echo {echo} does not exist", path=src, hint="drop --echo")
     if four_d and echo is not None and not 0 <= echo < nt:
-        raise HelmError(f"has {nt} echoes; --echo {echo} is out of range (0..{nt - 1})", path=src,
-                        hint=f"choose an echo between 0 and {nt - 1}")
+        raise HelmError(
+            f"has {nt} echoes; --echo {echo} is out of range (0..{nt - 1})",
+            path=src,
+            hint=f"choose an echo between 0 and {nt - 1}",
+        )
     if kind == "auto":
         kind = "labels" if int(info.header["intent_code"]) == nii.INTENT_LABEL else "image"
     chunks = normalize_chunks(chunks, info.shape)
@@ -124,15 +153,21 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         # Zeroing non-finite values needs the scaled values; store them scaled (float).
         raw_dtype = info.out_dtype
     reader_scaled = info.scaled and nonfinite == "zero"
-    nifti_meta = {"version": info.version, "sform_code": info.sform_code, "qform_code": info.qform_code,
-                  "dtype": str(info.dtype.newbyteorder("=")), "shape": list(info.shape),
-                  "scaling": [1.0, 0.0] if reader_scaled else [info.slope, info.inter],
-                  "header_b64": base64.b64encode(info.header.binaryblock).decode("ascii")}
+    nifti_meta = {
+        "version": info.version,
+        "sform_code": info.sform_code,
+        "qform_code": info.qform_code,
+        "dtype": str(info.dtype.newbyteorder("=")),
+        "shape": list(info.shape),
+        "scaling": [1.0, 0.0] if reader_scaled else [info.slope, info.inter],
+        "header_b64": base64.b64encode(info.header.binaryblock).decode("ascii"),
+    }
     total_nonfinite = 0
     with atomic_store(dst, overwrite=overwrite, storage_options=storage_options) as tmp:
         group = open_group(tmp, "w", storage_options)
-        write_attrs(group, affine=info.affine, kind=kind, name=Path(dst).stem, nlevels=1, four_d=out_four_d,
-                    complete=False)
+        write_attrs(
+            group, affine=info.affine, kind=kind, name=Path(dst).stem, nlevels=1, four_d=out_four_d, complete=False
+        )
         combine = four_d and echo_combine is not None
         target = create_level(group, 0, out_shape, raw_dtype, chunks, four_d=out_four_d)
         # Whole Zarr chunks need chunk_z planes of every (x, y) tile, and a sequential stream delivers whole
@@ -140,7 +175,7 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         # when that layer is over budget, the stream lands in thin chunks (chunk_z split to fit the budget) and
         # Dask then assembles the final chunks from them, one chunk per task: memory stays flat with size.
         # Multi-echo data to be combined always lands first (echoes of one z-range lie far apart in the file).
-        thin_z = _slab_planes(info.shape, np.dtype(raw_dtype).itemsize, chunks[2], int(layer_mb * 2 ** 20))
+        thin_z = _slab_planes(info.shape, np.dtype(raw_dtype).itemsize, chunks[2], int(layer_mb * 2**20))
         kept = [echo] if (four_d and echo is not None) else list(range(nt))
         direct = thin_z == chunks[2] and not combine
         if direct:
@@ -161,14 +196,17 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
                 else:
                     continue  # keep reading to count them all; nothing will be kept
             if direct and not out_four_d:
-                landing[:, :, slab.z0:slab.z1] = data
+                landing[:, :, slab.z0 : slab.z1] = data
             else:
-                landing[kept.index(slab.t or 0), :, :, slab.z0:slab.z1] = data
+                landing[kept.index(slab.t or 0), :, :, slab.z0 : slab.z1] = data
             prog.update(slab.z1 - slab.z0)
         prog.close()
         if total_nonfinite and nonfinite == "error":
-            raise HelmError(f"has {total_nonfinite:,} NaN or infinite voxels", path=src,
-                            hint="fix the scan, or pass --nonfinite zero to set them to 0")
+            raise HelmError(
+                f"has {total_nonfinite:,} NaN or infinite voxels",
+                path=src,
+                hint="fix the scan, or pass --nonfinite zero to set them to 0",
+            )
         if not direct:
             landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(chunks)), 0, 3)
             if combine:
@@ -188,13 +226,29 @@ def nifti_to_zarr(src, dst, *, chunks=None, echo: int | None = None, echo_combin
         nlevels = build_pyramid(group, kind=kind, chunks=chunks) if (pyramid and not out_four_d) else 1
         params = {"echo": echo, "echo_combine": echo_combine, "nonfinite": nonfinite, "chunks": list(chunks)}
         prov = [provenance_record("import", params, {os.fspath(src): reader.sha256})]
-        write_attrs(group, affine=info.affine, kind=kind, name=Path(os.fspath(dst).rstrip("/")).stem,
-                    nlevels=nlevels, four_d=out_four_d, complete=True,
-                    extra={"source": os.fspath(src), "nifti": nifti_meta, "provenance": prov,
-                           "input_sha256": reader.sha256, "nonfinite_zeroed": total_nonfinite})
-    return {"path": os.fspath(dst), "sha256": reader.sha256, "nonfinite": total_nonfinite,
-            "shape": list(out_shape), "dtype": str(np.dtype(raw_dtype if not (four_d and echo_combine) else
-                                                           np.float32))}
+        write_attrs(
+            group,
+            affine=info.affine,
+            kind=kind,
+            name=Path(os.fspath(dst).rstrip("/")).stem,
+            nlevels=nlevels,
+            four_d=out_four_d,
+            complete=True,
+            extra={
+                "source": os.fspath(src),
+                "nifti": nifti_meta,
+                "provenance": prov,
+                "input_sha256": reader.sha256,
+                "nonfinite_zeroed": total_nonfinite,
+            },
+        )
+    return {
+        "path": os.fspath(dst),
+        "sha256": reader.sha256,
+        "nonfinite": total_nonfinite,
+        "shape": list(out_shape),
+        "dtype": str(np.dtype(raw_dtype if not (four_d and echo_combine) else np.float32)),
+    }
 
 
 def _raw_slabs(reader: nii.SlabReader, *, scaled: bool):
@@ -221,11 +275,22 @@ def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> i
     return 1
 
 
-def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
-               compresslevel: int = nii.DEFAULT_COMPRESSLEVEL, sform_code: int | None = None,
-               qform_code: int | None = None, version: int | None = None, scaling=(1.0, 0.0),
-               provenance: dict | None = None, slab_mb: float = 32, quiet: bool = True,
-               storage_options: dict | None = None) -> str:
+def save_nifti(
+    vol: xr.DataArray,
+    dst,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
+    sform_code: int | None = None,
+    qform_code: int | None = None,
+    version: int | None = None,
+    scaling=(1.0, 0.0),
+    provenance: dict | None = None,
+    slab_mb: float = 32,
+    quiet: bool = True,
+    storage_options: dict | None = None,
+) -> str:
     """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
 
     sform = qform = the volume's affine, codes from ``sform_code``/``qform_code`` (default: the source file's,
@@ -246,10 +311,16 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
     dtype = np.dtype(dtype or data.dtype)
     nmeta = vol.attrs.get("nifti") if isinstance(vol.attrs.get("nifti"), dict) else {}
-    hdr = nii.build_header(data.shape, dtype, affine_of(vol), kind=kind,
-                           sform_code=sform_code if sform_code is not None else nmeta.get("sform_code", 1),
-                           qform_code=qform_code if qform_code is not None else nmeta.get("qform_code", 1),
-                           version=version or (nmeta.get("version") if nmeta else None), provenance=provenance)
+    hdr = nii.build_header(
+        data.shape,
+        dtype,
+        affine_of(vol),
+        kind=kind,
+        sform_code=sform_code if sform_code is not None else nmeta.get("sform_code", 1),
+        qform_code=qform_code if qform_code is not None else nmeta.get("qform_code", 1),
+        version=version or (nmeta.get("version") if nmeta else None),
+        provenance=provenance,
+    )
     if tuple(scaling) != (1.0, 0.0):
         hdr.set_slope_inter(*scaling)
     head = nii.header_bytes(hdr)
@@ -259,30 +330,38 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
     if any(len(set(c[:-1])) > 1 or c[-1] > c[0] for c in data.chunks):
         data = data.rechunk(regular)  # slabs and scratch chunks must nest in the source blocks
     chunk_z = data.chunks[2][0]
-    dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2 ** 20))
+    dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2**20))
     slabs = [(t, z0, min(data.shape[2], z0 + dz)) for t in range(nt) for z0 in range(0, data.shape[2], dz)]
 
     remote = location.is_url(dst)
-    with atomic_path(dst, overwrite=overwrite, storage_options=storage_options) as tmp, \
-            contextlib.ExitStack() as cleanup:
+    with (
+        atomic_path(dst, overwrite=overwrite, storage_options=storage_options) as tmp,
+        contextlib.ExitStack() as cleanup,
+    ):
         if dz < chunk_z:
             # A slab thinner than a chunk would re-read (or recompute) every chunk chunk_z/dz times. Split the
             # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
             if remote:  # workers write it: it must live where they can see it, next to the output
-                location.remove_stale_siblings(dst, ".thin", storage_options)   # a killed writer's copy
+                location.remove_stale_siblings(dst, ".thin", storage_options)  # a killed writer's copy
                 scratch = location.sibling(dst, ".thin", ".zarr")
                 cleanup.callback(location.remove_quietly, scratch, storage_options)
             else:
                 scratch = f"{tmp}.thin.zarr"
                 cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
             thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
-            arr = zarr.create_array(location.zarr_store(scratch, storage_options), shape=data.shape,
-                                    dtype=data.dtype, chunks=thin_chunks,
-                                    compressors=[compressor_for(data.dtype, scratch=True)], fill_value=0)
+            arr = zarr.create_array(
+                location.zarr_store(scratch, storage_options),
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=thin_chunks,
+                compressors=[compressor_for(data.dtype, scratch=True)],
+                fill_value=0,
+            )
             # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
             # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
-            done = da.map_blocks(_write_region, data, arr, dtype=np.uint8,
-                                 chunks=tuple((1,) * len(c) for c in data.chunks))
+            done = da.map_blocks(
+                _write_region, data, arr, dtype=np.uint8, chunks=tuple((1,) * len(c) for c in data.chunks)
+            )
             done.compute()
             stored = arr
         else:
@@ -292,13 +371,15 @@ def save_nifti(vol: xr.DataArray, dst, *, dtype=None, overwrite: bool = False,
             if stored is not None:
                 # Read the slab inside the task: a dask slice of a stored volume would be one task per chunk,
                 # spread over the workers and shipped to one of them to be concatenated.
-                return dask.delayed(_encode_stored_slab, pure=False)(stored, t if four_d else None, z0, z1,
-                                                                     dtype, gz, compresslevel)
+                return dask.delayed(_encode_stored_slab, pure=False)(
+                    stored, t if four_d else None, z0, z1, dtype, gz, compresslevel
+                )
             block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
             return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
 
-        with (location.open_write(tmp, overwrite=True, storage_options=storage_options) if remote
-              else open(tmp, "wb")) as f:
+        with (
+            location.open_write(tmp, overwrite=True, storage_options=storage_options) if remote else open(tmp, "wb")
+        ) as f:
             f.write(nii.gzip_member(head, compresslevel) if gz else head)
             prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
             point = f"write:{location.name(dst)}"
@@ -350,25 +431,41 @@ def _ordered_results(tasks, window: int | None = None):
     else:
         window = window or 2
         for i in range(0, len(tasks), window):
-            yield from dask.compute(*tasks[i: i + window])
+            yield from dask.compute(*tasks[i : i + window])
 
 
-def zarr_to_nifti(src, dst, *, level: int = 0, echo: int | None = None, echo_combine: str | None = None,
-                  overwrite: bool = False, compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
-                  quiet: bool = True, storage_options: dict | None = None) -> str:
+def zarr_to_nifti(
+    src,
+    dst,
+    *,
+    level: int = 0,
+    echo: int | None = None,
+    echo_combine: str | None = None,
+    overwrite: bool = False,
+    compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
+    quiet: bool = True,
+    storage_options: dict | None = None,
+) -> str:
     """Convert a helm-dask Zarr volume to NIfTI. Raw stored values and their scaling are kept (bit-exact)."""
     so = storage_options
     meta = read_meta(src, storage_options=so)
-    vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, apply_scaling=False,
-                      storage_options=so)
+    vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, apply_scaling=False, storage_options=so)
     nmeta = meta.get("nifti") or {}
     scaling = tuple(nmeta.get("scaling", (1.0, 0.0)))
     if vol.ndim == 3 and meta.get("four_d"):
         # A combined/selected echo of a scaled raw store: write the scaled values.
         vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, storage_options=so)
         scaling = (1.0, 0.0)
-    return save_nifti(vol, dst, overwrite=overwrite, compresslevel=compresslevel, scaling=scaling,
-                      version=nmeta.get("version"), quiet=quiet, storage_options=so)
+    return save_nifti(
+        vol,
+        dst,
+        overwrite=overwrite,
+        compresslevel=compresslevel,
+        scaling=scaling,
+        version=nmeta.get("version"),
+        quiet=quiet,
+        storage_options=so,
+    )
 
 
 def convert(src, dst, **kw) -> str:
@@ -383,5 +480,7 @@ def convert(src, dst, **kw) -> str:
         for k in ("chunks", "kind", "nonfinite"):
             kw.pop(k, None)
         return zarr_to_nifti(s, d, **kw)
-    raise HelmError(f"cannot tell the direction from the names {s!r} -> {d!r}",
-                    hint="convert .nii/.nii.gz to .zarr or .zarr to .nii/.nii.gz")
+    raise HelmError(
+        f"cannot tell the direction from the names {s!r} -> {d!r}",
+        hint="convert .nii/.nii.gz to .zarr or .zarr to .nii/.nii.gz",
+    )

@@ -40,9 +40,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from ..errors import HelmError
 
@@ -113,18 +114,18 @@ FOREIGN_WRITER_GRACE_S = 24 * 3600
 def _writer_alive(leftover: str, mtime: float | None) -> bool:
     """Whether the temporary ``leftover`` (a file name) may belong to a writer that is still running."""
     m = _TOKEN.search(leftover)
-    if m is None:                          # no writer recorded (older helm-dask): a killed writer's, as before
+    if m is None:  # no writer recorded (older helm-dask): a killed writer's, as before
         return False
     pid, host = int(m.group(1)), m.group(2)
     if host != _HOST:
         return mtime is None or time.time() - mtime < FOREIGN_WRITER_GRACE_S
     if pid == os.getpid():
-        return False                       # this process has no write of this output in flight
+        return False  # this process has no write of this output in flight
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:                        # exists, owned by someone else
+    except OSError:  # exists, owned by someone else
         return True
     return True
 
@@ -149,16 +150,23 @@ def parse_storage_options(text: str | dict | None) -> dict | None:
         try:
             text = Path(text[1:]).read_text()
         except OSError as e:
-            raise HelmError(f"cannot read the storage options file ({e.strerror or e})", path=text[1:],
-                            hint="give --storage-options JSON or @FILE with a JSON object") from None
+            raise HelmError(
+                f"cannot read the storage options file ({e.strerror or e})",
+                path=text[1:],
+                hint="give --storage-options JSON or @FILE with a JSON object",
+            ) from None
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise HelmError(f"--storage-options is not valid JSON ({e})",
-                        hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'') from None
+        raise HelmError(
+            f"--storage-options is not valid JSON ({e})",
+            hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+        ) from None
     if not isinstance(value, dict):
-        raise HelmError("--storage-options must be a JSON object of fsspec options",
-                        hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+        raise HelmError(
+            "--storage-options must be a JSON object of fsspec options",
+            hint='e.g. --storage-options \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+        )
     return value
 
 
@@ -188,11 +196,17 @@ def filesystem(url, storage_options: dict | None = None):
     try:
         fs, p = fsspec.core.url_to_fs(os.fspath(url), **options_for(storage_options))
     except (ValueError, ImportError) as e:
-        raise HelmError(f"cannot open this URL ({e})", path=url,
-                        hint="use a local path or an fsspec URL such as s3://bucket/key (needs s3fs)") from None
+        raise HelmError(
+            f"cannot open this URL ({e})",
+            path=url,
+            hint="use a local path or an fsspec URL such as s3://bucket/key (needs s3fs)",
+        ) from None
     except TypeError as e:
-        raise HelmError(f"the storage options do not fit this file system ({e})", path=url,
-                        hint="check --storage-options (see the s3fs / fsspec documentation)") from None
+        raise HelmError(
+            f"the storage options do not fit this file system ({e})",
+            path=url,
+            hint="check --storage-options (see the s3fs / fsspec documentation)",
+        ) from None
     return fs, p
 
 
@@ -201,11 +215,17 @@ def _remote_error(e: BaseException, path, doing: str) -> HelmError:
     if isinstance(e, FileNotFoundError):
         return HelmError("not found", path=path, hint="check the URL (bucket and key)")
     if isinstance(e, PermissionError) or type(e).__name__ in ("NoCredentialsError", "ClientError"):
-        return HelmError(f"access denied while {doing} ({e})", path=path,
-                         hint="check the credentials and endpoint: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                              "AWS_ENDPOINT_URL or --storage-options '{\"endpoint_url\": ...}'")
-    return HelmError(f"object storage error while {doing} ({type(e).__name__}: {e})", path=path,
-                     hint="check the URL, the endpoint and the credentials (--storage-options)")
+        return HelmError(
+            f"access denied while {doing} ({e})",
+            path=path,
+            hint="check the credentials and endpoint: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL or --storage-options '{\"endpoint_url\": ...}'",
+        )
+    return HelmError(
+        f"object storage error while {doing} ({type(e).__name__}: {e})",
+        path=path,
+        hint="check the URL, the endpoint and the credentials (--storage-options)",
+    )
 
 
 _REMOTE_ERRORS = (OSError, ValueError)
@@ -268,8 +288,14 @@ def stamp(path, storage_options: dict | None = None) -> list:
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
     info = _remote_query(path, storage_options, "info", "reading its metadata")
-    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified") \
-        or info.get("mtime") or info.get("updated")
+    tag = (
+        info.get("ETag")
+        or info.get("etag")
+        or info.get("md5Hash")
+        or info.get("LastModified")
+        or info.get("mtime")
+        or info.get("updated")
+    )
     return [int(info.get("size") or 0), str(tag)]
 
 
@@ -293,8 +319,17 @@ def makedirs(path, storage_options: dict | None = None) -> None:
 
 
 #: ``errno`` values that say "the output location cannot take this write" rather than "the input is bad".
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-                 errno.EISDIR, errno.EFBIG}
+OUTPUT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.EFBIG,
+}
 #: The subset that can only come from writing (a full disk, a read-only file system): an error with one of these
 #: raised anywhere while an output is written is that output's, whatever file the OS names (or none).
 WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -309,14 +344,24 @@ def output_error(e: OSError, path) -> HelmError:
     if code in (errno.ENOTDIR, errno.EEXIST):
         # mkdir met a regular file where a folder must go: name that file
         block = _file_in_the_way(where)
-        return HelmError(f"cannot create the output folder: {block or culprit or where} is a file, not a folder",
-                         path=where, hint="choose another --out (or move that file away)", exit_code=3)
+        return HelmError(
+            f"cannot create the output folder: {block or culprit or where} is a file, not a folder",
+            path=where,
+            hint="choose another --out (or move that file away)",
+            exit_code=3,
+        )
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return HelmError(f"cannot write this output ({cause}); nothing half-written was kept", path=where,
-                         hint="free some space (or choose another --out), then rerun: finished outputs are reused",
-                         exit_code=3)
-    hint = ("choose an --out on a writable file system" if code == errno.EROFS
-            else "choose a folder you can write to (--out) or fix its permissions")
+        return HelmError(
+            f"cannot write this output ({cause}); nothing half-written was kept",
+            path=where,
+            hint="free some space (or choose another --out), then rerun: finished outputs are reused",
+            exit_code=3,
+        )
+    hint = (
+        "choose an --out on a writable file system"
+        if code == errno.EROFS
+        else "choose a folder you can write to (--out) or fix its permissions"
+    )
     return HelmError(f"the output folder is not writable ({cause})", path=where, hint=hint, exit_code=3)
 
 
@@ -378,7 +423,7 @@ def fault(point: str, path=None) -> None:
                 os.kill(main, signal.SIGKILL)
             else:
                 os.killpg(os.getpgid(main), signal.SIGINT)
-                time.sleep(0.5)      # let the interrupt land while this write is still in flight
+                time.sleep(0.5)  # let the interrupt land while this write is still in flight
             continue
         code = getattr(errno, action.upper(), None)
         if not isinstance(code, int):
@@ -402,9 +447,11 @@ def check_component(text, *, what: str = "--subject", path=None) -> str:
     s = str(text)
     if _SAFE_NAME.fullmatch(s) and s not in (".", ".."):
         return s
-    raise HelmError(f"{what} {s!r} is not a safe folder name", path=path,
-                     hint="use letters, digits, '.', '_' and '-' only (no '/', no '..', not starting with '.' "
-                          "or '-'), e.g. sub01")
+    raise HelmError(
+        f"{what} {s!r} is not a safe folder name",
+        path=path,
+        hint="use letters, digits, '.', '_' and '-' only (no '/', no '..', not starting with '.' or '-'), e.g. sub01",
+    )
 
 
 def safe_component(text: str, default: str = "subject") -> str:
@@ -470,7 +517,7 @@ def exclusive(folder, *, what: str, log=None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
-        for q in created:            # deepest first: only folders this call made, and only if left empty
+        for q in created:  # deepest first: only folders this call made, and only if left empty
             with contextlib.suppress(OSError):
                 q.rmdir()
 
@@ -515,8 +562,9 @@ def open_write(path, *, overwrite: bool = False, storage_options: dict | None = 
             yield f
         return
     if not overwrite and exists(path, storage_options):
-        raise HelmError("already exists", path=path, hint="pass --overwrite to replace it, or choose another name",
-                        exit_code=3)
+        raise HelmError(
+            "already exists", path=path, hint="pass --overwrite to replace it, or choose another name", exit_code=3
+        )
     fs, p = filesystem(path, storage_options)
     try:
         f = fs.open(p, "wb", autocommit=False)
@@ -524,8 +572,8 @@ def open_write(path, *, overwrite: bool = False, storage_options: dict | None = 
         raise _remote_error(e, path, "opening it for writing") from None
     try:
         yield f
-        f.close()       # uploads the last part; with autocommit=False nothing is visible yet
-        f.commit()      # completes the upload: the object appears whole
+        f.close()  # uploads the last part; with autocommit=False nothing is visible yet
+        f.commit()  # completes the upload: the object appears whole
     except BaseException:
         _discard(f)
         raise
@@ -572,8 +620,7 @@ def copy_file(src, dst, storage_options: dict | None = None) -> None:
                 raise _remote_error(e, dst, "copying to it") from None
             _fresh(fs, pd)
             return
-    with open_read(src, storage_options) as fi, open_write(dst, overwrite=True,
-                                                           storage_options=storage_options) as fo:
+    with open_read(src, storage_options) as fi, open_write(dst, overwrite=True, storage_options=storage_options) as fo:
         shutil.copyfileobj(fi, fo, 1 << 22)
 
 
@@ -642,11 +689,16 @@ def zarr_store(path, storage_options: dict | None = None, *, read_only: bool = F
     from zarr.storage import FsspecStore
 
     try:
-        return FsspecStore.from_url(os.fspath(path), storage_options=options_for(storage_options),
-                                    read_only=read_only)
+        return FsspecStore.from_url(os.fspath(path), storage_options=options_for(storage_options), read_only=read_only)
     except (ValueError, ImportError) as e:
-        raise HelmError(f"cannot open this URL as a Zarr store ({e})", path=path,
-                        hint="use a local path or an fsspec URL such as s3://bucket/key.zarr (needs s3fs)") from None
+        raise HelmError(
+            f"cannot open this URL as a Zarr store ({e})",
+            path=path,
+            hint="use a local path or an fsspec URL such as s3://bucket/key.zarr (needs s3fs)",
+        ) from None
     except TypeError as e:
-        raise HelmError(f"the storage options do not fit this file system ({e})", path=path,
-                        hint="check --storage-options (see the s3fs / fsspec documentation)") from None
+        raise HelmError(
+            f"the storage options do not fit this file system ({e})",
+            path=path,
+            hint="check --storage-options (see the s3fs / fsspec documentation)",
+        ) from None

@@ -64,18 +64,27 @@ def read_mgh_header(path: str | os.PathLike, *, storage_options: dict | None = N
         try:
             head = stream.read(MGH_DATA_OFFSET)
         except nii.GZIP_ERRORS as e:
-            raise HelmError(f"is not a readable gzip file ({e})", path=p,
-                            hint="the file is corrupt or not a compressed MGH (.mgz); re-export it") from None
+            raise HelmError(
+                f"is not a readable gzip file ({e})",
+                path=p,
+                hint="the file is corrupt or not a compressed MGH (.mgz); re-export it",
+            ) from None
     finally:
         raw.close()
     fixed = mghformat.MGHHeader._hdrdtype
     if len(head) < fixed.itemsize:
-        raise HelmError(f"is not an MGH file (only {len(head)} bytes, a header needs {fixed.itemsize})", path=p,
-                        hint="the file is empty or truncated; re-export it")
+        raise HelmError(
+            f"is not an MGH file (only {len(head)} bytes, a header needs {fixed.itemsize})",
+            path=p,
+            hint="the file is empty or truncated; re-export it",
+        )
     fields = np.ndarray(shape=(), dtype=fixed, buffer=head[: fixed.itemsize])
     if int(fields["version"]) != 1:
-        raise HelmError(f"is not a FreeSurfer MGH file (version field {int(fields['version'])}, expected 1)",
-                        path=p, hint="give a .mgz/.mgh written by FreeSurfer, or convert it to NIfTI")
+        raise HelmError(
+            f"is not a FreeSurfer MGH file (version field {int(fields['version'])}, expected 1)",
+            path=p,
+            hint="give a .mgz/.mgh written by FreeSurfer, or convert it to NIfTI",
+        )
     dims = [int(d) for d in fields["dims"]]
     if min(dims) < 1:
         raise HelmError(f"has a zero or negative dimension {tuple(dims)}", path=p, hint="re-export the file")
@@ -83,21 +92,39 @@ def read_mgh_header(path: str | os.PathLike, *, storage_options: dict | None = N
         hdr = mghformat.MGHHeader(head, check=False)
         dtype = hdr.get_data_dtype()
     except Exception as e:  # an unknown voxel type code (nibabel raises KeyError or MGHError)
-        raise HelmError(f"has an unsupported MGH voxel type (type code {int(fields['type'])}: {e})", path=p,
-                        hint="convert it to an integer or float MGH/NIfTI (e.g. mri_convert)") from None
+        raise HelmError(
+            f"has an unsupported MGH voxel type (type code {int(fields['type'])}: {e})",
+            path=p,
+            hint="convert it to an integer or float MGH/NIfTI (e.g. mri_convert)",
+        ) from None
     shape = tuple(dims[:3]) + ((dims[3],) if dims[3] > 1 else ())
     zooms = np.asarray(hdr.get_zooms()[:3], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise HelmError(f"has zero or negative voxel sizes ({zooms.tolist()})", path=p, hint="re-export the file")
     affine = np.asarray(hdr.get_affine(), dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(1.0, zooms.max() ** 3):
-        raise HelmError("has a singular or non-finite vox2ras matrix", path=p,
-                        hint="fix its geometry (e.g. mri_convert with the scan as --like template)")
+        raise HelmError(
+            "has a singular or non-finite vox2ras matrix",
+            path=p,
+            hint="fix its geometry (e.g. mri_convert with the scan as --like template)",
+        )
     native = dtype.newbyteorder("=")
     nhdr = nii.build_header(shape, native, affine, kind="image", sform_code=1, qform_code=1)
-    info = nii.NiftiInfo(path=str(p), gz=gz, version=2 if isinstance(nhdr, nib.Nifti2Header) else 1,
-                         shape=shape, dtype=dtype, vox_offset=MGH_DATA_OFFSET, slope=1.0, inter=0.0,
-                         affine=affine, sform_code=1, qform_code=1, header=nhdr, storage_options=storage_options)
+    info = nii.NiftiInfo(
+        path=str(p),
+        gz=gz,
+        version=2 if isinstance(nhdr, nib.Nifti2Header) else 1,
+        shape=shape,
+        dtype=dtype,
+        vox_offset=MGH_DATA_OFFSET,
+        slope=1.0,
+        inter=0.0,
+        affine=affine,
+        sform_code=1,
+        qform_code=1,
+        header=nhdr,
+        storage_options=storage_options,
+    )
     if not gz:
         nii.check_complete(info, native)
     return info

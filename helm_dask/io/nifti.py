@@ -24,9 +24,9 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -47,8 +47,10 @@ GZ_MAGIC = b"\x1f\x8b"
 NIFTI_EXTS = (".nii", ".nii.gz")
 #: gzip level for .nii.gz output; 1 is nibabel's default and the fastest level that still compresses labels well.
 DEFAULT_COMPRESSLEVEL = 1
-SUPPORTED_DTYPES = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32",
-                                                 "uint64", "int64", "float32", "float64"))
+SUPPORTED_DTYPES = tuple(
+    np.dtype(t)
+    for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
+)
 INTENT_LABEL = 1002  # NIFTI_INTENT_LABEL
 
 
@@ -63,13 +65,13 @@ class NiftiInfo:
 
     path: str
     gz: bool
-    version: int                 # 1 or 2
-    shape: tuple[int, ...]       # 3-D or 4-D (x, y, z[, t])
-    dtype: np.dtype              # on-disk dtype (with its byte order)
+    version: int  # 1 or 2
+    shape: tuple[int, ...]  # 3-D or 4-D (x, y, z[, t])
+    dtype: np.dtype  # on-disk dtype (with its byte order)
     vox_offset: int
-    slope: float                 # 1.0 / 0.0 when the header does not scale
+    slope: float  # 1.0 / 0.0 when the header does not scale
     inter: float
-    affine: np.ndarray           # the best affine (sform if its code > 0, else qform, else pixdim)
+    affine: np.ndarray  # the best affine (sform if its code > 0, else qform, else pixdim)
     sform_code: int
     qform_code: int
     header: nib.Nifti1Header = field(repr=False)
@@ -120,11 +122,9 @@ def _open_raw(path, storage_options: dict | None = None, *, block_size: int | No
     except FileNotFoundError:
         raise HelmError("file not found", path=path, hint="check the path and the working directory") from None
     except IsADirectoryError:
-        raise HelmError("is a folder, not a NIfTI file", path=path,
-                        hint="give a .nii or .nii.gz file") from None
+        raise HelmError("is a folder, not a NIfTI file", path=path, hint="give a .nii or .nii.gz file") from None
     except PermissionError:
-        raise HelmError("cannot be read (permission denied)", path=path,
-                        hint="check the file's permissions") from None
+        raise HelmError("cannot be read (permission denied)", path=path, hint="check the file's permissions") from None
 
 
 class _CountingHasher(io.RawIOBase):
@@ -171,13 +171,19 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         try:
             head = stream.read(540)
         except GZIP_ERRORS as e:
-            raise HelmError(f"is not a readable gzip file ({e})", path=p,
-                            hint="the file is corrupt or not compressed NIfTI; re-export it") from None
+            raise HelmError(
+                f"is not a readable gzip file ({e})",
+                path=p,
+                hint="the file is corrupt or not compressed NIfTI; re-export it",
+            ) from None
     finally:
         raw.close()
     if len(head) < 348:
-        raise HelmError(f"is not a NIfTI file (only {len(head)} bytes, a header needs 348)", path=p,
-                        hint="the file is empty or truncated; re-export it")
+        raise HelmError(
+            f"is not a NIfTI file (only {len(head)} bytes, a header needs 348)",
+            path=p,
+            hint="the file is empty or truncated; re-export it",
+        )
     version = None
     for order in ("<", ">"):
         size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
@@ -186,14 +192,18 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         elif size == 540 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
             version = 2
     if version is None:
-        raise HelmError("is not a NIfTI-1 or NIfTI-2 file (no NIfTI magic in the header)", path=p,
-                        hint="convert it to NIfTI first (e.g. with FreeSurfer mri_convert or dcm2niix)")
+        raise HelmError(
+            "is not a NIfTI-1 or NIfTI-2 file (no NIfTI magic in the header)",
+            path=p,
+            hint="convert it to NIfTI first (e.g. with FreeSurfer mri_convert or dcm2niix)",
+        )
     if version == 2 and len(head) < 540:
         raise HelmError("is truncated inside its NIfTI-2 header", path=p, hint="re-export the file")
     magic = head[344:348] if version == 1 else head[4:8]
     if magic in (b"ni1\x00", b"ni2\x00"):
-        raise HelmError("is a two-file (.hdr/.img) NIfTI header", path=p,
-                        hint="convert the pair to a single .nii or .nii.gz file")
+        raise HelmError(
+            "is a two-file (.hdr/.img) NIfTI header", path=p, hint="convert the pair to a single .nii or .nii.gz file"
+        )
     hdr_cls = nib.Nifti1Header if version == 1 else nib.Nifti2Header
     try:
         hdr = hdr_cls.from_fileobj(io.BytesIO(head[: hdr_cls.sizeof_hdr] + b"\x00" * 4), check=False)
@@ -204,7 +214,7 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
     ndim = dim[0]
     if ndim < 1 or ndim > 7:
         raise HelmError(f"has an invalid dim[0] = {ndim} in its header", path=p, hint="re-export the file")
-    shape = tuple(dim[1: ndim + 1])
+    shape = tuple(dim[1 : ndim + 1])
     if any(s < 1 for s in shape):
         raise HelmError(f"has a zero or negative dimension {shape}", path=p, hint="re-export the file")
     # Trailing singleton dimensions (a 3-D volume stored as x, y, z, 1, 1) are harmless: drop them.
@@ -213,29 +223,42 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
     if len(shape) < 3:
         shape = shape + (1,) * (3 - len(shape))
     if len(shape) > 4:
-        raise HelmError(f"is {len(shape)}-D (shape {shape}); helm-dask reads 3-D scans and 4-D multi-echo scans",
-                        path=p, hint="split it into 3-D or 4-D files first (e.g. with fslsplit)")
+        raise HelmError(
+            f"is {len(shape)}-D (shape {shape}); helm-dask reads 3-D scans and 4-D multi-echo scans",
+            path=p,
+            hint="split it into 3-D or 4-D files first (e.g. with fslsplit)",
+        )
     try:
         dtype = hdr.get_data_dtype()
     except Exception:
         dtype = None
     if dtype is None or dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
-        raise HelmError(f"has an unsupported data type ({dtype})", path=p,
-                        hint="convert it to an integer or float32/float64 NIfTI")
+        raise HelmError(
+            f"has an unsupported data type ({dtype})", path=p, hint="convert it to an integer or float32/float64 NIfTI"
+        )
     zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise HelmError(f"has zero or negative voxel sizes (pixdim {zooms.tolist()})", path=p,
-                        hint="fix the header's pixdim (e.g. with nibabel or fslhd/fslchpixdim)")
+        raise HelmError(
+            f"has zero or negative voxel sizes (pixdim {zooms.tolist()})",
+            path=p,
+            hint="fix the header's pixdim (e.g. with nibabel or fslhd/fslchpixdim)",
+        )
     sform_code = int(hdr["sform_code"])
     qform_code = int(hdr["qform_code"])
     try:
         affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
     except Exception as e:
-        raise HelmError(f"has an unusable orientation (sform/qform) ({e})", path=p,
-                        hint="fix the header's sform/qform") from None
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(1.0, np.abs(affine[:3, :3]).max() ** 3):
-        raise HelmError("has a singular or non-finite voxel-to-world affine (sform/qform)", path=p,
-                        hint="fix the header's sform/qform so that it maps voxels to millimetres")
+        raise HelmError(
+            f"has an unusable orientation (sform/qform) ({e})", path=p, hint="fix the header's sform/qform"
+        ) from None
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(
+        1.0, np.abs(affine[:3, :3]).max() ** 3
+    ):
+        raise HelmError(
+            "has a singular or non-finite voxel-to-world affine (sform/qform)",
+            path=p,
+            hint="fix the header's sform/qform so that it maps voxels to millimetres",
+        )
     vox_offset = int(hdr["vox_offset"])
     min_offset = hdr_cls.sizeof_hdr + 4
     if vox_offset < min_offset:
@@ -248,23 +271,37 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         slope, inter = 1.0, 0.0
     if not np.isfinite(inter):
         inter = 0.0
-    info = NiftiInfo(path=str(p), gz=gz, version=version, shape=tuple(int(s) for s in shape), dtype=dtype,
-                     vox_offset=vox_offset, slope=slope, inter=inter, affine=affine,
-                     sform_code=sform_code, qform_code=qform_code, header=hdr, storage_options=storage_options,
-                     stored_ndim=ndim)
+    info = NiftiInfo(
+        path=str(p),
+        gz=gz,
+        version=version,
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        vox_offset=vox_offset,
+        slope=slope,
+        inter=inter,
+        affine=affine,
+        sform_code=sform_code,
+        qform_code=qform_code,
+        header=hdr,
+        storage_options=storage_options,
+        stored_ndim=ndim,
+    )
     if not gz:
         check_complete(info, dtype)
     return info
 
 
-def check_complete(info: "NiftiInfo", dtype_label) -> None:
+def check_complete(info: NiftiInfo, dtype_label) -> None:
     """An uncompressed file must hold the bytes its header describes (a gzip stream is checked as it is read)."""
     size = location.size(info.path, info.storage_options)
     need = info.vox_offset + info.data_bytes
     if size < need:
-        raise HelmError(f"is truncated: its header describes {need:,} bytes ({info.shape} {dtype_label}) but the "
-                        f"file has {size:,}", path=info.path, hint="the copy is incomplete; copy or export the file "
-                                                                   "again")
+        raise HelmError(
+            f"is truncated: its header describes {need:,} bytes ({info.shape} {dtype_label}) but the file has {size:,}",
+            path=info.path,
+            hint="the copy is incomplete; copy or export the file again",
+        )
 
 
 @dataclass
@@ -330,12 +367,15 @@ class SlabReader:
                     if got < nbytes:
                         raise HelmError(
                             f"is truncated: the data end after {pos:,} of {info.vox_offset + info.data_bytes:,} "
-                            f"bytes (echo {t}, plane {z0 + got // info.plane_bytes} of {nz})", path=p,
-                            hint="the copy is incomplete; copy or export the file again")
+                            f"bytes (echo {t}, plane {z0 + got // info.plane_bytes} of {nz})",
+                            path=p,
+                            hint="the copy is incomplete; copy or export the file again",
+                        )
                     arr = np.frombuffer(buf, dtype=info.dtype).reshape(info.shape[:2] + (z1 - z0,), order="F")
                     if info.scaled:
-                        arr = arr.astype(info.out_dtype) * info.out_dtype.type(info.slope) \
-                            + info.out_dtype.type(info.inter)
+                        arr = arr.astype(info.out_dtype) * info.out_dtype.type(info.slope) + info.out_dtype.type(
+                            info.inter
+                        )
                     elif not arr.dtype.isnative:
                         arr = arr.astype(arr.dtype.newbyteorder("="))
                     nonfinite = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
@@ -346,8 +386,11 @@ class SlabReader:
                 if not chunk:
                     break
         except GZIP_ERRORS as e:
-            raise HelmError(f"could not be read past byte {pos:,}: {e}", path=p,
-                            hint="the file is truncated or its compression is corrupt; export it again") from None
+            raise HelmError(
+                f"could not be read past byte {pos:,}: {e}",
+                path=p,
+                hint="the file is truncated or its compression is corrupt; export it again",
+            ) from None
         finally:
             stream.close()
             raw.close()
@@ -392,8 +435,18 @@ def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22, storage_option
 # Writing
 
 
-def build_header(shape, dtype, affine, *, kind: str = "image", sform_code: int = 1, qform_code: int = 1,
-                 version: int | None = None, descrip: str = "helm-dask", provenance: dict | None = None):
+def build_header(
+    shape,
+    dtype,
+    affine,
+    *,
+    kind: str = "image",
+    sform_code: int = 1,
+    qform_code: int = 1,
+    version: int | None = None,
+    descrip: str = "helm-dask",
+    provenance: dict | None = None,
+):
     """A nibabel header for a single-file NIfTI with sform = qform = ``affine``.
 
     NIfTI-2 is used when asked for, or when a dimension does not fit NIfTI-1's int16. ``provenance`` (a

@@ -37,15 +37,25 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from itertools import product
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
-__all__ = ["CACHE_MB", "StoreView", "chunk_tasks", "read_region", "region_map", "register_view", "release_cache",
-           "store_view_of", "zarr_array_of"]
+__all__ = [
+    "CACHE_MB",
+    "StoreView",
+    "chunk_tasks",
+    "read_region",
+    "region_map",
+    "register_view",
+    "release_cache",
+    "store_view_of",
+    "zarr_array_of",
+]
 
 #: Budget of the per-process cache of decoded source chunks, in MB (``HELM_CHUNK_CACHE_MB``; 0 disables it).
 #: 512 MB holds 64 float32 chunks of 128^3: the boxes of the tasks that make one stored output chunk of a
@@ -71,10 +81,10 @@ class _ChunkCache:
                 self.hits += 1
                 return arr
             self.misses += 1
-        arr = load()                      # decoded outside the lock: threads decode different chunks at once
+        arr = load()  # decoded outside the lock: threads decode different chunks at once
         if arr.nbytes > self.budget:
             return arr
-        arr.setflags(write=False)         # shared between tasks: nobody may write into it
+        arr.setflags(write=False)  # shared between tasks: nobody may write into it
         with self.lock:
             if key not in self.items:
                 self.items[key] = arr
@@ -111,11 +121,11 @@ def release_cache() -> None:
         from distributed import get_client
 
         client = get_client()
-    except (ImportError, ValueError):         # no distributed client: nothing else to clear
+    except (ImportError, ValueError):  # no distributed client: nothing else to clear
         return
     try:
         client.run(_clear_local_cache)
-    except Exception:                         # best effort (memory only): a closing cluster must not fail a write
+    except Exception:  # best effort (memory only): a closing cluster must not fail a write
         pass
 
 
@@ -133,7 +143,7 @@ def zarr_array_of(data: da.Array) -> Any:
         arr = values[0] if len(values) == 1 else None
         if isinstance(arr, zarr.Array) and tuple(arr.shape) == tuple(data.shape) and arr.dtype == data.dtype:
             return arr
-    except Exception:                                       # any other graph: use the generic path
+    except Exception:  # any other graph: use the generic path
         return None
     return None
 
@@ -143,13 +153,12 @@ class StoreView:
     :func:`helm_dask.orient.flip_left_right` make of a stored volume -- so that a box of the view can be read
     straight from the store (the flipped box of the array, flipped and transposed back)."""
 
-    def __init__(self, array: Any, flips: Sequence[bool] = (False, False, False),
-                 perm: Sequence[int] = (0, 1, 2)):
+    def __init__(self, array: Any, flips: Sequence[bool] = (False, False, False), perm: Sequence[int] = (0, 1, 2)):
         self.array, self.flips, self.perm = array, tuple(bool(f) for f in flips), tuple(int(p) for p in perm)
         self.shape = tuple(int(array.shape[p]) for p in self.perm)
         self.dtype = array.dtype
 
-    def then(self, flips: Sequence[bool], perm: Sequence[int]) -> "StoreView":
+    def then(self, flips: Sequence[bool], perm: Sequence[int]) -> StoreView:
         """This view flipped along its axes ``flips``, then transposed by ``perm``."""
         f = list(self.flips)
         for d, flip in enumerate(flips):
@@ -170,7 +179,7 @@ class StoreView:
         return np.ascontiguousarray(box)
 
 
-_VIEWS: OrderedDict = OrderedDict()      # dask array name -> StoreView (recent ones; names are unique tokens)
+_VIEWS: OrderedDict = OrderedDict()  # dask array name -> StoreView (recent ones; names are unique tokens)
 
 
 def register_view(result: da.Array, source: da.Array, flips: Sequence[bool], perm: Sequence[int]) -> None:
@@ -198,12 +207,15 @@ def store_view_of(data: da.Array) -> StoreView | None:
 
 def _overlapping(bounds: Sequence[np.ndarray], lo: Sequence[int], hi: Sequence[int]) -> list[range]:
     """Per axis, the indices of the chunks (edges ``bounds``) that overlap ``[lo, hi)``."""
-    return [range(int(np.searchsorted(b, l, side="right")) - 1, int(np.searchsorted(b, h, side="left")))
-            for b, l, h in zip(bounds, lo, hi)]
+    return [
+        range(int(np.searchsorted(b, l, side="right")) - 1, int(np.searchsorted(b, h, side="left")))
+        for b, l, h in zip(bounds, lo, hi)
+    ]
 
 
-def _paste(pieces: Sequence[np.ndarray], starts: Sequence[Sequence[int]], lo: Sequence[int],
-           hi: Sequence[int]) -> np.ndarray:
+def _paste(
+    pieces: Sequence[np.ndarray], starts: Sequence[Sequence[int]], lo: Sequence[int], hi: Sequence[int]
+) -> np.ndarray:
     """The box ``[lo, hi)`` assembled from chunks that start at ``starts`` and together cover it."""
     pieces = [np.asarray(p) for p in pieces]
     if len(pieces) == 1 and tuple(starts[0]) == tuple(lo) and pieces[0].shape == tuple(h - l for l, h in zip(lo, hi)):
@@ -237,10 +249,11 @@ def read_region(zarr_array: Any, lo: Sequence[int], hi: Sequence[int], scope: st
 
         def load(box=box):
             return np.asarray(zarr_array[box])
+
         pieces.append(_CACHE.get((scope, cell), load))
         starts.append(tuple(b.start for b in box))
     out = _paste(pieces, starts, lo, hi)
-    return out if not any(out is p for p in pieces) else out.copy()    # never hand out a cached array
+    return out if not any(out is p for p in pieces) else out.copy()  # never hand out a cached array
 
 
 class _Static:
@@ -258,8 +271,10 @@ class _Static:
 
 def _region_task(parts: list, static: _Static) -> np.ndarray:
     func, starts, views, scopes, lo, hi, args, dtype = static.value
-    regions = [v.read(lo, hi, sc) if v is not None else _paste(p, st, lo, hi)
-               for p, st, v, sc in zip(parts, starts, views, scopes)]
+    regions = [
+        v.read(lo, hi, sc) if v is not None else _paste(p, st, lo, hi)
+        for p, st, v, sc in zip(parts, starts, views, scopes)
+    ]
     out = func(regions, *args)
     return out if dtype is None else np.asarray(out).astype(dtype, copy=False)
 
@@ -294,8 +309,16 @@ class _Sources:
         return [s for s, v in zip(self.sources, self.views) if v is None]
 
 
-def region_map(func: Callable, sources: Sequence[da.Array], out_chunks: tuple[tuple[int, ...], ...],
-               plan: Callable, dtype: Any, *, name: str = "region", cache: bool = True) -> da.Array:
+def region_map(
+    func: Callable,
+    sources: Sequence[da.Array],
+    out_chunks: tuple[tuple[int, ...], ...],
+    plan: Callable,
+    dtype: Any,
+    *,
+    name: str = "region",
+    cache: bool = True,
+) -> da.Array:
     """A lazy array with chunks ``out_chunks``, each chunk computed from one box of every source.
 
     Parameters
@@ -328,8 +351,9 @@ def region_map(func: Callable, sources: Sequence[da.Array], out_chunks: tuple[tu
     return da.Array(graph, name, chunks=out_chunks, dtype=dtype)
 
 
-def halo_box(ranges: Sequence[tuple[int, int]], depth: Sequence[int], shape: Sequence[int]
-             ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def halo_box(
+    ranges: Sequence[tuple[int, int]], depth: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(lo, hi)`` of a chunk's box grown by ``depth`` voxels per side, clipped to a volume of ``shape``:
     what a :func:`region_map` plan reads for a filter of that reach."""
     lo = tuple(max(0, int(a) - int(d)) for (a, _), d in zip(ranges, depth))
@@ -337,8 +361,14 @@ def halo_box(ranges: Sequence[tuple[int, int]], depth: Sequence[int], shape: Seq
     return lo, hi
 
 
-def pad_halo(box: np.ndarray, ranges: Sequence[tuple[int, int]], lo: Sequence[int], hi: Sequence[int],
-             depth: Sequence[int], mode: str) -> np.ndarray:
+def pad_halo(
+    box: np.ndarray,
+    ranges: Sequence[tuple[int, int]],
+    lo: Sequence[int],
+    hi: Sequence[int],
+    depth: Sequence[int],
+    mode: str,
+) -> np.ndarray:
     """The box read for :func:`halo_box` padded back to the chunk plus ``depth`` per side where the volume
     ended (``mode`` as ``np.pad``: ``"edge"`` = scipy's "nearest", ``"constant"`` = zeros beyond the volume)."""
     pads = [(d - (a - l), d - (h - b)) for (a, b), l, h, d in zip(ranges, lo, hi, depth)]

@@ -40,8 +40,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import dask
 import dask.array as da
@@ -109,14 +110,16 @@ def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None =
     local = _local(path)
     if local is None:  # object store: no rename; completeness is marked in the metadata instead
         if not overwrite and location.exists(path, storage_options):
-            raise HelmError("already exists", path=path,
-                            hint="pass --overwrite to replace it, or choose another name", exit_code=3)
+            raise HelmError(
+                "already exists", path=path, hint="pass --overwrite to replace it, or choose another name", exit_code=3
+            )
         yield os.fspath(path)
         return
     local = local.absolute()
     if local.exists() and not overwrite:
-        raise HelmError("already exists", path=local, hint="pass --overwrite to replace it, or choose another name",
-                        exit_code=3)
+        raise HelmError(
+            "already exists", path=local, hint="pass --overwrite to replace it, or choose another name", exit_code=3
+        )
     parent = local.parent
     location.makedirs(parent)
     try:
@@ -203,7 +206,7 @@ def stop_pending_writes(timeout_s: float = 30.0) -> None:
     import time
 
     if threading.current_thread() is not threading.main_thread():
-        return      # inside a task (or a helper thread): the caller that owns the computation waits
+        return  # inside a task (or a helper thread): the caller that owns the computation waits
     deadline = time.monotonic() + timeout_s
     with contextlib.suppress(Exception):
         from distributed import get_client
@@ -218,7 +221,7 @@ def stop_pending_writes(timeout_s: float = 30.0) -> None:
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        dt.default_pool = None      # dask makes a new one for the next computation
+        dt.default_pool = None  # dask makes a new one for the next computation
         dt.pools.clear()
     with contextlib.suppress(Exception):
         _drain_zarr_io(max(0.1, deadline - time.monotonic()))
@@ -271,14 +274,16 @@ def _format_kw(path, mode: str) -> dict:
 
 def open_group(path, mode: str, storage_options: dict | None = None) -> zarr.Group:
     """``zarr.open_group`` on a local path or a URL (with the storage options in force)."""
-    return zarr.open_group(location.zarr_store(path, storage_options, read_only=mode == "r"), mode=mode,
-                           **_format_kw(path, mode))
+    return zarr.open_group(
+        location.zarr_store(path, storage_options, read_only=mode == "r"), mode=mode, **_format_kw(path, mode)
+    )
 
 
 def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
     """The (read-only) Zarr array of one level of a volume store, local path or URL."""
-    return zarr.open_array(location.zarr_store(path, storage_options, read_only=True), path=str(level), mode="r",
-                           **_format_kw(path, "r"))
+    return zarr.open_array(
+        location.zarr_store(path, storage_options, read_only=True), path=str(level), mode="r", **_format_kw(path, "r")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def _jsonable(obj: Any) -> Any:
 def level_affine(affine: np.ndarray, level: int, kind: str) -> np.ndarray:
     """Affine of pyramid ``level``: block means put voxel centres at block centres; strides at block corners."""
     a = np.asarray(affine, dtype=np.float64)
-    f = 2.0 ** level
+    f = 2.0**level
     shift = (f - 1.0) / 2.0 if kind == "image" else 0.0
     s = np.array([[f, 0, 0, shift], [0, f, 0, shift], [0, 0, f, shift], [0, 0, 0, 1.0]])
     return a @ s
@@ -326,10 +331,16 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
         trans = a[:3, 3].tolist()
         if four_d:
             scale, trans = [1.0] + scale, [0.0] + trans
-        datasets.append({"path": str(lev), "coordinateTransformations": [
-            {"type": "scale", "scale": scale}, {"type": "translation", "translation": trans}]})
-    return [{"name": name, "axes": axes, "datasets": datasets,
-             "type": "mean" if kind == "image" else "stride"}]
+        datasets.append(
+            {
+                "path": str(lev),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": scale},
+                    {"type": "translation", "translation": trans},
+                ],
+            }
+        )
+    return [{"name": name, "axes": axes, "datasets": datasets, "type": "mean" if kind == "image" else "stride"}]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,9 +358,17 @@ def create_level(group: zarr.Group, level: int, shape, dtype, chunks, *, four_d:
     kw = {}
     if shards is not None:
         kw["shards"] = ((1,) if four_d else ()) + tuple(shards)
-    return group.create_array(str(level), shape=arr_shape, dtype=np.dtype(dtype), chunks=arr_chunks,
-                              compressors=[compressor_for(dtype)], fill_value=0, dimension_names=dims,
-                              overwrite=True, **kw)
+    return group.create_array(
+        str(level),
+        shape=arr_shape,
+        dtype=np.dtype(dtype),
+        chunks=arr_chunks,
+        compressors=[compressor_for(dtype)],
+        fill_value=0,
+        dimension_names=dims,
+        overwrite=True,
+        **kw,
+    )
 
 
 # Output chunks per computation when a volume is written in batches (see store_batched): ~64 chunks of 128^3
@@ -385,7 +404,7 @@ def final_path_of(path) -> str | None:
     if last is None:
         return None
     # outputs inside outputs (a phantom store's volumes): every temporary name on the way becomes its final one
-    return str(Path(*[m.group(1) if (m := _TEMP_NAME.match(part)) else part for part in parts[:last + 1]]))
+    return str(Path(*[m.group(1) if (m := _TEMP_NAME.match(part)) else part for part in parts[: last + 1]]))
 
 
 class _FaultHookTarget:
@@ -457,8 +476,13 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     if int(np.prod(numblocks)) <= batch_chunks:
         da.store(sources, targets, lock=False, compute=True)
         return
-    _in_batches(chunks, batch_chunks, lambda region: da.store(
-        [s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False, compute=True))
+    _in_batches(
+        chunks,
+        batch_chunks,
+        lambda region: da.store(
+            [s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False, compute=True
+        ),
+    )
 
 
 def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) -> None:
@@ -557,7 +581,7 @@ def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | Non
             down = down.astype(np.float32 if src.dtype.kind != "f" else src.dtype)
         else:
             n = [s // 2 * 2 for s in shape]
-            down = src[: n[0]: 2, : n[1]: 2, : n[2]: 2]
+            down = src[: n[0] : 2, : n[1] : 2, : n[2] : 2]
         lvl_chunks = tuple(min(c, s) for c, s in zip(chunks, down.shape))
         target = create_level(group, lev + 1, down.shape, down.dtype, lvl_chunks, four_d=False)
         _store_dask(down, target)
@@ -565,16 +589,35 @@ def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | Non
     return lev + 1
 
 
-def write_attrs(group: zarr.Group, *, affine, kind: str, name: str, nlevels: int, four_d: bool,
-                extra: dict | None = None, complete: bool) -> None:
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "affine": np.asarray(affine).tolist(),
-            "kind": kind, "units": "mm", "nlevels": nlevels, "four_d": four_d,
-            "level_affines": [level_affine(affine, lev, kind).tolist() for lev in range(nlevels)],
-            "complete": complete}
+def write_attrs(
+    group: zarr.Group,
+    *,
+    affine,
+    kind: str,
+    name: str,
+    nlevels: int,
+    four_d: bool,
+    extra: dict | None = None,
+    complete: bool,
+) -> None:
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "affine": np.asarray(affine).tolist(),
+        "kind": kind,
+        "units": "mm",
+        "nlevels": nlevels,
+        "four_d": four_d,
+        "level_affines": [level_affine(affine, lev, kind).tolist() for lev in range(nlevels)],
+        "complete": complete,
+    }
     meta.update(_jsonable(extra or {}))
-    group.attrs.update({"ome": {"version": "0.5", "multiscales": ome_multiscales(affine, kind, nlevels, four_d,
-                                                                                 name)},
-                        "helm_dask": meta})
+    group.attrs.update(
+        {
+            "ome": {"version": "0.5", "multiscales": ome_multiscales(affine, kind, nlevels, four_d, name)},
+            "helm_dask": meta,
+        }
+    )
 
 
 def volume_attrs_for_store(vol: xr.DataArray) -> dict:
@@ -583,9 +626,18 @@ def volume_attrs_for_store(vol: xr.DataArray) -> dict:
     return _jsonable({k: v for k, v in vol.attrs.items() if k not in skip})
 
 
-def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False, pyramid: bool = True,
-                shards=None, extra: dict | None = None, storage_options: dict | None = None,
-                batch_chunks: int | None = None) -> str:
+def save_volume(
+    vol: xr.DataArray,
+    path,
+    *,
+    chunks=None,
+    overwrite: bool = False,
+    pyramid: bool = True,
+    shards=None,
+    extra: dict | None = None,
+    storage_options: dict | None = None,
+    batch_chunks: int | None = None,
+) -> str:
     """Write a (lazy) volume to a new Zarr v3 store, atomically, with its pyramid and metadata.
 
     The computation runs on the current Dask scheduler (a ``dask.distributed`` client if one is active), one
@@ -600,13 +652,29 @@ def save_volume(vol: xr.DataArray, path, *, chunks=None, overwrite: bool = False
     >>> float(open_volume(out).sum())
     512.0
     """
-    return save_volumes({os.fspath(path): vol}, chunks=chunks, overwrite=overwrite, pyramid=pyramid,
-                        shards=shards, extra=extra, storage_options=storage_options, batch_chunks=batch_chunks)[0]
+    return save_volumes(
+        {os.fspath(path): vol},
+        chunks=chunks,
+        overwrite=overwrite,
+        pyramid=pyramid,
+        shards=shards,
+        extra=extra,
+        storage_options=storage_options,
+        batch_chunks=batch_chunks,
+    )[0]
 
 
-def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: bool = True, shards=None,
-                 extra: dict | None = None, storage_options: dict | None = None,
-                 batch_chunks: int | None = None) -> list[str]:
+def save_volumes(
+    vols: dict,
+    *,
+    chunks=None,
+    overwrite: bool = False,
+    pyramid: bool = True,
+    shards=None,
+    extra: dict | None = None,
+    storage_options: dict | None = None,
+    batch_chunks: int | None = None,
+) -> list[str]:
     """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
 
     Volumes derived from the same inputs (the six k-means maps of one image, say) share their graph, so the
@@ -628,8 +696,9 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
             attrs = volume_attrs_for_store(vol)
             attrs.update(extra or {})
             name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
-            write_attrs(group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs,
-                        complete=False)
+            write_attrs(
+                group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs, complete=False
+            )
             target = create_level(group, 0, data.shape, data.dtype, ch, four_d=four_d, shards=shards)
             src = da.moveaxis(data, 3, 0) if four_d else data
             sources.append(src.rechunk(target.chunks))
@@ -638,11 +707,12 @@ def save_volumes(vols: dict, *, chunks=None, overwrite: bool = False, pyramid: b
         try:
             store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
         finally:
-            release_cache()             # the decoded chunks of this computation's box tasks: not needed again
+            release_cache()  # the decoded chunks of this computation's box tasks: not needed again
         for group, kind, affine, name, four_d, ch, attrs in pending:
             nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
-            write_attrs(group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs,
-                        complete=True)
+            write_attrs(
+                group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs, complete=True
+            )
     return [os.fspath(p) for p in vols]
 
 
@@ -663,15 +733,24 @@ def read_meta(path, *, storage_options: dict | None = None) -> dict:
     except Exception:
         if local is None and not location.exists(p, storage_options):
             raise HelmError("store not found", path=p, hint="check the URL (bucket and key)") from None
-        raise HelmError("is not a Zarr v3 group", path=p,
-                        hint="give a store written by helm-dask (helm-dask convert IN.nii.gz OUT.zarr)") from None
+        raise HelmError(
+            "is not a Zarr v3 group",
+            path=p,
+            hint="give a store written by helm-dask (helm-dask convert IN.nii.gz OUT.zarr)",
+        ) from None
     meta = dict(group.attrs.get("helm_dask") or {})
     if meta.get("format") != FORMAT:
-        raise HelmError("is a Zarr store but not a helm-dask volume (no helm_dask metadata)", path=p,
-                        hint="create it with 'helm-dask convert' or 'helm-dask phantom'")
+        raise HelmError(
+            "is a Zarr store but not a helm-dask volume (no helm_dask metadata)",
+            path=p,
+            hint="create it with 'helm-dask convert' or 'helm-dask phantom'",
+        )
     if not meta.get("complete", False):
-        raise HelmError("is an unfinished helm-dask volume (its writer was interrupted)", path=p,
-                        hint="rerun the command that makes it (or delete it and start again)")
+        raise HelmError(
+            "is an unfinished helm-dask volume (its writer was interrupted)",
+            path=p,
+            hint="rerun the command that makes it (or delete it and start again)",
+        )
     return meta
 
 
@@ -683,9 +762,16 @@ def is_complete(path, *, storage_options: dict | None = None) -> bool:
         return False
 
 
-def open_volume(path, *, level: int = 0, echo: int | None = None, echo_combine: str | None = None,
-                apply_scaling: bool = True, name: str | None = None,
-                storage_options: dict | None = None) -> xr.DataArray:
+def open_volume(
+    path,
+    *,
+    level: int = 0,
+    echo: int | None = None,
+    echo_combine: str | None = None,
+    apply_scaling: bool = True,
+    name: str | None = None,
+    storage_options: dict | None = None,
+) -> xr.DataArray:
     """Open a helm-dask Zarr volume lazily as an xarray DataArray (dims ``x, y, z``; coordinates in mm).
 
     Parameters
@@ -707,8 +793,9 @@ def open_volume(path, *, level: int = 0, echo: int | None = None, echo_combine: 
     meta = read_meta(p, storage_options=storage_options)
     nlevels = int(meta.get("nlevels", 1))
     if not 0 <= level < nlevels:
-        raise HelmError(f"has no pyramid level {level} (levels 0..{nlevels - 1})", path=p,
-                        hint="choose an existing level")
+        raise HelmError(
+            f"has no pyramid level {level} (levels 0..{nlevels - 1})", path=p, hint="choose an existing level"
+        )
     arr = open_array(p, level, storage_options)
     data = da.from_zarr(arr)
     kind = meta.get("kind", "image")
@@ -723,12 +810,23 @@ def open_volume(path, *, level: int = 0, echo: int | None = None, echo_combine: 
         data = select_echo(data, echo=echo, echo_combine=echo_combine, path=p)
     elif echo not in (None, 0):
         raise HelmError(f"is a single-echo volume; --echo {echo} does not exist", path=p, hint="drop --echo")
-    attrs = {k: v for k, v in meta.items() if k not in ("affine", "kind", "units", "level_affines", "complete",
-                                                          "format", "format_version", "nlevels", "four_d")}
+    attrs = {
+        k: v
+        for k, v in meta.items()
+        if k
+        not in ("affine", "kind", "units", "level_affines", "complete", "format", "format_version", "nlevels", "four_d")
+    }
     attrs["store"] = p
     attrs["level"] = level
-    return make_volume(data, affine, kind=kind, name=name or meta.get("name") or Path(p.rstrip("/")).stem,
-                       source=meta.get("source", p), provenance=meta.get("provenance", []), attrs=attrs)
+    return make_volume(
+        data,
+        affine,
+        kind=kind,
+        name=name or meta.get("name") or Path(p.rstrip("/")).stem,
+        source=meta.get("source", p),
+        provenance=meta.get("provenance", []),
+        attrs=attrs,
+    )
 
 
 def select_echo(data4: da.Array, *, echo: int | None, echo_combine: str | None, path=None) -> da.Array:
@@ -736,8 +834,11 @@ def select_echo(data4: da.Array, *, echo: int | None, echo_combine: str | None, 
     nt = data4.shape[3]
     if echo is not None:
         if not 0 <= echo < nt:
-            raise HelmError(f"has {nt} echoes; --echo {echo} is out of range (0..{nt - 1})", path=path,
-                            hint=f"choose an echo between 0 and {nt - 1}")
+            raise HelmError(
+                f"has {nt} echoes; --echo {echo} is out of range (0..{nt - 1})",
+                path=path,
+                hint=f"choose an echo between 0 and {nt - 1}",
+            )
         return data4[..., echo]
     if echo_combine is None:
         return data4
@@ -761,9 +862,12 @@ def describe(path, *, storage_options: dict | None = None) -> dict:
         shape, dtype, affine, chunks = info.shape, info.out_dtype, info.affine, None
         kind = "labels" if int(info.header["intent_code"]) == 1002 else "image"
         nbytes = location.size(p, storage_options)
-        extra = {"format": f"NIfTI-{info.version}" + (" (gzip)" if info.gz else ""),
-                 "sform_code": info.sform_code, "qform_code": info.qform_code,
-                 "scaling": [info.slope, info.inter]}
+        extra = {
+            "format": f"NIfTI-{info.version}" + (" (gzip)" if info.gz else ""),
+            "sform_code": info.sform_code,
+            "qform_code": info.qform_code,
+            "scaling": [info.slope, info.inter],
+        }
     else:
         meta = read_meta(p, storage_options=storage_options)
         arr = open_array(p, 0, storage_options)
@@ -773,10 +877,19 @@ def describe(path, *, storage_options: dict | None = None) -> dict:
         nbytes = location.du(p, storage_options)
         extra = {"format": "Zarr v3 (helm-dask, OME-Zarr 0.5)", "levels": meta.get("nlevels", 1)}
     sp = spacing_of(affine)
-    return {"path": p, "shape": list(shape), "spacing_mm": [round(float(s), 6) for s in sp],
-            "orientation": orientation_code(affine), "dtype": str(np.dtype(dtype)), "kind": kind,
-            "chunks": None if chunks is None else list(chunks), "voxels": int(np.prod(shape)),
-            "size_bytes": nbytes, "affine": np.asarray(affine).tolist(), **extra}
+    return {
+        "path": p,
+        "shape": list(shape),
+        "spacing_mm": [round(float(s), 6) for s in sp],
+        "orientation": orientation_code(affine),
+        "dtype": str(np.dtype(dtype)),
+        "kind": kind,
+        "chunks": None if chunks is None else list(chunks),
+        "voxels": int(np.prod(shape)),
+        "size_bytes": nbytes,
+        "affine": np.asarray(affine).tolist(),
+        **extra,
+    }
 
 
 def dumps_info(d: dict) -> str:
