@@ -46,6 +46,7 @@ from pathlib import Path
 
 from .errors import HelmError
 from .io.location import is_url
+from .labels import K_MAX, K_MIN
 from .pipeline import RunParams, run_subject
 
 _FIELDS = {f.name for f in fields(RunParams)}
@@ -78,9 +79,9 @@ def parse_ks(text) -> tuple[int, ...]:
             raise HelmError(
                 f"--k {text!r} is not a list or range of integers", hint="e.g. --k 4-9 or --k 4,6,8"
             ) from None
-    bad = [k for k in ks if not 2 <= k <= 20]
+    bad = [k for k in ks if not K_MIN <= k <= K_MAX]
     if not ks or bad:
-        raise HelmError(f"k must be between 2 and 20 (got {bad or 'nothing'})", hint="e.g. --k 4-9")
+        raise HelmError(f"k must be between {K_MIN} and {K_MAX} (got {bad or 'nothing'})", hint="e.g. --k 4-9")
     return tuple(sorted(set(ks)))
 
 

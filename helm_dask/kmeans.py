@@ -87,12 +87,12 @@ from numba import njit
 
 from .errors import HelmError
 from .io.regions import chunk_tasks
+from .labels import DEFAULT_KS, K_MAX, K_MIN
 from .volume import affine_of, like, provenance_record
 
 __all__ = ["KMeansResult", "fit_kmeans", "kmeans_labels", "kmeans_maps", "METHODS", "K_MIN", "K_MAX"]
 
 METHODS = ("histogram", "minibatch", "dask-ml")
-K_MIN, K_MAX = 2, 20
 TIE_RULE = "a value exactly at the midpoint of two centroids goes to the upper cluster"
 
 _DEFAULT_CHUNKS = (128, 128, 128)
@@ -1161,7 +1161,7 @@ def fit_kmeans(
     image: Any,
     mask: Any,
     *,
-    ks: Iterable[int] | int = range(4, 10),
+    ks: Iterable[int] | int = DEFAULT_KS,
     method: str = "histogram",
     seed: int = 0,
     n_bins: int = 2048,

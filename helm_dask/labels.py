@@ -55,12 +55,21 @@ from .volume import like, provenance_record
 
 __all__ = [
     "COLOURS",
+    "DEFAULT_KS",
     "FORNIX",
     "GROUPS",
     "HYPOTHALAMUS",
     "HYPOTHALAMUS_LEFT",
     "HYPOTHALAMUS_RIGHT",
+    "K_MAX",
+    "K_MIN",
     "MANUAL_CODES",
+    "PAPER_GROUPS",
+    "RIGHT_CODES",
+    "RIGHT_OFFSET",
+    "RIGHT_TO_LEFT",
+    "SHORT_NAMES",
+    "SIDE_CODES",
     "LabelTable",
     "cluster_colour",
     "freesurfer_table",
@@ -104,6 +113,42 @@ GROUPS: dict[str, tuple[int, ...]] = {
     "tuberal": (804, 805, 809, 810),
     "posterior": (803, 808),
 }
+
+#: Display names of the manual codes (QC pages, metrics tables).
+SHORT_NAMES: dict[int, str] = {
+    **{
+        c: "L " + n.split("hypothalamus_")[1].replace("_", "-").replace("tubular", "tuberal")
+        for c, n in HYPOTHALAMUS_LEFT.items()
+    },
+    **{
+        c + 5: "R " + n.split("hypothalamus_")[1].replace("_", "-").replace("tubular", "tuberal")
+        for c, n in HYPOTHALAMUS_LEFT.items()
+    },
+    FORNIX: "fornix",
+}
+#: Hypothalamic subunit codes by side, in FreeSurfer's order (anterior-inferior, anterior-superior, posterior,
+#: tuberal-inferior, tuberal-superior).
+SIDE_CODES: dict[str, tuple[int, ...]] = {"L": tuple(HYPOTHALAMUS_LEFT), "R": tuple(HYPOTHALAMUS_RIGHT)}
+#: Left -> right subunit codes (what mirroring renames on the mirrored side) and its inverse (what orientation
+#: applies to a right hemisphere's manual labels). FreeSurfer's right codes are the left ones + 5.
+RIGHT_CODES: dict[int, int] = dict(zip(SIDE_CODES["L"], SIDE_CODES["R"]))
+RIGHT_TO_LEFT: dict[int, int] = {r: left for left, r in RIGHT_CODES.items()}
+#: Offset between a left subunit code and its right twin.
+RIGHT_OFFSET = 5
+#: The HELM paper's groupings (Table 2), per side.
+PAPER_GROUPS: dict[str, tuple[int, ...]] = {
+    f"{side} {group}": tuple(c for c in codes if c in SIDE_CODES[side])
+    for side in ("L", "R")
+    for group, codes in (
+        ("whole", GROUPS["whole"]),
+        ("anterior", GROUPS["anterior"]),
+        ("tuberal", GROUPS["tuberal"]),
+        ("posterior", GROUPS["posterior"]),
+    )
+}
+#: Numbers of k-means clusters accepted (--k) and the published default, k = 4..9.
+K_MIN, K_MAX = 2, 20
+DEFAULT_KS: tuple[int, ...] = (4, 5, 6, 7, 8, 9)
 
 _MAX_CODE = 65535  # label maps are written as uint16
 

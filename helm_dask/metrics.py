@@ -63,39 +63,16 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .errors import HelmError
+from .labels import FORNIX, HYPOTHALAMUS, PAPER_GROUPS, SHORT_NAMES
 
 # --------------------------------------------------------------------------------------------- constants
 
-#: Names of the label codes this module knows (FreeSurfer hypothalamic subunits + fornix).
-LABEL_NAMES: dict[int, str] = {
-    801: "L anterior-inferior",
-    802: "L anterior-superior",
-    803: "L posterior",
-    804: "L tuberal-inferior",
-    805: "L tuberal-superior",
-    806: "R anterior-inferior",
-    807: "R anterior-superior",
-    808: "R posterior",
-    809: "R tuberal-inferior",
-    810: "R tuberal-superior",
-    250: "fornix",
-}
-HYPOTHALAMIC_CODES: tuple[int, ...] = tuple(range(801, 811))
-FORNIX_CODE = 250
+# The vocabulary is labels.py's; these names stay for the callers of this module.
+LABEL_NAMES: dict[int, str] = SHORT_NAMES
+HYPOTHALAMIC_CODES: tuple[int, ...] = tuple(HYPOTHALAMUS)
+FORNIX_CODE = FORNIX
 #: Codes compared by default (``labels=None``): hypothalamic subunits and fornix.
 DEFAULT_CODES: tuple[int, ...] = HYPOTHALAMIC_CODES + (FORNIX_CODE,)
-
-#: The HELM paper's groupings (Table 2), per side.
-PAPER_GROUPS: dict[str, tuple[int, ...]] = {
-    "L whole": (801, 802, 803, 804, 805),
-    "L anterior": (801, 802),
-    "L tuberal": (804, 805),
-    "L posterior": (803,),
-    "R whole": (806, 807, 808, 809, 810),
-    "R anterior": (806, 807),
-    "R tuberal": (809, 810),
-    "R posterior": (808,),
-}
 
 #: Numeric fields of a result row, in output order.
 METRIC_FIELDS: tuple[str, ...] = (

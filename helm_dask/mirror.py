@@ -92,6 +92,7 @@ import xarray as xr
 
 from .errors import HelmError
 from .io.regions import region_map
+from .labels import HYPOTHALAMUS, RIGHT_CODES
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -108,8 +109,6 @@ __all__ = [
     "whole_brain_grid",
 ]
 
-#: Left (801-805) -> right (806-810) hypothalamic subunit codes, applied on the mirrored (x > 0) side.
-RIGHT_CODES: dict[int, int] = {801: 806, 802: 807, 803: 808, 804: 809, 805: 810}
 
 _NBINS = 65536  # histogram bins per refinement level of the exact quantile
 _MAX_LEVELS = 4  # 65536**4 bins: beyond float64 resolution, so the last bin holds equal values
@@ -903,7 +902,7 @@ def fit_mirror(
 # the anatomical check: the hypothalamus is a midline structure
 # ----------------------------------------------------------------------------------------------------------
 
-_HYPOTHALAMUS_CODES = tuple(range(801, 811))  # FreeSurfer's subunits, both sides (the fornix is left out)
+_HYPOTHALAMUS_CODES = tuple(HYPOTHALAMUS)  # FreeSurfer's subunits, both sides (the fornix is left out)
 _DIST_BIN_MM = 0.01  # bin of the |distance| histogram (the percentile's resolution)
 
 

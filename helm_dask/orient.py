@@ -34,6 +34,7 @@ import xarray as xr
 
 from .errors import HelmError
 from .io.regions import register_view
+from .labels import RIGHT_OFFSET, RIGHT_TO_LEFT, SIDE_CODES
 from .volume import affine_of, like, orientation_code, provenance_record, spacing_of, voxel_to_world
 
 __all__ = [
@@ -50,8 +51,7 @@ __all__ = [
     "to_ras",
 ]
 
-#: FreeSurfer hypothalamic subunit codes: right (806-810) -> left (801-805), same subunit order.
-RIGHT_TO_LEFT: dict[int, int] = {806: 801, 807: 802, 808: 803, 809: 804, 810: 805}
+_RIGHT = SIDE_CODES["R"]
 
 #: Smallest side-decision strength (``|hypothalamus x - brain x| / brain half-width``, see
 #: :func:`detect_side`) taken as a decision. A hemisphere whose header matches its anatomy has its
@@ -184,8 +184,8 @@ def flip_left_right(vol: xr.DataArray) -> xr.DataArray:
 
 def _map_codes_block(block: np.ndarray) -> np.ndarray:
     out = block.copy()
-    sel = (block >= 806) & (block <= 810)
-    out[sel] = block[sel] - 5  # 806..810 -> 801..805 (RIGHT_TO_LEFT), in the block's own dtype
+    sel = (block >= min(_RIGHT)) & (block <= max(_RIGHT))
+    out[sel] = block[sel] - RIGHT_OFFSET  # 806..810 -> 801..805 (RIGHT_TO_LEFT), in the block's own dtype
     return out
 
 
@@ -204,7 +204,7 @@ def map_right_to_left_codes(labels_vol: xr.DataArray) -> xr.DataArray:
     [0, 3, 801, 801, 805]
     """
     data = labels_vol.data if isinstance(labels_vol.data, da.Array) else da.asarray(labels_vol.data)
-    if np.issubdtype(data.dtype, np.integer) and np.iinfo(data.dtype).max < 806:
+    if np.issubdtype(data.dtype, np.integer) and np.iinfo(data.dtype).max < min(_RIGHT):
         new = data  # a uint8/int8 map cannot hold right codes: nothing to do
     else:
         new = data.map_blocks(_map_codes_block, dtype=data.dtype)

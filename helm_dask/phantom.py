@@ -68,6 +68,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import HelmError
+from .labels import FORNIX, SIDE_CODES
 from .volume import make_volume, provenance_record
 
 __all__ = [
@@ -109,9 +110,9 @@ TISSUE_NAMES = {
 
 #: Hypothalamic subunit codes by side, in the order anterior-inferior, anterior-superior, posterior,
 #: tuberal-inferior, tuberal-superior (FreeSurfer numbering).
-HYPOTHALAMUS_CODES = {"L": (801, 802, 803, 804, 805), "R": (806, 807, 808, 809, 810)}
+HYPOTHALAMUS_CODES = SIDE_CODES
 #: Label of the fornix in the ``hypothalamus`` output.
-FORNIX_LABEL = 250
+FORNIX_LABEL = FORNIX
 
 #: Echo times of the 7 T multi-echo FLASH the phantom imitates (ms).
 ECHO_TIMES_MS = (5.65, 11.95, 18.25, 24.55)

@@ -48,6 +48,7 @@ from .io.mgh import is_mgh_path
 from .io.nifti import file_sha256, is_nifti_path, read_nifti_provenance
 from .io.regions import store_view_of
 from .io.store import STORE_BATCH_CHUNKS, open_group, open_volume, read_meta, save_volume
+from .labels import DEFAULT_KS
 from .volume import affine_of, like, provenance_record, spacing_of
 
 STAGES = ("import", "background", "resample", "bias", "kmeans", "merge", "mirror")
@@ -79,7 +80,7 @@ class RunParams:
     nonfinite: str = "error"
     resample_labels: bool = False
     label_map: dict = field(default_factory=dict)  # extra code -> code mapping for the manual labels
-    ks: tuple = (4, 5, 6, 7, 8, 9)
+    ks: tuple = DEFAULT_KS
     kmeans_method: str = "histogram"
     closing_radius_mm: float = 1.2
     alpha: float = 5e-4

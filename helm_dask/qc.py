@@ -58,7 +58,17 @@ import numpy as np
 from .errors import HelmError
 from .io.location import sibling, write_text_atomic
 from .io.store import is_complete, open_volume, read_meta
-from .labels import COLOURS, FORNIX, FORNIX_NAME, HYPOTHALAMUS, cluster_colour, label_counts
+from .labels import (
+    COLOURS,
+    FORNIX,
+    FORNIX_NAME,
+    HYPOTHALAMUS,
+    RIGHT_OFFSET,
+    SHORT_NAMES,
+    SIDE_CODES,
+    cluster_colour,
+    label_counts,
+)
 from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, world_to_voxel
 
 __all__ = ["write_qc_report", "choose_level", "label_volumes_mm3", "hypothalamus_box"]
@@ -82,19 +92,7 @@ PRODUCER = {
     "run.json": ("", ""),
 }
 
-_SHORT = {
-    801: "L anterior-inferior",
-    802: "L anterior-superior",
-    803: "L posterior",
-    804: "L tuberal-inferior",
-    805: "L tuberal-superior",
-    806: "R anterior-inferior",
-    807: "R anterior-superior",
-    808: "R posterior",
-    809: "R tuberal-inferior",
-    810: "R tuberal-superior",
-    FORNIX: "fornix",
-}
+_SHORT = SHORT_NAMES
 _LABEL_CODES = tuple(sorted(_SHORT))
 _PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}
 _PANEL_AXES = {2: (0, 1), 1: (0, 2), 0: (1, 2)}  # plane normal -> (horizontal, vertical) voxel axes
@@ -179,7 +177,8 @@ def _nonzero(d: da.Array) -> da.Array:
 
 
 def _left_hypothalamus(d: da.Array) -> da.Array:
-    return (d >= 801) & (d <= 805)
+    left = SIDE_CODES["L"]
+    return (d >= min(left)) & (d <= max(left))
 
 
 def hypothalamus_box(
@@ -479,8 +478,8 @@ def _label_legend(
     codes: list[int], k: int = 0, clusters: str | None = None, *, both_sides: bool = False
 ) -> list[tuple[str, Any]]:
     def text(c):
-        if both_sides and 801 <= c <= 805:
-            return f"{_SHORT[c][2:]} ({c} L / {c + 5} R)"
+        if both_sides and c in SIDE_CODES["L"]:
+            return f"{_SHORT[c][2:]} ({c} L / {c + RIGHT_OFFSET} R)"
         return f"{c} {_SHORT[c]}"
 
     items = [(text(c), tuple(x / 255 for x in COLOURS[c][:3])) for c in codes if c in COLOURS]
@@ -843,7 +842,7 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
                 f"Row {len(rows)}: the labels the merge put over the k-means map (manual "
                 "hypothalamus labels and fornix after the closing) in their FreeSurfer colours."
             )
-            legend = _label_legend(list(range(801, 806)) + [FORNIX]) + legend
+            legend = _label_legend([*SIDE_CODES["L"], FORNIX]) + legend
         fig = _slice_figure(rows, frame, point, legend=legend or None)
         add_figure(
             "segmentation",
@@ -887,7 +886,7 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
             hyp["centroid_mm"],
             crop_mm=crop_mm,
             crosshair=False,
-            legend=_label_legend(list(range(801, 806)) + [FORNIX]),
+            legend=_label_legend([*SIDE_CODES["L"], FORNIX]),
         )
         what = "after the closing (merge stage)" if lab_name == "closed_labels" else "as drawn (resampled)"
         add_figure(
@@ -913,7 +912,7 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
             frame,
             point,
             mirror_line=True,
-            legend=_label_legend(list(range(801, 806)) + [FORNIX], k, "lut", both_sides=True)
+            legend=_label_legend([*SIDE_CODES["L"], FORNIX], k, "lut", both_sides=True)
             + [("mirror plane x = 0", ("line", _MIRROR_COLOUR, "--"))],
         )
         tr = (tr_json or {}).get("transform", {})

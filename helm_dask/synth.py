@@ -74,6 +74,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import HelmError
+from .labels import HYPOTHALAMUS
 from .volume import affine_of, make_volume, provenance_record, spacing_of
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ __all__ = [
 ]
 
 #: FreeSurfer hypothalamic subunit codes (both sides): the default crop centre is their centroid.
-HYPOTHALAMUS_CODES = tuple(range(801, 811))
+HYPOTHALAMUS_CODES = tuple(HYPOTHALAMUS)
 #: The hypothalamus centroid is found at the coarsest pyramid level with voxels no larger than this (mm):
 #: ~700 mm3 of hypothalamus is still > 1000 voxels there, and the pass reads a few MB instead of gigabytes.
 CENTROID_SPACING_MM = 1.0
