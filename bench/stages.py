@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import append_row, measured
 
 from helm_dask.cluster import ClusterOptions, compute_context
+from helm_dask.labels import DEFAULT_KS
+from helm_dask.registry import STAGES, expand
 
 
 def _store(run: Path, name: str) -> Path:
@@ -304,18 +306,10 @@ def export(args) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-#: what each stage of ``run`` reads and writes (store names in the subject's helm.zarr)
-_STAGE_IO = {
-    "background": (["scan_raw"], ["mask_ras"]),
-    "resample": (["scan_raw", "mask_ras", "labels_raw"], ["image_ws", "mask", "hypothalamus"]),
-    "bias": (["image_ws", "mask"], ["bias", "preprocessed"]),
-    "kmeans": (["preprocessed", "mask"], [f"kmeans_k{k}" for k in range(4, 10)]),
-    "merge": (
-        [f"kmeans_k{k}" for k in range(4, 10)] + ["hypothalamus"],
-        [f"hemi_k{k}" for k in range(4, 10)] + ["closed_labels"],
-    ),
-    "mirror": ([f"hemi_k{k}" for k in range(4, 10)], [f"label_map_k{k}" for k in range(4, 10)]),
-}
+# What each stage reads and writes comes from the stage registry. The bound counts the stores a stage reads in
+# full (``Stage.reads``) and every store it writes, at the default k = 4..9: the definition the stage / bound
+# ratios have been measured with (``Stage.also_reads`` -- the mirror's mask and labels -- is left out of it).
+_STAGE_IO = {s.name: (expand(s.reads, DEFAULT_KS), s.outputs(DEFAULT_KS)) for s in STAGES if s.reads}
 
 
 def bound(args) -> None:

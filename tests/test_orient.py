@@ -412,7 +412,7 @@ class _StubSubject:
 
 def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
     from helm_dask.orient import SIDE_MIN_STRENGTH, require_clear_side
-    from helm_dask.pipeline import _decide_side
+    from helm_dask.pipeline.inputs import decide_side as _decide_side
 
     _, mask, lab = hemisphere("L")
     strong = detect_side(vol_of(mask, SUBJECT_AFFINE, kind="mask"), vol_of(lab, SUBJECT_AFFINE, kind="labels"))[1]

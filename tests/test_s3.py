@@ -409,8 +409,8 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     before = etags()
     time.sleep(1.1)  # LastModified has a resolution of a second: a rewrite of the same bytes shows
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "save_nifti", no_write)
-        m.setattr(pipeline, "nifti_to_zarr", no_write)
+        m.setattr(pipeline.subject, "save_nifti", no_write)
+        m.setattr(pipeline.steps, "nifti_to_zarr", no_write)
         m.setattr(store, "save_volumes", no_write)
         cli(*S3_RUN, *s3.opt)
     run = json.loads(cat(s3, "out/scan/run.json"))

@@ -1,0 +1,135 @@
+"""The run's inputs beyond the scan: the manual labels on the scan's grid, the user's ``--mask``, the side of the
+hemisphere, and the metadata that lets a rerun recognise an unchanged input."""
+
+from __future__ import annotations
+
+import sys
+
+import dask.array as da
+import numpy as np
+
+from ..errors import HelmError
+from ..io import location
+from ..io.convert import nifti_to_zarr, read_header
+from ..io.store import open_group
+from ..orient import check_same_grid, check_side, detect_side, require_clear_side, to_ras
+from ..resample import resample_to_grid
+from ..volume import affine_of, like, make_volume, orientation_code, provenance_record, spacing_of
+from .params import RunParams
+from .subject import Subject
+
+
+def update_meta(path: str, extra: dict, storage_options: dict | None = None) -> None:
+    g = open_group(path, "r+", storage_options)
+    meta = dict(g.attrs["helm_dask"])
+    meta.update(extra)
+    g.attrs["helm_dask"] = meta
+
+
+def external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
+    """The ``--mask`` file, checked and imported, as a lazy 0/1 uint8 mask on the RAS+ scan grid.
+
+    Checks: 3-D and on the scan's grid (the header, before anything is streamed), finite values, not empty. The
+    file is streamed into ``helm.zarr/mask_raw`` like the scan (bounded memory; kept, with the stage key, so a
+    run killed during the stage does not import it again), then reoriented exactly like the scan (any non-zero
+    value = brain).
+    """
+    src, so = subj.p.mask, subj.so
+    fix = (
+        "give a mask on the scan's voxel grid (e.g. SAMSEG's segmentation of this scan; any non-zero value is "
+        "brain), or drop --mask to compute one"
+    )
+    if not subj.volume_ok("mask_raw", key):
+        info = read_header(src, storage_options=so)
+        if len(info.shape) != 3:
+            raise HelmError(f"the brain mask is {len(info.shape)}-D (shape {info.shape}), not 3-D", path=src, hint=fix)
+        header_only = make_volume(da.zeros(info.shape, dtype=np.uint8, chunks=info.shape), info.affine, kind="mask")
+        try:
+            check_same_grid(scan_raw, header_only, path=src)
+        except HelmError as e:  # its message speaks of labels and its hint of --resample-labels
+            raise HelmError(
+                e.message.replace("the labels", "the brain mask"),
+                path=src,
+                hint="resample the mask onto the scan first (nearest neighbour, e.g. mri_vol2vol "
+                "--regheader --interp nearest), or drop --mask to compute one",
+            ) from None
+        # NaN/inf are zeroed on import and counted: refused here with a message about the mask, not the scan
+        out = nifti_to_zarr(
+            src,
+            subj.vpath("mask_raw"),
+            chunks=subj.p.chunks,
+            kind="labels",
+            nonfinite="zero",
+            pyramid=False,
+            overwrite=True,
+            quiet=subj.quiet,
+            storage_options=so,
+        )
+        if out["nonfinite"]:
+            location.remove_quietly(subj.vpath("mask_raw"), so)
+            raise HelmError(f"the brain mask has {out['nonfinite']:,} NaN or infinite voxels", path=src, hint=fix)
+        update_meta(
+            subj.vpath("mask_raw"),
+            {
+                "stage_key": key,
+                "stage": "background",
+                "input_stamp": {
+                    "stamp": location.stamp(src, so),
+                    "sha256": out["sha256"],
+                    "path": location.absolute(src),
+                },
+            },
+            so,
+        )
+    raw = subj.open("mask_raw")
+    n = int(da.count_nonzero(raw.data).compute())
+    if n == 0:
+        raise HelmError("the brain mask is empty (every voxel is 0)", path=src, hint=fix)
+    ras = to_ras(raw)
+    # The grids agree within check_same_grid's tolerance (1e-4 mm); the mask takes the scan's exact affine so that
+    # it sits on the scan like a computed mask would (apply_mask and the resampling compare affines exactly).
+    mask = like(
+        ras,
+        (ras.data != 0).astype(np.uint8),
+        affine=affine_of(scan_ras),
+        kind="mask",
+        name="brain_mask",
+        step=provenance_record(
+            "background", {"method": "external", "nonzero_is_brain": True}, {location.absolute(src): sha}
+        ),
+    )
+    mask.attrs["background"] = {
+        "method": "external",
+        "path": location.absolute(src),
+        "sha256": sha,
+        "orientation_in": orientation_code(affine_of(raw)),
+        "voxels": n,
+        "mm3": n * float(np.prod(spacing_of(affine_of(raw)))),
+    }
+    return mask
+
+
+def labels_on_scan_grid(labels, scan, params: RunParams):
+    if params.resample_labels:
+        try:
+            check_same_grid(scan, labels, path=params.hypothalamus)
+        except HelmError:
+            return resample_to_grid(labels, scan.shape, affine_of(scan), order=0)
+        return labels
+    check_same_grid(scan, labels, path=params.hypothalamus)
+    return labels
+
+
+def decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, dict]:
+    detected, info = detect_side(mask_ras, labels_ras)
+    if given == "auto":
+        # a weak decision would be a guess (orient.SIDE_MIN_STRENGTH): refuse it rather than mirror wrongly;
+        # an explicit --side is trusted (a disagreement is only warned about, below)
+        require_clear_side(info, path=subj.p.hypothalamus)
+        subj.log(f"side: auto -> {detected} ({info.get('reason', '')})")
+        return detected, info
+    warn = check_side(given, info)
+    if warn:
+        subj.log(f"WARNING: {warn}")
+        print(f"helm-dask: warning: {warn}", file=sys.stderr)
+    return given, info

@@ -1,0 +1,198 @@
+"""One subject's output folder with the bookkeeping that makes stages resumable: stage keys, up-to-date checks,
+atomic volume and JSON writes, NIfTI exports that carry their key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import HelmError
+from ..io import location
+from ..io import store as io_store
+from ..io.convert import save_nifti
+from ..io.nifti import file_sha256, read_nifti_provenance
+from ..io.store import open_volume, read_meta, save_volume
+from ..layout import SubjectLayout
+from ..registry import STAGE_VERSIONS
+from ..volume import like, provenance_record
+from .params import RunParams
+
+
+def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
+    """Hash of what makes a stage's output: its parameters, its algorithm version
+    (:data:`helm_dask.registry.STAGE_VERSIONS`), the package version and the keys of the stages it reads.
+
+    Parameters
+    ----------
+    stage : str
+        The stage's name.
+    params : dict
+        Its parameters (JSON-serialisable; other values by ``str``).
+    upstream : dict
+        Stage name -> key of every stage whose stores it reads.
+
+    Returns
+    -------
+    str
+        20 hexadecimal digits.
+
+    Examples
+    --------
+    >>> len(stage_key("bias", {"method": "dct-mixture"}, {"resample": "0" * 20}))
+    20
+    """
+    blob = json.dumps(
+        {
+            "stage": stage,
+            "params": params,
+            "upstream": upstream,
+            "version": __version__,
+            "stage_version": STAGE_VERSIONS[stage],
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def json_default(o: Any) -> Any:
+    """JSON for NumPy arrays and scalars (lists and Python numbers); anything else as its ``str``."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def fingerprint_input(
+    path: str, cache: dict | None, storage_options: dict | None = None, *, verify: bool = False
+) -> str:
+    """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged, unless
+    ``verify`` (``--verify-inputs``: a file replaced by another of the same size and mtime is then noticed)."""
+    stamp = location.stamp(path, storage_options)
+    if not verify and cache and cache.get("stamp") == stamp and cache.get("sha256"):
+        return cache["sha256"]
+    return file_sha256(path, storage_options=storage_options)
+
+
+class Subject:
+    """One subject's output folder and store, with the bookkeeping that makes stages resumable."""
+
+    def __init__(self, params: RunParams, *, quiet: bool = False, log: Callable[[str], None] | None = None):
+        self.p = params
+        self.name = params.subject_name()
+        self.so = params.storage_options
+        self.layout = SubjectLayout(params.out, self.name)
+        self.dir = self.layout.dir
+        self.store = self.layout.store
+        self.quiet = quiet
+        self._log = log
+        self.keys: dict[str, str] = {}
+        self.info: dict[str, Any] = {"subject": self.name, "stages": {}}
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        elif not self.quiet:
+            print(f"[{self.name}] {msg}", flush=True)
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def path(self, filename: str) -> str:
+        """A file in the subject folder (a path or a URL)."""
+        return self.layout.file(filename)
+
+    def vpath(self, name: str) -> str:
+        return self.layout.volume(name)
+
+    def open(self, name: str):
+        return open_volume(self.vpath(name), storage_options=self.so)
+
+    def volume_ok(self, name: str, key: str) -> bool:
+        try:  # read_meta refuses missing and unfinished volumes
+            return read_meta(self.vpath(name), storage_options=self.so).get("stage_key") == key
+        except HelmError:
+            return False
+
+    def read_json(self, path: str) -> dict:
+        return json.loads(location.read_text(path, self.so))
+
+    def json_ok(self, path: str, key: str) -> bool:
+        try:
+            return self.read_json(path).get("stage_key") == key
+        except (OSError, ValueError, HelmError):
+            return False
+
+    def nifti_ok(self, path: str, key: str) -> bool:
+        if not location.exists(path, self.so):
+            return False
+        try:
+            prov = read_nifti_provenance(path, storage_options=self.so)
+        except HelmError:
+            return False
+        return bool(prov) and prov.get("stage_key") == key
+
+    def save(self, name: str, vol, key: str, stage: str, params: dict, batch_chunks: int | None = None) -> Any:
+        """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
+        location.makedirs(self.store, self.so)
+        vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
+        save_volume(
+            vol,
+            self.vpath(name),
+            chunks=self.p.chunks,
+            overwrite=True,
+            extra={"stage_key": key, "stage": stage},
+            storage_options=self.so,
+            batch_chunks=batch_chunks,
+        )
+        return self.open(name)
+
+    def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
+        """Write several volumes from one shared Dask computation (inputs read once); skip those already done."""
+        location.makedirs(self.store, self.so)
+        todo = {
+            self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
+            for n, v in vols.items()
+            if not self.volume_ok(n, key)
+        }
+        if todo:
+            io_store.save_volumes(
+                todo,
+                chunks=self.p.chunks,
+                overwrite=True,
+                extra={"stage_key": key, "stage": stage},
+                storage_options=self.so,
+            )
+        return {n: self.open(n) for n in vols}
+
+    def write_json(self, path: str, payload: dict, key: str) -> None:
+        payload = dict(payload, stage_key=key, version=__version__)
+        location.write_text_atomic(path, json.dumps(payload, indent=2, default=json_default), self.so)
+
+    def export(self, vol, filename: str, key: str, *, dtype=None) -> str:
+        """NIfTI export of a stored volume, skipped when the file already carries this key (or with --no-nifti)."""
+        path = self.path(filename)
+        if not self.p.nifti or self.nifti_ok(path, key):
+            return path
+        prov = {
+            "stage_key": key,
+            "subject": self.name,
+            "version": __version__,
+            "provenance": vol.attrs.get("provenance", []),
+            "inputs": self.input_checksums(),
+        }
+        self.log(f"export {filename}: writing")
+        t0 = time.perf_counter()
+        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True, storage_options=self.so)
+        self.log(f"export {filename}: written in {time.perf_counter() - t0:.1f}s")
+        return path
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def input_checksums(self) -> dict[str, str]:
+        return dict(self.info.get("inputs", {}))
