@@ -113,7 +113,7 @@ def _strip(obj):
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in sorted(obj.items()) if k not in VOLATILE}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj if not (isinstance(v, list) and v and v[0] in VOLATILE_FACTS)]
+        return [_strip(v) for v in obj if not (isinstance(v, list) and v and str(v[0]) in VOLATILE_FACTS)]
     return obj
 
 
