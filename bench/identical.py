@@ -36,6 +36,7 @@ CASES = {
 
 # JSON keys whose values legitimately change between two runs of the same code or between code versions.
 VOLATILE = {
+    "stage_key",
     "seconds",
     "wall_s",
     "elapsed_s",
