@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .layout import RECORDS
-
 __all__ = [
     "STAGES",
     "STAGE_NAMES",
@@ -65,7 +63,7 @@ class Stage:
     writes : tuple of str
         Stores it writes (``{k}``: one per number of clusters).
     records : tuple of str
-        JSON records it writes (:data:`helm_dask.layout.RECORDS` keys).
+        JSON records it writes in the subject folder (file names).
     exports : tuple of Export
         NIfTI files written from its stores after it (skipped with ``--no-nifti``).
     options : tuple of str
@@ -128,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
         "preprocess",
         reads=("image_ws", "mask"),
         writes=("bias", "preprocessed"),
-        records=("bias_model",),
+        records=("bias_model.json",),
         exports=(
             Export("preprocessed", "float32"),
             Export("mask", "uint8"),
@@ -143,7 +141,7 @@ STAGES: tuple[Stage, ...] = (
         "kmeans",
         reads=("preprocessed", "mask"),
         writes=("kmeans_k{k}",),
-        records=("kmeans",),
+        records=("kmeans.json",),
         exports=(Export("kmeans_k{k}", "uint8"),),
         options=("ks", "kmeans_method", "seed"),
         summary="k-means of the brain's intensities for every k, clusters numbered by increasing intensity",
@@ -165,7 +163,7 @@ STAGES: tuple[Stage, ...] = (
         reads=("hemi_k{k}",),
         also_reads=("mask", "hypothalamus"),
         writes=("label_map_k{k}",),
-        records=("transform",),
+        records=("transform.json",),
         exports=(Export("label_map_k{k}", "uint16"),),
         options=("alpha", "margin_mm", "seed"),
         summary="the mid-sagittal plane fitted on the mask; every hemisphere map mirrored into a whole brain",
@@ -211,6 +209,6 @@ def producer_of(name: str) -> Stage | None:
                 return s
             if "{k}" in w and name == head.removesuffix("_k"):
                 return s  # the family name QC uses ("hemi", "kmeans", "label_map")
-        if any(RECORDS[r] == name for r in s.records):
+        if name in s.records:
             return s
     return None

@@ -26,7 +26,7 @@ def test_every_stage_has_its_code_and_every_store_one_producer():
             written[name] = s.name
             assert producer_of(name) is s
         for r in s.records:
-            assert r in RECORDS and producer_of(RECORDS[r]) is s
+            assert r in RECORDS.values() and producer_of(r) is s
     # every store a stage reads was written by an earlier stage
     for i, s in enumerate(STAGES):
         for name in s.inputs(ks):
@@ -58,7 +58,7 @@ def test_architecture_page_shows_the_registry():
     ]
     for s in STAGES:
         reads = codes(s.reads) + (f" (+ {codes(s.also_reads)})" if s.also_reads else "")
-        records = codes(RECORDS[r] for r in s.records)
+        records = codes(s.records)
         exports = codes(f"{e.store}.nii.gz" for e in s.exports)
         rows.append(
             f"| {s.name} | {s.version} | {s.until} | {reads} | {codes(s.writes)} | {records} | {exports} "
@@ -85,3 +85,13 @@ def _long_functions(folder: Path) -> list[str]:
 @pytest.mark.parametrize("folder", ["helm_dask", "bench"])
 def test_no_function_over_100_lines(folder):
     assert _long_functions(ROOT / folder) == []
+
+
+def test_the_cli_offers_the_registry_s_until_values_and_the_mask_method_s_fluids():
+    from helm_dask.background import FLUID_CHOICES
+    from helm_dask.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    actions = {a.dest: a for a in run._actions}
+    assert actions["until"].choices == list(UNTIL) and actions["until"].default == STAGES[-1].until
+    assert tuple(actions["fluid"].choices) == FLUID_CHOICES

@@ -15,12 +15,12 @@ import pytest
 import scipy.ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from helm_dask.cli.synth import add_synth_parser
 from helm_dask.errors import HelmError
 from helm_dask.synth import (
     LabelSource,
     SampleParams,
     SynthConfig,
-    add_synth_parser,
     gather_tasks,
     generate_sample,
     iter_samples,
@@ -467,7 +467,7 @@ def test_write_samples_from_nifti_and_the_cli(tmp_path):
             "0",
         ]
     )
-    from helm_dask.synth import config_from_args
+    from helm_dask.cli.synth import config_from_args
 
     c = config_from_args(args)
     assert (c.affine, c.deformation, c.bias, c.gamma, c.acquisition, c.center, c.level) == (

@@ -48,8 +48,8 @@ class Run:
     def ks(self) -> list[int]:
         return [int(k) for k in self.p.ks]
 
-    def record_path(self, which: str) -> str:
-        return self.subj.layout.record(which)
+    def record_path(self, filename: str) -> str:
+        return self.subj.layout.file(filename)
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _bias_params(run: Run) -> dict:
 def _bias(run: Run, key: str) -> dict:
     subj, image_ws, mask_ws = run.subj, run.vols["image_ws"], run.vols["mask"]
     model = estimate_bias(image_ws, mask_ws)
-    subj.write_json(run.record_path("bias_model"), {"model": model.to_dict()}, key)
+    subj.write_json(run.record_path("bias_model.json"), {"model": model.to_dict()}, key)
     field_v = bias_field(model, image_ws, keep_bits=_BIAS_FIELD_BITS)
     corrected = correct_bias(image_ws, model, mask=mask_ws)
     params = run.params_of("bias")
@@ -258,7 +258,7 @@ def _kmeans_params(run: Run) -> dict:
 
 def _kmeans(run: Run, key: str) -> dict:
     p, subj = run.p, run.subj
-    pre, mask_ws, km_json = run.vols["preprocessed"], run.vols["mask"], run.record_path("kmeans")
+    pre, mask_ws, km_json = run.vols["preprocessed"], run.vols["mask"], run.record_path("kmeans.json")
     if subj.json_ok(km_json, key):  # resume: the fit is done, only maps are missing
         results = {int(k): kmeans_mod.KMeansResult.from_dict(d) for k, d in subj.read_json(km_json)["results"].items()}
     else:
@@ -270,7 +270,7 @@ def _kmeans(run: Run, key: str) -> dict:
 
 def _after_kmeans(run: Run) -> None:
     subj = run.subj
-    subj.info["kmeans"] = subj.read_json(run.record_path("kmeans"))["results"]
+    subj.info["kmeans"] = subj.read_json(run.record_path("kmeans.json"))["results"]
     n_mask = next(iter(subj.info["kmeans"].values())).get("n_voxels")
     if n_mask is not None:
         subj.info["mask_mm3"] = float(n_mask) * float(np.prod(spacing_of(affine_of(run.vols["mask"]))))
@@ -321,7 +321,7 @@ def _mirror_params(run: Run) -> dict:
 
 
 def _mirror(run: Run, key: str) -> dict:
-    p, subj, tr_json = run.p, run.subj, run.record_path("transform")
+    p, subj, tr_json = run.p, run.subj, run.record_path("transform.json")
     doc = subj.read_json(tr_json) if subj.json_ok(tr_json, key) else None
     if doc is None:
         transform = fit_mirror(run.vols["mask"], alpha=p.alpha, seed=p.seed)
@@ -339,7 +339,7 @@ def _mirror(run: Run, key: str) -> dict:
 
 
 def _after_mirror(run: Run) -> None:
-    tr_doc = run.subj.read_json(run.record_path("transform"))
+    tr_doc = run.subj.read_json(run.record_path("transform.json"))
     run.subj.info["transform"] = tr_doc["transform"]
     run.subj.info["mirror_check"] = tr_doc.get("mirror_check")
 

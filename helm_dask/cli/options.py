@@ -1,0 +1,181 @@
+"""What every ``helm-dask`` command shares: the exit statuses, the argument types, the compute and storage
+option groups and the parser class with one-line usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from typing import Any, TypeAlias
+
+from ..cluster import ClusterOptions
+
+#: The sub-command table ``build_parser`` fills (``add_subparsers``' result); each command group adds its own.
+#: A string: argparse's action class is generic only in the type stubs.
+Subparsers: TypeAlias = "argparse._SubParsersAction[Any]"
+
+#: Exit statuses of every command (also in README.md and ``--help``).
+EXIT_CODES = (
+    (0, "success (a batch: every subject finished)"),
+    (1, "internal error: a bug, please report it (--debug shows the traceback)"),
+    (
+        2,
+        "bad input: a missing, unreadable or invalid file, option or manifest, or an unreachable cluster; the "
+        "one-line message names the file or flag and the fix",
+    ),
+    (
+        3,
+        "the output cannot be written: it exists (without --overwrite), --out is or lies under a file, a "
+        "read-only file system, no permission, a full disk; nothing half-written is kept",
+    ),
+    (4, "a batch (manifest) run where some subjects failed; the others finished (see the summary)"),
+    (130, "interrupted (Ctrl-C): the workers are stopped, unfinished outputs removed; rerun to resume"),
+    (141, "the reader of the output went away (e.g. `helm-dask info ... | head`)"),
+    (143, "terminated (SIGTERM, e.g. a batch system's time limit): as for 130"),
+)
+EXIT_EPILOG = "exit status:\n" + "\n".join(
+    textwrap.fill(text, 100, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7) for code, text in EXIT_CODES
+)
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _spacing(text: str):
+    if text == "native":
+        return "native"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"spacing must be a number of mm or 'native', got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"spacing must be a finite, positive number of mm, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _number(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    v = _number(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _memory_limit(text: str) -> str:
+    from ..cluster import parse_memory_limit
+
+    try:
+        return parse_memory_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _chunks(text: str):
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunks are integers like 128 or 128,128,64; got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"chunks are 1 or 3 positive integers; got {text!r}")
+    return tuple(parts)
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "compute",
+        "Default: a LocalCluster of worker processes on this machine. TLS: --tls-ca/--tls-cert/--tls-key "
+        "(mutual TLS; also used by that LocalCluster), or without flags a Dask config file "
+        "(distributed.comm.tls.* and distributed.comm.require-encryption; DASK_CONFIG=FILE).",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="join a running Dask cluster (tcp://HOST:PORT, tls://HOST:PORT or a scheduler JSON file); "
+        "'threads' or 'synchronous' compute in this process",
+    )
+    g.add_argument("--workers", type=_positive_int, metavar="N", help="LocalCluster worker processes (default: 2)")
+    g.add_argument("--threads-per-worker", type=_positive_int, metavar="N", help="threads per worker (default: 1)")
+    g.add_argument(
+        "--memory-limit",
+        type=_memory_limit,
+        metavar="SIZE",
+        help="memory limit per worker, e.g. 4GB, at least 512MiB (default: auto)",
+    )
+    g.add_argument(
+        "--dashboard-address",
+        default="127.0.0.1:0",
+        help="where the LocalCluster dashboard listens (default: localhost, random port)",
+    )
+    g.add_argument(
+        "--tls-ca", metavar="FILE", help="TLS: PEM certificate of the CA that signed the cluster's certificates"
+    )
+    g.add_argument(
+        "--tls-cert", metavar="FILE", help="TLS: PEM certificate this client (and its LocalCluster) presents"
+    )
+    g.add_argument("--tls-key", metavar="FILE", help="TLS: PEM private key of --tls-cert")
+
+
+def _cluster_opts(args) -> ClusterOptions:
+    return ClusterOptions.from_args(args)
+
+
+def _say(args, *msg) -> None:
+    if not getattr(args, "quiet", False):
+        print(*msg, flush=True)
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options for s3://... (or other URL) inputs and outputs, as a JSON object or @FILE.json, "
+        'e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server; '
+        "credentials otherwise come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        "AWS_ENDPOINT_URL or FSSPEC_S3_* variables",
+    )
+
+
+def _storage_options(args) -> dict | None:
+    from ..io.location import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the usage is one ``--help`` away), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
