@@ -1,47 +1,9 @@
-"""Stage 6 -- merging the manual hypothalamus labels: an exact spherical closing in mm, chunk by chunk.
-
-HELM closes the union of the manual labels with a sphere of radius 1.2 mm (4 voxels at 0.3 mm, 12 at 0.1 mm)
-"to refine the delineation of the fornix and eliminate false-positive voxels in the third-ventricle area",
-gives every voxel the closing adds the nearest manual label, and lets the manual labels override the k-means
-clusters. The closing does not depend on k: compute it once per subject and merge it into every k-means map.
-
-The structuring element (:func:`ball`) is the set of integer voxel offsets ``d`` with
-
-    (d_0 s_0)**2 + (d_1 s_1)**2 + (d_2 s_2)**2  <=  r**2 * (1 + 1e-9)
-
-(``s`` the voxel size in mm, ``r`` the radius in mm; ``<=``, so voxels exactly on the sphere belong to it; the
-relative epsilon ``1e-9`` makes "exactly on the sphere" robust to floating-point rounding, e.g. ``4 * 0.3``
-is ``1.2000000000000002``). Its half extent along axis ``i`` is ``h_i = max{n : (n s_i)**2 <= r**2 (1+1e-9)}``.
-
-Exact Euclidean formulation (cost independent of the radius). With ``q(x, S)`` the smallest squared distance
-in mm from voxel ``x`` to a voxel of the set ``S`` (recomputed, with the same formula and epsilon as the ball,
-from the nearest-voxel indices of ``scipy.ndimage.distance_transform_edt(..., sampling=s)``):
-
-* dilation   ``D = M (+) B = {x : q(x, M) <= r**2 (1+1e-9)}``,
-* erosion    ``D (-) B = {x : q(x, not D) > r**2 (1+1e-9)}``,
-* closing    ``C = (M (+) B) (-) B``,
-
-which equals ``scipy.ndimage.binary_closing(M, B)`` set for set, whatever the radius.
-
-Boundary: the closing is that of the volume *padded with background on every side, as far as needed*,
-restricted to the volume -- i.e. ``binary_closing(np.pad(M, h), B)[h:-h, ...]`` (padding by ``h`` is enough:
-the dilation reaches at most ``h`` voxels out, and the erosion then sees every voxel it needs). So a label
-touching the volume border is neither eroded from the border nor glued to it.
-
-Chunking: a voxel of the closing depends on ``M`` within ``2 h`` voxels per axis (``h`` for the dilation, ``h``
-more for the erosion), so each chunk is processed with exactly ``depth = 2 h`` voxels of overlap per side
-(:func:`closing_depth`; 24 voxels per side at 0.1 mm and 1.2 mm, 8 at 0.3 mm). Voxels the closing adds are
-within ``r`` of a manual label, so their nearest label is inside the same overlapped block. Each chunk is one
-task that reads its box plus the depth (zeros beyond the volume; any chunk size) and returns the chunk, on the
-input's chunks. Within a block all the work is restricted to the bounding box of its labels (plus ``2 h``):
-blocks without any label (almost all blocks of a 0.1 mm hemisphere) cost one ``any()``.
-
-Ties: an added voxel takes the code whose nearest voxel is closest; codes whose squared distance is within a
-relative ``1e-9`` of the smallest count as tied and the smallest code wins. Distances are recomputed per code,
-so the choice does not depend on the chunking (nor on the scan order of the distance transform).
-
-All functions are lazy; memory per task is bounded by the (overlapped) chunk: about 30 bytes per voxel of the
-labelled part of a block (distance-transform indices and squared distances).
+"""Stage 6 -- merging the manual hypothalamus labels into the k-means maps: :func:`close_labels` closes their
+union with a sphere in mm, exactly and chunk by chunk, and gives every voxel the closing adds the nearest manual
+label; :func:`merge_labels` lets those labels override the k-means clusters (the closing does not depend on k:
+compute it once per subject); :func:`binary_closing_mm`, :func:`ball` and :func:`closing_depth` are the
+building blocks. The method (structuring element, exact Euclidean closing, boundary, chunking, ties) is
+described in ``docs/method/merge.md``.
 
 Example
 -------
@@ -57,6 +19,7 @@ Example
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import dask.array as da
@@ -88,16 +51,18 @@ EPS = 1e-9
 
 
 def _spacing3(spacing_mm: Any) -> tuple[float, float, float]:
+    """Three positive voxel sizes (mm) from one number or three."""
     try:
         s = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
     except (ValueError, TypeError):
         raise HelmError(f"voxel spacing must be one number or three numbers in mm, got {spacing_mm!r}") from None
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise HelmError(f"voxel spacing must be positive and finite, got {s.tolist()} mm")
-    return tuple(float(v) for v in s)
+    return float(s[0]), float(s[1]), float(s[2])
 
 
 def _radius(radius_mm: Any) -> float:
+    """The closing radius as a float (mm), refusing negative or non-finite values."""
     try:
         r = float(radius_mm)
     except (TypeError, ValueError):
@@ -118,6 +83,17 @@ def _r2(radius_mm: float) -> float:
 def half_extent(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
     """Half size ``h`` of :func:`ball` along each axis: the largest ``n`` with ``(n s_i)**2 <= r**2 (1+EPS)``.
 
+    Parameters
+    ----------
+    radius_mm : float
+        Sphere radius (mm).
+    spacing_mm : float or 3 floats
+        Voxel size (mm).
+
+    Returns
+    -------
+    tuple of 3 ints
+
     Example
     -------
     >>> half_extent(1.2, 0.3), half_extent(1.2, (0.1, 0.12, 0.15))
@@ -132,27 +108,47 @@ def half_extent(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
         while n > 0 and (n * si) ** 2 > r2:
             n -= 1
         out.append(n)
-    return tuple(out)
+    return out[0], out[1], out[2]
 
 
 def closing_depth(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
-    """Overlap, in voxels per side and axis, that an exact chunked closing needs: ``2 h`` (see module doc).
+    """Overlap, in voxels per side and axis, that an exact chunked closing needs: ``2 h``.
+
+    A voxel of the closing depends on the set within ``h`` voxels for the dilation and ``h`` more for the
+    erosion (``docs/method/merge.md``).
+
+    Parameters
+    ----------
+    radius_mm : float
+        Sphere radius (mm).
+    spacing_mm : float or 3 floats
+        Voxel size (mm).
+
+    Returns
+    -------
+    tuple of 3 ints
+        ``2 h`` per axis (:func:`half_extent`).
 
     Example
     -------
     >>> closing_depth(1.2, 0.1), closing_depth(1.2, 0.3)
     ((24, 24, 24), (8, 8, 8))
     """
-    return tuple(2 * h for h in half_extent(radius_mm, spacing_mm))
+    h = half_extent(radius_mm, spacing_mm)
+    return 2 * h[0], 2 * h[1], 2 * h[2]
 
 
 def _sq_dist(offsets: list[np.ndarray], spacing: tuple[float, float, float]) -> np.ndarray:
     """``(d0 s0)**2 + (d1 s1)**2 + (d2 s2)**2`` in float64, always in this order (exactly the ball's formula)."""
-    q = None
-    for d, s in zip(offsets, spacing):
+
+    def term(d: np.ndarray, s: float) -> np.ndarray:
         t = d.astype(np.float64) * s
         t *= t
-        q = t if q is None else q + t
+        return t
+
+    q = term(offsets[0], spacing[0])
+    for d, s in zip(offsets[1:], spacing[1:]):
+        q = q + term(d, s)
     return q
 
 
@@ -162,6 +158,18 @@ def ball(radius_mm: float, spacing_mm: Any) -> np.ndarray:
     ``{d integer offset : sum_i (d_i * s_i)**2 <= radius_mm**2 * (1 + EPS)}``, centred, shape ``2 h + 1``
     (:func:`half_extent`); an ellipsoid in voxels when the spacing is anisotropic. ``<=``: voxels exactly on
     the sphere are included (the tiny relative ``EPS = 1e-9`` absorbs floating-point rounding).
+
+    Parameters
+    ----------
+    radius_mm : float
+        Sphere radius (mm).
+    spacing_mm : float or 3 floats
+        Voxel size (mm).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean array of shape ``2 h + 1`` per axis.
 
     Example
     -------
@@ -221,7 +229,10 @@ def _closing_np(mask: np.ndarray, spacing: tuple[float, float, float], r2: float
     return _nearest_sq(~dil, spacing) > r2
 
 
-def _closing_block(block: np.ndarray, *, spacing, half, r2) -> np.ndarray:
+def _closing_block(
+    block: np.ndarray, *, spacing: tuple[float, float, float], half: tuple[int, int, int], r2: float
+) -> np.ndarray:
+    """The closing of one overlapped block, restricted to the bounding box of its voxels (plus ``2 h``)."""
     mask = block != 0
     out = np.zeros(block.shape, dtype=bool)
     box = _bbox(mask, tuple(2 * h for h in half))
@@ -231,7 +242,15 @@ def _closing_block(block: np.ndarray, *, spacing, half, r2) -> np.ndarray:
     return out
 
 
-def _close_labels_block(block: np.ndarray, *, spacing, half, r2, codes) -> np.ndarray:
+def _close_labels_block(
+    block: np.ndarray,
+    *,
+    spacing: tuple[float, float, float],
+    half: tuple[int, int, int],
+    r2: float,
+    codes: np.ndarray | None,
+) -> np.ndarray:
+    """The closed labels of one overlapped block: manual voxels keep their code, added ones the nearest code."""
     lab = block if codes is None else np.where(np.isin(block, codes), block, 0)
     mask = lab != 0
     out = np.zeros(block.shape, dtype=np.uint16)
@@ -264,7 +283,7 @@ def _close_labels_block(block: np.ndarray, *, spacing, half, r2, codes) -> np.nd
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs) -> da.Array:
+def _overlap_apply(data: da.Array, func: Callable, depth: tuple[int, ...], dtype: Any, **kwargs: Any) -> da.Array:
     """``func`` on every chunk with ``depth`` voxels of context per side, background (0) beyond the volume.
 
     One task per chunk (:func:`helm_dask.io.regions.region_map`): it reads the chunk's box plus ``depth`` (a
@@ -273,7 +292,7 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
     per task is the box (``(chunk + 2 depth)^3``), whatever the volume's size.
     """
     if max(depth) == 0:
-        return data.map_blocks(func, dtype=dtype, **kwargs)
+        return da.map_blocks(func, data, dtype=dtype, **kwargs)  # what data.map_blocks calls
     shape = tuple(int(n) for n in data.shape)
 
     def plan(index, ranges):
@@ -285,12 +304,16 @@ def _overlap_apply(data: da.Array, func, depth: tuple[int, ...], dtype, **kwargs
     return region_map(_overlap_task, [data], data.chunks, plan, dtype, name="closing", cache=False)
 
 
-def _overlap_task(regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func, kwargs: dict) -> np.ndarray:
+def _overlap_task(
+    regions: list, ranges: tuple, lo: tuple, hi: tuple, depth: tuple, func: Callable, kwargs: dict
+) -> np.ndarray:
+    """One chunk: ``func`` on its box plus ``depth`` (zeros beyond the volume), cropped back to the chunk."""
     out = func(pad_halo(regions[0], ranges, lo, hi, depth, "constant"), **kwargs)
     return out[tuple(slice(d, d + b - a) for (a, b), d in zip(ranges, depth))]
 
 
 def _geometry(vol: Any, spacing_mm: Any) -> tuple[da.Array, tuple[float, float, float]]:
+    """The input's dask array and voxel size (from the affine of a volume, refusing sheared axes)."""
     if isinstance(vol, xr.DataArray):
         if vol.ndim != 3:
             raise HelmError(f"the closing needs a 3-D volume, got dims {vol.dims}")
@@ -327,9 +350,10 @@ def binary_closing_mm(mask: Any, radius_mm: float, *, spacing_mm: Any = None) ->
 
     Returns
     -------
-    A ``kind="mask"`` uint8 (0/1) volume for a volume input (same affine), else a lazy dask bool array.
-    Equal to ``scipy.ndimage.binary_closing(np.pad(m, h), ball(radius_mm, spacing))`` cropped back
-    (see the module doc), for any chunking.
+    xarray.DataArray or dask.array.Array
+        A ``kind="mask"`` uint8 (0/1) volume for a volume input (same affine), else a lazy dask bool array.
+        Equal to ``scipy.ndimage.binary_closing(np.pad(m, h), ball(radius_mm, spacing))`` cropped back
+        (``docs/method/merge.md``), for any chunking.
 
     Example
     -------
@@ -413,14 +437,24 @@ def close_labels(labels_vol: xr.DataArray, radius_mm: float = 1.2, *, codes: Any
 
 
 def _merge_block(km: np.ndarray, man: np.ndarray) -> np.ndarray:
+    """Manual codes where there are any, k-means clusters elsewhere."""
     return np.where(man != 0, man, km).astype(np.uint16)
 
 
 def merge_labels(kmeans_vol: xr.DataArray, closed_labels_vol: xr.DataArray) -> xr.DataArray:
     """Manual (closed) labels override the k-means clusters: ``closed if closed != 0 else kmeans`` (lazy).
 
-    Both volumes must be on the same grid (shape and affine); the result (uint16, ``kind="labels"``) is on the
-    k-means map's chunks and carries its attributes.
+    Parameters
+    ----------
+    kmeans_vol : xarray.DataArray
+        A k-means cluster map.
+    closed_labels_vol : xarray.DataArray
+        The closed manual labels (:func:`close_labels`) on the same grid (shape and affine).
+
+    Returns
+    -------
+    xarray.DataArray
+        uint16, ``kind="labels"``, on the k-means map's chunks and with its attributes.
 
     Example
     -------

@@ -245,8 +245,8 @@ def test_axis_aligned_ties_are_exact():
 def test_quantile_refinement_levels_give_the_same_answer(hemi, fitted, monkeypatch, nbins, max_collect):
     """Force the exact quantile through several histogram refinement levels (tiny bins budget)."""
     ref = fitted(2e-3, (17, 25, 20))
-    monkeypatch.setattr(mirror, "_NBINS", nbins)
-    monkeypatch.setattr(mirror, "_MAX_COLLECT", max_collect)
+    monkeypatch.setattr(mirror.quantile, "_NBINS", nbins)
+    monkeypatch.setattr(mirror.quantile, "_MAX_COLLECT", max_collect)
     tr = fit_mirror(as_volume(hemi["mask"], hemi["affine"], (17, 25, 20)), alpha=2e-3)
     np.testing.assert_array_equal(tr.matrix, ref.matrix)
     assert (tr.fraction_across, tr.gap_mm) == (ref.fraction_across, ref.gap_mm)

@@ -1,0 +1,301 @@
+"""The whole brain from a hemisphere (:func:`mirror_labels`): every label map resampled (nearest neighbour, as
+``scipy.ndimage.affine_transform(order=0)`` does) onto the whole-brain grid, the transformed hemisphere on
+x < 0 and its exact mirror image, with the right-hemisphere codes, on x > 0; lazy, one gather task per output
+chunk serving all the maps (see ``docs/method/mirror.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from ..errors import HelmError
+from ..io.regions import region_map
+from ..labels import RIGHT_CODES
+from ..volume import affine_of, like, provenance_record, spacing_of
+from .grid import whole_brain_grid
+from .passes import _as_dask
+from .transform import MirrorTransform
+
+__all__ = ["mirror_labels"]
+
+
+def _source_coords(g: np.ndarray, d: int, i: float, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Continuous source index along ``d`` of output voxels (i, j[:, None], k[None, :]), with the float
+    expression of ``scipy.ndimage.affine_transform``: ``((offset + m0 i) + m1 j) + m2 k``."""
+    return ((g[d, 3] + g[d, 0] * i) + (g[d, 1] * j)[:, None]) + (g[d, 2] * k)[None, :]
+
+
+def _gather_block(
+    regions: list, start: tuple[int, int, int], g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int], mode: str
+) -> np.ndarray:
+    """Nearest-neighbour gather of every map for one output block (all maps share the index computation)."""
+    (i0, i1), (j0, j1), (k0, k1) = ranges
+    regions = [np.asarray(r) for r in regions]
+    rshape = regions[0].shape
+    out = np.zeros((len(regions), i1 - i0, j1 - j0, k1 - k0), np.uint16)
+    j = np.arange(j0, j1, dtype=np.float64)
+    k = np.arange(k0, k1, dtype=np.float64)
+    flats = [r.reshape(-1) for r in regions]
+    for p, i in enumerate(range(i0, i1)):  # plane by plane: small temporaries
+        valid = np.ones((j1 - j0, k1 - k0), bool)
+        flat = np.zeros((j1 - j0, k1 - k0), np.int64)
+        for d in range(3):
+            c = _source_coords(g, d, float(i), j, k)
+            idx = np.floor(c + 0.5).astype(np.int64)
+            if mode == "constant":
+                valid &= (c >= 0) & (c <= src_shape[d] - 1)
+            else:
+                valid &= (idx >= 0) & (idx < src_shape[d])
+            loc = idx - start[d]
+            if np.any(valid & ((loc < 0) | (loc >= rshape[d]))):
+                raise RuntimeError("mirror_labels: source region too small (internal error)")
+            flat = flat * rshape[d] + np.clip(loc, 0, rshape[d] - 1)
+        if not valid.any():
+            continue
+        sel = flat[valid]
+        for mi, f in enumerate(flats):
+            vals = f[sel]
+            if vals.dtype.kind in "iu" and vals.size and (vals.min() < 0 or vals.max() > 65535):
+                raise HelmError(
+                    "a label map holds values outside 0..65535; cannot store it as uint16",
+                    hint="check the label map's codes",
+                )
+            out[mi, p][valid] = vals
+    return out
+
+
+def _right_codes_block(block: np.ndarray, codes: tuple) -> np.ndarray:
+    out = block.copy()
+    for left, right in codes:
+        out[block == left] = right  # masks from the unmodified input: no chaining
+    return out
+
+
+def _source_region(g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int]) -> tuple | None:
+    """Index box of the source voxels an output block can reach (its 8 corners, +-1 voxel), clipped."""
+    corners = np.array(
+        [[ranges[d][1] - 1 if (c >> d) & 1 else ranges[d][0] for d in range(3)] for c in range(8)], dtype=np.float64
+    )
+    src = corners @ g[:3, :3].T + g[:3, 3]
+    lo = np.floor(src.min(axis=0) + 0.5).astype(int) - 1
+    hi = np.floor(src.max(axis=0) + 0.5).astype(int) + 1
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, np.array(src_shape) - 1)
+    if np.any(lo > hi):
+        return None
+    return tuple(int(v) for v in lo), tuple(int(v) + 1 for v in hi)
+
+
+def _whole_brain_block(
+    regions: list,
+    lo: tuple,
+    g: np.ndarray,
+    parts: tuple,
+    ry: tuple,
+    rz: tuple,
+    src_shape: tuple[int, int, int],
+    mode: str,
+    codes: tuple,
+) -> np.ndarray:
+    """One whole-brain output chunk: its x < 0 part gathered directly, its x > 0 part gathered at the mirrored
+    x < 0 positions, reversed along x and with the right-hemisphere codes."""
+    width = sum(x1 - x0 for (x0, x1), _, _ in parts)
+    out = np.zeros((len(regions), width, ry[1] - ry[0], rz[1] - rz[0]), np.uint16)
+    for (x0, x1), at, mirrored in parts:
+        blk = _gather_block(regions, lo, g, ((x0, x1), ry, rz), src_shape, mode)
+        out[:, at : at + x1 - x0] = _right_codes_block(blk[:, ::-1], codes) if mirrored else blk
+    return out
+
+
+def _label_items(maps: Mapping[Any, xr.DataArray] | xr.DataArray) -> list[tuple[Any, xr.DataArray]]:
+    """``(key, map)`` pairs; the key of a single map is None."""
+    items: list[tuple[Any, xr.DataArray]]
+    if isinstance(maps, xr.DataArray):
+        items = [(None, maps)]
+    else:
+        items = list(dict(maps).items())
+    if not items:
+        raise HelmError("no label map given to mirror")
+    return items
+
+
+def _check_maps(items: list[tuple[Any, xr.DataArray]]) -> tuple[list[da.Array], np.ndarray]:
+    """The maps' dask arrays and their common affine; refuses non-integer maps and maps on other grids."""
+    first = items[0][1]
+    datas = []
+    src_aff = affine_of(first)
+    for name, v in items:
+        what = "the label map" if name is None else f"label map {name!r}"
+        d = _as_dask(v, what)
+        if d.dtype.kind not in "biu":
+            raise HelmError(
+                f"{what} has dtype {d.dtype}; label maps must hold integer codes", path=v.attrs.get("source") or None
+            )
+        if d.shape != first.shape or not np.allclose(affine_of(v), src_aff, rtol=0, atol=1e-6):
+            raise HelmError(
+                f"{what} is not on the same voxel grid as the first map (shape {d.shape} vs {first.shape})",
+                path=v.attrs.get("source") or None,
+                hint="mirror maps that share the hemisphere's grid",
+            )
+        datas.append(d)
+    return datas, src_aff
+
+
+def _output_grid(
+    grid: tuple[Sequence[int], np.ndarray] | None,
+    transform: MirrorTransform,
+    src_aff: np.ndarray,
+    spacing_mm: float | None,
+    margin_mm: float,
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of the output grid (the default whole-brain grid at the maps' spacing)."""
+    if grid is None:
+        sp = float(spacing_of(src_aff).min()) if spacing_mm is None else spacing_mm  # the maps' spacing
+        grid = whole_brain_grid(None, transform, spacing_mm=sp, margin_mm=margin_mm)
+    out_shape = tuple(int(s) for s in grid[0])
+    out_aff = np.asarray(grid[1], dtype=np.float64)
+    if out_shape[0] % 2:
+        raise HelmError(
+            f"the whole-brain grid must have an even number of x voxels, got {out_shape[0]}",
+            hint="build it with whole_brain_grid",
+        )
+    return out_shape, out_aff
+
+
+def _gather_maps(
+    datas: list[da.Array],
+    g: np.ndarray,
+    src_shape: tuple[int, int, int],
+    out_shape: tuple[int, ...],
+    chunks: int,
+    mode: str,
+    codes: tuple,
+) -> da.Array:
+    """The lazy ``(maps, x, y, z)`` uint16 array of every map on the output grid, one task per output chunk.
+
+    Each task reads from each map only the bounded box it reaches (one graph layer: store-backed maps are
+    read box by box inside the task, others pasted from their chunks; a chunk far from the source reads
+    nothing). Output x on the right half is the mirror of ``x' = nx - 1 - x`` on the left: the task gathers
+    there itself, so no task waits on another, and the output chunks are the store's (nothing to rechunk).
+    """
+    size = int(chunks)
+    nx, half = out_shape[0], out_shape[0] // 2
+    xch, ych, zch = (da.core.normalize_chunks(size, (n,))[0] for n in out_shape)
+    nmaps = len(datas)
+
+    def plan(index, ranges):
+        (a, b), ry, rz = ranges[1:]
+        parts = []
+        if a < half:
+            parts.append(((a, min(b, half)), 0, False))
+        if b > half:
+            parts.append(((nx - b, nx - max(a, half)), max(a, half) - a, True))
+        boxes = [bx for bx in (_source_region(g, (xs, ry, rz), src_shape) for xs, _, _ in parts) if bx is not None]
+        if not boxes:
+            return None
+        lo = tuple(min(bx[0][d] for bx in boxes) for d in range(3))
+        hi = tuple(max(bx[1][d] for bx in boxes) for d in range(3))
+        return lo, hi, (lo, g, tuple(parts), ry, rz, src_shape, mode, codes)
+
+    return region_map(_whole_brain_block, datas, ((nmaps,), xch, ych, zch), plan, np.uint16, name="mirror-gather")
+
+
+def mirror_labels(
+    maps: Mapping[Any, xr.DataArray] | xr.DataArray,
+    transform: MirrorTransform,
+    *,
+    grid: tuple[Sequence[int], np.ndarray] | None = None,
+    spacing_mm: float | None = None,
+    margin_mm: float = 10.0,
+    right_codes: Mapping[int, int] | None = None,
+    chunks: int = 128,
+    mode: str = "grid-constant",
+) -> dict | xr.DataArray:
+    """Whole-brain label maps: the transformed left hemisphere on x < 0, its mirror image on x > 0; lazy.
+
+    Nearest neighbour with the float expression of ``scipy.ndimage.affine_transform(order=0)`` (index
+    ``floor(c + 0.5)`` of the continuous source index ``c = G o``, ``G = inv(A_src) @ inv(T) @ A_out``). The
+    x > 0 side is exactly the x < 0 side reversed along x (see :func:`whole_brain_grid`) with the codes of
+    ``right_codes`` renamed; k-means clusters keep their values. Every output chunk is one task that reads
+    from each map only the bounded region it reaches and gathers all maps with one shared index computation;
+    chunks that reach no source voxel are zeros without reading (``docs/method/mirror.md``).
+
+    Memory: a map stored in Zarr (as :func:`helm_dask.io.store.open_volume` returns it) is read region by
+    region inside each gather task, so memory per task is bounded by the output chunk and its source region
+    (all maps). Any other dask-backed map is fed to the gathers through its own chunks (one shared task per
+    source chunk, held until every gather that overlaps it has run): fine for small or in-memory inputs; at
+    0.1 mm store the maps first. Compute (or store) all returned maps together (one ``dask.compute``) so that
+    each gather runs once.
+
+    Parameters
+    ----------
+    maps : volume or dict of volumes
+        Hemisphere label maps on one grid (e.g. the six merged maps, k = 4..9).
+    transform : MirrorTransform
+        From :func:`~helm_dask.mirror.fit_mirror`.
+    grid : (shape, affine), optional
+        Output grid; default :func:`whole_brain_grid` ``(None, transform, spacing_mm, margin_mm)``.
+    spacing_mm : float, optional
+        Voxel size of the default grid (default: the maps' smallest voxel size).
+    margin_mm : float
+        Margin of the default grid (mm).
+    right_codes : mapping of int to int, optional
+        Left -> right renaming on the x > 0 side (default :data:`~helm_dask.labels.RIGHT_CODES`, 801-805 ->
+        806-810).
+    chunks : int
+        Output chunk edge (voxels).
+    mode : {"grid-constant", "constant"}
+        ``"grid-constant"`` (default): a source voxel covers its whole extent, so points up to half a voxel
+        outside the outer voxel centres still take the edge voxel, further out 0; ``"constant"``: 0 beyond
+        the outer voxel centres (scipy's modes of the same names).
+
+    Returns
+    -------
+    volume or dict of volumes
+        uint16, kind ``labels``, on the whole-brain grid (lazy): a volume for a volume, a dict with the same
+        keys for a dict.
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> lab = np.zeros((4, 3, 3), np.uint16); lab[3, 1, 1] = 801; lab[1, 1, 1] = 2
+    >>> vol = make_volume(da.from_array(lab), np.eye(4), kind="labels")
+    >>> shift = np.eye(4); shift[0, 3] = -4.0                  # T: x -> x - 4 (source x = 0..3 mm)
+    >>> t = MirrorTransform(shift, (0, 0, 0), (-4, 0, 0), (0, 0, 0), 0.0, 0.0, 0.0, 5e-4, 1)
+    >>> grid = ((8, 3, 3), np.diag([1.0, 1, 1, 1]) + np.array([[0, 0, 0, -3.5]] + [[0] * 4] * 3))
+    >>> mirror_labels(vol, t, grid=grid).values[:, 1, 1].tolist()      # output x = -3.5 .. 3.5 mm
+    [2, 0, 801, 0, 0, 806, 0, 2]
+    """
+    single = isinstance(maps, xr.DataArray)
+    items = _label_items(maps)
+    if mode not in ("grid-constant", "constant"):
+        raise HelmError(f"mode must be 'grid-constant' or 'constant', got {mode!r}")
+    if int(chunks) < 1:
+        raise HelmError(f"chunks must be a positive number of voxels, got {chunks!r}")
+    datas, src_aff = _check_maps(items)
+    out_shape, out_aff = _output_grid(grid, transform, src_aff, spacing_mm, margin_mm)
+    codes = tuple(sorted((int(a), int(b)) for a, b in (RIGHT_CODES if right_codes is None else right_codes).items()))
+    g = np.linalg.inv(src_aff) @ np.linalg.inv(transform.matrix) @ out_aff  # output index -> source index
+    s0, s1, s2 = items[0][1].shape
+    full = _gather_maps(datas, g, (int(s0), int(s1), int(s2)), out_shape, chunks, mode, codes)
+    params = {
+        "matrix": transform.matrix.tolist(),
+        "alpha": transform.alpha,
+        "grid_shape": list(out_shape),
+        "spacing_mm": float(spacing_of(out_aff).min()),
+        "margin_mm": float(margin_mm),
+        "mode": mode,
+        "right_codes": {str(a): b for a, b in codes},
+    }
+    outs = {}
+    for mi, (name, v) in enumerate(items):
+        outs[name] = like(
+            v, full[mi], affine=out_aff, kind="labels", step=provenance_record("mirror.mirror_labels", params)
+        )
+    return outs[None] if single else outs

@@ -1,0 +1,56 @@
+"""Eager chunked reductions over a volume, shared by the mirror fit, the whole-brain grid and the hypothalamus
+check: :func:`_run` maps a block function over every chunk (one delayed task per chunk, given the chunk's
+global offset) and combines the partial results with a fixed-shape tree, so that the result depends on the
+chunking only where a combine is not exact; the functions are module-level (picklable, no closure over
+arrays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from ..errors import HelmError
+
+_SPLIT_EVERY = 8  # fan-in of the tree reductions
+
+
+def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
+    """The dask array of a 3-D volume; a clear error for anything else (``what`` names it)."""
+    if not isinstance(vol, xr.DataArray):
+        raise HelmError(
+            f"{what} must be a volume (xarray.DataArray with attrs['affine']), got {type(vol).__name__}",
+            hint="build it with helm_dask.make_volume or open it with helm_dask.io",
+        )
+    if vol.ndim != 3:
+        raise HelmError(f"{what} must be 3-D (x, y, z), got dims {vol.dims}", path=vol.attrs.get("source") or None)
+    return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+
+
+def _block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
+    """One delayed ``fn(block, offset, *args)`` per chunk."""
+    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
+    blocks = data.to_delayed()
+    dfn = dask.delayed(fn, pure=True)
+    return [
+        dfn(blocks[idx], tuple(int(offsets[d][idx[d]]) for d in range(3)), *args) for idx in np.ndindex(*blocks.shape)
+    ]
+
+
+def _tree(parts: list, combine: Callable) -> Any:
+    """Fixed-shape tree reduction of delayed partial results (deterministic grouping)."""
+    dcomb = dask.delayed(combine, pure=True)
+    while len(parts) > 1:
+        parts = [dcomb(*parts[i : i + _SPLIT_EVERY]) for i in range(0, len(parts), _SPLIT_EVERY)]
+    return parts[0]
+
+
+def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
+    """``combine`` over ``fn(block, offset, *args)`` of every chunk, computed now."""
+    (res,) = dask.compute(_tree(_block_tasks(data, fn, *args), combine))
+    return res
