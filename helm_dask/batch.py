@@ -1,35 +1,8 @@
-"""Batch runs: a manifest (YAML or CSV) of subjects run one after the other on one cluster.
-
-YAML::
-
-    params:              # shared parameters (any ``helm-dask run`` option, with underscores)
-      spacing: 0.3
-      k: 4-9
-    subjects:
-      - scan: sub01_scan.nii.gz          # paths relative to the manifest's folder
-        hypothalamus: sub01_hypo.nii.gz
-        side: R
-        subject: sub01                    # optional; default: the scan's name
-        mask: sub01_samseg.mgz            # optional: the subject's own brain mask (--mask)
-        alpha: 1.0e-3                     # optional per-subject overrides
-
-CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject``, ``mask`` and any parameter column.
-
-Keys: the options of ``helm-dask run`` with underscores (``k``, ``spacing``, ``no_qc``, ...; see
-:func:`manifest_keys`: they are derived from the ``run`` parser, so a new flag is a manifest key at once), plus
-``scan``. Not keys: ``out`` (every subject writes to ``--out/<subject>``) and the compute options. Values go
-through the same checks as the flags. A subject's name (``subject:``, default: the scan's file name made a safe
-folder name) must be one safe path component, and no two rows may resolve to the same name.
-
-The whole manifest is checked when it is loaded, before anything runs: an unknown key, a bad value, an unsafe
-or duplicate subject name stop the batch with one line naming the manifest and the row.
-
-``scan``/``hypothalamus``/``mask`` may be URLs (``s3://bucket/sub01_scan.nii.gz``); ``--out`` too.
-``--storage-options`` applies to every subject (a ``storage_options`` mapping in the manifest overrides it).
-
-The YAML is read with ``yaml.safe_load`` (no object construction from the file). A subject that fails while it
-runs (a bad file, a failed check) is reported on stderr and the others still run; every subject resumes stage by
-stage like a single run.
+"""Batch runs: a manifest (YAML or CSV, :func:`load_manifest` describes the format) of subjects run one after
+the other on one cluster; :func:`plan_batch` checks the whole manifest before anything runs, :func:`run_batch`
+runs every subject (a failing subject is reported and the others still run, each resuming stage by stage like
+a single run) and :func:`format_summary` prints the table; :data:`OPTION_TO_FIELD`/:func:`run_params_kwargs`
+are the one mapping from ``helm-dask run`` options to :class:`~helm_dask.pipeline.RunParams`.
 """
 
 from __future__ import annotations
@@ -41,8 +14,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any, cast
 
 from .errors import HelmError
 from .io.location import is_url
@@ -58,8 +33,25 @@ PATH_KEYS = ("scan", "hypothalamus", "mask", "reference_tissue", "label_table")
 PER_SUBJECT_KEYS = ("scan", "hypothalamus", "subject", "mask", "reference_tissue")
 
 
-def parse_ks(text) -> tuple[int, ...]:
-    """``"4-9"`` -> (4, 5, 6, 7, 8, 9); ``"4,6,9"`` -> (4, 6, 9); validates 2 <= k <= 20."""
+def parse_ks(text: Any) -> tuple[int, ...]:
+    """The k values of ``--k``.
+
+    Parameters
+    ----------
+    text : str or sequence of int
+        A range ``"4-9"``, a list ``"4,6,9"`` (or both, comma-separated), or the integers themselves.
+
+    Returns
+    -------
+    tuple of int
+        Sorted, unique, each within :data:`~helm_dask.labels.K_MIN`..:data:`~helm_dask.labels.K_MAX` (else
+        HelmError).
+
+    Example
+    -------
+    >>> parse_ks("4-9"), parse_ks("4,6,9"), parse_ks([5, 4])
+    ((4, 5, 6, 7, 8, 9), (4, 6, 9), (4, 5))
+    """
     if isinstance(text, (list, tuple)):
         try:
             ks = [int(k) for k in text]
@@ -118,15 +110,38 @@ OPTION_TO_FIELD = {
 
 @functools.lru_cache(maxsize=1)
 def manifest_keys() -> dict[str, argparse.Action]:
-    """The manifest keys: ``scan`` and the options of ``helm-dask run`` (their argparse actions), except ``out``
-    and the compute and output options (:func:`helm_dask.cli.run_option_actions`)."""
+    """The manifest keys, derived from the ``run`` parser (so a new flag is a manifest key at once).
+
+    Returns
+    -------
+    dict of str to argparse.Action
+        ``scan`` and the options of ``helm-dask run`` (underscored names), except ``out`` and the compute and
+        output options (:func:`helm_dask.cli.run_option_actions`).
+    """
     from .cli import run_option_actions
 
     return run_option_actions()
 
 
 def run_params_kwargs(options: dict) -> dict:
-    """``{run option dest: value}`` (values as the flags give them) -> RunParams keyword arguments."""
+    """RunParams keyword arguments from run options.
+
+    Parameters
+    ----------
+    options : dict
+        ``{run option dest: value}``, values as the flags give them.
+
+    Returns
+    -------
+    dict
+        Keyword arguments of :class:`~helm_dask.pipeline.RunParams` (renamed and parsed by
+        :data:`OPTION_TO_FIELD`).
+
+    Example
+    -------
+    >>> run_params_kwargs({"k": "4-5", "no_qc": True, "spacing": "0.3"})
+    {'ks': (4, 5), 'qc': False, 'spacing': '0.3'}
+    """
     kw = {}
     for dest, value in options.items():
         name, convert = OPTION_TO_FIELD.get(dest, (dest, None))
@@ -156,8 +171,9 @@ def _value(key: str, value, action: argparse.Action):
         raise HelmError(f"{key!r} must be a single value, not {value!r}")
     text = str(value)
     if action.type is not None:
+        convert = cast(Callable[[str], Any], action.type)  # the run parser's types are callables, not names
         try:
-            value = action.type(text)
+            value = convert(text)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
             raise HelmError(f"{key!r}: {e}") from None
     else:
@@ -182,68 +198,60 @@ def _check_keys(keys, where: str, path) -> None:
         raise HelmError(f"{where}: unknown key {k!r}", path=path, hint=f"known keys: {', '.join(sorted(known))}")
 
 
-def load_manifest(path) -> tuple[dict, list[dict]]:
-    """Shared parameters and the list of subjects of a YAML or CSV manifest (paths made absolute).
+def _read_yaml(text: str, p: Path) -> tuple[dict, list[dict]]:
+    """``params:`` and ``subjects:`` of a YAML manifest (``yaml.safe_load``: no object construction)."""
+    import yaml
 
-    Keys are checked here (unknown ones refused, with the list of known ones); values by :func:`subject_params`.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise HelmError(
-            "manifest not found" if not p.exists() else "manifest is not a file", path=p, hint="check the path"
-        )
-    base = p.parent
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise HelmError(f"cannot read the manifest ({e})", path=p, hint="give a YAML or CSV text file") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            detail = " ".join(str(e).split())
-            raise HelmError(f"is not valid YAML ({detail})", path=p, hint="fix the manifest") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
-            raise HelmError("has no 'subjects:' list", path=p, hint="see 'helm-dask run --help' for the format")
-        extra = sorted(str(k) for k in doc if k not in ("params", "subjects"))
-        if extra:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise HelmError(f"is not valid YAML ({detail})", path=p, hint="fix the manifest") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("subjects"), list):
+        raise HelmError("has no 'subjects:' list", path=p, hint="see 'helm-dask run --help' for the format")
+    extra = sorted(str(k) for k in doc if k not in ("params", "subjects"))
+    if extra:
+        raise HelmError(
+            f"unknown top-level key {extra[0]!r}",
+            path=p,
+            hint="a manifest has 'params:' (shared options) and 'subjects:' (one row per subject)",
+        )
+    shared = doc.get("params") or {}
+    if not isinstance(shared, dict):
+        raise HelmError("'params:' is not a mapping of options", path=p, hint="e.g. params: {spacing: 0.3}")
+    subjects = []
+    for i, s in enumerate(doc["subjects"]):
+        if not isinstance(s, dict):
             raise HelmError(
-                f"unknown top-level key {extra[0]!r}",
+                f"subject {i + 1} is not a mapping of keys ({s!r})",
                 path=p,
-                hint="a manifest has 'params:' (shared options) and 'subjects:' (one row per subject)",
+                hint="e.g. - {scan: s1.nii.gz, hypothalamus: s1_hypo.nii.gz}",
             )
-        shared = doc.get("params") or {}
-        if not isinstance(shared, dict):
-            raise HelmError("'params:' is not a mapping of options", path=p, hint="e.g. params: {spacing: 0.3}")
-        subjects = []
-        for i, s in enumerate(doc["subjects"]):
-            if not isinstance(s, dict):
-                raise HelmError(
-                    f"subject {i + 1} is not a mapping of keys ({s!r})",
-                    path=p,
-                    hint="e.g. - {scan: s1.nii.gz, hypothalamus: s1_hypo.nii.gz}",
-                )
-            subjects.append(dict(s))
-        shared = dict(shared)
-    elif p.suffix.lower() == ".csv":
-        try:
-            rows = list(csv.DictReader(text.splitlines()))
-        except csv.Error as e:
-            raise HelmError(f"is not valid CSV ({e})", path=p, hint="fix the manifest") from None
-        subjects = []
-        for i, row in enumerate(rows):
-            if None in row:
-                raise HelmError(
-                    f"subject {i + 1} has more cells than the header has columns",
-                    path=p,
-                    hint="fix the CSV (quote cells that contain commas)",
-                )
-            subjects.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
-        shared = {}
-    else:
-        raise HelmError("a manifest must end in .yaml, .yml or .csv", path=p)
+        subjects.append(dict(s))
+    return dict(shared), subjects
+
+
+def _read_csv(text: str, p: Path) -> list[dict]:
+    """The subject rows of a CSV manifest (cells stripped; a CSV has no shared parameters)."""
+    try:
+        rows = list(csv.DictReader(text.splitlines()))
+    except csv.Error as e:
+        raise HelmError(f"is not valid CSV ({e})", path=p, hint="fix the manifest") from None
+    subjects = []
+    for i, row in enumerate(rows):
+        if None in row:
+            raise HelmError(
+                f"subject {i + 1} has more cells than the header has columns",
+                path=p,
+                hint="fix the CSV (quote cells that contain commas)",
+            )
+        subjects.append({k.strip(): (v or "").strip() for k, v in row.items() if k})
+    return subjects
+
+
+def _check_rows(shared: dict, subjects: list[dict], p: Path) -> None:
+    """Check the keys of ``params:`` and of every row; make relative paths relative to the manifest's folder."""
+    base = p.parent
     _check_keys(shared, "params", p)
     per_subject = [k for k in shared if KEY_ALIASES.get(k, k) in PER_SUBJECT_KEYS]
     if per_subject:
@@ -265,11 +273,87 @@ def load_manifest(path) -> tuple[dict, list[dict]]:
                 and not (key == "label_table" and v == "freesurfer")
             ):
                 s[key] = str(base / v)
+
+
+def load_manifest(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """Shared parameters and the list of subjects of a YAML or CSV manifest (paths made absolute).
+
+    YAML::
+
+        params:              # shared parameters (any ``helm-dask run`` option, with underscores)
+          spacing: 0.3
+          k: 4-9
+        subjects:
+          - scan: sub01_scan.nii.gz          # paths relative to the manifest's folder
+            hypothalamus: sub01_hypo.nii.gz
+            side: R
+            subject: sub01                    # optional; default: the scan's name
+            mask: sub01_samseg.mgz            # optional: the subject's own brain mask (--mask)
+            alpha: 1.0e-3                     # optional per-subject overrides
+
+    CSV: a header with ``scan,hypothalamus,side`` and optionally ``subject``, ``mask`` and any parameter column.
+
+    Keys are the options of ``helm-dask run`` with underscores (``k``, ``spacing``, ``no_qc``, ...; see
+    :func:`manifest_keys`), plus ``scan``. Not keys: ``out`` (every subject writes to ``--out/<subject>``) and
+    the compute options. ``scan``/``hypothalamus``/``mask`` may be URLs (``s3://bucket/sub01_scan.nii.gz``);
+    ``--storage-options`` applies to every subject (a ``storage_options`` mapping in the manifest overrides
+    it). The YAML is read with ``yaml.safe_load`` (no object construction from the file).
+
+    Keys are checked here (an unknown key stops the batch with one line naming the manifest and the row, and the
+    list of known ones); values, going through the same checks as the flags, by :func:`subject_params`.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.yaml``/``.yml`` or ``.csv`` file.
+
+    Returns
+    -------
+    tuple
+        ``(shared, subjects)``: the ``params:`` mapping and one dict per subject row.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise HelmError(
+            "manifest not found" if not p.exists() else "manifest is not a file", path=p, hint="check the path"
+        )
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HelmError(f"cannot read the manifest ({e})", path=p, hint="give a YAML or CSV text file") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        shared, subjects = _read_yaml(text, p)
+    elif p.suffix.lower() == ".csv":
+        shared, subjects = {}, _read_csv(text, p)
+    else:
+        raise HelmError("a manifest must end in .yaml, .yml or .csv", path=p)
+    _check_rows(shared, subjects, p)
     return shared, subjects
 
 
-def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | None = None, manifest=None) -> RunParams:
-    """The RunParams of one manifest row: ``base`` (the command line), then ``params:``, then the row."""
+def subject_params(
+    base: RunParams, shared: dict, entry: dict, *, row: int | None = None, manifest: Any = None
+) -> RunParams:
+    """The RunParams of one manifest row: ``base`` (the command line), then ``params:``, then the row.
+
+    Parameters
+    ----------
+    base : RunParams
+        From the command line.
+    shared : dict
+        The manifest's ``params:``.
+    entry : dict
+        The row.
+    row : int, optional
+        Row number, for the error messages.
+    manifest : path-like, optional
+        The manifest, for the error messages.
+
+    Returns
+    -------
+    RunParams
+        Values checked and converted like the flags' arguments (HelmError naming the row otherwise).
+    """
     known = manifest_keys()
     options = {}
     where = f"subject {row}" if row is not None else "manifest"
@@ -293,9 +377,25 @@ def subject_params(base: RunParams, shared: dict, entry: dict, *, row: int | Non
     return replace(base, **kw)
 
 
-def plan_batch(manifest, base: RunParams) -> list[tuple[int, RunParams]]:
-    """Every row's RunParams, checked before anything runs: keys, values, subject names (safe, and unique --
-    two rows writing to the same folder would overwrite each other)."""
+def plan_batch(manifest: str | os.PathLike, base: RunParams) -> list[tuple[int, RunParams]]:
+    """Every row's RunParams, checked before anything runs.
+
+    Keys, values and subject names are checked: a subject's name (``subject:``, default the scan's file name
+    made a safe folder name) must be one safe path component, and no two rows may resolve to the same name
+    (case-insensitively): they would write to the same folder and overwrite each other.
+
+    Parameters
+    ----------
+    manifest : path-like
+        The manifest (see :func:`load_manifest`).
+    base : RunParams
+        From the command line.
+
+    Returns
+    -------
+    list of (int, RunParams)
+        Row number (from 1) and parameters of every subject.
+    """
     shared, subjects = load_manifest(manifest)
     plan = []
     for i, entry in enumerate(subjects, start=1):
@@ -322,13 +422,36 @@ def plan_batch(manifest, base: RunParams) -> list[tuple[int, RunParams]]:
 
 
 def run_batch(
-    manifest, base: RunParams, *, quiet: bool = False, debug: bool = False, plan: list | None = None
+    manifest: str | os.PathLike,
+    base: RunParams,
+    *,
+    quiet: bool = False,
+    debug: bool = False,
+    plan: list | None = None,
 ) -> list[dict]:
-    """Run every subject of a manifest; returns one summary row per subject (failures included).
+    """Run every subject of a manifest.
 
     The manifest is checked whole first (:func:`plan_batch`, or the ``plan`` it returned): a problem there raises
-    :class:`HelmError` before any subject runs. A subject that fails while running is reported on stderr (with
-    the traceback of an internal error only if ``debug``) and the others still run.
+    :class:`HelmError` before any subject runs. A subject that fails while running (a bad file, a failed check)
+    is reported on stderr and the others still run; every subject resumes stage by stage like a single run.
+
+    Parameters
+    ----------
+    manifest : path-like
+        The manifest (see :func:`load_manifest`).
+    base : RunParams
+        From the command line.
+    quiet : bool
+        No progress output.
+    debug : bool
+        Print the traceback of an internal error.
+    plan : list, optional
+        What :func:`plan_batch` returned, to skip checking again.
+
+    Returns
+    -------
+    list of dict
+        One summary row per subject (failures included): ``subject``, ``status``, ``seconds``, ``stages``, ...
     """
     if plan is None:
         plan = plan_batch(manifest, base)
@@ -380,6 +503,25 @@ def _summary_row(info: dict, seconds: float) -> dict:
 
 
 def format_summary(rows: list[dict]) -> str:
+    """The summary rows of :func:`run_batch` as an aligned text table.
+
+    Parameters
+    ----------
+    rows : list of dict
+        From :func:`run_batch`.
+
+    Returns
+    -------
+    str
+        One line per subject: seconds per stage, mask volume, mirror overlap, status.
+
+    Example
+    -------
+    >>> print(format_summary([{"subject": "s1", "status": "ok", "stages": {"mask": 1.25}, "mask_mm3": 1e5}]))
+    subject  mask s  mask mm3  overlap  status
+    -------  ------  --------  -------  ------
+    s1       1.2     100,000   -        ok
+    """
     stages = []
     for r in rows:
         for s in r.get("stages", {}):

@@ -1,17 +1,9 @@
-"""Where the Dask work runs: a LocalCluster sized from the options, an existing cluster, or in-process threads.
-
-Every command that computes goes through :func:`compute_context`. The default is a ``dask.distributed``
-LocalCluster of worker *processes* with a memory limit each, so that the memory bound of a stage is enforced
-and measurable; ``--scheduler tcp://HOST:PORT`` (or a scheduler JSON file) joins a running cluster;
-``--scheduler threads`` / ``synchronous`` run in this process without distributed (handy on tiny inputs).
-
-Security. ``--tls-ca/--tls-cert/--tls-key`` make every connection TLS with mutual authentication
-(:func:`security_from_options`): the client presents the certificate to the scheduler, and a LocalCluster we
-start listens on ``tls://`` with the same files. Without the flags, distributed's own configuration applies
-(``distributed.comm.tls.*`` and ``distributed.comm.require-encryption`` in a Dask config file, e.g. one named
-by ``DASK_CONFIG``), so a site-wide TLS setup needs no flags. A scheduler that refuses us, or does not answer
-within a few seconds, is reported as one :class:`~helm_dask.errors.HelmError` line naming the address and the
-fix. The LocalCluster dashboard listens on localhost unless ``--dashboard-address`` says otherwise.
+"""Where the Dask work runs: every command that computes goes through :func:`compute_context`, which starts a
+``dask.distributed`` LocalCluster of worker processes with a memory limit each (the default, so that a stage's
+memory bound is enforced and measurable), joins a running cluster (``--scheduler tcp://HOST:PORT`` or a
+scheduler JSON file; TLS with mutual authentication through ``--tls-*``, :func:`security_from_options`), or
+runs in this process (``--scheduler threads`` / ``synchronous``); connection failures become one
+:class:`~helm_dask.errors.HelmError` line naming the address and the fix.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ import ssl
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import dask
 
@@ -54,8 +47,18 @@ class ClusterOptions:
     connect_timeout: str = CONNECT_TIMEOUT
 
     @classmethod
-    def from_args(cls, args) -> ClusterOptions:
-        """Options from an ``argparse`` namespace built with the CLI's compute options (missing ones: defaults)."""
+    def from_args(cls, args: Any) -> ClusterOptions:
+        """Options from an ``argparse`` namespace built with the CLI's compute options.
+
+        Parameters
+        ----------
+        args : argparse.Namespace
+            Parsed command line; missing options take their defaults.
+
+        Returns
+        -------
+        ClusterOptions
+        """
         get = lambda name, default=None: getattr(args, name, default)
         return cls(
             scheduler=get("scheduler"),
@@ -71,6 +74,13 @@ class ClusterOptions:
 
 
 def default_workers() -> int:
+    """Worker processes of a LocalCluster when ``--workers`` is not given.
+
+    Returns
+    -------
+    int
+        The number of CPUs, capped at 2 (each worker holds its own memory limit).
+    """
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -81,9 +91,20 @@ MIN_WORKER_MEMORY = 512 * 2**20
 
 
 def parse_memory_limit(text: str) -> str:
-    """``--memory-limit``: ``auto`` or a size (``4GB``, ``3.5GiB``, ``2000000000``) of at least
-    :data:`MIN_WORKER_MEMORY`; returned unchanged. :class:`ValueError` (with the reason) otherwise.
+    """Check a ``--memory-limit`` value.
 
+    Parameters
+    ----------
+    text : str
+        ``auto`` or a size (``4GB``, ``3.5GiB``, ``2000000000``) of at least :data:`MIN_WORKER_MEMORY`.
+
+    Returns
+    -------
+    str
+        ``text`` unchanged (``"auto"`` in any case); :class:`ValueError` with the reason otherwise.
+
+    Example
+    -------
     >>> parse_memory_limit("4GB")
     '4GB'
     """
@@ -103,12 +124,17 @@ def parse_memory_limit(text: str) -> str:
     return str(text)
 
 
-def dask_setup(worker) -> None:
+def dask_setup(worker: Any) -> None:
     """Preload of the LocalCluster's worker processes (``distributed`` calls it in each one, restarts too).
 
     Ctrl-C in a terminal reaches every process of the job: the workers must leave it to the command, which
     stops them in order (see :func:`helm_dask.io.store.stop_pending_writes`); otherwise each one dies with a
     traceback of its own, possibly in the middle of a chunk write.
+
+    Parameters
+    ----------
+    worker : distributed.Worker
+        The worker being set up (unused: the signal disposition is per process).
     """
     import signal
     import threading
@@ -117,13 +143,26 @@ def dask_setup(worker) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def security_from_options(opts: ClusterOptions):
+def security_from_options(opts: ClusterOptions) -> Any:
     """The ``distributed.security.Security`` of ``--tls-ca/--tls-cert/--tls-key``, or None without them.
 
-    None means "distributed's configuration decides" (``distributed.comm.tls.*``): that is how a Dask config
-    file enables TLS without flags. With the flags, encryption is required and the same certificate serves as
-    client, scheduler and worker certificate (the latter two only matter for a LocalCluster started here).
-    The files are loaded once here so that a wrong path or a key that does not match is reported up front.
+    With the flags every connection is TLS with mutual authentication: encryption is required and the same
+    certificate serves as client, scheduler and worker certificate (the client presents it to the scheduler,
+    and a LocalCluster started here listens on ``tls://`` with the same files). Without them,
+    distributed's own configuration applies (``distributed.comm.tls.*`` and
+    ``distributed.comm.require-encryption`` in a Dask config file, e.g. one named by ``DASK_CONFIG``), so a
+    site-wide TLS setup needs no flags. The files are loaded once here so that a wrong path or a key that does
+    not match is reported up front.
+
+    Parameters
+    ----------
+    opts : ClusterOptions
+        Its ``tls_ca``, ``tls_cert`` and ``tls_key``.
+
+    Returns
+    -------
+    distributed.security.Security or None
+        None means "distributed's configuration decides".
 
     Example
     -------
@@ -168,7 +207,21 @@ def security_from_options(opts: ClusterOptions):
 def scheduler_address(target: str) -> str:
     """The address of ``--scheduler``: itself, or the ``address`` field of a scheduler JSON file.
 
-    A bare ``HOST:PORT`` is TCP, as in distributed. A file is parsed as JSON (never unpickled).
+    Parameters
+    ----------
+    target : str
+        An address (a bare ``HOST:PORT`` is TCP, as in distributed) or a scheduler file (parsed as JSON, never
+        unpickled).
+
+    Returns
+    -------
+    str
+        The address.
+
+    Example
+    -------
+    >>> scheduler_address("tcp://10.0.0.5:8786")
+    'tcp://10.0.0.5:8786'
     """
     if os.path.isfile(target):
         try:
@@ -204,9 +257,9 @@ def _connection_error(address: str, exc: BaseException, timeout: str) -> HelmErr
     secure = address.startswith("tls://")
     text = str(exc)
     chain = [exc]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    while True:
         nxt = chain[-1].__cause__ or chain[-1].__context__
-        if nxt in chain:
+        if nxt is None or nxt in chain:
             break
         chain.append(nxt)
     causes = tuple(type(c) for c in chain)
@@ -250,11 +303,23 @@ def _connection_error(address: str, exc: BaseException, timeout: str) -> HelmErr
     )
 
 
-def connect_client(opts: ClusterOptions):
-    """A ``distributed.Client`` connected to ``opts.scheduler``; HelmError (one line) if that fails."""
+def connect_client(opts: ClusterOptions) -> Any:
+    """A ``distributed.Client`` connected to a running scheduler, within ``opts.connect_timeout``.
+
+    Parameters
+    ----------
+    opts : ClusterOptions
+        ``scheduler`` (an address or a scheduler file) and the TLS options.
+
+    Returns
+    -------
+    distributed.Client
+        Connected; a scheduler that refuses us or does not answer raises one HelmError line naming the address
+        and the fix.
+    """
     from distributed import Client
 
-    address = scheduler_address(opts.scheduler)
+    address = scheduler_address(cast(str, opts.scheduler))  # callers come here only with a scheduler given
     security = security_from_options(opts)
     kw = {"security": security} if security is not None else {}
     try:
@@ -273,8 +338,18 @@ def connect_client(opts: ClusterOptions):
     raise err
 
 
-def start_local_cluster(opts: ClusterOptions):
-    """A LocalCluster of worker processes sized by ``opts`` (TLS with the ``--tls-*`` files if given)."""
+def start_local_cluster(opts: ClusterOptions) -> Any:
+    """A LocalCluster of worker processes sized by ``opts`` (TLS with the ``--tls-*`` files if given).
+
+    Parameters
+    ----------
+    opts : ClusterOptions
+        Workers, threads per worker, memory limit, dashboard address (localhost unless asked otherwise), TLS.
+
+    Returns
+    -------
+    distributed.LocalCluster
+    """
     from distributed import LocalCluster
 
     security = security_from_options(opts)
@@ -354,6 +429,18 @@ _ALL_EXIT_FILTER = _DropAllExit()
 @contextlib.contextmanager
 def compute_context(opts: ClusterOptions | None = None):
     """Context manager yielding a ``distributed.Client`` (or None for in-process schedulers).
+
+    A cluster that fails during the run (workers killed, the scheduler lost) is reported as one HelmError line;
+    a cluster started here is closed on exit.
+
+    Parameters
+    ----------
+    opts : ClusterOptions, optional
+        Where to run; default a LocalCluster sized automatically.
+
+    Yields
+    ------
+    distributed.Client or None
 
     Example
     -------

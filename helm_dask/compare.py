@@ -1,15 +1,18 @@
-"""``helm-dask compare``: label maps or whole output folders, through :mod:`helm_dask.metrics`.
-
-NIfTI inputs are streamed once into a temporary Zarr store (never loaded whole), so full-resolution maps are
-compared out of core; Zarr stores are opened directly.
-"""
+"""``helm-dask compare``: two label maps (:func:`compare_files`) or two folders of maps paired by subject
+(:func:`compare_folders`), through :mod:`helm_dask.metrics`; NIfTI inputs are streamed once into a temporary
+Zarr store (never loaded whole), so full-resolution maps are compared out of core, and Zarr stores are opened
+directly."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import xarray as xr
 
 from .errors import HelmError
 from .io import nifti_to_zarr, open_volume
@@ -19,8 +22,21 @@ LABEL_EXTS = (".nii.gz", ".nii", ".zarr")
 
 
 @contextlib.contextmanager
-def opened_labels(path, workdir: str):
-    """A lazy label volume for a .nii/.nii.gz file (imported to ``workdir``) or a helm-dask store."""
+def opened_labels(path: str | os.PathLike, workdir: str) -> Iterator[xr.DataArray]:
+    """A lazy label volume for a .nii/.nii.gz file (imported to ``workdir``) or a helm-dask store.
+
+    Parameters
+    ----------
+    path : path-like
+        A NIfTI file or a store.
+    workdir : str
+        Folder for the imported store of a NIfTI file.
+
+    Yields
+    ------
+    xarray.DataArray
+        The labels, ``attrs["source"]`` set to ``path``.
+    """
     p = os.fspath(path)
     if is_nifti_path(p):
         store = Path(workdir) / (Path(p).name.split(".")[0] + f"-{abs(hash(p)) % 10**8}.zarr")
@@ -32,7 +48,23 @@ def opened_labels(path, workdir: str):
     yield vol
 
 
-def compare_files(a, b, *, labels=None, groups="paper", resample_b: bool = False) -> list[dict]:
+def compare_files(
+    a: str | os.PathLike, b: str | os.PathLike, *, labels: Any = None, groups: Any = "paper", resample_b: bool = False
+) -> list[dict]:
+    """Compare two label maps (NIfTI files or stores) with :func:`helm_dask.metrics.compare_volumes`.
+
+    Parameters
+    ----------
+    a, b : path-like
+        The maps (A is the reference grid).
+    labels, groups, resample_b
+        As in :func:`~helm_dask.metrics.compare_volumes`.
+
+    Returns
+    -------
+    list of dict
+        One row per label then per group.
+    """
     from .metrics import compare_volumes
 
     with tempfile.TemporaryDirectory(prefix="helm-compare-") as tmp:
@@ -49,9 +81,31 @@ def _label_files(folder: Path, filename: str) -> list[str]:
 
 
 def compare_folders(
-    a, b, *, filename: str = "hypothalamus.nii.gz", labels=None, groups="paper", resample_b: bool = False
-):
-    """Pair subjects by name and compare each pair; returns (per-subject rows, summary rows, unpaired names)."""
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    *,
+    filename: str = "hypothalamus.nii.gz",
+    labels: Any = None,
+    groups: Any = "paper",
+    resample_b: bool = False,
+) -> tuple[dict[str, list[dict]], list[dict], tuple[list[str], list[str]]]:
+    """Pair subjects by name and compare each pair.
+
+    Parameters
+    ----------
+    a, b : path-like
+        Folders of maps, or pipeline output folders (``<subject>/<filename>``; the subject is the folder name).
+    filename : str
+        The map compared in pipeline output folders.
+    labels, groups, resample_b
+        As in :func:`~helm_dask.metrics.compare_volumes`.
+
+    Returns
+    -------
+    tuple
+        ``(per_subject, summary, (only_a, only_b))``: rows per subject, :func:`~helm_dask.metrics.summarise`
+        rows, and the names found in one folder only.
+    """
     from .metrics import pair_by_name, summarise
 
     fa, fb = _label_files(Path(a), filename), _label_files(Path(b), filename)

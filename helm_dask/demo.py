@@ -1,12 +1,11 @@
-"""``helm-dask demo``: the whole pipeline on a left and a right phantom.
-
-It writes both phantoms as NIfTI (as a user's scans would arrive), writes a manifest for them, runs the
-pipeline as a batch (resumable: a second demo recomputes nothing), prints the summary table and compares the
-left phantom's true hypothalamus with the pipeline's merged map.
-"""
+"""``helm-dask demo`` (:func:`run_demo`): the whole pipeline on a left and a right phantom, written as NIfTI
+files (as a user's scans would arrive), run as a batch from a manifest (resumable: a second demo recomputes
+nothing), with the summary table and a comparison of the left phantom's true hypothalamus with the pipeline's
+merged map."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -19,8 +18,33 @@ def _say(quiet: bool, *msg) -> None:
 
 
 def run_demo(
-    out, *, cluster: ClusterOptions | None = None, spacing_mm: float = 1.0, quiet: bool = False, overwrite: bool = False
+    out: str | os.PathLike,
+    *,
+    cluster: ClusterOptions | None = None,
+    spacing_mm: float = 1.0,
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> int:
+    """Write both phantoms, run the pipeline on them as a batch, print the summary and the comparison.
+
+    Parameters
+    ----------
+    out : path-like
+        Folder of the demo: ``inputs/`` (phantoms and manifest) and ``results/`` (the pipeline's outputs).
+    cluster : ClusterOptions, optional
+        Where to compute; default a LocalCluster.
+    spacing_mm : float
+        The phantoms' voxel size.
+    quiet : bool
+        No progress output.
+    overwrite : bool
+        Write the phantoms again even when they exist.
+
+    Returns
+    -------
+    int
+        The exit status: 0 when every subject succeeded, else 4.
+    """
     from .batch import format_summary, run_batch
     from .compare import compare_files
     from .metrics import format_table

@@ -1,9 +1,7 @@
-"""One exception type for every input problem a user can fix.
-
-The CLI prints ``str(error)`` (no traceback) and exits with ``error.exit_code``; the Python API raises it.
-The message always names the file and says what to do, so that it reads well on its own, on one line.
-Exit statuses: :data:`helm_dask.cli.EXIT_CODES`.
-"""
+"""One exception type, :class:`HelmError`, for every input problem a user can fix: the CLI prints ``str(error)``
+(no traceback) and exits with ``error.exit_code`` (statuses in :data:`helm_dask.cli.EXIT_CODES`), the Python
+API raises it, and the message names the file and says what to do, so that it reads well on its own, on one
+line."""
 
 from __future__ import annotations
 

@@ -1,36 +1,8 @@
-"""Label codes, colour lookup tables and the checking of manual hypothalamus segmentations.
-
-Codes (default numbering, FreeSurfer's):
-
-* 0 background; k-means clusters 1..k (numbered by increasing centroid intensity);
-* the hypothalamic subunits as in FreeSurfer's ``FreeSurferColorLUT.txt`` (``mri_segment_hypothalamic_subunits``):
-  801-805 left anterior-inferior, anterior-superior, posterior, tubular-inferior, tubular-superior ("tubular"
-  is FreeSurfer's spelling of tuberal), 806-810 the same on the right; names and RGB colours are FreeSurfer's;
-* the fornix, when a manual segmentation has one: FreeSurfer's ``250 Fornix``.
-
-The colour table is written in FreeSurfer ``ColorLUT`` format (``#No. Label Name: R G B A``, one entry per line;
-the fourth number is FreeSurfer's "A" column, 0 in FreeSurfer's own table, which viewers read as opaque).
-
-Alternative numbering (``--label-table``): the numbering of the published HELM label maps is not built into the
-package (the maps are not shipped with it). A :class:`LabelTable` maps our codes to other output codes; build one
-from a file with :func:`load_label_table`:
-
-* ``"freesurfer"`` -- the built-in default above (identity mapping);
-* ``path.json`` -- ``{"name": ..., "map": {"801": 11, ...}, "entries": {"11": ["name", [R, G, B, A]], ...}}``
-  (``entries`` optional), or just a flat ``{"801": 11, ...}``;
-* ``path.tsv`` / ``path.csv`` -- rows ``our_code  output_code  [name  R  G  B  [A]]`` (tab, comma or blanks; lines
-  starting with ``#`` or a non-numeric first field are skipped);
-* any other file -- a FreeSurfer ColorLUT (e.g. the one shipped with the published maps): its entries are matched
-  to ours **by name** (case, ``-``/``_`` and the spellings left/L, right/R, tuberal/tubular are ignored; clusters
-  match ``kmeans-cluster-J`` or ``cluster-J``); codes that match nothing keep their value.
-
-Codes not in the mapping keep their value; a mapping that sends two codes to the same output is an error.
-
-Example
--------
->>> t = freesurfer_table().with_clusters(4)
->>> t.entries[801][0], t.entries[801][1], t.entries[1][0]
-('L_hypothalamus_anterior_inferior', (250, 255, 50, 0), 'kmeans-cluster-1')
+"""Label codes, colour lookup tables and the checking of manual hypothalamus segmentations: the code vocabulary
+(FreeSurfer's 801-810 hypothalamic subunits and 250 fornix, k-means clusters 1..k numbered by increasing
+centroid intensity, the paper's groups, the k limits), :class:`LabelTable` and :func:`load_label_table` for the
+colour table and an optional renumbering of the outputs (``--label-table``), and
+:func:`validate_manual_labels`/:func:`relabel` for manual segmentations.
 """
 
 from __future__ import annotations
@@ -158,6 +130,23 @@ def cluster_colour(j: int, n: int) -> tuple[int, int, int, int]:
 
     Clusters are numbered by increasing centroid intensity, so a grey ramp reads like the image; the tint makes
     neighbouring clusters easier to tell apart.
+
+    Parameters
+    ----------
+    j : int
+        Cluster number, 1..n.
+    n : int
+        Number of clusters.
+
+    Returns
+    -------
+    tuple of 4 int
+        ``(R, G, B, A)``, A = 0 as in FreeSurfer's table.
+
+    Example
+    -------
+    >>> cluster_colour(1, 4), cluster_colour(4, 4)
+    ((52, 40, 28, 0), (228, 240, 252, 0))
     """
     n = max(int(n), 2)
     g = 40 + round(200 * (int(j) - 1) / (n - 1))
@@ -193,7 +182,7 @@ def _check_rgba(code: int, rgba: Iterable[Any]) -> tuple[int, int, int, int]:
         v.append(0)
     if len(v) != 4 or any(x < 0 or x > 255 for x in v):
         raise HelmError(f"label {code}: colour must be 3 or 4 integers in 0..255, got {list(rgba)!r}")
-    return tuple(v)
+    return v[0], v[1], v[2], v[3]
 
 
 @dataclass
@@ -248,11 +237,32 @@ class LabelTable:
             seen[b] = a
 
     def out_code(self, code: int) -> int:
-        """The output code of one of our codes."""
+        """The output code of one of our codes.
+
+        Parameters
+        ----------
+        code : int
+            A helm-dask code.
+
+        Returns
+        -------
+        int
+            Its output code (itself when the table does not renumber it).
+        """
         return self.code_map.get(int(code), int(code))
 
     def with_clusters(self, n: int) -> LabelTable:
-        """A copy with entries for k-means clusters 1..n (``kmeans-cluster-J``) where the table has none."""
+        """A copy with entries for k-means clusters 1..n (``kmeans-cluster-J``) where the table has none.
+
+        Parameters
+        ----------
+        n : int
+            Number of clusters.
+
+        Returns
+        -------
+        LabelTable
+        """
         self._check_distinct(MANUAL_CODES | set(self.code_map) | set(range(1, int(n) + 1)))
         entries = dict(self.entries)
         for j in range(1, int(n) + 1):
@@ -260,13 +270,30 @@ class LabelTable:
         return LabelTable(self.name, entries, dict(self.code_map))
 
     def to_colorlut(self, path: str | os.PathLike) -> Path:
-        """Write the entries as a FreeSurfer ColorLUT text file; returns the path."""
+        """Write the entries as a FreeSurfer ColorLUT text file.
+
+        Parameters
+        ----------
+        path : path-like
+            The file written.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``.
+        """
         p = Path(path)
         p.write_text(self.colorlut_text())
         return p
 
     def colorlut_text(self) -> str:
-        """The entries as the text of a FreeSurfer ColorLUT file."""
+        """The entries as the text of a FreeSurfer ColorLUT file.
+
+        Returns
+        -------
+        str
+            Two comment lines, then ``code name R G B A`` per entry (0 ``Unknown`` added when missing).
+        """
         lines = [
             f"# helm-dask colour table ({self.name}); FreeSurfer ColorLUT format",
             "#No. Label Name:                            R   G   B   A",
@@ -280,7 +307,20 @@ class LabelTable:
 
     @classmethod
     def from_colorlut(cls, path: str | os.PathLike, *, name: str | None = None) -> LabelTable:
-        """Read a FreeSurfer ColorLUT (``code name R G B [A]`` lines, ``#`` comments); identity code map."""
+        """Read a FreeSurfer ColorLUT (``code name R G B [A]`` lines, ``#`` comments).
+
+        Parameters
+        ----------
+        path : path-like
+            The ColorLUT file.
+        name : str, optional
+            The table's name; default the path.
+
+        Returns
+        -------
+        LabelTable
+            Its entries, identity code map.
+        """
         p = Path(path)
         try:
             text = p.read_text()
@@ -303,13 +343,30 @@ class LabelTable:
         return cls(name or str(p), entries)
 
     def relabel(self, vol: xr.DataArray) -> xr.DataArray:
-        """Apply :attr:`code_map` to a label volume (lazy, uint16); unchanged volume for an identity map."""
+        """Apply :attr:`code_map` to a label volume.
+
+        Parameters
+        ----------
+        vol : xarray.DataArray
+            A label volume.
+
+        Returns
+        -------
+        xarray.DataArray
+            Lazy uint16 labels; ``vol`` itself for an identity map.
+        """
         if not self.code_map:
             return vol
         return relabel(vol, self.code_map, stage="labels.LabelTable.relabel")
 
     def to_dict(self) -> dict:
-        """JSON-able form (for provenance records)."""
+        """JSON-able form (for provenance records).
+
+        Returns
+        -------
+        dict
+            ``name``, ``code_map`` and ``entries`` with string keys.
+        """
         return {
             "name": self.name,
             "code_map": {str(a): b for a, b in sorted(self.code_map.items())},
@@ -318,7 +375,18 @@ class LabelTable:
 
 
 def freesurfer_table() -> LabelTable:
-    """The built-in table: FreeSurfer's codes, names and colours for 801-810 and 250 (identity numbering)."""
+    """The built-in table: FreeSurfer's codes, names and colours for 801-810 and 250 (identity numbering).
+
+    Returns
+    -------
+    LabelTable
+
+    Example
+    -------
+    >>> t = freesurfer_table().with_clusters(4)
+    >>> t.entries[801][0], t.entries[801][1], t.entries[1][0]
+    ('L_hypothalamus_anterior_inferior', (250, 255, 50, 0), 'kmeans-cluster-1')
+    """
     entries = {0: ("Unknown", (0, 0, 0, 0))}
     entries.update({c: (n, COLOURS[c]) for c, n in HYPOTHALAMUS.items()})
     entries[FORNIX] = (FORNIX_NAME, COLOURS[FORNIX])
@@ -335,8 +403,27 @@ def _our_names(n_clusters: int = 99) -> dict[str, int]:
 def load_label_table(spec: Any = "freesurfer") -> LabelTable:
     """The table for ``--label-table``: ``"freesurfer"``, a :class:`LabelTable`, or a JSON / TSV / ColorLUT path.
 
-    See the module doc for the file formats. ``"published"`` on its own is refused with an explanation: the
-    published maps' numbering is not built in, pass their colour table (or a code map) instead.
+    The numbering of the published HELM label maps is not built into the package (the maps are not shipped
+    with it), so ``"published"`` on its own is refused with an explanation: pass their colour table (or a code
+    map) instead. Codes not in a mapping keep their value; a mapping that sends two codes to the same output is
+    an error.
+
+    Parameters
+    ----------
+    spec : str, path-like or LabelTable
+        * ``"freesurfer"`` -- the built-in default (identity mapping, FreeSurfer's names and colours);
+        * ``path.json`` -- ``{"name": ..., "map": {"801": 11, ...}, "entries": {"11": ["name", [R, G, B, A]],
+          ...}}`` (``entries`` optional), or just a flat ``{"801": 11, ...}``;
+        * ``path.tsv`` / ``path.csv`` -- rows ``our_code  output_code  [name  R  G  B  [A]]`` (tab, comma or
+          blanks; lines starting with ``#`` or a non-numeric first field are skipped);
+        * any other file -- a FreeSurfer ColorLUT (``#No. Label Name: R G B A``, e.g. the one shipped with the
+          published maps): its entries are matched to ours **by name** (case, ``-``/``_`` and the spellings
+          left/L, right/R, tuberal/tubular are ignored; clusters match ``kmeans-cluster-J`` or ``cluster-J``);
+          codes that match nothing keep their value.
+
+    Returns
+    -------
+    LabelTable
     """
     if isinstance(spec, LabelTable):
         return spec
@@ -387,7 +474,8 @@ def _table_from_tsv(p: Path) -> LabelTable:
         text = p.read_text()
     except OSError as e:
         raise HelmError(f"cannot read the label table: {e.strerror or e}", path=p) from None
-    cmap, entries_in = {}, {}
+    cmap: dict[int, int] = {}
+    entries_in: dict[int, tuple[str, list[int] | None]] = {}
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -448,7 +536,21 @@ def _complete(name: str, cmap: dict[int, int], entries_in: dict) -> LabelTable:
 
 
 def write_lut(path: str | os.PathLike, table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9)) -> Path:
-    """Write the colour table (``lut.txt`` next to the maps), with k-means clusters 1..max(ks); returns the path.
+    """Write the colour table (``lut.txt`` next to the maps), with k-means clusters 1..max(ks).
+
+    Parameters
+    ----------
+    path : path-like
+        The file written (FreeSurfer ColorLUT format).
+    table : str, path-like or LabelTable
+        As :func:`load_label_table` takes.
+    ks : iterable of int
+        The k values of the run.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
 
     Example
     -------
@@ -461,7 +563,19 @@ def write_lut(path: str | os.PathLike, table: Any = "freesurfer", ks: Iterable[i
 
 
 def lut_table(table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9)) -> LabelTable:
-    """The label table with k-means clusters 1..max(ks): what :func:`write_lut` writes."""
+    """The label table with k-means clusters 1..max(ks): what :func:`write_lut` writes.
+
+    Parameters
+    ----------
+    table : str, path-like or LabelTable
+        As :func:`load_label_table` takes.
+    ks : iterable of int
+        The k values of the run.
+
+    Returns
+    -------
+    LabelTable
+    """
     ks = list(ks)
     return load_label_table(table).with_clusters(max(ks) if ks else 0)
 
@@ -472,7 +586,17 @@ def lut_table(table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9))
 
 
 def parse_label_map(items: Any) -> dict[int, int]:
-    """``--label-map`` values -> {code: code}: ``"5=801"``, ``"5=801,6=0"``, a list of those, or a mapping.
+    """``--label-map`` values as a mapping of codes.
+
+    Parameters
+    ----------
+    items : str, list of str, mapping or None
+        ``"5=801"``, ``"5=801,6=0"``, a list of those, or a mapping.
+
+    Returns
+    -------
+    dict of int to int
+        Empty for no items; HelmError for anything that is not integer ``CODE=CODE`` pairs.
 
     Example
     -------
@@ -481,6 +605,7 @@ def parse_label_map(items: Any) -> dict[int, int]:
     """
     if not items:
         return {}
+    pairs: list[tuple[Any, ...]]
     if isinstance(items, Mapping):
         pairs = list(items.items())
     else:
@@ -513,7 +638,17 @@ def _unique_counts(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_counts(vol: Any) -> dict:
-    """{value: voxel count} of a label volume, by a chunked unique (one small task per chunk; eager).
+    """Voxel count of every value of a label volume, by a chunked unique (one small task per chunk; eager).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray or array_like
+        The labels (any dtype).
+
+    Returns
+    -------
+    dict
+        ``{value: count}`` sorted by value (integral values as int).
 
     Example
     -------
@@ -542,7 +677,25 @@ def _relabel_block(block: np.ndarray, keys: np.ndarray, vals: np.ndarray) -> np.
 def relabel(vol: xr.DataArray, mapping: Mapping[int, int], *, stage: str = "labels.relabel") -> xr.DataArray:
     """Replace codes by ``mapping`` (others unchanged), lazily, as a uint16 ``kind="labels"`` volume.
 
-    The input must hold integer values that fit uint16 after mapping (see :func:`validate_manual_labels`).
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        Integer values that fit uint16 after mapping (see :func:`validate_manual_labels`).
+    mapping : mapping of int to int
+        Old code -> new code.
+    stage : str
+        Name of the provenance step.
+
+    Returns
+    -------
+    xarray.DataArray
+
+    Example
+    -------
+    >>> from helm_dask.volume import make_volume
+    >>> v = make_volume(da.from_array(np.array([0, 5, 801], np.int32).reshape(3, 1, 1)), np.eye(4))
+    >>> relabel(v, {5: 802}).values.ravel().tolist()
+    [0, 802, 801]
     """
     data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
     m = {int(a): int(b) for a, b in mapping.items()}
@@ -551,7 +704,7 @@ def relabel(vol: xr.DataArray, mapping: Mapping[int, int], *, stage: str = "labe
     if not m and data.dtype == np.uint16:
         new = data
     else:
-        new = data.map_blocks(_relabel_block, keys=keys, vals=vals, dtype=np.uint16)
+        new = da.map_blocks(_relabel_block, data, keys=keys, vals=vals, dtype=np.uint16)
     return like(
         vol, new, kind="labels", step=provenance_record(stage, {"mapping": {str(a): b for a, b in sorted(m.items())}})
     )

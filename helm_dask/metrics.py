@@ -1,53 +1,8 @@
-"""Validation metrics: Dice, average Hausdorff distance, HD95 and volumes, per label and per paper group.
-
-Definitions (fixed here, used everywhere, printed in the table footer)
---------------------------------------------------------------------
-All distances are Euclidean, in millimetres, between **voxel centres**, over **all voxels** of each set
-(not surfaces), as in Taha & Hanbury (2015, BMC Med Imaging 15:29):
-
-* ``d_ab`` -- directed average distance from A to B: the mean over every voxel of A of the distance from
-  its centre to the nearest voxel centre of B (0 for voxels of A that are also in B); ``d_ba`` likewise.
-* **average Hausdorff distance**, reported twice and labelled: ``avg_hd_mean_mm = (d_ab + d_ba) / 2`` (the
-  *mean* of the two directed averages, the figure the HELM paper's Table 2 compares with) and
-  ``avg_hd_max_mm = max(d_ab, d_ba)`` (Taha & Hanbury's AVD, the larger of the two).
-* ``hd95_mm``: the larger of the two directed 95th percentiles, each the 95th percentile of the
-  voxel-to-set distances of one set (``numpy.percentile``, default "linear" interpolation);
-  ``hd_mm``: the Hausdorff distance (largest voxel-to-set distance either way).
-* Dice ``2 |A n B| / (|A| + |B|)`` in voxels; volumes ``count * |det(affine[:3, :3])|`` in mm3.
-
-Exactness: the distances come from ``scipy.ndimage.distance_transform_edt(~B, sampling=spacing)`` -- the
-exact Euclidean distance transform with anisotropic voxel sizes (and, for an oblique but unsheared affine,
-the voxel axes are orthogonal in mm so the same holds). It is evaluated only inside the bounding box of
-A u B: every voxel of B lies in that box, so the nearest B voxel of any A voxel is found there and the result
-is *exact* -- the extra ``margin_mm`` never changes a number (it only pads the box the tests look at).
-
-Empty labels (documented values; see ``status``):
-
-==================  =====  ==============================  ======================
-case                Dice   distances                       status
-==================  =====  ==============================  ======================
-absent in both      NaN    NaN                             ``"absent in both"``
-absent in A or B    0.0    inf                             ``"absent in A"`` / B
-box too large       exact  NaN                             ``"too large for distances"``
-otherwise           exact  exact                           ``"ok"``
-==================  =====  ==============================  ======================
-
-Out of core (:func:`compare_volumes`): one chunked pass over A and B (aligned chunks) collects, per code,
-its voxel count and bounding box in each map and the joint counts of code pairs (A code, B code), merged
-in a tree; Dice and volumes of any label *or group* follow from these integer counts exactly, for any
-chunking. Distances then load only the (small) union bounding box of each label/group. A box larger than
-``max_box_voxels`` (e.g. a k-means cluster spanning the brain) gets Dice and volumes but NaN distances.
-
-Example
--------
->>> import numpy as np
->>> a = np.zeros((5, 1, 1), bool); a[0:2] = True
->>> b = np.zeros((5, 1, 1), bool); b[1:3] = True
->>> dice(a, b)
-0.5
->>> r = average_hausdorff(a, b, (0.5, 1.0, 1.0))
->>> r["d_ab"], r["mean"], r["max"], r["status"]
-(0.25, 0.25, 0.25, 'ok')
+"""Validation metrics between label maps, out of core: :func:`compare_volumes` gives Dice, the average
+Hausdorff distance (mean and max of the two directed averages), HD95, HD and volumes per label and per paper
+group, :func:`summarise`/:func:`format_table`/:func:`to_csv` turn rows into tables, and
+:func:`kmeans_agreement` compares k-means maps with a tissue-class map (adjusted Rand index, best-match Dice);
+the definitions, why the distances are exact and the values of empty labels are in ``docs/method/metrics.md``.
 """
 
 from __future__ import annotations
@@ -119,7 +74,17 @@ def _check_pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dice(a_bool: Any, b_bool: Any) -> float:
-    """Dice overlap ``2 |A n B| / (|A| + |B|)`` of two boolean arrays; NaN when both are empty.
+    """Dice overlap ``2 |A n B| / (|A| + |B|)`` of two boolean arrays.
+
+    Parameters
+    ----------
+    a_bool, b_bool : array_like
+        Same shape; non-zero is inside.
+
+    Returns
+    -------
+    float
+        The Dice coefficient; NaN when both are empty.
 
     Example
     -------
@@ -153,7 +118,7 @@ def _spacing_vec(spacing_mm: Any, ndim: int) -> tuple[float, ...]:
 def average_hausdorff(a_bool: Any, b_bool: Any, spacing_mm: Any) -> dict:
     """Average Hausdorff distance (both summaries), HD95 and HD between two boolean arrays, in mm.
 
-    In memory and exact (see the module docstring for the definitions). The work is confined to the
+    In memory and exact (definitions in ``docs/method/metrics.md``). The work is confined to the
     bounding box of ``A u B``, which does not change the result.
 
     Parameters
@@ -275,6 +240,13 @@ def label_statistics(a_data: Any, b_data: Any, *, fan_in: int = 8) -> dict:
     computed eagerly; the result is small (one entry per code / code pair). Exact integers: identical for
     every chunking.
 
+    Parameters
+    ----------
+    a_data, b_data : array_like
+        Integer label arrays of one shape (dask arrays stay lazy until the pass).
+    fan_in : int
+        Partial results merged per task.
+
     Returns
     -------
     dict
@@ -367,7 +339,23 @@ def _same_grid(a_vol, b_vol, atol: float = 1e-6) -> str | None:
 
 
 def label_name(code: int) -> str:
-    """Human-readable name of a code (hypothalamic subunits, fornix; else ``"label N"``)."""
+    """Human-readable name of a code.
+
+    Parameters
+    ----------
+    code : int
+        A label code.
+
+    Returns
+    -------
+    str
+        The short name of a hypothalamic subunit or the fornix, else ``"label N"``.
+
+    Example
+    -------
+    >>> label_name(803), label_name(7)
+    ('L posterior', 'label 7')
+    """
     return LABEL_NAMES.get(int(code), f"label {int(code)}")
 
 
@@ -386,7 +374,7 @@ def _select_items(stats: dict, labels: Any, groups: Any) -> list[tuple[str, str,
             raise HelmError(f"labels must be None, 'all' or a list of integer codes, got {labels!r}") from None
         if 0 in codes:
             raise HelmError("label 0 is the background and cannot be compared", hint="Leave 0 out of labels.")
-    items = [(label_name(c), "label", (c,)) for c in codes]
+    items: list[tuple[str, str, tuple[int, ...]]] = [(label_name(c), "label", (c,)) for c in codes]
     if groups is None:
         return items
     if isinstance(groups, str):
@@ -471,6 +459,47 @@ def compare_volumes(
     """
     import dask
 
+    a_data, b_data, affine = _aligned_pair(a_vol, b_vol, resample_b)
+    sp = _check_orthogonal(affine, a_vol.attrs.get("source") or None)
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    if margin_mm < 0 or not math.isfinite(margin_mm):
+        raise HelmError(f"margin_mm must be >= 0, got {margin_mm}")
+    if int(max_box_voxels) < 1:
+        raise HelmError(f"max_box_voxels must be >= 1, got {max_box_voxels}")
+    margin = np.ceil(margin_mm / sp - 1e-9).astype(int)
+    shape = np.array(a_data.shape)
+    b_data = b_data.rechunk(a_data.chunks)
+
+    stats = label_statistics(a_data, b_data)
+    items = _select_items(stats, labels, groups)
+
+    rows: list[dict] = []
+    tasks, task_rows = [], []
+    for name, kind, codes in items:
+        row = _count_row(name, kind, codes, stats, voxel_mm3)
+        na, nb = row["voxels_a"], row["voxels_b"]
+        if na == 0 or nb == 0:
+            st = STATUS_BOTH_EMPTY if na == nb == 0 else (STATUS_A_EMPTY if na == 0 else STATUS_B_EMPTY)
+            row.update(_row_distances(_empty_distances(st)))
+        else:
+            sl = _distance_box(stats, codes, margin, shape, int(max_box_voxels))
+            if sl is None:
+                row.update(_row_distances(_empty_distances(STATUS_TOO_LARGE)))
+            else:
+                tasks.append(
+                    dask.delayed(_box_metrics, pure=True)(
+                        a_data[sl], b_data[sl], tuple(codes), tuple(float(x) for x in sp)
+                    )
+                )
+                task_rows.append(row)
+        rows.append(row)
+    for row, res in zip(task_rows, dask.compute(*tasks)):
+        row.update(_row_distances(res))
+    return [{k: r[k] for k in ROW_FIELDS} for r in rows]
+
+
+def _aligned_pair(a_vol: Any, b_vol: Any, resample_b: bool) -> tuple[Any, Any, np.ndarray]:
+    """``(a_data, b_data, affine)``: both maps checked and on A's grid (B resampled there if asked)."""
     from .volume import affine_of
 
     a_data = _check_labels_volume(a_vol, "A")
@@ -489,59 +518,38 @@ def compare_volumes(
 
         b_vol = resample_to_grid(b_vol, tuple(a_vol.shape), affine_of(a_vol), order=0)
     b_data = _check_labels_volume(b_vol, "B")
-    affine = affine_of(a_vol)
-    sp = _check_orthogonal(affine, src_a)
-    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
-    if margin_mm < 0 or not math.isfinite(margin_mm):
-        raise HelmError(f"margin_mm must be >= 0, got {margin_mm}")
-    if int(max_box_voxels) < 1:
-        raise HelmError(f"max_box_voxels must be >= 1, got {max_box_voxels}")
-    margin = np.ceil(margin_mm / sp - 1e-9).astype(int)
-    shape = np.array(a_data.shape)
-    b_data = b_data.rechunk(a_data.chunks)
+    return a_data, b_data, affine_of(a_vol)
 
-    stats = label_statistics(a_data, b_data)
-    items = _select_items(stats, labels, groups)
 
-    rows: list[dict] = []
-    tasks, task_rows = [], []
-    for name, kind, codes in items:
-        cs = set(codes)
-        na = sum(stats["a"][c][0] for c in codes if c in stats["a"])
-        nb = sum(stats["b"][c][0] for c in codes if c in stats["b"])
-        inter = sum(n for (c1, c2), n in stats["joint"].items() if c1 in cs and c2 in cs)
-        row = dict(
-            name=name,
-            kind=kind,
-            codes=tuple(codes),
-            status=STATUS_OK,
-            dice=_dice_from_counts(inter, na, nb),
-            voxels_a=na,
-            voxels_b=nb,
-            volume_a_mm3=na * voxel_mm3,
-            volume_b_mm3=nb * voxel_mm3,
-        )
-        if na == 0 or nb == 0:
-            st = STATUS_BOTH_EMPTY if na == nb == 0 else (STATUS_A_EMPTY if na == 0 else STATUS_B_EMPTY)
-            row.update(_row_distances(_empty_distances(st)))
-        else:
-            boxes = [stats[k][c] for k in ("a", "b") for c in codes if c in stats[k]]
-            lo = np.maximum(np.min([bx[1] for bx in boxes], axis=0) - margin, 0)
-            hi = np.minimum(np.max([bx[2] for bx in boxes], axis=0) + margin, shape - 1)
-            if int(np.prod(hi - lo + 1)) > int(max_box_voxels):
-                row.update(_row_distances(_empty_distances(STATUS_TOO_LARGE)))
-            else:
-                sl = tuple(slice(int(l), int(h) + 1) for l, h in zip(lo, hi))
-                tasks.append(
-                    dask.delayed(_box_metrics, pure=True)(
-                        a_data[sl], b_data[sl], tuple(codes), tuple(float(x) for x in sp)
-                    )
-                )
-                task_rows.append(row)
-        rows.append(row)
-    for row, res in zip(task_rows, dask.compute(*tasks)):
-        row.update(_row_distances(res))
-    return [{k: r[k] for k in ROW_FIELDS} for r in rows]
+def _count_row(name: str, kind: str, codes: tuple[int, ...], stats: dict, voxel_mm3: float) -> dict:
+    """A result row with what the integer counts give: Dice, voxels and volumes (status "ok" so far)."""
+    cs = set(codes)
+    na = sum(stats["a"][c][0] for c in codes if c in stats["a"])
+    nb = sum(stats["b"][c][0] for c in codes if c in stats["b"])
+    inter = sum(n for (c1, c2), n in stats["joint"].items() if c1 in cs and c2 in cs)
+    return dict(
+        name=name,
+        kind=kind,
+        codes=tuple(codes),
+        status=STATUS_OK,
+        dice=_dice_from_counts(inter, na, nb),
+        voxels_a=na,
+        voxels_b=nb,
+        volume_a_mm3=na * voxel_mm3,
+        volume_b_mm3=nb * voxel_mm3,
+    )
+
+
+def _distance_box(
+    stats: dict, codes: tuple[int, ...], margin: np.ndarray, shape: np.ndarray, max_box_voxels: int
+) -> tuple[slice, ...] | None:
+    """The union bounding box of ``codes`` in A and B plus ``margin`` (clipped); None when it is too large."""
+    boxes = [stats[k][c] for k in ("a", "b") for c in codes if c in stats[k]]
+    lo = np.maximum(np.min([bx[1] for bx in boxes], axis=0) - margin, 0)
+    hi = np.minimum(np.max([bx[2] for bx in boxes], axis=0) + margin, shape - 1)
+    if int(np.prod(hi - lo + 1)) > max_box_voxels:
+        return None
+    return tuple(slice(int(l), int(h) + 1) for l, h in zip(lo, hi))
 
 
 def _row_distances(d: Mapping[str, Any]) -> dict:
@@ -564,7 +572,21 @@ def summarise(rows_per_subject: Mapping[str, Sequence[Mapping[str, Any]]], *, dd
 
     Rows are matched by ``(kind, name)``. For each metric, non-finite values (NaN/inf from absent labels or boxes
     too large) are left out; ``n_subjects`` counts the subjects having the row, ``n_ok`` those whose status
-    is "ok", and ``<metric>_n`` the values used. ``ddof=1``: the sample standard deviation (NaN for n < 2).
+    is "ok", and ``<metric>_n`` the values used.
+
+    Parameters
+    ----------
+    rows_per_subject : mapping of str to list of dict
+        :func:`compare_volumes` rows per subject.
+    ddof : int
+        Delta degrees of freedom of the standard deviation; 1 gives the sample standard deviation (NaN for
+        n < 2).
+
+    Returns
+    -------
+    list of dict
+        One row per label/group (first-seen order): ``name``, ``kind``, ``codes``, ``n_subjects``, ``n_ok`` and
+        ``<metric>_mean``, ``<metric>_std``, ``<metric>_n`` for every metric present.
 
     Example
     -------
@@ -634,6 +656,16 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A readable aligned text table of :func:`compare_volumes` rows, or of :func:`summarise` rows
     (cells ``mean +- std``), with the definitions in a footer.
 
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows of one kind (summary rows are recognised by ``n_subjects``).
+
+    Returns
+    -------
+    str
+        The table, its units and :data:`DEFINITIONS`.
+
     Example
     -------
     >>> row = dict(name="L posterior", kind="label", codes=(803,), status="ok", dice=0.9, avg_hd_mean_mm=0.2,
@@ -679,6 +711,18 @@ def to_csv(rows: Any, path: str | os.PathLike) -> str:
 
     Codes are written ``801+802``; undefined values ``nan``, one-sided absences ``inf``.
 
+    Parameters
+    ----------
+    rows : list of dict, or mapping of str to list of dict
+        Result rows, or rows per subject.
+    path : path-like
+        The CSV file written.
+
+    Returns
+    -------
+    str
+        ``path``.
+
     Example
     -------
     >>> import tempfile, os
@@ -712,7 +756,23 @@ def to_csv(rows: Any, path: str | os.PathLike) -> str:
 
 def to_jsonable(rows: Any) -> Any:
     """The rows (or dict subject -> rows) with tuples as lists and non-finite numbers as None (strict JSON);
-    ``status`` still says why a value is missing."""
+    ``status`` still says why a value is missing.
+
+    Parameters
+    ----------
+    rows : list of dict, or mapping of str to list of dict
+        Result rows, or rows per subject.
+
+    Returns
+    -------
+    list of dict, or dict of str to list of dict
+        The same structure, JSON-able.
+
+    Example
+    -------
+    >>> to_jsonable([dict(codes=(801, 802), hd_mm=float("inf"))])
+    [{'codes': [801, 802], 'hd_mm': None}]
+    """
     if isinstance(rows, Mapping):
         return {str(k): to_jsonable(v) for k, v in rows.items()}
     out = []
@@ -732,7 +792,22 @@ _SUFFIXES = (".nii.gz", ".nii", ".zarr", ".mgz", ".mgh")
 
 
 def subject_name(path: str | os.PathLike) -> str:
-    """File name without folder and image suffix (``sub-01_labels.nii.gz`` -> ``sub-01_labels``)."""
+    """File name without folder and image suffix.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file (``.nii.gz``, ``.nii``, ``.zarr``, ``.mgz``, ``.mgh``) or folder.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> subject_name("maps/sub-01_labels.nii.gz")
+    'sub-01_labels'
+    """
     name = os.path.basename(os.fspath(path).rstrip("/\\"))
     for suf in _SUFFIXES:
         if name.lower().endswith(suf):
@@ -743,11 +818,24 @@ def subject_name(path: str | os.PathLike) -> str:
 def pair_by_name(paths_a: Iterable[str | os.PathLike], paths_b: Iterable[str | os.PathLike]):
     """Pair two lists of files by :func:`subject_name`.
 
-    Returns ``(pairs, only_a, only_b)``: ``pairs`` a sorted list of ``(name, path_a, path_b)``, and the
-    names found on one side only. Duplicate names on one side raise HelmError.
+    Parameters
+    ----------
+    paths_a, paths_b : iterable of path-like
+        The files of each side; a name twice on one side raises HelmError.
+
+    Returns
+    -------
+    tuple
+        ``(pairs, only_a, only_b)``: ``pairs`` a sorted list of ``(name, path_a, path_b)``, and the sorted
+        names found on one side only.
+
+    Example
+    -------
+    >>> pair_by_name(["a/s1.nii.gz", "a/s2.nii"], ["b/s1.zarr"])
+    ([('s1', 'a/s1.nii.gz', 'b/s1.zarr')], ['s2'], [])
     """
 
-    def index(paths, side):
+    def index(paths: Iterable[str | os.PathLike], side: str) -> dict[str, str]:
         d: dict[str, str] = {}
         for p in paths:
             n = subject_name(p)
@@ -829,7 +917,7 @@ def _block_tables(tissue: np.ndarray, mask: np.ndarray | None, *maps: np.ndarray
 
 
 def _merge_tables(*parts: list[dict]) -> list[dict]:
-    out = [dict() for _ in parts[0]]
+    out: list[dict] = [{} for _ in parts[0]]
     for p in parts:
         for dst, src in zip(out, p):
             for key, n in src.items():
@@ -843,7 +931,28 @@ def contingency_tables(maps: Sequence[Any], tissue: Any, mask: Any = None, *, fa
     Every map (and ``mask``) is rechunked to ``tissue``'s chunks (lazily); each block is counted with
     ``np.bincount`` and the integer tables are summed in a tree of ``fan_in``, so the result is exact and the
     same for any chunking, and the shared inputs (a resampled tissue map) are computed once per block for all
-    maps. With ``mask``, only voxels where it is non-zero count; otherwise all voxels (code 0 included).
+    maps.
+
+    Parameters
+    ----------
+    maps : sequence of volumes or arrays
+        Integer (or boolean) maps of ``tissue``'s shape.
+    tissue : volume or array
+        The reference classes.
+    mask : volume or array, optional
+        Only voxels where it is non-zero count; without it all voxels (code 0 included).
+    fan_in : int
+        Partial tables merged per task.
+
+    Returns
+    -------
+    list of dict
+        One ``{(cluster, class): count}`` table per map (computed eagerly).
+
+    Example
+    -------
+    >>> contingency_tables([np.array([1, 1, 2])], np.array([3, 3, 3]))
+    [{(1, 3): 2, (2, 3): 1}]
     """
     import dask
 
@@ -887,6 +996,16 @@ def adjusted_rand_from_table(table: Mapping[tuple[int, int], int]) -> float:
     formula and special case as ``sklearn.metrics.adjusted_rand_score`` (1.0 when the two partitions agree on
     every pair, e.g. both a single cluster).
 
+    Parameters
+    ----------
+    table : mapping of (int, int) to int
+        Voxel counts per (cluster, class).
+
+    Returns
+    -------
+    float
+        The adjusted Rand index; NaN for an empty table.
+
     Example
     -------
     >>> adjusted_rand_from_table({(1, 7): 2, (2, 8): 3})      # the same partition, other names
@@ -922,6 +1041,24 @@ def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = 
     non-zero class, ``2 n_ij / (|cluster i| + |class j|)`` of its best single non-zero cluster ``i`` (sizes inside
     the region); ``dice_merged`` is the Dice of the union of the clusters whose largest share lies in that class
     (each cluster assigned to one class), for maps with more clusters than classes.
+
+    Parameters
+    ----------
+    table : mapping of (int, int) to int
+        Voxel counts per (cluster, class), all codes (0 included).
+    region : {"both non-zero", "mask"}
+        Which entries count (see above).
+
+    Returns
+    -------
+    dict
+        As :func:`kmeans_agreement` describes.
+
+    Example
+    -------
+    >>> r = agreement_from_table({(1, 2): 3, (2, 3): 1, (0, 2): 5})
+    >>> r["ari"], r["dice"][2]["dice"], r["excluded"]["tissue_only"]
+    (1.0, 1.0, 5)
     """
     full = {(int(i), int(j)): int(c) for (i, j), c in table.items() if int(c) > 0}
     if region == "both non-zero":
@@ -978,7 +1115,22 @@ def agreement_from_table(table: Mapping[tuple[int, int], int], *, region: str = 
 
 
 def kmeans_agreement_many(kmeans_maps: Mapping[Any, Any], tissue: Any, mask: Any = None) -> dict:
-    """:func:`kmeans_agreement` for several maps of one grid (e.g. ``{k: kmeans_k{k}}``) in one chunked pass."""
+    """:func:`kmeans_agreement` for several maps of one grid (e.g. ``{k: kmeans_k{k}}``) in one chunked pass.
+
+    Parameters
+    ----------
+    kmeans_maps : mapping
+        Key -> k-means map (volume or array).
+    tissue : volume or array
+        The reference classes, on the maps' grid (volumes: affines equal to 1e-4, else HelmError).
+    mask : volume or array, optional
+        The region compared (non-zero voxels); default where both maps are non-zero.
+
+    Returns
+    -------
+    dict
+        Key -> the :func:`kmeans_agreement` result.
+    """
     keys = list(kmeans_maps)
     if hasattr(tissue, "attrs") and "affine" in getattr(tissue, "attrs", {}):
         for key in keys:
@@ -1035,8 +1187,24 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
     :func:`helm_dask.orient.to_ras`, the left-right flip for a right hemisphere (``side="R"``), then
     :func:`helm_dask.resample.resample_labels` to ``spacing`` (default: the target's voxel size; the run's
     ``--spacing``, or ``"native"``) by majority vote (nearest neighbour where a working voxel holds no scan voxel
-    centre, i.e. when upsampling). The result's grid must equal ``target_vol``'s (shape, and affine to 1e-4 mm),
-    else HelmError. Lazy.
+    centre, i.e. when upsampling).
+
+    Parameters
+    ----------
+    tissue_vol : xarray.DataArray
+        Tissue classes on the scan's voxel grid.
+    target_vol : xarray.DataArray
+        A volume on the run's working grid.
+    side : {"L", "R"}
+        The hemisphere (a right one is flipped as the run flips it).
+    spacing : float, sequence of float or "native", optional
+        The run's working spacing; default the target's voxel size.
+
+    Returns
+    -------
+    xarray.DataArray
+        The tissue map on ``target_vol``'s grid, lazy; HelmError when the grids do not agree (shape, and affine
+        to 1e-4 mm).
     """
     from .orient import flip_left_right, to_ras
     from .resample import resample_labels

@@ -1,61 +1,8 @@
-"""The built-in phantom: a lazy, deterministic ex vivo hemisphere in a bag, at any resolution (0.1 mm included).
-
-No real scan ships with the package, so :func:`phantom` stands in for one, with its ground truths. It is
-generated chunk by chunk with ``da.map_blocks``: every voxel is computed from its *global* voxel index only, so
-the value of a voxel is bit-identical whatever the chunking (and whatever the machine: the noise uses integer
-hashing and polynomial arithmetic, no library transcendental function is applied to chunk-shaped arrays), and
-the 0.1 mm volume (1920 x 820 x 1300 = 2.05 gigavoxels) is never materialised.
-
-What is in it
--------------
-The anatomy is defined once, in millimetres, in an *object frame* (X to the specimen's right, Y anterior,
-Z superior; the left hemisphere's flat medial face is the plane X = 0), which a fixed rigid transform places
-in the RAS+ world (rotated a few degrees, so nothing is axis-aligned in the world). Phantoms at different
-spacings therefore describe exactly the same object; only the sampling changes.
-
-* a **left or right hemisphere** (about 170 x 74 x 116 mm: a half-ellipsoid, gently warped by low-frequency
-  sinusoids, with a flat medial face), a **cortex** shell of grey matter (about 2.8 mm; also on the medial
-  face, except in the medial window where the hemisection exposes white matter and deep grey matter),
-  **white matter** inside, **deep grey nuclei** (a thalamus reaching the medial face and a striatum),
-  a curved **lateral ventricle** (internal CSF: part of the brain mask);
-* a **hypothalamus** on the medial face (5 x 7 x 5.5 mm semi-axes, about 700 mm3, cut by the medial plane)
-  split into its five subregions -- anterior / tuberal / posterior along Y, inferior / superior along Z for
-  the anterior and tuberal parts -- and a **fornix** (a 1.3 mm radius tube on a circular arc) that descends
-  through it into the posterior (mammillary) part;
-* a **bag**: a 0.6 mm plastic shell (rounded box) full of fluid, with air bubbles; air outside;
-* a smooth **multiplicative bias field** (about 0.7 .. 1.4 over the brain), **Rician noise**
-  (``|S + n1 + i n2|``, Gaussian ``n1, n2`` of standard deviation :data:`NOISE_SIGMA`), and optionally four
-  **echoes** (TE 5.65 / 11.95 / 18.25 / 24.55 ms) decaying with a per-tissue T2*;
-* a non-RAS ("PLI"), slightly oblique acquisition affine: voxel axis 0 runs anterior -> posterior (192 mm field
-  of view), axis 1 right -> left (82 mm), axis 2 superior -> inferior (130 mm), the whole grid rotated a few
-  degrees. ``shape = round(fov / spacing)``; the field of view is centred on the same object point at every
-  spacing, and the affine maps voxel *centres*.
-
-A right hemisphere is the exact mirror image (world x -> -x) of the left one: same orientation code, same
-determinant sign, its voxel data the left one's flipped along voxel axis 1 (apart from the noise, which is
-independent), hypothalamus codes 806-810 instead of 801-805.
-
-Ground truths: ``truth_mask`` (brain, ventricles included), ``truth_tissue`` (the classes below),
-``hypothalamus`` (FreeSurfer subunit codes, :data:`FORNIX_LABEL` for the fornix) and ``truth_bias``.
-
-Tissue classes (``truth_tissue``, uint8)
----------------------------------------
-====  =====================================================================
-0     :data:`TISSUE_OUTSIDE`  -- outside the brain (fluid, bag, bubbles, air)
-1     :data:`TISSUE_CSF`      -- cerebrospinal fluid (the lateral ventricle)
-2     :data:`TISSUE_GM`       -- cortical grey matter
-3     :data:`TISSUE_WM`       -- white matter (the fornix included: it is a fibre bundle)
-4     :data:`TISSUE_DEEP_GM`  -- deep grey matter (thalamus, striatum)
-5     :data:`TISSUE_HYPOTHALAMUS` -- hypothalamus (its five subregions)
-====  =====================================================================
-
-Example
--------
->>> vols = phantom(2.0, side="L")
->>> vols["scan"].shape, vols["scan"].attrs["kind"]
-((96, 41, 65), 'image')
->>> sorted(int(v) for v in np.unique(vols["hypothalamus"].values))
-[0, 250, 801, 802, 803, 804, 805]
+"""The built-in geometric phantom, a lazy, deterministic ex vivo hemisphere in a bag at any resolution (0.1 mm
+included), standing in for a real scan with its ground truths: :func:`phantom` gives the scan, the hypothalamus
+labels, the brain mask, the tissue classes and the bias field as lazy volumes, each voxel computed from its
+global index only (bit-identical for any chunking), and :func:`phantom_geometry` the true grid and world
+geometry; the anatomy, contrast, noise and acquisition are described in ``docs/method/phantom.md``.
 """
 
 from __future__ import annotations
@@ -92,11 +39,17 @@ __all__ = [
 #: Version of the phantom model (geometry, intensities, noise); bumped whenever a voxel value would change.
 PHANTOM_MODEL_VERSION = 1
 
+#: ``truth_tissue`` class: outside the brain (fluid, bag, bubbles, air).
 TISSUE_OUTSIDE = 0
+#: ``truth_tissue`` class: cerebrospinal fluid (the lateral ventricle).
 TISSUE_CSF = 1
+#: ``truth_tissue`` class: cortical grey matter.
 TISSUE_GM = 2
+#: ``truth_tissue`` class: white matter (the fornix included: it is a fibre bundle).
 TISSUE_WM = 3
+#: ``truth_tissue`` class: deep grey matter (thalamus, striatum).
 TISSUE_DEEP_GM = 4
+#: ``truth_tissue`` class: hypothalamus (its five subregions).
 TISSUE_HYPOTHALAMUS = 5
 #: Names of the ``truth_tissue`` classes.
 TISSUE_NAMES = {
@@ -247,7 +200,8 @@ def _check(spacing_mm: Any, side: Any) -> tuple[float, str]:
 
 
 def _shape(s: float) -> tuple[int, int, int]:
-    return tuple(max(1, int(round(f / s))) for f in FOV_MM)
+    n0, n1, n2 = (max(1, int(round(f / s))) for f in FOV_MM)
+    return n0, n1, n2
 
 
 def _axes_full(s: float, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -348,7 +302,9 @@ def _paint(comp: np.ndarray, fx: np.ndarray, g: np.ndarray, code) -> None:
         np.copyto(sub, np.broadcast_to(code[i0:i1, None, k0:k1], sub.shape), where=sel)
 
 
-def _ellipsoid(x, y, z, c, r, xmax=np.inf):
+def _ellipsoid(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, c: Any, r: Any, xmax: float = np.inf
+) -> tuple[np.ndarray, np.ndarray]:
     """(fx, g) of an axis-aligned ellipsoid, cut to X <= xmax: ((X-xc)/rx)^2 <= 1 - ((Y-yc)/ry)^2 - ..."""
     fx = ((x - c[0]) / r[0]) ** 2
     fx = np.where(x <= xmax, fx, np.inf)
@@ -483,7 +439,7 @@ def _neg2log(u: np.ndarray) -> np.ndarray:
     e = (e + big).astype(np.float32)
     s = (m - np.float32(1.0)) / (m + np.float32(1.0))  # |s| <= 0.1716
     z = s * s
-    p = np.float32(1 / 9)
+    p: np.ndarray | np.float32 = np.float32(1 / 9)
     for c in (1 / 7, 1 / 5, 1 / 3, 1.0):
         p = p * z + np.float32(c)
     return (e * _LN2 + np.float32(2.0) * s * p) * np.float32(-2.0)
@@ -497,7 +453,7 @@ def _cos_pi(v: np.ndarray) -> np.ndarray:
     to x^13 (|error| < 1e-8)."""
     x = (np.float32(0.5) - v) * np.float32(math.pi)
     z = x * x
-    p = _SIN_COEFFS[0]
+    p: np.ndarray | np.float32 = _SIN_COEFFS[0]
     for c in _SIN_COEFFS[1:]:
         p = p * z + c
     return p * x
@@ -614,6 +570,13 @@ def _world_geometry(side: str) -> dict:
 
 def phantom_geometry(spacing_mm: float, side: str = "L") -> dict:
     """Voxel grid and true world geometry of the phantom (computed eagerly; small).
+
+    Parameters
+    ----------
+    spacing_mm : float
+        Isotropic voxel size in mm.
+    side : {"L", "R"}
+        Hemisphere.
 
     Returns
     -------
@@ -770,6 +733,11 @@ def phantom(
     >>> v = phantom(0.1)
     >>> v["scan"].shape, v["scan"].data.npartitions
     ((1920, 820, 1300), 1155)
+    >>> vols = phantom(2.0, side="L")
+    >>> vols["scan"].shape, vols["scan"].attrs["kind"]
+    ((96, 41, 65), 'image')
+    >>> sorted(int(v) for v in np.unique(vols["hypothalamus"].values))
+    [0, 250, 801, 802, 803, 804, 805]
     """
     unknown = sorted(set(mni_options) - set(_MNI_OPTIONS))
     if unknown:

@@ -1,9 +1,11 @@
-"""Writing the phantom: one Zarr store (a group holding one volume per output) or a folder of NIfTI files."""
+"""Writing a phantom (:func:`write_phantom`): one Zarr store (a group holding one volume per output) or a folder
+of NIfTI files, generated chunk by chunk where it is written."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import zarr
 
@@ -19,13 +21,13 @@ MNI_OPTIONS = ("fluid", "bag_gap_mm", "header_rotation_deg", "header_rotation_ax
 
 
 def write_phantom(
-    out,
+    out: str | os.PathLike,
     *,
     spacing_mm: float = 0.5,
     side: str = "L",
     echoes: int = 1,
     seed: int = 0,
-    chunks=None,
+    chunks: Any = None,
     overwrite: bool = False,
     quiet: bool = True,
     anatomy: str = "geometric",
@@ -34,18 +36,37 @@ def write_phantom(
     header_rotation_deg: float | None = None,
     header_rotation_axis: str | None = None,
 ) -> dict[str, str]:
-    """Generate the phantom chunk by chunk and write it; returns ``{name: path}``.
+    """Generate the phantom chunk by chunk and write it.
 
-    ``OUT.zarr`` gives one store with the volumes ``OUT.zarr/scan``, ``OUT.zarr/hypothalamus``, ... (each a
-    helm-dask volume, open them with :func:`helm_dask.io.open_volume`); any other ``OUT`` is a folder with
-    ``scan.nii.gz``, ``hypothalamus.nii.gz``, ``truth_mask.nii.gz``, ``truth_tissue.nii.gz`` and
-    ``truth_bias.nii.gz``. Nothing is ever materialised: each chunk (or slab) is generated where it is written.
+    Nothing is ever materialised: each chunk (or slab) is generated where it is written. The store's collection
+    attributes record the anatomy and, for the template phantom, its options and the template files' checksums.
 
-    ``anatomy`` is ``"geometric"`` (:func:`helm_dask.phantom.phantom`, the default) or ``"mni152"`` (the template
-    phantom, :func:`helm_dask.phantom_mni.phantom_mni`); ``fluid`` (bright, dark, none; default bright),
-    ``bag_gap_mm`` (default 5), ``header_rotation_deg`` (default 0) and ``header_rotation_axis`` (x, y, z;
-    default z) apply to ``"mni152"`` only (``None``: the default). The store's collection attributes record the
-    anatomy and, for the template phantom, these options and the template files' checksums.
+    Parameters
+    ----------
+    out : path-like
+        ``OUT.zarr`` gives one store with the volumes ``OUT.zarr/scan``, ``OUT.zarr/hypothalamus``, ... (each a
+        helm-dask volume, open them with :func:`helm_dask.io.open_volume`); any other ``OUT`` is a folder with
+        ``scan.nii.gz``, ``hypothalamus.nii.gz``, ``truth_mask.nii.gz``, ``truth_tissue.nii.gz`` and
+        ``truth_bias.nii.gz``.
+    spacing_mm, side, echoes, seed
+        As in :func:`helm_dask.phantom.phantom`.
+    chunks : optional
+        Dask chunks; default 128^3 for Zarr, thin z-chunks (256, 256, 16) for NIfTI.
+    overwrite : bool
+        Replace existing outputs.
+    quiet : bool
+        No progress bars.
+    anatomy : {"geometric", "mni152"}
+        :func:`helm_dask.phantom.phantom` (the default) or the template phantom
+        (:func:`helm_dask.phantom_mni.phantom_mni`).
+    fluid, bag_gap_mm, header_rotation_deg, header_rotation_axis : optional
+        Options of the template phantom (``"mni152"`` only; ``None``: its default -- bright, 5 mm, 0 degrees,
+        about z).
+
+    Returns
+    -------
+    dict of str to str
+        ``{name: path}`` of the written volumes.
     """
     from .phantom import phantom
 
@@ -67,7 +88,7 @@ def write_phantom(
         **given,
     )
     info = vols["scan"].attrs["phantom"]
-    collection = {
+    collection: dict[str, Any] = {
         "kind": "phantom",
         "volumes": list(PHANTOM_FILES),
         "anatomy": anatomy,

@@ -1,24 +1,9 @@
-"""The template phantom: one ex vivo-like hemisphere made from real MRI anatomy, lazily, at any spacing.
-
-The geometric phantom (:mod:`helm_dask.phantom`) is convex, has no sulci and a bright fluid; real hemispheres
-are folded, their sulci and opened ventricles fill with the same fixative as the bag, and the fixative may be
-brighter than tissue, darker, or give no signal (Fomblin). This phantom builds such a hemisphere from the MNI
-ICBM152 2009a symmetric template shipped in the ``nilearn`` wheel (T1 and grey/white probability maps at 1 mm,
-read from the installed files; nothing is downloaded and nilearn is never imported). The anatomy is the
-template's brain (its non-zero voxels, holes filled) on one side of a gently curved, irregular cut near the
-midline; the specimen is tilted in the bag by a seeded rotation. Intensities are ex vivo FLASH-like (grey >
-white), mixed by the grey/white/fluid fractions (partial volume), with a fine texture, a 7 T-like bias field
-(centre brightening and gradients, up to about +-40 %) of a different form from the DCT model the bias stage
-fits, air bubbles pressed onto the tissue, a bright bag wall and Rician noise. Every voxel is a function of its
-global index only (template values by spline interpolation at exactly computed points; smooth functions as
-products of per-axis 1-D tables), so any chunking gives the same volume and the 0.1 mm grid is never held in
-memory.
-
-Example
--------
->>> v = phantom_mni(3.0, fluid="dark")
->>> v["scan"].attrs["phantom"]["anatomy"], v["scan"].ndim
-('mni152', 3)
+"""The template phantom: one ex vivo-like hemisphere made from real MRI anatomy (the MNI ICBM152 2009a template
+shipped in the ``nilearn`` wheel), lazily, at any spacing -- folded, with fixative in the sulci and opened
+ventricles that may be brighter than tissue, darker or dark (Fomblin); :func:`phantom_mni` gives the same five
+lazy volumes as :func:`helm_dask.phantom.phantom` (each voxel a function of its global index only),
+:func:`phantom_mni_geometry` the true grid and geometry and :func:`template_files` the template files used; how
+the anatomy, contrast, bias field and bag are built is in ``docs/method/phantom.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +12,7 @@ import functools
 import hashlib
 import math
 from importlib import metadata
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -96,9 +81,17 @@ _FORNIX_R = 1.2
 
 @functools.lru_cache(maxsize=1)
 def template_files() -> dict[str, dict[str, str]]:
-    """``{key: {"path", "sha256", "file"}}`` of the three template files, found in the installed distribution.
+    """The three template files (T1, grey and white matter probabilities), found in the installed nilearn.
 
-    Raises HelmError when nilearn is not installed (its wheel carries the template; it is not imported).
+    Returns
+    -------
+    dict
+        ``{key: {"path", "sha256", "file"}}`` for the keys of :data:`TEMPLATE_FILES`.
+
+    Raises
+    ------
+    HelmError
+        When nilearn is not installed (its wheel carries the template; it is never imported) or lacks a file.
     """
     try:
         dist = metadata.distribution("nilearn")
@@ -138,13 +131,15 @@ def _template() -> dict:
     import nibabel as nib
 
     files = template_files()
-    t1 = nib.load(files["t1"]["path"])
+    # nib.load is typed as returning any image file; the template files are NIfTI-1 images
+    load = lambda key: cast(nib.Nifti1Image, nib.load(files[key]["path"]))
+    t1 = load("t1")
     aff = np.asarray(t1.affine, dtype=np.float64)
     if not np.allclose(aff[:3, :3], np.eye(3)):
         raise HelmError("unexpected template affine (not 1 mm RAS)", path=files["t1"]["path"])
     brain = ndi.binary_fill_holes(np.asarray(t1.dataobj) > 0)
-    gm = np.asarray(nib.load(files["gm"]["path"]).dataobj, dtype=np.float32) / np.float32(255.0)
-    wm = np.asarray(nib.load(files["wm"]["path"]).dataobj, dtype=np.float32) / np.float32(255.0)
+    gm = np.asarray(load("gm").dataobj, dtype=np.float32) / np.float32(255.0)
+    wm = np.asarray(load("wm").dataobj, dtype=np.float32) / np.float32(255.0)
     origin = aff[:3, 3]
     # the left hemisphere: template x < cut (+ a margin for the cut's partial volume)
     xs = origin[0] + np.arange(brain.shape[0])
@@ -295,7 +290,8 @@ def _layout(seed: int, gap: float) -> dict:
 def _shape(s: float, lay: dict) -> tuple[int, int, int]:
     # voxel axes: 0 = anterior -> posterior (Y), 1 = right -> left (X), 2 = superior -> inferior (Z)
     fx, fy, fz = lay["fov"]
-    return tuple(max(1, int(round(f / s))) for f in (fy, fx, fz))
+    n0, n1, n2 = (max(1, int(round(f / s))) for f in (fy, fx, fz))
+    return n0, n1, n2
 
 
 def _bag_axes(s: float, shape: tuple[int, int, int], lay: dict, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -622,10 +618,22 @@ def phantom_mni_geometry(
 ) -> dict:
     """Voxel grid and true world geometry of the template phantom (eager; small).
 
-    Returns a dict like :func:`helm_dask.phantom.phantom_geometry`: ``shape``, ``affine`` (as stored, header
-    rotation included), ``true_affine`` (the anatomy's), ``spacing_mm``, ``side``, ``fov_mm``, ``orientation``,
-    ``tilt`` (3x3, bag -> template), ``medial_plane`` ``{"point_mm", "normal"}`` in the stored world (normal
-    from the hemisphere towards the midline) and ``hypothalamus_centroid_mm`` (stored world).
+    Parameters
+    ----------
+    spacing_mm : float
+        Isotropic voxel size in mm.
+    side : {"L", "R"}
+        Hemisphere.
+    seed, bag_gap_mm, header_rotation_deg, header_rotation_axis
+        As in :func:`phantom_mni` (the seed decides the tilt in the bag, so the geometry).
+
+    Returns
+    -------
+    dict
+        Like :func:`helm_dask.phantom.phantom_geometry`: ``shape``, ``affine`` (as stored, header rotation
+        included), ``true_affine`` (the anatomy's), ``spacing_mm``, ``side``, ``fov_mm``, ``orientation``,
+        ``tilt`` (3x3, bag -> template), ``medial_plane`` ``{"point_mm", "normal"}`` in the stored world (normal
+        from the hemisphere towards the midline) and ``hypothalamus_centroid_mm`` (stored world).
     """
     s, sd = _check(spacing_mm, side)
     _, gap, rot, axis = _check_options("bright", bag_gap_mm, header_rotation_deg, header_rotation_axis)
@@ -700,6 +708,12 @@ def phantom_mni(
         ``scan``, ``hypothalamus``, ``truth_mask``, ``truth_tissue``, ``truth_bias`` as in
         :func:`helm_dask.phantom.phantom`; ``truth_mask`` is the template's brain on the hemisphere's side of
         the cut, holes filled (sulci and ventricles included, nothing added by morphology).
+
+    Example
+    -------
+    >>> v = phantom_mni(3.0, fluid="dark")
+    >>> v["scan"].attrs["phantom"]["anatomy"], v["scan"].ndim
+    ('mni152', 3)
     """
     s, sd = _check(spacing_mm, side)
     fluid, gap, rot, axis = _check_options(fluid, bag_gap_mm, header_rotation_deg, header_rotation_axis)

@@ -1,8 +1,6 @@
-"""A small progress bar on stderr (no dependency), silent with ``quiet`` or when stderr is not a terminal.
-
-When stderr is not a terminal (CI, log files) it prints one line at start and one at the end instead of
-redrawing, so logs stay readable.
-"""
+"""A small progress bar on stderr without dependencies (:class:`Progress`): redrawn in a terminal, one line at
+the start and one at the end when stderr is not a terminal (CI, log files) so that logs stay readable, and
+silent with ``quiet``."""
 
 from __future__ import annotations
 
@@ -11,6 +9,27 @@ import time
 
 
 class Progress:
+    """A progress bar for ``total`` units of work, on stderr.
+
+    Parameters
+    ----------
+    total : float
+        Units of work in all.
+    desc : str
+        What is being done (printed first).
+    quiet : bool
+        Print nothing.
+    unit : str
+        Name of the unit (kept for callers; not printed).
+
+    Example
+    -------
+    >>> with Progress(3, "counting", quiet=True) as p:
+    ...     p.update(2)
+    >>> p.done
+    2.0
+    """
+
     def __init__(self, total: float, desc: str, *, quiet: bool = False, unit: str = ""):
         self.total = max(float(total), 1e-12)
         self.desc = desc
@@ -24,6 +43,13 @@ class Progress:
             print(f"{desc} ...", file=sys.stderr, flush=True)
 
     def update(self, n: float = 1) -> None:
+        """Count ``n`` more units done (redrawn at most five times a second).
+
+        Parameters
+        ----------
+        n : float
+            Units done since the last call.
+        """
         self.done += n
         if self.quiet or not self.tty:
             return
@@ -39,6 +65,7 @@ class Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
+        """Print the elapsed time (unless ``quiet``)."""
         if self.quiet:
             return
         elapsed = time.perf_counter() - self.t0

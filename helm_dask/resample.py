@@ -1,47 +1,15 @@
-"""Stage 3 -- resampling to a working spacing (0.3 mm by default), chunk by chunk, with exact geometry.
-
-The target grid (:func:`target_grid`) covers the same physical field of view as the input, keeps the
-direction cosines (an oblique grid stays oblique) and has the requested voxel size along each voxel axis.
-In the input's continuous voxel coordinates, output voxel ``m`` along axis ``d`` sits at
-
-    x_d(m) = t_d + r_d * m,     r_d = s_new_d / s_d,     t_d = (n_d - 1) / 2 - (n_new_d - 1) / 2 * r_d,
-
-with ``n_new_d = max(1, round(n_d * s_d / s_new_d))`` (halves round up): the new grid is centred on the old
-field of view (which runs from voxel -0.5 to n - 0.5, outer edge to outer edge) and its affine is
-``new_affine = affine @ [[diag(r), t], [0, 1]]``, exact for voxel centres.
-
-* Intensities (:func:`resample`): along every axis whose factor ``r`` is an integer ``k`` and whose grids
-  align (``n == n_new * k``) each output voxel is the exact mean of its ``k`` input voxels (block mean);
-  along the other axes a Gaussian anti-aliasing filter (in mm, see :func:`antialias_sigma_mm`) is followed
-  by linear (``order=1``) or cubic B-spline (``order=3``) interpolation. Boundary handling everywhere is
-  ``mode="nearest"`` (edge values extended), as in ``scipy.ndimage``. Output float32.
-* Labels and masks (:func:`resample_labels`): nearest neighbour (index ``floor(x + 0.5)``: halves go up,
-  exactly as ``scipy.ndimage.map_coordinates(order=0)``) or majority vote over the input voxels whose
-  centres fall in the output voxel's footprint ``[x - r/2, x + r/2)`` (ties -> smallest code). dtype kept.
-* Any other grid (:func:`resample_to_grid`, e.g. labels onto a scan grid): interpolation with
-  ``mode="nearest"`` inside the input field of view, 0 outside it.
-
-All functions are lazy: each output chunk is one task (one graph layer in all, see
-:func:`helm_dask.io.regions.region_map`) that reads from the input only the box it needs (plus a margin for the
-filter and the interpolation), so memory per task is bounded by the chunk size, and
-the result does not depend on the chunking (the margins make every chunk equal to the whole-array
-computation: exactly for block means, labels and linear interpolation, to ~1e-10 for the cubic spline
-prefilter whose infinite response is cut after ``SPLINE_MARGIN`` voxels).
-
-Example
--------
->>> import numpy as np, dask.array as da
->>> from helm_dask.volume import make_volume, affine_of, spacing_of
->>> vol = make_volume(da.ones((25, 25, 25), chunks=10), np.diag([0.12, 0.12, 0.12, 1.0]))
->>> out = resample(vol, 0.3)
->>> out.shape, spacing_of(affine_of(out)).round(6).tolist(), float(out.mean())
-((10, 10, 10), [0.3, 0.3, 0.3], 1.0)
+"""Stage 3 -- resampling to a working spacing (0.3 mm by default), chunk by chunk, with exact geometry:
+:func:`target_grid` gives the grid at a new spacing over the same field of view, :func:`resample` resamples
+images (exact block means, else Gaussian anti-aliasing and interpolation), :func:`resample_labels` label maps
+and masks (nearest neighbour or majority vote), :func:`resample_to_grid` any volume onto any other grid; all
+are lazy, one task per output chunk, and give the same result for any chunking. The grid formulas and the
+rules of each method are in ``docs/method/resample.md``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
@@ -96,8 +64,25 @@ def _round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(np.round(np.asarray(x, dtype=np.float64), 9) + 0.5).astype(np.int64)
 
 
-def grid_mapping(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+def grid_mapping(
+    shape: Sequence[int], affine: Any, spacing_mm: Any
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
     """``(new_shape, r, t)``: output voxel ``m`` sits at input voxel coordinate ``t + r * m`` (per axis).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Input shape (the first three axes are used).
+    affine : array_like, 4x4
+        Input voxel-to-world matrix.
+    spacing_mm : float or 3 floats
+        Output voxel size (mm).
+
+    Returns
+    -------
+    tuple
+        ``new_shape`` (3 ints, ``max(1, round(n * s / s_new))``, halves up), ``r = s_new / s`` and
+        ``t = (n - 1) / 2 - (n_new - 1) / 2 * r`` (float arrays of 3).
 
     Example
     -------
@@ -112,7 +97,7 @@ def grid_mapping(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple[tu
     n_new = np.maximum(1, _round_half_up(n * s / s_new))
     r = s_new / s
     t = (n - 1) / 2.0 - (n_new - 1) / 2.0 * r
-    return tuple(int(v) for v in n_new), r, t
+    return (int(n_new[0]), int(n_new[1]), int(n_new[2])), r, t
 
 
 def target_grid(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -121,8 +106,21 @@ def target_grid(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple[tup
     ``n_new = max(1, round(n * s / s_new))`` voxels per voxel axis (halves round up), centred on the old
     field of view (outer edge of the first voxel to outer edge of the last), direction cosines kept;
     ``new_affine = affine @ [[diag(r), t], [0, 1]]`` with ``r = s_new / s`` and
-    ``t = (n - 1) / 2 - (n_new - 1) / 2 * r`` (voxel centres exact). ``spacing_mm`` is a float or 3 floats;
-    ``"native"`` is the caller's business.
+    ``t = (n - 1) / 2 - (n_new - 1) / 2 * r`` (voxel centres exact).
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Input shape.
+    affine : array_like, 4x4
+        Input voxel-to-world matrix.
+    spacing_mm : float or 3 floats
+        Output voxel size (mm); ``"native"`` is the caller's business.
+
+    Returns
+    -------
+    tuple
+        ``(new_shape, new_affine)``: 3 ints and the 4x4 float64 matrix.
 
     Example
     -------
@@ -143,6 +141,16 @@ def antialias_sigma_mm(spacing_in_mm: Any, spacing_out_mm: Any) -> np.ndarray:
 
     Treating the voxel size as the FWHM of the point spread, this is the blur whose FWHM, added in
     quadrature to ``s_in``, gives ``s_out``; 0 when upsampling.
+
+    Parameters
+    ----------
+    spacing_in_mm, spacing_out_mm : float or 3 floats
+        Input and output voxel sizes (mm).
+
+    Returns
+    -------
+    numpy.ndarray
+        Sigma per axis (mm), float64.
 
     Example
     -------
@@ -293,28 +301,35 @@ def resample(
     Per voxel axis: exact block mean when the factor ``s_new / s`` is an integer and the grids align
     (``n == n_new * k``); otherwise a Gaussian anti-aliasing filter with ``sigma = sqrt(s_new**2 - s**2) /
     (2 sqrt(2 ln 2))`` mm (none when upsampling), then linear (``order=1``) or cubic B-spline (``order=3``)
-    interpolation at ``x = t + r * m`` (see the module docstring). The result equals, to float tolerance
+    interpolation at ``x = t + r * m`` (see ``docs/method/resample.md``). The result equals, to float tolerance
     and for any chunking, the whole-array computation: reshape-mean along the block axes, then
     ``scipy.ndimage.gaussian_filter(mode="nearest", truncate=4)`` and
     ``scipy.ndimage.affine_transform(matrix=diag(r), offset=t, order=order, mode="nearest")`` in float64.
 
     Parameters
     ----------
-    vol : image volume (3-D).
-    spacing_mm : target voxel size in mm, or ``"native"`` (returns ``vol`` unchanged).
-    order : 1 (linear) or 3 (cubic B-spline, prefiltered).
-    prefilter : anti-alias (block mean / Gaussian) before interpolation; ``False`` samples the input by
-        plain interpolation (only for data that is already smooth).
-    chunks : output chunks (dask syntax); default: about one input chunk of input per output chunk.
-    mask : optional mask on the image's grid: the image is taken as 0 outside it (``where(mask > 0, image,
-        0)``, as :func:`helm_dask.background.apply_mask`), box by box -- a stored scan and mask (also
-        reoriented by :mod:`helm_dask.orient`) are then read straight from their stores by each task, so
-        nothing is held between tasks (the masked image as a computed input makes the scheduler hold its
-        chunks for every task that overlaps them).
+    vol : xarray.DataArray
+        Image volume (3-D).
+    spacing_mm : float, 3 floats or "native"
+        Target voxel size in mm; ``"native"`` returns ``vol`` unchanged.
+    order : {1, 3}
+        Linear or cubic B-spline (prefiltered) interpolation.
+    prefilter : bool
+        Anti-alias (block mean / Gaussian) before interpolation; ``False`` samples the input by plain
+        interpolation (only for data that is already smooth).
+    chunks : optional
+        Output chunks (dask syntax); default about one input chunk of input per output chunk.
+    mask : xarray.DataArray, optional
+        Mask on the image's grid: the image is taken as 0 outside it (``where(mask > 0, image, 0)``, as
+        :func:`helm_dask.background.apply_mask`), box by box -- a stored scan and mask (also reoriented by
+        :mod:`helm_dask.orient`) are then read straight from their stores by each task, so nothing is held
+        between tasks (the masked image as a computed input makes the scheduler hold its chunks for every
+        task that overlaps them).
 
     Returns
     -------
-    A lazy float32 image volume on :func:`target_grid`.
+    xarray.DataArray
+        A lazy float32 image volume on :func:`target_grid`.
 
     Example
     -------
@@ -323,9 +338,38 @@ def resample(
     >>> v = make_volume(da.arange(8.0).reshape(2, 2, 2), np.eye(4))
     >>> resample(v, 2.0).values.ravel().tolist()       # integer factor: exact block mean
     [3.5]
+    >>> from helm_dask.volume import affine_of, spacing_of
+    >>> out = resample(make_volume(da.ones((25, 25, 25), chunks=10), np.diag([0.12, 0.12, 0.12, 1.0])), 0.3)
+    >>> out.shape, spacing_of(affine_of(out)).round(6).tolist(), float(out.mean())
+    ((10, 10, 10), [0.3, 0.3, 0.3], 1.0)
     """
     if isinstance(spacing_mm, str) and spacing_mm.strip().lower() == "native":
         return vol
+    sources = _intensity_sources(vol, order, mask)
+    data, a = sources[0], affine_of(vol)
+    new_shape, new_affine = target_grid(vol.shape, a, spacing_mm)
+    _, r, t = grid_mapping(vol.shape, a, spacing_mm)
+    n = np.array(vol.shape)
+    blocks, sigma_vox = _axis_plan(n, new_shape, r, t, prefilter)
+    out_chunks = _normalize_out_chunks(chunks, new_shape, _default_out_chunks(data, r))
+    plan = _intensity_plan(blocks, sigma_vox, r, t, n, order)
+    out = region_map(_resample_block, sources, out_chunks, plan, np.float32, name="resample")
+    step = provenance_record(
+        "resample",
+        {
+            "spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
+            "order": order,
+            "prefilter": prefilter,
+            "block_mean_axes": [d for d in range(3) if blocks[d] > 1],
+            "masked": mask is not None,
+            "antialias_sigma_mm": (sigma_vox * spacing_of(a)).tolist(),
+        },
+    )
+    return like(vol, out, affine=new_affine, kind="image", step=step)
+
+
+def _intensity_sources(vol: xr.DataArray, order: int, mask: xr.DataArray | None) -> list[da.Array]:
+    """The arrays each task reads: the image, and the mask when given (checked to be on the image's grid)."""
     if order not in (1, 3):
         raise ValueError(f"order must be 1 (linear) or 3 (cubic) for intensities, got {order}")
     if vol.attrs.get("kind") == "labels":
@@ -340,13 +384,16 @@ def resample(
                 hint="give the mask made on this image's grid",
             )
         sources.append(_check3d(mask, "resample"))
-    new_shape, new_affine = target_grid(vol.shape, a, spacing_mm)
-    _, r, t = grid_mapping(vol.shape, a, spacing_mm)
-    n = np.array(vol.shape)
-    blocks, sigma_vox = _axis_plan(n, new_shape, r, t, prefilter)
+    return sources
+
+
+def _intensity_plan(
+    blocks: Sequence[int], sigma_vox: np.ndarray, r: np.ndarray, t: np.ndarray, n: np.ndarray, order: int
+) -> Callable:
+    """The :func:`~helm_dask.io.regions.region_map` plan of :func:`resample`: each output chunk's input box
+    (exact on block axes, with a filter and interpolation margin on the others) and its block arguments."""
     # margin (input voxels) around the support of an output chunk on an interpolated axis
     pad = [int(_TRUNCATE * s + 0.5) + (2 + SPLINE_MARGIN if order == 3 else 1) + 1 for s in sigma_vox]
-    out_chunks = _normalize_out_chunks(chunks, new_shape, _default_out_chunks(data, r))
 
     def plan(index, ranges):
         lo, hi, offset = [], [], np.zeros(3)
@@ -366,19 +413,7 @@ def resample(
         shape = tuple(b - a for a, b in ranges)
         return lo, hi, (blocks, sigma_vox, r, offset, shape, order)
 
-    out = region_map(_resample_block, sources, out_chunks, plan, np.float32, name="resample")
-    step = provenance_record(
-        "resample",
-        {
-            "spacing_mm": [float(v) for v in _spacing_vec(spacing_mm)],
-            "order": order,
-            "prefilter": prefilter,
-            "block_mean_axes": [d for d in range(3) if blocks[d] > 1],
-            "masked": mask is not None,
-            "antialias_sigma_mm": (sigma_vox * spacing_of(a)).tolist(),
-        },
-    )
-    return like(vol, out, affine=new_affine, kind="image", step=step)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,6 +479,22 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
     voxel votes once); ties go to the smallest code; an empty footprint (upsampling) takes the nearest.
     Bit-identical for every chunking.
 
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        Label map or mask (3-D).
+    spacing_mm : float, 3 floats or "native"
+        Target voxel size in mm; ``"native"`` returns ``vol`` unchanged.
+    method : {"nearest", "majority"}
+        The rule above.
+    chunks : optional
+        Output chunks (dask syntax); default about one input chunk of input per output chunk.
+
+    Returns
+    -------
+    xarray.DataArray
+        A lazy volume of ``vol``'s dtype on :func:`target_grid`.
+
     Example
     -------
     >>> import numpy as np, dask.array as da
@@ -463,6 +514,7 @@ def resample_labels(vol: xr.DataArray, spacing_mm: Any, *, method: str = "neares
     _, r, t = grid_mapping(vol.shape, a, spacing_mm)
     n = vol.shape
     out_chunks = _normalize_out_chunks(chunks, new_shape, _default_out_chunks(data, r))
+    func: Callable
     if method == "nearest":
         idx = [_nearest_index(n[d], new_shape[d], r[d], t[d]) for d in range(3)]
 
@@ -515,9 +567,9 @@ def _to_grid_block(
     regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int], order: int, out_dtype
 ) -> np.ndarray:
     x = _grid_coords(m, ranges)
-    n_in = np.asarray(n_in).reshape(3, 1, 1, 1)
+    n = np.asarray(n_in).reshape(3, 1, 1, 1)
     # inside the input field of view (outer voxel edges), as the order-0 rule floor(x + 0.5) in [0, n-1]
-    inside = np.all((x >= -0.5) & (x < n_in - 0.5), axis=0)
+    inside = np.all((x >= -0.5) & (x < n - 0.5), axis=0)
     sub = np.asarray(regions[0])
     if order == 0:
         idx = np.floor(x + 0.5).astype(np.int64)
@@ -543,6 +595,24 @@ def resample_to_grid(
     similar spacing (e.g. ``--resample-labels`` onto the scan grid) -- use :func:`resample` to coarsen.
     Equal to ``scipy.ndimage.map_coordinates(mode="nearest")`` on the whole array at the same
     coordinates, masked to the field of view (bit-identical for ``order=0``), for any chunking.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        The volume (3-D); labels and masks only with ``order=0``.
+    shape : 3 ints
+        Target shape.
+    affine : array_like, 4x4
+        Target voxel-to-world matrix.
+    order : {0, 1, 3}
+        Nearest neighbour, linear, or cubic B-spline.
+    chunks : optional
+        Output chunks (dask syntax).
+
+    Returns
+    -------
+    xarray.DataArray
+        Lazy; ``vol``'s dtype and kind for ``order=0``, else a float32 image.
 
     Example
     -------

@@ -1,13 +1,7 @@
-"""NIfTI <-> Zarr conversion, streamed (FreeSurfer ``.mgh``/``.mgz`` in too).
-
-Import (NIfTI -> Zarr) runs in the calling process: the file is read once, in order, a slab of z planes at a
-time (a ``.nii.gz`` is decompressed exactly once). Slabs that would exceed ``layer_mb`` are landed in thin
-chunks and assembled into the final chunks by Dask tasks, so memory does not grow with the volume.
-
-Export (Zarr -> NIfTI) computes z-slabs on the Dask workers; for ``.nii.gz`` each slab is compressed there as
-its own gzip member, and the calling process only appends the members to the file, in order, through a
-bounded window of slabs in flight. gzip, the physical limit of a single ``.nii.gz`` stream, thus runs on every
-worker at once.
+"""NIfTI <-> Zarr conversion, streamed: :func:`nifti_to_zarr` imports a NIfTI-1/2 or FreeSurfer MGH/MGZ file
+(3-D or 4-D) into a helm-dask store in one ordered pass, :func:`save_nifti` and :func:`zarr_to_nifti` export a
+volume as ``.nii``/``.nii.gz`` in z-slabs encoded on the workers, and :func:`convert` picks the direction from
+the names; how both directions keep memory flat is described in ``docs/method/io.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +10,10 @@ import base64
 import contextlib
 import os
 import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -57,71 +54,55 @@ def _client():
         return None
 
 
-def read_header(src, *, storage_options: dict | None = None) -> nii.NiftiInfo:
+def read_header(src: Any, *, storage_options: dict | None = None) -> nii.NiftiInfo:
     """The header of a volume file to import: NIfTI-1/2 (``.nii``/``.nii.gz``) or FreeSurfer ``.mgh``/``.mgz``.
 
     Both lay their voxels out the same way (Fortran order after a fixed offset), so either header feeds
     :class:`~helm_dask.io.nifti.SlabReader`.
+
+    Parameters
+    ----------
+    src : path-like or URL
+        The file; ``.mgh``/``.mgz`` names are read as MGH, anything else as NIfTI.
+    storage_options : dict, optional
+        fsspec options for a URL (see :mod:`helm_dask.io.location`).
+
+    Returns
+    -------
+    NiftiInfo
+        The validated header (see :func:`~helm_dask.io.nifti.read_nifti_header`).
     """
     if is_mgh_path(src):
         return read_mgh_header(src, storage_options=storage_options)
     return nii.read_nifti_header(src, storage_options=storage_options)
 
 
-def nifti_to_zarr(
-    src,
-    dst,
-    *,
-    chunks=None,
-    echo: int | None = None,
-    echo_combine: str | None = None,
-    kind: str = "auto",
-    nonfinite: str = "error",
-    overwrite: bool = False,
-    pyramid: bool = True,
-    layer_mb: float = 64,
-    quiet: bool = True,
-    storage_options: dict | None = None,
-) -> dict:
-    """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
+# ----------------------------------------------------------------------------------------------------------------
+# Import (NIfTI / MGH -> Zarr)
 
-    A FreeSurfer ``.mgh``/``.mgz`` file (e.g. a SAMSEG segmentation) is read the same way, streamed; its store
-    keeps a NIfTI header made from its geometry (see :mod:`helm_dask.io.mgh`).
 
-    Parameters
-    ----------
-    src, dst : path-like or URL
-        Input NIfTI file and output store (written under a temporary name, renamed when complete; on object
-        storage written in place and flagged complete last). Either may be an fsspec URL (``s3://...``).
-    chunks : int or 3 ints
-        Zarr chunk shape (default 128^3).
-    echo : int, optional
-        For a 4-D file: keep only this echo (0-based).
-    echo_combine : {"rms", "mean"}, optional
-        For a 4-D file: combine the echoes into one 3-D volume. With neither option a 4-D file gives a 4-D store
-        (lossless).
-    kind : {"auto", "image", "labels"}
-        ``auto``: labels when the header's intent is NIFTI_INTENT_LABEL, otherwise image.
-    nonfinite : {"error", "zero"}
-        NaN/inf voxels: refuse (the default; the message counts them) or set them to 0.
-    layer_mb : float
-        Memory budget of the planes held while streaming (see the module docstring).
-    storage_options : dict, optional
-        fsspec options for URLs (see :mod:`helm_dask.io.location`).
+@dataclass
+class _ImportPlan:
+    """What an import writes, decided from the header and the options before any voxel is read."""
 
-    Returns
-    -------
-    dict
-        ``{"path", "sha256", "nonfinite", "shape", "dtype"}``.
+    info: nii.NiftiInfo
+    kind: str
+    chunks: tuple[int, ...]
+    four_d: bool
+    nt: int
+    out_shape: tuple[int, ...]
+    keep: list[int] | None  # echoes the reader yields (None: all)
+    out_four_d: bool
+    raw_dtype: np.dtype
+    reader_scaled: bool  # the reader applies scl_slope/scl_inter (to zero non-finite values)
+    combine: bool  # echoes combined into one 3-D volume
+    nifti_meta: dict
 
-    The data are kept as stored on disk (dtype and ``scl_slope``/``scl_inter``); :func:`open_volume` applies the
-    scaling, and converting back gives the original file's data bit for bit.
-    """
-    if nonfinite not in ("error", "zero"):
-        raise ValueError("nonfinite must be 'error' or 'zero'")
-    if echo_combine is not None and echo_combine not in ECHO_COMBINE:
-        raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
-    info = read_header(src, storage_options=storage_options)
+
+def _import_plan(
+    info: nii.NiftiInfo, src: Any, *, chunks: Any, echo: int | None, echo_combine: str | None, kind: str, nonfinite: str
+) -> _ImportPlan:
+    """Check the header against the echo options and decide the output's shape, dtype and NIfTI metadata."""
     if info.stored_ndim < 3:
         # padded to one plane it would import, and fail much later with messages about something else
         raise HelmError(
@@ -142,6 +123,7 @@ def nifti_to_zarr(
     if kind == "auto":
         kind = "labels" if int(info.header["intent_code"]) == nii.INTENT_LABEL else "image"
     chunks = normalize_chunks(chunks, info.shape)
+    keep: list[int] | None
     if four_d and echo is not None:
         out_shape, keep, out_four_d = info.shape[:3], [echo], False
     elif four_d and echo_combine is not None:
@@ -162,96 +144,252 @@ def nifti_to_zarr(
         "scaling": [1.0, 0.0] if reader_scaled else [info.slope, info.inter],
         "header_b64": base64.b64encode(info.header.binaryblock).decode("ascii"),
     }
+    return _ImportPlan(
+        info=info,
+        kind=kind,
+        chunks=tuple(chunks),
+        four_d=four_d,
+        nt=nt,
+        out_shape=tuple(out_shape),
+        keep=keep,
+        out_four_d=out_four_d,
+        raw_dtype=raw_dtype,
+        reader_scaled=reader_scaled,
+        combine=four_d and echo_combine is not None,
+        nifti_meta=nifti_meta,
+    )
+
+
+def _stream_slabs(
+    reader: nii.SlabReader,
+    landing: Any,
+    plan: _ImportPlan,
+    kept: list[int],
+    direct: bool,
+    *,
+    nonfinite: str,
+    src: Any,
+    dst: Any,
+    tmp: Any,
+    quiet: bool,
+) -> int:
+    """Read the file once, in order, writing every slab into ``landing``; returns the non-finite voxel count."""
     total_nonfinite = 0
+    prog = Progress(len(kept) * plan.info.shape[2], f"reading {Path(src).name}", quiet=quiet)
+    point = f"write:{location.name(dst)}"
+    for slab in _raw_slabs(reader, scaled=plan.reader_scaled):
+        location.fault(point, tmp)
+        data = slab.data
+        if slab.nonfinite:
+            total_nonfinite += slab.nonfinite
+            if nonfinite == "zero":
+                data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
+            else:
+                continue  # keep reading to count them all; nothing will be kept
+        if direct and not plan.out_four_d:
+            landing[:, :, slab.z0 : slab.z1] = data
+        else:
+            landing[kept.index(slab.t or 0), :, :, slab.z0 : slab.z1] = data
+        prog.update(slab.z1 - slab.z0)
+    prog.close()
+    return total_nonfinite
+
+
+def _assemble_from_landing(
+    group: Any, landing: Any, target: Any, plan: _ImportPlan, *, echo_combine: str | None, src: Any
+) -> None:
+    """Build the final chunks of level 0 from the thin landing chunks (one chunk per Dask task)."""
+    info = plan.info
+    landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(plan.chunks)), 0, 3)
+    if plan.combine:
+        if info.scaled and not plan.reader_scaled:
+            ft = info.out_dtype.type
+            landed = landed.astype(info.out_dtype) * ft(info.slope) + ft(info.inter)
+        level0 = select_echo(landed, echo=None, echo_combine=echo_combine, path=src)
+        target = create_level(group, 0, plan.out_shape, np.float32, plan.chunks, four_d=False)
+        plan.nifti_meta["scaling"] = [1.0, 0.0]
+        plan.nifti_meta["dtype"] = "float32"
+        _store_dask(level0, target)
+    elif plan.out_four_d:
+        _store_dask(da.moveaxis(landed, 3, 0), target)
+    else:
+        _store_dask(landed[..., 0], target)
+    del group["_landing"]
+
+
+def _import_level0(
+    group: Any,
+    plan: _ImportPlan,
+    *,
+    src: Any,
+    dst: Any,
+    tmp: Any,
+    echo: int | None,
+    echo_combine: str | None,
+    nonfinite: str,
+    layer_mb: float,
+    quiet: bool,
+) -> tuple[nii.SlabReader, int]:
+    """Stream the file into level 0 of ``group``; returns the reader (with the file's checksum) and the count
+    of non-finite voxels."""
+    info, chunks = plan.info, plan.chunks
+    target = create_level(group, 0, plan.out_shape, plan.raw_dtype, chunks, four_d=plan.out_four_d)
+    # Whole Zarr chunks need chunk_z planes of every (x, y) tile, and a sequential stream delivers whole
+    # planes: writing chunks directly would hold x * y * chunk_z voxels, which grows with the volume. So,
+    # when that layer is over budget, the stream lands in thin chunks (chunk_z split to fit the budget) and
+    # Dask then assembles the final chunks from them, one chunk per task: memory stays flat with size.
+    # Multi-echo data to be combined always lands first (echoes of one z-range lie far apart in the file).
+    thin_z = _slab_planes(info.shape, np.dtype(plan.raw_dtype).itemsize, chunks[2], int(layer_mb * 2**20))
+    kept = [echo] if (plan.four_d and echo is not None) else list(range(plan.nt))
+    direct = thin_z == chunks[2] and not plan.combine
+    if direct:
+        landing = target
+    else:
+        land_shape = tuple(info.shape[:3]) + (len(kept),)
+        # the landing array sits next to level 0, under a name rather than a level number
+        landing = create_level(group, "_landing", land_shape, plan.raw_dtype, chunks[:2] + (thin_z,), four_d=True)
+    reader = nii.SlabReader(info, thin_z, echoes=plan.keep)
+    total_nonfinite = _stream_slabs(
+        reader, landing, plan, kept, direct, nonfinite=nonfinite, src=src, dst=dst, tmp=tmp, quiet=quiet
+    )
+    if total_nonfinite and nonfinite == "error":
+        raise HelmError(
+            f"has {total_nonfinite:,} NaN or infinite voxels",
+            path=src,
+            hint="fix the scan, or pass --nonfinite zero to set them to 0",
+        )
+    if not direct:
+        _assemble_from_landing(group, landing, target, plan, echo_combine=echo_combine, src=src)
+    return reader, total_nonfinite
+
+
+def _write_import_attrs(
+    group: Any,
+    plan: _ImportPlan,
+    src: Any,
+    dst: Any,
+    params: dict,
+    reader: nii.SlabReader,
+    nlevels: int,
+    total_nonfinite: int,
+) -> None:
+    """The finished store's attributes: geometry, the source's NIfTI metadata and provenance, complete."""
+    sha256 = cast(str, reader.sha256)  # set once the reader has gone through the file
+    prov = [provenance_record("import", params, {os.fspath(src): sha256})]
+    write_attrs(
+        group,
+        affine=plan.info.affine,
+        kind=plan.kind,
+        name=Path(os.fspath(dst).rstrip("/")).stem,
+        nlevels=nlevels,
+        four_d=plan.out_four_d,
+        complete=True,
+        extra={
+            "source": os.fspath(src),
+            "nifti": plan.nifti_meta,
+            "provenance": prov,
+            "input_sha256": reader.sha256,
+            "nonfinite_zeroed": total_nonfinite,
+        },
+    )
+
+
+def nifti_to_zarr(
+    src: Any,
+    dst: Any,
+    *,
+    chunks: Any = None,
+    echo: int | None = None,
+    echo_combine: str | None = None,
+    kind: str = "auto",
+    nonfinite: str = "error",
+    overwrite: bool = False,
+    pyramid: bool = True,
+    layer_mb: float = 64,
+    quiet: bool = True,
+    storage_options: dict | None = None,
+) -> dict:
+    """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
+
+    A FreeSurfer ``.mgh``/``.mgz`` file (e.g. a SAMSEG segmentation) is read the same way, streamed; its store
+    keeps a NIfTI header made from its geometry (see :mod:`helm_dask.io.mgh`). The data are kept as stored on
+    disk (dtype and ``scl_slope``/``scl_inter``); :func:`open_volume` applies the scaling, and converting back
+    gives the original file's data bit for bit.
+
+    Parameters
+    ----------
+    src, dst : path-like or URL
+        Input NIfTI file and output store (written under a temporary name, renamed when complete; on object
+        storage written in place and flagged complete last). Either may be an fsspec URL (``s3://...``).
+    chunks : int or 3 ints
+        Zarr chunk shape (default 128^3).
+    echo : int, optional
+        For a 4-D file: keep only this echo (0-based).
+    echo_combine : {"rms", "mean"}, optional
+        For a 4-D file: combine the echoes into one 3-D volume. With neither option a 4-D file gives a 4-D store
+        (lossless).
+    kind : {"auto", "image", "labels"}
+        ``auto``: labels when the header's intent is NIFTI_INTENT_LABEL, otherwise image.
+    nonfinite : {"error", "zero"}
+        NaN/inf voxels: refuse (the default; the message counts them) or set them to 0.
+    overwrite : bool
+        Replace an existing store.
+    pyramid : bool
+        Build the coarser pyramid levels (3-D stores only).
+    layer_mb : float
+        Memory budget of the planes held while streaming (see ``docs/method/io.md``).
+    quiet : bool
+        No progress bar.
+    storage_options : dict, optional
+        fsspec options for URLs (see :mod:`helm_dask.io.location`).
+
+    Returns
+    -------
+    dict
+        ``{"path", "sha256", "nonfinite", "shape", "dtype"}``.
+    """
+    if nonfinite not in ("error", "zero"):
+        raise ValueError("nonfinite must be 'error' or 'zero'")
+    if echo_combine is not None and echo_combine not in ECHO_COMBINE:
+        raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
+    info = read_header(src, storage_options=storage_options)
+    plan = _import_plan(info, src, chunks=chunks, echo=echo, echo_combine=echo_combine, kind=kind, nonfinite=nonfinite)
     with atomic_store(dst, overwrite=overwrite, storage_options=storage_options) as tmp:
         group = open_group(tmp, "w", storage_options)
         write_attrs(
-            group, affine=info.affine, kind=kind, name=Path(dst).stem, nlevels=1, four_d=out_four_d, complete=False
-        )
-        combine = four_d and echo_combine is not None
-        target = create_level(group, 0, out_shape, raw_dtype, chunks, four_d=out_four_d)
-        # Whole Zarr chunks need chunk_z planes of every (x, y) tile, and a sequential stream delivers whole
-        # planes: writing chunks directly would hold x * y * chunk_z voxels, which grows with the volume. So,
-        # when that layer is over budget, the stream lands in thin chunks (chunk_z split to fit the budget) and
-        # Dask then assembles the final chunks from them, one chunk per task: memory stays flat with size.
-        # Multi-echo data to be combined always lands first (echoes of one z-range lie far apart in the file).
-        thin_z = _slab_planes(info.shape, np.dtype(raw_dtype).itemsize, chunks[2], int(layer_mb * 2**20))
-        kept = [echo] if (four_d and echo is not None) else list(range(nt))
-        direct = thin_z == chunks[2] and not combine
-        if direct:
-            landing = target
-        else:
-            land_shape = tuple(info.shape[:3]) + (len(kept),)
-            landing = create_level(group, "_landing", land_shape, raw_dtype, chunks[:2] + (thin_z,), four_d=True)
-        reader = nii.SlabReader(info, thin_z, echoes=keep)
-        prog = Progress(len(kept) * info.shape[2], f"reading {Path(src).name}", quiet=quiet)
-        point = f"write:{location.name(dst)}"
-        for slab in _raw_slabs(reader, scaled=reader_scaled):
-            location.fault(point, tmp)
-            data = slab.data
-            if slab.nonfinite:
-                total_nonfinite += slab.nonfinite
-                if nonfinite == "zero":
-                    data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
-                else:
-                    continue  # keep reading to count them all; nothing will be kept
-            if direct and not out_four_d:
-                landing[:, :, slab.z0 : slab.z1] = data
-            else:
-                landing[kept.index(slab.t or 0), :, :, slab.z0 : slab.z1] = data
-            prog.update(slab.z1 - slab.z0)
-        prog.close()
-        if total_nonfinite and nonfinite == "error":
-            raise HelmError(
-                f"has {total_nonfinite:,} NaN or infinite voxels",
-                path=src,
-                hint="fix the scan, or pass --nonfinite zero to set them to 0",
-            )
-        if not direct:
-            landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(chunks)), 0, 3)
-            if combine:
-                if info.scaled and not reader_scaled:
-                    ft = info.out_dtype.type
-                    landed = landed.astype(info.out_dtype) * ft(info.slope) + ft(info.inter)
-                level0 = select_echo(landed, echo=None, echo_combine=echo_combine, path=src)
-                target = create_level(group, 0, out_shape, np.float32, chunks, four_d=False)
-                nifti_meta["scaling"] = [1.0, 0.0]
-                nifti_meta["dtype"] = "float32"
-                _store_dask(level0, target)
-            elif out_four_d:
-                _store_dask(da.moveaxis(landed, 3, 0), target)
-            else:
-                _store_dask(landed[..., 0], target)
-            del group["_landing"]
-        nlevels = build_pyramid(group, kind=kind, chunks=chunks) if (pyramid and not out_four_d) else 1
-        params = {"echo": echo, "echo_combine": echo_combine, "nonfinite": nonfinite, "chunks": list(chunks)}
-        prov = [provenance_record("import", params, {os.fspath(src): reader.sha256})]
-        write_attrs(
             group,
             affine=info.affine,
-            kind=kind,
-            name=Path(os.fspath(dst).rstrip("/")).stem,
-            nlevels=nlevels,
-            four_d=out_four_d,
-            complete=True,
-            extra={
-                "source": os.fspath(src),
-                "nifti": nifti_meta,
-                "provenance": prov,
-                "input_sha256": reader.sha256,
-                "nonfinite_zeroed": total_nonfinite,
-            },
+            kind=plan.kind,
+            name=Path(dst).stem,
+            nlevels=1,
+            four_d=plan.out_four_d,
+            complete=False,
         )
+        reader, total_nonfinite = _import_level0(
+            group,
+            plan,
+            src=src,
+            dst=dst,
+            tmp=tmp,
+            echo=echo,
+            echo_combine=echo_combine,
+            nonfinite=nonfinite,
+            layer_mb=layer_mb,
+            quiet=quiet,
+        )
+        nlevels = build_pyramid(group, kind=plan.kind, chunks=plan.chunks) if (pyramid and not plan.out_four_d) else 1
+        params = {"echo": echo, "echo_combine": echo_combine, "nonfinite": nonfinite, "chunks": list(plan.chunks)}
+        _write_import_attrs(group, plan, src, dst, params, reader, nlevels, total_nonfinite)
     return {
         "path": os.fspath(dst),
         "sha256": reader.sha256,
         "nonfinite": total_nonfinite,
-        "shape": list(out_shape),
-        "dtype": str(np.dtype(raw_dtype if not (four_d and echo_combine) else np.float32)),
+        "shape": list(plan.out_shape),
+        "dtype": str(np.dtype(plan.raw_dtype if not (plan.four_d and echo_combine) else np.float32)),
     }
 
 
-def _raw_slabs(reader: nii.SlabReader, *, scaled: bool):
+def _raw_slabs(reader: nii.SlabReader, *, scaled: bool) -> Iterator[nii.Slab]:
     """Slabs as stored: raw on-disk values (scaling kept in metadata) unless ``scaled``."""
     info = reader.info
     if scaled or not info.scaled:
@@ -266,7 +404,7 @@ def _raw_slabs(reader: nii.SlabReader, *, scaled: bool):
         info.slope, info.inter = slope, inter
 
 
-def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> int:
+def _slab_planes(vol_shape: Sequence[int], itemsize: int, chunk_z: int, budget_bytes: int) -> int:
     """Largest divisor of the chunk depth whose slab fits the budget: slabs never straddle chunk layers."""
     plane = int(vol_shape[0]) * int(vol_shape[1]) * itemsize
     for dz in sorted((d for d in range(1, chunk_z + 1) if chunk_z % d == 0), reverse=True):
@@ -275,42 +413,25 @@ def _slab_planes(vol_shape, itemsize: int, chunk_z: int, budget_bytes: int) -> i
     return 1
 
 
-def save_nifti(
+# ----------------------------------------------------------------------------------------------------------------
+# Export (Zarr / any volume -> NIfTI)
+
+
+def _export_header(
     vol: xr.DataArray,
-    dst,
+    data: da.Array,
+    dtype: np.dtype,
     *,
-    dtype=None,
-    overwrite: bool = False,
-    compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
-    sform_code: int | None = None,
-    qform_code: int | None = None,
-    version: int | None = None,
-    scaling=(1.0, 0.0),
-    provenance: dict | None = None,
-    slab_mb: float = 32,
-    quiet: bool = True,
-    storage_options: dict | None = None,
-) -> str:
-    """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
-
-    sform = qform = the volume's affine, codes from ``sform_code``/``qform_code`` (default: the source file's,
-    else 1 = scanner), ``xyzt_units`` mm, intent label for labels/masks. ``dtype`` defaults to the volume's
-    (label maps should be uint8/uint16 and images float32 by the time they are written).
-    Memory: the slabs in flight (two per worker thread, each at most ``slab_mb`` MB raw).
-
-    ``dst`` may be an fsspec URL (``s3://bucket/out.nii.gz``, ``storage_options`` as in
-    :mod:`helm_dask.io.location`): the file is then one multipart upload, completed only when every slab is
-    written (an error or Ctrl-C aborts it: no object, or the old one untouched), and the thin scratch copy, which
-    workers write, is a hidden sibling store on the same object storage, deleted afterwards.
-    """
-    dst = os.fspath(dst)
-    if not nii.is_nifti_path(dst):
-        raise HelmError("output must end in .nii or .nii.gz", path=dst, hint="choose a NIfTI file name")
-    gz = dst.lower().endswith(".gz")
+    sform_code: int | None,
+    qform_code: int | None,
+    version: int | None,
+    scaling: Sequence[float],
+    provenance: dict | None,
+) -> bytes:
+    """The bytes that start the file: the header (codes and version from the source file's when known)."""
     kind = vol.attrs.get("kind", "image")
-    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
-    dtype = np.dtype(dtype or data.dtype)
-    nmeta = vol.attrs.get("nifti") if isinstance(vol.attrs.get("nifti"), dict) else {}
+    raw_meta = vol.attrs.get("nifti")
+    nmeta: dict = raw_meta if isinstance(raw_meta, dict) else {}
     hdr = nii.build_header(
         data.shape,
         dtype,
@@ -323,16 +444,141 @@ def save_nifti(
     )
     if tuple(scaling) != (1.0, 0.0):
         hdr.set_slope_inter(*scaling)
-    head = nii.header_bytes(hdr)
-    four_d = data.ndim == 4
-    nt = data.shape[3] if four_d else 1
+    return nii.header_bytes(hdr)
+
+
+def _slab_plan(
+    data: da.Array, dtype: np.dtype, slab_mb: float
+) -> tuple[da.Array, int, int, list[tuple[int, int, int]]]:
+    """``(data, chunk_z, dz, slabs)``: regular chunks, slab depth ``dz`` (a divisor of the chunk depth that
+    fits ``slab_mb``) and every slab ``(t, z0, z1)`` in file order."""
+    nt = data.shape[3] if data.ndim == 4 else 1
     regular = tuple(c[0] for c in data.chunks)
     if any(len(set(c[:-1])) > 1 or c[-1] > c[0] for c in data.chunks):
         data = data.rechunk(regular)  # slabs and scratch chunks must nest in the source blocks
     chunk_z = data.chunks[2][0]
     dz = _slab_planes(data.shape, dtype.itemsize, chunk_z, int(slab_mb * 2**20))
     slabs = [(t, z0, min(data.shape[2], z0 + dz)) for t in range(nt) for z0 in range(0, data.shape[2], dz)]
+    return data, chunk_z, dz, slabs
 
+
+def _thin_scratch(
+    data: da.Array, dz: int, *, dst: str, tmp: str, remote: bool, storage_options: dict | None, cleanup: Any
+) -> Any:
+    """A scratch copy of ``data`` in chunks ``dz`` planes deep (deleted by ``cleanup``), written by the workers."""
+    four_d = data.ndim == 4
+    if remote:  # workers write it: it must live where they can see it, next to the output
+        location.remove_stale_siblings(dst, ".thin", storage_options)  # a killed writer's copy
+        scratch = location.sibling(dst, ".thin", ".zarr")
+        cleanup.callback(location.remove_quietly, scratch, storage_options)
+    else:
+        scratch = f"{tmp}.thin.zarr"
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+    thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
+    arr = zarr.create_array(
+        location.zarr_store(scratch, storage_options),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=thin_chunks,
+        compressors=[compressor_for(data.dtype, scratch=True)],
+        fill_value=0,
+    )
+    # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
+    # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
+    done = da.map_blocks(_write_region, data, arr, dtype=np.uint8, chunks=tuple((1,) * len(c) for c in data.chunks))
+    done.compute()
+    return arr
+
+
+def _slab_task(
+    data: da.Array, stored: Any, t: int, z0: int, z1: int, dtype: np.dtype, gz: bool, compresslevel: int
+) -> Any:
+    """The delayed bytes of planes ``z0:z1`` of echo ``t``, read from the store inside the task when possible."""
+    four_d = data.ndim == 4
+    if stored is not None:
+        # Read the slab inside the task: a dask slice of a stored volume would be one task per chunk,
+        # spread over the workers and shipped to one of them to be concatenated.
+        return dask.delayed(_encode_stored_slab, pure=False)(
+            stored, t if four_d else None, z0, z1, dtype, gz, compresslevel
+        )
+    block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
+    return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
+
+
+def save_nifti(
+    vol: xr.DataArray,
+    dst: Any,
+    *,
+    dtype: Any = None,
+    overwrite: bool = False,
+    compresslevel: int = nii.DEFAULT_COMPRESSLEVEL,
+    sform_code: int | None = None,
+    qform_code: int | None = None,
+    version: int | None = None,
+    scaling: Sequence[float] = (1.0, 0.0),
+    provenance: dict | None = None,
+    slab_mb: float = 32,
+    quiet: bool = True,
+    storage_options: dict | None = None,
+) -> str:
+    """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
+
+    sform = qform = the volume's affine, ``xyzt_units`` mm, intent label for labels/masks. Memory: the slabs in
+    flight (two per worker thread, each at most ``slab_mb`` MB raw). A URL ``dst`` is one multipart upload,
+    completed only when every slab is written (an error or Ctrl-C aborts it: no object, or the old one
+    untouched); the thin scratch copy, which workers write, is then a hidden sibling store on the same object
+    storage, deleted afterwards.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        The volume (dask- or NumPy-backed), with ``attrs["affine"]``.
+    dst : path-like or URL
+        Output file, ending in ``.nii`` or ``.nii.gz`` (``s3://bucket/out.nii.gz`` too).
+    dtype : dtype, optional
+        Output data type; default the volume's (label maps should be uint8/uint16 and images float32 by the
+        time they are written).
+    overwrite : bool
+        Replace an existing file.
+    compresslevel : int
+        gzip level for ``.nii.gz`` (see :func:`~helm_dask.io.nifti.gzip_member`).
+    sform_code, qform_code : int, optional
+        Header codes; default the source file's (``attrs["nifti"]``), else 1 = scanner.
+    version : int, optional
+        NIfTI version (1 or 2); default the source file's, else the smallest that fits.
+    scaling : (float, float)
+        ``scl_slope``, ``scl_inter`` written to the header (the data are written as they are).
+    provenance : dict, optional
+        JSON-able record stored in a header extension (:func:`~helm_dask.io.nifti.read_nifti_provenance`).
+    slab_mb : float
+        Largest raw slab (MB).
+    quiet : bool
+        No progress bar.
+    storage_options : dict, optional
+        fsspec options for a URL (see :mod:`helm_dask.io.location`).
+
+    Returns
+    -------
+    str
+        ``dst``.
+    """
+    dst = os.fspath(dst)
+    if not nii.is_nifti_path(dst):
+        raise HelmError("output must end in .nii or .nii.gz", path=dst, hint="choose a NIfTI file name")
+    gz = dst.lower().endswith(".gz")
+    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
+    dtype = np.dtype(dtype or data.dtype)
+    head = _export_header(
+        vol,
+        data,
+        dtype,
+        sform_code=sform_code,
+        qform_code=qform_code,
+        version=version,
+        scaling=scaling,
+        provenance=provenance,
+    )
+    data, chunk_z, dz, slabs = _slab_plan(data, dtype, slab_mb)
     remote = location.is_url(dst)
     with (
         atomic_path(dst, overwrite=overwrite, storage_options=storage_options) as tmp,
@@ -341,49 +587,19 @@ def save_nifti(
         if dz < chunk_z:
             # A slab thinner than a chunk would re-read (or recompute) every chunk chunk_z/dz times. Split the
             # chunks once into a thin-chunked scratch copy instead; each slab then reads exactly its own chunks.
-            if remote:  # workers write it: it must live where they can see it, next to the output
-                location.remove_stale_siblings(dst, ".thin", storage_options)  # a killed writer's copy
-                scratch = location.sibling(dst, ".thin", ".zarr")
-                cleanup.callback(location.remove_quietly, scratch, storage_options)
-            else:
-                scratch = f"{tmp}.thin.zarr"
-                cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-            thin_chunks = (data.chunks[0][0], data.chunks[1][0], dz) + ((1,) if four_d else ())
-            arr = zarr.create_array(
-                location.zarr_store(scratch, storage_options),
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=thin_chunks,
-                compressors=[compressor_for(data.dtype, scratch=True)],
-                fill_value=0,
+            stored = _thin_scratch(
+                data, dz, dst=dst, tmp=tmp, remote=remote, storage_options=storage_options, cleanup=cleanup
             )
-            # One task per source chunk writes its own thin chunks (whole chunks, no races): memory is one
-            # chunk per task, where a rechunk graph would multiply tasks and buffer pieces.
-            done = da.map_blocks(
-                _write_region, data, arr, dtype=np.uint8, chunks=tuple((1,) * len(c) for c in data.chunks)
-            )
-            done.compute()
-            stored = arr
         else:
-            stored = regions.zarr_array_of(data) if four_d else regions.store_view_of(data)
-
-        def task(t, z0, z1):
-            if stored is not None:
-                # Read the slab inside the task: a dask slice of a stored volume would be one task per chunk,
-                # spread over the workers and shipped to one of them to be concatenated.
-                return dask.delayed(_encode_stored_slab, pure=False)(
-                    stored, t if four_d else None, z0, z1, dtype, gz, compresslevel
-                )
-            block = data[:, :, z0:z1, t] if four_d else data[:, :, z0:z1]
-            return dask.delayed(nii.encode_slab, pure=True)(block, dtype, gz, compresslevel)
-
+            stored = regions.zarr_array_of(data) if data.ndim == 4 else regions.store_view_of(data)
         with (
             location.open_write(tmp, overwrite=True, storage_options=storage_options) if remote else open(tmp, "wb")
         ) as f:
             f.write(nii.gzip_member(head, compresslevel) if gz else head)
             prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
             point = f"write:{location.name(dst)}"
-            for chunk in _ordered_results([task(*s) for s in slabs]):
+            tasks = [_slab_task(data, stored, *s, dtype, gz, compresslevel) for s in slabs]
+            for chunk in _ordered_results(tasks):
                 location.fault(point, tmp)
                 f.write(chunk)
                 prog.update(1)
@@ -391,7 +607,7 @@ def save_nifti(
     return dst
 
 
-def _encode_stored_slab(src, t: int | None, z0: int, z1: int, dtype, gz: bool, level: int) -> bytes:
+def _encode_stored_slab(src: Any, t: int | None, z0: int, z1: int, dtype: Any, gz: bool, level: int) -> bytes:
     """Planes ``z0:z1`` (of echo ``t``) read from a Zarr array or a :class:`regions.StoreView`, encoded."""
     if isinstance(src, regions.StoreView):
         block = src.read((0, 0, z0), (src.shape[0], src.shape[1], z1))
@@ -400,14 +616,14 @@ def _encode_stored_slab(src, t: int | None, z0: int, z1: int, dtype, gz: bool, l
     return nii.encode_slab(block, dtype, gz, level)
 
 
-def _write_region(block: np.ndarray, target, block_info=None) -> np.ndarray:
+def _write_region(block: np.ndarray, target: Any, block_info: Any = None) -> np.ndarray:
     """Write one block into ``target`` at its place in the dask array; returns a 1-voxel token."""
     loc = block_info[0]["array-location"]
     target[tuple(slice(a, b) for a, b in loc)] = block
     return np.zeros((1,) * block.ndim, dtype=np.uint8)
 
 
-def _ordered_results(tasks, window: int | None = None):
+def _ordered_results(tasks: list, window: int | None = None) -> Iterator[Any]:
     """Compute delayed tasks with a bounded number in flight, yielding results in order."""
     client = _client()
     if client is not None:
@@ -435,8 +651,8 @@ def _ordered_results(tasks, window: int | None = None):
 
 
 def zarr_to_nifti(
-    src,
-    dst,
+    src: Any,
+    dst: Any,
     *,
     level: int = 0,
     echo: int | None = None,
@@ -446,7 +662,32 @@ def zarr_to_nifti(
     quiet: bool = True,
     storage_options: dict | None = None,
 ) -> str:
-    """Convert a helm-dask Zarr volume to NIfTI. Raw stored values and their scaling are kept (bit-exact)."""
+    """Convert a helm-dask Zarr volume to NIfTI. Raw stored values and their scaling are kept (bit-exact).
+
+    Parameters
+    ----------
+    src : path-like or URL
+        The store.
+    dst : path-like or URL
+        Output ``.nii``/``.nii.gz`` file.
+    level : int
+        Pyramid level to write.
+    echo, echo_combine : optional
+        For a 4-D store: one echo, or the echoes combined (``"rms"``/``"mean"``), written with scaling applied.
+    overwrite : bool
+        Replace an existing file.
+    compresslevel : int
+        gzip level for ``.nii.gz``.
+    quiet : bool
+        No progress bar.
+    storage_options : dict, optional
+        fsspec options for URLs.
+
+    Returns
+    -------
+    str
+        The output path.
+    """
     so = storage_options
     meta = read_meta(src, storage_options=so)
     vol = open_volume(src, level=level, echo=echo, echo_combine=echo_combine, apply_scaling=False, storage_options=so)
@@ -468,9 +709,22 @@ def zarr_to_nifti(
     )
 
 
-def convert(src, dst, **kw) -> str:
-    """Convert in the direction the extensions say (``.nii``/``.nii.gz`` <-> ``.zarr``, ``.mgh``/``.mgz`` ->
-    ``.zarr``); paths or URLs."""
+def convert(src: Any, dst: Any, **kw: Any) -> str:
+    """Convert in the direction the extensions say: ``.nii``/``.nii.gz``/``.mgh``/``.mgz`` -> ``.zarr``, or
+    ``.zarr`` -> ``.nii``/``.nii.gz``; paths or URLs.
+
+    Parameters
+    ----------
+    src, dst : path-like or URL
+        Input and output; their names decide the direction.
+    **kw
+        Options of :func:`nifti_to_zarr` or :func:`zarr_to_nifti` (those of the other direction are dropped).
+
+    Returns
+    -------
+    str
+        The output path.
+    """
     s, d = os.fspath(src), os.fspath(dst)
     if (nii.is_nifti_path(s) or is_mgh_path(s)) and d.rstrip("/").endswith(".zarr"):
         kw.pop("level", None)

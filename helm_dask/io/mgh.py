@@ -1,15 +1,7 @@
-"""FreeSurfer MGH (``.mgh``) and MGZ (``.mgz``, the same gzip-compressed) headers, for streamed reading.
-
-An MGH file is a 284-byte big-endian header followed by the voxels in Fortran order (x fastest), big-endian,
-then optional tags. So its voxel data are laid out exactly like a NIfTI file's: :func:`read_mgh_header` returns
-a :class:`~helm_dask.io.nifti.NiftiInfo` (``vox_offset`` 284, big-endian dtype) and
-:class:`~helm_dask.io.nifti.SlabReader` streams it slab by slab, once, in order (an ``.mgz`` is decompressed
-exactly once), hashing the whole file on the way -- never ``nibabel.load(...).get_fdata()`` on 2 gigavoxels.
-nibabel parses the header (``MGHHeader``: dimensions, type, vox2ras).
-
-The ``header`` of the returned info is a NIfTI header built from the MGH geometry (sform = qform = vox2ras,
-code 1 "scanner", as FreeSurfer's ``mri_convert`` writes): it is what a store imported from the file keeps,
-and what a NIfTI export of that store starts from.
+"""FreeSurfer MGH (``.mgh``) and MGZ (``.mgz``, the same gzip-compressed) headers, for streamed reading:
+:func:`read_mgh_header` returns a :class:`~helm_dask.io.nifti.NiftiInfo` (with a NIfTI header built from the
+MGH geometry), so :class:`~helm_dask.io.nifti.SlabReader` streams the voxels like a NIfTI file's; the file
+layout and why this works are in ``docs/method/io.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +21,22 @@ MGH_DATA_OFFSET = int(mghformat.DATA_OFFSET)
 
 
 def is_mgh_path(path: str | os.PathLike) -> bool:
-    """True for ``.mgh`` / ``.mgz`` names (``.mgh.gz`` too: gzip is detected from the bytes)."""
+    """Whether a name is an MGH/MGZ name (``.mgh``, ``.mgz``, ``.mgh.gz``; gzip is detected from the bytes).
+
+    Parameters
+    ----------
+    path : str or path-like
+        File name, path or URL.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_mgh_path("aseg.mgz"), is_mgh_path("scan.nii.gz")
+    (True, False)
+    """
     name = os.fspath(path).lower()
     return name.endswith((".mgh", ".mgz", ".mgh.gz"))
 

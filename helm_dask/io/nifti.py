@@ -1,19 +1,8 @@
-"""Streaming NIfTI-1/2 reading and writing, in slabs, with exact headers.
-
-Why not ``nibabel.load(...).get_fdata()``: a 0.1 mm hemisphere is 8 GB per echo as float32. We use nibabel for
-what it is best at (parsing and building headers) and stream the voxel data ourselves:
-
-* reading goes through the file once, in order (a ``.nii.gz`` cannot be seeked cheaply, so it is decompressed
-  exactly once), one z-slab at a time; NIfTI is Fortran-ordered, so a range of z planes is one contiguous run
-  of bytes;
-* writing emits the header and then one z-slab after another. For ``.nii.gz`` every slab is compressed as its
-  own gzip *member* (RFC 1952 allows concatenated members and every gzip reader, nibabel, FSL, ITK, FreeSurfer
-  and zlib's ``gzread`` included, reads them as one stream), so slabs can be compressed in parallel on the
-  workers while the file is still written through a single ordered stream.
-
-gzip goes through ISA-L (``isal``, Intel's igzip) when it is installed: the same RFC 1952 format that zlib
-reads and writes, decompressed ~2.5x and compressed (level 1) 3-9x faster than zlib at the same ratio on
-scans and label maps -- at 0.1 mm the gzip of the exports was half of the whole run. Without it zlib is used.
+"""Streaming NIfTI-1/2 reading and writing with exact headers: :func:`read_nifti_header` validates a header
+without touching the voxels, :class:`SlabReader` reads the file once, in order, one z-slab at a time, and
+:func:`build_header`, :func:`header_bytes` and :func:`encode_slab` write a file as a header followed by slabs
+(for ``.nii.gz`` one gzip member each, so workers compress them in parallel); why the voxels are streamed rather
+than loaded with nibabel, and why gzip goes through ISA-L, is in ``docs/method/io.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +16,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -34,7 +25,8 @@ import numpy as np
 from ..errors import HelmError
 from . import location
 
-try:  # ISA-L: same gzip format, several times faster (see the module docstring)
+_igzip: ModuleType | None
+try:  # ISA-L: same gzip format, several times faster (see docs/method/io.md)
     from isal import igzip as _igzip
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - platforms without an isal wheel fall back to zlib
@@ -55,6 +47,22 @@ INTENT_LABEL = 1002  # NIFTI_INTENT_LABEL
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
+    """Whether a name is a single-file NIfTI name (``.nii`` or ``.nii.gz``, any case).
+
+    Parameters
+    ----------
+    path : str or path-like
+        File name, path or URL.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_nifti_path("scan.NII.gz"), is_nifti_path("scan.zarr")
+    (True, False)
+    """
     name = os.fspath(path).lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
@@ -155,15 +163,8 @@ def _is_gz(path, storage_options: dict | None = None) -> bool:
         return f.read(2) == GZ_MAGIC
 
 
-def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None = None) -> NiftiInfo:
-    """Parse and validate a NIfTI-1/2 header without reading the voxel data.
-
-    Raises :class:`HelmError` for a missing file, a file that is not NIfTI, a truncated header, dimensions that
-    do not match the file size (uncompressed files), zero/negative voxel sizes, a singular or non-finite affine,
-    5-D (or higher) data, and unsupported data types. ``path`` may be an fsspec URL (``s3://bucket/scan.nii.gz``)
-    with ``storage_options`` (see :mod:`helm_dask.io.location`).
-    """
-    p = _as_path(path)
+def _read_head(p: Any, storage_options: dict | None) -> tuple[bool, bytes]:
+    """Whether the file is gzipped, and its first 540 bytes (decompressed): room for either header."""
     gz = _is_gz(p, storage_options)
     raw = _open_raw(p, storage_options, block_size=_HEADER_BLOCK)
     try:
@@ -178,6 +179,11 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
             ) from None
     finally:
         raw.close()
+    return gz, head
+
+
+def _parse_header(head: bytes, p: Any) -> tuple[int, Any]:
+    """``(version, header)``: the NIfTI version from the magic and size fields, and nibabel's parse of it."""
     if len(head) < 348:
         raise HelmError(
             f"is not a NIfTI file (only {len(head)} bytes, a header needs 348)",
@@ -209,7 +215,11 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         hdr = hdr_cls.from_fileobj(io.BytesIO(head[: hdr_cls.sizeof_hdr] + b"\x00" * 4), check=False)
     except Exception as e:  # nibabel raises several types for garbage headers
         raise HelmError(f"has an unreadable NIfTI header ({e})", path=p, hint="re-export the file") from None
+    return version, hdr
 
+
+def _data_shape(hdr: Any, p: Any) -> tuple[int, tuple[int, ...]]:
+    """``(dim[0], shape)``: the declared number of dimensions and the 3-D or 4-D shape read as."""
     dim = [int(d) for d in hdr["dim"]]
     ndim = dim[0]
     if ndim < 1 or ndim > 7:
@@ -228,6 +238,11 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
             path=p,
             hint="split it into 3-D or 4-D files first (e.g. with fslsplit)",
         )
+    return ndim, shape
+
+
+def _data_dtype(hdr: Any, p: Any) -> np.dtype:
+    """The on-disk dtype, one of :data:`SUPPORTED_DTYPES` (in either byte order)."""
     try:
         dtype = hdr.get_data_dtype()
     except Exception:
@@ -236,6 +251,11 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         raise HelmError(
             f"has an unsupported data type ({dtype})", path=p, hint="convert it to an integer or float32/float64 NIfTI"
         )
+    return dtype
+
+
+def _best_affine(hdr: Any, p: Any) -> np.ndarray:
+    """The header's best voxel-to-world affine, refused when the voxel sizes or the matrix are unusable."""
     zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise HelmError(
@@ -243,8 +263,6 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
             path=p,
             hint="fix the header's pixdim (e.g. with nibabel or fslhd/fslchpixdim)",
         )
-    sform_code = int(hdr["sform_code"])
-    qform_code = int(hdr["qform_code"])
     try:
         affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
     except Exception as e:
@@ -259,10 +277,11 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
             path=p,
             hint="fix the header's sform/qform so that it maps voxels to millimetres",
         )
-    vox_offset = int(hdr["vox_offset"])
-    min_offset = hdr_cls.sizeof_hdr + 4
-    if vox_offset < min_offset:
-        vox_offset = min_offset  # NIfTI allows 0 meaning "right after the header" in old writers
+    return affine
+
+
+def _slope_inter(hdr: Any) -> tuple[float, float]:
+    """``scl_slope``, ``scl_inter`` with NIfTI's "no scaling" cases (zero or non-finite slope) as 1, 0."""
     # nibabel returns (None, None) when scl_slope is 0 or NaN, which NIfTI defines as "no scaling".
     s, i = hdr.get_slope_inter()
     slope = 1.0 if s is None else float(s)
@@ -271,6 +290,45 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
         slope, inter = 1.0, 0.0
     if not np.isfinite(inter):
         inter = 0.0
+    return slope, inter
+
+
+def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None = None) -> NiftiInfo:
+    """Parse and validate a NIfTI-1/2 header without reading the voxel data.
+
+    Parameters
+    ----------
+    path : path-like or URL
+        A single-file NIfTI (``.nii`` or ``.nii.gz``; compression is detected from the gzip magic); an fsspec
+        URL such as ``s3://bucket/scan.nii.gz`` too.
+    storage_options : dict, optional
+        fsspec options for a URL (see :mod:`helm_dask.io.location`).
+
+    Returns
+    -------
+    NiftiInfo
+        Shape (3-D, or 4-D), on-disk dtype, data offset, scaling and the best affine.
+
+    Raises
+    ------
+    HelmError
+        A missing file, a file that is not NIfTI, a truncated header, dimensions that do not match the file size
+        (uncompressed files), zero/negative voxel sizes, a singular or non-finite affine, 5-D (or higher) data,
+        and unsupported data types.
+    """
+    p = _as_path(path)
+    gz, head = _read_head(p, storage_options)
+    version, hdr = _parse_header(head, p)
+    ndim, shape = _data_shape(hdr, p)
+    dtype = _data_dtype(hdr, p)
+    sform_code = int(hdr["sform_code"])
+    qform_code = int(hdr["qform_code"])
+    affine = _best_affine(hdr, p)
+    vox_offset = int(hdr["vox_offset"])
+    min_offset = type(hdr).sizeof_hdr + 4
+    if vox_offset < min_offset:
+        vox_offset = min_offset  # NIfTI allows 0 meaning "right after the header" in old writers
+    slope, inter = _slope_inter(hdr)
     info = NiftiInfo(
         path=str(p),
         gz=gz,
@@ -292,8 +350,21 @@ def read_nifti_header(path: str | os.PathLike, *, storage_options: dict | None =
     return info
 
 
-def check_complete(info: NiftiInfo, dtype_label) -> None:
-    """An uncompressed file must hold the bytes its header describes (a gzip stream is checked as it is read)."""
+def check_complete(info: NiftiInfo, dtype_label: Any) -> None:
+    """An uncompressed file must hold the bytes its header describes (a gzip stream is checked as it is read).
+
+    Parameters
+    ----------
+    info : NiftiInfo
+        The file's header.
+    dtype_label : object
+        The data type as the error message names it.
+
+    Raises
+    ------
+    HelmError
+        When the file is shorter than ``vox_offset`` plus the data.
+    """
     size = location.size(info.path, info.storage_options)
     need = info.vox_offset + info.data_bytes
     if size < need:
@@ -420,7 +491,22 @@ class SlabReader:
 
 
 def file_sha256(path: str | os.PathLike, *, block: int = 1 << 22, storage_options: dict | None = None) -> str:
-    """SHA-256 of a file's bytes (streamed); ``path`` may be a URL."""
+    """SHA-256 of a file's bytes, streamed.
+
+    Parameters
+    ----------
+    path : path-like or URL
+        The file.
+    block : int
+        Bytes read at a time.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
     h = hashlib.sha256()
     with _open_raw(_as_path(path), storage_options) as f:
         while True:
@@ -449,9 +535,36 @@ def build_header(
 ):
     """A nibabel header for a single-file NIfTI with sform = qform = ``affine``.
 
-    NIfTI-2 is used when asked for, or when a dimension does not fit NIfTI-1's int16. ``provenance`` (a
-    JSON-able dict) goes into a NIfTI header extension (code 6, "comment"), which viewers ignore and
-    :func:`read_nifti_provenance` reads back: the file itself says how it was made.
+    Parameters
+    ----------
+    shape : sequence of int
+        Data shape (3-D or 4-D).
+    dtype : dtype
+        Data type written.
+    affine : array_like, 4x4
+        Voxel-centre to world (mm) matrix.
+    kind : str
+        ``"labels"`` and ``"mask"`` get intent NIFTI_INTENT_LABEL.
+    sform_code, qform_code : int
+        Header codes (0 becomes 1, so that viewers use the affine).
+    version : int, optional
+        1 or 2; default NIfTI-2 only when a dimension does not fit NIfTI-1's int16.
+    descrip : str
+        The ``descrip`` field (79 bytes at most).
+    provenance : dict, optional
+        JSON-able record put into a header extension (code 6, "comment"), which viewers ignore and
+        :func:`read_nifti_provenance` reads back: the file itself says how it was made.
+
+    Returns
+    -------
+    nibabel.Nifti1Header or nibabel.Nifti2Header
+        With unit scaling, units mm/s and ``vox_offset`` 0 (nibabel sets it when writing).
+
+    Example
+    -------
+    >>> hdr = build_header((4, 5, 6), "uint8", np.eye(4), kind="labels")
+    >>> int(hdr["sform_code"]), int(hdr["intent_code"]), hdr.get_data_shape()
+    (1, 1002, (4, 5, 6))
     """
     shape = tuple(int(s) for s in shape)
     if version is None:
@@ -475,8 +588,23 @@ def build_header(
     return hdr
 
 
-def header_bytes(hdr) -> bytes:
-    """The header, its extensions and the padding up to ``vox_offset``, as they start the file."""
+def header_bytes(hdr: Any) -> bytes:
+    """The header, its extensions and the padding up to ``vox_offset``, as they start the file.
+
+    Parameters
+    ----------
+    hdr : nibabel.Nifti1Header or nibabel.Nifti2Header
+        From :func:`build_header`.
+
+    Returns
+    -------
+    bytes
+
+    Example
+    -------
+    >>> len(header_bytes(build_header((4, 5, 6), "uint8", np.eye(4))))
+    352
+    """
     bio = io.BytesIO()
     hdr.write_to(bio)
     out = bio.getvalue()
@@ -494,9 +622,24 @@ def _gunzip(fileobj):
 def gzip_member(data: bytes | memoryview, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
     """One self-contained gzip member (mtime 0 so output is byte-reproducible).
 
-    ``level`` has zlib's meaning (0-9). Level 1, the default, is compressed by ISA-L's level 1 when ``isal`` is
-    installed: the same ratio as zlib's level 1 on scans and label maps at 3-9x the speed. Other levels keep
-    zlib, so that asking for 6 or 9 gets exactly zlib's 6 or 9.
+    Parameters
+    ----------
+    data : bytes
+        The bytes to compress.
+    level : int
+        zlib's meaning (0-9). Level 1, the default, is compressed by ISA-L's level 1 when ``isal`` is installed:
+        the same ratio as zlib's level 1 on scans and label maps at 3-9x the speed. Other levels keep zlib, so
+        that asking for 6 or 9 gets exactly zlib's 6 or 9.
+
+    Returns
+    -------
+    bytes
+        One gzip member (concatenated members read as one stream).
+
+    Example
+    -------
+    >>> gzip.decompress(gzip_member(b"slab 1") + gzip_member(b", slab 2"))
+    b'slab 1, slab 2'
     """
     if level == 1 and _igzip is not None:
         return _igzip.compress(data, compresslevel=1, mtime=0)
@@ -504,18 +647,64 @@ def gzip_member(data: bytes | memoryview, level: int = DEFAULT_COMPRESSLEVEL) ->
 
 
 def slab_bytes(arr: np.ndarray, dtype) -> bytes:
-    """Fortran-order bytes of a (x, y, dz) slab in the output dtype (native byte order, as nibabel writes)."""
+    """Fortran-order bytes of a (x, y, dz) slab in the output dtype (native byte order, as nibabel writes).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        The slab.
+    dtype : dtype
+        Output data type.
+
+    Returns
+    -------
+    bytes
+
+    Example
+    -------
+    >>> slab_bytes(np.array([[1, 2], [3, 4]]).reshape(2, 2, 1), "uint8")
+    b'\\x01\\x03\\x02\\x04'
+    """
     return np.asarray(arr).astype(np.dtype(dtype), copy=False).tobytes(order="F")
 
 
 def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
-    """Bytes of a slab as they go into the file: raw, or one gzip member. Runs on a worker."""
+    """Bytes of a slab as they go into the file: raw, or one gzip member. Runs on a worker.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        The slab (x, y, dz).
+    dtype : dtype
+        Output data type.
+    gz : bool
+        Compress (one gzip member).
+    level : int
+        gzip level (see :func:`gzip_member`).
+
+    Returns
+    -------
+    bytes
+    """
     b = slab_bytes(arr, dtype)
     return gzip_member(b, level) if gz else b
 
 
 def read_nifti_provenance(path: str | os.PathLike, *, storage_options: dict | None = None) -> dict | None:
-    """The provenance JSON that helm-dask wrote into a NIfTI header extension, or None."""
+    """The provenance JSON that helm-dask wrote into a NIfTI header extension.
+
+    Parameters
+    ----------
+    path : path-like or URL
+        A NIfTI file.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    dict or None
+        The record, or None when the file has none (or it cannot be read).
+    """
     info = read_nifti_header(path, storage_options=storage_options)
     raw = _open_raw(_as_path(path), storage_options, block_size=_HEADER_BLOCK)
     try:
