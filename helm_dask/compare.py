@@ -17,6 +17,7 @@ import xarray as xr
 from .errors import HelmError
 from .io import nifti_to_zarr, open_volume
 from .io.nifti import is_nifti_path
+from .layout import SubjectLayout
 
 LABEL_EXTS = (".nii.gz", ".nii", ".zarr")
 
@@ -74,7 +75,14 @@ def compare_files(
 
 def _label_files(folder: Path, filename: str) -> list[str]:
     """The maps in a folder: ``<subject>/<filename>`` for pipeline output folders, else the label files in it."""
-    nested = sorted(str(p) for p in folder.glob(f"*/{filename}"))
+    # pipeline output folders: OUT/<subject>/<filename>
+    nested = sorted(
+        SubjectLayout(str(folder), d.name).file(filename)
+        for d in folder.iterdir()
+        if d.is_dir()
+        and not d.name.startswith(".")
+        and Path(SubjectLayout(str(folder), d.name).file(filename)).exists()
+    )
     if nested:
         return nested
     return sorted(str(p) for p in folder.iterdir() if p.name.endswith(LABEL_EXTS) and not p.name.startswith("."))
@@ -123,7 +131,7 @@ def compare_folders(
         )
     per_subject = {}
     for name, pa, pb in pairs:
-        pa = pa if Path(pa).is_file() or pa.endswith(".zarr") else str(Path(pa) / filename)
-        pb = pb if Path(pb).is_file() or pb.endswith(".zarr") else str(Path(pb) / filename)
+        pa = pa if Path(pa).is_file() or pa.endswith(".zarr") else SubjectLayout.of_folder(pa).file(filename)
+        pb = pb if Path(pb).is_file() or pb.endswith(".zarr") else SubjectLayout.of_folder(pb).file(filename)
         per_subject[name] = compare_files(pa, pb, labels=labels, groups=groups, resample_b=resample_b)
     return per_subject, summarise(per_subject), (only_a, only_b)
