@@ -318,3 +318,28 @@ def test_report_renders_in_headless_chromium(subjects, tmp_path):
     non_white = (px < 0.9).any(axis=-1).mean()
     assert non_white > 0.05  # figures drawn, not a blank page
     assert px.std() > 0.1
+
+
+def test_qc_and_the_notebooks_share_the_drawing_code(tmp_path):
+    """One choose_level for stores and volumes; the page is a template that escapes what it is given."""
+    from helm_dask import draw, qc, view
+
+    assert qc.choose_level is view.choose_level is draw.choose_level
+    vol = make_volume(np.zeros((260, 40, 30), np.float32), np.diag([0.5, 0.5, 0.5, 1.0]))
+    p = save_volume(vol, tmp_path / "v.zarr", chunks=(64, 64, 64))
+    # a volume may be shown beyond its store's levels (strides); a store path only names levels it has
+    assert choose_level(open_volume(p), 20) == 4 and choose_level(p, 20) == 2
+    page = qc._template().render(
+        subject="<b>x</b>",
+        facts=[("Run", "a < b")],
+        figures=[qc._Figure(None, "T", "Not available: missing scan_raw.")],
+        missing=[],
+        volumes=[],
+        have_manual=False,
+        have_closed=False,
+        vox_mm3=None,
+        agreement=None,
+        agreement_title="",
+    )
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "a &lt; b" in page and "<b>x</b>" not in page
+    assert 'href="#volumes"' in page and "Not available: missing scan_raw." in page

@@ -376,3 +376,70 @@ def test_slice_browser_without_and_with_ipywidgets(ref, monkeypatch):
     np.testing.assert_array_equal(shown(), ref[SHAPE[2] // 2, :, :].T)  # redrawn: plane x, the index kept (6)
     index_w.value = 13
     np.testing.assert_array_equal(shown(), ref[13, :, :].T)
+
+
+def test_plot_histogram_numbers_the_centroids_in_the_cluster_colours():
+    from helm_dask.draw import cluster_rgb
+    from helm_dask.view import plot_histogram
+
+    fig = plot_histogram([0, 5, 400, 30], [0.0, 1.0, 2.0, 3.0, 4.0], centroids=[1.5, 3.5], thresholds=[2.5])
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylim()[0] == pytest.approx(0.7)  # empty bins stay visible
+    solid = [ln for ln in ax.get_lines() if ln.get_linewidth() > 2]
+    assert [ln.get_xdata()[0] for ln in solid] == [1.5, 3.5]
+    for j, ln in enumerate(solid, 1):
+        np.testing.assert_allclose(ln.get_color(), cluster_rgb(j, 2))
+    assert [t.get_text() for t in ax.texts] == ["1", "2"]
+    assert any(ln.get_linestyle() == ":" for ln in ax.get_lines())  # the threshold
+    # a second histogram on the same axes (as the notebooks compare before / after)
+    plot_histogram([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0, 4.0], ax=ax, label="other")
+    assert len(fig.axes) == 1 and len(ax.collections) == 2
+
+
+def test_label_colormap_cluster_styles_and_legend():
+    from helm_dask.draw import cluster_rgb, label_legend
+
+    codes = [0, 1, 2, 3, 4, 801]
+    grey, gnorm = label_colormap(codes, n_clusters=6)
+    viridis, vnorm = label_colormap(codes, n_clusters=4, clusters="viridis")
+    hidden, hnorm = label_colormap(codes, n_clusters=4, clusters="none")
+    np.testing.assert_allclose(grey(gnorm(2))[:3], np.array(cluster_colour(2, 6)[:3]) / 255.0)
+    for j in (1, 4):
+        np.testing.assert_allclose(viridis(vnorm(j))[:3], cluster_rgb(j, 4))
+        assert hidden(hnorm(j))[3] == 0.0
+    for cmap, norm in ((grey, gnorm), (viridis, vnorm), (hidden, hnorm)):  # labels keep the table's colours
+        np.testing.assert_allclose(cmap(norm(801)), (*np.array(COLOURS[801][:3]) / 255.0, 1.0))
+    with pytest.raises(HelmError, match="clusters"):
+        label_colormap(codes, clusters="rainbow")
+    items = label_legend([801, 250], n_clusters=4, clusters="viridis")
+    assert [t for t, _ in items] == ["801 L anterior-inferior", "250 fornix"] + [
+        "cluster 1 (darkest)",
+        "cluster 2",
+        "cluster 3",
+        "cluster 4 (brightest)",
+    ]
+    np.testing.assert_allclose(items[-1][1], cluster_rgb(4, 4))
+    assert label_legend([801], both_sides=True)[0][0] == "anterior-inferior (801 L / 806 R)"
+
+
+def test_plot_orthogonal_veil_and_fixed_overlay_window(ref):
+    from matplotlib.image import AxesImage
+
+    aff = _affine("ras")
+    vol = make_volume(da.from_array(ref, chunks=(7, 5, 4)), aff, name="img")
+    field = make_volume(da.from_array(ref * 0.2 + 0.9, chunks=5), aff, name="bias")
+    inside = np.zeros(SHAPE, np.uint8)
+    inside[3:15, 2:14, 2:10] = 1
+    mask = make_volume(da.from_array(inside, chunks=6), aff, kind="mask")
+    point = voxel_to_world(aff, np.array([[7.0, 8.0, 5.0]]))[0]
+    fig = plot_orthogonal(
+        vol, overlay=field, overlay_vmin=0.8, overlay_vmax=1.2, overlay_alpha=1.0, veil=mask, point_mm=point
+    )
+    expected = {"x": inside[7, :, :], "y": inside[:, 8, :], "z": inside[:, :, 5]}
+    for ax, fixed in zip(fig.axes[:3], "xyz"):
+        images = [c for c in ax.get_children() if isinstance(c, AxesImage)]
+        assert len(images) == 3  # image, field, veil
+        assert images[1].get_clim() == (0.8, 1.2)
+        veil = np.asarray(images[2].get_array())
+        np.testing.assert_array_equal(veil[..., 3], (expected[fixed] == 0).T.astype(np.float32))
+    assert fig.axes[-1].get_ylabel() == "bias"  # the colour bar, named after the overlay
