@@ -12,8 +12,9 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..arrays import tree_reduce
 from ..errors import HelmError
-from .common import _flat_inputs, _masked_f32, _pair_tasks, _tree
+from .common import _flat_inputs, _masked_f32, _pair_tasks
 from .kernels import _hist_full_nb, _hist_nb, _refine_count_nb, _span_nb
 
 _PIECE = 1 << 22  # voxels per sub-slab in the per-chunk histogram (keeps float64 bincount sums exact)
@@ -173,7 +174,7 @@ def _merge_refine(*parts: tuple) -> tuple:
 def _histogram_pass(img: da.Array, msk: da.Array, s: int) -> tuple:
     """Pass 1: the whole mask's (keys, count, sum L, sum L^2) as int64 and its number of non-finite voxels."""
     parts = _pair_tasks(img, msk, _hist_block, s)
-    (res,) = dask.compute(_tree(parts, _merge_hists))
+    (res,) = dask.compute(tree_reduce(parts, _merge_hists))
     return res
 
 
@@ -181,7 +182,7 @@ def _refine_pass(img: da.Array, msk: da.Array, s: int, rkeys: np.ndarray) -> dic
     """Exact float32 values and counts inside each bin of ``rkeys`` (one pass). Returns {key: (values, counts)}."""
     rkeys = np.asarray(np.sort(rkeys), dtype=np.int64)
     parts = _pair_tasks(img, msk, _refine_block, s, rkeys)
-    ((codes, counts),) = dask.compute(_tree(parts, _merge_refine))
+    ((codes, counts),) = dask.compute(tree_reduce(parts, _merge_refine))
     rank, low = codes >> s, codes & ((1 << s) - 1)
     out = {}
     for r, key in enumerate(rkeys):

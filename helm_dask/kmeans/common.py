@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..arrays import FAN_IN, as_dask, tree_reduce
 from ..errors import HelmError
 from ..io.regions import chunk_tasks
 from ..labels import K_MAX, K_MIN
@@ -21,7 +22,7 @@ from ..volume import affine_of
 TIE_RULE = "a value exactly at the midpoint of two centroids goes to the upper cluster"
 
 _DEFAULT_CHUNKS = (128, 128, 128)
-_FAN_IN = 8  # tree-reduction fan-in of per-chunk histograms
+_FAN_IN = FAN_IN  # tree-reduction fan-in of per-chunk histograms
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,13 +137,8 @@ def _thresholds(centroids: np.ndarray) -> np.ndarray:
 
 
 def _as_dask(x: Any) -> da.Array:
-    data = x.data if isinstance(x, xr.DataArray) else x
-    if not isinstance(data, da.Array):
-        data = np.asarray(data)
-        data = da.from_array(
-            data, chunks=tuple(min(c, s) for c, s in zip(_DEFAULT_CHUNKS, data.shape)) if data.ndim == 3 else "auto"
-        )
-    return data
+    shape = np.shape(x.data if isinstance(x, xr.DataArray) else x)
+    return as_dask(x, chunks=tuple(min(c, s) for c, s in zip(_DEFAULT_CHUNKS, shape)) if len(shape) == 3 else "auto")
 
 
 def _inputs(image: Any, mask: Any) -> tuple[da.Array, da.Array]:
@@ -237,15 +233,6 @@ def _flat_inputs(img: np.ndarray, msk: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _tree(parts: list, fn: Callable[..., Any]) -> Any:
-    """Fixed-shape tree reduction of delayed parts (``fn`` must be exact/associative: integer sums)."""
-    if not parts:
-        return dask.delayed(fn)()
-    while len(parts) > 1:
-        parts = [dask.delayed(fn, pure=True)(*parts[i : i + _FAN_IN]) for i in range(0, len(parts), _FAN_IN)]
-    return parts[0]
-
-
 def _on_pair(regions: list, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(regions[0], regions[1], *args)
 
@@ -290,7 +277,7 @@ def _inertia_pass(img: da.Array, msk: da.Array, cents: list[np.ndarray]) -> list
     """One pass: for each centroid set, the inertia of the threshold labelling and the cluster sizes."""
     cents_t = tuple(tuple(float(x) for x in c) for c in cents)
     parts = _pair_tasks(img, msk, _inertia_block, cents_t)
-    (tot,) = dask.compute(_tree(parts, _sum_arrays))
+    (tot,) = dask.compute(tree_reduce(parts, _sum_arrays))
     out, i = [], 0
     for c in cents:
         out.append((float(tot[i]), np.rint(tot[i + 1 : i + 1 + c.size]).astype(np.int64)))

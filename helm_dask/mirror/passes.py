@@ -15,9 +15,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..arrays import as_dask, tree_reduce
 from ..errors import HelmError
-
-_SPLIT_EVERY = 8  # fan-in of the tree reductions
 
 
 def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
@@ -29,7 +28,7 @@ def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
         )
     if vol.ndim != 3:
         raise HelmError(f"{what} must be 3-D (x, y, z), got dims {vol.dims}", path=vol.attrs.get("source") or None)
-    return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+    return as_dask(vol)
 
 
 def _block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
@@ -42,15 +41,7 @@ def _block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
     ]
 
 
-def _tree(parts: list, combine: Callable) -> Any:
-    """Fixed-shape tree reduction of delayed partial results (deterministic grouping)."""
-    dcomb = dask.delayed(combine, pure=True)
-    while len(parts) > 1:
-        parts = [dcomb(*parts[i : i + _SPLIT_EVERY]) for i in range(0, len(parts), _SPLIT_EVERY)]
-    return parts[0]
-
-
 def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
     """``combine`` over ``fn(block, offset, *args)`` of every chunk, computed now."""
-    (res,) = dask.compute(_tree(_block_tasks(data, fn, *args), combine))
+    (res,) = dask.compute(tree_reduce(_block_tasks(data, fn, *args), combine))
     return res
