@@ -29,6 +29,7 @@ import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike
 
+from .arrays import as_dask, index_sums
 from .draw import (
     CONTOUR_COLOURS,
     DEFAULT_MAX_PX,
@@ -231,16 +232,6 @@ def crop_mm(vol: xr.DataArray, point_mm: ArrayLike, radius_mm: float) -> xr.Data
     return _derived(vol, data[box], aff @ shift, "view.crop_mm", params)
 
 
-def _block_moments(block: np.ndarray, offset: tuple[int, int, int], codes: np.ndarray | None) -> np.ndarray:
-    hit = block != 0 if codes is None else np.isin(block, codes)
-    idx = np.nonzero(hit)
-    out = np.zeros(4, dtype=np.int64)
-    out[0] = idx[0].size
-    for d in range(3):
-        out[1 + d] = int(idx[d].sum(dtype=np.int64)) + offset[d] * idx[0].size
-    return out
-
-
 def label_centroid_mm(vol: xr.DataArray, codes: Iterable[int] | None = None) -> np.ndarray | None:
     """World centroid (RAS+ mm) of the voxels holding ``codes`` (default: every nonzero voxel); None if there is none.
 
@@ -268,17 +259,7 @@ def label_centroid_mm(vol: xr.DataArray, codes: Iterable[int] | None = None) -> 
     [5.0, 1.0, 3.0]
     """
     vol = check_volume(vol)
-    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
-    arr = None if codes is None else np.asarray(sorted({int(c) for c in codes}))
-    starts = [np.cumsum((0,) + c[:-1]) for c in data.chunks]
-    blocks = data.to_delayed()
-    parts = [
-        dask.delayed(_block_moments)(blocks[i, j, k], (int(starts[0][i]), int(starts[1][j]), int(starts[2][k])), arr)
-        for i in range(blocks.shape[0])
-        for j in range(blocks.shape[1])
-        for k in range(blocks.shape[2])
-    ]
-    total = np.sum(dask.compute(*parts), axis=0)
+    total = index_sums(as_dask(vol), codes)
     if total[0] == 0:
         return None
     ijk = total[1:] / total[0]

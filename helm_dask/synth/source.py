@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from ..arrays import index_sums
 from ..errors import HelmError
 from ..labels import HYPOTHALAMUS
 from ..volume import affine_of, spacing_of
@@ -274,7 +275,7 @@ class LabelSource:
             if float(self.spacing0.max()) * 2**lev <= CENTROID_SPACING_MM * (1 + 1e-9):
                 start = lev
         for lev in range(start, -1, -1):
-            sums = _index_sums(self.level(lev), np.asarray(key))
+            sums = index_sums(self.level(lev), key)
             if sums[0] > 0:
                 ijk = sums[1:] / sums[0]
                 c = self.level_affine(lev)[:3, :3] @ ijk + self.level_affine(lev)[:3, 3]
@@ -305,31 +306,3 @@ class LabelSource:
             n = np.asarray(self.shapes[0], dtype=np.float64)
             return self.affine0[:3, :3] @ ((n - 1) / 2) + self.affine0[:3, 3]
         return np.asarray(center, dtype=np.float64)
-
-
-def _index_sums_block(block: np.ndarray, codes: np.ndarray, block_info: Any = None) -> np.ndarray:
-    """``[count, sum_i, sum_j, sum_k]`` of one chunk, in the whole array's voxel indices, shaped (1, 1, 1, 4)."""
-    loc = block_info[0]["array-location"]
-    idx = np.nonzero(np.isin(block, codes))
-    out = np.zeros((1, 1, 1, 4), dtype=np.int64)
-    n = len(idx[0])
-    out[0, 0, 0, 0] = n
-    for d in range(3):
-        # integer sums: exact, so the centroid does not depend on the chunking
-        out[0, 0, 0, 1 + d] = int(idx[d].sum(dtype=np.int64)) + n * int(loc[d][0])
-    return out
-
-
-def _index_sums(arr: da.Array, codes: np.ndarray) -> np.ndarray:
-    """``[count, sum_i, sum_j, sum_k]`` of the voxels whose value is in ``codes`` (int64, chunk by chunk)."""
-    import dask.array as da
-
-    parts = da.map_blocks(
-        _index_sums_block,
-        arr,
-        codes=codes,
-        chunks=((1,) * arr.numblocks[0], (1,) * arr.numblocks[1], (1,) * arr.numblocks[2], (4,)),
-        new_axis=3,
-        dtype=np.int64,
-    )
-    return np.asarray(parts.sum(axis=(0, 1, 2), dtype=np.int64).compute(), dtype=np.int64)
