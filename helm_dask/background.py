@@ -1,51 +1,8 @@
-"""Stage 2 -- background (bag) removal: an unsupervised, contrast-adaptive brain mask, computed out of core.
-
-An ex vivo hemisphere lies in a bag of fixative; the fixative fills its sulci and opened ventricles (those are
-brain) and may be brighter than tissue, darker, or give no signal (Fomblin); bubbles sit on the tissue and the
-bag may press on it. The mask keeps one connected brain, sulci and ventricles included, and drops fixative, bag
-and bubbles, with no per-scan tuning (``fluid="auto"`` decides from the data; a user may force it). Steps:
-
-1. **Coarse copy** -- an exact block mean (``coarse_spacing_mm``), bit-identical for any input chunking.
-2. **Air** -- a 1-D Gaussian mixture on the coarse log-intensities, split at the largest gap between classes.
-3. **Bag contents and their lining** -- the largest thick object with signal (an opening drops a thin bag
-   wall), holes filled; a smooth DCT field is fitted robustly to its lining (2nd-3rd voxel layers).
-4. **Fixative or not** -- the lining is a fixative with signal when it is thick somewhere (>= 5 mm: a bag has
-   pockets, a cortex ribbon does not) and either homogeneous (its scatter about the field is its noise) or
-   smooth (a closing adds < 0.5% to the contents; a bare brain's open sulci fill). Then intensities are taken
-   relative to the fixative's field, grown inwards from the lining 4 mm at a time and refitted on all the
-   fixative found (bag, sulci, ventricles; a stiff field, so that each step extrapolates little), and the
-   tissue facing it tells its side (``bright``/``dark``); otherwise the lining is cortex, intensities are
-   relative to it and the background is what lies just outside (``dark`` when its spread, scaled to one scan
-   voxel, is a signal's, ``none`` when it is noise's).
-5. **Tissue and hull** -- a coarse voxel is tissue when at least ``min_tissue_fraction`` (20%) of it is tissue
-   by the partial-volume mix of the two levels (inclusive on purpose: a mask must not cut cortex, and the
-   fixative-filled rim at the pial surface is brain, as in a skull-stripped template); far brighter than any
-   tissue is the bag wall. Then opening, largest component, reconstruction, a closing (``closing_radius_mm``
-   5: sulci and their fixative) and hole filling in 3-D and in slices along each axis (a ventricle opened by
-   the hemisection is a cavity of the medial face, enclosed in the slices parallel to it). Too small, or
-   touching all six faces -> :class:`~helm_dask.errors.HelmError`.
-6. **Full-resolution refinement** (lazy, one task per chunk; chunks far from the boundary are not read): in
-   the boundary band the same partial-volume rule per voxel, between local tissue and surrounding intensities
-   (coarse maps pulled to local means, interpolated trilinearly), on a lightly smoothed image; beyond the coarse
-   hull a clear majority of tissue is needed, and a voxel needs three brain neighbours (no specks of noise);
-   what the hull holds without tissue stays brain. Every step is a function of global voxel indices and a fixed
-   neighbourhood, so the mask is bit-identical for any chunking and worker count.
-
-Validation (``bench/mask_real.py``; Dice against the true mask, ``fluid="auto"``): template phantom at 1 mm,
-fixative bright / dark / none, bag gap 0 and 5 mm: 0.982-0.989 at 1 mm, 0.984-0.993 at 0.5 mm, 0.985-0.994 at
-0.2 mm; geometric phantom 0.994-0.999.
-
-Example
--------
->>> import numpy as np, dask.array as da
->>> from helm_dask.volume import make_volume
->>> x, y, z = np.mgrid[:48, :48, :48] - 23.5
->>> r = np.sqrt(x**2 + y**2 + z**2)
->>> img = np.where(r < 10, 100.0, np.where(r < 20, 250.0, 2.0))         # brain, fluid in a bag, air
->>> img = np.abs(img + np.random.default_rng(0).normal(0, 3, r.shape)).astype("f4")
->>> mask = brain_mask(make_volume(da.from_array(img, chunks=16), np.eye(4)), coarse_spacing_mm=2.0)
->>> int(mask.sum()) == int((r < 10).sum()), mask.attrs["background"]["fluid_side"]
-(True, 'bright')
+"""Stage 2 -- background (bag) removal: an unsupervised, contrast-adaptive brain mask of a bagged ex vivo
+hemisphere, computed out of core. :func:`brain_mask` is the entry point: :func:`fit_coarse_model` finds the brain
+on a coarse copy (the fixative bright, dark or without signal, decided from the data) and :func:`refine_mask`
+refines its boundary lazily at full resolution; :func:`apply_mask` zeroes what lies outside a mask. The method and
+its validation are described in ``docs/method/background.md``.
 """
 
 from __future__ import annotations
@@ -59,6 +16,19 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage as ndi
 
+# block_mean, block_centres, coarse_factors and gmm1d lived here before helm_dask.coarse: still importable from here
+from .coarse import (
+    as_dask,
+    block_centres,
+    block_mean,
+    check_3d,
+    coarse_factors,
+    dct_basis,
+    fit_dct_lsq,
+    gmm1d,
+    n_dct_functions,
+    shape3,
+)
 from .errors import HelmError
 from .io.regions import halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
@@ -71,9 +41,6 @@ FLUID_CHOICES = ("auto", "bright", "dark", "none")
 #: passes of the neighbour test of the full-resolution refinement (see _refine_region)
 _SPECK_PASSES = 2
 
-#: target chunk length (voxels) used for the aligned block-sum pass; fixed so the coarse copy does not depend
-#: on the input chunking (each coarse block is summed inside one task, in one fixed order).
-_BLOCK_TARGET = 128
 #: Ridge of the smooth fixative field (relative to the data term, growing with frequency squared). Fitted to the
 #: bag's lining -- a shell -- the field's interior is an extrapolation: with the bias stage's 1e-3 it swung by
 #: 0.6 in log between the 1 mm copies of a 1.0 mm and a 0.2 mm scan of the same template phantom (their data
@@ -85,216 +52,8 @@ _GROWTH_STEP_MM = 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# small helpers shared with the bias stage
+# coarse model
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_3d(vol: xr.DataArray, what: str) -> None:
-    if not isinstance(vol, xr.DataArray) or "affine" not in vol.attrs:
-        raise HelmError(
-            f"{what} must be a volume (xarray.DataArray with attrs['affine'])",
-            hint="Build it with helm_dask.make_volume or open it with helm_dask.io.",
-        )
-    if vol.ndim != 3:
-        raise HelmError(
-            f"{what} must be 3-D (x, y, z); got dims {vol.dims}",
-            path=vol.attrs.get("source") or None,
-            hint="Choose one echo or combine echoes (rms/mean) before this stage.",
-        )
-
-
-def _as_dask(vol: xr.DataArray) -> da.Array:
-    data = vol.data
-    if isinstance(data, da.Array):
-        return data
-    return da.from_array(np.asarray(data), chunks=_BLOCK_TARGET)
-
-
-def coarse_factors(spacing_mm: Any, coarse_spacing_mm: float) -> tuple[int, int, int]:
-    """Integer block factor per axis so that ``factor * spacing`` is as close as possible to the target.
-
-    >>> coarse_factors([0.5, 0.5, 0.25], 1.0)
-    (2, 2, 4)
-    """
-    sp = np.asarray(spacing_mm, dtype=np.float64)
-    if coarse_spacing_mm <= 0:
-        raise HelmError(f"coarse_spacing_mm must be > 0, got {coarse_spacing_mm}")
-    return tuple(int(max(1, round(float(coarse_spacing_mm) / s))) for s in sp)
-
-
-def _block_sum_chunk(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Sum of each factor-sized block of one chunk, in float64, in a fixed order (NaN counts as 0)."""
-    b = np.asarray(block, dtype=np.float64)
-    b = np.where(np.isfinite(b), b, 0.0)
-    n = [s // f for s, f in zip(b.shape, factors)]
-    # (n0, f0, n1, f1, n2, f2) -> (n0, n1, n2, f0*f1*f2): each coarse voxel is one contiguous row, summed by
-    # the same pairwise routine whatever the chunk looks like
-    b = b.reshape(n[0], factors[0], n[1], factors[1], n[2], factors[2]).transpose(0, 2, 4, 1, 3, 5)
-    b = np.ascontiguousarray(b).reshape(n[0], n[1], n[2], -1)
-    return b.sum(axis=-1)
-
-
-def _aligned_block_sums(arr: da.Array, factors: tuple[int, int, int]) -> da.Array:
-    """Lazy coarse block sums (float64) of a 3-D dask array; partial edge blocks sum what they contain."""
-    pad = [(0, (-s) % f) for s, f in zip(arr.shape, factors)]
-    if any(p[1] for p in pad):
-        arr = da.pad(arr, pad, mode="constant", constant_values=0)
-    # chunks that are whole multiples of the factor and do NOT depend on the input chunking
-    target = tuple(max(f, f * max(1, round(_BLOCK_TARGET / f))) for f in factors)
-    arr = arr.rechunk(target)
-    out_chunks = tuple(tuple(c // f for c in cs) for cs, f in zip(arr.chunks, factors))
-    return da.map_blocks(_block_sum_chunk, arr, factors, dtype=np.float64, chunks=out_chunks)
-
-
-def _block_counts(shape: tuple[int, ...], factors: tuple[int, ...]) -> np.ndarray:
-    """Number of full-resolution voxels in each coarse block (exact, analytic)."""
-    per_axis = []
-    for n, f in zip(shape, factors):
-        nc = -(-n // f)
-        c = np.full(nc, f, dtype=np.float64)
-        c[-1] = n - f * (nc - 1)
-        per_axis.append(c)
-    return per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
-
-
-def block_centres(n: int, f: int) -> np.ndarray:
-    """Full-resolution (continuous) voxel index of the centre of each coarse block along one axis."""
-    nc = -(-n // f)
-    start = np.arange(nc) * f
-    stop = np.minimum(start + f, n)
-    return (start + stop - 1) / 2.0
-
-
-def block_mean(
-    vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.DataArray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact coarse block mean of a volume (computed eagerly; the result is small).
-
-    Parameters
-    ----------
-    vol : DataArray
-        3-D image volume (lazy).
-    factors : tuple of int
-        Block size per axis (voxels). Edge blocks that are cut by the field of view average what they hold.
-    mask : DataArray, optional
-        If given, the mean is taken over mask voxels only (blocks without mask voxels get 0).
-
-    Returns
-    -------
-    mean : ndarray, float64
-        Coarse block means, shape ``ceil(shape / factors)``.
-    fraction : ndarray, float64
-        Fraction of each block's voxels that were averaged (1 without a mask).
-
-    The sums are float64 and every block is summed inside one task in one fixed order, so the result is
-    bit-identical for any input chunking.
-
-    >>> import numpy as np, dask.array as da
-    >>> from helm_dask.volume import make_volume
-    >>> v = make_volume(da.arange(64.0).reshape(4, 4, 4), np.eye(4))
-    >>> block_mean(v, (2, 2, 2))[0][0, 0, 0]
-    np.float64(10.5)
-    """
-    from .io.store import compute_batched
-
-    arr = _as_dask(vol)
-    counts = _block_counts(arr.shape, factors)
-    if mask is None:
-        (s,) = compute_batched([_aligned_block_sums(arr, factors)])
-        return s / counts, np.ones_like(counts)
-    m = _as_dask(mask) > 0
-    # in boxes: the rechunk to whole blocks (e.g. 128 -> 120 voxels for 2 mm blocks at 0.1 mm) would otherwise
-    # let the scheduler hold split input chunks across whole cross-sections of the volume
-    s, cm = compute_batched(
-        [_aligned_block_sums(da.where(m, arr, 0), factors), _aligned_block_sums(m.astype(np.float32), factors)]
-    )
-    mean = np.divide(s, cm, out=np.zeros_like(s), where=cm > 0)
-    return mean, cm / counts
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 1-D Gaussian mixture (weighted EM, deterministic)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def gmm1d(
-    x: np.ndarray,
-    weights: np.ndarray | None = None,
-    n_components: int = 3,
-    *,
-    max_iter: int = 500,
-    tol: float = 1e-10,
-    var_floor: float | None = None,
-) -> dict:
-    """Fit a 1-D Gaussian mixture by EM to (optionally weighted) samples; deterministic.
-
-    The start is deterministic (component means at the weighted quantiles ``(k + 1/2) / K``), so there is no
-    random seed. Weights let the fit run on a histogram (bin centres weighted by counts).
-
-    Returns a dict with ``weights``, ``means``, ``sds`` (sorted by increasing mean), ``loglik`` (mean
-    log-likelihood per unit weight) and ``n_iter``.
-
-    >>> rng = np.random.default_rng(0)
-    >>> x = np.r_[rng.normal(0, 1, 5000), rng.normal(6, 1, 5000)]
-    >>> [round(m, 1) for m in gmm1d(x, n_components=2)["means"]]
-    [0.0, 6.0]
-    """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    keep = (w > 0) & np.isfinite(x)
-    x, w = x[keep], w[keep]
-    K = int(n_components)
-    if K < 1 or x.size < K:
-        raise HelmError(
-            f"cannot fit a {K}-class intensity mixture to {x.size} distinct samples",
-            hint="The image has too little signal; check the input.",
-        )
-    w = w / w.sum()
-    mu_all = float(np.sum(w * x))
-    var_all = float(np.sum(w * (x - mu_all) ** 2))
-    if not var_all > 0:
-        raise HelmError(
-            "the intensities are constant: nothing to separate", hint="The image looks empty (all background)."
-        )
-    floor = var_floor if var_floor is not None else 1e-6 * var_all
-    order = np.argsort(x, kind="stable")
-    cdf = np.cumsum(w[order])
-    q = (np.arange(K) + 0.5) / K
-    means = x[order][np.minimum(np.searchsorted(cdf, q), x.size - 1)].astype(np.float64)
-    # spread ties (e.g. few distinct values) so that components start distinct
-    means = means + np.arange(K) * 1e-6 * math.sqrt(var_all)
-    var = np.full(K, max(var_all / K**2, floor))
-    pi = np.full(K, 1.0 / K)
-    prev = -np.inf
-    ll = -np.inf
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
-        logp = (
-            np.log(pi)[None, :]
-            - 0.5 * np.log(2 * np.pi * var)[None, :]
-            - 0.5 * (x[:, None] - means[None, :]) ** 2 / var[None, :]
-        )
-        mx = logp.max(axis=1, keepdims=True)
-        lse = mx[:, 0] + np.log(np.exp(logp - mx).sum(axis=1))
-        ll = float(np.sum(w * lse))
-        r = np.exp(logp - lse[:, None]) * w[:, None]
-        nk = r.sum(axis=0)
-        nk = np.maximum(nk, 1e-300)
-        means = (r * x[:, None]).sum(axis=0) / nk
-        var = np.maximum((r * (x[:, None] - means[None, :]) ** 2).sum(axis=0) / nk, floor)
-        pi = np.maximum(nk / nk.sum(), 1e-12)
-        pi = pi / pi.sum()
-        if abs(ll - prev) <= tol * max(1.0, abs(ll)):
-            break
-        prev = ll
-    o = np.argsort(means, kind="stable")
-    return {
-        "weights": pi[o].tolist(),
-        "means": means[o].tolist(),
-        "sds": np.sqrt(var[o]).tolist(),
-        "loglik": ll,
-        "n_iter": int(n_iter),
-    }
 
 
 def _gmm_labels(x: np.ndarray, gmm: dict) -> np.ndarray:
@@ -306,11 +65,6 @@ def _gmm_labels(x: np.ndarray, gmm: dict) -> np.ndarray:
     lab = np.where(x <= mu[0], 0, lab)
     lab = np.where(x >= mu[-1], len(mu) - 1, lab)
     return lab.astype(np.int16)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# coarse model
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _ball(radius_mm: float, spacing_mm: np.ndarray) -> np.ndarray:
@@ -388,8 +142,6 @@ def _robust_smooth_fit(
     The inliers are the region's voxels within ``max(tol, 3 sd)`` of the field (the sd a robust one, from the
     median absolute deviation), so a part of the region that is something else (brain pressed on the bag, a
     bubble's rim) does not bend the field."""
-    from .bias import fit_dct_lsq
-
     sel = region
     logf = np.zeros_like(logc)
     sd = 0.0
@@ -407,13 +159,13 @@ def _robust_smooth_fit(
 
 def _neighbour_noise(logc: np.ndarray, region: np.ndarray) -> float:
     """Noise (log units) from differences between 6-neighbours inside ``region`` (robust; sqrt(2) removed)."""
-    d = [
+    per_axis = [
         np.abs(np.diff(logc, axis=ax))[
             (np.diff(region.astype(np.int8), axis=ax) == 0) & np.take(region, range(region.shape[ax] - 1), axis=ax)
         ]
         for ax in range(3)
     ]
-    d = np.concatenate([x.ravel() for x in d])
+    d = np.concatenate([x.ravel() for x in per_axis])
     return 1.4826 * float(np.median(d)) / math.sqrt(2.0) if d.size else 0.0
 
 
@@ -423,9 +175,7 @@ def _fill_holes_2d(m: np.ndarray) -> np.ndarray:
     out = m.copy()
     for ax in range(3):
         for i in range(m.shape[ax]):
-            sl = [slice(None)] * 3
-            sl[ax] = i
-            sl = tuple(sl)
+            sl = tuple(i if q == ax else slice(None) for q in range(3))
             out[sl] |= ndi.binary_fill_holes(m[sl])
     return out
 
@@ -446,34 +196,73 @@ def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, clo
     return _fill_holes_2d(ndi.binary_fill_holes(core))
 
 
-def fit_coarse_model(
-    image: xr.DataArray,
-    *,
-    coarse_spacing_mm: float = 1.0,
-    fluid: str = "auto",
-    fluid_tolerance: float = 0.12,
-    bias_basis_spacing_mm: float = 50.0,
-    opening_radius_mm: float = 2.0,
-    closing_radius_mm: float = 5.0,
-    min_tissue_fraction: float = 0.2,
-    band_mm: float | None = None,
-    band_out_mm: float | None = None,
-    local_sigma_mm: float = 2.0,
-    max_fov_fraction: float = 0.9,
-    min_brain_fraction: float = 0.05,
-    min_fluid_thickness_mm: float = 5.0,
-    n_air_components: int = 5,
-    hist_bins: int = 1024,
-) -> CoarseModel:
-    """Coarse pass of :func:`brain_mask` (eager; memory ~ the coarse grid). See the module docstring.
+@dataclass
+class _CoarseCopy:
+    """The scan's coarse copy and its grid (what every step of :func:`fit_coarse_model` starts from)."""
 
-    Returns the coarse mask, the boundary band and the local tissue / surrounding intensity maps that the
-    full-resolution rule of :func:`refine_mask` uses.
-    """
-    from .bias import _n_functions, dct_basis
+    src: str | None  # the scan's path, for error messages
+    spacing: np.ndarray  # full-resolution voxel size (mm)
+    factors: tuple[int, int, int]
+    spacing_c: np.ndarray  # coarse voxel size (mm)
+    step: float  # the largest coarse voxel size (mm): the unit of the layer depths
+    full_shape: tuple[int, int, int]
+    c: np.ndarray  # coarse block means (float64)
+    pos: np.ndarray  # c > 0
 
-    _check_3d(image, "image")
-    src = image.attrs.get("source") or None
+
+@dataclass
+class _Signal:
+    """Step 1's result: air and signal on the coarse grid."""
+
+    gmm: dict  # the mixture on all positive log-intensities
+    n_air: int  # its classes below the largest gap
+    air: np.ndarray
+    signal: np.ndarray
+    n_signal: int
+    m_air: float  # air intensity (coarse median)
+    logc: np.ndarray  # log coarse intensities (floored)
+
+
+@dataclass
+class _Lining:
+    """Step 2's result: the bag's contents, their lining, the lining's smooth field and the fluid cues."""
+
+    contents: np.ndarray
+    d_in: np.ndarray  # depth (mm) inside the contents
+    lining: np.ndarray
+    B: list[np.ndarray]  # DCT basis at the coarse block centres
+    logf: np.ndarray  # the lining's own smooth log-field
+    sd: float  # robust scatter of the lining about it
+    lining_in: np.ndarray  # the lining's inliers
+    noise: float  # neighbour noise in the lining
+    tol: float  # log-ratio tolerance of "fluid"
+    homogeneous: bool
+    smooth_gain: float  # what a closing adds to the contents (fraction)
+    smooth: bool
+    thick: float  # the fluid-like layer's largest thickness (mm)
+    is_fluid: bool  # the cues' verdict: the lining is a fixative with signal
+
+
+@dataclass
+class _Hypothesis:
+    """Step 3's result under one hypothesis (a fixative with signal, or not): the side of the surrounding, the
+    tissue candidates and the smooth intensity models on both sides of the surface."""
+
+    has_fluid: bool
+    side: str  # "bright", "dark" or "none"
+    tau: float  # tissue / fluid (1 without a fluid)
+    beta: float  # background / tissue (1 with a fluid)
+    thr: float  # partial-volume threshold on J
+    J: np.ndarray  # smoothed intensity relative to the smooth field
+    cand: np.ndarray  # tissue candidates
+    m_brain: np.ndarray  # smooth tissue intensity (image units)
+    m_out: np.ndarray  # smooth intensity of what surrounds the brain
+    fl: np.ndarray | None = None  # the fluid (with a fluid only)
+    cap: np.ndarray | None = None  # upper intensity bound of tissue (bag wall), or None
+
+
+def _check_choices(fluid: str, min_tissue_fraction: float) -> float:
+    """Refuse an unknown ``fluid`` or a tissue fraction outside (0, 1); return the fraction (theta)."""
     if fluid not in FLUID_CHOICES:
         raise HelmError(
             f"fluid must be one of {', '.join(FLUID_CHOICES)}, got {fluid!r}",
@@ -482,11 +271,16 @@ def fit_coarse_model(
         )
     if not 0.0 < float(min_tissue_fraction) < 1.0:
         raise HelmError(f"min_tissue_fraction must be between 0 and 1, got {min_tissue_fraction!r}")
-    theta = float(min_tissue_fraction)
+    return float(min_tissue_fraction)
+
+
+def _coarse_copy(image: xr.DataArray, coarse_spacing_mm: float) -> _CoarseCopy:
+    """The exact coarse block mean of the scan; an empty or constant scan is refused."""
+    src = image.attrs.get("source") or None
     spacing = spacing_of(affine_of(image))
     factors = coarse_factors(spacing, coarse_spacing_mm)
     spacing_c = spacing * np.asarray(factors)
-    full_shape = tuple(int(n) for n in image.shape)
+    full_shape = shape3(image.shape)
     c, _ = block_mean(image, factors)
     pos = c > 0
     if pos.sum() < 8 or not np.isfinite(c).all() or float(np.ptp(c[pos])) <= 1e-6 * float(c[pos].max()):
@@ -495,8 +289,12 @@ def fit_coarse_model(
             path=src,
             hint="Check that the right file/echo was given and that it contains the scan.",
         )
+    return _CoarseCopy(src, spacing, factors, spacing_c, float(spacing_c.max()), full_shape, c, pos)
 
-    # ---- 1. air vs signal: mixture on all log-intensities, split at the largest gap between class means ----
+
+def _air_and_signal(cc: _CoarseCopy, n_air_components: int, hist_bins: int) -> _Signal:
+    """Step 1 -- air vs signal: a mixture on all log-intensities, split at the largest gap between class means."""
+    c, pos, src = cc.c, cc.pos, cc.src
     logc_pos = np.log(c[pos])
     hist, edges = np.histogram(logc_pos, bins=hist_bins, range=(float(logc_pos.min()), float(logc_pos.max())))
     centres = 0.5 * (edges[:-1] + edges[1:])
@@ -522,9 +320,13 @@ def fit_coarse_model(
         )
     m_air = float(np.median(c[air])) if air.any() else 0.0
     logc = np.log(np.maximum(c, 1e-6 * float(c[pos].max())))
+    return _Signal(g_all, n_air, air, signal, n_signal, m_air, logc)
 
-    # ---- 2. the bag's contents: thick signal (the opening drops a thin bag wall), and its lining ----
-    step = float(spacing_c.max())
+
+def _bag_contents(cc: _CoarseCopy, signal: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 2a -- the bag's contents: thick signal (the opening drops a thin bag wall), holes filled; their depth
+    (mm) and their lining (the 2nd-3rd layers: the 1st is the partial volume of the wall)."""
+    step, spacing_c = cc.step, cc.spacing_c
     se = _ball(max(1.5, step), spacing_c)
     # (edge-padded: the fixative cut by a face of the field of view is not eroded away there)
     pad = max(se.shape) // 2 + 1
@@ -533,25 +335,39 @@ def fit_coarse_model(
     if contents.sum() < 64:
         raise HelmError(
             "no specimen found: no thick object with signal in the field of view",
-            path=src,
+            path=cc.src,
             hint="Check the input scan.",
         )
-    # the lining: the 2nd-3rd layers of the contents (the 1st is the partial volume of the wall)
     # (the field of view's faces count as outside: fixative cut by them lines the contents there too, and a
     # field fitted without it would be extrapolated at the faces)
     d_in = ndi.distance_transform_edt(np.pad(contents, 1), sampling=spacing_c)[1:-1, 1:-1, 1:-1]
     lining = contents & signal & (d_in >= 1.5 * step) & (d_in <= max(3.5, 2.5 * step))
     if lining.sum() < 8:
         lining = contents & signal & (d_in <= max(3.5, 2.5 * step))
-    nbs = [_n_functions(n, s_, bias_basis_spacing_mm) for n, s_ in zip(full_shape, spacing)]
-    B = [dct_basis(block_centres(n, f), n, k) for n, f, k in zip(full_shape, factors, nbs)]
+    return contents, d_in, lining
+
+
+def _lining_cues(
+    cc: _CoarseCopy,
+    sig: _Signal,
+    contents: np.ndarray,
+    d_in: np.ndarray,
+    lining: np.ndarray,
+    fluid_tolerance: float,
+    bias_basis_spacing_mm: float,
+    min_fluid_thickness_mm: float,
+) -> _Lining:
+    """Step 2b -- a smooth DCT field fitted robustly to the lining, and the cues that tell whether the lining is a
+    fixative with signal or the cortex of a specimen in a fixative without one."""
+    logc, signal, spacing_c, step = sig.logc, sig.signal, cc.spacing_c, cc.step
+    nbs = [n_dct_functions(n, s_, bias_basis_spacing_mm) for n, s_ in zip(cc.full_shape, cc.spacing)]
+    B = [dct_basis(block_centres(n, f), n, k) for n, f, k in zip(cc.full_shape, cc.factors, nbs)]
     logf, sd, lining_in = _robust_smooth_fit(logc, lining, B, fluid_tolerance)
     noise = _neighbour_noise(logc, lining)
     tol = min(max(float(fluid_tolerance), 3.0 * sd), 0.3)
-    # Is the lining a fixative with signal, or the cortex of a specimen in a fixative without one? Three cues:
-    # (a) a fluid is homogeneous: its scatter about the smooth field is its noise (or a few per cent where block
-    # means leave little noise), the cortex's is anatomy; (b) a bag of fluid is smooth: a closing adds almost
-    # nothing to its contents, while a bare brain's open sulci fill; (c) a bag of fluid has pockets: a layer
+    # Three cues: (a) a fluid is homogeneous: its scatter about the smooth field is its noise (or a few per cent
+    # where block means leave little noise), the cortex's is anatomy; (b) a bag of fluid is smooth: a closing adds
+    # almost nothing to its contents, while a bare brain's open sulci fill; (c) a bag of fluid has pockets: a layer
     # that is thin everywhere is a cortex ribbon. A fluid needs (c) and one of (a), (b).
     homogeneous = sd <= max(1.2 * noise, 0.04)
     smooth_gain = float(_closing(contents, 4.0, spacing_c).sum()) / float(contents.sum()) - 1.0
@@ -559,160 +375,201 @@ def fit_coarse_model(
     # (where the lining is a poor fit -- the bag pressed on the brain over much of it -- its own scatter, so
     # that the fixative is not cut into pieces thinner than it is)
     tol_t = min(max(float(fluid_tolerance), 2.0 * noise, 2.0 * sd), 0.3)
-    like = contents & signal & (np.abs(logc - logf) < tol_t)
-    lab, _ = ndi.label(like)
-    touching = np.unique(lab[lining & like])
-    like = np.isin(lab, touching[touching > 0])
+    fluid_like = contents & signal & (np.abs(logc - logf) < tol_t)
+    lab, _ = ndi.label(fluid_like)
+    touching = np.unique(lab[lining & fluid_like])
+    fluid_like = np.isin(lab, touching[touching > 0])
     # (twice the deepest point, less a voxel: the distance of a one-voxel layer's centre is one voxel)
-    thick = (2.0 * float(ndi.distance_transform_edt(like, sampling=spacing_c).max()) - step) if like.any() else 0.0
-    lining_is_fluid = thick >= min_fluid_thickness_mm and (homogeneous or smooth)
-    info: dict[str, Any] = {
+    thick = (
+        (2.0 * float(ndi.distance_transform_edt(fluid_like, sampling=spacing_c).max()) - step)
+        if fluid_like.any()
+        else 0.0
+    )
+    is_fluid = thick >= min_fluid_thickness_mm and (homogeneous or smooth)
+    return _Lining(
+        contents, d_in, lining, B, logf, sd, lining_in, noise, tol, homogeneous, smooth_gain, smooth, thick, is_fluid
+    )
+
+
+def _lining_info(cc: _CoarseCopy, sig: _Signal, lin: _Lining, fluid: str, theta: float) -> dict[str, Any]:
+    """The fit report as far as step 2 (JSON-able)."""
+    return {
         "method": "contrast-adaptive: bag contents, smooth field fitted to their lining, fluid or dark "
         "background decided from the data, partial-volume tissue threshold, hull (closing, hole "
         "filling in 3-D and in slices); full-resolution band refinement",
-        "coarse_factors": [int(f) for f in factors],
-        "coarse_shape": [int(s) for s in c.shape],
-        "coarse_spacing_mm": [float(s) for s in spacing_c],
-        "air_gmm_log_intensity": {k: g_all[k] for k in ("weights", "means", "sds", "loglik", "n_iter")},
-        "air_classes": int(n_air),
-        "air_intensity": m_air,
+        "coarse_factors": [int(f) for f in cc.factors],
+        "coarse_shape": [int(s) for s in cc.c.shape],
+        "coarse_spacing_mm": [float(s) for s in cc.spacing_c],
+        "air_gmm_log_intensity": {k: sig.gmm[k] for k in ("weights", "means", "sds", "loglik", "n_iter")},
+        "air_classes": int(sig.n_air),
+        "air_intensity": sig.m_air,
         "fluid": fluid,
         "min_tissue_fraction": theta,
         "lining": {
-            "voxels": int(lining.sum()),
-            "scatter_log": sd,
-            "noise_log": noise,
-            "homogeneous": bool(homogeneous),
-            "closing_gain": smooth_gain,
-            "smooth": bool(smooth),
-            "max_thickness_mm": thick,
-            "is_fluid": bool(lining_is_fluid),
+            "voxels": int(lin.lining.sum()),
+            "scatter_log": lin.sd,
+            "noise_log": lin.noise,
+            "homogeneous": bool(lin.homogeneous),
+            "closing_gain": lin.smooth_gain,
+            "smooth": bool(lin.smooth),
+            "max_thickness_mm": lin.thick,
+            "is_fluid": bool(lin.is_fluid),
         },
     }
+
+
+def _hypotheses(fluid: str, lining_is_fluid: bool) -> list[bool]:
+    """The hypotheses to try, in order (True: a fixative with signal surrounds the brain).
+
+    The one the cues (or the user) favour first; when ``auto`` chose a fixative with signal and that leaves no
+    brain (the "fluid" was cortex: at fine resolutions the block means fill a bare brain's sulci, so its contents
+    look as smooth as a bag), the other one -- a hypothesis that explains the bag without a brain is wrong.
+    """
     if fluid in ("bright", "dark"):
         has_fluid = True
     elif fluid == "none":
         has_fluid = False
     else:
         has_fluid = lining_is_fluid
-    # The hypothesis the cues favour first; when "auto" chose a fixative with signal and that leaves no brain
-    # (the "fluid" was cortex: at fine resolutions the block means fill a bare brain's sulci, so its contents
-    # look as smooth as a bag), the other one -- a hypothesis that explains the bag without a brain is wrong.
-    attempts = [has_fluid, False] if (has_fluid and fluid == "auto") else [has_fluid]
-    logf0, lining_in0 = logf, lining_in
-    for attempt, has_fluid in enumerate(attempts):
-        last = attempt == len(attempts) - 1
-        logf, lining_in = logf0, lining_in0  # each hypothesis starts from the lining's own fit
-        try:
-            cap = None
-            if has_fluid:
-                # ---- 3a. a fluid with signal: its smooth field, refitted on all the fluid (bag, sulci, ventricles) so
-                # that it holds inside the specimen too; intensities are then relative to the local fluid ----
-                # grown inwards from the lining a depth step at a time, refitted on the lining and the fluid clear of
-                # tissue (eroded: in sulci and ventricles the partial volume with tissue would pull the field towards
-                # the tissue, and the tissue next to it would look like fluid; the lining anchors it where the fluid
-                # is a thin layer, eroded away)
-                # (restarted from the lining with the stiff ridge: the first fit, which only has to describe the lining,
-                # keeps the bias stage's)
-                logf, _, lining_in = _robust_smooth_fit(logc, lining, B, fluid_tolerance, regularization=_FIELD_RIDGE)
-                depth = float(d_in.max())
-                steps = list(np.arange(2.0 * _GROWTH_STEP_MM, depth, _GROWTH_STEP_MM)) + [depth, depth]
-                for reach in steps:
-                    fl = contents & signal & (np.abs(logc - logf) < tol) & (d_in <= reach)
-                    logf, _, _ = _robust_smooth_fit(
-                        logc,
-                        lining_in | (fl & ndi.binary_erosion(fl, border_value=1)),
-                        B,
-                        fluid_tolerance,
-                        n_iter=2,
-                        regularization=_FIELD_RIDGE,
-                    )
-                fl = contents & signal & (np.abs(logc - logf) < tol)
-                J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
-                # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
-                d_fl = ndi.distance_transform_edt(~fl, sampling=spacing_c)
-                # (2nd-3rd layers: the 1st is the partial volume of tissue and fluid)
-                surf = contents & signal & ~fl & (d_fl >= 1.5 * step) & (d_fl <= 2.5 * step)
-                if surf.sum() < 8:
-                    raise HelmError(
-                        "no brain found: everything inside the bag looks like the fluid",
-                        path=src,
-                        hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use --fluid none.",
-                    )
-                tau = float(np.median(J[surf]))
-                side = "bright" if tau < 1.0 else "dark"
-                if fluid in ("bright", "dark") and side != fluid:
-                    raise HelmError(
-                        f"--fluid {fluid} was given, but the fixative lining the bag is "
-                        f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
-                        f"(tissue/fluid = {tau:.2f})",
-                        path=src,
-                        hint="use --fluid auto (or the other side)",
-                    )
-                thr = 1.0 + theta * (tau - 1.0)
-                cand = signal & contents & ((J < thr) if side == "bright" else (J > thr))
-                ref = np.exp(logf)
-                m_out = ref
-                m_brain = tau * ref
-                beta = 1.0
-            else:
-                # ---- 3b. no fluid signal (or one darker than the noise floor): the lining is the tissue; intensities
-                # are relative to it, and the background is what lies just outside the specimen ----
-                J = ndi.gaussian_filter(c / np.exp(logf), 0.5)
-                d_out = ndi.distance_transform_edt(~contents, sampling=spacing_c)
-                around = ~contents & ~signal & (d_out <= max(3.0, 2.0 * step))
-                level = np.exp(logf)
-                beta = float(np.median(J[around])) if around.sum() >= 8 else float(m_air / np.median(level[lining]))
-                tau = 1.0
-                thr = beta + theta * (1.0 - beta)
-                # (not beyond the specimen's partial-volume rim: farther out the field is an extrapolation, and
-                # noise divided by it can pass any threshold -- seen on a 0.2 mm scan: the mask took the whole bag)
-                cand = (d_out <= max(3.0, 2.0 * step)) & (J > thr)
-                # what surrounds it: a dark fixative, or nothing (noise only). Its spread relative to its level, from
-                # differences of neighbouring coarse voxels (a smooth trend does not count) scaled back to one voxel of
-                # the scan (a coarse voxel averages n of them, dividing the spread of noise by sqrt(n): unscaled, the
-                # cue read 0.80 on a 1 mm and 0.26 on a 0.5 mm scan of the same bag of noise). Noise magnitudes
-                # (Rayleigh) spread by 0.52 of their level whatever it is; a fixative with signal by its noise over its
-                # level (0.14 at 7:1 signal-to-noise).
-                bg_spread = 1.0
-                if around.sum() >= 8:
-                    bg_spread = _neighbour_noise(logc, around) * math.sqrt(float(np.prod(factors)))
-                side = "dark" if bg_spread < 0.3 else "none"
-                info["background_spread"] = bg_spread
-                m_brain = level
-                m_out = beta * level
-            # where tissue is the brighter class, the bag wall (or anything far brighter than the brightest tissue) is
-            # not brain; the tissue's range from the candidates clear of the contents' edge (where a wall pressed on
-            # the brain lies)
-            core0 = cand & (d_in >= 2.0 * step)
-            if side != "bright" and core0.sum() >= 8:
-                cap_rel = 1.3 * float(np.percentile(J[core0], 99)) / tau
-                cand &= J <= cap_rel * tau
-                cap = cap_rel * m_brain
-            info.update(
-                {
-                    "fluid_side": side,
-                    "tissue_to_fluid": tau if has_fluid else None,
-                    "background_to_tissue": None if has_fluid else beta,
-                    "threshold_relative": thr,
-                    "fluid_tolerance_used": tol,
-                }
-            )
+    return [has_fluid, False] if (has_fluid and fluid == "auto") else [has_fluid]
 
-            # ---- 4. the brain: one connected component, sulci closed, ventricles filled ----
-            mask_c = _hull(cand, spacing_c, opening_radius_mm, closing_radius_mm)
-        except HelmError as e:
-            if last:
-                raise
-            info["rejected"] = {"fluid_with_signal": True, "reason": e.message}
-            continue
-        if last or mask_c.sum() >= min_brain_fraction * n_signal:
-            break
-        info["rejected"] = {
-            "fluid_with_signal": True,
-            "reason": f"the largest tissue component holds only {100 * mask_c.sum() / n_signal:.1f}% "
-            "of the signal voxels",
+
+def _fluid_field(cc: _CoarseCopy, sig: _Signal, lin: _Lining, fluid_tolerance: float) -> np.ndarray:
+    """Step 3a, the field: the fluid's smooth log-field, grown inwards from the lining a depth step at a time and
+    refitted on all the fluid found (bag, sulci, ventricles), so that it holds inside the specimen too.
+
+    Each refit uses the lining and the fluid clear of tissue (eroded: in sulci and ventricles the partial volume
+    with tissue would pull the field towards the tissue, and the tissue next to it would look like fluid; the
+    lining anchors it where the fluid is a thin layer, eroded away). It restarts from the lining with the stiff
+    ridge: the first fit, which only has to describe the lining, keeps the bias stage's.
+    """
+    logc, signal, contents, d_in = sig.logc, sig.signal, lin.contents, lin.d_in
+    logf, _, lining_in = _robust_smooth_fit(logc, lin.lining, lin.B, fluid_tolerance, regularization=_FIELD_RIDGE)
+    depth = float(d_in.max())
+    steps = list(np.arange(2.0 * _GROWTH_STEP_MM, depth, _GROWTH_STEP_MM)) + [depth, depth]
+    for reach in steps:
+        fl = contents & signal & (np.abs(logc - logf) < lin.tol) & (d_in <= reach)
+        logf, _, _ = _robust_smooth_fit(
+            logc,
+            lining_in | (fl & ndi.binary_erosion(fl, border_value=1)),
+            lin.B,
+            fluid_tolerance,
+            n_iter=2,
+            regularization=_FIELD_RIDGE,
+        )
+    return logf
+
+
+def _fluid_hypothesis(
+    cc: _CoarseCopy, sig: _Signal, lin: _Lining, fluid: str, theta: float, fluid_tolerance: float
+) -> _Hypothesis:
+    """Step 3a -- a fluid with signal: intensities relative to the local fluid; the tissue facing it tells its side
+    (``bright``: the fluid is brighter than tissue, ``dark``: darker)."""
+    logc, signal, contents, step, src = sig.logc, sig.signal, lin.contents, cc.step, cc.src
+    logf = _fluid_field(cc, sig, lin, fluid_tolerance)
+    fl = contents & signal & (np.abs(logc - logf) < lin.tol)
+    J = ndi.gaussian_filter(cc.c / np.exp(logf), 0.5)
+    # the tissue facing the fluid (1-3 mm from it): its level relative to the fluid decides the side
+    d_fl = ndi.distance_transform_edt(~fl, sampling=cc.spacing_c)
+    # (2nd-3rd layers: the 1st is the partial volume of tissue and fluid)
+    surf = contents & signal & ~fl & (d_fl >= 1.5 * step) & (d_fl <= 2.5 * step)
+    if surf.sum() < 8:
+        raise HelmError(
+            "no brain found: everything inside the bag looks like the fluid",
+            path=src,
+            hint="Check the scan; if the fixative gives no signal (e.g. Fomblin), use --fluid none.",
+        )
+    tau = float(np.median(J[surf]))
+    side = "bright" if tau < 1.0 else "dark"
+    if fluid in ("bright", "dark") and side != fluid:
+        raise HelmError(
+            f"--fluid {fluid} was given, but the fixative lining the bag is "
+            f"{'brighter' if side == 'bright' else 'darker'} than the tissue it touches "
+            f"(tissue/fluid = {tau:.2f})",
+            path=src,
+            hint="use --fluid auto (or the other side)",
+        )
+    thr = 1.0 + theta * (tau - 1.0)
+    cand = signal & contents & ((J < thr) if side == "bright" else (J > thr))
+    ref = np.exp(logf)
+    return _Hypothesis(True, side, tau, 1.0, thr, J, cand, m_brain=tau * ref, m_out=ref, fl=fl)
+
+
+def _no_fluid_hypothesis(cc: _CoarseCopy, sig: _Signal, lin: _Lining, theta: float, info: dict) -> _Hypothesis:
+    """Step 3b -- no fluid signal (or one darker than the noise floor): the lining is the tissue; intensities are
+    relative to it, and the background is what lies just outside the specimen (``dark`` when its spread is a
+    signal's, ``none`` when it is noise's; recorded in ``info["background_spread"]``)."""
+    step, logc = cc.step, sig.logc
+    J = ndi.gaussian_filter(cc.c / np.exp(lin.logf), 0.5)
+    d_out = ndi.distance_transform_edt(~lin.contents, sampling=cc.spacing_c)
+    around = ~lin.contents & ~sig.signal & (d_out <= max(3.0, 2.0 * step))
+    level = np.exp(lin.logf)
+    beta = float(np.median(J[around])) if around.sum() >= 8 else float(sig.m_air / np.median(level[lin.lining]))
+    tau = 1.0
+    thr = beta + theta * (1.0 - beta)
+    # (not beyond the specimen's partial-volume rim: farther out the field is an extrapolation, and noise divided
+    # by it can pass any threshold -- seen on a 0.2 mm scan: the mask took the whole bag)
+    cand = (d_out <= max(3.0, 2.0 * step)) & (J > thr)
+    # what surrounds it: a dark fixative, or nothing (noise only). Its spread relative to its level, from
+    # differences of neighbouring coarse voxels (a smooth trend does not count) scaled back to one voxel of the scan
+    # (a coarse voxel averages n of them, dividing the spread of noise by sqrt(n): unscaled, the cue read 0.80 on a
+    # 1 mm and 0.26 on a 0.5 mm scan of the same bag of noise). Noise magnitudes (Rayleigh) spread by 0.52 of their
+    # level whatever it is; a fixative with signal by its noise over its level (0.14 at 7:1 signal-to-noise).
+    bg_spread = 1.0
+    if around.sum() >= 8:
+        bg_spread = _neighbour_noise(logc, around) * math.sqrt(float(np.prod(cc.factors)))
+    side = "dark" if bg_spread < 0.3 else "none"
+    info["background_spread"] = bg_spread
+    return _Hypothesis(False, side, tau, beta, thr, J, cand, m_brain=level, m_out=beta * level)
+
+
+def _cap_bag_wall(hyp: _Hypothesis, d_in: np.ndarray, step: float) -> None:
+    """Where tissue is the brighter class, the bag wall (or anything far brighter than the brightest tissue) is not
+    brain: drop it from the candidates and set the cap. The tissue's range comes from the candidates clear of the
+    contents' edge (where a wall pressed on the brain lies)."""
+    core0 = hyp.cand & (d_in >= 2.0 * step)
+    if hyp.side != "bright" and core0.sum() >= 8:
+        cap_rel = 1.3 * float(np.percentile(hyp.J[core0], 99)) / hyp.tau
+        hyp.cand &= hyp.J <= cap_rel * hyp.tau
+        hyp.cap = cap_rel * hyp.m_brain
+
+
+def _hypothesis(
+    has_fluid: bool,
+    cc: _CoarseCopy,
+    sig: _Signal,
+    lin: _Lining,
+    info: dict,
+    fluid: str,
+    theta: float,
+    fluid_tolerance: float,
+) -> _Hypothesis:
+    """Step 3 under one hypothesis: 3a or 3b, then the bag-wall cap; its decisions go into ``info``."""
+    if has_fluid:
+        hyp = _fluid_hypothesis(cc, sig, lin, fluid, theta, fluid_tolerance)
+    else:
+        hyp = _no_fluid_hypothesis(cc, sig, lin, theta, info)
+    _cap_bag_wall(hyp, lin.d_in, cc.step)
+    info.update(
+        {
+            "fluid_side": hyp.side,
+            "tissue_to_fluid": hyp.tau if has_fluid else None,
+            "background_to_tissue": None if has_fluid else hyp.beta,
+            "threshold_relative": hyp.thr,
+            "fluid_tolerance_used": lin.tol,
         }
+    )
+    return hyp
+
+
+def _too_small(mask_c: np.ndarray, n_signal: int) -> str:
+    return f"the largest tissue component holds only {100 * mask_c.sum() / n_signal:.1f}% of the signal voxels"
+
+
+def _check_brain(
+    mask_c: np.ndarray, n_signal: int, min_brain_fraction: float, max_fov_fraction: float, src: str | None
+) -> float:
+    """Refuse a coarse brain that is too small or that fills the field of view; return its fraction of it."""
     if mask_c.sum() < min_brain_fraction * n_signal:
         raise HelmError(
             "no brain found: the largest tissue component holds only "
@@ -729,27 +586,77 @@ def fit_coarse_model(
             path=src,
             hint="Check the scan (is there fluid or air around the specimen?) or set --fluid explicitly.",
         )
+    return frac
 
-    # ---- 5. local intensities on both sides of the surface (image units), for the per-voxel rule: the smooth
-    # models above, pulled to the local means of the tissue under the surface (2nd layer) and of what lies just
-    # outside it -- a smooth field misses a few per cent here and there, the partial-volume threshold sits
-    # at 20% of the contrast ----
-    din = ndi.distance_transform_edt(mask_c, sampling=spacing_c)
-    dout = ndi.distance_transform_edt(~mask_c, sampling=spacing_c)
+
+def _local_intensities(
+    cc: _CoarseCopy,
+    sig: _Signal,
+    hyp: _Hypothesis,
+    mask_c: np.ndarray,
+    din: np.ndarray,
+    dout: np.ndarray,
+    local_sigma_mm: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5 -- local intensities on both sides of the surface (image units), for the per-voxel rule.
+
+    The smooth models of step 3, pulled to the local means of the tissue under the surface (2nd layer) and of what
+    lies just outside it: a smooth field misses a few per cent here and there, and the partial-volume threshold
+    sits at 20% of the contrast.
+    """
+    step, spacing_c = cc.step, cc.spacing_c
     sig_l = np.maximum(local_sigma_mm / spacing_c, 1.0)
     # (clear tissue only: more than half tissue by the smooth models, 2nd-3rd layers)
-    mid = (1.0 + 0.5 * (tau - 1.0)) if has_fluid else (beta + 0.5 * (1.0 - beta))
-    clear = (J < mid) if side == "bright" else (J > mid)
-    w_in = (mask_c & cand & clear & (din >= 1.5 * step) & (din <= 3.5 * step)).astype(np.float64)
-    outside = (fl & ~mask_c) if has_fluid else (~mask_c & ~cand & ~signal)
+    mid = (1.0 + 0.5 * (hyp.tau - 1.0)) if hyp.has_fluid else (hyp.beta + 0.5 * (1.0 - hyp.beta))
+    clear = (hyp.J < mid) if hyp.side == "bright" else (hyp.J > mid)
+    w_in = (mask_c & hyp.cand & clear & (din >= 1.5 * step) & (din <= 3.5 * step)).astype(np.float64)
+    if hyp.has_fluid:
+        assert hyp.fl is not None  # set by every fluid hypothesis
+        outside = hyp.fl & ~mask_c
+    else:
+        outside = ~mask_c & ~hyp.cand & ~sig.signal
     w_out = (outside & (dout <= max(3.0, 2.0 * step))).astype(np.float64)
-    m_brain = _normconv(c * w_in, w_in, sig_l, m_brain)
-    m_out = _normconv(c * w_out, w_out, sig_l, m_out)
+    m_brain = _normconv(cc.c * w_in, w_in, sig_l, hyp.m_brain)
+    m_out = _normconv(cc.c * w_out, w_out, sig_l, hyp.m_out)
+    return m_brain, m_out
 
-    # ---- 6. the boundary band, refined at full resolution ----
+
+def _band(
+    mask_c: np.ndarray,
+    din: np.ndarray,
+    dout: np.ndarray,
+    band_mm: float | None,
+    band_out_mm: float | None,
+    step: float,
+) -> tuple[np.ndarray, float, float]:
+    """Step 6 -- the boundary band refined at full resolution (and the widths used, defaults 1.5 and 1 step)."""
     band_mm = float(band_mm) if band_mm is not None else 1.5 * step
     band_out_mm = float(band_out_mm) if band_out_mm is not None else 1.0 * step
     band = (mask_c & (din <= band_mm)) | (~mask_c & (dout <= band_out_mm))
+    return band, band_mm, band_out_mm
+
+
+def _coarse_result(
+    cc: _CoarseCopy,
+    sig: _Signal,
+    hyp: _Hypothesis,
+    mask_c: np.ndarray,
+    info: dict[str, Any],
+    *,
+    frac: float,
+    theta: float,
+    band_mm: float | None,
+    band_out_mm: float | None,
+    local_sigma_mm: float,
+    opening_radius_mm: float,
+    closing_radius_mm: float,
+) -> CoarseModel:
+    """Steps 5 and 6 on the coarse brain ``mask_c`` (covering ``frac`` of the field of view), and the model."""
+    step, spacing_c = cc.step, cc.spacing_c
+    din = ndi.distance_transform_edt(mask_c, sampling=spacing_c)
+    dout = ndi.distance_transform_edt(~mask_c, sampling=spacing_c)
+    m_brain, m_out = _local_intensities(cc, sig, hyp, mask_c, din, dout, local_sigma_mm)
+    band, band_mm, band_out_mm = _band(mask_c, din, dout, band_mm, band_out_mm, step)
     info.update(
         {
             "coarse_component_voxels": int(mask_c.sum()),
@@ -757,7 +664,7 @@ def fit_coarse_model(
             "fov_fraction": frac,
             "faces_touched": int(sum(_faces(mask_c))),
             "brain_intensity": float(np.median(m_brain[mask_c])),
-            "fluid_intensity": float(np.median(m_out[mask_c])) if side != "none" else None,
+            "fluid_intensity": float(np.median(m_out[mask_c])) if hyp.side != "none" else None,
             "band_mm": band_mm,
             "band_out_mm": band_out_mm,
             "local_sigma_mm": float(local_sigma_mm),
@@ -766,19 +673,105 @@ def fit_coarse_model(
         }
     )
     return CoarseModel(
-        factors=tuple(int(f) for f in factors),
-        shape=full_shape,
+        factors=cc.factors,
+        shape=cc.full_shape,
         spacing_c=spacing_c,
         mask=mask_c,
         band=band,
         m_brain=np.asarray(m_brain, np.float64),
         m_out=np.asarray(m_out, np.float64),
-        side=side,
-        m_air=m_air,
+        side=hyp.side,
+        m_air=sig.m_air,
         theta=theta,
-        fill=mask_c & ~cand & (din > 1.5 * step),
-        cap=None if cap is None else np.asarray(cap, np.float64),
+        fill=mask_c & ~hyp.cand & (din > 1.5 * step),
+        cap=None if hyp.cap is None else np.asarray(hyp.cap, np.float64),
         info=info,
+    )
+
+
+def fit_coarse_model(
+    image: xr.DataArray,
+    *,
+    coarse_spacing_mm: float = 1.0,
+    fluid: str = "auto",
+    fluid_tolerance: float = 0.12,
+    bias_basis_spacing_mm: float = 50.0,
+    opening_radius_mm: float = 2.0,
+    closing_radius_mm: float = 5.0,
+    min_tissue_fraction: float = 0.2,
+    band_mm: float | None = None,
+    band_out_mm: float | None = None,
+    local_sigma_mm: float = 2.0,
+    max_fov_fraction: float = 0.9,
+    min_brain_fraction: float = 0.05,
+    min_fluid_thickness_mm: float = 5.0,
+    n_air_components: int = 5,
+    hist_bins: int = 1024,
+) -> CoarseModel:
+    """Coarse pass of :func:`brain_mask` (eager; memory ~ the coarse grid); the method is described in
+    ``docs/method/background.md`` (steps 1-6 there are the steps here).
+
+    Parameters
+    ----------
+    image : DataArray
+        3-D image volume (any affine).
+    coarse_spacing_mm, fluid, fluid_tolerance, bias_basis_spacing_mm, opening_radius_mm, closing_radius_mm
+        As in :func:`brain_mask`.
+    min_tissue_fraction, band_mm, band_out_mm, local_sigma_mm, max_fov_fraction, min_brain_fraction
+        As in :func:`brain_mask`.
+    min_fluid_thickness_mm : float
+        A lining is a fixative with signal only if the fluid-like layer is this thick somewhere (a bag has
+        pockets, a cortex ribbon does not).
+    n_air_components, hist_bins : int
+        Classes and histogram bins of the air / signal mixture on the coarse log-intensities.
+
+    Returns
+    -------
+    CoarseModel
+        The coarse mask, the boundary band and the local tissue / surrounding intensity maps that the
+        full-resolution rule of :func:`refine_mask` uses; ``info`` holds the decisions (JSON-able).
+
+    Raises
+    ------
+    HelmError
+        As :func:`brain_mask`.
+    """
+    check_3d(image, "image")
+    theta = _check_choices(fluid, min_tissue_fraction)
+    cc = _coarse_copy(image, coarse_spacing_mm)
+    sig = _air_and_signal(cc, n_air_components, hist_bins)
+    contents, d_in, lining = _bag_contents(cc, sig.signal)
+    lin = _lining_cues(cc, sig, contents, d_in, lining, fluid_tolerance, bias_basis_spacing_mm, min_fluid_thickness_mm)
+    info = _lining_info(cc, sig, lin, fluid, theta)
+    attempts = _hypotheses(fluid, lin.is_fluid)
+    for attempt, has_fluid in enumerate(attempts):
+        last = attempt == len(attempts) - 1
+        try:
+            hyp = _hypothesis(has_fluid, cc, sig, lin, info, fluid, theta, fluid_tolerance)
+            # step 4 -- the brain: one connected component, sulci closed, ventricles filled
+            mask_c = _hull(hyp.cand, cc.spacing_c, opening_radius_mm, closing_radius_mm)
+        except HelmError as e:
+            if last:
+                raise
+            info["rejected"] = {"fluid_with_signal": True, "reason": e.message}
+            continue
+        if last or mask_c.sum() >= min_brain_fraction * sig.n_signal:
+            break
+        info["rejected"] = {"fluid_with_signal": True, "reason": _too_small(mask_c, sig.n_signal)}
+    frac = _check_brain(mask_c, sig.n_signal, min_brain_fraction, max_fov_fraction, cc.src)
+    return _coarse_result(
+        cc,
+        sig,
+        hyp,
+        mask_c,
+        info,
+        frac=frac,
+        theta=theta,
+        band_mm=band_mm,
+        band_out_mm=band_out_mm,
+        local_sigma_mm=local_sigma_mm,
+        opening_radius_mm=opening_radius_mm,
+        closing_radius_mm=closing_radius_mm,
     )
 
 
@@ -1013,8 +1006,29 @@ def refine_mask(
     the image box it needs (the chunk and the smoothing halo; a stored image straight from its store through
     the chunk cache, so a stored chunk shared by neighbouring halos is decoded about once) and carries only
     its sub-box of the coarse maps; the other chunks are constant and read nothing.
+
+    Parameters
+    ----------
+    image : DataArray
+        The scan the model was fitted on.
+    model : CoarseModel
+        From :func:`fit_coarse_model`.
+    refine_sigma_mm : float
+        Gaussian smoothing (mm) of the intensity before the per-voxel rule (0 = none).
+    truncate : float
+        Kernel radius of that smoothing, in sigmas.
+
+    Returns
+    -------
+    dask.array.Array
+        uint8 0/1, the shape and chunks of ``image``.
+
+    Examples
+    --------
+    >>> model = fit_coarse_model(scan)                            # doctest: +SKIP
+    >>> mask = refine_mask(scan, model).compute()                 # doctest: +SKIP
     """
-    arr = _as_dask(image)
+    arr = as_dask(image)
     spacing = spacing_of(affine_of(image))
     sig, depth = _smoothing(spacing, refine_sigma_mm, truncate, arr.shape)
     need = _band_blocks(arr.chunks, model)
@@ -1035,6 +1049,25 @@ def refine_mask(
 # ----------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _recorded_params(settings: dict[str, Any], model: CoarseModel, refine_sigma_mm: float) -> dict[str, Any]:
+    """The stage's parameters as the provenance records them (numbers as floats, the band widths used)."""
+    return {
+        "coarse_spacing_mm": float(settings["coarse_spacing_mm"]),
+        "fluid": settings["fluid"],
+        "fluid_tolerance": float(settings["fluid_tolerance"]),
+        "bias_basis_spacing_mm": float(settings["bias_basis_spacing_mm"]),
+        "opening_radius_mm": float(settings["opening_radius_mm"]),
+        "closing_radius_mm": float(settings["closing_radius_mm"]),
+        "min_tissue_fraction": float(settings["min_tissue_fraction"]),
+        "band_mm": model.info["band_mm"],
+        "band_out_mm": model.info["band_out_mm"],
+        "refine_sigma_mm": float(refine_sigma_mm),
+        "local_sigma_mm": float(settings["local_sigma_mm"]),
+        "max_fov_fraction": float(settings["max_fov_fraction"]),
+        "min_brain_fraction": float(settings["min_brain_fraction"]),
+    }
 
 
 def brain_mask(
@@ -1062,16 +1095,18 @@ def brain_mask(
         3-D image volume (any affine; the work is done in voxel space with mm from the affine).
     coarse_spacing_mm : float
         Target voxel size of the coarse copy (integer block factor per axis).
-    fluid : {"auto", "none"}
-        ``auto``: the bag holds a fluid with signal (brighter or darker than the brain: decided from the data);
-        ``none``: the fluid gives no signal (e.g. Fomblin), the brain is then all the signal.
+    fluid : {"auto", "bright", "dark", "none"}
+        What fills the bag: ``auto`` decides from the data; ``bright`` / ``dark``: a fixative brighter / darker
+        than tissue; ``none``: a fixative without signal (e.g. Fomblin), the brain is then all the signal.
     fluid_tolerance : float
         Coarse voxels within this log-ratio of the (bias-following) fluid intensity count as fluid (0.12 = 12%).
     bias_basis_spacing_mm : float
         Shortest wavelength of the smooth field fitted to the fluid (DCT basis, as in :mod:`helm_dask.bias`).
     opening_radius_mm, closing_radius_mm : float
         Coarse-grid morphology (ball radii in mm): the opening cuts thin partial-volume bridges along the bag
-        wall and around bubbles; the closing (off by default) bridges small gaps.
+        wall and around bubbles; the closing fills sulci and their fixative (0 = none).
+    min_tissue_fraction : float
+        A voxel is brain when at least this fraction of it is tissue by the partial-volume mix of the two levels.
     band_mm, band_out_mm : float, optional
         Coarse voxels within these distances inside / outside the coarse boundary are refined at full
         resolution (defaults 1.5 and 1.0 x the coarse spacing).
@@ -1098,42 +1133,37 @@ def brain_mask(
     HelmError
         Empty/constant image, no fluid or no brain found, or a mask that covers the field of view.
 
-    Example
-    -------
-    >>> mask = brain_mask(scan, coarse_spacing_mm=1.0)            # doctest: +SKIP
-    >>> brain = apply_mask(scan, mask)                            # doctest: +SKIP
+    Examples
+    --------
+    A brain in a bag of bright fluid, with air around the bag:
+
+    >>> import dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> x, y, z = np.mgrid[:48, :48, :48] - 23.5
+    >>> r = np.sqrt(x**2 + y**2 + z**2)
+    >>> img = np.where(r < 10, 100.0, np.where(r < 20, 250.0, 2.0))
+    >>> img = np.abs(img + np.random.default_rng(0).normal(0, 3, r.shape)).astype("f4")
+    >>> mask = brain_mask(make_volume(da.from_array(img, chunks=16), np.eye(4)), coarse_spacing_mm=2.0)
+    >>> int(mask.sum()) == int((r < 10).sum()), mask.attrs["background"]["fluid_side"]
+    (True, 'bright')
     """
-    model = fit_coarse_model(
-        image,
-        coarse_spacing_mm=coarse_spacing_mm,
-        fluid=fluid,
-        fluid_tolerance=fluid_tolerance,
-        bias_basis_spacing_mm=bias_basis_spacing_mm,
-        opening_radius_mm=opening_radius_mm,
-        closing_radius_mm=closing_radius_mm,
-        min_tissue_fraction=min_tissue_fraction,
-        band_mm=band_mm,
-        band_out_mm=band_out_mm,
-        local_sigma_mm=local_sigma_mm,
-        max_fov_fraction=max_fov_fraction,
-        min_brain_fraction=min_brain_fraction,
-    )
-    data = refine_mask(image, model, refine_sigma_mm=refine_sigma_mm)
-    params = {
-        "coarse_spacing_mm": float(coarse_spacing_mm),
+    settings: dict[str, Any] = {
+        "coarse_spacing_mm": coarse_spacing_mm,
         "fluid": fluid,
-        "fluid_tolerance": float(fluid_tolerance),
-        "bias_basis_spacing_mm": float(bias_basis_spacing_mm),
-        "opening_radius_mm": float(opening_radius_mm),
-        "closing_radius_mm": float(closing_radius_mm),
-        "min_tissue_fraction": float(min_tissue_fraction),
-        "band_mm": model.info["band_mm"],
-        "band_out_mm": model.info["band_out_mm"],
-        "refine_sigma_mm": float(refine_sigma_mm),
-        "local_sigma_mm": float(local_sigma_mm),
-        "max_fov_fraction": float(max_fov_fraction),
-        "min_brain_fraction": float(min_brain_fraction),
+        "fluid_tolerance": fluid_tolerance,
+        "bias_basis_spacing_mm": bias_basis_spacing_mm,
+        "opening_radius_mm": opening_radius_mm,
+        "closing_radius_mm": closing_radius_mm,
+        "min_tissue_fraction": min_tissue_fraction,
+        "band_mm": band_mm,
+        "band_out_mm": band_out_mm,
+        "local_sigma_mm": local_sigma_mm,
+        "max_fov_fraction": max_fov_fraction,
+        "min_brain_fraction": min_brain_fraction,
     }
+    model = fit_coarse_model(image, **settings)
+    data = refine_mask(image, model, refine_sigma_mm=refine_sigma_mm)
+    params = _recorded_params(settings, model, refine_sigma_mm)
     out = like(image, data, kind="mask", name="brain_mask", step=provenance_record("background", params))
     out.attrs["background"] = dict(model.info, refine_sigma_mm=float(refine_sigma_mm))
     return out
@@ -1142,10 +1172,33 @@ def brain_mask(
 def apply_mask(image: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
     """The image with everything outside the mask set to 0 (lazy; same dtype and grid as ``image``).
 
-    >>> brain = apply_mask(scan, brain_mask(scan))                # doctest: +SKIP
+    Parameters
+    ----------
+    image : DataArray
+        3-D image volume.
+    mask : DataArray
+        0/1 mask on the same grid (shape and affine).
+
+    Returns
+    -------
+    DataArray
+        Same dtype, grid and chunks as ``image``.
+
+    Raises
+    ------
+    HelmError
+        A mask that is not on the image grid.
+
+    Examples
+    --------
+    >>> from helm_dask.volume import make_volume
+    >>> img = make_volume(np.full((2, 2, 2), 5.0), np.eye(4))
+    >>> m = make_volume(np.eye(2, dtype="u1")[:, :, None].repeat(2, axis=2), np.eye(4), kind="mask")
+    >>> apply_mask(img, m).values[:, :, 0].tolist()
+    [[5.0, 0.0], [0.0, 5.0]]
     """
-    _check_3d(image, "image")
-    _check_3d(mask, "mask")
+    check_3d(image, "image")
+    check_3d(mask, "mask")
     if tuple(image.shape) != tuple(mask.shape) or not np.allclose(affine_of(image), affine_of(mask), rtol=0, atol=1e-6):
         raise HelmError(
             f"mask grid {tuple(mask.shape)} does not match the image grid {tuple(image.shape)} "
@@ -1153,8 +1206,8 @@ def apply_mask(image: xr.DataArray, mask: xr.DataArray) -> xr.DataArray:
             path=image.attrs.get("source") or None,
             hint="Compute the mask on this image, or resample it to the image grid first.",
         )
-    arr = _as_dask(image)
-    m = _as_dask(mask)
+    arr = as_dask(image)
+    m = as_dask(mask)
     if m.chunks != arr.chunks:
         m = m.rechunk(arr.chunks)
     data = da.where(m > 0, arr, arr.dtype.type(0))

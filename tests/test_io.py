@@ -577,9 +577,9 @@ def test_compute_batched_equals_one_computation(batch, monkeypatch):
     import dask
     import dask.array as da
 
-    import helm_dask.background as bg
+    import helm_dask.coarse as bg
     import helm_dask.io.store as store
-    from helm_dask.background import _aligned_block_sums, block_mean
+    from helm_dask.coarse import _aligned_block_sums, block_mean
     from helm_dask.volume import make_volume
 
     monkeypatch.setattr(bg, "_BLOCK_TARGET", 10)  # block-sum chunks of 10 x 9 x 8 voxels: 5 x 4 x 4 of them

@@ -1,0 +1,517 @@
+"""Coarse-grid tools shared by the background (:mod:`helm_dask.background`) and bias (:mod:`helm_dask.bias`) stages.
+
+Both stages fit their models on a small coarse copy of the scan and evaluate them at full resolution; this module
+holds what they share: volume checks (:func:`check_3d`, :func:`as_dask`), the exact, chunking-independent coarse
+block mean (:func:`coarse_factors`, :func:`block_mean`, :func:`block_centres`), a deterministic weighted 1-D Gaussian
+mixture (:func:`gmm1d`) and the smooth 3-D DCT field -- its basis (:func:`dct_basis`, :func:`n_dct_functions`), its
+separable evaluation (:func:`separable`), its normal equations (:func:`normal_matrix`) and a weighted least-squares
+fit (:func:`fit_dct_lsq`). It imports neither stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, cast
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .errors import HelmError
+
+__all__ = [
+    "as_dask",
+    "block_centres",
+    "block_mean",
+    "check_3d",
+    "coarse_factors",
+    "dct_basis",
+    "fit_dct_lsq",
+    "gmm1d",
+    "n_dct_functions",
+    "normal_matrix",
+    "separable",
+    "shape3",
+]
+
+#: target chunk length (voxels) used for the aligned block-sum pass; fixed so the coarse copy does not depend
+#: on the input chunking (each coarse block is summed inside one task, in one fixed order).
+_BLOCK_TARGET = 128
+
+
+def shape3(values: Iterable[Any]) -> tuple[int, int, int]:
+    """A 3-D shape (or per-axis factors) as a tuple of Python ints.
+
+    >>> shape3(np.array([4, 5, 6]))
+    (4, 5, 6)
+    """
+    return cast("tuple[int, int, int]", tuple(int(v) for v in values))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# volumes and the exact coarse block mean
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_3d(vol: xr.DataArray, what: str) -> None:
+    """Raise a :class:`~helm_dask.errors.HelmError` unless ``vol`` is a 3-D volume (a DataArray with an affine).
+
+    Parameters
+    ----------
+    vol : DataArray
+        The volume to check.
+    what : str
+        Its name in the error message (e.g. ``"image"``).
+
+    Examples
+    --------
+    >>> from helm_dask.volume import make_volume
+    >>> check_3d(make_volume(np.zeros((2, 2, 2)), np.eye(4)), "image")
+    >>> check_3d(np.zeros((2, 2, 2)), "mask")
+    Traceback (most recent call last):
+    ...
+    helm_dask.errors.HelmError: mask must be a volume (xarray.DataArray with attrs['affine'])...
+    """
+    if not isinstance(vol, xr.DataArray) or "affine" not in vol.attrs:
+        raise HelmError(
+            f"{what} must be a volume (xarray.DataArray with attrs['affine'])",
+            hint="Build it with helm_dask.make_volume or open it with helm_dask.io.",
+        )
+    if vol.ndim != 3:
+        raise HelmError(
+            f"{what} must be 3-D (x, y, z); got dims {vol.dims}",
+            path=vol.attrs.get("source") or None,
+            hint="Choose one echo or combine echoes (rms/mean) before this stage.",
+        )
+
+
+def as_dask(vol: xr.DataArray) -> da.Array:
+    """A volume's data as a dask array (wrapped in chunks of ``_BLOCK_TARGET`` voxels when it is in memory).
+
+    Parameters
+    ----------
+    vol : DataArray
+        A volume, lazy or in memory.
+
+    Returns
+    -------
+    dask.array.Array
+        ``vol.data`` itself when it is already a dask array.
+
+    Examples
+    --------
+    >>> from helm_dask.volume import make_volume
+    >>> as_dask(make_volume(np.zeros((4, 4, 4)), np.eye(4))).chunksize
+    (4, 4, 4)
+    """
+    data = vol.data
+    if isinstance(data, da.Array):
+        return data
+    return da.from_array(np.asarray(data), chunks=_BLOCK_TARGET)
+
+
+def coarse_factors(spacing_mm: Any, coarse_spacing_mm: float) -> tuple[int, int, int]:
+    """Integer block factor per axis so that ``factor * spacing`` is as close as possible to the target.
+
+    Parameters
+    ----------
+    spacing_mm : array-like of 3 floats
+        Voxel size (mm) per axis.
+    coarse_spacing_mm : float
+        Target coarse voxel size (mm), > 0.
+
+    Returns
+    -------
+    tuple of 3 int
+        Block factor per axis (at least 1).
+
+    Examples
+    --------
+    >>> coarse_factors([0.5, 0.5, 0.25], 1.0)
+    (2, 2, 4)
+    """
+    sp = np.asarray(spacing_mm, dtype=np.float64)
+    if coarse_spacing_mm <= 0:
+        raise HelmError(f"coarse_spacing_mm must be > 0, got {coarse_spacing_mm}")
+    return shape3(max(1, round(float(coarse_spacing_mm) / s)) for s in sp)
+
+
+def _block_sum_chunk(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Sum of each factor-sized block of one chunk, in float64, in a fixed order (NaN counts as 0)."""
+    b = np.asarray(block, dtype=np.float64)
+    b = np.where(np.isfinite(b), b, 0.0)
+    n = [s // f for s, f in zip(b.shape, factors)]
+    # (n0, f0, n1, f1, n2, f2) -> (n0, n1, n2, f0*f1*f2): each coarse voxel is one contiguous row, summed by
+    # the same pairwise routine whatever the chunk looks like
+    b = b.reshape(n[0], factors[0], n[1], factors[1], n[2], factors[2]).transpose(0, 2, 4, 1, 3, 5)
+    b = np.ascontiguousarray(b).reshape(n[0], n[1], n[2], -1)
+    return b.sum(axis=-1)
+
+
+def _aligned_block_sums(arr: da.Array, factors: tuple[int, int, int]) -> da.Array:
+    """Lazy coarse block sums (float64) of a 3-D dask array; partial edge blocks sum what they contain."""
+    pad = [(0, (-s) % f) for s, f in zip(arr.shape, factors)]
+    if any(p[1] for p in pad):
+        arr = da.pad(arr, pad, mode="constant", constant_values=0)
+    # chunks that are whole multiples of the factor and do NOT depend on the input chunking
+    target = tuple(max(f, f * max(1, round(_BLOCK_TARGET / f))) for f in factors)
+    arr = arr.rechunk(target)
+    out_chunks = tuple(tuple(c // f for c in cs) for cs, f in zip(arr.chunks, factors))
+    return da.map_blocks(_block_sum_chunk, arr, factors, dtype=np.float64, chunks=out_chunks)
+
+
+def _block_counts(shape: tuple[int, ...], factors: tuple[int, ...]) -> np.ndarray:
+    """Number of full-resolution voxels in each coarse block (exact, analytic)."""
+    per_axis = []
+    for n, f in zip(shape, factors):
+        nc = -(-n // f)
+        c = np.full(nc, f, dtype=np.float64)
+        c[-1] = n - f * (nc - 1)
+        per_axis.append(c)
+    return per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
+
+
+def block_centres(n: int, f: int) -> np.ndarray:
+    """Full-resolution (continuous) voxel index of the centre of each coarse block along one axis.
+
+    Parameters
+    ----------
+    n : int
+        Voxels along the axis at full resolution.
+    f : int
+        Block factor along the axis (the last block may be cut by the field of view).
+
+    Returns
+    -------
+    ndarray, float64
+        One centre per coarse block, ``ceil(n / f)`` of them.
+
+    Examples
+    --------
+    >>> block_centres(5, 2)
+    array([0.5, 2.5, 4. ])
+    """
+    nc = -(-n // f)
+    start = np.arange(nc) * f
+    stop = np.minimum(start + f, n)
+    return (start + stop - 1) / 2.0
+
+
+def block_mean(
+    vol: xr.DataArray, factors: tuple[int, int, int], *, mask: xr.DataArray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact coarse block mean of a volume (computed eagerly; the result is small).
+
+    Parameters
+    ----------
+    vol : DataArray
+        3-D image volume (lazy).
+    factors : tuple of int
+        Block size per axis (voxels). Edge blocks that are cut by the field of view average what they hold.
+    mask : DataArray, optional
+        If given, the mean is taken over mask voxels only (blocks without mask voxels get 0).
+
+    Returns
+    -------
+    mean : ndarray, float64
+        Coarse block means, shape ``ceil(shape / factors)``.
+    fraction : ndarray, float64
+        Fraction of each block's voxels that were averaged (1 without a mask).
+
+    Notes
+    -----
+    The sums are float64 and every block is summed inside one task in one fixed order, so the result is
+    bit-identical for any input chunking.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> v = make_volume(da.arange(64.0).reshape(4, 4, 4), np.eye(4))
+    >>> block_mean(v, (2, 2, 2))[0][0, 0, 0]
+    np.float64(10.5)
+    """
+    from .io.store import compute_batched
+
+    arr = as_dask(vol)
+    counts = _block_counts(arr.shape, factors)
+    if mask is None:
+        (s,) = compute_batched([_aligned_block_sums(arr, factors)])
+        return s / counts, np.ones_like(counts)
+    m = as_dask(mask) > 0
+    # in boxes: the rechunk to whole blocks (e.g. 128 -> 120 voxels for 2 mm blocks at 0.1 mm) would otherwise
+    # let the scheduler hold split input chunks across whole cross-sections of the volume
+    s, cm = compute_batched(
+        [_aligned_block_sums(da.where(m, arr, 0), factors), _aligned_block_sums(m.astype(np.float32), factors)]
+    )
+    mean = np.divide(s, cm, out=np.zeros_like(s), where=cm > 0)
+    return mean, cm / counts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1-D Gaussian mixture (weighted EM, deterministic)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gmm1d(
+    x: np.ndarray,
+    weights: np.ndarray | None = None,
+    n_components: int = 3,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-10,
+    var_floor: float | None = None,
+) -> dict:
+    """Fit a 1-D Gaussian mixture by EM to (optionally weighted) samples; deterministic.
+
+    The start is deterministic (component means at the weighted quantiles ``(k + 1/2) / K``), so there is no
+    random seed. Weights let the fit run on a histogram (bin centres weighted by counts).
+
+    Parameters
+    ----------
+    x : ndarray
+        Samples (or histogram bin centres); non-finite ones are ignored.
+    weights : ndarray, optional
+        Non-negative weight per sample (e.g. bin counts); zero-weight samples are ignored.
+    n_components : int
+        Number of Gaussian classes.
+    max_iter, tol : int, float
+        EM iterations and relative log-likelihood tolerance.
+    var_floor : float, optional
+        Lower bound of each class variance (default ``1e-6`` times the samples' variance).
+
+    Returns
+    -------
+    dict
+        ``weights``, ``means``, ``sds`` (lists, sorted by increasing mean), ``loglik`` (mean log-likelihood per
+        unit weight) and ``n_iter``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.r_[rng.normal(0, 1, 5000), rng.normal(6, 1, 5000)]
+    >>> [round(m, 1) for m in gmm1d(x, n_components=2)["means"]]
+    [0.0, 6.0]
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    keep = (w > 0) & np.isfinite(x)
+    x, w = x[keep], w[keep]
+    K = int(n_components)
+    if K < 1 or x.size < K:
+        raise HelmError(
+            f"cannot fit a {K}-class intensity mixture to {x.size} distinct samples",
+            hint="The image has too little signal; check the input.",
+        )
+    w = w / w.sum()
+    mu_all = float(np.sum(w * x))
+    var_all = float(np.sum(w * (x - mu_all) ** 2))
+    if not var_all > 0:
+        raise HelmError(
+            "the intensities are constant: nothing to separate", hint="The image looks empty (all background)."
+        )
+    floor = var_floor if var_floor is not None else 1e-6 * var_all
+    order = np.argsort(x, kind="stable")
+    cdf = np.cumsum(w[order])
+    q = (np.arange(K) + 0.5) / K
+    means = x[order][np.minimum(np.searchsorted(cdf, q), x.size - 1)].astype(np.float64)
+    # spread ties (e.g. few distinct values) so that components start distinct
+    means = means + np.arange(K) * 1e-6 * math.sqrt(var_all)
+    var = np.full(K, max(var_all / K**2, floor))
+    pi = np.full(K, 1.0 / K)
+    prev = -np.inf
+    ll = -np.inf
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
+        logp = (
+            np.log(pi)[None, :]
+            - 0.5 * np.log(2 * np.pi * var)[None, :]
+            - 0.5 * (x[:, None] - means[None, :]) ** 2 / var[None, :]
+        )
+        mx = logp.max(axis=1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(logp - mx).sum(axis=1))
+        ll = float(np.sum(w * lse))
+        r = np.exp(logp - lse[:, None]) * w[:, None]
+        nk = r.sum(axis=0)
+        nk = np.maximum(nk, 1e-300)
+        means = (r * x[:, None]).sum(axis=0) / nk
+        var = np.maximum((r * (x[:, None] - means[None, :]) ** 2).sum(axis=0) / nk, floor)
+        pi = np.maximum(nk / nk.sum(), 1e-12)
+        pi = pi / pi.sum()
+        if abs(ll - prev) <= tol * max(1.0, abs(ll)):
+            break
+        prev = ll
+    o = np.argsort(means, kind="stable")
+    return {
+        "weights": pi[o].tolist(),
+        "means": means[o].tolist(),
+        "sds": np.sqrt(var[o]).tolist(),
+        "loglik": ll,
+        "n_iter": int(n_iter),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# smooth 3-D DCT field (tensor-product basis)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def dct_basis(u: np.ndarray, n_voxels: int, n_functions: int) -> np.ndarray:
+    """DCT-II basis along one axis at continuous voxel indices ``u``: shape ``(len(u), n_functions)``.
+
+    ``phi_k(u) = cos(pi * k * (u + 0.5) / n_voxels)``; ``k = 0`` is the constant. The basis is defined over the
+    whole axis of ``n_voxels`` voxels, so the same function is evaluated at coarse block centres and at
+    full-resolution voxel centres.
+
+    Parameters
+    ----------
+    u : ndarray
+        Continuous voxel indices along the axis.
+    n_voxels : int
+        Voxels along the axis (the basis' extent).
+    n_functions : int
+        Number of basis functions (lowest frequencies).
+
+    Returns
+    -------
+    ndarray, float64
+        Shape ``(len(u), n_functions)``.
+
+    Examples
+    --------
+    >>> dct_basis(np.array([0.0, 3.0]), 4, 2).round(3)
+    array([[ 1.   ,  0.924],
+           [ 1.   , -0.924]])
+    """
+    u = np.asarray(u, dtype=np.float64)
+    k = np.arange(n_functions, dtype=np.float64)
+    return np.cos(np.pi * np.outer(u + 0.5, k) / float(n_voxels))
+
+
+def separable(c: np.ndarray, b0: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """A DCT field on an outer grid: ``sum_abc c[a,b,c] b0[x,a] b1[y,b] b2[z,c]``.
+
+    Contracted one axis at a time, so the intermediates stay small.
+
+    Parameters
+    ----------
+    c : ndarray (K0, K1, K2)
+        Coefficients.
+    b0, b1, b2 : ndarray
+        Basis matrices along each axis (:func:`dct_basis`), shapes ``(n_i, K_i)``.
+
+    Returns
+    -------
+    ndarray (n0, n1, n2)
+        The field.
+
+    Examples
+    --------
+    >>> b = [dct_basis(np.arange(n), n, 2) for n in (2, 3, 4)]
+    >>> separable(np.eye(2)[:, :, None] * np.ones((2, 2, 2)), *b).shape
+    (2, 3, 4)
+    """
+    t = np.tensordot(b0, c, axes=(1, 0))  # x, b, c
+    t = np.tensordot(t, b1, axes=(1, 1))  # x, c, y
+    t = np.tensordot(t, b2, axes=(1, 1))  # x, y, z
+    return t
+
+
+def normal_matrix(w: np.ndarray, b0: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """``Phi^T diag(w) Phi`` for the Kronecker basis ``Phi = b0 x b1 x b2``, without forming Phi (SAMSEG's trick).
+
+    Parameters
+    ----------
+    w : ndarray (n0, n1, n2)
+        Voxel weights.
+    b0, b1, b2 : ndarray
+        Basis matrices along each axis, shapes ``(n_i, K_i)``.
+
+    Returns
+    -------
+    ndarray (P, P)
+        The normal matrix, ``P = K0 K1 K2``, coefficients in C order of ``(K0, K1, K2)``.
+
+    Examples
+    --------
+    >>> b = [dct_basis(np.arange(n), n, 2) for n in (3, 3, 3)]
+    >>> normal_matrix(np.ones((3, 3, 3)), *b).shape
+    (8, 8)
+    """
+    t = np.einsum("xyz,zc,zC->xycC", w, b2, b2, optimize=True)
+    t = np.einsum("xycC,yb,yB->xbBcC", t, b1, b1, optimize=True)
+    t = np.einsum("xbBcC,xa,xA->abcABC", t, b0, b0, optimize=True)
+    p = b0.shape[1] * b1.shape[1] * b2.shape[1]
+    return t.reshape(p, p)
+
+
+def n_dct_functions(n_voxels: int, spacing_mm: float, basis_spacing_mm: float) -> int:
+    """Number of DCT functions along an axis: the frequencies whose wavelength ``2 L / k`` is at least
+    ``basis_spacing_mm`` (``L`` the axis' length in mm), the constant included.
+
+    Parameters
+    ----------
+    n_voxels : int
+        Voxels along the axis.
+    spacing_mm : float
+        Voxel size along the axis (mm).
+    basis_spacing_mm : float
+        Shortest wavelength kept (mm).
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> n_dct_functions(150, 1.0, 75.0)
+    5
+    """
+    length = n_voxels * spacing_mm
+    return int(math.floor(2.0 * length / basis_spacing_mm + 1e-9)) + 1
+
+
+def fit_dct_lsq(
+    values: np.ndarray, w: np.ndarray, B: list[np.ndarray], *, regularization: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares fit of a smooth DCT field (constant included) to values on a grid.
+
+    Minimises ``sum w (values - field)^2 + ridge``, the ridge growing with frequency squared (relative to the
+    data term), using the tensor-product structure.
+
+    Parameters
+    ----------
+    values : ndarray (n0, n1, n2)
+        Values to fit.
+    w : ndarray (n0, n1, n2)
+        Non-negative weights (0 = not used).
+    B : list of 3 ndarrays
+        Basis matrices along each axis at the grid's voxel positions (:func:`dct_basis`), shapes ``(n_i, K_i)``.
+    regularization : float
+        Ridge size relative to the mean diagonal of the normal matrix.
+
+    Returns
+    -------
+    coefficients : ndarray (K0, K1, K2)
+    field : ndarray (n0, n1, n2)
+        The fitted field on the grid.
+
+    Examples
+    --------
+    >>> B = [dct_basis(np.arange(n), n, 3) for n in (8, 9, 10)]
+    >>> vals = np.full((8, 9, 10), 2.5)
+    >>> c, fld = fit_dct_lsq(vals, np.ones_like(vals), B)
+    >>> bool(np.allclose(fld, 2.5, atol=1e-6))
+    True
+    """
+    K = [b.shape[1] for b in B]
+    P = int(np.prod(K))
+    A = normal_matrix(np.asarray(w, dtype=np.float64), *B)
+    rhs = np.einsum("xyz,xa,yb,zc->abc", w * values, *B, optimize=True).ravel()
+    kk = np.add.outer(
+        np.add.outer((np.arange(K[0]) / K[0]) ** 2, (np.arange(K[1]) / K[1]) ** 2), (np.arange(K[2]) / K[2]) ** 2
+    ).ravel()
+    tr = float(np.trace(A)) / P
+    coef = np.linalg.solve(A + np.diag(regularization * tr * kk + 1e-12 * tr), rhs).reshape(K)
+    return coef, separable(coef, *B)
