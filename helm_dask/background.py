@@ -17,6 +17,7 @@ import xarray as xr
 from scipy import ndimage as ndi
 
 # block_mean, block_centres, coarse_factors and gmm1d lived here before helm_dask.coarse: still importable from here
+from .arrays import ball
 from .coarse import (
     as_dask,
     block_centres,
@@ -67,17 +68,6 @@ def _gmm_labels(x: np.ndarray, gmm: dict) -> np.ndarray:
     return lab.astype(np.int16)
 
 
-def _ball(radius_mm: float, spacing_mm: np.ndarray) -> np.ndarray:
-    """Ellipsoidal ball structuring element (radius in mm) on a grid with the given spacing."""
-    r = np.asarray(radius_mm / np.asarray(spacing_mm, dtype=np.float64))
-    n = np.floor(r + 1e-9).astype(int)
-    if np.all(n == 0):
-        return np.ones((1, 1, 1), dtype=bool)
-    g = np.ogrid[-n[0] : n[0] + 1, -n[1] : n[1] + 1, -n[2] : n[2] + 1]
-    d2 = sum((gi / max(ri, 1e-12)) ** 2 for gi, ri in zip(g, r))
-    return d2 <= 1.0 + 1e-9
-
-
 def _largest_component(m: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(m)
     if n == 0:
@@ -100,7 +90,7 @@ def _faces(m: np.ndarray) -> list[bool]:
 
 def _closing(m: np.ndarray, radius_mm: float, spacing_c: np.ndarray) -> np.ndarray:
     """Binary closing with a ball (radius in mm), zero-padded so that the field of view's faces do not erode."""
-    sc = _ball(radius_mm, spacing_c)
+    sc = ball(radius_mm, spacing_c)
     if sc.size == 1:
         return m
     pad = [(n // 2 + 1, n // 2 + 1) for n in sc.shape]
@@ -184,7 +174,7 @@ def _hull(cand: np.ndarray, spacing_c: np.ndarray, opening_radius_mm: float, clo
     """Tissue candidates -> the brain: opening (cuts thin bridges: bag wall, bubble rims, noise) -> largest
     component -> reconstruction of what the opening shaved off -> closing (sulci and their fixative) -> holes
     filled in 3-D and in slices (ventricles, open or not)."""
-    se = _ball(opening_radius_mm, spacing_c)
+    se = ball(opening_radius_mm, spacing_c)
     core = ndi.binary_opening(cand, structure=se) if se.size > 1 else cand
     core = _largest_component(core)
     if not core.any():
@@ -327,7 +317,7 @@ def _bag_contents(cc: _CoarseCopy, signal: np.ndarray) -> tuple[np.ndarray, np.n
     """Step 2a -- the bag's contents: thick signal (the opening drops a thin bag wall), holes filled; their depth
     (mm) and their lining (the 2nd-3rd layers: the 1st is the partial volume of the wall)."""
     step, spacing_c = cc.step, cc.spacing_c
-    se = _ball(max(1.5, step), spacing_c)
+    se = ball(max(1.5, step), spacing_c)
     # (edge-padded: the fixative cut by a face of the field of view is not eroded away there)
     pad = max(se.shape) // 2 + 1
     contents = ndi.binary_opening(np.pad(signal, pad, mode="edge"), se)[(slice(pad, -pad),) * 3]

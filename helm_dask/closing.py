@@ -18,7 +18,6 @@ Example
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 
+from .arrays import EPS, _r2, _radius, _spacing3, _sq_dist, ball, half_extent
 from .errors import HelmError
 from .io.regions import halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
@@ -40,75 +40,6 @@ __all__ = [
     "half_extent",
     "merge_labels",
 ]
-
-#: Relative tolerance of the sphere test ``q <= r**2 (1 + EPS)`` and of distance ties between label codes.
-EPS = 1e-9
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the structuring element
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _spacing3(spacing_mm: Any) -> tuple[float, float, float]:
-    """Three positive voxel sizes (mm) from one number or three."""
-    try:
-        s = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
-    except (ValueError, TypeError):
-        raise HelmError(f"voxel spacing must be one number or three numbers in mm, got {spacing_mm!r}") from None
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise HelmError(f"voxel spacing must be positive and finite, got {s.tolist()} mm")
-    return float(s[0]), float(s[1]), float(s[2])
-
-
-def _radius(radius_mm: Any) -> float:
-    """The closing radius as a float (mm), refusing negative or non-finite values."""
-    try:
-        r = float(radius_mm)
-    except (TypeError, ValueError):
-        raise HelmError(f"the closing radius must be a number of mm, got {radius_mm!r}") from None
-    if not math.isfinite(r) or r < 0:
-        raise HelmError(
-            f"the closing radius must be >= 0 mm, got {radius_mm!r}",
-            hint="use --closing-radius-mm 1.2 (the paper's value) or 0 to switch the closing off",
-        )
-    return r
-
-
-def _r2(radius_mm: float) -> float:
-    """The squared radius with the relative epsilon, the one threshold used everywhere."""
-    return radius_mm * radius_mm * (1.0 + EPS)
-
-
-def half_extent(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
-    """Half size ``h`` of :func:`ball` along each axis: the largest ``n`` with ``(n s_i)**2 <= r**2 (1+EPS)``.
-
-    Parameters
-    ----------
-    radius_mm : float
-        Sphere radius (mm).
-    spacing_mm : float or 3 floats
-        Voxel size (mm).
-
-    Returns
-    -------
-    tuple of 3 ints
-
-    Example
-    -------
-    >>> half_extent(1.2, 0.3), half_extent(1.2, (0.1, 0.12, 0.15))
-    ((4, 4, 4), (12, 10, 8))
-    """
-    s, r2 = _spacing3(spacing_mm), _r2(_radius(radius_mm))
-    out = []
-    for si in s:
-        n = int(math.floor(math.sqrt(r2) / si))
-        while ((n + 1) * si) ** 2 <= r2:  # settle floating-point rounding of the estimate both ways
-            n += 1
-        while n > 0 and (n * si) ** 2 > r2:
-            n -= 1
-        out.append(n)
-    return out[0], out[1], out[2]
 
 
 def closing_depth(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
@@ -136,52 +67,6 @@ def closing_depth(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
     """
     h = half_extent(radius_mm, spacing_mm)
     return 2 * h[0], 2 * h[1], 2 * h[2]
-
-
-def _sq_dist(offsets: list[np.ndarray], spacing: tuple[float, float, float]) -> np.ndarray:
-    """``(d0 s0)**2 + (d1 s1)**2 + (d2 s2)**2`` in float64, always in this order (exactly the ball's formula)."""
-
-    def term(d: np.ndarray, s: float) -> np.ndarray:
-        t = d.astype(np.float64) * s
-        t *= t
-        return t
-
-    q = term(offsets[0], spacing[0])
-    for d, s in zip(offsets[1:], spacing[1:]):
-        q = q + term(d, s)
-    return q
-
-
-def ball(radius_mm: float, spacing_mm: Any) -> np.ndarray:
-    """Spherical structuring element of radius ``radius_mm`` on a grid of voxel size ``spacing_mm``.
-
-    ``{d integer offset : sum_i (d_i * s_i)**2 <= radius_mm**2 * (1 + EPS)}``, centred, shape ``2 h + 1``
-    (:func:`half_extent`); an ellipsoid in voxels when the spacing is anisotropic. ``<=``: voxels exactly on
-    the sphere are included (the tiny relative ``EPS = 1e-9`` absorbs floating-point rounding).
-
-    Parameters
-    ----------
-    radius_mm : float
-        Sphere radius (mm).
-    spacing_mm : float or 3 floats
-        Voxel size (mm).
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean array of shape ``2 h + 1`` per axis.
-
-    Example
-    -------
-    >>> b = ball(1.2, 0.3)
-    >>> b.shape, int(b.sum()), bool(b[0, 4, 4]), bool(b[0, 4, 3])
-    ((9, 9, 9), 257, True, False)
-    """
-    s, r = _spacing3(spacing_mm), _radius(radius_mm)
-    h = half_extent(r, s)
-    g = [np.arange(-n, n + 1).reshape([-1 if a == i else 1 for a in range(3)]) for i, n in enumerate(h)]
-    q = _sq_dist([np.broadcast_to(gi, [2 * n + 1 for n in h]) for gi in g], s)
-    return q <= _r2(r)
 
 
 # ----------------------------------------------------------------------------------------------------------
