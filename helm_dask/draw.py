@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import HelmError
+from .io.regions import stored_source_of
 from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of
 
 __all__ = [
@@ -90,12 +91,14 @@ def check_volume(vol: Any, what: str = "volume") -> xr.DataArray:
 def store_info(vol: xr.DataArray) -> dict | None:
     """The store behind ``vol`` if ``vol`` is exactly one of its levels (same grid, same dask data), else None.
 
-    Derived volumes inherit ``attrs["store"]`` through :func:`helm_dask.volume.like`; these checks keep a
-    reoriented, resampled or masked volume from being shown with its source's pyramid.
+    The data's stored source (:func:`helm_dask.io.regions.stored_source_of`) says which store and level, and
+    only while the values are the stored ones, untransposed and unflipped: a reoriented, resampled or masked
+    volume is never shown with its source's pyramid.
     """
-    store, level = vol.attrs.get("store"), vol.attrs.get("level")
-    if not store or level is None:
+    src = stored_source_of(vol)
+    if src is None or not src.untouched:
         return None
+    store, level = src.store, src.level
     try:
         import zarr
 
@@ -116,14 +119,6 @@ def store_info(vol: xr.DataArray) -> dict | None:
     if not np.allclose(affines[level], affine_of(vol), atol=_GRID_TOL, rtol=0):
         return None
     if vol.attrs.get("kind") != meta.get("kind", "image"):
-        return None
-    # Same data, not only the same grid: a masked or rescaled copy made with ``like`` keeps the attrs too.
-    try:
-        from .io.store import open_volume
-
-        if not isinstance(vol.data, da.Array) or vol.data.name != open_volume(store, level=level).data.name:
-            return None
-    except Exception:
         return None
     return {"store": store, "level": level, "nlevels": nlevels, "shapes": shapes, "affines": affines}
 

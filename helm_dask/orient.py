@@ -1,25 +1,9 @@
-"""Stage 1 -- orientation: RAS+ by axis permutations and flips, right hemispheres mirrored to left.
-
-Everything here is exact and lazy:
-
-* :func:`to_ras` permutes and flips voxel axes (dask ``transpose`` and ``[::-1]`` slicing -- no interpolation)
-  and updates the affine so that every voxel keeps its world position, exactly as nibabel's
-  ``as_closest_canonical`` does (for an oblique affine the result stays slightly oblique: that is correct);
-* :func:`flip_left_right` mirrors a volume about the world plane x = 0 (world x -> -x), so a scan and its labels
-  flipped alike stay registered, and an RAS+ volume stays RAS+;
-* :func:`map_right_to_left_codes` turns the right hypothalamus codes 806-810 into the left ones 801-805;
-* :func:`detect_side` decides from the data whether a hemisphere is left or right (the hypothalamus lies on the
-  medial face: on the +x side of the brain for a left hemisphere) with chunked reductions;
-* :func:`check_same_grid` refuses a scan and labels that are not on the same voxel grid, saying how they differ;
-* :func:`orient_subject` chains it all for one subject.
-
-Example
--------
->>> import numpy as np, dask.array as da
->>> from helm_dask.volume import make_volume, orientation_code, affine_of
->>> vol = make_volume(da.zeros((4, 5, 6), chunks=2), np.diag([-0.3, 0.3, 0.3, 1.0]))   # LAS
->>> orientation_code(affine_of(to_ras(vol)))
-'RAS'
+"""Stage 1, orientation: every subject becomes a left hemisphere in RAS+ voxel order, exactly and lazily --
+:func:`to_ras` reorients by axis flips and permutations, :func:`flip_left_right` mirrors a right hemisphere
+about the world plane x = 0, :func:`map_right_to_left_codes` gives its labels the left codes,
+:func:`detect_side` tells left from right by where the hypothalamus lies, :func:`check_same_grid` refuses a
+scan and labels on different grids, and :func:`orient_subject` chains it all for one subject. The method is
+described in ``docs/method/orientation.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import HelmError
-from .io.regions import register_view
+from .io.regions import carry_view
 from .labels import RIGHT_OFFSET, RIGHT_TO_LEFT, SIDE_CODES
 from .volume import affine_of, like, orientation_code, provenance_record, spacing_of, voxel_to_world
 
@@ -83,6 +67,19 @@ def _ras_ornt(affine: np.ndarray) -> np.ndarray:
 def ras_grid(shape: tuple[int, ...], affine: Any) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and affine of the grid :func:`to_ras` would produce (no data touched).
 
+    Parameters
+    ----------
+    shape : tuple of int
+        The volume's shape (the first three entries are used).
+    affine : array-like, 4x4
+        Its affine.
+
+    Returns
+    -------
+    shape : tuple of three ints
+    affine : numpy.ndarray
+        4x4 float64.
+
     Example
     -------
     >>> ras_grid((4, 5, 6), np.diag([-1.0, 1, 1, 1]))[1][0].tolist()
@@ -104,7 +101,18 @@ def to_ras(vol: xr.DataArray) -> xr.DataArray:
     Lazy (dask ``[::-1]`` slicing and ``transpose``); no interpolation, so values are bit-identical. The
     affine becomes ``affine @ inv_ornt_aff(ornt, shape)`` (nibabel's ``as_closest_canonical``), which keeps
     the world position of every voxel centre exactly. An oblique affine stays (slightly) oblique. A trailing
-    ``echo`` dim, if present, is left alone.
+    ``echo`` dim, if present, is left alone. A volume read from a store stays recognised as stored (its
+    :class:`~helm_dask.io.regions.StoredSource` records the flips and the transpose).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume (3-D, or 4-D with ``echo`` last).
+
+    Returns
+    -------
+    xarray.DataArray
+        The reoriented volume, with an ``orient.to_ras`` provenance step.
 
     Example
     -------
@@ -125,8 +133,8 @@ def to_ras(vol: xr.DataArray) -> xr.DataArray:
     perm = [int(p) for p in np.argsort(ornt[:, 0])] + list(range(3, data.ndim))
     if perm != list(range(data.ndim)):
         data = data.transpose(perm)
-    # a stored scan stays readable box by box from its store (region tasks: resampling)
-    register_view(data, source, [bool(f < 0) for f in ornt[:, 1]], perm)
+    # a stored scan stays readable box by box from its store (region tasks: resampling, export)
+    carry_view(data, source, [bool(f < 0) for f in ornt[:, 1]], perm)
     step = provenance_record(
         "orient.to_ras",
         {
@@ -151,7 +159,18 @@ def flip_left_right(vol: xr.DataArray) -> xr.DataArray:
 
         new_affine = diag(-1, 1, 1, 1) @ affine @ F,   F = voxel flip of that axis (i -> n - 1 - i),
 
-    so an RAS+ input gives an RAS+ output, and a scan and its labels flipped alike stay registered. Lazy.
+    so an RAS+ input gives an RAS+ output, and a scan and its labels flipped alike stay registered. Lazy; a
+    volume read from a store stays recognised as stored.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume.
+
+    Returns
+    -------
+    xarray.DataArray
+        The mirrored volume, with an ``orient.flip_left_right`` provenance step.
 
     Example
     -------
@@ -173,7 +192,7 @@ def flip_left_right(vol: xr.DataArray) -> xr.DataArray:
     index = [slice(None)] * data.ndim
     index[ax] = slice(None, None, -1)
     data = data[tuple(index)]
-    register_view(data, source, [d == ax for d in range(3)], [0, 1, 2])
+    carry_view(data, source, [d == ax for d in range(3)], [0, 1, 2])
     return like(
         vol,
         data,
@@ -194,6 +213,16 @@ def map_right_to_left_codes(labels_vol: xr.DataArray) -> xr.DataArray:
 
     Other values and the dtype are unchanged.
 
+    Parameters
+    ----------
+    labels_vol : xarray.DataArray
+        A label map.
+
+    Returns
+    -------
+    xarray.DataArray
+        With an ``orient.map_right_to_left_codes`` provenance step.
+
     Example
     -------
     >>> import numpy as np, dask.array as da
@@ -207,7 +236,7 @@ def map_right_to_left_codes(labels_vol: xr.DataArray) -> xr.DataArray:
     if np.issubdtype(data.dtype, np.integer) and np.iinfo(data.dtype).max < min(_RIGHT):
         new = data  # a uint8/int8 map cannot hold right codes: nothing to do
     else:
-        new = data.map_blocks(_map_codes_block, dtype=data.dtype)
+        new = da.map_blocks(_map_codes_block, data, dtype=data.dtype)
     return like(
         labels_vol,
         new,
@@ -307,6 +336,15 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     Computed eagerly by chunked reductions over the data (exact integer index sums per chunk; for an image
     three passes: min/max, a ``bins``-bin integer histogram, the moments), never by materialising a volume.
 
+    Parameters
+    ----------
+    scan_or_mask_vol : xarray.DataArray
+        The scan, or a brain mask or label map (3-D).
+    hypothalamus_vol : xarray.DataArray
+        The hypothalamus labels (3-D; any grid).
+    bins : int
+        Histogram bins of the Otsu threshold (images only).
+
     Returns
     -------
     side : "L" or "R"
@@ -333,29 +371,7 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     for v, what in ((scan_or_mask_vol, "brain"), (hypothalamus_vol, "hypothalamus")):
         if v.ndim != 3:
             raise ValueError(f"detect_side needs a 3-D {what} volume, got dims {v.dims}")
-    b = scan_or_mask_vol.data if isinstance(scan_or_mask_vol.data, da.Array) else da.asarray(scan_or_mask_vol.data)
-    h = hypothalamus_vol.data if isinstance(hypothalamus_vol.data, da.Array) else da.asarray(hypothalamus_vol.data)
-    kind = scan_or_mask_vol.attrs.get("kind", "image")
-    hyp_tasks = _moments_tasks(h, a_h, None)
-    if kind in ("mask", "labels") or b.dtype == bool:
-        threshold = None
-        brain_from = f"nonzero voxels of the {kind}"
-        b_parts, h_parts = dask.compute(_moments_tasks(b, a_b, None), hyp_tasks)
-    else:
-        lo, hi, h_parts = dask.compute(b.min(), b.max(), hyp_tasks)
-        lo, hi = float(lo), float(hi)
-        if not np.isfinite(lo) or not np.isfinite(hi):
-            raise HelmError(
-                "the scan contains NaN or infinite values; cannot locate the brain",
-                path=scan_or_mask_vol.attrs.get("source") or None,
-            )
-        if hi > lo:
-            hist, edges = da.histogram(b, bins=bins, range=(lo, hi))
-            threshold = _otsu(np.asarray(hist.compute()), np.asarray(edges))
-        else:
-            threshold = lo - 1.0  # constant image: every voxel counts
-        brain_from = f"voxels of the scan above the Otsu threshold {threshold:.4g}"
-        (b_parts,) = dask.compute(_moments_tasks(b, a_b, threshold))
+    b_parts, h_parts, brain_from = _side_moments(scan_or_mask_vol, hypothalamus_vol, a_b, a_h, bins)
     hyp = _combine_moments(h_parts, a_h)
     brain = _combine_moments(b_parts, a_b)
     if hyp is None:
@@ -370,6 +386,48 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
             path=scan_or_mask_vol.attrs.get("source") or None,
             hint="pass --side L or --side R",
         )
+    return _side_decision(hyp, brain, brain_from)
+
+
+def _as_dask(vol: xr.DataArray) -> da.Array:
+    return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+
+
+def _side_moments(
+    brain_vol: xr.DataArray, hyp_vol: xr.DataArray, a_b: np.ndarray, a_h: np.ndarray, bins: int
+) -> tuple[list, list, str]:
+    """The per-chunk moments of the brain and of the hypothalamus, and which voxels made the brain.
+
+    A mask or labels: its nonzero voxels, in one computation with the hypothalamus. An image: the voxels above
+    the Otsu threshold of its histogram (min/max with the hypothalamus, then the histogram, then the moments).
+    """
+    b = _as_dask(brain_vol)
+    h = _as_dask(hyp_vol)
+    kind = brain_vol.attrs.get("kind", "image")
+    hyp_tasks = _moments_tasks(h, a_h, None)
+    if kind in ("mask", "labels") or b.dtype == bool:
+        brain_from = f"nonzero voxels of the {kind}"
+        b_parts, h_parts = dask.compute(_moments_tasks(b, a_b, None), hyp_tasks)
+        return b_parts, h_parts, brain_from
+    lo, hi, h_parts = dask.compute(b.min(), b.max(), hyp_tasks)
+    threshold = _otsu_threshold(b, float(lo), float(hi), bins, brain_vol.attrs.get("source") or None)
+    brain_from = f"voxels of the scan above the Otsu threshold {threshold:.4g}"
+    (b_parts,) = dask.compute(_moments_tasks(b, a_b, threshold))
+    return b_parts, h_parts, brain_from
+
+
+def _otsu_threshold(b: da.Array, lo: float, hi: float, bins: int, source: Any) -> float:
+    """The Otsu threshold of a scan whose values span ``[lo, hi]`` (a ``bins``-bin histogram pass)."""
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise HelmError("the scan contains NaN or infinite values; cannot locate the brain", path=source)
+    if hi > lo:
+        hist, edges = da.histogram(b, bins=bins, range=(lo, hi))
+        return _otsu(np.asarray(hist.compute()), np.asarray(edges))
+    return lo - 1.0  # constant image: every voxel counts
+
+
+def _side_decision(hyp: dict, brain: dict, brain_from: str) -> tuple[str, dict]:
+    """The side, and :func:`detect_side`'s info, from the hypothalamus and brain moments."""
     hx, bx = float(hyp["centroid_mm"][0]), float(brain["centroid_mm"][0])
     xmin, xmax = brain["x_range_mm"]
     offset = hx - bx
@@ -424,7 +482,16 @@ def _normalise_side(side: Any, *, allow_auto: bool = True) -> str:
 def check_side(side_given: str, info: dict) -> str | None:
     """A warning message when the given side disagrees with :func:`detect_side`'s decision, else ``None``.
 
-    ``side_given`` ``"auto"`` (or ``None``) never warns.
+    Parameters
+    ----------
+    side_given : str or None
+        The side asked for (``"L"``, ``"R"``, ``"left"``, ... or ``"auto"``; ``"auto"`` and None never warn).
+    info : dict or None
+        :func:`detect_side`'s info.
+
+    Returns
+    -------
+    str or None
 
     Example
     -------
@@ -451,6 +518,13 @@ def require_clear_side(info: dict, *, path: Any = None) -> None:
     way. The usual causes are a header (affine) that does not match the anatomy (the medial face does not
     point along x) or hypothalamus labels from another scan. An explicit side is trusted instead (the
     pipeline only warns when it disagrees, see :func:`check_side`).
+
+    Parameters
+    ----------
+    info : dict
+        :func:`detect_side`'s info.
+    path : str, optional
+        Named by the error.
 
     Example
     -------
@@ -494,6 +568,15 @@ def check_same_grid(
     label map stored in another voxel order (e.g. LAS vs RAS) of the same grid is accepted: stage 1
     reorients both exactly. The message lists every difference with numbers: shape, voxel size, origin
     (world position of the first voxel centre), orientation and, if needed, the largest corner mismatch.
+
+    Parameters
+    ----------
+    scan_vol, labels_vol : xarray.DataArray
+        The scan and the labels.
+    path : str, optional
+        Named by the error (default: the labels' source).
+    atol_mm, rtol : float
+        Tolerances on the affines' entries.
 
     Example
     -------
@@ -564,6 +647,17 @@ def orient_subject(
     detection also runs and a disagreement is warned about (``UserWarning`` and ``info["warning"]``) with its
     numbers, and the given side is used (trusted). The volumes returned are lazy.
 
+    Parameters
+    ----------
+    scan : xarray.DataArray
+        The scan (or a brain mask).
+    labels : xarray.DataArray or None
+        The hypothalamus labels (needed by ``side="auto"``).
+    side : str
+        ``"L"``, ``"R"`` (or ``"left"``, ``"lh"``, ...) or ``"auto"``.
+    check : bool
+        With an explicit side, also run the detection and warn when it disagrees.
+
     Returns
     -------
     scan_ras_left, labels_ras_left, info
@@ -583,20 +677,23 @@ def orient_subject(
     (True, 'RAS')
     """
     given = _normalise_side(side)
-    if given == "auto" and labels is None:
-        raise HelmError(
-            "--side auto needs the hypothalamus labels to decide the side", hint="pass --side L or --side R"
-        )
-    detection, detection_error = None, None
-    if labels is not None and given == "auto":
+    detection: dict | None = None
+    detection_error = None
+    if given == "auto":
+        if labels is None:
+            raise HelmError(
+                "--side auto needs the hypothalamus labels to decide the side", hint="pass --side L or --side R"
+            )
         _, detection = detect_side(scan, labels)
         require_clear_side(detection, path=labels.attrs.get("source") or None)
-    elif labels is not None and check:
-        try:  # only advisory when the side is given: never fatal
-            _, detection = detect_side(scan, labels)
-        except HelmError as err:
-            detection_error = str(err)
-    used = detection["side"] if given == "auto" else given
+        used = detection["side"]
+    else:
+        used = given
+        if labels is not None and check:
+            try:  # only advisory when the side is given: never fatal
+                _, detection = detect_side(scan, labels)
+            except HelmError as err:
+                detection_error = str(err)
     warning = check_side(given, detection) if detection is not None else None
     if warning:
         warnings.warn(warning, UserWarning, stacklevel=2)
@@ -612,6 +709,16 @@ def orient_subject(
         "detection_error": detection_error,
         "warning": warning,
     }
+    scan_out, labels_out = _to_left_ras(scan, labels, used)
+    info["orientation_out"] = orientation_code(affine_of(scan_out))
+    info["message"] = _side_message(given, used, detection, warning)
+    return scan_out, labels_out, info
+
+
+def _to_left_ras(
+    scan: xr.DataArray, labels: xr.DataArray | None, used: str
+) -> tuple[xr.DataArray, xr.DataArray | None]:
+    """Scan and labels in RAS+, mirrored to a left hemisphere when ``used`` is ``"R"``, labels with left codes."""
     scan_out = to_ras(scan)
     labels_out = None if labels is None else to_ras(labels)
     if used == "R":
@@ -620,13 +727,17 @@ def orient_subject(
             labels_out = flip_left_right(labels_out)
     if labels_out is not None:
         labels_out = map_right_to_left_codes(labels_out)
-    info["orientation_out"] = orientation_code(affine_of(scan_out))
-    if given == "auto":
-        info["message"] = f"--side auto: detected {used}: {detection['reason']}"
+    return scan_out, labels_out
+
+
+def _side_message(given: str, used: str, detection: dict | None, warning: str | None) -> str:
+    """One line saying which side was used and why (:func:`orient_subject`'s ``info["message"]``)."""
+    if given == "auto" and detection is not None:  # (auto always has a detection: it raises otherwise)
+        message = f"--side auto: detected {used}: {detection['reason']}"
     else:
-        info["message"] = f"--side {given} given" + (
+        message = f"--side {given} given" + (
             f"; detection agrees: {detection['reason']}" if detection is not None and not warning else ""
         )
     if used == "R":
-        info["message"] += "; mirrored about world x = 0 to a left hemisphere"
-    return scan_out, labels_out, info
+        message += "; mirrored about world x = 0 to a left hemisphere"
+    return message

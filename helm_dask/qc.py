@@ -747,7 +747,7 @@ def _run_facts(run: dict) -> list[tuple[str, str]]:
                 f"ks {params.get('ks', '?')}",
             )
         )
-    from . import __version__
+    from ._version import __version__
 
     facts.append(("Report", f"helm-dask {__version__}, {datetime.datetime.now().isoformat(timespec='seconds')}"))
     return facts

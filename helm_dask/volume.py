@@ -1,35 +1,23 @@
 """The data model: a volume is a lazy ``xarray.DataArray`` that carries its exact voxel-to-world affine.
 
-Conventions (every stage relies on them):
-
-* dims are ``("x", "y", "z")`` -- the voxel axes in NIfTI order (i, j, k) -- plus ``"echo"`` last for
-  multi-echo data;
-* ``attrs["affine"]`` is the 4x4 float64 voxel-to-world matrix (RAS+ world, millimetres) mapping the
-  *centre* of voxel (i, j, k) to world coordinates, exactly as in NIfTI;
-* coordinates are millimetres at voxel centres: for an axis-aligned affine (diagonal 3x3, as after
-  reorientation to RAS+) they are the world coordinates themselves (``attrs["coords"] == "world"``); for an
-  oblique or permuted affine they are the distance from the first voxel centre along that voxel axis
-  (``attrs["coords"] == "voxel_mm"``) -- the affine is always the exact geometry;
-* ``attrs["kind"]`` is ``"image"`` (float intensities), ``"labels"`` (integer codes) or ``"mask"`` (0/1 uint8);
-* ``attrs["provenance"]`` is a list of dicts, one per stage that made the data (name, parameters, version,
-  input checksums); ``attrs["source"]`` the file the data came from; ``attrs["units"] == "mm"``.
-
-Example
--------
->>> import numpy as np, dask.array as da
->>> vol = make_volume(da.zeros((4, 5, 6), chunks=2), np.diag([0.3, 0.3, 0.3, 1.0]))
->>> float(vol.x[1]), orientation_code(affine_of(vol))
-(0.3, 'RAS')
+Dims are ``x, y, z`` (voxel axes in NIfTI order, plus ``echo`` last for multi-echo data); ``attrs["affine"]`` is
+the 4x4 float64 matrix taking voxel centres to RAS+ world millimetres, exactly as in NIfTI, and ``attrs`` also
+hold the ``kind`` (``image``, ``labels`` or ``mask``), the coordinate kind, the source file and the provenance.
+:func:`make_volume` builds a volume, :func:`like` derives one from another, :func:`affine_of`,
+:func:`spacing_of` and :func:`orientation_code` read its geometry; the conventions in full are in
+``docs/method/storage.md``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import xarray as xr
+
+from ._version import __version__
 
 DIMS = ("x", "y", "z")
 KINDS = ("image", "labels", "mask")
@@ -43,26 +31,97 @@ def _as_affine(affine: Any) -> np.ndarray:
 
 
 def spacing_of(affine: Any) -> np.ndarray:
-    """Voxel size in mm along each voxel axis (norms of the affine's first three columns)."""
+    """Voxel size in mm along each voxel axis (norms of the affine's first three columns).
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+
+    Returns
+    -------
+    numpy.ndarray
+        Three float64 voxel sizes, in voxel-axis order.
+
+    Example
+    -------
+    >>> spacing_of(np.diag([0.3, -0.5, 1.0, 1.0])).tolist()
+    [0.3, 0.5, 1.0]
+    """
     a = _as_affine(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 
 def is_axis_aligned(affine: Any, *, atol: float = 1e-9) -> bool:
-    """True when the 3x3 part is diagonal (voxel axes are world axes, any signs)."""
+    """Whether the 3x3 part is diagonal (voxel axes are world axes, any signs).
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    atol : float
+        Off-diagonal entries up to ``atol`` times the largest entry count as zero.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_axis_aligned(np.diag([-1.0, 1.0, 2.0, 1.0])), is_axis_aligned(np.eye(4)[[1, 0, 2, 3]])
+    (True, False)
+    """
     m = _as_affine(affine)[:3, :3]
     return bool(np.all(np.abs(m - np.diag(np.diag(m))) <= atol * np.abs(m).max()))
 
 
 def orientation_code(affine: Any) -> str:
-    """Three-letter orientation code of the voxel axes, e.g. ``"RAS"`` or ``"LIA"`` (nibabel convention)."""
+    """Three-letter orientation code of the voxel axes (nibabel convention).
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+
+    Returns
+    -------
+    str
+        For example ``"RAS"`` or ``"LIA"``.
+
+    Example
+    -------
+    >>> orientation_code(np.diag([-1.0, 1.0, 1.0, 1.0]))
+    'LAS'
+    """
     import nibabel as nib
 
     return "".join(nib.orientations.aff2axcodes(_as_affine(affine)))
 
 
 def voxel_coords(affine: Any, shape: tuple[int, ...]) -> tuple[dict[str, np.ndarray], str]:
-    """Millimetre coordinates of voxel centres for the three spatial dims, and which kind they are."""
+    """Millimetre coordinates of voxel centres for the three spatial dims, and which kind they are.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    shape : tuple of int
+        The volume's shape (the first three entries are used).
+
+    Returns
+    -------
+    coords : dict
+        ``{"x": ..., "y": ..., "z": ...}``, one float64 array per voxel axis.
+    kind : str
+        ``"world"`` for an axis-aligned affine (the coordinates are world coordinates), else ``"voxel_mm"``
+        (distance from the first voxel centre along that voxel axis; the affine stays the exact geometry).
+
+    Example
+    -------
+    >>> coords, kind = voxel_coords(np.diag([0.5, 0.5, 0.5, 1.0]), (3, 1, 1))
+    >>> coords["x"].tolist(), kind
+    ([0.0, 0.5, 1.0], 'world')
+    """
     a = _as_affine(affine)
     if is_axis_aligned(a):
         coords = {d: a[i, 3] + a[i, i] * np.arange(shape[i]) for i, d in enumerate(DIMS)}
@@ -76,12 +135,42 @@ def make_volume(
     affine: Any,
     *,
     kind: str = "image",
-    name: str | None = None,
+    name: Hashable | None = None,
     source: str | None = None,
     provenance: list | None = None,
     attrs: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
-    """Wrap a 3-D (or 4-D, echo last) NumPy/Dask array and its affine into a volume DataArray."""
+    """Wrap a 3-D (or 4-D, echo last) NumPy/Dask array and its affine into a volume DataArray.
+
+    Parameters
+    ----------
+    data : numpy or dask array
+        The voxels, in voxel-axis order (the array object itself is kept, not copied).
+    affine : array-like, 4x4
+        Voxel-to-world matrix (RAS+ mm, voxel centres).
+    kind : {"image", "labels", "mask"}
+        What the values are.
+    name : hashable, optional
+        The DataArray's name (usually a str).
+    source : str, optional
+        The file the data came from (default: ``attrs["source"]`` or ``""``).
+    provenance : list of dict, optional
+        One record per stage that made the data (default: ``attrs["provenance"]`` or ``[]``; deep-copied).
+    attrs : mapping, optional
+        Further attributes (``affine``, ``units``, ``kind`` and ``coords`` are always set here).
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``("x", "y", "z")`` (plus ``"echo"``), millimetre coordinates (see :func:`voxel_coords`).
+
+    Example
+    -------
+    >>> import dask.array as da
+    >>> vol = make_volume(da.zeros((4, 5, 6), chunks=2), np.diag([0.3, 0.3, 0.3, 1.0]))
+    >>> float(vol.x[1]), orientation_code(affine_of(vol)), vol.attrs["kind"]
+    (0.3, 'RAS', 'image')
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if data.ndim not in (3, 4):
@@ -102,7 +191,23 @@ def make_volume(
 
 
 def affine_of(vol: xr.DataArray) -> np.ndarray:
-    """A copy of the volume's 4x4 affine."""
+    """A copy of the volume's 4x4 affine.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume (see :func:`make_volume`).
+
+    Returns
+    -------
+    numpy.ndarray
+        The 4x4 float64 voxel-to-world matrix; :class:`ValueError` if ``vol`` has none.
+
+    Example
+    -------
+    >>> affine_of(make_volume(np.zeros((2, 2, 2)), np.eye(4)))[3].tolist()
+    [0.0, 0.0, 0.0, 1.0]
+    """
     try:
         return _as_affine(vol.attrs["affine"]).copy()
     except KeyError:
@@ -120,7 +225,31 @@ def like(
 ) -> xr.DataArray:
     """A new volume derived from ``vol``: same attrs, new data and (optionally) a new affine or kind.
 
-    ``step`` (a provenance record, see :func:`provenance_record`) is appended to the provenance list.
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        The volume the new one derives from.
+    data : numpy or dask array
+        The new voxels (the array object is kept as it is).
+    affine : array-like, optional
+        The new affine (default: ``vol``'s).
+    kind : str, optional
+        The new kind (default: ``vol``'s).
+    name : str, optional
+        The new name (default: ``vol``'s).
+    step : mapping, optional
+        A provenance record (see :func:`provenance_record`) appended to the provenance list.
+
+    Returns
+    -------
+    xarray.DataArray
+
+    Example
+    -------
+    >>> v = make_volume(np.zeros((2, 2, 2)), np.eye(4), name="scan")
+    >>> w = like(v, np.ones((2, 2, 2)), kind="mask", step=provenance_record("demo"))
+    >>> w.name, w.attrs["kind"], [p["stage"] for p in w.attrs["provenance"]]
+    ('scan', 'mask', ['demo'])
     """
     prov = copy.deepcopy(list(vol.attrs.get("provenance", [])))
     if step is not None:
@@ -142,14 +271,50 @@ def like(
 def provenance_record(
     stage: str, params: Mapping[str, Any] | None = None, inputs: Mapping[str, str] | None = None
 ) -> dict:
-    """One provenance entry: stage name, JSON-able parameters, package version, input checksums."""
-    from . import __version__
+    """One provenance entry: stage name, JSON-able parameters, package version, input checksums.
 
+    Parameters
+    ----------
+    stage : str
+        The stage's name, e.g. ``"orient.to_ras"``.
+    params : mapping, optional
+        Its parameters (JSON-able).
+    inputs : mapping, optional
+        Input name -> checksum.
+
+    Returns
+    -------
+    dict
+        ``{"stage", "params", "version", "inputs"}``.
+
+    Example
+    -------
+    >>> sorted(provenance_record("resample", {"spacing_mm": 0.5}))
+    ['inputs', 'params', 'stage', 'version']
+    """
     return {"stage": stage, "params": dict(params or {}), "version": __version__, "inputs": dict(inputs or {})}
 
 
 def world_to_voxel(affine: Any, points_mm: np.ndarray) -> np.ndarray:
-    """Continuous voxel indices of world points (N x 3)."""
+    """Continuous voxel indices of world points.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    points_mm : array-like, N x 3
+        World coordinates (mm).
+
+    Returns
+    -------
+    numpy.ndarray
+        N x 3 float64 voxel indices.
+
+    Example
+    -------
+    >>> world_to_voxel(np.diag([0.5, 0.5, 0.5, 1.0]), np.array([[1.0, 0.5, 0.0]])).tolist()
+    [[2.0, 1.0, 0.0]]
+    """
     a = _as_affine(affine)
     inv = np.linalg.inv(a)
     p = np.asarray(points_mm, dtype=np.float64)
@@ -157,6 +322,24 @@ def world_to_voxel(affine: Any, points_mm: np.ndarray) -> np.ndarray:
 
 
 def voxel_to_world(affine: Any, ijk: np.ndarray) -> np.ndarray:
-    """World coordinates (mm) of voxel indices (N x 3)."""
+    """World coordinates (mm) of voxel indices.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    ijk : array-like, N x 3
+        Voxel indices (may be fractional).
+
+    Returns
+    -------
+    numpy.ndarray
+        N x 3 float64 world coordinates.
+
+    Example
+    -------
+    >>> voxel_to_world(np.diag([0.5, 0.5, 0.5, 1.0]), np.array([[2, 1, 0]])).tolist()
+    [[1.0, 0.5, 0.0]]
+    """
     a = _as_affine(affine)
     return np.asarray(ijk, dtype=np.float64) @ a[:3, :3].T + a[:3, 3]

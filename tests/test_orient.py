@@ -122,6 +122,36 @@ def test_to_ras_is_lazy():
     assert isinstance(out.data, da.Array) and orientation_code(affine_of(out)) == "RAS"
 
 
+def test_stored_volume_stays_stored_through_to_ras_and_flip(tmp_path):
+    """A volume opened from a store, reoriented (to_ras) and mirrored (flip_left_right), is still recognised as
+    stored -- its StoredSource travels with its data through like() -- so region tasks and the export read it
+    straight from the store; any operation that changes the values drops it."""
+    from helm_dask.io.regions import store_view_of, stored_source_of, zarr_array_of
+    from helm_dask.io.store import open_volume, save_volume
+    from helm_dask.volume import like
+
+    arr = np.random.default_rng(7).random((7, 6, 5)).astype(np.float32)
+    affine = make_affine([0.5, 0.4, 0.3], perm=(1, 0, 2), signs=(-1, 1, -1))
+    path = save_volume(make_volume(arr, affine), tmp_path / "s.zarr", chunks=(3, 4, 2), pyramid=False)
+    opened = open_volume(path)
+    source = stored_source_of(opened)
+    assert source is not None and source.untouched and zarr_array_of(opened.data) is not None
+    assert (source.store, source.level) == (path, 0)
+    out = flip_left_right(to_ras(opened))
+    moved = stored_source_of(out.data)
+    assert moved is not None and moved.store == path and not moved.untouched
+    assert zarr_array_of(out.data) is None  # a view of the store, not the stored array itself
+    view = store_view_of(out.data)
+    assert view is not None
+    np.testing.assert_array_equal(view.read((0, 0, 0), out.shape), out.values)
+    assert stored_source_of(like(out, out.data)) == moved  # same data: same source
+    assert stored_source_of(like(out, out.data * 2)) is None  # other values: not the store's
+    assert stored_source_of(out.data.astype(np.float64)) is None
+    changed = to_ras(opened).data
+    changed[0, 0, 0] = 5.0  # in place: the array is no longer what the store holds
+    assert stored_source_of(changed) is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # flip_left_right and codes
 # ---------------------------------------------------------------------------------------------------------

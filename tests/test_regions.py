@@ -178,13 +178,15 @@ def test_store_views_read_flipped_and_transposed_boxes(volume, stored):
     assert regions.store_view_of(ras.data + 1) is None
 
 
-def test_writing_a_volume_releases_the_chunk_cache(tmp_path, volume, stored):
-    """The cached chunks of a computation's box tasks are dropped once its volume is written."""
+def test_releasing_the_chunk_caches_empties_them(tmp_path, volume, stored):
+    """The cached chunks of a computation's box tasks are dropped by release_chunk_caches (the stage runner
+    calls it after each stage; writing a volume no longer reaches into the cluster)."""
     src = stored((6, 6, 6))
     chunks = da.core.normalize_chunks((3, 3, 3), SHAPE)
     out = regions.region_map(shifted, [src], chunks, plan, np.float64)
     out.compute(scheduler="synchronous")
     assert regions._CACHE.nbytes > 0
     save_volume(make_volume(out, np.eye(4)), tmp_path / "out.zarr", pyramid=False)
+    regions.release_chunk_caches()
     assert regions._CACHE.nbytes == 0 and not regions._CACHE.items
     np.testing.assert_array_equal(open_volume(tmp_path / "out.zarr").values, reference(volume))

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..cluster import ClusterOptions as ClusterOptions
 from ..cluster import compute_context as compute_context
 from ..errors import HelmError

@@ -1,27 +1,10 @@
-"""Where files and stores live: local paths, or fsspec URLs (``s3://bucket/key.zarr``) on object storage.
-
-Every helper takes a local path or a URL. Local paths keep using :mod:`pathlib` / :func:`os.replace` exactly as
-before; URLs go through `fsspec <https://filesystem-spec.readthedocs.io>`_ (``s3fs`` for ``s3://``).
-
-Storage options (endpoint, credentials, ...) come, in this order of precedence, from
-
-* an explicit ``storage_options=`` dict (the CLI's ``--storage-options JSON``), e.g.
-  ``{"endpoint_url": "http://127.0.0.1:9000"}`` for an S3-compatible server (s3fs passes ``endpoint_url``,
-  ``key``, ``secret``, ``client_kwargs={"region_name": ...}`` ... to botocore);
-* the process default set with :func:`use_storage_options` (what the CLI does around a command, so that code
-  opening a store by its path -- the QC page, the viewer -- sees the same options);
-* fsspec's own configuration: ``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_KEY``, ... or ``FSSPEC_S3='{"...": ...}'``
-  and the files in ``FSSPEC_CONFIG_DIR``; and botocore's: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``~/.aws/...``.
-
-Workers never look the options up: a Zarr array opened here holds an fsspec filesystem that pickles *with* its
-options, so the options travel to the workers inside the tasks that read or write chunks. Whole-file reads and
-writes (NIfTI streaming, JSON files) run in the calling process.
-
-Atomicity on object stores (which have no rename): a file written with :func:`open_write` is uploaded as an
-S3 multipart upload that is completed only when the ``with`` block succeeds and aborted otherwise, so the
-object appears whole or not at all (an interrupted client leaves only an invisible, unfinished upload, which
-bucket lifecycle rules expire). Zarr volumes carry a completeness flag instead (see :mod:`helm_dask.io.store`).
+"""Where files and stores live -- local paths or fsspec URLs (``s3://bucket/key.zarr``) -- and how outputs get
+there whole or not at all: names (:func:`join`, :func:`name`, :func:`parent`), storage options
+(:func:`parse_storage_options`, :func:`use_storage_options`), queries and whole-file I/O (:func:`exists`,
+:func:`open_read`, :func:`open_write`, :func:`write_text_atomic`, :func:`copy_file`), atomic outputs
+(:func:`atomic_path`, :func:`remove_live_temporaries`), one writer per output folder (:func:`exclusive`) and the
+fault-injection hook of the failure tests (:func:`fault`); the method (where options come from, atomicity on
+object stores, cleanup after an interrupt) is described in ``docs/method/storage.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -37,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -55,13 +40,40 @@ _DEFAULT_OPTIONS: dict | None = None
 
 
 def is_url(path) -> bool:
-    """True for an fsspec URL (``s3://...``, ``gs://...``, ``memory://...``), False for a local path."""
+    """Whether ``path`` is an fsspec URL (``s3://...``, ``gs://...``, ``memory://...``) rather than a local path.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_url("s3://bucket/scan.zarr"), is_url("out/scan.zarr")
+    (True, False)
+    """
     return "://" in os.fspath(path)
 
 
 def join(base, *parts: str) -> str:
     """``base / part / ...``: :class:`pathlib.Path` joining for local paths, ``/``-joining for URLs.
 
+    Parameters
+    ----------
+    base : str or path-like
+        A local folder or a URL.
+    *parts : str
+        Components to append.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
     >>> join("s3://bucket/out/", "sub01", "helm.zarr"), join("out", "sub01")
     ('s3://bucket/out/sub01/helm.zarr', 'out/sub01')
     """
@@ -74,12 +86,40 @@ def join(base, *parts: str) -> str:
 
 
 def name(path) -> str:
-    """The last component (``scan.nii.gz``) of a path or URL."""
+    """The last component of a path or URL.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> name("s3://bucket/sub01/scan.nii.gz"), name("out/helm.zarr/")
+    ('scan.nii.gz', 'helm.zarr')
+    """
     return posixpath.basename(os.fspath(path).rstrip("/")) if is_url(path) else Path(path).name
 
 
 def parent(path) -> str:
-    """The folder holding ``path`` (a URL stays a URL)."""
+    """The folder holding ``path`` (a URL stays a URL).
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> parent("s3://bucket/sub01/scan.nii.gz"), parent("out/sub01")
+    ('s3://bucket/sub01', 'out')
+    """
     p = os.fspath(path)
     if is_url(p):
         proto, rest = p.split("://", 1)
@@ -88,19 +128,61 @@ def parent(path) -> str:
 
 
 def absolute(path) -> str:
-    """An absolute local path, or the URL unchanged."""
+    """An absolute local path, or the URL unchanged.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> absolute("s3://bucket/x"), os.path.isabs(absolute("x"))
+    ('s3://bucket/x', True)
+    """
     return os.fspath(path) if is_url(path) else os.path.abspath(path)
 
 
 def writer_token() -> str:
-    """A unique token that also names this writer: ``<random>p<pid>h<host hash>``, so that a sweep of leftovers
-    can tell a killed writer's temporaries from those of a writer that is still running (see
-    :func:`remove_stale_siblings`)."""
+    """A unique token that also names this writer: ``<random>p<pid>h<host hash>``.
+
+    A sweep of leftovers can then tell a killed writer's temporaries from those of a writer that is still running
+    (see :func:`remove_stale_siblings`). The random part must differ between calls: it is a temporary's name.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> bool(_TOKEN.fullmatch("-" + writer_token()))
+    True
+    """
     return f"{uuid.uuid4().hex[:8]}p{os.getpid()}h{_HOST}"
 
 
 def sibling(path, prefix: str, suffix: str = "") -> str:
-    """A hidden, unique name next to ``path``: ``<parent>/.<name><prefix>-<writer token><suffix>``."""
+    """A hidden, unique name next to ``path``: ``<parent>/.<name><prefix>-<writer token><suffix>``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output the sibling belongs to.
+    prefix, suffix : str
+        Put before and after the writer token (:func:`writer_token`).
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> sibling("s3://b/out.nii.gz", ".tmp").startswith("s3://b/.out.nii.gz.tmp-")
+    True
+    """
     return join(parent(path), f".{name(path)}{prefix}-{writer_token()}{suffix}")
 
 
@@ -135,10 +217,22 @@ def _writer_alive(leftover: str, mtime: float | None) -> bool:
 
 
 def parse_storage_options(text: str | dict | None) -> dict | None:
-    """``--storage-options`` JSON (or ``@file.json``, or a dict) -> dict; :class:`HelmError` if not a JSON object.
+    """``--storage-options`` JSON (or ``@file.json``, or a dict) as a dict.
 
     ``@file.json`` keeps credentials off the command line (where other users could see them in ``ps``).
 
+    Parameters
+    ----------
+    text : str, dict or None
+        A JSON object, ``@`` and the path of a file holding one, a dict (copied), or None / ``""``.
+
+    Returns
+    -------
+    dict or None
+        None for no options; :class:`HelmError` if ``text`` is not a JSON object.
+
+    Example
+    -------
     >>> parse_storage_options('{"endpoint_url": "http://127.0.0.1:9000"}')
     {'endpoint_url': 'http://127.0.0.1:9000'}
     """
@@ -172,7 +266,19 @@ def parse_storage_options(text: str | dict | None) -> dict | None:
 
 @contextlib.contextmanager
 def use_storage_options(options: dict | None) -> Iterator[None]:
-    """Make ``options`` the default for URLs opened without explicit ``storage_options`` (in this process)."""
+    """Make ``options`` the default for URLs opened without explicit ``storage_options`` (in this process).
+
+    Parameters
+    ----------
+    options : dict or None
+        fsspec options; None clears the default for the block.
+
+    Example
+    -------
+    >>> with use_storage_options({"anon": True}):
+    ...     options_for()
+    {'anon': True}
+    """
     global _DEFAULT_OPTIONS
     old = _DEFAULT_OPTIONS
     _DEFAULT_OPTIONS = dict(options) if options else None
@@ -183,14 +289,41 @@ def use_storage_options(options: dict | None) -> Iterator[None]:
 
 
 def options_for(storage_options: dict | None = None) -> dict:
-    """The options in force: the explicit ones, else the process default, else none (fsspec config/env)."""
+    """The options in force: the explicit ones, else the process default, else none (fsspec config/env).
+
+    Parameters
+    ----------
+    storage_options : dict, optional
+
+    Returns
+    -------
+    dict
+        A copy.
+
+    Example
+    -------
+    >>> options_for({"anon": True}), options_for()
+    ({'anon': True}, {})
+    """
     if storage_options is not None:
         return dict(storage_options)
     return dict(_DEFAULT_OPTIONS or {})
 
 
 def filesystem(url, storage_options: dict | None = None):
-    """``(fs, path_in_fs)`` for a URL: an fsspec filesystem built with the options in force."""
+    """An fsspec filesystem for a URL, built with the options in force.
+
+    Parameters
+    ----------
+    url : str
+    storage_options : dict, optional
+
+    Returns
+    -------
+    fs : fsspec.AbstractFileSystem
+    path : str
+        ``url`` as a path inside ``fs``.
+    """
     import fsspec
 
     try:
@@ -253,36 +386,100 @@ def _remote_query(path, storage_options: dict | None, method: str, doing: str, *
 
 
 def exists(path, storage_options: dict | None = None) -> bool:
-    """Whether a file, folder or store (any object under the prefix) exists."""
+    """Whether a file, folder or store (any object under the prefix) exists.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> exists(os.curdir), exists("no such file here")
+    (True, False)
+    """
     if not is_url(path):
         return os.path.exists(path)
     return bool(_remote_query(path, storage_options, "exists", "checking whether it exists"))
 
 
 def isdir(path, storage_options: dict | None = None) -> bool:
+    """Whether ``path`` is a folder (a prefix with objects under it, on object stores).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    bool
+    """
     if not is_url(path):
         return os.path.isdir(path)
     return bool(_remote_query(path, storage_options, "isdir", "listing it"))
 
 
 def size(path, storage_options: dict | None = None) -> int:
-    """Size in bytes of one file."""
+    """Size in bytes of one file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    int
+    """
     if not is_url(path):
         return Path(path).stat().st_size
     return int(_remote_query(path, storage_options, "size", "reading its size"))
 
 
 def du(path, storage_options: dict | None = None) -> int:
-    """Total size in bytes of the files under a folder or store."""
+    """Total size in bytes of the files under a folder or store.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    int
+    """
     if not is_url(path):
         return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return int(_remote_query(path, storage_options, "du", "listing it", total=True))
 
 
 def stamp(path, storage_options: dict | None = None) -> list:
-    """A cheap change detector for an input file: ``[size, mtime_ns]`` locally, ``[size, ETag]`` on S3.
+    """A cheap change detector for an input file, to skip re-hashing an unchanged input on a rerun.
 
-    Used to skip re-hashing an unchanged input on a rerun.
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    list
+        ``[size, mtime_ns]`` locally, ``[size, ETag]`` (or the store's equivalent) on object stores.
     """
     if not is_url(path):
         st = os.stat(path)
@@ -306,8 +503,18 @@ def stamp(path, storage_options: dict | None = None) -> list:
 def makedirs(path, storage_options: dict | None = None) -> None:
     """Create a local folder (and its parents); object stores have no folders, so nothing to do there.
 
-    A folder that cannot be made (a regular file in the way, a read-only file system, no permission, a full
-    disk) is a :class:`HelmError` with exit status 3 naming the path and the cause.
+    Parameters
+    ----------
+    path : str or path-like
+        The folder (a URL is accepted and ignored).
+    storage_options : dict, optional
+        Unused (object stores have no folders); accepted for symmetry with the other helpers.
+
+    Raises
+    ------
+    HelmError
+        Exit status 3, naming the path and the cause, when the folder cannot be made (a regular file in the way,
+        a read-only file system, no permission, a full disk).
     """
     if is_url(path):
         return
@@ -336,7 +543,24 @@ WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def output_error(e: OSError, path) -> HelmError:
-    """The one-line, exit-3 :class:`HelmError` for an OS error while making the output ``path``."""
+    """The one-line, exit-3 :class:`HelmError` for an OS error while making the output ``path``.
+
+    Parameters
+    ----------
+    e : OSError
+        The error (its ``errno`` picks the message and the hint).
+    path : str or path-like
+        The output being made.
+
+    Returns
+    -------
+    HelmError
+
+    Example
+    -------
+    >>> output_error(OSError(errno.ENOSPC, "No space left on device"), "out/x.zarr").exit_code
+    3
+    """
     code = e.errno
     cause = os.strerror(code) if code else str(e)
     where = os.fspath(path)
@@ -404,6 +628,13 @@ def fault(point: str, path=None) -> None:
 
         HELM_DASK_FAULT=ENOSPC@write:* helm-dask run ...        # a full disk
         HELM_DASK_FAULT=kill@write:kmeans_k4 helm-dask run ...  # kill -9 in the middle of the kmeans stage
+
+    Parameters
+    ----------
+    point : str
+        The point reached, e.g. ``"write:scan_raw"``.
+    path : str or path-like, optional
+        The file named by a raised :class:`OSError`.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -438,11 +669,29 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_component(text, *, what: str = "--subject", path=None) -> str:
-    """``text`` if it is a safe single path component (letters, digits, ``.``, ``_``, ``-``; not starting with
-    a dot or a dash; at most 128 characters), else a :class:`HelmError` saying so.
+    """``text`` if it is a safe single path component, else a :class:`HelmError` saying so.
 
+    Safe: letters, digits, ``.``, ``_``, ``-``; not starting with a dot or a dash; at most 128 characters.
     Subject names become folders under ``--out``: ``..``, separators or an absolute path would put outputs
     elsewhere, and a leading dot would hide the folder among temporaries.
+
+    Parameters
+    ----------
+    text : str
+        The candidate name.
+    what : str
+        What it is, for the message (the option's name).
+    path : str, optional
+        Named by the error.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> check_component("sub01")
+    'sub01'
     """
     s = str(text)
     if _SAFE_NAME.fullmatch(s) and s not in (".", ".."):
@@ -457,6 +706,19 @@ def check_component(text, *, what: str = "--subject", path=None) -> str:
 def safe_component(text: str, default: str = "subject") -> str:
     """``text`` made a safe path component: every run of other characters becomes ``_``.
 
+    Parameters
+    ----------
+    text : str
+        Any text (a file name, a subject label).
+    default : str
+        Returned when nothing safe is left.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
     >>> safe_component("sub 01 (T2*)"), safe_component("..")
     ('sub_01_T2', 'subject')
     """
@@ -476,37 +738,31 @@ def exclusive(folder, *, what: str, log=None) -> Iterator[None]:
     outputs at the same time; the lock goes with the process (``flock``), so a killed holder never blocks
     anyone. The lock file is removed on release, and the parent folder too if this call created it and it is
     empty. URLs are not locked (object stores have no locks; concurrent runs there rewrite complete outputs).
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The output folder to hold.
+    what : str
+        What is being written, for the waiting message.
+    log : callable, optional
+        ``log(message)``, told when this process has to wait for another one.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> with exclusive(os.path.join(tempfile.mkdtemp(), "sub01"), what="sub01"):
+    ...     pass
     """
     if is_url(folder):
         yield
         return
-    import fcntl
-
     folder = Path(folder)
     created = [q for q in [folder.parent, *folder.parent.parents] if not q.exists()]
     makedirs(folder.parent)
     lock = folder.parent / f".{folder.name}.lock"
     try:
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if log is not None:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                    log(f"another helm-dask process (pid {holder}) is writing {what}: waiting for it to finish")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            # the holder before us removes the file on release: a lock on that old file locks nothing
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
+        fd = _lock_file(lock, what, log)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
     except OSError as e:
@@ -522,8 +778,49 @@ def exclusive(folder, *, what: str, log=None) -> Iterator[None]:
                 q.rmdir()
 
 
+def _lock_file(lock: Path, what: str, log) -> int:
+    """An open descriptor of ``lock`` holding its ``flock``, waiting (and saying so) while another holds it."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                log(f"another helm-dask process (pid {holder}) is writing {what}: waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder before us removes the file on release: a lock on that old file locks nothing
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 def open_read(path, storage_options: dict | None = None, *, block_size: int | None = None) -> IO[bytes]:
-    """Open a file for reading (binary). ``block_size``: read-ahead of remote files (bytes)."""
+    """Open a file for reading (binary).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    block_size : int, optional
+        Read-ahead of remote files (bytes).
+
+    Returns
+    -------
+    file object
+        Raises :class:`FileNotFoundError` when the file is missing.
+    """
     if not is_url(path):
         return open(path, "rb")
     fs, p = filesystem(path, storage_options)
@@ -539,7 +836,20 @@ def open_read(path, storage_options: dict | None = None, *, block_size: int | No
 
 
 def read_text(path, storage_options: dict | None = None) -> str:
-    """The whole (small) text file. Raises :class:`OSError` (``FileNotFoundError``) when it is missing."""
+    """The whole (small) text file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    str
+        Raises :class:`OSError` (``FileNotFoundError``) when the file is missing.
+    """
     if not is_url(path):
         return Path(path).read_text()
     with open_read(path, storage_options) as f:
@@ -550,14 +860,29 @@ def read_text(path, storage_options: dict | None = None) -> str:
 def open_write(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[IO[bytes]]:
     """Open ``path`` for writing (binary); it appears, complete, only if the ``with`` block succeeds.
 
-    Local: written under a temporary sibling name and renamed into place (:func:`helm_dask.io.store.atomic_path`).
-    URL: written with ``autocommit=False`` (for S3 a multipart upload) and committed when the block succeeds;
-    on any exception, KeyboardInterrupt included, the upload is discarded and an existing object is untouched.
-    An existing ``path`` is refused unless ``overwrite``.
+    Local: written under a temporary sibling name and renamed into place (:func:`atomic_path`). URL: written
+    with ``autocommit=False`` (for S3 a multipart upload) and committed when the block succeeds; on any
+    exception, KeyboardInterrupt included, the upload is discarded and an existing object is untouched.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    overwrite : bool
+        Replace an existing ``path`` (refused otherwise: :class:`HelmError`, exit 3).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "a.txt")
+    >>> with open_write(out) as f:
+    ...     _ = f.write(b"done")
+    >>> read_text(out)
+    'done'
     """
     if not is_url(path):
-        from .store import atomic_path
-
         with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
             yield f
         return
@@ -590,10 +915,25 @@ def _discard(f) -> None:
 
 
 def write_text_atomic(path, text: str, storage_options: dict | None = None) -> None:
-    """Replace a small text file (JSON, lut.txt) atomically: readers see the old or the new one, never half."""
-    if not is_url(path):
-        from .store import atomic_path
+    """Replace a small text file (JSON, lut.txt) atomically: readers see the old or the new one, never half.
 
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    text : str
+        The new content.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "run.json")
+    >>> write_text_atomic(out, "{}"); write_text_atomic(out, '{"k": 4}'); read_text(out)
+    '{"k": 4}'
+    """
+    if not is_url(path):
         with atomic_path(path, overwrite=True) as tmp:
             fault(f"write:{name(path)}", tmp)
             Path(tmp).write_text(text)
@@ -603,10 +943,16 @@ def write_text_atomic(path, text: str, storage_options: dict | None = None) -> N
 
 
 def copy_file(src, dst, storage_options: dict | None = None) -> None:
-    """Copy one file (server-side on object stores); the destination is replaced atomically locally."""
-    if not is_url(src) and not is_url(dst):
-        from .store import atomic_path
+    """Copy one file (server-side on object stores); the destination is replaced atomically locally.
 
+    Parameters
+    ----------
+    src, dst : str or path-like
+        Local paths or URLs (either may be local).
+    storage_options : dict, optional
+        fsspec options for the URLs.
+    """
+    if not is_url(src) and not is_url(dst):
         with atomic_path(dst, overwrite=True) as tmp:
             shutil.copy2(src, tmp)
         return
@@ -625,7 +971,15 @@ def copy_file(src, dst, storage_options: dict | None = None) -> None:
 
 
 def remove(path, storage_options: dict | None = None) -> None:
-    """Delete a file, folder or store (recursively); missing is fine."""
+    """Delete a file, folder or store (recursively); missing is fine.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    """
     if not is_url(path):
         p = Path(path)
         if p.is_dir() and not p.is_symlink():
@@ -644,9 +998,21 @@ def remove(path, storage_options: dict | None = None) -> None:
 
 def remove_stale_siblings(path, prefix: str, storage_options: dict | None = None) -> None:
     """Delete the hidden ``.<name><prefix>-*`` siblings of ``path`` (see :func:`sibling`) that a killed writer of
-    this output left behind (SIGKILL, lost node). Those of a writer still running -- another process on this
-    host, or another host's within :data:`FOREIGN_WRITER_GRACE_S` -- are left alone: two runs writing the same
-    output at once then both finish (the last rename wins) instead of one losing its temporary."""
+    this output left behind (SIGKILL, lost node).
+
+    Those of a writer still running -- another process on this host, or another host's within
+    :data:`FOREIGN_WRITER_GRACE_S` -- are left alone: two runs writing the same output at once then both finish
+    (the last rename wins) instead of one losing its temporary.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output (a local path or a URL).
+    prefix : str
+        The siblings' prefix, e.g. ``".tmp"``.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    """
     pattern = f".{glob_escape(name(path))}{prefix}-*"
     if not is_url(path):
         for stale in Path(parent(path)).glob(pattern):
@@ -668,7 +1034,15 @@ def remove_stale_siblings(path, prefix: str, storage_options: dict | None = None
 
 
 def remove_quietly(path, storage_options: dict | None = None) -> None:
-    """:func:`remove`, best effort (cleanup after a failure must not mask the failure)."""
+    """:func:`remove`, best effort (cleanup after a failure must not mask the failure).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    """
     with contextlib.suppress(Exception):
         remove(path, storage_options)
 
@@ -683,6 +1057,24 @@ def zarr_store(path, storage_options: dict | None = None, *, read_only: bool = F
     A local path is returned unchanged (Zarr opens its own ``LocalStore``). A URL becomes a
     ``zarr.storage.FsspecStore`` built with the options in force; it pickles with them, which is how the
     options reach the Dask workers that read and write the chunks.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A local path or a URL.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    read_only : bool
+        Open a URL's store read-only.
+
+    Returns
+    -------
+    str or zarr.storage.FsspecStore
+
+    Example
+    -------
+    >>> zarr_store("out/scan.zarr")
+    'out/scan.zarr'
     """
     if not is_url(path):
         return os.fspath(path)
@@ -702,3 +1094,242 @@ def zarr_store(path, storage_options: dict | None = None, *, read_only: bool = F
             path=path,
             hint="check --storage-options (see the s3fs / fsspec documentation)",
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
+    """Yield a temporary sibling path to write to; rename it onto ``path`` when the block succeeds.
+
+    On any exception (including KeyboardInterrupt) the writes still in flight are stopped first
+    (:func:`stop_pending_writes`: Dask tasks and Zarr's own I/O, which would otherwise recreate the temporary
+    after its removal), then the temporary output is removed and ``path`` is untouched. A full disk or a
+    read-only file system while writing becomes a one-line :class:`HelmError` (exit 3) naming ``path``.
+    With ``overwrite`` the old output is replaced only after the new one is complete.
+
+    For a URL (object store: no rename) the existence check is the same but ``path`` itself is yielded: the
+    writer must make the output appear whole (:func:`open_write` for files,
+    :func:`helm_dask.io.store.atomic_store` and the ``complete`` flag for Zarr volumes).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output (a file or a folder such as a Zarr store).
+    overwrite : bool
+        Replace an existing ``path`` (refused otherwise: :class:`HelmError`, exit 3).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "a.txt")
+    >>> with atomic_path(out) as tmp:
+    ...     _ = Path(tmp).write_text("x")
+    ...     exists(out)
+    False
+    >>> exists(out)
+    True
+    """
+    if is_url(path):  # object store: no rename; completeness is marked in the metadata instead
+        if not overwrite and exists(path, storage_options):
+            raise HelmError(
+                "already exists", path=path, hint="pass --overwrite to replace it, or choose another name", exit_code=3
+            )
+        yield os.fspath(path)
+        return
+    local = Path(os.fspath(path)).absolute()
+    if local.exists() and not overwrite:
+        raise HelmError(
+            "already exists", path=local, hint="pass --overwrite to replace it, or choose another name", exit_code=3
+        )
+    tmp = _local_temporary(local)
+    _LIVE.add(str(tmp))
+    try:
+        yield str(tmp)
+        _replace(tmp, local)
+    except BaseException as e:
+        # stays in _LIVE: after an interrupt the CLI sweeps once more when the workers are gone
+        stop_pending_writes()
+        _remove_temporary(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ONLY_ERRNOS:
+            # several outputs written by one computation: name the one whose write failed
+            raise output_error(e, final_path_of(e.filename) or local) from None
+        raise
+    _LIVE.discard(str(tmp))
+
+
+def _local_temporary(local: Path) -> Path:
+    """The temporary sibling of the local output ``local``, once its folder is known to be writable."""
+    folder = local.parent
+    makedirs(folder)
+    try:
+        # Probe by writing: permission bits do not tell the whole story (root, read-only mounts, ACLs).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise output_error(e, folder) from None
+    # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node); a writer that is still
+    # running keeps its temporaries (the names record the writing process)
+    for prefix in (".tmp", ".old"):
+        remove_stale_siblings(local, prefix)
+    return folder / f".{local.name}.tmp-{writer_token()}"
+
+
+def _replace(tmp: Path, local: Path) -> None:
+    """Move the finished ``tmp`` onto ``local``.
+
+    A file is replaced in one atomic rename; a folder (a store) cannot be renamed onto an existing one, so the
+    old one is moved aside first -- in a loop, because another process finishing the same output at the same
+    moment may put its copy in place in between (the last complete copy wins; both are complete).
+    """
+    if not tmp.is_dir():
+        os.replace(tmp, local)
+        return
+    for _ in range(100):
+        try:
+            os.replace(tmp, local)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        trash = local.parent / f".{local.name}.old-{writer_token()}"
+        try:
+            os.replace(local, trash)
+        except FileNotFoundError:
+            continue
+        remove(trash)
+    raise OSError(errno.EBUSY, "other writers keep replacing this output", str(local))
+
+
+def _remove_temporary(tmp: Path) -> None:
+    """Remove a temporary output and what was written beside it under its name (e.g. a scratch store)."""
+    remove(tmp)
+    for extra in tmp.parent.glob(glob.escape(tmp.name) + "*"):
+        remove(extra)
+
+
+#: Temporaries this process is writing now (see :func:`remove_live_temporaries`).
+_LIVE: set[str] = set()
+
+
+def remove_live_temporaries() -> None:
+    """After an interrupt: stop the writes in flight and remove every temporary this process was writing.
+
+    :func:`atomic_path` already does it for its own output; the CLI calls this once more after the cluster is
+    shut down, so that a straggling write of a worker cannot leave a ``.<name>.tmp-*`` behind.
+    """
+    stop_pending_writes()
+    for t in list(_LIVE):
+        _remove_temporary(Path(t))
+
+
+def stop_pending_writes(timeout_s: float = 30.0) -> None:
+    """Wait (at most ``timeout_s``) until no chunk write started by this process is still running.
+
+    A computation that fails or is interrupted leaves its running tasks running: in Dask's thread pool, on the
+    workers of a ``distributed`` cluster (the client has released the futures, so nothing new starts, but
+    running tasks finish), and in Zarr's I/O event loop (a write whose caller was interrupted). Each of them
+    can still write a chunk -- and recreate the temporary folder a cleanup has just removed.
+
+    Parameters
+    ----------
+    timeout_s : float
+        The longest wait, in seconds. A call from a thread other than the main one returns at once (inside a
+        task, the caller that owns the computation waits).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # inside a task (or a helper thread): the caller that owns the computation waits
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):
+        from distributed import get_client
+
+        client = get_client()
+        while any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with contextlib.suppress(Exception):
+        import dask.threaded as dt
+
+        pools = [dt.default_pool] + [p for d in list(dt.pools.values()) for p in d.values()]
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        dt.default_pool = None  # dask makes a new one for the next computation
+        dt.pools.clear()
+    with contextlib.suppress(Exception):
+        _drain_zarr_io(max(0.1, deadline - time.monotonic()))
+
+
+def _drain_zarr_io(timeout_s: float) -> None:
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    loop = zsync.loop[0] if getattr(zsync, "loop", None) else None
+    if loop is None or not loop.is_running():
+        return
+
+    async def drain():
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 1.0)
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}p\d+h[0-9a-f]{8}$")
+
+
+def output_name(path) -> str:
+    """The name an output will have once complete.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A path, possibly inside a temporary of :func:`atomic_path`.
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> output_name("out/.scan_raw.tmp-0123abcdp42h89abcdef"), output_name("out/scan_raw")
+    ('scan_raw', 'scan_raw')
+    """
+    for part in reversed(Path(str(path).split("://", 1)[-1]).parts):
+        m = _TEMP_NAME.match(part)
+        if m:
+            return m.group(1)
+    return Path(str(path)).name
+
+
+def final_path_of(path) -> str | None:
+    """The final path of the output a path inside a temporary belongs to, or None when it is not inside one.
+
+    Parameters
+    ----------
+    path : str
+        A path, e.g. one named by an :class:`OSError`.
+
+    Returns
+    -------
+    str or None
+
+    Example
+    -------
+    >>> final_path_of("out/.kmeans_k4.tmp-0123abcdp42h89abcdef/0/c/0"), final_path_of("out/x")
+    ('out/kmeans_k4', None)
+    """
+    if not isinstance(path, str):
+        return None
+    parts = Path(path.split("://", 1)[-1]).parts
+    last = max((i for i, part in enumerate(parts) if _TEMP_NAME.match(part)), default=None)
+    if last is None:
+        return None
+    # outputs inside outputs (a phantom store's volumes): every temporary name on the way becomes its final one
+    return str(Path(*[m.group(1) if (m := _TEMP_NAME.match(part)) else part for part in parts[: last + 1]]))

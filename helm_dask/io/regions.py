@@ -1,59 +1,46 @@
-"""Region tasks: one hand-built graph layer whose tasks each work on a bounded box of one or more sources.
-
-Several stages compute an output chunk from a box of the input that is not one of its chunks (resampling:
-the chunk's footprint plus a filter margin; mirroring: the box a rotated chunk reaches). Slicing the dask
-array once per output chunk (``data[box]`` then ``from_delayed``) builds a graph layer per output chunk: at
-0.1 mm that is tens of thousands of tasks in thousands of layers, which the client keeps alive (about 1 GB
-measured after a 0.1 -> 0.3 mm resample) and which make the scheduler hold source chunks for neighbouring
-tasks. :func:`region_map` instead builds one layer with one task per output chunk:
-
-* a source opened from a helm-dask Zarr store (an untouched ``from_zarr`` array, or its reorientation by
-  :mod:`helm_dask.orient`, see :func:`register_view`) is read inside the task,
-  box by box, through a small per-process cache of decoded chunks (:data:`CACHE_MB`): the task has no
-  dependency, so the scheduler holds nothing between tasks, and neighbouring boxes share the chunks they
-  overlap instead of decoding them again;
-* any other source (computed data) is pasted from the dask chunks the box overlaps, on which the task
-  depends directly (no intermediate slicing tasks).
-
-The cache is keyed by a token drawn when the layer is built, so a store rewritten later (a rerun with
-other parameters) can never be served from it.
-
-Example
--------
->>> import numpy as np, dask.array as da
->>> src = da.arange(10.0, chunks=4).reshape(10, 1, 1)
->>> def box(index, ranges):        # output chunk i <- source voxels [2i, 2i + 2)
-...     (a, b), = ranges[:1]
-...     return (2 * a, 0, 0), (2 * b, 1, 1), ()
->>> out = region_map(lambda regions: regions[0].reshape(-1, 2, 1, 1).mean(axis=1), [src],
-...                  ((2, 2, 1), (1,), (1,)), box, np.float64)
->>> out.compute().ravel().tolist()
-[0.5, 2.5, 4.5, 6.5, 8.5]
+"""Region tasks and stored sources: one hand-built graph layer whose tasks each compute an output chunk from a
+bounded box of one or more sources (:func:`region_map`, :func:`chunk_tasks`), reading a source that comes from
+a helm-dask store straight from the store, box by box through a per-process cache of decoded chunks, and any
+other source from the dask chunks the box overlaps. A stored source is recognised by the :class:`StoredSource`
+that :func:`helm_dask.io.store.open_volume` attaches to the lazy array it returns (and that
+:func:`helm_dask.orient.to_ras` and :func:`~helm_dask.orient.flip_left_right` carry to their results through
+:func:`carry_view`): :func:`stored_source_of`, :func:`store_view_of` and :func:`zarr_array_of` read it, and the
+stage runner empties the caches with :func:`release_chunk_caches`. Why tasks read boxes this way, and how the
+stored source is carried, is described in ``docs/method/storage.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import pickle
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from itertools import product
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 __all__ = [
     "CACHE_MB",
     "StoreView",
+    "StoredSource",
+    "attach_source",
+    "carry_view",
     "chunk_tasks",
     "read_region",
     "region_map",
     "register_view",
     "release_cache",
+    "release_chunk_caches",
     "store_view_of",
+    "stored_source_of",
     "zarr_array_of",
 ]
 
@@ -110,48 +97,68 @@ def _clear_local_cache() -> int:
     return n
 
 
-def release_cache() -> None:
-    """Empty the chunk cache here and on every worker of the current distributed client (if any).
+def release_chunk_caches(client: Any = None) -> None:
+    """Empty the chunk cache here and on every worker of a distributed client (if any).
 
-    Called when a volume has been written: the cached chunks belong to that computation's graph and would
+    The stage runner calls it after each stage: the cached chunks belong to that stage's graphs and would
     otherwise stay in every worker through the next stages (measured: ~0.5 GB per worker after a resample).
+    Best effort: a closing cluster does not make it fail.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Whose workers to clear; default: the current client, if there is one (none: only this process).
+
+    Example
+    -------
+    >>> release_chunk_caches()
+    >>> _CACHE.nbytes
+    0
     """
     _clear_local_cache()
-    try:
-        from distributed import get_client
+    if client is None:
+        try:
+            from distributed import get_client
 
-        client = get_client()
-    except (ImportError, ValueError):  # no distributed client: nothing else to clear
-        return
+            client = get_client()
+        except (ImportError, ValueError):  # no distributed client: nothing else to clear
+            return
     try:
         client.run(_clear_local_cache)
-    except Exception:  # best effort (memory only): a closing cluster must not fail a write
+    except Exception:  # best effort (memory only): a closing cluster must not fail a stage
         pass
 
 
-def zarr_array_of(data: da.Array) -> Any:
-    """The Zarr array behind an untouched ``dask.array.from_zarr`` array (as ``open_volume`` returns), else
-    None (then the data is computed and must come through its dask chunks)."""
-    try:
-        import zarr
+#: The former name of :func:`release_chunk_caches` (with no arguments: the current client).
+release_cache = release_chunk_caches
 
-        orig = "original-" + data.name
-        layers = data.dask.layers
-        if not data.name.startswith("from-zarr") or set(layers) != {data.name, orig}:
-            return None
-        values = list(layers[orig].values())
-        arr = values[0] if len(values) == 1 else None
-        if isinstance(arr, zarr.Array) and tuple(arr.shape) == tuple(data.shape) and arr.dtype == data.dtype:
-            return arr
-    except Exception:  # any other graph: use the generic path
-        return None
-    return None
+
+def _then(
+    flips0: tuple[bool, ...], perm0: tuple[int, ...], flips: Sequence[bool], perm: Sequence[int]
+) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """The (flips, perm) of a view (``flips0``, ``perm0``) flipped along its axes ``flips``, then transposed by
+    ``perm``: flips are kept per array axis, so a flip of a view axis lands on the array axis behind it."""
+    f = list(flips0)
+    for d, flip in enumerate(flips):
+        if flip:
+            f[perm0[d]] = not f[perm0[d]]
+    return tuple(f), tuple(perm0[p] for p in perm)
 
 
 class StoreView:
     """A 3-D Zarr array seen through axis flips, then a transpose -- what :func:`helm_dask.orient.to_ras` and
     :func:`helm_dask.orient.flip_left_right` make of a stored volume -- so that a box of the view can be read
-    straight from the store (the flipped box of the array, flipped and transposed back)."""
+    straight from the store (the flipped box of the array, flipped and transposed back).
+
+    Parameters
+    ----------
+    array : zarr.Array
+        The stored array (3-D).
+    flips : sequence of bool
+        Per array axis, whether the view reverses it.
+    perm : sequence of int
+        The view's axis ``d`` is the array's axis ``perm[d]`` (after the flips).
+    """
 
     def __init__(self, array: Any, flips: Sequence[bool] = (False, False, False), perm: Sequence[int] = (0, 1, 2)):
         self.array, self.flips, self.perm = array, tuple(bool(f) for f in flips), tuple(int(p) for p in perm)
@@ -159,14 +166,36 @@ class StoreView:
         self.dtype = array.dtype
 
     def then(self, flips: Sequence[bool], perm: Sequence[int]) -> StoreView:
-        """This view flipped along its axes ``flips``, then transposed by ``perm``."""
-        f = list(self.flips)
-        for d, flip in enumerate(flips):
-            if flip:
-                f[self.perm[d]] = not f[self.perm[d]]
-        return StoreView(self.array, f, [self.perm[p] for p in perm])
+        """This view flipped along its axes ``flips``, then transposed by ``perm``.
+
+        Parameters
+        ----------
+        flips : sequence of bool
+            Per axis of this view, whether to reverse it.
+        perm : sequence of int
+            The transpose applied after the flips.
+
+        Returns
+        -------
+        StoreView
+        """
+        return StoreView(self.array, *_then(self.flips, self.perm, flips, perm))
 
     def read(self, lo: Sequence[int], hi: Sequence[int], scope: str = "") -> np.ndarray:
+        """The box ``[lo, hi)`` of the view, read from the store (through the chunk cache under ``scope``).
+
+        Parameters
+        ----------
+        lo, hi : sequence of int
+            The box, in the view's axes.
+        scope : str
+            Cache namespace (see :func:`read_region`); empty: no cache.
+
+        Returns
+        -------
+        numpy.ndarray
+            C-contiguous, never a cached array.
+        """
         zlo, zhi = [0, 0, 0], [0, 0, 0]
         for d, a in enumerate(self.perm):
             n = int(self.array.shape[a])
@@ -179,30 +208,177 @@ class StoreView:
         return np.ascontiguousarray(box)
 
 
-_VIEWS: OrderedDict = OrderedDict()  # dask array name -> StoreView (recent ones; names are unique tokens)
+@dataclasses.dataclass(frozen=True)
+class StoredSource:
+    """Where a lazy array's values are stored: one level of a helm-dask volume store, seen through axis flips,
+    then a transpose.
+
+    Attached to the dask array that :func:`helm_dask.io.store.open_volume` returns (:func:`attach_source`) and
+    carried by the reorientations of :mod:`helm_dask.orient` (:func:`carry_view`); region tasks and the NIfTI
+    export use it to read boxes straight from the store. Equality ignores the open array and the options.
+
+    Parameters
+    ----------
+    store : str
+        The store's path or URL.
+    level : int
+        The pyramid level.
+    array : zarr.Array
+        That level, opened read-only (it holds the storage options, and pickles with them to the workers).
+    storage_options : dict, optional
+        The fsspec options the store was opened with (None: the defaults in force).
+    flips : tuple of bool
+        Per array axis, whether the data reverses it.
+    perm : tuple of int
+        The data's axis ``d`` is the array's axis ``perm[d]`` (after the flips).
+    """
+
+    store: str
+    level: int
+    array: Any = dataclasses.field(repr=False, compare=False)
+    storage_options: dict | None = dataclasses.field(default=None, repr=False, compare=False)
+    flips: tuple[bool, ...] = (False, False, False)
+    perm: tuple[int, ...] = (0, 1, 2)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the data (the array's, permuted)."""
+        return tuple(int(self.array.shape[p]) for p in self.perm)
+
+    @property
+    def untouched(self) -> bool:
+        """Whether the data is the stored array as it is (no flip, no transpose)."""
+        return not any(self.flips) and self.perm == tuple(range(len(self.perm)))
+
+    def then(self, flips: Sequence[bool], perm: Sequence[int]) -> StoredSource:
+        """This source flipped along the data's axes ``flips``, then transposed by ``perm`` (3-D only).
+
+        Parameters
+        ----------
+        flips : sequence of bool
+            Per axis of the data, whether it is reversed.
+        perm : sequence of int
+            The transpose applied after the flips.
+
+        Returns
+        -------
+        StoredSource
+        """
+        f, p = _then(self.flips, self.perm, flips, perm)
+        return dataclasses.replace(self, flips=f, perm=p)
+
+    def view(self) -> StoreView:
+        """A :class:`StoreView` reading boxes of the data from the store (3-D only)."""
+        return StoreView(self.array, self.flips, self.perm)
 
 
-def register_view(result: da.Array, source: da.Array, flips: Sequence[bool], perm: Sequence[int]) -> None:
+#: The attribute of a dask array that holds ``(name of the array when attached, StoredSource)``. Carried by the
+#: array object itself, so that it travels wherever the array goes (``like()``, xarray wrappers) and is absent
+#: from any array an operation derives from it; the name guards against an in-place ``__setitem__``.
+_SOURCE_ATTR = "_helm_dask_stored_source"
+
+
+def attach_source(data: da.Array, source: StoredSource) -> da.Array:
+    """Record on the dask array ``data`` that its values are ``source`` (no copy, no graph change).
+
+    Parameters
+    ----------
+    data : dask.array.Array
+        The array whose values are those of ``source``.
+    source : StoredSource
+
+    Returns
+    -------
+    dask.array.Array
+        ``data`` itself.
+    """
+    setattr(data, _SOURCE_ATTR, (data.name, source))
+    return data
+
+
+def stored_source_of(data: Any) -> StoredSource | None:
+    """The :class:`StoredSource` of a lazy array or volume, or None when its values are not stored ones.
+
+    Parameters
+    ----------
+    data : dask.array.Array or xarray.DataArray
+        A volume's data (or the volume).
+
+    Returns
+    -------
+    StoredSource or None
+        None for computed data: every operation that derives a new array (arithmetic, ``astype``, slicing,
+        rechunking to other chunks) returns an array without one, and an array changed in place is refused.
+    """
+    if not isinstance(data, da.Array):
+        data = getattr(data, "data", None)  # a volume: its lazy array
+    record = getattr(data, _SOURCE_ATTR, None) if isinstance(data, da.Array) else None
+    if record is None or not isinstance(data, da.Array):
+        return None
+    name, source = record
+    if name != data.name or source.shape != tuple(data.shape) or source.array.dtype != data.dtype:
+        return None
+    return source
+
+
+def carry_view(result: da.Array, source: da.Array, flips: Sequence[bool], perm: Sequence[int]) -> None:
     """Record that ``result`` is ``source`` flipped along ``flips`` then transposed by ``perm`` (3-D only), so
-    that region tasks can read it from the store behind ``source`` (if any)."""
-    if result.ndim != 3 or result.name == source.name:
+    that region tasks read it from the store behind ``source`` (if there is one).
+
+    Parameters
+    ----------
+    result : dask.array.Array
+        The flipped and transposed array.
+    source : dask.array.Array
+        The array it was made from.
+    flips : sequence of bool
+        Per axis of ``source``, whether it was reversed.
+    perm : sequence of int
+        The transpose applied after the flips.
+    """
+    if result.ndim != 3:
         return
-    base = store_view_of(source)
-    if base is not None:
-        _VIEWS[result.name] = base.then(flips, perm)
-        while len(_VIEWS) > 1024:
-            _VIEWS.popitem(last=False)
+    base = stored_source_of(source)
+    if base is not None and len(base.array.shape) == 3:
+        attach_source(result, base.then(flips, perm))
 
 
-def store_view_of(data: da.Array) -> StoreView | None:
-    """How to read ``data`` from a store: a stored volume as opened, or a registered flip/transpose of one."""
-    z = zarr_array_of(data)
-    if z is not None:
-        return StoreView(z) if len(z.shape) == 3 else None
-    view = _VIEWS.get(data.name)
-    if view is not None and view.shape == tuple(data.shape) and view.dtype == data.dtype:
-        return view
-    return None
+#: The former name of :func:`carry_view`.
+register_view = carry_view
+
+
+def store_view_of(data: Any) -> StoreView | None:
+    """How to read ``data`` from its store: a stored 3-D volume as opened, or a flip/transpose of one.
+
+    Parameters
+    ----------
+    data : dask.array.Array or xarray.DataArray
+
+    Returns
+    -------
+    StoreView or None
+        None when ``data`` is not stored (see :func:`stored_source_of`) or not 3-D.
+    """
+    source = stored_source_of(data)
+    if source is None or len(source.array.shape) != 3:
+        return None
+    return source.view()
+
+
+def zarr_array_of(data: Any) -> Any:
+    """The Zarr array behind an untouched stored array (as :func:`helm_dask.io.store.open_volume` returns it).
+
+    Parameters
+    ----------
+    data : dask.array.Array or xarray.DataArray
+
+    Returns
+    -------
+    zarr.Array or None
+        None for computed data, and for a flip or transpose of a stored array (see :func:`store_view_of`).
+    """
+    source = stored_source_of(data)
+    return source.array if source is not None and source.untouched else None
 
 
 def _overlapping(bounds: Sequence[np.ndarray], lo: Sequence[int], hi: Sequence[int]) -> list[range]:
@@ -234,8 +410,21 @@ def _paste(
 def read_region(zarr_array: Any, lo: Sequence[int], hi: Sequence[int], scope: str = "") -> np.ndarray:
     """The box ``[lo, hi)`` of a Zarr array, decoded chunk by chunk through the process's chunk cache.
 
-    ``scope`` names the array for the cache (callers draw a fresh one per graph); an empty scope bypasses
-    the cache. Every chunk is decoded whole by Zarr in any case, so the cache costs no extra decoding.
+    Every chunk is decoded whole by Zarr in any case, so the cache costs no extra decoding.
+
+    Parameters
+    ----------
+    zarr_array : zarr.Array
+        The stored array.
+    lo, hi : sequence of int
+        The box.
+    scope : str
+        Names the array for the cache (callers draw a fresh one per graph); empty: no cache.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array (never one held by the cache).
     """
     lo, hi = [int(v) for v in lo], [int(v) for v in hi]
     if not scope or _CACHE.budget <= 0:
@@ -294,7 +483,8 @@ class _Sources:
 
     def task(self, func: Callable, lo: Sequence[int], hi: Sequence[int], args: Sequence, dtype=None) -> tuple:
         lo, hi = tuple(int(v) for v in lo), tuple(int(v) for v in hi)
-        keys, starts = [], []
+        keys: list[list[tuple]] = []
+        starts: list[list[tuple[int, ...]]] = []
         for s, sb, v in zip(self.sources, self.bounds, self.views):
             if v is not None:
                 keys.append([])
@@ -305,8 +495,19 @@ class _Sources:
             starts.append([tuple(int(sb[ax][cell[ax]]) for ax in range(len(cell))) for cell in cells])
         return (_region_task, keys, _Static((func, starts, self.views, self.scopes, lo, hi, tuple(args), dtype)))
 
-    def dependencies(self) -> list[da.Array]:
+    def dependencies(self) -> list[Any]:
+        """The sources read through their chunks (the layer depends on them)."""
         return [s for s, v in zip(self.sources, self.views) if v is None]
+
+
+def _digest(plans: list) -> str:
+    """A token of the plans of a layer's chunks: SHA-1 of their pickle, which is ~10x faster than dask's
+    recursive tokenizer on thousands of small tuples (at 0.1 mm: seconds per layer); plans that do not pickle
+    (a lambda in the arguments) go through :func:`dask.base.tokenize`."""
+    try:
+        return hashlib.sha1(pickle.dumps(plans, protocol=5)).hexdigest()
+    except Exception:
+        return tokenize(plans)
 
 
 def region_map(
@@ -321,32 +522,63 @@ def region_map(
 ) -> da.Array:
     """A lazy array with chunks ``out_chunks``, each chunk computed from one box of every source.
 
+    One graph layer, one task per output chunk. A source that comes from a store (:func:`store_view_of`) is
+    read inside the task, box by box (through the chunk cache when ``cache``): the task has no dependency on
+    it. Any other source is pasted from the dask chunks the box overlaps, on which the task depends directly.
+
     Parameters
     ----------
-    func : ``func(regions, *args) -> ndarray`` of the chunk's shape (cast to ``dtype``); ``regions`` holds, per
+    func : callable
+        ``func(regions, *args) -> ndarray`` of the chunk's shape (cast to ``dtype``); ``regions`` holds, per
         source, the box ``[lo, hi)`` of that source as a NumPy array (do not write into it).
-    sources : dask arrays of the same number of dimensions as the boxes.
-    out_chunks : the output's chunks (normalised dask chunks).
-    plan : ``plan(block_index, ranges) -> (lo, hi, args)``, None or a number; ``ranges`` are the chunk's
+    sources : sequence of dask.array.Array
+        Arrays of the same number of dimensions as the boxes.
+    out_chunks : tuple of tuples of int
+        The output's chunks (normalised dask chunks).
+    plan : callable
+        ``plan(block_index, ranges) -> (lo, hi, args)``, None or a number; ``ranges`` are the chunk's
         ``(start, stop)`` per output axis. None makes the chunk zeros, a number fills it with that value,
         without reading anything.
-    dtype : output dtype.
-    name : prefix of the layer's name.
-    cache : read store-backed sources through the chunk cache (for boxes that overlap each other).
+    dtype : dtype-like
+        The output's dtype.
+    name : str
+        Prefix of the layer's name (the rest is a token of everything that makes the values).
+    cache : bool
+        Read store-backed sources through the chunk cache (for boxes that overlap each other).
+
+    Returns
+    -------
+    dask.array.Array
+
+    Example
+    -------
+    >>> src = da.arange(10.0, chunks=4).reshape(10, 1, 1)
+    >>> def box(index, ranges):        # output chunk i <- source voxels [2i, 2i + 2)
+    ...     (a, b), = ranges[:1]
+    ...     return (2 * a, 0, 0), (2 * b, 1, 1), ()
+    >>> out = region_map(lambda regions: regions[0].reshape(-1, 2, 1, 1).mean(axis=1), [src],
+    ...                  ((2, 2, 1), (1,), (1,)), box, np.float64)
+    >>> out.compute().ravel().tolist()
+    [0.5, 2.5, 4.5, 6.5, 8.5]
     """
-    scope = uuid.uuid4().hex
-    name = f"{name}-{scope}"
-    src = _Sources(sources, scope, cache)
     bounds = [np.r_[0, np.cumsum(c)].astype(np.int64) for c in out_chunks]
     dtype = np.dtype(dtype)
-    layer: dict = {}
+    plans = []
     for index in product(*(range(len(c)) for c in out_chunks)):
         ranges = tuple((int(bounds[d][i]), int(bounds[d][i + 1])) for d, i in enumerate(index))
-        p = plan(index, ranges)
+        plans.append((index, ranges, plan(index, ranges)))
+    # same function, inputs, grid and boxes: same values, so the same keys (deterministic graphs)
+    name = f"{name}-{tokenize(func, [s.name for s in sources], out_chunks, dtype, _digest([p for _, _, p in plans]))}"
+    # the cache's namespace is new for every layer instead: a store rewritten at the same path since (a rerun
+    # with other parameters) keeps its dask name, and must never be served from chunks cached before
+    src = _Sources(sources, uuid.uuid4().hex, cache)
+    layer: dict = {}
+    for index, ranges, p in plans:
         if p is None or np.isscalar(p):
             layer[(name,) + index] = (_full, tuple(b - a for a, b in ranges), dtype, 0 if p is None else p)
         else:
-            layer[(name,) + index] = src.task(func, *p, dtype=dtype)
+            lo, hi, args = p
+            layer[(name,) + index] = src.task(func, lo, hi, args, dtype=dtype)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=src.dependencies())
     return da.Array(graph, name, chunks=out_chunks, dtype=dtype)
 
@@ -354,8 +586,27 @@ def region_map(
 def halo_box(
     ranges: Sequence[tuple[int, int]], depth: Sequence[int], shape: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(lo, hi)`` of a chunk's box grown by ``depth`` voxels per side, clipped to a volume of ``shape``:
-    what a :func:`region_map` plan reads for a filter of that reach."""
+    """A chunk's box grown by ``depth`` voxels per side, clipped to a volume of ``shape``: what a
+    :func:`region_map` plan reads for a filter of that reach.
+
+    Parameters
+    ----------
+    ranges : sequence of (int, int)
+        The chunk's ``(start, stop)`` per axis.
+    depth : sequence of int
+        The margin per axis.
+    shape : sequence of int
+        The volume's shape.
+
+    Returns
+    -------
+    lo, hi : tuple of int
+
+    Example
+    -------
+    >>> halo_box(((0, 4), (4, 8)), (2, 2), (10, 8))
+    ((0, 2), (6, 8))
+    """
     lo = tuple(max(0, int(a) - int(d)) for (a, _), d in zip(ranges, depth))
     hi = tuple(min(int(n), int(b) + int(d)) for (_, b), d, n in zip(ranges, depth, shape))
     return lo, hi
@@ -367,10 +618,33 @@ def pad_halo(
     lo: Sequence[int],
     hi: Sequence[int],
     depth: Sequence[int],
-    mode: str,
+    mode: Literal["edge", "constant"],
 ) -> np.ndarray:
-    """The box read for :func:`halo_box` padded back to the chunk plus ``depth`` per side where the volume
-    ended (``mode`` as ``np.pad``: ``"edge"`` = scipy's "nearest", ``"constant"`` = zeros beyond the volume)."""
+    """The box read for :func:`halo_box` padded back to the chunk plus ``depth`` per side where the volume ended.
+
+    Parameters
+    ----------
+    box : numpy.ndarray
+        The box ``[lo, hi)`` as read.
+    ranges : sequence of (int, int)
+        The chunk's ``(start, stop)`` per axis.
+    lo, hi : sequence of int
+        The box (from :func:`halo_box`).
+    depth : sequence of int
+        The margin per axis.
+    mode : {"edge", "constant"}
+        As ``np.pad``: ``"edge"`` is scipy's "nearest", ``"constant"`` zeros beyond the volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        The chunk's shape plus ``2 * depth`` per axis (``box`` itself when nothing is missing).
+
+    Example
+    -------
+    >>> pad_halo(np.arange(6).reshape(6, 1), ((0, 4), (0, 1)), (0, 0), (6, 1), (2, 0), "edge").ravel().tolist()
+    [0, 0, 0, 1, 2, 3, 4, 5]
+    """
     pads = [(d - (a - l), d - (h - b)) for (a, b), l, h, d in zip(ranges, lo, hi, depth)]
     if any(p for pair in pads for p in pair):
         box = np.pad(box, pads, mode=mode)
@@ -378,14 +652,38 @@ def pad_halo(
 
 
 def chunk_tasks(func: Callable, sources: Sequence[da.Array], *args: Any, name: str = "chunk-task") -> list:
-    """One delayed ``func(regions, *args)`` per chunk of the first source (its chunk grid; the others are
-    read over the same boxes), for reductions over a volume: ``regions`` are the chunk of every source.
-    Store-backed sources are read inside the task (no cache: each box is read once)."""
+    """One delayed ``func(regions, *args)`` per chunk of the first source, for reductions over a volume.
+
+    The tasks follow the first source's chunk grid and read the others over the same boxes: ``regions`` are the
+    chunk of every source. Store-backed sources are read inside the task (no cache: each box is read once).
+
+    Parameters
+    ----------
+    func : callable
+        ``func(regions, *args)``, any result.
+    sources : sequence of dask.array.Array
+        Arrays of the same shape.
+    *args
+        Passed to ``func``.
+    name : str
+        Prefix of the layer's name (the rest is a token of the function, the sources and ``args``).
+
+    Returns
+    -------
+    list of dask.delayed.Delayed
+        One per chunk, in C order of the chunk grid.
+
+    Example
+    -------
+    >>> import dask
+    >>> parts = chunk_tasks(lambda r, w: float(r[0].sum()) * w, [da.ones((4, 2, 2), chunks=2)], 0.5)
+    >>> len(parts), sum(dask.compute(*parts))
+    (2, 8.0)
+    """
     from dask.delayed import Delayed
 
-    scope = uuid.uuid4().hex
-    name = f"{name}-{scope}"
-    src = _Sources(sources, scope, cache=False)
+    name = f"{name}-{tokenize(func, [s.name for s in sources], sources[0].chunks, args)}"
+    src = _Sources(sources, "", cache=False)
     first = src.bounds[0]
     layer: dict = {}
     for index in product(*(range(len(b) - 1) for b in first)):

@@ -1,48 +1,18 @@
-"""Zarr v3 volume stores: OME-Zarr 0.5 multiscales plus the exact affine, written atomically.
-
-A helm-dask volume is a Zarr v3 *group*::
-
-    scan.zarr/
-      zarr.json          attributes: {"ome": {"version": "0.5", "multiscales": [...]},
-                                      "helm_dask": {"affine": 4x4, "kind": ..., "complete": true, ...}}
-      0/                 full resolution, dims (x, y, z) -- or (echo, x, y, z) for multi-echo data
-      1/, 2/, ...        pyramid levels (2x per level: block mean for images, stride for labels)
-
-Chunks: 128^3 voxels by default. At 0.1 mm a hemisphere (about 1920 x 820 x 1300) is then ~1,200 chunks of
-8 MiB (float32) per level: big enough that task overhead and object count stay small (S3 and parallel file
-systems cope well with a thousand objects), small enough that a task holding a few chunks plus an overlap margin
-(the 1.2 mm closing needs 24 voxels at 0.1 mm) stays in the tens of MB, and cubic so that no stage (z-slab
-I/O, y-row mirroring, 3-D filters) is favoured at the others' expense. Sharding is off by default: it pays off
-when chunks are small and objects are many, which is not the case at this chunk size, and a shard must be
-written whole by one task, which would force slabs of several chunk-layers into memory during NIfTI import.
-``shards=`` is available for object stores that charge per request.
-
-Compression: Blosc-zstd level 1 with byte shuffle for intensities and bit shuffle for labels: ~1 GB/s per core,
-so chunk I/O is never the bottleneck next to gzip (~50-100 MB/s) or the stages' arithmetic.
-
-Atomicity: a volume is written under a temporary sibling name and renamed into place once complete
-(``attrs["helm_dask"]["complete"] = true`` is written last, so even on stores without rename -- object stores --
-a reader can tell a finished volume from an interrupted one).
-
-Object storage: every ``path`` may also be an fsspec URL (``s3://bucket/scan.zarr``) with ``storage_options``
-(see :mod:`helm_dask.io.location`). There is no rename there, so a volume is written in place: an existing one
-is deleted first (with ``overwrite``), the ``complete`` flag is set last, and a write that fails is deleted
-(best effort; a killed client leaves an unfinished store that readers refuse and the next run rewrites). The Zarr
-arrays handed to Dask hold the filesystem with its options, so workers need no configuration of their own.
+"""Zarr v3 volume stores (OME-Zarr 0.5 multiscales plus the exact affine), written atomically and read lazily:
+:func:`save_volume` / :func:`save_volumes` write volumes with their pyramid and metadata, batch by batch
+(:func:`store_batched`); :func:`open_volume` opens one as a lazy volume whose dask array remembers its store (a
+:class:`~helm_dask.io.regions.StoredSource`); :func:`read_meta`, :func:`is_complete` and :func:`describe`
+inspect one. The layout, chunk size, compression and atomicity are described in ``docs/method/storage.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import glob
 import json
 import os
-import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -54,7 +24,14 @@ from zarr.codecs import BloscCodec
 from ..errors import HelmError
 from ..volume import affine_of, make_volume, spacing_of
 from . import location
-from .regions import release_cache
+from .location import (  # noqa: F401  (re-exported: they were defined here before)
+    atomic_path,
+    final_path_of,
+    output_name,
+    remove_live_temporaries,
+    stop_pending_writes,
+)
+from .regions import StoredSource, attach_source
 
 DEFAULT_CHUNKS = (128, 128, 128)
 PYRAMID_MIN_SIZE = 64  # stop adding levels once the largest dimension is below this
@@ -69,15 +46,47 @@ def _local(path) -> Path | None:
 def compressor_for(dtype, *, scratch: bool = False) -> BloscCodec:
     """Blosc for a stored volume: zstd level 1 (byte shuffle for floats, bit shuffle for labels).
 
-    ``scratch=True``: lz4 for copies that live only for one export; it encodes ~1.7x and decodes ~2x faster
-    than zstd on label maps, at ~10% more bytes that never stay on disk.
+    Parameters
+    ----------
+    dtype : dtype-like
+        The stored values' dtype.
+    scratch : bool
+        lz4 instead, for copies that live only for one export: it encodes ~1.7x and decodes ~2x faster than
+        zstd on label maps, at ~10% more bytes that never stay on disk.
+
+    Returns
+    -------
+    zarr.codecs.BloscCodec
+
+    Example
+    -------
+    >>> compressor_for("uint16").cname.value, compressor_for("float32", scratch=True).cname.value
+    ('zstd', 'lz4')
     """
     dtype = np.dtype(dtype)
-    shuffle = "shuffle" if dtype.kind == "f" else "bitshuffle"
+    shuffle: Literal["shuffle", "bitshuffle"] = "shuffle" if dtype.kind == "f" else "bitshuffle"
     return BloscCodec(cname="lz4" if scratch else "zstd", clevel=1, shuffle=shuffle, typesize=dtype.itemsize)
 
 
 def normalize_chunks(chunks, shape) -> tuple[int, ...]:
+    """Three positive chunk sizes for a volume of ``shape``, none larger than the volume.
+
+    Parameters
+    ----------
+    chunks : int, sequence of three ints or None
+        None: :data:`DEFAULT_CHUNKS`; an int: a cube.
+    shape : sequence of int
+        The volume's shape (the first three entries are used).
+
+    Returns
+    -------
+    tuple of int
+
+    Example
+    -------
+    >>> normalize_chunks(None, (300, 100, 50)), normalize_chunks(64, (300, 100, 50, 4))
+    ((128, 100, 50), (64, 64, 50))
+    """
     if chunks is None:
         chunks = DEFAULT_CHUNKS
     if isinstance(chunks, int):
@@ -93,166 +102,23 @@ def normalize_chunks(chunks, shape) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
-    """Yield a temporary sibling path to write to; rename it onto ``path`` when the block succeeds.
-
-    On any exception (including KeyboardInterrupt) the writes still in flight are stopped first
-    (:func:`stop_pending_writes`: Dask tasks and Zarr's own I/O, which would otherwise recreate the temporary
-    after its removal), then the temporary output is removed and ``path`` is untouched. A full disk or a
-    read-only file system while writing becomes a one-line :class:`HelmError` (exit 3) naming ``path``.
-    An existing ``path`` is refused unless ``overwrite``; with ``overwrite`` the old output is replaced only
-    after the new one is complete.
-
-    For a URL (object store: no rename) the existence check is the same but ``path`` itself is yielded: the
-    writer must make the output appear whole (:func:`location.open_write` for files, :func:`atomic_store` and
-    the ``complete`` flag for Zarr volumes).
-    """
-    local = _local(path)
-    if local is None:  # object store: no rename; completeness is marked in the metadata instead
-        if not overwrite and location.exists(path, storage_options):
-            raise HelmError(
-                "already exists", path=path, hint="pass --overwrite to replace it, or choose another name", exit_code=3
-            )
-        yield os.fspath(path)
-        return
-    local = local.absolute()
-    if local.exists() and not overwrite:
-        raise HelmError(
-            "already exists", path=local, hint="pass --overwrite to replace it, or choose another name", exit_code=3
-        )
-    parent = local.parent
-    location.makedirs(parent)
-    try:
-        # Probe by writing: permission bits do not tell the whole story (root, read-only mounts, ACLs).
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise location.output_error(e, parent) from None
-    # leftovers of an earlier writer of this output that was killed (SIGKILL, lost node); a writer that is still
-    # running keeps its temporaries (the names record the writing process)
-    for prefix in (".tmp", ".old"):
-        location.remove_stale_siblings(local, prefix)
-    tmp = parent / f".{local.name}.tmp-{location.writer_token()}"
-    _LIVE.add(str(tmp))
-    try:
-        yield str(tmp)
-        _replace(tmp, local)
-    except BaseException as e:
-        # stays in _LIVE: after an interrupt the CLI sweeps once more when the workers are gone
-        stop_pending_writes()
-        _remove_temporary(tmp)
-        if isinstance(e, OSError) and e.errno in location.WRITE_ONLY_ERRNOS:
-            # several outputs written by one computation: name the one whose write failed
-            raise location.output_error(e, final_path_of(e.filename) or local) from None
-        raise
-    _LIVE.discard(str(tmp))
-
-
-def _replace(tmp: Path, local: Path) -> None:
-    """Move the finished ``tmp`` onto ``local``. A file is replaced in one atomic rename; a folder (a store)
-    cannot be renamed onto an existing one, so the old one is moved aside first -- in a loop, because another
-    process finishing the same output at the same moment may put its copy in place in between (the last
-    complete copy wins; both are complete)."""
-    if not tmp.is_dir():
-        os.replace(tmp, local)
-        return
-    for _ in range(100):
-        try:
-            os.replace(tmp, local)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
-                raise
-        trash = local.parent / f".{local.name}.old-{location.writer_token()}"
-        try:
-            os.replace(local, trash)
-        except FileNotFoundError:
-            continue
-        location.remove(trash)
-    raise OSError(errno.EBUSY, "other writers keep replacing this output", str(local))
-
-
-def _remove_temporary(tmp: Path) -> None:
-    """Remove a temporary output and what was written beside it under its name (e.g. a scratch store)."""
-    location.remove(tmp)
-    for extra in tmp.parent.glob(glob.escape(tmp.name) + "*"):
-        location.remove(extra)
-
-
-#: Temporaries this process is writing now (see :func:`remove_live_temporaries`).
-_LIVE: set[str] = set()
-
-
-def remove_live_temporaries() -> None:
-    """After an interrupt: stop the writes in flight and remove every temporary this process was writing.
-
-    :func:`atomic_path` already does it for its own output; the CLI calls this once more after the cluster is
-    shut down, so that a straggling write of a worker cannot leave a ``.<name>.tmp-*`` behind.
-    """
-    stop_pending_writes()
-    for t in list(_LIVE):
-        _remove_temporary(Path(t))
-
-
-def stop_pending_writes(timeout_s: float = 30.0) -> None:
-    """Wait (at most ``timeout_s``) until no chunk write started by this process is still running.
-
-    A computation that fails or is interrupted leaves its running tasks running: in Dask's thread pool, on the
-    workers of a ``distributed`` cluster (the client has released the futures, so nothing new starts, but
-    running tasks finish), and in Zarr's I/O event loop (a write whose caller was interrupted). Each of them
-    can still write a chunk -- and recreate the temporary folder a cleanup has just removed.
-    """
-    import threading
-    import time
-
-    if threading.current_thread() is not threading.main_thread():
-        return  # inside a task (or a helper thread): the caller that owns the computation waits
-    deadline = time.monotonic() + timeout_s
-    with contextlib.suppress(Exception):
-        from distributed import get_client
-
-        client = get_client()
-        while any(client.processing().values()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    with contextlib.suppress(Exception):
-        import dask.threaded as dt
-
-        pools = [dt.default_pool] + [p for d in list(dt.pools.values()) for p in d.values()]
-        for pool in pools:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        dt.default_pool = None  # dask makes a new one for the next computation
-        dt.pools.clear()
-    with contextlib.suppress(Exception):
-        _drain_zarr_io(max(0.1, deadline - time.monotonic()))
-
-
-def _drain_zarr_io(timeout_s: float) -> None:
-    import asyncio
-
-    from zarr.core import sync as zsync
-
-    loop = zsync.loop[0] if getattr(zsync, "loop", None) else None
-    if loop is None or not loop.is_running():
-        return
-
-    async def drain():
-        me = asyncio.current_task()
-        pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
-
-    asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout_s + 1.0)
-
-
-@contextlib.contextmanager
 def atomic_store(path, *, overwrite: bool = False, storage_options: dict | None = None) -> Iterator[str]:
-    """:func:`atomic_path` for a Zarr volume: on object stores a failed write is also deleted.
+    """:func:`~helm_dask.io.location.atomic_path` for a Zarr volume: on object stores a failed write is also
+    deleted.
 
-    Locally this *is* :func:`atomic_path` (temporary sibling, renamed when complete). For a URL the volume is
+    Locally this *is* ``atomic_path`` (temporary sibling, renamed when complete). For a URL the volume is
     written in place (an existing one is replaced as soon as the writer opens it with ``mode="w"``) and marked
     complete last; if the block fails, the unfinished store is deleted (best effort) so that no half volume is
     left behind. A killed client cannot clean up: its store stays flagged unfinished.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store (a local path or a URL).
+    overwrite : bool
+        Replace an existing store (refused otherwise).
+    storage_options : dict, optional
+        fsspec options for a URL.
     """
     if _local(path) is not None:
         with atomic_path(path, overwrite=overwrite) as tmp:
@@ -272,18 +138,54 @@ def _format_kw(path, mode: str) -> dict:
     return {"zarr_format": 3} if (mode == "w" or _local(path) is None) else {}
 
 
-def open_group(path, mode: str, storage_options: dict | None = None) -> zarr.Group:
-    """``zarr.open_group`` on a local path or a URL (with the storage options in force)."""
+def open_group(path, mode: Literal["r", "r+", "a", "w", "w-"], storage_options: dict | None = None) -> zarr.Group:
+    """``zarr.open_group`` on a local path or a URL (with the storage options in force).
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store.
+    mode : {"r", "r+", "a", "w", "w-"}
+        As ``zarr.open_group``.
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    zarr.Group
+    """
     return zarr.open_group(
         location.zarr_store(path, storage_options, read_only=mode == "r"), mode=mode, **_format_kw(path, mode)
     )
 
 
 def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
-    """The (read-only) Zarr array of one level of a volume store, local path or URL."""
+    """The (read-only) Zarr array of one level of a volume store, local path or URL.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store.
+    level : int or str
+        The pyramid level (the array's name in the group).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    zarr.Array
+    """
     return zarr.open_array(
         location.zarr_store(path, storage_options, read_only=True), path=str(level), mode="r", **_format_kw(path, "r")
     )
+
+
+def _array_in(group: zarr.Group, key: str) -> zarr.Array:
+    """The array ``key`` of ``group`` (a :class:`HelmError` if that node is a group)."""
+    node = group[key]
+    if not isinstance(node, zarr.Array):
+        raise HelmError(f"{key!r} is a group, not an array", path=str(group.store_path), hint="check the store")
+    return node
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,7 +209,27 @@ def _jsonable(obj: Any) -> Any:
 
 
 def level_affine(affine: np.ndarray, level: int, kind: str) -> np.ndarray:
-    """Affine of pyramid ``level``: block means put voxel centres at block centres; strides at block corners."""
+    """Affine of pyramid ``level``: block means put voxel centres at block centres; strides at block corners.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        The full-resolution affine.
+    level : int
+        The level (each halves the resolution).
+    kind : str
+        ``"image"`` (block means) or anything else (strides: labels, masks).
+
+    Returns
+    -------
+    numpy.ndarray
+        4x4 float64.
+
+    Example
+    -------
+    >>> level_affine(np.eye(4), 1, "image")[0].tolist(), level_affine(np.eye(4), 1, "labels")[0].tolist()
+    ([2.0, 0.0, 0.0, 0.5], [2.0, 0.0, 0.0, 0.0])
+    """
     a = np.asarray(affine, dtype=np.float64)
     f = 2.0**level
     shift = (f - 1.0) / 2.0 if kind == "image" else 0.0
@@ -320,6 +242,30 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
 
     OME-Zarr describes only axis-aligned scale + translation; the exact (possibly oblique) affine is kept in
     ``attrs["helm_dask"]["affine"]`` and is what helm-dask itself uses.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        The full-resolution affine.
+    kind : str
+        The volume's kind (see :func:`level_affine`).
+    nlevels : int
+        Number of pyramid levels.
+    four_d : bool
+        Whether the arrays have a leading ``echo`` axis.
+    name : str
+        The multiscale's name.
+
+    Returns
+    -------
+    list
+        One multiscales entry.
+
+    Example
+    -------
+    >>> ms = ome_multiscales(np.diag([0.5, 0.5, 0.5, 1.0]), "image", 2, False, "scan")
+    >>> [d["coordinateTransformations"][0]["scale"] for d in ms[0]["datasets"]]
+    [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
     """
     axes = [{"name": d, "type": "space", "unit": "millimeter"} for d in ("x", "y", "z")]
     if four_d:
@@ -347,7 +293,29 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
 # Writing
 
 
-def create_level(group: zarr.Group, level: int, shape, dtype, chunks, *, four_d: bool, shards=None) -> zarr.Array:
+def create_level(group: zarr.Group, level: int | str, shape, dtype, chunks, *, four_d: bool, shards=None) -> zarr.Array:
+    """Create (replacing) the empty array of one level of a volume store, compressed by :func:`compressor_for`.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The volume's group, open for writing.
+    level : int or str
+        The array's name (a pyramid level, or a scratch name).
+    shape : sequence of int
+        ``(x, y, z)``, or ``(x, y, z, echo)`` when ``four_d`` (stored echo first).
+    dtype : dtype-like
+    chunks : sequence of three ints
+        Spatial chunks (one echo per chunk when ``four_d``).
+    four_d : bool
+        Whether the volume has echoes.
+    shards : sequence of three ints, optional
+        Spatial shard shape (no sharding by default).
+
+    Returns
+    -------
+    zarr.Array
+    """
     if four_d:
         nt, spatial = shape[3], shape[:3]
         arr_shape = (nt,) + tuple(spatial)
@@ -355,24 +323,21 @@ def create_level(group: zarr.Group, level: int, shape, dtype, chunks, *, four_d:
         dims = ["echo", "x", "y", "z"]
     else:
         arr_shape, arr_chunks, dims = tuple(shape), tuple(chunks), ["x", "y", "z"]
-    kw = {}
-    if shards is not None:
-        kw["shards"] = ((1,) if four_d else ()) + tuple(shards)
     return group.create_array(
         str(level),
         shape=arr_shape,
         dtype=np.dtype(dtype),
         chunks=arr_chunks,
+        shards=None if shards is None else ((1,) if four_d else ()) + tuple(shards),
         compressors=[compressor_for(dtype)],
         fill_value=0,
         dimension_names=dims,
         overwrite=True,
-        **kw,
     )
 
 
-# Output chunks per computation when a volume is written in batches (see store_batched): ~64 chunks of 128^3
-# float32 = 512 MB of output in flight at most, whatever the volume size.
+#: Output chunks per computation when a volume is written in batches (see :func:`store_batched`): ~64 chunks of
+#: 128^3 float32 = 512 MB of output in flight at most, whatever the volume size.
 STORE_BATCH_CHUNKS = 64
 
 
@@ -380,31 +345,6 @@ def _store_dask(arr: da.Array, target: zarr.Array) -> None:
     """Write a dask array into a zarr array, one whole zarr chunk per write (safe to repeat, no races)."""
     arr = arr.rechunk(target.chunks if arr.ndim == len(target.chunks) else arr.chunks)
     da.store(arr, with_fault_hook(target), lock=False, compute=True)
-
-
-_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{8}p\d+h[0-9a-f]{8}$")
-
-
-def output_name(path) -> str:
-    """The name an output will have once complete (``scan_raw`` for ``.scan_raw.tmp-<token>``)."""
-    for part in reversed(Path(str(path).split("://", 1)[-1]).parts):
-        m = _TEMP_NAME.match(part)
-        if m:
-            return m.group(1)
-    return Path(str(path)).name
-
-
-def final_path_of(path) -> str | None:
-    """The final path of the output a path inside a temporary belongs to (``.../.kmeans_k4.tmp-<token>/0/c/0``
-    -> ``.../kmeans_k4``), or None when ``path`` is not inside one."""
-    if not isinstance(path, str):
-        return None
-    parts = Path(path.split("://", 1)[-1]).parts
-    last = max((i for i, part in enumerate(parts) if _TEMP_NAME.match(part)), default=None)
-    if last is None:
-        return None
-    # outputs inside outputs (a phantom store's volumes): every temporary name on the way becomes its final one
-    return str(Path(*[m.group(1) if (m := _TEMP_NAME.match(part)) else part for part in parts[: last + 1]]))
 
 
 class _FaultHookTarget:
@@ -440,7 +380,17 @@ class _FaultHookTarget:
 
 
 def with_fault_hook(target):
-    """``target`` wrapped by :class:`_FaultHookTarget` when ``HELM_DASK_FAULT`` is set, else itself."""
+    """``target`` wrapped so that its writes reach :func:`~helm_dask.io.location.fault` when ``HELM_DASK_FAULT``
+    is set, else ``target`` itself.
+
+    Parameters
+    ----------
+    target : zarr.Array or any ``da.store`` target
+
+    Returns
+    -------
+    zarr.Array or a wrapper of it
+    """
     if os.environ.get(location.FAULT_ENV) and isinstance(target, zarr.Array):
         return _FaultHookTarget(target)
     return target
@@ -462,8 +412,17 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     volume lets the scheduler hold such shared pieces across a whole cross-section of the volume -- peak memory
     then grows with the volume (measured: 2.3 GB at 0.2 mm, 6.1 GB at 0.1 mm for the brain mask). A batch is a
     box of about ``batch_chunks`` output chunks, so what can be held is bounded by the box, not the volume; the
-    price is re-reading the inputs shared across box faces. Sources must share their chunk grid (they do in a
-    stage: all outputs on one grid); targets are whole-chunk aligned, so every write stays one whole chunk.
+    price is re-reading the inputs shared across box faces. Targets are whole-chunk aligned, so every write
+    stays one whole chunk.
+
+    Parameters
+    ----------
+    sources : list of dask.array.Array
+        What to write; sources that do not share one chunk grid are written one after the other.
+    targets : list of zarr.Array
+        Where, one per source, chunked like it.
+    batch_chunks : int
+        Output chunks per computation.
     """
     grids = {s.chunks for s in sources}
     if len(grids) != 1:
@@ -511,8 +470,25 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     The same boxes as :func:`store_batched`, for the same reason: a reduction whose chunks need pieces of several
     input chunks (a rechunk to blocks that do not divide the chunks) lets the scheduler hold such pieces across a
     whole cross-section when the volume is one computation (at 0.1 mm: 1.8 GB per worker in the bias fit's coarse
-    copy). Arrays must share their chunk grid; each box computes all of them at once (shared inputs read once
-    per box). The values are those of one computation, task for task.
+    copy). Each box computes all the arrays at once (shared inputs read once per box). The values are those of
+    one computation, task for task.
+
+    Parameters
+    ----------
+    arrays : list of dask.array.Array
+        Arrays sharing one chunk grid (:class:`ValueError` otherwise).
+    batch_chunks : int
+        Chunks per computation.
+
+    Returns
+    -------
+    list of numpy.ndarray
+
+    Example
+    -------
+    >>> x = da.arange(16.0).reshape(4, 4).rechunk(2)
+    >>> compute_batched([x, 2 * x], batch_chunks=1)[1][3].tolist()
+    [24.0, 26.0, 28.0, 30.0]
     """
     arrays = list(arrays)
     chunks = arrays[0].chunks
@@ -563,10 +539,30 @@ def _scheduler_settler() -> Callable[[float], None]:
 
 
 def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | None = None) -> int:
-    """Add levels 1.. to a group whose level 0 is written; each level is computed from the stored one below."""
+    """Add levels 1.. to a group whose level 0 is written; each level is computed from the stored one below.
+
+    Levels halve the resolution (block means in float64 for images, strides for labels) until the largest
+    dimension falls below ``2 * PYRAMID_MIN_SIZE``; 4-D levels are never downsampled.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The volume's group, open for writing, with level ``0`` written.
+    kind : str
+        ``"image"`` (block means) or labels/mask (strides).
+    chunks : sequence of three ints
+        The levels' chunks (clipped to their shape).
+    max_levels : int, optional
+        At most this many levels in all.
+
+    Returns
+    -------
+    int
+        The number of levels, level 0 included.
+    """
     lev = 0
     while True:
-        below = group[str(lev)]
+        below = _array_in(group, str(lev))
         shape = below.shape
         if len(shape) != 3 or max(shape) < PYRAMID_MIN_SIZE * 2 or min(shape) < 2:
             break
@@ -600,6 +596,27 @@ def write_attrs(
     extra: dict | None = None,
     complete: bool,
 ) -> None:
+    """Write a volume's group attributes: OME-Zarr ``multiscales`` and the ``helm_dask`` metadata.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The volume's group, open for writing.
+    affine : array-like, 4x4
+        The full-resolution affine.
+    kind : str
+        The volume's kind.
+    name : str
+        Its name.
+    nlevels : int
+        Number of pyramid levels.
+    four_d : bool
+        Whether it has echoes.
+    extra : dict, optional
+        Further ``helm_dask`` metadata (made JSON-able).
+    complete : bool
+        The completeness flag: False while writing, True once everything else is written.
+    """
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -621,7 +638,23 @@ def write_attrs(
 
 
 def volume_attrs_for_store(vol: xr.DataArray) -> dict:
-    """The DataArray attrs that go into the store's ``helm_dask`` metadata."""
+    """The DataArray attrs that go into the store's ``helm_dask`` metadata (JSON-able).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+
+    Returns
+    -------
+    dict
+        Every attribute but the affine, units, kind and coordinate kind (kept elsewhere in the metadata).
+
+    Example
+    -------
+    >>> from helm_dask.volume import make_volume
+    >>> sorted(volume_attrs_for_store(make_volume(np.zeros((2, 2, 2)), np.eye(4), source="a.nii")))
+    ['provenance', 'source']
+    """
     skip = {"affine", "units", "kind", "coords"}
     return _jsonable({k: v for k, v in vol.attrs.items() if k not in skip})
 
@@ -641,11 +674,27 @@ def save_volume(
     """Write a (lazy) volume to a new Zarr v3 store, atomically, with its pyramid and metadata.
 
     The computation runs on the current Dask scheduler (a ``dask.distributed`` client if one is active), one
-    whole chunk per task; memory is bounded by the chunk size.
+    whole chunk per task; memory is bounded by the chunk size. The caches of decoded chunks that the
+    computation's region tasks filled are not emptied here: the stage runner does it after each stage
+    (:func:`helm_dask.io.regions.release_chunk_caches`).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        The volume (see :func:`helm_dask.volume.make_volume`).
+    path : str or path-like
+        The new store (a local path or a URL).
+    chunks, overwrite, pyramid, shards, extra, storage_options, batch_chunks :
+        As :func:`save_volumes`.
+
+    Returns
+    -------
+    str
+        ``path``.
 
     Example
     -------
-    >>> import numpy as np, dask.array as da, tempfile, os
+    >>> import dask.array as da, tempfile
     >>> from helm_dask.volume import make_volume
     >>> vol = make_volume(da.ones((8, 8, 8), chunks=4, dtype="f4"), np.diag([0.5, 0.5, 0.5, 1]))
     >>> out = save_volume(vol, os.path.join(tempfile.mkdtemp(), "v.zarr"))
@@ -678,36 +727,42 @@ def save_volumes(
     """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
 
     Volumes derived from the same inputs (the six k-means maps of one image, say) share their graph, so the
-    inputs are read once for all of them. Each store is still written atomically on its own. Paths may be
-    URLs (``storage_options`` as in :mod:`helm_dask.io.location`). ``batch_chunks``: output chunks per
-    computation (:func:`store_batched`; default :data:`STORE_BATCH_CHUNKS`) -- fewer when each output chunk
-    needs much more input than its own size (a downsampling resample).
+    inputs are read once for all of them. Each store is still written atomically on its own: created flagged
+    unfinished, filled, given its pyramid, then flagged complete.
+
+    Parameters
+    ----------
+    vols : dict
+        ``{path: volume}``; paths may be URLs.
+    chunks : int or sequence of three ints, optional
+        Stored chunks (:func:`normalize_chunks`; default :data:`DEFAULT_CHUNKS`).
+    overwrite : bool
+        Replace existing stores (refused otherwise).
+    pyramid : bool
+        Add the downsampled levels (3-D volumes only).
+    shards : sequence of three ints, optional
+        Zarr shard shape (for object stores that charge per request).
+    extra : dict, optional
+        Further ``helm_dask`` metadata for every store.
+    storage_options : dict, optional
+        fsspec options for URLs (see :mod:`helm_dask.io.location`).
+    batch_chunks : int, optional
+        Output chunks per computation (:func:`store_batched`; default :data:`STORE_BATCH_CHUNKS`) -- fewer when
+        each output chunk needs much more input than its own size (a downsampling resample).
+
+    Returns
+    -------
+    list of str
+        The paths, in order.
     """
     with contextlib.ExitStack() as stack:
         sources, targets, pending = [], [], []
         for path, vol in vols.items():
-            kind = vol.attrs.get("kind", "image")
-            affine = affine_of(vol)
-            data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
-            four_d = data.ndim == 4
-            ch = normalize_chunks(chunks, data.shape)
-            tmp = stack.enter_context(atomic_store(path, overwrite=overwrite, storage_options=storage_options))
-            group = open_group(tmp, "w", storage_options)
-            attrs = volume_attrs_for_store(vol)
-            attrs.update(extra or {})
-            name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
-            write_attrs(
-                group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs, complete=False
-            )
-            target = create_level(group, 0, data.shape, data.dtype, ch, four_d=four_d, shards=shards)
-            src = da.moveaxis(data, 3, 0) if four_d else data
-            sources.append(src.rechunk(target.chunks))
+            src, target, todo = _begin_volume(stack, path, vol, chunks, overwrite, shards, extra, storage_options)
+            sources.append(src)
             targets.append(target)
-            pending.append((group, kind, affine, name, four_d, ch, attrs))
-        try:
-            store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
-        finally:
-            release_cache()  # the decoded chunks of this computation's box tasks: not needed again
+            pending.append(todo)
+        store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
         for group, kind, affine, name, four_d, ch, attrs in pending:
             nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
             write_attrs(
@@ -716,12 +771,57 @@ def save_volumes(
     return [os.fspath(p) for p in vols]
 
 
+def _begin_volume(
+    stack: contextlib.ExitStack,
+    path,
+    vol: xr.DataArray,
+    chunks,
+    overwrite: bool,
+    shards,
+    extra: dict | None,
+    storage_options: dict | None,
+) -> tuple[da.Array, zarr.Array, tuple]:
+    """Create the store of one volume under its temporary name (held open by ``stack``: :func:`atomic_store`),
+    flagged unfinished, with its empty level 0.
+
+    Returns the data to write (echo axis first, chunked like the level), the level's array, and what finishing
+    the store needs: ``(group, kind, affine, name, four_d, chunks, attrs)``.
+    """
+    kind = vol.attrs.get("kind", "image")
+    affine = affine_of(vol)
+    data = vol.data if isinstance(vol.data, da.Array) else da.from_array(np.asarray(vol.data))
+    four_d = data.ndim == 4
+    ch = normalize_chunks(chunks, data.shape)
+    tmp = stack.enter_context(atomic_store(path, overwrite=overwrite, storage_options=storage_options))
+    group = open_group(tmp, "w", storage_options)
+    attrs = volume_attrs_for_store(vol)
+    attrs.update(extra or {})
+    name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
+    write_attrs(group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs, complete=False)
+    target = create_level(group, 0, data.shape, data.dtype, ch, four_d=four_d, shards=shards)
+    src = da.moveaxis(data, 3, 0) if four_d else data
+    return src.rechunk(target.chunks), target, (group, kind, affine, name, four_d, ch, attrs)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 
 
 def read_meta(path, *, storage_options: dict | None = None) -> dict:
-    """The ``helm_dask`` metadata of a volume store; :class:`HelmError` if it is not a finished helm-dask volume."""
+    """The ``helm_dask`` metadata of a finished volume store.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store (a local path or a URL).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    dict
+        :class:`HelmError` if ``path`` is missing, not a Zarr v3 group, not a helm-dask volume, or unfinished.
+    """
     p = os.fspath(path)
     local = _local(p)
     if local is not None and not local.exists():
@@ -738,7 +838,8 @@ def read_meta(path, *, storage_options: dict | None = None) -> dict:
             path=p,
             hint="give a store written by helm-dask (helm-dask convert IN.nii.gz OUT.zarr)",
         ) from None
-    meta = dict(group.attrs.get("helm_dask") or {})
+    raw = group.attrs.get("helm_dask")
+    meta = dict(raw) if isinstance(raw, Mapping) else {}
     if meta.get("format") != FORMAT:
         raise HelmError(
             "is a Zarr store but not a helm-dask volume (no helm_dask metadata)",
@@ -755,11 +856,31 @@ def read_meta(path, *, storage_options: dict | None = None) -> dict:
 
 
 def is_complete(path, *, storage_options: dict | None = None) -> bool:
+    """Whether ``path`` is a finished helm-dask volume store (see :func:`read_meta`).
+
+    Parameters
+    ----------
+    path : str or path-like
+    storage_options : dict, optional
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> is_complete("no/such/store.zarr")
+    False
+    """
     try:
         read_meta(path, storage_options=storage_options)
         return True
     except HelmError:
         return False
+
+
+#: ``helm_dask`` metadata keys that describe the store rather than the data (not copied to a volume's attrs).
+_STORE_KEYS = ("affine", "kind", "units", "level_affines", "complete", "format", "format_version", "nlevels", "four_d")
 
 
 def open_volume(
@@ -774,6 +895,11 @@ def open_volume(
 ) -> xr.DataArray:
     """Open a helm-dask Zarr volume lazily as an xarray DataArray (dims ``x, y, z``; coordinates in mm).
 
+    The dask array of a volume returned as stored (3-D, no scaling applied) carries a
+    :class:`~helm_dask.io.regions.StoredSource` (store, level, options), so that region tasks and the NIfTI
+    export read it straight from the store (see :func:`helm_dask.io.regions.stored_source_of`).
+    ``attrs["store"]`` and ``attrs["level"]`` name the store too.
+
     Parameters
     ----------
     path : str or path-like
@@ -785,9 +911,15 @@ def open_volume(
         a 4-D volume with a trailing ``echo`` dim is returned.
     apply_scaling : bool
         Apply a NIfTI ``scl_slope``/``scl_inter`` kept from the source file (values become float32).
+    name : str, optional
+        The volume's name (default: the stored one, else the store's stem).
     storage_options : dict, optional
         fsspec options for a URL (see :mod:`helm_dask.io.location`); the returned lazy array carries them to
         the workers (they are not kept in ``attrs``, which may be saved).
+
+    Returns
+    -------
+    xarray.DataArray
     """
     p = os.fspath(path)
     meta = read_meta(p, storage_options=storage_options)
@@ -796,32 +928,19 @@ def open_volume(
         raise HelmError(
             f"has no pyramid level {level} (levels 0..{nlevels - 1})", path=p, hint="choose an existing level"
         )
-    arr = open_array(p, level, storage_options)
-    data = da.from_zarr(arr)
-    kind = meta.get("kind", "image")
-    affine = np.asarray(meta["level_affines"][level] if "level_affines" in meta else meta["affine"])
-    if meta.get("four_d"):
-        data = da.moveaxis(data, 0, 3)
-    scl = meta.get("nifti", {}).get("scaling") if isinstance(meta.get("nifti"), dict) else None
-    if apply_scaling and scl and (scl[0] != 1.0 or scl[1] != 0.0):
-        ft = np.float64 if data.dtype.itemsize > 4 and data.dtype.kind == "f" else np.float32
-        data = data.astype(ft) * ft(scl[0]) + ft(scl[1])
+    data = _stored_data(p, meta, level, apply_scaling, storage_options)
     if data.ndim == 4:
         data = select_echo(data, echo=echo, echo_combine=echo_combine, path=p)
     elif echo not in (None, 0):
         raise HelmError(f"is a single-echo volume; --echo {echo} does not exist", path=p, hint="drop --echo")
-    attrs = {
-        k: v
-        for k, v in meta.items()
-        if k
-        not in ("affine", "kind", "units", "level_affines", "complete", "format", "format_version", "nlevels", "four_d")
-    }
+    attrs = {k: v for k, v in meta.items() if k not in _STORE_KEYS}
     attrs["store"] = p
     attrs["level"] = level
+    affine = np.asarray(meta["level_affines"][level] if "level_affines" in meta else meta["affine"])
     return make_volume(
         data,
         affine,
-        kind=kind,
+        kind=meta.get("kind", "image"),
         name=name or meta.get("name") or Path(p.rstrip("/")).stem,
         source=meta.get("source", p),
         provenance=meta.get("provenance", []),
@@ -829,8 +948,49 @@ def open_volume(
     )
 
 
+def _stored_data(p: str, meta: dict, level: int, apply_scaling: bool, storage_options: dict | None) -> da.Array:
+    """The lazy array of one level (echo last), marked as stored, then scaled if the metadata says so.
+
+    Any operation after the marking (moving the echo axis, scaling) makes a new array, which is not marked: it
+    is computed data, no longer the store's.
+    """
+    arr = open_array(p, level, storage_options)
+    identity = tuple(range(len(arr.shape)))
+    source = StoredSource(p, level, arr, storage_options, flips=(False,) * len(identity), perm=identity)
+    data = attach_source(da.from_zarr(arr), source)
+    if meta.get("four_d"):
+        data = da.moveaxis(data, 0, 3)
+    scl = meta.get("nifti", {}).get("scaling") if isinstance(meta.get("nifti"), dict) else None
+    if apply_scaling and scl and (scl[0] != 1.0 or scl[1] != 0.0):
+        ft = np.float64 if data.dtype.itemsize > 4 and data.dtype.kind == "f" else np.float32
+        data = data.astype(ft) * ft(scl[0]) + ft(scl[1])
+    return data
+
+
 def select_echo(data4: da.Array, *, echo: int | None, echo_combine: str | None, path=None) -> da.Array:
-    """Reduce a (x, y, z, echo) array to 3-D: one echo, or the RMS / mean over echoes (float32)."""
+    """Reduce a (x, y, z, echo) array to 3-D: one echo, or the RMS / mean over echoes (float32).
+
+    Parameters
+    ----------
+    data4 : dask.array.Array
+        Echo last.
+    echo : int, optional
+        The echo to keep (0-based).
+    echo_combine : {"rms", "mean"}, optional
+        How to combine every echo (when ``echo`` is None); with neither, ``data4`` is returned.
+    path : str, optional
+        Named by errors.
+
+    Returns
+    -------
+    dask.array.Array
+
+    Example
+    -------
+    >>> x = da.from_array(np.array([3.0, 4.0]).reshape(1, 1, 1, 2))
+    >>> float(select_echo(x, echo=None, echo_combine="rms")[0, 0, 0]), float(select_echo(x, echo=1, echo_combine=None))
+    (3.535533905029297, 4.0)
+    """
     nt = data4.shape[3]
     if echo is not None:
         if not 0 <= echo < nt:
@@ -852,11 +1012,25 @@ def select_echo(data4: da.Array, *, echo: int | None, echo_combine: str | None, 
 
 
 def describe(path, *, storage_options: dict | None = None) -> dict:
-    """Shape, spacing, orientation, dtype, chunks, size and affine of a store or NIfTI file (cheap)."""
+    """Shape, spacing, orientation, dtype, chunks, size and affine of a store or NIfTI file (cheap).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A helm-dask store or a NIfTI file (a local path or a URL).
+    storage_options : dict, optional
+        fsspec options for a URL.
+
+    Returns
+    -------
+    dict
+        JSON-able; see :func:`dumps_info`.
+    """
     from ..volume import orientation_code
     from .nifti import is_nifti_path, read_nifti_header
 
     p = os.fspath(path)
+    kind: str | None
     if is_nifti_path(p):
         info = read_nifti_header(p, storage_options=storage_options)
         shape, dtype, affine, chunks = info.shape, info.out_dtype, info.affine, None
@@ -893,4 +1067,19 @@ def describe(path, *, storage_options: dict | None = None) -> dict:
 
 
 def dumps_info(d: dict) -> str:
+    """:func:`describe`'s dict as indented JSON.
+
+    Parameters
+    ----------
+    d : dict
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> dumps_info({"shape": [2, 2, 2]})
+    '{\\n  "shape": [\\n    2,\\n    2,\\n    2\\n  ]\\n}'
+    """
     return json.dumps(d, indent=2)

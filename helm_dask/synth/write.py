@@ -116,6 +116,7 @@ def _write_sample(
 ) -> dict:
     """Generate sample ``i``, write its image and labels, and return its ``samples.json`` record."""
     from ..io.convert import save_nifti
+    from ..io.regions import release_chunk_caches
     from ..io.store import save_volume
 
     params = sample_params(cfg, seed, i)
@@ -130,5 +131,8 @@ def _write_sample(
     for what, vol in (("image", img), ("labels", lab)):
         rec[what] = save_nifti(vol, out / f"sample_{i:04d}_{what}.nii.gz", overwrite=overwrite)
         if zarr:
-            rec[f"{what}_zarr"] = save_volume(vol, out / f"sample_{i:04d}_{what}.zarr", overwrite=overwrite)
+            try:
+                rec[f"{what}_zarr"] = save_volume(vol, out / f"sample_{i:04d}_{what}.zarr", overwrite=overwrite)
+            finally:
+                release_chunk_caches()  # the label map's chunks cached for the gather
     return rec
