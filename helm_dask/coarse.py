@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from . import arrays
 from .errors import HelmError
 
 __all__ = [
@@ -105,10 +106,7 @@ def as_dask(vol: xr.DataArray) -> da.Array:
     >>> as_dask(make_volume(np.zeros((4, 4, 4)), np.eye(4))).chunksize
     (4, 4, 4)
     """
-    data = vol.data
-    if isinstance(data, da.Array):
-        return data
-    return da.from_array(np.asarray(data), chunks=_BLOCK_TARGET)
+    return arrays.as_dask(vol, chunks=_BLOCK_TARGET)
 
 
 def coarse_factors(spacing_mm: Any, coarse_spacing_mm: float) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .arrays import as_dask
 from .errors import HelmError
 from .io.regions import carry_view
 from .labels import RIGHT_OFFSET, RIGHT_TO_LEFT, SIDE_CODES
@@ -389,10 +390,6 @@ def detect_side(scan_or_mask_vol: xr.DataArray, hypothalamus_vol: xr.DataArray, 
     return _side_decision(hyp, brain, brain_from)
 
 
-def _as_dask(vol: xr.DataArray) -> da.Array:
-    return vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
-
-
 def _side_moments(
     brain_vol: xr.DataArray, hyp_vol: xr.DataArray, a_b: np.ndarray, a_h: np.ndarray, bins: int
 ) -> tuple[list, list, str]:
@@ -401,8 +398,8 @@ def _side_moments(
     A mask or labels: its nonzero voxels, in one computation with the hypothalamus. An image: the voxels above
     the Otsu threshold of its histogram (min/max with the hypothalamus, then the histogram, then the moments).
     """
-    b = _as_dask(brain_vol)
-    h = _as_dask(hyp_vol)
+    b = as_dask(brain_vol)
+    h = as_dask(hyp_vol)
     kind = brain_vol.attrs.get("kind", "image")
     hyp_tasks = _moments_tasks(h, a_h, None)
     if kind in ("mask", "labels") or b.dtype == bool:
