@@ -23,6 +23,7 @@ from .errors import HelmError
 from .io.location import is_url
 from .labels import K_MAX, K_MIN
 from .pipeline import RunParams, run_subject
+from .pipeline.options import run_option_actions
 
 _FIELDS = {f.name for f in fields(RunParams)}
 #: Older spellings still accepted as manifest keys.
@@ -118,8 +119,6 @@ def manifest_keys() -> dict[str, argparse.Action]:
         ``scan`` and the options of ``helm-dask run`` (underscored names), except ``out`` and the compute and
         output options (:func:`helm_dask.cli.run_option_actions`).
     """
-    from .cli import run_option_actions
-
     return run_option_actions()
 
 

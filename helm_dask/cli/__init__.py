@@ -19,6 +19,9 @@ from .._version import __version__
 from ..cluster import ClusterOptions as ClusterOptions
 from ..cluster import compute_context as compute_context
 from ..errors import HelmError
+from ..pipeline.options import _add_run_options as _add_run_options
+from ..pipeline.options import _subject as _subject
+from ..pipeline.options import run_option_actions
 from .compare import _COMPARE_HINTS as _COMPARE_HINTS
 from .compare import _compare as _compare
 from .compare import add_compare_parser, cmd_compare
@@ -40,9 +43,7 @@ from .options import _say as _say
 from .options import _spacing as _spacing
 from .options import _storage_options as _storage_options
 from .phantom import add_demo_parser, add_phantom_parser, cmd_demo, cmd_phantom
-from .run import _add_run_options as _add_run_options
-from .run import _subject as _subject
-from .run import add_run_parser, cmd_run, run_option_actions
+from .run import add_run_parser, cmd_run
 from .synth import add_synth_parser, cmd_synth, config_from_args
 
 __all__ = [

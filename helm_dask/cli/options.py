@@ -4,11 +4,22 @@ option groups and the parser class with one-line usage errors."""
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
 from typing import Any, TypeAlias
 
 from ..cluster import ClusterOptions
+
+# The argument types and the storage option of the run options live with them (helm_dask.pipeline.options:
+# manifests use them too); the other commands share them from here.
+from ..pipeline.options import _add_storage_options as _add_storage_options
+from ..pipeline.options import _chunks as _chunks
+from ..pipeline.options import _int_at_least as _int_at_least
+from ..pipeline.options import _non_negative_float as _non_negative_float
+from ..pipeline.options import _non_negative_int as _non_negative_int
+from ..pipeline.options import _number as _number
+from ..pipeline.options import _positive_float as _positive_float
+from ..pipeline.options import _positive_int as _positive_int
+from ..pipeline.options import _spacing as _spacing
 
 #: The sub-command table ``build_parser`` fills (``add_subparsers``' result); each command group adds its own.
 #: A string: argparse's action class is generic only in the type stubs.
@@ -38,60 +49,6 @@ EXIT_EPILOG = "exit status:\n" + "\n".join(
 )
 
 
-def _number(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return v
-
-
-def _spacing(text: str):
-    if text == "native":
-        return "native"
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"spacing must be a number of mm or 'native', got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"spacing must be a finite, positive number of mm, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = _number(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    v = _number(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {v}")
-        return v
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
 def _memory_limit(text: str) -> str:
     from ..cluster import parse_memory_limit
 
@@ -99,18 +56,6 @@ def _memory_limit(text: str) -> str:
         return parse_memory_limit(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _chunks(text: str):
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"chunks are integers like 128 or 128,128,64; got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 3
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"chunks are 1 or 3 positive integers; got {text!r}")
-    return tuple(parts)
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
@@ -155,17 +100,6 @@ def _cluster_opts(args) -> ClusterOptions:
 def _say(args, *msg) -> None:
     if not getattr(args, "quiet", False):
         print(*msg, flush=True)
-
-
-def _add_storage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--storage-options",
-        metavar="JSON",
-        help="fsspec options for s3://... (or other URL) inputs and outputs, as a JSON object or @FILE.json, "
-        'e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' for an S3-compatible server; '
-        "credentials otherwise come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-        "AWS_ENDPOINT_URL or FSSPEC_S3_* variables",
-    )
 
 
 def _storage_options(args) -> dict | None:

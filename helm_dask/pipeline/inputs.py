@@ -4,6 +4,7 @@ hemisphere, and the metadata that lets a rerun recognise an unchanged input."""
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import dask.array as da
 import numpy as np
@@ -20,8 +21,9 @@ from .subject import Subject
 
 
 def update_meta(path: str, extra: dict, storage_options: dict | None = None) -> None:
+    """Add ``extra`` to a stored volume's helm-dask metadata (its stage key, its input's stamp)."""
     g = open_group(path, "r+", storage_options)
-    meta = dict(g.attrs["helm_dask"])
+    meta = dict(cast(dict, g.attrs["helm_dask"]))
     meta.update(extra)
     g.attrs["helm_dask"] = meta
 

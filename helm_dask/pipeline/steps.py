@@ -156,8 +156,9 @@ def _background_params(run: Run) -> dict:
 
 def _background(run: Run, key: str) -> dict:
     p, subj = run.p, run.subj
-    if p.mask:
-        mask = external_mask(subj, key, run.vols["scan_raw"], run.vols["scan_ras"], run.sha["mask"])
+    sha_mask = run.sha["mask"]
+    if p.mask and sha_mask is not None:  # fingerprint_inputs sets it whenever --mask is given
+        mask = external_mask(subj, key, run.vols["scan_raw"], run.vols["scan_ras"], sha_mask)
     else:
         mask = background_mod.brain_mask(run.vols["scan_ras"], fluid=p.fluid)
     return {"mask_ras": subj.save("mask_ras", mask, key, "background", run.params_of("background"))}

@@ -137,7 +137,7 @@ class Subject:
             prov = read_nifti_provenance(path, storage_options=self.so)
         except HelmError:
             return False
-        return bool(prov) and prov.get("stage_key") == key
+        return prov is not None and bool(prov) and prov.get("stage_key") == key
 
     def save(self, name: str, vol, key: str, stage: str, params: dict, batch_chunks: int | None = None) -> Any:
         """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
