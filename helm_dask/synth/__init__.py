@@ -9,8 +9,6 @@ The method (the five steps of a sample, the rounding convention, laziness and ra
 
 from __future__ import annotations
 
-from typing import Any
-
 from .config import SynthConfig
 from .gather import gather_tasks
 from .generate import generate_sample, iter_samples
@@ -35,15 +33,3 @@ __all__ = [
     "sample_params",
     "write_samples",
 ]
-
-#: The ``helm-dask synth`` command line moved to :mod:`helm_dask.cli.synth`; these names stay importable from
-#: here (loaded on first use, so that importing the generator does not import the command line).
-_CLI_NAMES = ("add_synth_parser", "cmd_synth", "config_from_args")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CLI_NAMES:
-        from ..cli import synth as cli_synth
-
-        return getattr(cli_synth, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
