@@ -91,10 +91,12 @@ def _src_hash(module) -> str:
 
 
 def versions() -> str:
-    from helm_dask import background, phantom, phantom_mni
+    from helm_dask import background, coarse, phantom, phantom_mni
 
+    # the bag removal's code: background.py and, since the redesign, the coarse-grid helpers it uses
     return (
-        f"background.py {_src_hash(background)}, phantom v{phantom.PHANTOM_MODEL_VERSION} "
+        f"background.py {_src_hash(background)}, coarse.py {_src_hash(coarse)}, "
+        f"phantom v{phantom.PHANTOM_MODEL_VERSION} "
         f"({_src_hash(phantom)}), phantom_mni v{phantom_mni.MNI_MODEL_VERSION} ({_src_hash(phantom_mni)})"
         + (", snapshot" if os.environ.get(_SNAPSHOT_ENV) else "")
     )
