@@ -562,7 +562,7 @@ def run_child(argv: list[str], max_bytes: float) -> tuple[int, int, bool]:
     return p.returncode, peak, killed
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-spacing", type=float, required=True)
     ap.add_argument("--spacing", default="0.3", help="working spacing in mm, or native")
@@ -581,160 +581,181 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.spacing != "native":
         a.spacing = f"{float(a.spacing):g}"
-    if a.child:
-        return child(a)
+    return a
 
+
+def dry_run(a, todo: list[str], n_in: int, n_ws: int, model_path: Path, max_bytes: float) -> int:
+    """Print each stage's predicted peak (nothing is run)."""
+    print(f"input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels):")
+    for stage in todo:
+        n = stage_voxels(stage, n_in, n_ws)
+        pred = predict(stage, n, load_model(model_path))
+        if pred is None:
+            print(f"  {stage:10s} no measurement")
+        elif pred[0] > max_bytes:
+            print(f"  {stage:10s} {does_not_fit(pred[0], pred[1], n, max_bytes)}")
+        else:
+            print(
+                f"  {stage:10s} predicted {pred[0] / GIB:.2f} GB at {n:,} voxels "
+                f"({pred[1]['bytes_per_voxel']:.1f} B/voxel measured at {pred[1]['n']:,})"
+            )
+    return 0
+
+
+class Session:
+    """What every stage of one parent run shares: arguments, sizes, the cache, where inputs and rows go."""
+
+    def __init__(self, a, n_in: int, n_ws: int):
+        from pipeline import ensure_inputs
+
+        from helm_dask.phantom import phantom_geometry
+
+        self.a, self.n_in, self.n_ws = a, n_in, n_ws
+        self.work = Path(a.workdir)
+        self.native = a.spacing == "native"
+        self.model_path = self.work / "reference_memory.json"
+        self.max_bytes = a.max_gb * GIB
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.scan, self.hyp, _ = ensure_inputs(self.work, a.input_spacing)  # the phantom's NIfTI pair (unmeasured)
+        self.cache = Cache(self.work / f"reference_{a.input_spacing:g}mm_{a.spacing}", self.native)
+        # the mirror reference uses the phantom's true medial plane: T = world -> object frame (medial face X = 0)
+        self.cache.set_affine(
+            "mirror_transform", np.linalg.inv(phantom_geometry(a.input_spacing, "L")["object_to_world"])
+        )
+        self.run_dir = self.work / f"run_{a.input_spacing:g}_{a.spacing}"
+        self.out_csv = results_path()
+        self.common = {"spacing_mm": a.input_spacing, "work_spacing_mm": a.spacing, "voxels": n_in, "workers": 1}
+
+
+def gather_inputs(s: Session, stage: str, note: list[str]) -> list[str]:
+    """Put the stage's inputs in the cache (from the phantom or the pipeline's run when no reference made them).
+
+    Returns the names that could not be found; appends to ``note`` where each input came from.
+    """
+    cache = s.cache
+    needed = []
+    for name in stage_inputs(stage):  # on the native grid the working-grid inputs are the RAS+ ones
+        needed += NATIVE_ALIAS.get(name, [name]) if s.native and not cache.has(name) else [name]
+    missing = []
+    for name in dict.fromkeys(needed):
+        if name == "mask_ras":
+            note.append("mask: the phantom's true brain mask")
+        if cache.has(name):
+            continue
+        if name in PHANTOM_NAMES:
+            materialise_from_phantom(cache, name, s.a.input_spacing)
+            if name != "mask_ras":
+                note.append(f"input {name} generated from the phantom (the orient reference did not run)")
+        elif materialise_from_pipeline(cache, name, s.run_dir):
+            note.append(f"input {name} from helm-dask's pipeline output")
+        else:
+            missing.append(name)
+    return missing
+
+
+def child_argv(s: Session, stage: str, res_file: Path) -> list[str]:
+    """The command line of the fresh subprocess that runs one stage's reference."""
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--input-spacing",
+        str(s.a.input_spacing),
+        "--spacing",
+        s.a.spacing,
+        "--child",
+        stage,
+        "--cache",
+        str(s.cache.root),
+        "--scan",
+        str(s.scan),
+        "--hyp",
+        str(s.hyp),
+        "--result-file",
+        str(res_file),
+    ]
+
+
+def record_measured(s: Session, stage: str, n: int, grid: str, note: list[str], r: dict, sampled: int) -> None:
+    """The row of a stage that ran to the end (and its bytes per voxel into the memory model)."""
     from harness import append_row
-    from pipeline import ensure_inputs
 
-    work = Path(a.workdir)
-    n_in, n_ws = grid_sizes(a.input_spacing, a.spacing)
-    native = a.spacing == "native"
-    model_path = work / "reference_memory.json"
-    max_bytes = a.max_gb * GIB
-    todo = [s for s in STAGES if s in a.stages and not (s == "resample" and native)]
-    if a.dry_run:
-        print(f"input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels):")
-        for stage in todo:
-            n = stage_voxels(stage, n_in, n_ws)
-            pred = predict(stage, n, load_model(model_path))
-            if pred is None:
-                print(f"  {stage:10s} no measurement")
-            elif pred[0] > max_bytes:
-                print(f"  {stage:10s} {does_not_fit(pred[0], pred[1], n, max_bytes)}")
-            else:
-                print(
-                    f"  {stage:10s} predicted {pred[0] / GIB:.2f} GB at {n:,} voxels "
-                    f"({pred[1]['bytes_per_voxel']:.1f} B/voxel measured at {pred[1]['n']:,})"
-                )
-        return 0
-    work.mkdir(parents=True, exist_ok=True)
-    scan, hyp, _ = ensure_inputs(work, a.input_spacing)  # the phantom's NIfTI pair (unmeasured)
-    cache = Cache(work / f"reference_{a.input_spacing:g}mm_{a.spacing}", native)
-    from helm_dask.phantom import phantom_geometry
-
-    # the mirror reference uses the phantom's true medial plane: T = world -> object frame (medial face X = 0)
-    cache.set_affine("mirror_transform", np.linalg.inv(phantom_geometry(a.input_spacing, "L")["object_to_world"]))
-    run_dir = work / f"run_{a.input_spacing:g}_{a.spacing}"
-    out_csv = results_path()
+    cache, a = s.cache, s.a
+    if stage == "background":
+        # the plain mask is measured, not passed on (a global threshold cannot separate the fluid under
+        # the phantom's bias field): later stages use the true mask, so they work on a brain-sized mask
+        if not cache.has("mask_ras"):
+            materialise_from_phantom(cache, "mask_ras", a.input_spacing)
+        d = dice(cache.path("mask_ras_plain"), cache.path("mask_ras"))
+        r["detail"] += f"; Dice {d:.3f} against the true mask (not passed on)"
+        cache.path("mask_ras_plain").unlink(missing_ok=True)
+    bpv = record(s.model_path, stage, n, r["base_bytes"], r["peak_bytes"], a.input_spacing, a.spacing)
+    note += [
+        r["detail"],
+        f"stage grid {grid}; {bpv:.1f} B/voxel above a {r['base_bytes'] / 2**20:.0f} MB "
+        f"interpreter" + (f"; inputs loaded in {r['load_s']:.1f} s (not timed)" if stage != "orient" else ""),
+    ]
+    row = dict(
+        s.common,
+        stage=f"reference:{stage}",
+        wall_s=round(r["wall_s"], 2),
+        mvox_per_s=round(s.n_in / r["wall_s"] / 1e6, 2) if r["wall_s"] > 0 else "",
+        peak_rss_mb=round(r["peak_bytes"] / 2**20),
+        read_mb=round(r["read_bytes"] / 2**20),
+        written_mb=round(r["written_bytes"] / 2**20),
+        note="; ".join(note),
+    )
+    append_row(row, s.out_csv)
     print(
-        f"reference: input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels),"
-        f" rows -> {out_csv}",
+        f"  {stage}: {r['wall_s']:.2f} s, peak {r['peak_bytes'] / 2**20:.0f} MB "
+        f"(sampled {sampled / 2**20:.0f} MB), {bpv:.1f} B/voxel -- {r['detail']}",
         flush=True,
     )
-    common = {"spacing_mm": a.input_spacing, "work_spacing_mm": a.spacing, "voxels": n_in, "workers": 1}
-    if native and "resample" in a.stages:
-        print("  resample: skipped (native working grid)", flush=True)
-    try:
-        for stage in todo:
-            n = stage_voxels(stage, n_in, n_ws)
-            grid = f"{n:,} voxels" + (" (input + working grid)" if stage == "resample" else "")
-            note = [a.note] if a.note else []
-            pred = predict(stage, n, load_model(model_path))
-            if pred is not None and pred[0] > max_bytes:
-                msg = does_not_fit(pred[0], pred[1], n, max_bytes)
-                print(f"  {stage}: {msg}", flush=True)
-                append_row(dict(common, stage=f"reference:{stage}", note="; ".join(note + [msg])), out_csv)
-                continue
-            needed = []
-            for name in stage_inputs(stage):  # on the native grid the working-grid inputs are the RAS+ ones
-                needed += NATIVE_ALIAS.get(name, [name]) if native and not cache.has(name) else [name]
-            missing = []
-            for name in dict.fromkeys(needed):
-                if name == "mask_ras":
-                    note.append("mask: the phantom's true brain mask")
-                if cache.has(name):
-                    continue
-                if name in PHANTOM_NAMES:
-                    materialise_from_phantom(cache, name, a.input_spacing)
-                    if name != "mask_ras":
-                        note.append(f"input {name} generated from the phantom (the orient reference did not run)")
-                elif materialise_from_pipeline(cache, name, run_dir):
-                    note.append(f"input {name} from helm-dask's pipeline output")
-                else:
-                    missing.append(name)
-            if missing:
-                msg = f"not run: inputs {missing} missing (upstream reference not run; no {run_dir.name} either)"
-                print(f"  {stage}: {msg}", flush=True)
-                continue
-            res_file = cache.root / f"result_{stage}.json"
-            res_file.unlink(missing_ok=True)
-            argv_c = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--input-spacing",
-                str(a.input_spacing),
-                "--spacing",
-                a.spacing,
-                "--child",
-                stage,
-                "--cache",
-                str(cache.root),
-                "--scan",
-                str(scan),
-                "--hyp",
-                str(hyp),
-                "--result-file",
-                str(res_file),
-            ]
-            print(
-                f"  {stage}: running on {grid}" + (f", predicted peak {pred[0] / GIB:.2f} GB" if pred else ""),
-                flush=True,
-            )
-            rc, sampled, killed = run_child(argv_c, max_bytes)
-            if killed or rc != 0 or not res_file.exists():
-                why = (
-                    f"killed: RSS passed --max-gb {a.max_gb:g} at {n:,} voxels"
-                    if killed
-                    else f"failed (exit code {rc})"
-                )
-                print(f"  {stage}: {why}", flush=True)
-                append_row(
-                    dict(
-                        common,
-                        stage=f"reference:{stage}",
-                        peak_rss_mb=round(sampled / 2**20),
-                        note="; ".join(note + [why]),
-                    ),
-                    out_csv,
-                )
-                if not killed:
-                    return 1
-                continue
-            r = json.loads(res_file.read_text())
-            if stage == "background":
-                # the plain mask is measured, not passed on (a global threshold cannot separate the fluid under
-                # the phantom's bias field): later stages use the true mask, so they work on a brain-sized mask
-                if not cache.has("mask_ras"):
-                    materialise_from_phantom(cache, "mask_ras", a.input_spacing)
-                d = dice(cache.path("mask_ras_plain"), cache.path("mask_ras"))
-                r["detail"] += f"; Dice {d:.3f} against the true mask (not passed on)"
-                cache.path("mask_ras_plain").unlink(missing_ok=True)
-            bpv = record(model_path, stage, n, r["base_bytes"], r["peak_bytes"], a.input_spacing, a.spacing)
-            note += [
-                r["detail"],
-                f"stage grid {grid}; {bpv:.1f} B/voxel above a {r['base_bytes'] / 2**20:.0f} MB "
-                f"interpreter" + (f"; inputs loaded in {r['load_s']:.1f} s (not timed)" if stage != "orient" else ""),
-            ]
-            row = dict(
-                common,
+
+
+def run_stage(s: Session, stage: str) -> int | None:
+    """Predict, gather inputs, run one stage in a child and write its row; 1 when the child failed (not killed)."""
+    from harness import append_row
+
+    a = s.a
+    n = stage_voxels(stage, s.n_in, s.n_ws)
+    grid = f"{n:,} voxels" + (" (input + working grid)" if stage == "resample" else "")
+    note = [a.note] if a.note else []
+    pred = predict(stage, n, load_model(s.model_path))
+    if pred is not None and pred[0] > s.max_bytes:
+        msg = does_not_fit(pred[0], pred[1], n, s.max_bytes)
+        print(f"  {stage}: {msg}", flush=True)
+        append_row(dict(s.common, stage=f"reference:{stage}", note="; ".join(note + [msg])), s.out_csv)
+        return None
+    missing = gather_inputs(s, stage, note)
+    if missing:
+        msg = f"not run: inputs {missing} missing (upstream reference not run; no {s.run_dir.name} either)"
+        print(f"  {stage}: {msg}", flush=True)
+        return None
+    res_file = s.cache.root / f"result_{stage}.json"
+    res_file.unlink(missing_ok=True)
+    print(
+        f"  {stage}: running on {grid}" + (f", predicted peak {pred[0] / GIB:.2f} GB" if pred else ""),
+        flush=True,
+    )
+    rc, sampled, killed = run_child(child_argv(s, stage, res_file), s.max_bytes)
+    if killed or rc != 0 or not res_file.exists():
+        why = f"killed: RSS passed --max-gb {a.max_gb:g} at {n:,} voxels" if killed else f"failed (exit code {rc})"
+        print(f"  {stage}: {why}", flush=True)
+        append_row(
+            dict(
+                s.common,
                 stage=f"reference:{stage}",
-                wall_s=round(r["wall_s"], 2),
-                mvox_per_s=round(n_in / r["wall_s"] / 1e6, 2) if r["wall_s"] > 0 else "",
-                peak_rss_mb=round(r["peak_bytes"] / 2**20),
-                read_mb=round(r["read_bytes"] / 2**20),
-                written_mb=round(r["written_bytes"] / 2**20),
-                note="; ".join(note),
-            )
-            append_row(row, out_csv)
-            print(
-                f"  {stage}: {r['wall_s']:.2f} s, peak {r['peak_bytes'] / 2**20:.0f} MB "
-                f"(sampled {sampled / 2**20:.0f} MB), {bpv:.1f} B/voxel -- {r['detail']}",
-                flush=True,
-            )
-    finally:
-        if not a.keep_cache:
-            shutil.rmtree(cache.root, ignore_errors=True)
+                peak_rss_mb=round(sampled / 2**20),
+                note="; ".join(note + [why]),
+            ),
+            s.out_csv,
+        )
+        return None if killed else 1
+    record_measured(s, stage, n, grid, note, json.loads(res_file.read_text()), sampled)
+    return None
+
+
+def print_model(model_path: Path) -> None:
     model = load_model(model_path)
     print("measured bytes per voxel (peak - interpreter) / stage voxels:", flush=True)
     for stage in STAGES:
@@ -744,6 +765,33 @@ def main(argv=None) -> int:
                 f"  (input {m['input_spacing']} mm, work {m['work_spacing']})",
                 flush=True,
             )
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.child:
+        return child(a)
+    n_in, n_ws = grid_sizes(a.input_spacing, a.spacing)
+    native = a.spacing == "native"
+    todo = [s for s in STAGES if s in a.stages and not (s == "resample" and native)]
+    if a.dry_run:
+        return dry_run(a, todo, n_in, n_ws, Path(a.workdir) / "reference_memory.json", a.max_gb * GIB)
+    s = Session(a, n_in, n_ws)
+    print(
+        f"reference: input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels),"
+        f" rows -> {s.out_csv}",
+        flush=True,
+    )
+    if native and "resample" in a.stages:
+        print("  resample: skipped (native working grid)", flush=True)
+    try:
+        for stage in todo:
+            if run_stage(s, stage) is not None:
+                return 1
+    finally:
+        if not a.keep_cache:
+            shutil.rmtree(s.cache.root, ignore_errors=True)
+    print_model(s.model_path)
     return 0
 
 

@@ -43,15 +43,8 @@ CLASS_ORDER = (1, 2, 3, 5)
 CLASS_SHORT = {1: "CSF/fluid", 2: "GM", 3: "WM", 4: "deep GM", 5: "hypothalamus"}
 
 
-def run_fluid(fluid: str, args, work: Path) -> dict:
-    """Phantom + pipeline for one fluid; returns ``{"stages": [...], "agreement": ..., "error": ...}``."""
-    from helm_dask.phantom_io import write_phantom
-    from helm_dask.pipeline import RunParams, run_subject
-
-    res: dict = {"fluid": fluid, "stages": [], "agreement": None, "error": None, "background": None}
-    ph = work / f"phantom_{fluid}"
-    out = work / f"run_{fluid}"
-    shutil.rmtree(out, ignore_errors=True)
+def _context(fluid: str, args) -> tuple[dict, str]:
+    """The columns every row of this fluid shares, and the note's prefix."""
     base = {
         "spacing_mm": args.spacing,
         "work_spacing_mm": args.work_spacing,
@@ -62,6 +55,12 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
         f"issue 17 item 6; template phantom, fluid {fluid}, bag gap {args.bag_gap_mm:g} mm, seed {args.seed}, "
         f"side L; run --side auto --fluid auto" + (f"; {args.note}" if args.note else "")
     )
+    return base, tag
+
+
+def write_template_phantom(fluid: str, args, ph: Path, base: dict, tag: str) -> dict:
+    """Write the template phantom for one fluid (its own row); returns its output paths. Sets ``base["voxels"]``."""
+    from helm_dask.phantom_io import write_phantom
 
     with Sampler() as s:
         t0 = time.perf_counter()
@@ -95,6 +94,119 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
         )
     )
     print(f"[{fluid}] phantom written in {dt:.1f}s ({nvox:,} voxels)", flush=True)
+    return outputs
+
+
+class StageLog:
+    """The run's ``log`` callback: turns its messages into one row per stage (and the gaps between stages).
+
+    Phases: a stage ("<stage>: computing" .. "done in"), or "between" (NIfTI exports, side decision), or the QC.
+    """
+
+    def __init__(self, s: Sampler, fluid: str, base: dict, tag: str, res: dict):
+        self.s, self.fluid, self.base, self.tag, self.res = s, fluid, base, tag, res
+        self.nvox = base["voxels"]
+        self.cur: dict = {"phase": None, "stage": None, "t": time.perf_counter()}
+        self.between = {"s": 0.0, "peak": 0, "rd": 0, "wr": 0}
+
+    def row(
+        self, stage: str, status: str, dt: float, peak: int, rd: int, wr: int, load: float, extra: str = ""
+    ) -> None:
+        r = dict(
+            self.base,
+            stage=f"template-run:{self.fluid}:{stage}",
+            wall_s=round(dt, 2),
+            mvox_per_s=round(self.nvox / dt / 1e6, 2) if dt > 0 else "",
+            peak_rss_mb=round(peak / 2**20),
+            read_mb=round(rd / 2**20),
+            written_mb=round(wr / 2**20),
+            load_avg=round(load, 1),
+            note="; ".join(x for x in (self.tag, f"status {status}", extra) if x),
+        )
+        append_row(r)  # at once: a run that dies later keeps what it finished
+        self.res["stages"].append({"stage": stage, "status": status, "seconds": round(dt, 2)})
+        print(f"[{self.fluid}] {stage}: {status} in {dt:.1f}s, peak {r['peak_rss_mb']} MB", flush=True)
+
+    def close_between(self, now: float) -> None:
+        peak, rd, wr = self.s.mark()
+        self.between["s"] += now - self.cur["t"]
+        self.between["peak"] = max(self.between["peak"], peak)
+        self.between["rd"] += rd
+        self.between["wr"] += wr
+
+    def __call__(self, msg: str) -> None:
+        s, cur = self.s, self.cur
+        print(f"  [{self.fluid}] {msg}", flush=True)
+        now = time.perf_counter()
+        if ": computing" in msg:
+            if cur["phase"] == "between":
+                self.close_between(now)
+            else:
+                s.mark()
+            cur.update(phase="stage", stage=msg.split(":", 1)[0], t=now)
+        elif ": done in" in msg:
+            peak, rd, wr = s.mark()
+            self.row(cur["stage"], "computed", now - cur["t"], peak, rd, wr, s.stage_load, s.stage_breakdown)
+            cur.update(phase="between", stage="between stages", t=now)
+        elif ": written in" in msg and cur["phase"] == "between":
+            self.close_between(now)
+            cur["t"] = now
+        elif msg.startswith("QC report:"):
+            peak, rd, wr = s.mark()
+            self.row(
+                "qc",
+                "computed",
+                now - cur["t"],
+                peak,
+                rd,
+                wr,
+                s.stage_load,
+                "QC page incl. the k-means agreement pass (reference import, resample, 6 tables)",
+            )
+            cur.update(phase="done", stage=None, t=now)
+
+    def failed(self, e: Exception) -> None:
+        """The row of the stage the run died in, with the error verbatim."""
+        cur = self.cur
+        where = cur["stage"] or ("qc" if cur["phase"] == "between" else "start")
+        self.res["error"] = {
+            "stage": where,
+            "type": type(e).__name__,
+            "message": str(e),
+            "traceback": traceback.format_exc(),
+        }
+        print(self.res["error"]["traceback"], file=sys.stderr, flush=True)
+        peak, rd, wr = self.s.mark()
+        self.row(
+            where,
+            "FAILED",
+            time.perf_counter() - cur["t"],
+            peak,
+            rd,
+            wr,
+            self.s.stage_load,
+            f"error verbatim: {type(e).__name__}: {e}",
+        )
+
+    def close(self) -> None:
+        """The row that sums the gaps between stages."""
+        b = self.between
+        if b["s"] > 0:
+            self.row(
+                "between-stages",
+                "computed",
+                b["s"],
+                b["peak"],
+                b["rd"],
+                b["wr"],
+                self.s.mean_load,
+                "sum of the gaps between stages: the NIfTI exports and the side decision",
+            )
+
+
+def run_pipeline(fluid: str, args, outputs: dict, out: Path, base: dict, tag: str, res: dict) -> None:
+    """``run_subject`` on the phantom with a row per stage and one for the whole run; sets ``res["total_s"]``."""
+    from helm_dask.pipeline import RunParams, run_subject
 
     params = RunParams(
         scan=outputs["scan"],
@@ -105,101 +217,17 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
         subject="template",
         reference_tissue=outputs["truth_tissue"],
     )
-    # phases: a stage ("<stage>: computing" .. "done in"), or "between" (NIfTI exports, side decision), or the QC
-    cur = {"phase": None, "stage": None, "t": time.perf_counter()}
-    between = {"s": 0.0, "peak": 0, "rd": 0, "wr": 0}
-
+    nvox = base["voxels"]
     with Sampler() as s:
-
-        def row(stage: str, status: str, dt: float, peak: int, rd: int, wr: int, load: float, extra: str = "") -> None:
-            r = dict(
-                base,
-                stage=f"template-run:{fluid}:{stage}",
-                wall_s=round(dt, 2),
-                mvox_per_s=round(nvox / dt / 1e6, 2) if dt > 0 else "",
-                peak_rss_mb=round(peak / 2**20),
-                read_mb=round(rd / 2**20),
-                written_mb=round(wr / 2**20),
-                load_avg=round(load, 1),
-                note="; ".join(x for x in (tag, f"status {status}", extra) if x),
-            )
-            append_row(r)  # at once: a run that dies later keeps what it finished
-            res["stages"].append({"stage": stage, "status": status, "seconds": round(dt, 2)})
-            print(f"[{fluid}] {stage}: {status} in {dt:.1f}s, peak {r['peak_rss_mb']} MB", flush=True)
-
-        def close_between(now: float) -> None:
-            peak, rd, wr = s.mark()
-            between["s"] += now - cur["t"]
-            between["peak"] = max(between["peak"], peak)
-            between["rd"] += rd
-            between["wr"] += wr
-
-        def log(msg: str) -> None:
-            print(f"  [{fluid}] {msg}", flush=True)
-            now = time.perf_counter()
-            if ": computing" in msg:
-                if cur["phase"] == "between":
-                    close_between(now)
-                else:
-                    s.mark()
-                cur.update(phase="stage", stage=msg.split(":", 1)[0], t=now)
-            elif ": done in" in msg:
-                peak, rd, wr = s.mark()
-                row(cur["stage"], "computed", now - cur["t"], peak, rd, wr, s.stage_load, s.stage_breakdown)
-                cur.update(phase="between", stage="between stages", t=now)
-            elif ": written in" in msg and cur["phase"] == "between":
-                close_between(now)
-                cur["t"] = now
-            elif msg.startswith("QC report:"):
-                peak, rd, wr = s.mark()
-                row(
-                    "qc",
-                    "computed",
-                    now - cur["t"],
-                    peak,
-                    rd,
-                    wr,
-                    s.stage_load,
-                    "QC page incl. the k-means agreement pass (reference import, resample, 6 tables)",
-                )
-                cur.update(phase="done", stage=None, t=now)
-
+        log = StageLog(s, fluid, base, tag, res)
         t0 = time.perf_counter()
         try:
             run_subject(params, log=log)
             status = "ok"
         except Exception as e:
             status = "FAILED"
-            where = cur["stage"] or ("qc" if cur["phase"] == "between" else "start")
-            res["error"] = {
-                "stage": where,
-                "type": type(e).__name__,
-                "message": str(e),
-                "traceback": traceback.format_exc(),
-            }
-            print(res["error"]["traceback"], file=sys.stderr, flush=True)
-            peak, rd, wr = s.mark()
-            row(
-                where,
-                "FAILED",
-                time.perf_counter() - cur["t"],
-                peak,
-                rd,
-                wr,
-                s.stage_load,
-                f"error verbatim: {type(e).__name__}: {e}",
-            )
-        if between["s"] > 0:
-            row(
-                "between-stages",
-                "computed",
-                between["s"],
-                between["peak"],
-                between["rd"],
-                between["wr"],
-                s.mean_load,
-                "sum of the gaps between stages: the NIfTI exports and the side decision",
-            )
+            log.failed(e)
+        log.close()
         total = time.perf_counter() - t0
         append_row(
             dict(
@@ -215,6 +243,10 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
             )
         )
     res["total_s"] = round(total, 2)
+
+
+def read_run_json(out: Path, res: dict) -> None:
+    """The run's own stage times, the fluid it decided and the k-means agreement, from its run.json."""
     run_json = out / "template" / "run.json"
     if run_json.exists():
         info = json.loads(run_json.read_text())
@@ -224,6 +256,10 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
         bg = info.get("background") or {}
         res["background"] = {"fluid_side": bg.get("fluid_side"), "mask_mm3": info.get("mask_mm3")}
         res["agreement"] = info.get("kmeans_agreement")
+
+
+def agreement_rows(fluid: str, base: dict, tag: str, res: dict) -> None:
+    """One ``template-agree:<fluid>:k<k>`` row per k (ARI and Dice per class in the note)."""
     ag = res["agreement"]
     if ag and not ag.get("error"):
         for k, r in sorted(ag["ks"].items(), key=lambda kv: int(kv[0])):
@@ -246,6 +282,19 @@ def run_fluid(fluid: str, args, work: Path) -> dict:
             )
     elif ag:
         res["error"] = res["error"] or {"stage": "qc", "type": "agreement", "message": ag["error"]}
+
+
+def run_fluid(fluid: str, args, work: Path) -> dict:
+    """Phantom + pipeline for one fluid; returns ``{"stages": [...], "agreement": ..., "error": ...}``."""
+    res: dict = {"fluid": fluid, "stages": [], "agreement": None, "error": None, "background": None}
+    ph = work / f"phantom_{fluid}"
+    out = work / f"run_{fluid}"
+    shutil.rmtree(out, ignore_errors=True)
+    base, tag = _context(fluid, args)
+    outputs = write_template_phantom(fluid, args, ph, base, tag)
+    run_pipeline(fluid, args, outputs, out, base, tag, res)
+    read_run_json(out, res)
+    agreement_rows(fluid, base, tag, res)
     if not args.keep:
         shutil.rmtree(ph, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -357,6 +357,7 @@ def test_four_d_input_raises():
 # -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing_mm", [1.0, 2.0])
 def test_phantom_brain_mask(spacing_mm):
     """Also on a coarse 2 mm input (the pipeline tests' size), where the bag lining is only one voxel deep."""
@@ -404,6 +405,7 @@ def _check_template_mask(spacing_mm, fluid, gap, max_detached=0):
     assert info["fluid"] == "auto"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gap", [0.0, 5.0])
 @pytest.mark.parametrize("fluid", ["bright", "dark", "none"])
 def test_template_phantom_mask_1mm(fluid, gap):

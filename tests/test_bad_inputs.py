@@ -541,6 +541,7 @@ CASES = [
         clean=False,
         env={"HELM_DASK_FAULT": "ENOSPC@write:kmeans_k4"},
         setup=_from_baseline(*KMEANS),
+        slow=True,
     ),
     Case(
         "run-disk-full-nifti",
@@ -577,6 +578,7 @@ CASES = [
         env={"HELM_DASK_FAULT": "interrupt@write:kmeans_k4"},
         setup=_from_baseline(*KMEANS),
         check=_check_resumed(130),
+        slow=True,
     ),
     Case(
         "run-ctrl-c-during-export",
@@ -607,6 +609,7 @@ CASES = [
         setup=_from_baseline(*MIRROR),
         check=_check_resumed(-9),
         killed=True,
+        slow=True,
     ),
     Case(
         "run-sigint-from-outside-then-resume",
@@ -614,6 +617,7 @@ CASES = [
         0,
         None,
         check=_check_external_interrupt(signal.SIGINT, 130),
+        slow=True,
     ),
     Case(
         "run-sigterm-from-outside",
@@ -621,9 +625,10 @@ CASES = [
         0,
         None,
         check=_check_external_interrupt(signal.SIGTERM, 143, resume=False),
+        slow=True,
     ),
-    Case("run-two-concurrent-runs", ["--version"], 0, None, check=_check_concurrent),
-    Case("run-verify-inputs", ["--version"], 0, None, check=_check_verify_inputs),
+    Case("run-two-concurrent-runs", ["--version"], 0, None, check=_check_concurrent, slow=True),
+    Case("run-verify-inputs", ["--version"], 0, None, check=_check_verify_inputs, slow=True),
     # -- manifests (items 1, 2 and 7)
     Case(
         "manifest-duplicate-default-names",
@@ -784,6 +789,7 @@ CASES = [
             f"subjects:\n  - {ROW}, subject: good}}\n"
             "  - {scan: garbage.nii.gz, hypothalamus: hypothalamus.nii.gz, subject: broken}\n"
         ),
+        slow=True,
     ),
     # -- convert
     Case(
@@ -919,6 +925,7 @@ def test_the_table_is_big_enough():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES])
 def test_bad_input(case: Case, world, tmp_path, capsys):
     d = tmp_path

@@ -312,6 +312,7 @@ def test_bad_inputs_raise(synth):
 # -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_phantom_bias():
     phantom = pytest.importorskip("helm_dask.phantom")
     vols = phantom.phantom(1.0, chunks=64)

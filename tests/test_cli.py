@@ -20,6 +20,7 @@ def run_cli(*args, expect=0, capsys=None):
     return code
 
 
+@pytest.mark.e2e
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "helm_dask.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
@@ -27,6 +28,7 @@ def test_console_script_installed():
         assert cmd in out.stdout
 
 
+@pytest.mark.e2e
 def test_phantom_folder_and_store(tmp_path, capsys):
     run_cli("phantom", tmp_path / "ph", "--spacing", 4, "--side", "R", "--seed", 3, "--scheduler", "threads", "--quiet")
     for name in ("scan", "hypothalamus", "truth_mask", "truth_tissue", "truth_bias"):
@@ -44,11 +46,13 @@ def test_phantom_folder_and_store(tmp_path, capsys):
     np.testing.assert_allclose(scan.attrs["affine"], nib.load(tmp_path / "ph" / "scan.nii.gz").affine, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_phantom_echoes(tmp_path):
     run_cli("phantom", tmp_path / "e.zarr", "--spacing", 6, "--echoes", 4, "--scheduler", "threads", "--quiet")
     assert open_volume(tmp_path / "e.zarr" / "scan").dims == ("x", "y", "z", "echo")
 
 
+@pytest.mark.e2e
 def test_convert_and_info(tmp_path, capsys):
     data = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
     aff = np.array([[0, 0, 0.2, 1], [-0.2, 0, 0, 2], [0, -0.2, 0, 3], [0, 0, 0, 1.0]])
@@ -113,6 +117,8 @@ def test_bad_k(tmp_path, capsys, k, msg):
     assert code == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_convert_on_a_local_cluster(tmp_path, capsys):
     """The default path: a dask.distributed LocalCluster of worker processes, dashboard link printed."""
     rng = np.random.default_rng(0)

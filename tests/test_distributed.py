@@ -411,6 +411,8 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> 
 # a. a real scheduler and two workers
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_real_cluster_gives_identical_outputs(phantom, reference, tcp_cluster, tmp_path):
     assert tcp_cluster.address.startswith("tcp://127.0.0.1:")
     res = helm(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.sched_file))  # via the scheduler file
@@ -424,6 +426,8 @@ def test_real_cluster_gives_identical_outputs(phantom, reference, tcp_cluster, t
 # b. a worker killed midway through a stage
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, tmp_path):
     before = tcp_cluster.worker_pids()
     proc, seen = run_until(run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address), f"{KILL_STAGE}: computing")
@@ -452,6 +456,8 @@ def test_worker_killed_midway_changes_nothing(phantom, reference, tcp_cluster, t
 # c. the client killed midway through a stage
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_killed_midway_leaves_no_final_output_and_resumes(phantom, reference, tcp_cluster, tmp_path):
     args = run_args(phantom, tmp_path, "--scheduler", tcp_cluster.address)
     proc, seen = run_until(args, f"{KILL_STAGE}: computing")
@@ -500,6 +506,8 @@ def test_client_killed_midway_leaves_no_final_output_and_resumes(phantom, refere
 # d. TLS
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_run_succeeds_and_matches(phantom, reference, tls_cluster, certs, tmp_path):
     addr = tls_cluster.address
     assert addr.startswith("tls://127.0.0.1:")
@@ -537,6 +545,8 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_scheduler_refuses_clients_without_certificates(phantom, tls_cluster, certs, tmp_path):
     addr = tls_cluster.address
     port = addr.rsplit(":", 1)[1]
@@ -585,6 +595,7 @@ def test_tls_scheduler_refuses_clients_without_certificates(phantom, tls_cluster
     assert not any(p.name.startswith(("a", "x")) for p in tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.slow
 def test_tls_from_a_dask_config_file_without_flags(tls_cluster, certs, tmp_path):
     """``DASK_CONFIG`` with distributed.comm.tls.* replaces the flags (checked with a small ``convert``)."""
     import yaml

@@ -56,6 +56,8 @@ def _status(info):
     return {k: v["status"] for k, v in info["stages"].items()}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["nii.gz", "mgz"])
 def test_external_mask_is_stored_recorded_and_resumes(phantom, tmp_path, fmt):
     data, aff = _truth(phantom)
@@ -125,6 +127,7 @@ def test_empty_and_nonfinite_masks_are_refused(phantom, tmp_path):
     assert str(nan) in str(ei.value) and "--nonfinite" not in str(ei.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", ["empty", "missing", "not_a_volume"])
 def test_cli_bad_mask_is_one_line_exit_2(phantom, tmp_path, capsys, case):
     data, aff = _truth(phantom)

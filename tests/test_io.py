@@ -543,6 +543,7 @@ def test_export_of_irregularly_chunked_lazy_volume(tmp_path):
     np.testing.assert_array_equal(nib.load(out).get_fdata(dtype=np.float32), data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_batched_store_under_a_distributed_client(tmp_path, batch):
     """The same on a distributed scheduler, where consecutive batches share input keys (the flipped chunks on a

@@ -340,6 +340,7 @@ def test_minibatch_within_two_percent_and_chunking_independent(data):
 # ------------------------------------------------------------------------------------------------ dask-ml
 
 
+@pytest.mark.slow
 def test_dask_ml_within_two_percent(data):
     pytest.importorskip("dask_ml")
     img, mask = data["img"], data["mask"]

@@ -142,6 +142,7 @@ def test_reference_on_grid_flip_and_spacing():
         reference_on_grid(vol, other, side="L", spacing=2.0)
 
 
+@pytest.mark.e2e
 def test_cli_reference_tissue_flag(tmp_path, capsys):
     from helm_dask.cli import main
 
@@ -214,6 +215,8 @@ def template_run(tmp_path_factory):
     return root / "out" / "t", info
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_run_reports_kmeans_agreement(template_run):
     d, info = template_run
     run = json.loads((d / "run.json").read_text())
@@ -234,6 +237,8 @@ def test_run_reports_kmeans_agreement(template_run):
     assert qc["kmeans_agreement"]["ks"]["6"]["ari"] == pytest.approx(ag["ks"]["6"]["ari"])
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_without_reference_nothing_changes(template_run, tmp_path):
     from helm_dask.pipeline import RunParams
     from helm_dask.qc import _reference_agreement, _Subject
@@ -250,6 +255,8 @@ def test_without_reference_nothing_changes(template_run, tmp_path):
     assert (d / "run.json").read_text() == before
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_template_run_mirror_plane_is_the_medial_plane(template_run):
     """Real anatomy end to end: the mirror plane fitted to the pipeline's own mask of the template phantom is
     the template's mid-sagittal plane (the hemisection is a curved cut near it), and the anatomical check

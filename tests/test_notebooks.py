@@ -112,6 +112,8 @@ def test_there_are_three_notebooks_committed_without_outputs():
         assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
 
 
+@pytest.mark.notebook
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, checks",
     [
@@ -144,6 +146,8 @@ def test_notebook_executes(name, checks, tmp_path):
         assert dice > 0.98 and corr > 0.9, (dice, corr)
 
 
+@pytest.mark.notebook
+@pytest.mark.slow
 def test_first_notebook_explores_a_big_volume_without_loading_it(tmp_path):
     """Notebook 01 at 0.2 mm: the kernel's private memory grows by less than half of one full volume."""
     spacing = 0.2

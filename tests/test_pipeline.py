@@ -14,6 +14,8 @@ from helm_dask.io.nifti import read_nifti_provenance
 from helm_dask.phantom_io import write_phantom
 from helm_dask.pipeline import RunParams, run_subject
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # every test runs the pipeline on phantoms
+
 SPACING_IN = 2.0  # mm: small phantoms keep the suite fast; the method is resolution-independent
 SPACING_WORK = 2.5
 KS = (4, 6)

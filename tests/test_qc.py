@@ -102,6 +102,8 @@ def _img_bytes(img: dict, report: Path) -> bytes:
 # -- the page ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_report_figures_are_valid_pngs(subjects):
     report = subjects["full_report"]
     assert report == subjects["full"] / "qc" / "report.html"
@@ -118,6 +120,8 @@ def test_report_figures_are_valid_pngs(subjects):
     assert "<link" not in text and "http://" not in text and "https://" not in text  # self-contained
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_report_facts(subjects):
     d = subjects["full"]
     text = _parse(subjects["full_report"]).text
@@ -133,6 +137,8 @@ def test_report_facts(subjects):
     assert summary["histogram"]["counts"] == km["extra"]["histogram"]["counts"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_volume_table_matches_numpy(subjects):
     d = subjects["full"]
     img = nib.load(d / "hypothalamus.nii.gz")
@@ -155,6 +161,8 @@ def test_volume_table_matches_numpy(subjects):
     assert any(line.startswith("801,L_hypothalamus_anterior_inferior,") for line in csv)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_until_preprocess_report_lists_missing(subjects):
     report = subjects["pre_report"]
     page = _parse(report)
@@ -174,6 +182,8 @@ def test_until_preprocess_report_lists_missing(subjects):
     assert summary["k"] is None and "label_map_k*" in summary["missing"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_fallback_histogram_matches_numpy(subjects):
     d = subjects["pre"]
     hist = json.loads((d / "qc" / "qc.json").read_text())["histogram"]
@@ -195,6 +205,8 @@ def test_fallback_histogram_matches_numpy(subjects):
     assert int(np.sum(hist["counts"])) == int((msk != 0).sum())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_hypothalamus_box_matches_numpy(subjects):
     d = subjects["full"]
     b = hypothalamus_box(d, "hypothalamus")
@@ -218,6 +230,8 @@ def test_choose_level(tmp_path):
     assert choose_level(p, 100) == 2 and choose_level(p, 20) == 2  # none small enough: the coarsest
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_bad_inputs(subjects, tmp_path):
     with pytest.raises(HelmError, match="subject folder not found"):
         write_qc_report(tmp_path / "nope")
@@ -251,6 +265,8 @@ def _rechunked_copy(src: Path, dst: Path, chunks) -> Path:
     return dst
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_only_planes_and_chunks_are_in_memory(subjects, tmp_path):
     d = _rechunked_copy(subjects["full"], tmp_path / "phL", SMALL_CHUNKS)
     names = (
@@ -290,6 +306,8 @@ def test_only_planes_and_chunks_are_in_memory(subjects, tmp_path):
 # -- headless browser -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_report_renders_in_headless_chromium(subjects, tmp_path):
     report = subjects["full_report"]

@@ -335,6 +335,8 @@ def s3_run(s3, phantom):
     return ls(s3, "out/scan")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_run_on_s3_matches_local(s3, s3_run, local_run):
     keys = s3_run
     local_files = sorted(p.name for p in local_run.iterdir() if p.is_file())
@@ -390,6 +392,8 @@ def test_run_on_s3_matches_local(s3, s3_run, local_run):
         )
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monkeypatch):
     import helm_dask.io.store as store
     import helm_dask.kmeans as km
@@ -471,6 +475,8 @@ def test_rerun_on_s3_writes_nothing_and_a_failed_stage_resumes(s3, s3_run, monke
     assert set(np.unique(np.asanyarray(img.dataobj)).tolist()) == set(range(6))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_localcluster_workers_get_the_options(s3, phantom, local_run, monkeypatch, tmp_path):
     """Workers see neither the endpoint nor credentials in their environment: only --storage-options."""
     secret = "s3cr3t-only-in-the-options"
