@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import HelmError
-from .io.location import is_url
-from .labels import K_MAX, K_MIN
+from .io.location import is_url, parse_storage_options
+from .labels import K_MAX, K_MIN, parse_label_map
 from .pipeline import RunParams, run_subject
 from .pipeline.options import run_option_actions
 
@@ -87,14 +87,10 @@ def _not(v) -> bool:
 
 
 def _label_map(v):
-    from .labels import parse_label_map
-
     return parse_label_map(v)
 
 
 def _storage_options(v):
-    from .io.location import parse_storage_options
-
     return parse_storage_options(v)
 
 

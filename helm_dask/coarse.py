@@ -20,6 +20,7 @@ import xarray as xr
 
 from . import arrays
 from .errors import HelmError
+from .io.store import compute_batched
 
 __all__ = [
     "as_dask",
@@ -230,8 +231,6 @@ def block_mean(
     >>> block_mean(v, (2, 2, 2))[0][0, 0, 0]
     np.float64(10.5)
     """
-    from .io.store import compute_batched
-
     arr = as_dask(vol)
     counts = _block_counts(arr.shape, factors)
     if mask is None:

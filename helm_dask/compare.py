@@ -18,6 +18,7 @@ from .errors import HelmError
 from .io import nifti_to_zarr, open_volume
 from .io.nifti import is_nifti_path
 from .layout import SubjectLayout
+from .metrics import compare_volumes, pair_by_name, summarise
 
 LABEL_EXTS = (".nii.gz", ".nii", ".zarr")
 
@@ -66,8 +67,6 @@ def compare_files(
     list of dict
         One row per label then per group.
     """
-    from .metrics import compare_volumes
-
     with tempfile.TemporaryDirectory(prefix="helm-compare-") as tmp:
         with opened_labels(a, tmp) as va, opened_labels(b, tmp) as vb:
             return compare_volumes(va, vb, labels=labels, groups=groups, resample_b=resample_b)
@@ -114,8 +113,6 @@ def compare_folders(
         ``(per_subject, summary, (only_a, only_b))``: rows per subject, :func:`~helm_dask.metrics.summarise`
         rows, and the names found in one folder only.
     """
-    from .metrics import pair_by_name, summarise
-
     fa, fb = _label_files(Path(a), filename), _label_files(Path(b), filename)
 
     def names(files):

@@ -9,7 +9,12 @@ import os
 import time
 from pathlib import Path
 
+from .batch import format_summary, run_batch
 from .cluster import ClusterOptions, compute_context
+from .compare import compare_files
+from .metrics import format_table
+from .phantom_io import write_phantom
+from .pipeline import RunParams
 
 
 def _say(quiet: bool, *msg) -> None:
@@ -45,12 +50,6 @@ def run_demo(
     int
         The exit status: 0 when every subject succeeded, else 4.
     """
-    from .batch import format_summary, run_batch
-    from .compare import compare_files
-    from .metrics import format_table
-    from .phantom_io import write_phantom
-    from .pipeline import RunParams
-
     out = Path(out)
     t0 = time.perf_counter()
     with compute_context(cluster or ClusterOptions(quiet=quiet)):

@@ -23,6 +23,8 @@ import xarray as xr
 
 from .errors import HelmError
 from .io.regions import stored_source_of
+from .io.store import open_volume, read_meta
+from .labels import RIGHT_OFFSET, SHORT_NAMES, SIDE_CODES, LabelTable, cluster_colour, load_label_table
 from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of
 
 __all__ = [
@@ -102,8 +104,6 @@ def store_info(vol: xr.DataArray) -> dict | None:
     try:
         import zarr
 
-        from .io.store import read_meta
-
         meta = read_meta(store)
         if meta.get("four_d"):
             return None
@@ -154,8 +154,6 @@ def grid_at(vol: xr.DataArray, level: int) -> Grid:
     level = int(level)
     info = store_info(vol)
     if info is not None:
-        from .io.store import open_volume
-
         top = min(level, info["nlevels"] - 1)
         if top == info["level"]:
             data, aff = vol.data, affine_of(vol)
@@ -176,8 +174,6 @@ def grid_at(vol: xr.DataArray, level: int) -> Grid:
 
 def _stored_shapes(path: str | os.PathLike) -> Iterator[tuple[int, ...]]:
     """The spatial shape of each level of a store, finest first (metadata only; a 4-D store's echoes dropped)."""
-    from .io.store import open_volume, read_meta
-
     for lev in range(int(read_meta(path).get("nlevels", 1))):
         yield tuple(open_volume(path, level=lev).shape[:3])
 
@@ -446,8 +442,6 @@ def _fallback_colour(code: int) -> tuple[float, ...]:
 
 
 def _as_table(table: Any):
-    from .labels import LabelTable, load_label_table
-
     if isinstance(table, LabelTable):
         return table
     return load_label_table(os.fspath(table) if isinstance(table, os.PathLike) else table)
@@ -505,8 +499,6 @@ def label_colormap(
     """
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    from .labels import LabelTable, cluster_colour
-
     if clusters not in CLUSTER_STYLES:
         raise HelmError(f"clusters must be one of {', '.join(CLUSTER_STYLES)}, got {clusters!r}")
     if codes is None or isinstance(codes, (LabelTable, str, os.PathLike)):
@@ -562,8 +554,6 @@ def label_legend(
     >>> [t for t, _ in label_legend([801, 250], n_clusters=4, clusters="grey")]
     ['801 L anterior-inferior', '250 fornix', 'cluster 1 (darkest)', 'cluster 4 (brightest)']
     """
-    from .labels import RIGHT_OFFSET, SHORT_NAMES, SIDE_CODES
-
     k = int(n_clusters or 0)
     named = [int(c) for c in codes if int(c) in SHORT_NAMES]
     shown = {"viridis": list(range(1, k + 1)), "grey": sorted({1, k}) if k else [], "none": []}[clusters]

@@ -19,6 +19,9 @@ import scipy.ndimage as ndi
 
 from .errors import HelmError
 from .labels import FORNIX, HYPOTHALAMUS, PAPER_GROUPS, SHORT_NAMES
+from .orient import flip_left_right, to_ras
+from .resample import resample_labels, resample_to_grid
+from .volume import affine_of, spacing_of
 
 # --------------------------------------------------------------------------------------------- constants
 
@@ -322,8 +325,6 @@ def _check_orthogonal(affine: np.ndarray, source: str | None) -> np.ndarray:
 
 def _same_grid(a_vol, b_vol, atol: float = 1e-6) -> str | None:
     """None when A and B share shape and affine (to ``atol``), else a description of the difference."""
-    from .volume import affine_of
-
     sa, sb = tuple(a_vol.shape), tuple(b_vol.shape)
     if sa != sb:
         return f"shapes differ: A {sa}, B {sb}"
@@ -500,8 +501,6 @@ def compare_volumes(
 
 def _aligned_pair(a_vol: Any, b_vol: Any, resample_b: bool) -> tuple[Any, Any, np.ndarray]:
     """``(a_data, b_data, affine)``: both maps checked and on A's grid (B resampled there if asked)."""
-    from .volume import affine_of
-
     a_data = _check_labels_volume(a_vol, "A")
     _check_labels_volume(b_vol, "B")
     src_a = a_vol.attrs.get("source") or None
@@ -514,7 +513,6 @@ def _aligned_pair(a_vol: Any, b_vol: Any, resample_b: bool) -> tuple[Any, Any, n
                 hint="Resample one map onto the other's grid by nearest neighbour "
                 "(helm_dask.resample.resample_to_grid, or resample_b=True) and compare again.",
             )
-        from .resample import resample_to_grid
 
         b_vol = resample_to_grid(b_vol, tuple(a_vol.shape), affine_of(a_vol), order=0)
     b_data = _check_labels_volume(b_vol, "B")
@@ -1206,10 +1204,6 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
         The tissue map on ``target_vol``'s grid, lazy; HelmError when the grids do not agree (shape, and affine
         to 1e-4 mm).
     """
-    from .orient import flip_left_right, to_ras
-    from .resample import resample_labels
-    from .volume import affine_of, spacing_of
-
     t = to_ras(tissue_vol)
     if str(side).upper() == "R":
         t = flip_left_right(t)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import HelmError
 from .labels import FORNIX, SIDE_CODES
-from .volume import make_volume, provenance_record
+from .volume import make_volume, orientation_code, provenance_record
 
 __all__ = [
     "ECHO_TIMES_MS",
@@ -595,8 +595,6 @@ def phantom_geometry(spacing_mm: float, side: str = "L") -> dict:
     >>> g["shape"], g["orientation"]
     ((1920, 820, 1300), 'PLI')
     """
-    from .volume import orientation_code
-
     s, sd = _check(spacing_mm, side)
     aff = _affine(s, sd)
     w = _world_geometry(sd)
@@ -744,7 +742,7 @@ def phantom(
         raise TypeError(f"phantom() got an unexpected keyword argument {unknown[0]!r}")
     given = {k: v for k, v in mni_options.items() if v is not None}
     if anatomy == "mni152":
-        from .phantom_mni import phantom_mni
+        from .phantom_mni import phantom_mni  # here, not at the top: phantom_mni imports this module (a cycle)
 
         return phantom_mni(spacing_mm, side=side, echoes=echoes, seed=seed, chunks=chunks, **given)
     if anatomy != "geometric":

@@ -12,6 +12,7 @@ import zarr
 from .errors import HelmError
 from .io.convert import save_nifti
 from .io.store import atomic_path, save_volume
+from .phantom import phantom
 
 #: Output names of ``helm-dask phantom`` (a contract: other tools rely on them).
 PHANTOM_FILES = ("scan", "hypothalamus", "truth_mask", "truth_tissue", "truth_bias")
@@ -68,8 +69,6 @@ def write_phantom(
     dict of str to str
         ``{name: path}`` of the written volumes.
     """
-    from .phantom import phantom
-
     given = {
         k: v
         for k, v in zip(MNI_OPTIONS, (fluid, bag_gap_mm, header_rotation_deg, header_rotation_axis))

@@ -31,6 +31,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ._version import __version__
 from .draw import (
     MIRROR_COLOUR,
     Frame,
@@ -42,6 +43,7 @@ from .draw import (
     png_bytes,
 )
 from .errors import HelmError
+from .io.convert import nifti_to_zarr
 from .io.location import sibling, write_text_atomic
 from .io.store import is_complete, open_volume, read_meta
 from .labels import (
@@ -54,6 +56,8 @@ from .labels import (
     label_counts,
 )
 from .layout import RECORDS, SubjectLayout
+from .metrics import TISSUE_CLASS_NAMES, kmeans_agreement_many, reference_on_grid
+from .orient import to_ras
 from .registry import STAGES, producer_of
 from .view import orthogonal_slices, plot_histogram, plot_orthogonal
 from .volume import affine_of, is_axis_aligned, orientation_code, spacing_of, voxel_to_world, world_to_voxel
@@ -355,7 +359,6 @@ def _raw_scan_figure(rep: _Report) -> _Figure:
     sub = rep.sub
     if not rep.has("scan_raw"):
         return _skipped(title, ["scan_raw"])
-    from .orient import to_ras
 
     # the store's own pyramid level, reoriented (to_ras of a coarse level reads a small array)
     raw = to_ras(sub.open("scan_raw", choose_level(sub.path("scan_raw"), rep.max_px)))
@@ -747,7 +750,6 @@ def _run_facts(run: dict) -> list[tuple[str, str]]:
                 f"ks {params.get('ks', '?')}",
             )
         )
-    from ._version import __version__
 
     facts.append(("Report", f"helm-dask {__version__}, {datetime.datetime.now().isoformat(timespec='seconds')}"))
     return facts
@@ -776,9 +778,6 @@ def _reference_agreement(sub: _Subject, run: dict | None, ks: list[int], qc_dir:
     the page instead of stopping the report.
     """
     import shutil
-
-    from .io.convert import nifti_to_zarr
-    from .metrics import TISSUE_CLASS_NAMES, kmeans_agreement_many, reference_on_grid
 
     params = (run or {}).get("params") or {}
     ref = params.get("reference_tissue")

@@ -48,11 +48,13 @@ from .draw import (
     is_positive,
     label_colormap,
     level_shape,
+    png_bytes,
     robust_limits,
     store_info,
     stride_affine,
 )
 from .errors import HelmError
+from .io.store import open_volume
 from .volume import affine_of, make_volume, provenance_record, spacing_of
 
 __all__ = [
@@ -170,8 +172,6 @@ def at_level(vol: xr.DataArray, level: int) -> xr.DataArray:
     vol = check_volume(vol)
     info = store_info(vol)
     if info is not None and 0 <= level < info["nlevels"]:
-        from .io.store import open_volume
-
         return vol if level == info["level"] else open_volume(info["store"], level=int(level))
     g = grid_at(vol, level)
     if info is None and g.level == 0:
@@ -896,7 +896,6 @@ def slice_browser(
         return (
             "slice_browser needs ipywidgets (pip install ipywidgets); use plot_orthogonal(vol, point_mm=...) meanwhile"
         )
-    from .draw import png_bytes
 
     vol = check_volume(vol)
     first = orthogonal_slices(vol, level=level, max_px=max_px, compute=False)

@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..io.location import MAIN_PID_ENV
 
     # the fault-injection hook (HELM_DASK_FAULT), reached in a worker, stops this process (see location.fault)
@@ -140,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"helm-dask: error: {e}", file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt as e:
+            # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
             from ..io.store import remove_live_temporaries
 
             # the cluster is shut down by now: no straggling write can recreate what this removes

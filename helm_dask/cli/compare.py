@@ -43,6 +43,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     """``compare`` itself; :func:`cmd_compare` rewrites the hints of its errors."""
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..compare import compare_files, compare_folders
     from ..metrics import format_table, to_csv, to_jsonable
 

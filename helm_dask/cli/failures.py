@@ -47,6 +47,7 @@ def _output_of(args) -> str | None:
 
 def _os_error(e: OSError, args) -> HelmError:
     """An OS error that reached the top: an output problem (exit 3) or an input one (exit 2), in one line."""
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..io import location
 
     out = _output_of(args)

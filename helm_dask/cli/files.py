@@ -32,6 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     int
         The exit status.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..io.location import use_storage_options
     from ..io.store import describe
 
@@ -79,6 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     int
         The exit status.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..io.convert import convert
     from ..io.location import use_storage_options
 

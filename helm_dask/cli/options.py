@@ -50,6 +50,7 @@ EXIT_EPILOG = "exit status:\n" + "\n".join(
 
 
 def _memory_limit(text: str) -> str:
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..cluster import parse_memory_limit
 
     try:
@@ -103,6 +104,7 @@ def _say(args, *msg) -> None:
 
 
 def _storage_options(args) -> dict | None:
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..io.location import parse_storage_options
 
     return parse_storage_options(getattr(args, "storage_options", None))

@@ -24,6 +24,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     int
         The exit status.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..phantom_io import MNI_OPTIONS, write_phantom
 
     mni = {k: getattr(args, k) for k in MNI_OPTIONS}
@@ -33,6 +34,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
             f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --anatomy mni152 only",
             hint="add --anatomy mni152, or leave them out for the geometric phantom",
         )
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..phantom import phantom
 
     # the arguments are checked (lazy volumes, nothing computed) before a cluster is started
@@ -75,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     int
         The exit status.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..demo import run_demo
 
     return run_demo(

@@ -31,6 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     int
         The exit status.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..batch import format_summary, manifest_keys, plan_batch, run_batch, run_params_kwargs
     from ..io.location import join, use_storage_options
     from ..pipeline import RunParams, run_subject

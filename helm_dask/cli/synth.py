@@ -140,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     SynthConfig
         Output grid, centre, level and the augmentations switched on or off by the flags; the rest default.
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..synth import SynthConfig
 
     off = getattr(args, "no_augmentation", False)
@@ -170,6 +171,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     int
         The exit status, 0 (errors are raised as :class:`~helm_dask.errors.HelmError`).
     """
+    # here, not at the top: the CLI imports lazily so that `helm-dask --help` starts fast
     from ..synth import write_samples
 
     cfg = config_from_args(args)

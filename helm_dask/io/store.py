@@ -22,7 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..errors import HelmError
-from ..volume import affine_of, make_volume, spacing_of
+from ..volume import affine_of, make_volume, orientation_code, spacing_of
 from . import location
 from .location import (  # noqa: F401  (re-exported: they were defined here before)
     atomic_path,
@@ -31,6 +31,7 @@ from .location import (  # noqa: F401  (re-exported: they were defined here befo
     remove_live_temporaries,
     stop_pending_writes,
 )
+from .nifti import is_nifti_path, read_nifti_header
 from .regions import StoredSource, attach_source
 
 DEFAULT_CHUNKS = (128, 128, 128)
@@ -1026,9 +1027,6 @@ def describe(path, *, storage_options: dict | None = None) -> dict:
     dict
         JSON-able; see :func:`dumps_info`.
     """
-    from ..volume import orientation_code
-    from .nifti import is_nifti_path, read_nifti_header
-
     p = os.fspath(path)
     kind: str | None
     if is_nifti_path(p):

@@ -14,6 +14,9 @@ import xarray as xr
 
 from ..arrays import index_sums
 from ..errors import HelmError
+from ..io.convert import nifti_to_zarr
+from ..io.nifti import is_nifti_path
+from ..io.store import open_volume, read_meta
 from ..labels import HYPOTHALAMUS
 from ..volume import affine_of, spacing_of
 
@@ -123,13 +126,9 @@ class LabelSource:
 
             data = src.data if isinstance(src.data, da.Array) else da.from_array(np.asarray(src.data))
             return cls(data, affine_of(src), name=str(src.name or "labels"))
-        from ..io.nifti import is_nifti_path
-        from ..io.store import read_meta
 
         p = os.fspath(src)
         if is_nifti_path(p):
-            from ..io.convert import nifti_to_zarr
-
             if not Path(p).exists():
                 raise HelmError("label map not found", path=p, hint="check the path")
             tmp = tempfile.mkdtemp(prefix="helm-synth-", dir=tmp_dir)
@@ -154,8 +153,6 @@ class LabelSource:
     @classmethod
     def _from_store(cls, store: str, *, name: str, path: str) -> LabelSource:
         """A store's label map with its stored pyramid (only kind labels or mask: other kinds average theirs)."""
-        from ..io.store import open_volume, read_meta
-
         meta = read_meta(store)
         if meta.get("four_d"):
             raise HelmError("is a 4-D volume, not a label map", path=path, hint="give a 3-D label map")

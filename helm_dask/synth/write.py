@@ -12,6 +12,10 @@ import numpy as np
 import xarray as xr
 
 from ..errors import HelmError
+from ..io.convert import save_nifti
+from ..io.regions import release_chunk_caches
+from ..io.store import save_volume
+from ..progress import Progress
 from .config import SynthConfig
 from .generate import generate_sample
 from .params import _check_seed, sample_params
@@ -59,8 +63,6 @@ def write_samples(
     list of dict
         The per-sample records of ``samples.json``: index, params, intensities, level, centre and files.
     """
-    from ..progress import Progress
-
     cfg = config or SynthConfig()
     seed, start = _check_seed(seed), _check_seed(start, "start")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -115,10 +117,6 @@ def _write_sample(
     src: LabelSource, cfg: SynthConfig, seed: int, i: int, out: Path, *, zarr: bool, overwrite: bool
 ) -> dict:
     """Generate sample ``i``, write its image and labels, and return its ``samples.json`` record."""
-    from ..io.convert import save_nifti
-    from ..io.regions import release_chunk_caches
-    from ..io.store import save_volume
-
     params = sample_params(cfg, seed, i)
     img, lab = generate_sample(src, params, cfg)
     rec = {
