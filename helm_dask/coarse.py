@@ -45,6 +45,17 @@ _BLOCK_TARGET = 128
 def shape3(values: Iterable[Any]) -> tuple[int, int, int]:
     """A 3-D shape (or per-axis factors) as a tuple of Python ints.
 
+    Parameters
+    ----------
+    values : iterable
+        Three integers (NumPy or Python).
+
+    Returns
+    -------
+    tuple of 3 ints
+
+    Examples
+    --------
     >>> shape3(np.array([4, 5, 6]))
     (4, 5, 6)
     """

@@ -76,7 +76,19 @@ class Grid:
 
 
 def check_volume(vol: Any, what: str = "volume") -> xr.DataArray:
-    """``vol`` itself if it is a 3-D helm-dask volume, else a :class:`HelmError` saying what to pass."""
+    """``vol`` itself if it is a 3-D helm-dask volume, else a :class:`HelmError` saying what to pass.
+
+    Parameters
+    ----------
+    vol : object
+        What the caller was given.
+    what : str
+        Its name in the error message.
+
+    Returns
+    -------
+    xarray.DataArray
+    """
     if not isinstance(vol, xr.DataArray) or "affine" not in vol.attrs:
         raise HelmError(
             f"the {what} must be a helm-dask volume (an xarray.DataArray with attrs['affine'])",
@@ -96,6 +108,16 @@ def store_info(vol: xr.DataArray) -> dict | None:
     The data's stored source (:func:`helm_dask.io.regions.stored_source_of`) says which store and level, and
     only while the values are the stored ones, untransposed and unflipped: a reoriented, resampled or masked
     volume is never shown with its source's pyramid.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume.
+
+    Returns
+    -------
+    dict or None
+        ``store``, ``level``, ``nlevels`` and every level's ``shapes`` and ``affines``.
     """
     src = stored_source_of(vol)
     if src is None or not src.untouched:
@@ -124,7 +146,18 @@ def store_info(vol: xr.DataArray) -> dict | None:
 
 
 def full_res(vol: xr.DataArray) -> tuple[dict | None, tuple[int, ...], np.ndarray]:
-    """(store info, full-resolution shape, full-resolution affine) of a volume."""
+    """(store info, full-resolution shape, full-resolution affine) of a volume.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume (a store level, or any lazy volume).
+
+    Returns
+    -------
+    tuple
+        :func:`store_info` (or None), the level-0 shape and affine (the volume's own when it is not a store level).
+    """
     info = store_info(vol)
     if info is not None:
         return info, info["shapes"][0], info["affines"][0]
@@ -132,12 +165,36 @@ def full_res(vol: xr.DataArray) -> tuple[dict | None, tuple[int, ...], np.ndarra
 
 
 def stride_affine(affine: np.ndarray, f: int) -> np.ndarray:
-    """The affine of the stride ``[::f, ::f, ::f]`` of a grid (same first voxel centre, ``f`` times the step)."""
+    """The affine of the stride ``[::f, ::f, ::f]`` of a grid (same first voxel centre, ``f`` times the step).
+
+    Parameters
+    ----------
+    affine : array_like
+        4x4 voxel-to-world affine.
+    f : int
+        The stride.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
     return np.asarray(affine, dtype=np.float64) @ np.diag([f, f, f, 1.0])
 
 
 def level_shape(vol: xr.DataArray, level: int) -> tuple[int, ...]:
-    """Shape of ``vol`` at pyramid ``level``: the store's level, or a stride beyond its coarsest (no data read)."""
+    """Shape of ``vol`` at pyramid ``level``: the store's level, or a stride beyond its coarsest (no data read).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume.
+    level : int
+        The pyramid level (0: full resolution).
+
+    Returns
+    -------
+    tuple of int
+    """
     info, shape0, _ = full_res(vol)
     if info is not None:
         top = min(level, info["nlevels"] - 1)
@@ -148,7 +205,20 @@ def level_shape(vol: xr.DataArray, level: int) -> tuple[int, ...]:
 
 
 def grid_at(vol: xr.DataArray, level: int) -> Grid:
-    """The lazy data and exact affine of ``vol`` at ``level`` (a store level, else a ``2**level`` stride)."""
+    """The lazy data and exact affine of ``vol`` at ``level`` (a store level, else a ``2**level`` stride).
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        A volume.
+    level : int
+        The pyramid level (0: full resolution).
+
+    Returns
+    -------
+    Grid
+        The lazy data and its affine.
+    """
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
         raise HelmError(f"level must be a non-negative integer, got {level!r}", hint="e.g. level=0 (full resolution)")
     level = int(level)
@@ -332,7 +402,16 @@ def _world_point(point_mm: Any, shape0: tuple[int, ...], aff0: np.ndarray) -> np
 
 
 def is_positive(value: Any) -> bool:
-    """Whether ``value`` is one number (a scalar) greater than 0."""
+    """Whether ``value`` is one number (a scalar) greater than 0.
+
+    Parameters
+    ----------
+    value : object
+
+    Returns
+    -------
+    bool
+    """
     return bool(np.isscalar(value) and float(cast(Any, value)) > 0)
 
 
@@ -357,6 +436,21 @@ def cut_slices(
 
     The engine of :func:`helm_dask.view.orthogonal_slices` (see there for the parameters); ``what`` names the
     volume in error messages.
+
+    Parameters
+    ----------
+    vol : xarray.DataArray
+        The volume to cut.
+    point_mm, level, max_px, radius_mm, compute
+        As for :func:`helm_dask.view.orthogonal_slices`.
+    ref_affine : numpy.ndarray
+        The affine of the frame the extents are given in.
+    what : str
+        The volume's name in error messages.
+
+    Returns
+    -------
+    OrthoSlices
     """
     vol = check_volume(vol, what)
     _, shape0, aff0 = full_res(vol)
@@ -421,6 +515,18 @@ def cluster_rgb(j: int, k: int) -> tuple[float, float, float]:
 
     Ordered like the intensities (a perceptual ramp) yet distinct for k up to 9; the last 10 % of viridis (pale
     yellow) is left out so that every line stays visible on a white histogram.
+
+    Parameters
+    ----------
+    j : int
+        The cluster (1..k, by increasing intensity).
+    k : int
+        The number of clusters.
+
+    Returns
+    -------
+    tuple of 3 floats
+        RGB in 0..1.
 
     Example
     -------
@@ -574,6 +680,16 @@ def label_legend(
 def robust_limits(arrays: Iterable[Any]) -> tuple[float, float]:
     """Grey window of some planes: the 0.5th and 99.5th percentiles of their finite values.
 
+    Parameters
+    ----------
+    arrays : iterable of array_like
+        The planes.
+
+    Returns
+    -------
+    tuple of 2 floats
+        ``(vmin, vmax)`` with ``vmax > vmin``; ``(0, 1)`` when nothing is finite.
+
     Example
     -------
     >>> robust_limits([np.arange(1001.0)])
@@ -600,6 +716,13 @@ def figure_rows(nrows: int, *, width: float = 13.0, row_height: float = 4.2, ext
     without a display; a notebook shows it when it is a cell's value). ``extra_height`` (inches) makes room
     for a legend below the rows (:func:`add_legend`).
 
+    Parameters
+    ----------
+    nrows : int
+        Rows of three panels.
+    width, row_height, extra_height : float
+        Figure width, height per row, and extra height below the rows (inches).
+
     Returns
     -------
     (matplotlib.figure.Figure, numpy.ndarray of Axes, shape (nrows, 3))
@@ -618,7 +741,17 @@ def figure_rows(nrows: int, *, width: float = 13.0, row_height: float = 4.2, ext
 
 def add_legend(fig, items: Sequence[tuple], *, fontsize: float = 9) -> None:
     """A legend under a (constrained-layout) figure: ``(text, colour)`` patches and ``(text, colour, linestyle)``
-    lines, in as many columns as fit the figure's width (a wider legend would be cut off)."""
+    lines, in as many columns as fit the figure's width (a wider legend would be cut off).
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure.
+    items : sequence of tuple
+        ``(text, colour)`` or ``(text, colour, linestyle)``.
+    fontsize : float
+        Legend font size.
+    """
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -637,7 +770,19 @@ def add_legend(fig, items: Sequence[tuple], *, fontsize: float = 9) -> None:
 
 
 def legend_height(n_items: int, width: float = 13.0) -> float:
-    """Inches to add to a figure's height for :func:`add_legend` with ``n_items`` entries."""
+    """Inches to add to a figure's height for :func:`add_legend` with ``n_items`` entries.
+
+    Parameters
+    ----------
+    n_items : int
+        Legend entries.
+    width : float
+        The figure's width (inches).
+
+    Returns
+    -------
+    float
+    """
     if not n_items:
         return 0.0
     return 0.3 * -(-n_items // max(1, int(width / 2.3))) + 0.2
@@ -645,6 +790,17 @@ def legend_height(n_items: int, width: float = 13.0) -> float:
 
 def png_bytes(fig, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+        The figure.
+    dpi : int
+        Resolution.
+
+    Returns
+    -------
+    bytes
 
     Example
     -------

@@ -26,6 +26,19 @@ __all__ = [
 def expand(names: Iterable[str], ks: Iterable[int]) -> list[str]:
     """Store or file names with ``{k}`` expanded for every k (names without it once).
 
+    Parameters
+    ----------
+    names : iterable of str
+        Names, some with ``{k}``.
+    ks : iterable of int
+        The numbers of clusters.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
     >>> expand(["mask", "hemi_k{k}"], [4, 6])
     ['mask', 'hemi_k4', 'hemi_k6']
     """
@@ -179,7 +192,18 @@ UNTIL: dict[str, str] = {s.until: s.name for s in STAGES}
 
 
 def stage(name: str) -> Stage:
-    """The stage called ``name``."""
+    """The stage called ``name``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`STAGE_NAMES`.
+
+    Returns
+    -------
+    Stage
+        (``KeyError`` for an unknown name.)
+    """
     for s in STAGES:
         if s.name == name:
             return s
@@ -189,6 +213,17 @@ def stage(name: str) -> Stage:
 def stages_until(until: str) -> tuple[Stage, ...]:
     """The stages a run with ``--until until`` runs, in order.
 
+    Parameters
+    ----------
+    until : str
+        An ``--until`` value (:data:`UNTIL`).
+
+    Returns
+    -------
+    tuple of Stage
+
+    Examples
+    --------
     >>> [s.name for s in stages_until("preprocess")]
     ['import', 'background', 'resample', 'bias']
     """
@@ -197,8 +232,21 @@ def stages_until(until: str) -> tuple[Stage, ...]:
 
 
 def producer_of(name: str) -> Stage | None:
-    """The stage that writes a store or a JSON record (``hemi_k6``, ``kmeans_k{k}``, ``transform.json``).
+    """The stage that writes a store or a JSON record.
 
+    Parameters
+    ----------
+    name : str
+        A store (``hemi_k6``, ``kmeans_k{k}``, or a per-k family name such as ``hemi``) or a record
+        (``transform.json``).
+
+    Returns
+    -------
+    Stage or None
+        None for what no stage writes (``run.json`` is written by the runner at the end).
+
+    Examples
+    --------
     >>> producer_of("hemi_k6").name, producer_of("transform.json").until, producer_of("run.json")
     ('merge', 'mirror', None)
     """

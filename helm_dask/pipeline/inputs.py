@@ -21,7 +21,17 @@ from .subject import Subject
 
 
 def update_meta(path: str, extra: dict, storage_options: dict | None = None) -> None:
-    """Add ``extra`` to a stored volume's helm-dask metadata (its stage key, its input's stamp)."""
+    """Add ``extra`` to a stored volume's helm-dask metadata (its stage key, its input's stamp).
+
+    Parameters
+    ----------
+    path : str
+        The volume's store.
+    extra : dict
+        Keys to add or replace.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    """
     g = open_group(path, "r+", storage_options)
     meta = dict(cast(dict, g.attrs["helm_dask"]))
     meta.update(extra)
@@ -35,6 +45,22 @@ def external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
     file is streamed into ``helm.zarr/mask_raw`` like the scan (bounded memory; kept, with the stage key, so a
     run killed during the stage does not import it again), then reoriented exactly like the scan (any non-zero
     value = brain).
+
+    Parameters
+    ----------
+    subj : Subject
+        The subject (``subj.p.mask`` is the file).
+    key : str
+        The background stage's key (kept with the imported mask, so a resumed run does not import it again).
+    scan_raw, scan_ras : volume
+        The imported scan, and its RAS+ view.
+    sha : str
+        The mask file's checksum.
+
+    Returns
+    -------
+    volume
+        The mask on the RAS+ scan grid, with ``attrs["background"]`` saying which file it came from.
     """
     src, so = subj.p.mask, subj.so
     fix = (
@@ -112,6 +138,20 @@ def external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
 
 
 def labels_on_scan_grid(labels, scan, params: RunParams):
+    """The manual labels on the scan's grid: checked (``HelmError`` with a hint otherwise), or resampled onto it
+    by nearest neighbour with ``--resample-labels``.
+
+    Parameters
+    ----------
+    labels, scan : volume
+        The imported labels and scan.
+    params : RunParams
+        The run's options (``resample_labels``, and the labels' path for messages).
+
+    Returns
+    -------
+    volume
+    """
     if params.resample_labels:
         try:
             check_same_grid(scan, labels, path=params.hypothalamus)
@@ -123,6 +163,25 @@ def labels_on_scan_grid(labels, scan, params: RunParams):
 
 
 def decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, dict]:
+    """The hemisphere's side: ``--side`` if given (a disagreement with the data is warned about), else decided
+    from where the hypothalamus lies in the mask (refused when the evidence is weak).
+
+    Parameters
+    ----------
+    subj : Subject
+        For the log and the labels' path.
+    given : str
+        ``L``, ``R`` or ``auto``.
+    mask_ras, labels_ras : volume
+        The brain mask and the manual labels on the RAS+ scan grid.
+
+    Returns
+    -------
+    side : str
+        ``L`` or ``R``.
+    info : dict
+        What :func:`helm_dask.orient.detect_side` measured (recorded in ``run.json``).
+    """
     detected, info = detect_side(mask_ras, labels_ras)
     if given == "auto":
         # a weak decision would be a guess (orient.SIDE_MIN_STRENGTH): refuse it rather than mirror wrongly;

@@ -72,6 +72,11 @@ def check_params(params: RunParams) -> None:
     """Refuse a run that would fail later: missing or non-NIfTI inputs, unknown option values, a bad label table,
     a scan that is not 3-D (or 4-D multi-echo). Reads headers only.
 
+    Parameters
+    ----------
+    params : RunParams
+        The run's options.
+
     Raises
     ------
     HelmError

@@ -86,6 +86,18 @@ def run_stage(run: Run, stage: Stage) -> dict:
 
     The key chains through the keys of the stages whose stores it reads, so a changed parameter or algorithm
     version recomputes that stage and every stage after it.
+
+    Parameters
+    ----------
+    run : Run
+        The run so far (``run.params[stage.name]`` already set).
+    stage : Stage
+        The registry's declaration of the stage.
+
+    Returns
+    -------
+    dict
+        Store name -> volume, reopened lazily from the store.
     """
     subj, params = run.subj, run.params[stage.name]
     upstream = sorted({p.name for p in map(producer_of, stage.inputs(run.ks)) if p is not None})

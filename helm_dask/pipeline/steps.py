@@ -66,7 +66,13 @@ class Step:
 
 
 def fingerprint_inputs(run: Run) -> None:
-    """Checksums of the scan, the labels and ``--mask``, reused from the store while size and mtime match."""
+    """Checksums of the scan, the labels and ``--mask``, reused from the store while size and mtime match.
+
+    Parameters
+    ----------
+    run : Run
+        Its ``sha`` and the subject's ``info["inputs"]`` are filled in.
+    """
     p, subj, so = run.p, run.subj, run.p.storage_options
     cache = {}
     for nm in ("scan_raw", "labels_raw", "mask_raw"):
@@ -303,7 +309,17 @@ def _after_merge(run: Run) -> None:
 
 def write_lut(subj: Subject, table: Any, ks: list[int]) -> None:
     """``lut.txt`` in the subject folder, written atomically, and only when its text changes (a rerun that
-    recomputes nothing writes nothing)."""
+    recomputes nothing writes nothing).
+
+    Parameters
+    ----------
+    subj : Subject
+        The subject.
+    table : str or LabelTable
+        ``--label-table``.
+    ks : list of int
+        The numbers of clusters (one colour ramp entry per cluster code).
+    """
     target = subj.layout.lut
     text = lut_table(table, ks).colorlut_text()
     try:

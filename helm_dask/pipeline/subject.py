@@ -63,7 +63,23 @@ def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
 
 
 def json_default(o: Any) -> Any:
-    """JSON for NumPy arrays and scalars (lists and Python numbers); anything else as its ``str``."""
+    """JSON for NumPy arrays and scalars (lists and Python numbers); anything else as its ``str``.
+
+    Parameters
+    ----------
+    o : object
+        What ``json.dumps`` cannot serialise.
+
+    Returns
+    -------
+    object
+        A JSON-serialisable stand-in.
+
+    Examples
+    --------
+    >>> json.dumps({"a": np.arange(2), "b": np.float32(0.5)}, default=json_default)
+    '{"a": [0, 1], "b": 0.5}'
+    """
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, np.generic):
@@ -75,7 +91,24 @@ def fingerprint_input(
     path: str, cache: dict | None, storage_options: dict | None = None, *, verify: bool = False
 ) -> str:
     """SHA-256 of an input file; reuses a cached value when size and mtime (ETag on S3) are unchanged, unless
-    ``verify`` (``--verify-inputs``: a file replaced by another of the same size and mtime is then noticed)."""
+    ``verify`` (``--verify-inputs``: a file replaced by another of the same size and mtime is then noticed).
+
+    Parameters
+    ----------
+    path : str
+        The input file (a path or a URL).
+    cache : dict, optional
+        ``{"stamp": ..., "sha256": ...}`` recorded when the file was last imported.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    verify : bool
+        Always hash the file.
+
+    Returns
+    -------
+    str
+        The hexadecimal SHA-256.
+    """
     stamp = location.stamp(path, storage_options)
     if not verify and cache and cache.get("stamp") == stamp and cache.get("sha256"):
         return cache["sha256"]
