@@ -75,13 +75,10 @@ def compare_files(
 def _label_files(folder: Path, filename: str) -> list[str]:
     """The maps in a folder: ``<subject>/<filename>`` for pipeline output folders, else the label files in it."""
     # pipeline output folders: OUT/<subject>/<filename>
-    nested = sorted(
-        SubjectLayout(str(folder), d.name).file(filename)
-        for d in folder.iterdir()
-        if d.is_dir()
-        and not d.name.startswith(".")
-        and Path(SubjectLayout(str(folder), d.name).file(filename)).exists()
+    subjects = (
+        SubjectLayout(str(folder), d.name) for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
     )
+    nested = sorted(f for f in (lay.file(filename) for lay in subjects) if Path(f).exists())
     if nested:
         return nested
     return sorted(str(p) for p in folder.iterdir() if p.name.endswith(LABEL_EXTS) and not p.name.startswith("."))

@@ -317,10 +317,11 @@ def _missing(rep: _Report) -> list[tuple[str, str]]:
     """The outputs of a full run that are absent, in pipeline order, each with the stage that makes it."""
     kk = "*" if rep.k is None else str(rep.k)
     missing = []
-    for n in (e.format(k=kk) for e in _EXPECTED):
+    for e in _EXPECTED:
+        n = e.format(k=kk)
         if rep.has(n):
             continue
-        stage = producer_of(n.replace("_k*", "_k4"))
+        stage = producer_of(e)
         why = (
             "written when a run finishes (was the run interrupted?)"
             if stage is None

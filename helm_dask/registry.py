@@ -237,7 +237,7 @@ def producer_of(name: str) -> Stage | None:
     Parameters
     ----------
     name : str
-        A store (``hemi_k6``, ``kmeans_k{k}``, or a per-k family name such as ``hemi``) or a record
+        A store (``hemi_k6``, or the pattern ``kmeans_k{k}``) or a record
         (``transform.json``).
 
     Returns
@@ -255,8 +255,6 @@ def producer_of(name: str) -> Stage | None:
             head = w.split("{k}")[0]
             if name == w or ("{k}" in w and name.startswith(head) and name[len(head) :].isdigit()):
                 return s
-            if "{k}" in w and name == head.removesuffix("_k"):
-                return s  # the family name QC uses ("hemi", "kmeans", "label_map")
         if name in s.records:
             return s
     return None
