@@ -292,10 +292,13 @@ class LabelTable:
         Returns
         -------
         str
-            Two comment lines, then ``code name R G B A`` per entry (0 ``Unknown`` added when missing).
+            Comment lines (the table's name; with k-means clusters, a warning that their codes are not
+            FreeSurfer's structures, see :func:`_cluster_warning`), then ``code name R G B A`` per entry (0
+            ``Unknown`` added when missing).
         """
         lines = [
             f"# helm-dask colour table ({self.name}); FreeSurfer ColorLUT format",
+            *_cluster_warning(self.entries),
             "#No. Label Name:                            R   G   B   A",
         ]
         entries = dict(self.entries)
@@ -372,6 +375,47 @@ class LabelTable:
             "code_map": {str(a): b for a, b in sorted(self.code_map.items())},
             "entries": {str(c): [n, list(rgba)] for c, (n, rgba) in sorted(self.entries.items())},
         }
+
+
+def _code_list(codes: list[int]) -> str:
+    """``[1, 2, 3, 5]`` as ``"1-3, 5"``."""
+    runs: list[list[int]] = []
+    for c in sorted(codes):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def _cluster_warning(entries: Mapping[int, tuple[str, Any]]) -> list[str]:
+    """The ColorLUT comment lines that say which codes are k-means clusters (none without clusters).
+
+    The clusters are numbered 1..k, and FreeSurferColorLUT.txt gives those numbers to cortex, white matter and
+    ventricles: a map opened with FreeSurfer's own table would look like a segmentation it is not. Lines start
+    with ``#``, which every ColorLUT reader (freeview, ``read_fscolorlut``) skips.
+    """
+    clusters = [c for c, (n, _) in entries.items() if re.fullmatch(r"kmeans-cluster-\d+", n)]
+    if not clusters:
+        return []
+    lines = [
+        f"# WARNING: codes {_code_list(clusters)} are k-means clusters, not FreeSurfer structures: kmeans-cluster-J is",
+        "# cluster J (of k), numbered by increasing centroid intensity; 0 = outside the brain. FreeSurferColorLUT.txt",
+    ]
+    if {2, 3, 4} <= set(clusters):
+        lines += [
+            "# gives these numbers to other structures (2 Left-Cerebral-White-Matter, 3 Left-Cerebral-Cortex,",
+            "# 4 Left-Lateral-Ventricle, ...): open the label maps with this table, never with FreeSurferColorLUT.txt.",
+        ]
+    else:
+        lines += [
+            "# gives these numbers to other structures: open the label maps with this table, never with",
+            "# FreeSurferColorLUT.txt.",
+        ]
+    fs_names = {**HYPOTHALAMUS, FORNIX: FORNIX_NAME}
+    if all(entries.get(c, ("",))[0] == n for c, n in fs_names.items()):
+        lines.append("# 801-810 (hypothalamic subunits) and 250 (fornix) are FreeSurfer's own codes and names.")
+    return lines
 
 
 def freesurfer_table() -> LabelTable:
@@ -556,7 +600,10 @@ def write_lut(path: str | os.PathLike, table: Any = "freesurfer", ks: Iterable[i
     -------
     >>> import tempfile, os
     >>> p = write_lut(os.path.join(tempfile.mkdtemp(), "lut.txt"), ks=(4, 5))
-    >>> [l.split()[:2] for l in p.read_text().splitlines()[2:4]] + [p.read_text().splitlines()[-1].split()]
+    >>> p.read_text().splitlines()[1]
+    '# WARNING: codes 1-5 are k-means clusters, not FreeSurfer structures: kmeans-cluster-J is'
+    >>> rows = [l.split() for l in p.read_text().splitlines() if not l.startswith("#")]
+    >>> [r[:2] for r in rows[:2]] + [rows[-1]]
     [['0', 'Unknown'], ['1', 'kmeans-cluster-1'], ['810', 'R_hypothalamus_tubular_superior', '20', '180', '130', '0']]
     """
     return lut_table(table, ks).to_colorlut(path)
@@ -578,6 +625,41 @@ def lut_table(table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9))
     """
     ks = list(ks)
     return load_label_table(table).with_clusters(max(ks) if ks else 0)
+
+
+def label_colours(table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """Name and colour of every code a run's label maps hold, from its label table: the stores' OME ``image-label``.
+
+    Keyed by the codes in the maps (a table that renumbers gives its colour to the code it renumbers), colours as
+    ``(R, G, B, A)`` with A = opacity (ColorLUT's fourth column is transparency: A = 255 - it); 0 is transparent.
+
+    Parameters
+    ----------
+    table : str, path-like or LabelTable
+        As :func:`load_label_table` takes.
+    ks : iterable of int
+        The k values of the run (clusters 1..max(ks) are coloured as in :func:`lut_table`).
+
+    Returns
+    -------
+    dict
+        ``{code: (name, (R, G, B, A))}``, sorted by code.
+
+    Example
+    -------
+    >>> c = label_colours(ks=(4,))
+    >>> c[0], c[1][0], c[801]
+    (('Unknown', (0, 0, 0, 0)), 'kmeans-cluster-1', ('L_hypothalamus_anterior_inferior', (250, 255, 50, 255)))
+    """
+    t = lut_table(table, ks)
+    back = {out: ours for ours, out in t.code_map.items()}
+    out: dict[int, tuple[str, tuple[int, ...]]] = {}
+    for mapped in (False, True):  # a renumbered code's colour wins over an entry that merely has its number
+        for code, (name, (r, g, b, a)) in t.entries.items():
+            if (code in back) == mapped:
+                out[back.get(code, code)] = (name, (r, g, b, 255 - a))
+    out[0] = (out.get(0, ("Unknown", ()))[0], (0, 0, 0, 0))
+    return dict(sorted(out.items()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..cluster import ClusterOptions as ClusterOptions
-from ..cluster import compute_context as compute_context
 from ..errors import HelmError
 from ..pipeline.options import _add_run_options as _add_run_options
 from ..pipeline.options import _subject as _subject
@@ -46,6 +46,10 @@ from .phantom import add_demo_parser, add_phantom_parser, cmd_demo, cmd_phantom
 from .run import add_run_parser, cmd_run
 from .synth import add_synth_parser, cmd_synth, config_from_args
 
+if TYPE_CHECKING:
+    from ..cluster import ClusterOptions as ClusterOptions
+    from ..cluster import compute_context as compute_context
+
 __all__ = [
     "EXIT_CODES",
     "EXIT_EPILOG",
@@ -63,7 +67,21 @@ __all__ = [
     "main",
     "run_option_actions",
 ]
-# The ``import X as X`` above keep the other names of the former single-module ``cli.py`` importable from here.
+# The ``import X as X`` above keep the other names of the former single-module ``cli.py`` importable from here;
+# the two from helm_dask.cluster load on first use (``__getattr__``), since dask is not needed to parse arguments.
+
+
+_FROM_CLUSTER = ("ClusterOptions", "compute_context")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_CLUSTER:
+        return getattr(importlib.import_module("..cluster", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_FROM_CLUSTER))
 
 
 def _common_options() -> argparse.ArgumentParser:

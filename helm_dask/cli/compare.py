@@ -7,9 +7,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from ..cluster import compute_context
 from ..errors import HelmError
-from .options import Subparsers, _add_compute_options, _cluster_opts
+from .options import Subparsers, _add_compute_options, _compute
 
 #: ``compare``: the Python API's hints (from :mod:`helm_dask.metrics`) as command-line advice.
 _COMPARE_HINTS = (
@@ -56,7 +55,7 @@ def _compare(args: argparse.Namespace) -> int:
         except ValueError:
             raise HelmError(f"--labels {args.labels!r} is not 'all' or a list of codes", hint="e.g. 801,802") from None
     groups = None if args.groups == "none" else "paper"
-    with compute_context(_cluster_opts(args)):
+    with _compute(args):
         if os.path.isdir(args.a) and not args.a.rstrip("/").endswith(".zarr"):
             per_subject, summary, (only_a, only_b) = compare_folders(
                 args.a, args.b, filename=args.file, labels=labels, groups=groups, resample_b=args.resample

@@ -7,13 +7,12 @@ import json
 import time
 from collections.abc import Sequence
 
-from ..cluster import compute_context
 from .options import (
     Subparsers,
     _add_compute_options,
     _add_storage_options,
     _chunks,
-    _cluster_opts,
+    _compute,
     _say,
     _storage_options,
 )
@@ -92,7 +91,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         kw["chunks"] = args.chunks
     kw["nonfinite"] = args.nonfinite
     t0 = time.perf_counter()
-    with use_storage_options(so), compute_context(_cluster_opts(args)):
+    with use_storage_options(so), _compute(args):
         out = convert(args.input, args.output, **kw)
     _say(args, f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from typing import Any, TypeAlias
-
-from ..cluster import ClusterOptions
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 # The argument types and the storage option of the run options live with them (helm_dask.pipeline.options:
 # manifests use them too); the other commands share them from here.
@@ -20,6 +18,9 @@ from ..pipeline.options import _number as _number
 from ..pipeline.options import _positive_float as _positive_float
 from ..pipeline.options import _positive_int as _positive_int
 from ..pipeline.options import _spacing as _spacing
+
+if TYPE_CHECKING:
+    from ..cluster import ClusterOptions
 
 #: The sub-command table ``build_parser`` fills (``add_subparsers``' result); each command group adds its own.
 #: A string: argparse's action class is generic only in the type stubs.
@@ -95,7 +96,18 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_opts(args) -> ClusterOptions:
+    # here, not at the top: helm_dask.cluster loads dask, which `helm-dask --help` does not need
+    from ..cluster import ClusterOptions
+
     return ClusterOptions.from_args(args)
+
+
+def _compute(args):
+    """The compute context a command's options ask for (a LocalCluster, a running cluster, or this process)."""
+    # here, not at the top: helm_dask.cluster loads dask, which `helm-dask --help` does not need
+    from ..cluster import compute_context
+
+    return compute_context(_cluster_opts(args))
 
 
 def _say(args, *msg) -> None:

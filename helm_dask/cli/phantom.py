@@ -6,9 +6,8 @@ import argparse
 import re
 from collections.abc import Sequence
 
-from ..cluster import compute_context
 from ..errors import HelmError
-from .options import Subparsers, _add_compute_options, _chunks, _cluster_opts, _positive_float, _say
+from .options import Subparsers, _add_compute_options, _chunks, _cluster_opts, _compute, _positive_float, _say
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -46,7 +45,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
             e.message = re.sub(rf"\b{k}\b", flag, e.message)
             e.hint = re.sub(rf"\b{k}\b", flag, e.hint) if e.hint else e.hint
         raise
-    with compute_context(_cluster_opts(args)):
+    with _compute(args):
         outputs = write_phantom(
             args.output,
             spacing_mm=args.spacing,

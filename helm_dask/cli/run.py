@@ -6,14 +6,13 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from ..cluster import compute_context
 from ..errors import HelmError
 from ..pipeline.options import _add_run_options
 from .options import (
     EXIT_EPILOG,
     Subparsers,
     _add_compute_options,
-    _cluster_opts,
+    _compute,
     _say,
 )
 
@@ -69,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options.update(scan=target, hypothalamus=args.hypothalamus or "", reference_tissue=ref_tissue)
     base = RunParams(out=args.out, **run_params_kwargs(options))
     plan = plan_batch(target, base) if is_manifest else None  # the whole manifest checked before anything
-    with use_storage_options(base.storage_options), compute_context(_cluster_opts(args)):
+    with use_storage_options(base.storage_options), _compute(args):
         if is_manifest:
             rows = run_batch(target, base, quiet=args.quiet, debug=args.debug, plan=plan)
             print(format_summary(rows))

@@ -7,8 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ..cluster import ClusterOptions, compute_context
-from .options import Subparsers, _add_compute_options
+from .options import Subparsers, _add_compute_options, _compute
 
 if TYPE_CHECKING:
     from ..synth import SynthConfig
@@ -175,8 +174,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from ..synth import write_samples
 
     cfg = config_from_args(args)
-    opts = ClusterOptions.from_args(args)  # TLS and every other compute option, as for the other commands
-    with compute_context(opts):
+    with _compute(args):  # TLS and every other compute option, as for the other commands
         records = write_samples(
             args.label_map,
             args.out,

@@ -8,7 +8,6 @@ import argparse
 import math
 
 from ..errors import HelmError
-from ..io.location import check_component
 from ..registry import UNTIL
 
 __all__ = ["add_run_options", "run_option_actions"]
@@ -248,6 +247,9 @@ def _add_storage_options(p: argparse.ArgumentParser) -> None:
 
 def _subject(text: str) -> str:
     """``--subject``: a name that is safe as a folder name (a usage error otherwise)."""
+    # here, not at the top: helm_dask.io loads zarr and dask, and `helm-dask --help` builds this parser
+    from ..io.location import check_component
+
     try:
         return check_component(text, what="subject name")
     except HelmError as e:
