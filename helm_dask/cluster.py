@@ -380,13 +380,63 @@ def start_local_cluster(opts: ClusterOptions) -> Any:
             signal.signal(signal.SIGINT, old)
 
 
+#: How long the dashboard may take to answer before the run goes on without its link (its first page takes
+#: ~0.4 s to render on the reference machine).
+DASHBOARD_PROBE_S = 5.0
+
+
+def dashboard_status(link: str, timeout_s: float = DASHBOARD_PROBE_S) -> str:
+    """Whether a Dask dashboard link leads to the dashboard: ``"ok"``, ``"no-bokeh"`` (distributed serves a page
+    saying "Dask needs bokeh" when the scheduler lacks it), ``"missing"`` (the scheduler's web server answers
+    without a dashboard page, e.g. ``dask scheduler --no-dashboard``) or ``"unreachable"``.
+
+    Parameters
+    ----------
+    link : str
+        The dashboard's URL (``client.dashboard_link``).
+    timeout_s : float
+        How long to wait for the page.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> dashboard_status("http://127.0.0.1:9/status", timeout_s=0.5)
+    'unreachable'
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(link, timeout=timeout_s) as r:
+            page = r.read(1 << 20).decode("utf-8", "replace")
+    except urllib.error.HTTPError:  # an answer, but not a page (404 without a dashboard)
+        return "missing"
+    except (OSError, ValueError):
+        return "unreachable"
+    return "no-bokeh" if "needs bokeh" in page else "ok"
+
+
 def _dashboard_link(client) -> str:
+    """The dashboard's link, checked by fetching it: only a page that is the dashboard is offered."""
     try:
         if client.cluster is None and "dashboard" not in client.scheduler_info().get("services", {}):
             return "(no dashboard)"
-        return client.dashboard_link or "(no dashboard)"
+        link = client.dashboard_link
     except Exception:
         return "(no dashboard)"
+    if not link:
+        return "(no dashboard)"
+    status = dashboard_status(link)
+    if status == "missing":
+        return "(no dashboard)"
+    if status == "no-bokeh":
+        return "(none: the scheduler lacks bokeh; `pip install bokeh` where it runs)"
+    if status == "unreachable":
+        return f"{link} (did not answer from this machine)"
+    return link
 
 
 def _run_error(exc: BaseException, address: str, client) -> HelmError | None:
