@@ -23,7 +23,7 @@ import xarray as xr
 
 from .errors import HelmError
 from .io.regions import stored_source_of
-from .io.store import open_volume, read_meta
+from .io.store import level_path, open_volume, read_meta
 from .labels import RIGHT_OFFSET, SHORT_NAMES, SIDE_CODES, LabelTable, cluster_colour, load_label_table
 from .volume import DIMS, affine_of, is_axis_aligned, orientation_code, spacing_of
 
@@ -133,7 +133,8 @@ def store_info(vol: xr.DataArray) -> dict | None:
         level = int(level)
         affines = [np.asarray(a, dtype=np.float64) for a in meta["level_affines"]]
         group = zarr.open_group(store, mode="r")
-        shapes = [tuple(group[str(lev)].shape) for lev in range(nlevels)]  # type: ignore[union-attr]
+        version = int(meta.get("format_version", 1))
+        shapes = [tuple(group[level_path(lev, version)].shape) for lev in range(nlevels)]  # type: ignore[union-attr]
     except Exception:  # a missing / moved / foreign store: fall back to striding the data we have
         return None
     if not 0 <= level < nlevels or shapes[level] != tuple(vol.shape):

@@ -2,7 +2,10 @@
 
 Dims are ``x, y, z`` (voxel axes in NIfTI order, plus ``echo`` last for multi-echo data); ``attrs["affine"]`` is
 the 4x4 float64 matrix taking voxel centres to RAS+ world millimetres, exactly as in NIfTI, and ``attrs`` also
-hold the ``kind`` (``image``, ``labels`` or ``mask``), the coordinate kind, the source file and the provenance.
+hold the ``kind`` (``image``, ``labels`` or ``mask``), the source file and the provenance. The coordinates
+(mm, ``units`` attrs) are the OME-Zarr placement (:func:`ome_placement`): world RAS+ mm of the voxel centres,
+exactly, on a grid whose affine is diagonal and positive, and otherwise the axis-aligned placement whose centre
+is exact, with the worst corner's error in ``attrs["placement_error_mm"]`` (:func:`placement_error_mm`).
 :func:`make_volume` builds a volume, :func:`like` derives one from another, :func:`affine_of`,
 :func:`spacing_of` and :func:`orientation_code` read its geometry; the conventions in full are in
 ``docs/method/storage.md``.
@@ -11,6 +14,7 @@ hold the ``kind`` (``image``, ``labels`` or ``mask``), the coordinate kind, the 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -21,6 +25,9 @@ from ._version import __version__
 
 DIMS = ("x", "y", "z")
 KINDS = ("image", "labels", "mask")
+#: A placement whose worst corner is off by less than this fraction of the smallest voxel counts as exact (an
+#: affine computed in floating point may carry off-diagonal terms of 1e-17 that move nothing).
+EXACT_PLACEMENT_VOXELS = 1e-6
 
 
 def _as_affine(affine: Any) -> np.ndarray:
@@ -98,8 +105,119 @@ def orientation_code(affine: Any) -> str:
     return "".join(nib.orientations.aff2axcodes(_as_affine(affine)))
 
 
+def _exactly_diagonal(affine: np.ndarray) -> bool:
+    """Whether the 3x3 part is diagonal with positive entries, exactly (no tolerance)."""
+    m = affine[:3, :3]
+    return bool(np.all(m[~np.eye(3, dtype=bool)] == 0) and np.all(np.diag(m) > 0))
+
+
+def ome_placement(affine: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The axis-aligned scale + translation (OME-Zarr 0.5) closest to an affine: exact at the volume's centre.
+
+    ``scale`` is the voxel size (column norms of the affine); ``translation`` puts the centre voxel position
+    ``c = (shape - 1) / 2`` where the affine puts it: ``t = A c + a - scale * c``. For an affine that is diagonal
+    with positive entries this is the affine itself (``t`` is then its translation column, bit for bit);
+    otherwise the other voxels are off by ``(A - diag(scale)) (i - c)``, at most
+    :func:`placement_error_mm` at a corner.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    shape : tuple of int
+        The volume's shape (the first three entries are used).
+
+    Returns
+    -------
+    scale, translation : numpy.ndarray
+        Three float64 each: world position of voxel ``i`` along axis ``k`` is ``scale[k] * i + translation[k]``.
+
+    Example
+    -------
+    >>> a = np.diag([0.5, 0.5, 0.5, 1.0]); a[:3, 3] = [10, 20, 30]
+    >>> [v.tolist() for v in ome_placement(a, (5, 5, 5))]
+    [[0.5, 0.5, 0.5], [10.0, 20.0, 30.0]]
+    >>> flip = np.diag([-1.0, 1.0, 1.0, 1.0])            # x runs right to left: only the centre stays put
+    >>> ome_placement(flip, (3, 1, 1))[1].tolist()
+    [-2.0, 0.0, 0.0]
+    """
+    a = _as_affine(affine)
+    if _exactly_diagonal(a):
+        return np.diag(a)[:3].copy(), a[:3, 3].copy()
+    scale = spacing_of(a)
+    c = (np.asarray(shape[:3], dtype=np.float64) - 1.0) / 2.0
+    return scale, a[:3, :3] @ c + a[:3, 3] - scale * c
+
+
+def placement_error_mm(affine: Any, shape: tuple[int, ...]) -> float:
+    """How far (mm) the :func:`ome_placement` puts the worst corner voxel centre from where the affine puts it.
+
+    ``max over corners |(A - diag(scale)) (corner - c)|``: 0 for a diagonal positive affine. For a grid rotated
+    by ``theta`` (``A = R diag(scale)``), the error at a voxel is ``2 sin(theta/2)`` times its distance from the
+    centre perpendicular to the rotation axis, so at most ``2 sin(theta/2)`` times the half-diagonal (centre to
+    corner voxel centre, mm); a flipped or permuted axis gives errors as large as the volume.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    shape : tuple of int
+        The volume's shape (the first three entries are used).
+
+    Returns
+    -------
+    float
+        Millimetres.
+
+    Example
+    -------
+    >>> t = np.radians(12.0); c, s = np.cos(t), np.sin(t)
+    >>> tilted = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    >>> err = placement_error_mm(tilted, (101, 101, 1))   # half-diagonal 50 * sqrt(2) mm
+    >>> round(err, 3), round(float(2 * np.sin(t / 2) * 50 * np.sqrt(2)), 3)
+    (14.783, 14.783)
+    """
+    a = _as_affine(affine)
+    if _exactly_diagonal(a):
+        return 0.0
+    half = (np.asarray(shape[:3], dtype=np.float64) - 1.0) / 2.0
+    m = a[:3, :3] - np.diag(spacing_of(a))
+    corners = np.array(list(itertools.product((-1.0, 1.0), repeat=3))) * half
+    return float(np.linalg.norm(corners @ m.T, axis=1).max())
+
+
+def placement_of(affine: Any, shape: tuple[int, ...]) -> tuple[str, float]:
+    """``("exact" or "approximate", worst-corner error in mm)`` of a grid's :func:`ome_placement`.
+
+    Exact: off by less than :data:`EXACT_PLACEMENT_VOXELS` of the smallest voxel anywhere.
+
+    Parameters
+    ----------
+    affine : array-like, 4x4
+        Voxel-to-world matrix.
+    shape : tuple of int
+        The volume's shape.
+
+    Returns
+    -------
+    tuple of (str, float)
+
+    Example
+    -------
+    >>> placement_of(np.diag([0.5, 0.5, 0.5, 1.0]), (4, 4, 4)), placement_of(np.diag([-1.0, 1, 1, 1]), (5, 1, 1))
+    (('exact', 0.0), ('approximate', 4.0))
+    """
+    err = placement_error_mm(affine, shape)
+    exact = err <= EXACT_PLACEMENT_VOXELS * float(spacing_of(affine).min())
+    return ("exact" if exact else "approximate"), err
+
+
 def voxel_coords(affine: Any, shape: tuple[int, ...]) -> tuple[dict[str, np.ndarray], str]:
-    """Millimetre coordinates of voxel centres for the three spatial dims, and which kind they are.
+    """Millimetre coordinates of voxel centres for the three spatial dims: the OME-Zarr placement.
+
+    ``scale * index + translation`` of :func:`ome_placement`: the world RAS+ position of each voxel centre when
+    the affine is diagonal and positive; for other grids the axis-aligned placement that viewers show, exact at
+    the centre (the exact geometry is the affine).
 
     Parameters
     ----------
@@ -112,22 +230,38 @@ def voxel_coords(affine: Any, shape: tuple[int, ...]) -> tuple[dict[str, np.ndar
     -------
     coords : dict
         ``{"x": ..., "y": ..., "z": ...}``, one float64 array per voxel axis.
-    kind : str
-        ``"world"`` for an axis-aligned affine (the coordinates are world coordinates), else ``"voxel_mm"``
-        (distance from the first voxel centre along that voxel axis; the affine stays the exact geometry).
+    placement : str
+        ``"exact"`` or ``"approximate"`` (see :func:`placement_of`).
 
     Example
     -------
-    >>> coords, kind = voxel_coords(np.diag([0.5, 0.5, 0.5, 1.0]), (3, 1, 1))
-    >>> coords["x"].tolist(), kind
-    ([0.0, 0.5, 1.0], 'world')
+    >>> coords, placement = voxel_coords(np.diag([0.5, 0.5, 0.5, 1.0]), (3, 1, 1))
+    >>> coords["x"].tolist(), placement
+    ([0.0, 0.5, 1.0], 'exact')
     """
-    a = _as_affine(affine)
-    if is_axis_aligned(a):
-        coords = {d: a[i, 3] + a[i, i] * np.arange(shape[i]) for i, d in enumerate(DIMS)}
-        return coords, "world"
-    sp = spacing_of(a)
-    return {d: sp[i] * np.arange(shape[i]) for i, d in enumerate(DIMS)}, "voxel_mm"
+    scale, trans = ome_placement(affine, shape)
+    coords = {d: trans[i] + scale[i] * np.arange(shape[i]) for i, d in enumerate(DIMS)}
+    return coords, placement_of(affine, shape)[0]
+
+
+def coord_attrs(dim: str) -> dict[str, Any]:
+    """The attrs of a spatial coordinate: ``units`` and ``long_name``.
+
+    Parameters
+    ----------
+    dim : str
+        ``"x"``, ``"y"`` or ``"z"`` (or a pyramid level's ``"x_1"`` ...).
+
+    Returns
+    -------
+    dict
+
+    Example
+    -------
+    >>> coord_attrs("x")["units"]
+    'mm'
+    """
+    return {"units": "mm", "long_name": f"{dim}: voxel centre position (OME-Zarr placement, RAS+ mm)"}
 
 
 def make_volume(
@@ -157,12 +291,14 @@ def make_volume(
     provenance : list of dict, optional
         One record per stage that made the data (default: ``attrs["provenance"]`` or ``[]``; deep-copied).
     attrs : mapping, optional
-        Further attributes (``affine``, ``units``, ``kind`` and ``coords`` are always set here).
+        Further attributes (``affine``, ``units``, ``kind``, ``placement`` and ``placement_error_mm`` are always
+        set here).
 
     Returns
     -------
     xarray.DataArray
-        Dims ``("x", "y", "z")`` (plus ``"echo"``), millimetre coordinates (see :func:`voxel_coords`).
+        Dims ``("x", "y", "z")`` (plus ``"echo"``), millimetre coordinates with ``units`` attrs (see
+        :func:`voxel_coords`); ``attrs["placement"]`` says whether they are exact world positions.
 
     Example
     -------
@@ -177,13 +313,16 @@ def make_volume(
         raise ValueError(f"a volume is 3-D (x, y, z) or 4-D (x, y, z, echo); got {data.ndim}-D")
     a = _as_affine(affine)
     dims = DIMS if data.ndim == 3 else DIMS + ("echo",)
-    coords, coord_kind = voxel_coords(a, data.shape)
-    all_attrs = dict(attrs or {})
+    values, _ = voxel_coords(a, data.shape)
+    placement, error_mm = placement_of(a, data.shape)
+    coords = {d: xr.Variable(d, v, attrs=coord_attrs(d)) for d, v in values.items()}
+    all_attrs = {k: v for k, v in (attrs or {}).items() if k != "coords"}  # "coords": its name before placement
     all_attrs.update(
         affine=a.copy(),
         units="mm",
         kind=kind,
-        coords=coord_kind,
+        placement=placement,
+        placement_error_mm=error_mm,
         source=source if source is not None else all_attrs.get("source", ""),
         provenance=copy.deepcopy(list(provenance if provenance is not None else all_attrs.get("provenance", []))),
     )
@@ -255,7 +394,9 @@ def like(
     if step is not None:
         prov.append(dict(step))
     extra = {
-        k: v for k, v in vol.attrs.items() if k not in ("affine", "units", "kind", "coords", "source", "provenance")
+        k: v
+        for k, v in vol.attrs.items()
+        if k not in ("affine", "units", "kind", "coords", "placement", "placement_error_mm", "source", "provenance")
     }
     return make_volume(
         data,

@@ -150,7 +150,8 @@ def test_convert_round_trip_through_s3_equals_local(s3, small_nifti, tmp_path, c
         if p.is_file() and p.name != "zarr.json"
     )
     remote_keys = sorted(k[len("conv/b.zarr/") :] for k in ls(s3, "conv/b.zarr") if not k.endswith("zarr.json"))
-    assert remote_keys == local_keys and len(local_keys) == 3 * 3 * 2  # 20 x 18 x 16 in 8^3 chunks, no pyramid
+    # 20 x 18 x 16 in 8^3 chunks, no pyramid; plus one chunk per coordinate array (x, y, z)
+    assert remote_keys == local_keys and len(local_keys) == 3 * 3 * 2 + 3
     for k in local_keys:
         assert cat(s3, f"conv/b.zarr/{k}") == (tmp_path / "a.zarr" / k).read_bytes(), k
     vol = open_volume(f"s3://{BUCKET}/conv/b.zarr", storage_options=s3.so)
@@ -351,7 +352,9 @@ def test_run_on_s3_matches_local(s3, s3_run, local_run):
         "preprocessed.nii.gz",
     } <= set(local_files)
     local_vols = sorted(p.parent.name for p in (local_run / "helm.zarr").glob("*/zarr.json"))
-    remote_vols = sorted({k.split("/")[3] for k in keys if "/helm.zarr/" in k})
+    remote_entries = {k.split("/")[3] for k in keys if "/helm.zarr/" in k}
+    assert "zarr.json" in remote_entries  # helm.zarr is a Zarr group there too
+    remote_vols = sorted(remote_entries - {"zarr.json"})
     assert remote_vols == local_vols and "label_map_k4" in remote_vols
     n_nifti = 0
     for name in local_files:
