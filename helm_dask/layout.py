@@ -5,6 +5,7 @@ exports, the colour table, the QC page and the published dataset's ``--layout he
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ __all__ = [
     "RECORDS",
     "STORE",
     "SubjectLayout",
+    "store_group_json",
 ]
 
 #: The subject's Zarr store (a group holding one helm-dask volume per stage output).
@@ -35,6 +37,33 @@ HELM_LAYOUT: dict[str, list[str]] = {
     "whole_brain_segmentation": ["kmeans_k{k}.nii.gz"],
     "label_maps": ["label_map_k{k}.nii.gz"],
 }
+
+
+def store_group_json(subject: str, stores: Iterable[str]) -> str:
+    """The ``zarr.json`` that makes the subject's store (:data:`STORE`) a Zarr v3 group of its volumes.
+
+    ``zarr.open_group("OUT/<subject>/helm.zarr")`` then opens it and lists every volume as a member; the
+    attributes name the subject and the volumes the run has written.
+
+    Parameters
+    ----------
+    subject : str
+        The subject's name.
+    stores : iterable of str
+        The volumes written so far (listed sorted, once each).
+
+    Returns
+    -------
+    str
+        The JSON text.
+
+    Examples
+    --------
+    >>> json.loads(store_group_json("s1", ["mask", "image_ws", "mask"]))["attributes"]["helm_dask"]["stores"]
+    ['image_ws', 'mask']
+    """
+    meta = {"subject": subject, "stores": sorted(set(stores))}
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"helm_dask": meta}}, indent=2) + "\n"
 
 
 @dataclass(frozen=True)
@@ -78,6 +107,11 @@ class SubjectLayout:
     def store(self) -> str:
         """The subject's Zarr store."""
         return join(self.dir, STORE)
+
+    @property
+    def store_group(self) -> str:
+        """The store's group metadata (``helm.zarr/zarr.json``, :func:`store_group_json`)."""
+        return join(self.store, "zarr.json")
 
     def volume(self, name: str) -> str:
         """A volume (stage output) in the store, e.g. ``preprocessed`` or ``hemi_k6``."""

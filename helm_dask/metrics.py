@@ -20,7 +20,7 @@ import scipy.ndimage as ndi
 from .errors import HelmError
 from .labels import FORNIX, HYPOTHALAMUS, PAPER_GROUPS, SHORT_NAMES
 from .orient import flip_left_right, to_ras
-from .resample import resample_labels, resample_to_grid
+from .resample import ras_target_grid, resample_labels, resample_labels_to_grid, resample_to_grid
 from .volume import affine_of, spacing_of
 
 # --------------------------------------------------------------------------------------------- constants
@@ -1185,7 +1185,8 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
     :func:`helm_dask.orient.to_ras`, the left-right flip for a right hemisphere (``side="R"``), then
     :func:`helm_dask.resample.resample_labels` to ``spacing`` (default: the target's voxel size; the run's
     ``--spacing``, or ``"native"``) by majority vote (nearest neighbour where a working voxel holds no scan voxel
-    centre, i.e. when upsampling).
+    centre, i.e. when upsampling); on the axis-aligned grid of ``--grid ras`` for a tilted scan,
+    :func:`helm_dask.resample.resample_labels_to_grid`'s 3-D vote.
 
     Parameters
     ----------
@@ -1213,6 +1214,10 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
         spacing = [float(round(s, 6)) for s in spacing_of(affine_of(target_vol))]
     out = resample_labels(t, spacing, method="majority")
     diff = _same_grid(out, target_vol, atol=1e-4)
+    ras_shape, ras_affine = ras_target_grid(t.shape, affine_of(t), spacing)
+    if diff and ras_shape == tuple(target_vol.shape) and np.allclose(ras_affine, affine_of(target_vol), atol=1e-4):
+        # a tilted scan's --grid ras working grid: the run's 3-D vote onto it
+        return resample_labels_to_grid(t, ras_shape, affine_of(target_vol), method="majority")
     if diff:
         raise HelmError(
             f"the reference tissue map does not land on the working grid: {diff}",

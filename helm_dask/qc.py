@@ -388,7 +388,7 @@ def _raw_scan_figure(rep: _Report) -> _Figure:
         else "World coordinates (RAS+, mm)."
     )
     caption = (
-        f"Original scan ({orientation_code(a_raw)}, voxel {_fmt_mm(spacing_of(a_raw))} mm, "
+        f"Original scan ({_file_order(sub.open('scan_raw'))}, voxel {_fmt_mm(spacing_of(a_raw))} mm, "
         f"pyramid level {raw.attrs.get('level', 0)}) through the centroid of the manual hypothalamus "
         f"labels (cross-hair). Cyan: outline of the brain mask (background stage). {note}"
     )
@@ -686,13 +686,23 @@ def _side_facts(run: dict) -> list[tuple[str, str]]:
     return facts
 
 
+def _file_order(vol) -> str:
+    """The scan's voxel order: the file's, and the stored RAS+ order the import made of it (in its provenance)."""
+    for step in vol.attrs.get("provenance") or []:
+        order = (step.get("params") or {}).get("voxel_order") if isinstance(step, dict) else None
+        if isinstance(order, dict) and order.get("file") and order["file"] != order.get("stored"):
+            return f"{order['file']} (stored as {order.get('stored')})"
+    return orientation_code(affine_of(vol))
+
+
 def _grid_facts(sub: _Subject, run: dict) -> list[tuple[str, str]]:
     facts = []
     if sub.has("scan_raw"):
         a = affine_of(sub.open("scan_raw"))
         oblique = "" if is_axis_aligned(a) else f", oblique ({Frame(a).obliquity_deg():.1f}\u00b0)"
         shape = " x ".join(map(str, sub.open("scan_raw").shape[:3]))
-        facts.append(("Scan", f"{shape} voxels, {_fmt_mm(spacing_of(a))} mm, {orientation_code(a)}" + oblique))
+        order = _file_order(sub.open("scan_raw"))
+        facts.append(("Scan", f"{shape} voxels, {_fmt_mm(spacing_of(a))} mm, {order}" + oblique))
     if sub.has("hypothalamus"):
         v = sub.open("hypothalamus")
         flipped = (run.get("side") or {}).get("used") == "R"

@@ -260,7 +260,7 @@ class _Largest(Callback):
 def _rechunked_copy(src: Path, dst: Path, chunks) -> Path:
     """The subject folder with every stored volume rewritten on small chunks (same data, same affines)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("helm.zarr", "qc"))
-    for store in sorted((src / "helm.zarr").iterdir()):
+    for store in sorted(p for p in (src / "helm.zarr").iterdir() if p.is_dir()):  # (helm.zarr/zarr.json: the group)
         save_volume(open_volume(store), dst / "helm.zarr" / store.name, chunks=chunks)
     return dst
 

@@ -92,6 +92,7 @@ def external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
             overwrite=True,
             quiet=subj.quiet,
             storage_options=so,
+            ras=True,  # like the scan
         )
         if out["nonfinite"]:
             location.remove_quietly(subj.vpath("mask_raw"), so)
@@ -130,7 +131,7 @@ def external_mask(subj: Subject, key: str, scan_raw, scan_ras, sha: str):
         "method": "external",
         "path": location.absolute(src),
         "sha256": sha,
-        "orientation_in": orientation_code(affine_of(raw)),
+        "orientation_in": orientation_code(read_header(src, storage_options=so).affine),  # the file's (raw: RAS)
         "voxels": n,
         "mm3": n * float(np.prod(spacing_of(affine_of(raw)))),
     }

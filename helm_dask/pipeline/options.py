@@ -130,6 +130,15 @@ def _add_run_preprocessing_options(p: argparse.ArgumentParser) -> None:
     """``run``: the working grid, the last stage, echoes, non-finite voxels and the manual labels' codes."""
     p.add_argument("--spacing", type=_spacing, default=0.3, help="working voxel size in mm, or native (default 0.3)")
     p.add_argument(
+        "--grid",
+        choices=["ras", "scan"],
+        default="ras",
+        help="working grid: ras = axis-aligned RAS+ (a tilted scan is resampled onto it with anti-aliasing, its "
+        "labels and mask by a 3-D majority vote; viewers place OME-Zarr volumes exactly); scan = the scan's own "
+        "directions (exact block means, but a tilted scan's OME-Zarr volumes are off by up to 2 sin(tilt/2) x "
+        "the half-diagonal); the two are the same grid for a scan that is not tilted (default ras)",
+    )
+    p.add_argument(
         "--until",
         choices=list(UNTIL),
         default="mirror",

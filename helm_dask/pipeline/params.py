@@ -16,6 +16,8 @@ from ..registry import UNTIL
 
 #: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
 FLUIDS = FLUID_CHOICES
+#: ``--grid``: the working grid (see ``docs/method/resample.md``, "Working grid: ras or scan").
+GRIDS = ("ras", "scan")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class RunParams:
     fluid: str = "auto"  # what fills the bag: auto|bright|dark|none (unused with ``mask``)
     subject: str | None = None
     spacing: Any = 0.3  # mm, or "native"
+    grid: str = "ras"  # the working grid: "ras" (axis-aligned RAS+) or "scan" (the scan's directions)
     until: str = "mirror"
     echo: int | None = None
     echo_combine: str = "rms"
@@ -90,6 +93,8 @@ def check_params(params: RunParams) -> None:
         raise HelmError(f"--side must be L, R or auto, not {params.side!r}")
     if params.fluid not in FLUIDS:
         raise HelmError(f"--fluid must be one of {', '.join(FLUIDS)}, not {params.fluid!r}")
+    if params.grid not in GRIDS:
+        raise HelmError(f"--grid must be one of {', '.join(GRIDS)}, not {params.grid!r}")
     if params.layout == "helm" and not params.nifti:
         raise HelmError(
             "--layout helm arranges the NIfTI files, and --no-nifti writes none",
