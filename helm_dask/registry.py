@@ -108,7 +108,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "import",
-        1,
+        2,
         "preprocess",
         reads=(),
         writes=("scan_raw", "labels_raw"),
@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "background",
-        5,
+        6,
         "preprocess",
         reads=("scan_raw",),
         writes=("mask_ras",),
@@ -126,16 +126,16 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "resample",
-        1,
+        2,
         "preprocess",
         reads=("scan_raw", "mask_ras", "labels_raw"),
         writes=("image_ws", "mask", "hypothalamus"),
-        options=("spacing", "side", "label_map", "resample_labels"),
+        options=("spacing", "grid", "side", "label_map", "resample_labels"),
         summary="orientation (right hemispheres flipped to left) and resampling to the working grid",
     ),
     Stage(
         "bias",
-        2,
+        3,
         "preprocess",
         reads=("image_ws", "mask"),
         writes=("bias", "preprocessed"),
@@ -150,7 +150,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "kmeans",
-        1,
+        2,
         "kmeans",
         reads=("preprocessed", "mask"),
         writes=("kmeans_k{k}",),
@@ -161,7 +161,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "merge",
-        1,
+        2,
         "merge",
         reads=("kmeans_k{k}", "hypothalamus"),
         writes=("hemi_k{k}", "closed_labels"),
@@ -171,7 +171,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "mirror",
-        2,
+        3,
         "mirror",
         reads=("hemi_k{k}",),
         also_reads=("mask", "hypothalamus"),

@@ -57,6 +57,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k in ("levels", "sform_code", "qform_code", "scaling"):
         if k in d:
             rows.append((k, str(d[k])))
+    if "ome_placement" in d:  # how far OME-Zarr viewers put the worst corner from the affine
+        rows.append(("ome placement", f"{d['ome_placement']} (worst corner {d['ome_placement_error_mm']:.3g} mm)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
@@ -90,6 +92,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.chunks:
         kw["chunks"] = args.chunks
     kw["nonfinite"] = args.nonfinite
+    if args.ras:
+        kw["ras"] = True
     t0 = time.perf_counter()
     with use_storage_options(so), _compute(args):
         out = convert(args.input, args.output, **kw)
@@ -149,6 +153,12 @@ def add_convert_parser(subparsers: Subparsers, parents: Sequence[argparse.Argume
         "--nonfinite", choices=["error", "zero"], default="error", help="NaN/inf voxels: refuse (default) or set to 0"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--ras",
+        action="store_true",
+        help="NIfTI/MGH input: store the voxels in RAS+ order (axis flips and a transpose, exact, as helm-dask run "
+        "imports a scan) instead of the file's order",
+    )
     _add_storage_options(p)
     _add_compute_options(p)
     p.set_defaults(func=cmd_convert)

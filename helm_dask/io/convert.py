@@ -23,7 +23,7 @@ import zarr
 
 from ..errors import HelmError
 from ..progress import Progress
-from ..volume import affine_of, provenance_record
+from ..volume import affine_of, orientation_code, provenance_record
 from . import location, regions
 from . import nifti as nii
 from .mgh import is_mgh_path, read_mgh_header
@@ -97,12 +97,85 @@ class _ImportPlan:
     reader_scaled: bool  # the reader applies scl_slope/scl_inter (to zero non-finite values)
     combine: bool  # echoes combined into one 3-D volume
     nifti_meta: dict
+    ornt: np.ndarray  # per file axis: (stored axis, +1 or -1 if reversed), nibabel's orientation array
+    affine: np.ndarray  # of the stored voxel order
+
+    @property
+    def perm(self) -> list[int]:
+        """The file axis stored as each stored axis (the transpose after the flips)."""
+        return [int(a) for a in np.argsort(self.ornt[:, 0])]
+
+    @property
+    def z_axis(self) -> int:
+        """The stored axis the file's slowest (z) axis becomes: slabs are thin along it."""
+        return int(self.ornt[2, 0])
+
+    @property
+    def z_reversed(self) -> bool:
+        return bool(self.ornt[2, 1] < 0)
+
+
+def _storage_ornt(info: nii.NiftiInfo, src: Any, ras: bool) -> np.ndarray:
+    """The orientation (nibabel's ``io_orientation``) that stores the file in RAS+ voxel order, or the identity.
+
+    The same permutation and flips as :func:`helm_dask.orient.to_ras`, so a stored volume's affine is nibabel's
+    ``as_closest_canonical`` of the file's and every voxel keeps its world position exactly.
+    """
+    import nibabel as nib
+
+    if not ras:
+        return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    ornt = nib.orientations.io_orientation(np.asarray(info.affine, dtype=np.float64))
+    if np.isnan(ornt).any():
+        raise HelmError(
+            "the affine is degenerate (a voxel axis has no direction); cannot store it in RAS+ order",
+            path=src,
+            hint="check the sform/qform of the input file",
+        )
+    return ornt
+
+
+def _voxel_order_record(plan: _ImportPlan) -> dict[str, Any]:
+    """The import's provenance entry for the RAS+ order: the file's order and how the stored one was reached."""
+    return {
+        "voxel_order": {
+            "stored": "RAS",
+            "file": orientation_code(plan.info.affine),
+            "axis_order": plan.perm,
+            "flipped_file_axes": [int(i) for i in np.nonzero(plan.ornt[:, 1] < 0)[0]],
+        }
+    }
+
+
+def _stored_slab(plan: _ImportPlan, data: np.ndarray, z0: int, z1: int) -> tuple[tuple[slice, ...], np.ndarray]:
+    """A file slab (planes ``z0:z1``) in the stored voxel order, and the spatial region it fills there.
+
+    Flips first, in file axis order, then the transpose: the order of nibabel's ``apply_orientation``. Views
+    only (no copy) when the file is already in the stored order.
+    """
+    flips = tuple(slice(None, None, -1) if f < 0 else slice(None) for f in plan.ornt[:, 1])
+    out = data[flips].transpose(plan.perm)
+    where = [slice(None)] * 3
+    nz = int(plan.info.shape[2])
+    where[plan.z_axis] = slice(nz - z1, nz - z0) if plan.z_reversed else slice(z0, z1)
+    return tuple(where), out
 
 
 def _import_plan(
-    info: nii.NiftiInfo, src: Any, *, chunks: Any, echo: int | None, echo_combine: str | None, kind: str, nonfinite: str
+    info: nii.NiftiInfo,
+    src: Any,
+    *,
+    chunks: Any,
+    echo: int | None,
+    echo_combine: str | None,
+    kind: str,
+    nonfinite: str,
+    ras: bool = False,
 ) -> _ImportPlan:
-    """Check the header against the echo options and decide the output's shape, dtype and NIfTI metadata."""
+    """Check the header against the echo options and decide the output's shape, voxel order, dtype and NIfTI
+    metadata (``ras``: stored in RAS+ voxel order, otherwise in the file's)."""
+    import nibabel as nib
+
     if info.stored_ndim < 3:
         # padded to one plane it would import, and fail much later with messages about something else
         raise HelmError(
@@ -122,14 +195,17 @@ def _import_plan(
         )
     if kind == "auto":
         kind = "labels" if int(info.header["intent_code"]) == nii.INTENT_LABEL else "image"
-    chunks = normalize_chunks(chunks, info.shape)
+    ornt = _storage_ornt(info, src, ras)
+    shape3 = tuple(int(info.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
+    affine = np.asarray(info.affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, info.shape[:3])
+    chunks = normalize_chunks(chunks, shape3)  # in the stored order, like the shape
     keep: list[int] | None
     if four_d and echo is not None:
-        out_shape, keep, out_four_d = info.shape[:3], [echo], False
+        out_shape, keep, out_four_d = shape3, [echo], False
     elif four_d and echo_combine is not None:
-        out_shape, keep, out_four_d = info.shape[:3], None, False
+        out_shape, keep, out_four_d = shape3, None, False
     else:
-        out_shape, keep, out_four_d = info.shape, None, four_d
+        out_shape, keep, out_four_d = shape3 + tuple(info.shape[3:]), None, four_d
     raw_dtype = info.dtype.newbyteorder("=")
     if info.scaled and nonfinite == "zero":
         # Zeroing non-finite values needs the scaled values; store them scaled (float).
@@ -157,6 +233,8 @@ def _import_plan(
         reader_scaled=reader_scaled,
         combine=four_d and echo_combine is not None,
         nifti_meta=nifti_meta,
+        ornt=ornt,
+        affine=affine,
     )
 
 
@@ -186,10 +264,11 @@ def _stream_slabs(
                 data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
             else:
                 continue  # keep reading to count them all; nothing will be kept
+        where, data = _stored_slab(plan, data, slab.z0, slab.z1)
         if direct and not plan.out_four_d:
-            landing[:, :, slab.z0 : slab.z1] = data
+            landing[where] = data
         else:
-            landing[kept.index(slab.t or 0), :, :, slab.z0 : slab.z1] = data
+            landing[(kept.index(slab.t or 0), *where)] = data
         prog.update(slab.z1 - slab.z0)
     prog.close()
     return total_nonfinite
@@ -232,23 +311,28 @@ def _import_level0(
 ) -> tuple[nii.SlabReader, int]:
     """Stream the file into level 0 of ``group``; returns the reader (with the file's checksum) and the count
     of non-finite voxels."""
-    info, chunks = plan.info, plan.chunks
+    info, chunks, zax = plan.info, plan.chunks, plan.z_axis
     target = create_level(group, 0, plan.out_shape, plan.raw_dtype, chunks, four_d=plan.out_four_d)
     # Whole Zarr chunks need chunk_z planes of every (x, y) tile, and a sequential stream delivers whole
     # planes: writing chunks directly would hold x * y * chunk_z voxels, which grows with the volume. So,
     # when that layer is over budget, the stream lands in thin chunks (chunk_z split to fit the budget) and
     # Dask then assembles the final chunks from them, one chunk per task: memory stays flat with size.
     # Multi-echo data to be combined always lands first (echoes of one z-range lie far apart in the file).
-    thin_z = _slab_planes(info.shape, np.dtype(plan.raw_dtype).itemsize, chunks[2], int(layer_mb * 2**20))
+    # Stored in RAS+ order, the file's z axis is the stored axis ``zax`` (reversed, maybe): slabs are thin
+    # along it, and when it is reversed the first slab holds n mod thin_z planes, so that every slab fills
+    # whole chunks (no chunk is written twice).
+    thin_z = _slab_planes(info.shape, np.dtype(plan.raw_dtype).itemsize, chunks[zax], int(layer_mb * 2**20))
     kept = [echo] if (plan.four_d and echo is not None) else list(range(plan.nt))
-    direct = thin_z == chunks[2] and not plan.combine
+    direct = thin_z == chunks[zax] and not plan.combine
     if direct:
         landing = target
     else:
-        land_shape = tuple(info.shape[:3]) + (len(kept),)
+        land_shape = tuple(plan.out_shape[:3]) + (len(kept),)
+        land_chunks = tuple(thin_z if d == zax else c for d, c in enumerate(chunks))
         # the landing array sits next to level 0, under a name rather than a level number
-        landing = create_level(group, "_landing", land_shape, plan.raw_dtype, chunks[:2] + (thin_z,), four_d=True)
-    reader = nii.SlabReader(info, thin_z, echoes=plan.keep)
+        landing = create_level(group, "_landing", land_shape, plan.raw_dtype, land_chunks, four_d=True)
+    first = (int(info.shape[2]) % thin_z or thin_z) if plan.z_reversed else thin_z
+    reader = nii.SlabReader(info, thin_z, echoes=plan.keep, first_planes=first)
     total_nonfinite = _stream_slabs(
         reader, landing, plan, kept, direct, nonfinite=nonfinite, src=src, dst=dst, tmp=tmp, quiet=quiet
     )
@@ -278,7 +362,7 @@ def _write_import_attrs(
     prov = [provenance_record("import", params, {os.fspath(src): sha256})]
     write_attrs(
         group,
-        affine=plan.info.affine,
+        affine=plan.affine,
         kind=plan.kind,
         name=Path(os.fspath(dst).rstrip("/")).stem,
         nlevels=nlevels,
@@ -308,13 +392,14 @@ def nifti_to_zarr(
     layer_mb: float = 64,
     quiet: bool = True,
     storage_options: dict | None = None,
+    ras: bool = False,
 ) -> dict:
     """Convert a NIfTI file (``.nii``/``.nii.gz``, NIfTI-1/2, 3-D or 4-D) to a helm-dask Zarr volume.
 
     A FreeSurfer ``.mgh``/``.mgz`` file (e.g. a SAMSEG segmentation) is read the same way, streamed; its store
     keeps a NIfTI header made from its geometry (see :mod:`helm_dask.io.mgh`). The data are kept as stored on
     disk (dtype and ``scl_slope``/``scl_inter``); :func:`open_volume` applies the scaling, and converting back
-    gives the original file's data bit for bit.
+    gives the original file's data bit for bit (in RAS+ voxel order with ``ras``: the same voxels, reordered).
 
     Parameters
     ----------
@@ -342,23 +427,28 @@ def nifti_to_zarr(
         No progress bar.
     storage_options : dict, optional
         fsspec options for URLs (see :mod:`helm_dask.io.location`).
+    ras : bool
+        Store the voxels in RAS+ order (axis flips and a transpose, exact, while streaming: nibabel's
+        ``as_closest_canonical``, :func:`helm_dask.orient.to_ras`), not the file's; the pipeline does.
 
     Returns
     -------
     dict
-        ``{"path", "sha256", "nonfinite", "shape", "dtype"}``.
+        ``{"path", "sha256", "nonfinite", "shape", "dtype"}`` (the stored shape).
     """
     if nonfinite not in ("error", "zero"):
         raise ValueError("nonfinite must be 'error' or 'zero'")
     if echo_combine is not None and echo_combine not in ECHO_COMBINE:
         raise HelmError(f"unknown --echo-combine {echo_combine!r}", hint="use rms or mean")
     info = read_header(src, storage_options=storage_options)
-    plan = _import_plan(info, src, chunks=chunks, echo=echo, echo_combine=echo_combine, kind=kind, nonfinite=nonfinite)
+    plan = _import_plan(
+        info, src, chunks=chunks, echo=echo, echo_combine=echo_combine, kind=kind, nonfinite=nonfinite, ras=ras
+    )
     with atomic_store(dst, overwrite=overwrite, storage_options=storage_options) as tmp:
         group = open_group(tmp, "w", storage_options)
         write_attrs(
             group,
-            affine=info.affine,
+            affine=plan.affine,
             kind=plan.kind,
             name=Path(dst).stem,
             nlevels=1,
@@ -379,6 +469,7 @@ def nifti_to_zarr(
         )
         nlevels = build_pyramid(group, kind=plan.kind, chunks=plan.chunks) if (pyramid and not plan.out_four_d) else 1
         params = {"echo": echo, "echo_combine": echo_combine, "nonfinite": nonfinite, "chunks": list(plan.chunks)}
+        params.update(_voxel_order_record(plan) if ras else {})
         _write_import_attrs(group, plan, src, dst, params, reader, nlevels, total_nonfinite)
     return {
         "path": os.fspath(dst),
@@ -493,7 +584,8 @@ def _thin_scratch(
 def _slab_task(
     data: da.Array, stored: Any, t: int, z0: int, z1: int, dtype: np.dtype, gz: bool, compresslevel: int
 ) -> Any:
-    """The delayed bytes of planes ``z0:z1`` of echo ``t``, read from the store inside the task when possible."""
+    """The delayed encoded planes ``z0:z1`` of echo ``t`` (raw bytes, or a :class:`~helm_dask.io.nifti.GzipPart`),
+    read from the store inside the task when possible."""
     four_d = data.ndim == 4
     if stored is not None:
         # Read the slab inside the task: a dask slice of a stored volume would be one task per chunk,
@@ -523,8 +615,9 @@ def save_nifti(
 ) -> str:
     """Write a (lazy) 3-D or 4-D volume to ``.nii``/``.nii.gz`` in z-slabs, with an exact header.
 
-    sform = qform = the volume's affine, ``xyzt_units`` mm, intent label for labels/masks. Memory: the slabs in
-    flight (two per worker thread, each at most ``slab_mb`` MB raw). A URL ``dst`` is one multipart upload,
+    sform = qform = the volume's affine, ``xyzt_units`` mm, intent label for labels/masks. A ``.nii.gz`` is one
+    gzip member whose slabs the workers compress in parallel. Memory: the slabs in flight (two per worker
+    thread, each at most ``slab_mb`` MB raw). A URL ``dst`` is one multipart upload,
     completed only when every slab is written (an error or Ctrl-C aborts it: no object, or the old one
     untouched); the thin scratch copy, which workers write, is then a hidden sibling store on the same object
     storage, deleted afterwards.
@@ -595,19 +688,39 @@ def save_nifti(
         with (
             location.open_write(tmp, overwrite=True, storage_options=storage_options) if remote else open(tmp, "wb")
         ) as f:
-            f.write(nii.gzip_member(head, compresslevel) if gz else head)
-            prog = Progress(len(slabs), f"writing {Path(dst).name}", quiet=quiet)
-            point = f"write:{location.name(dst)}"
             tasks = [_slab_task(data, stored, *s, dtype, gz, compresslevel) for s in slabs]
-            for chunk in _ordered_results(tasks):
-                location.fault(point, tmp)
-                f.write(chunk)
-                prog.update(1)
-            prog.close()
+            _write_parts(f, head, tasks, gz=gz, compresslevel=compresslevel, dst=dst, tmp=tmp, quiet=quiet)
     return dst
 
 
-def _encode_stored_slab(src: Any, t: int | None, z0: int, z1: int, dtype: Any, gz: bool, level: int) -> bytes:
+def _write_parts(
+    f: Any, head: bytes, tasks: list, *, gz: bool, compresslevel: int, dst: str, tmp: str, quiet: bool
+) -> None:
+    """The file's bytes in order: the header, then each slab as its task delivers it. For ``.nii.gz`` all of it is
+    ONE gzip member (browser readers stop after the first): the workers deflate the slabs, this process adds the
+    gzip header, the header bytes' part, and a trailer whose CRC-32 it combines slab by slab."""
+    member = nii.GzipMemberWriter(f, compresslevel) if gz else None
+    if member is not None:
+        member.write_bytes(head)
+    else:
+        f.write(head)
+    prog = Progress(len(tasks), f"writing {Path(dst).name}", quiet=quiet)
+    point = f"write:{location.name(dst)}"
+    for part in _ordered_results(tasks):
+        location.fault(point, tmp)
+        if member is not None:
+            member.write(part)
+        else:
+            f.write(part)
+        prog.update(1)
+    if member is not None:
+        member.close()
+    prog.close()
+
+
+def _encode_stored_slab(
+    src: Any, t: int | None, z0: int, z1: int, dtype: Any, gz: bool, level: int
+) -> bytes | nii.GzipPart:
     """Planes ``z0:z1`` (of echo ``t``) read from a Zarr array or a :class:`regions.StoreView`, encoded."""
     if isinstance(src, regions.StoreView):
         block = src.read((0, 0, z0), (src.shape[0], src.shape[1], z1))
@@ -731,7 +844,7 @@ def convert(src: Any, dst: Any, **kw: Any) -> str:
         kw.pop("compresslevel", None)
         return nifti_to_zarr(s, d, **kw)["path"]
     if s.rstrip("/").endswith(".zarr") and nii.is_nifti_path(d):
-        for k in ("chunks", "kind", "nonfinite"):
+        for k in ("chunks", "kind", "nonfinite", "ras"):
             kw.pop(k, None)
         return zarr_to_nifti(s, d, **kw)
     raise HelmError(

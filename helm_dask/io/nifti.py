@@ -1,23 +1,26 @@
 """Streaming NIfTI-1/2 reading and writing with exact headers: :func:`read_nifti_header` validates a header
 without touching the voxels, :class:`SlabReader` reads the file once, in order, one z-slab at a time, and
-:func:`build_header`, :func:`header_bytes` and :func:`encode_slab` write a file as a header followed by slabs
-(for ``.nii.gz`` one gzip member each, so workers compress them in parallel); why the voxels are streamed rather
-than loaded with nibabel, and why gzip goes through ISA-L, is in ``docs/method/io.md``.
+:func:`build_header`, :func:`header_bytes`, :func:`encode_slab` and :class:`GzipMemberWriter` write a file as a
+header followed by slabs (for ``.nii.gz`` one gzip member made of raw DEFLATE parts that the workers compress in
+parallel, as pigz does); why the voxels are streamed rather than loaded with nibabel, and why gzip goes through
+ISA-L, is in ``docs/method/io.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
 import json
 import os
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -26,14 +29,16 @@ from ..errors import HelmError
 from . import location
 
 _igzip: ModuleType | None
+_isal_zlib: ModuleType | None
 try:  # ISA-L: same gzip format, several times faster (see docs/method/io.md)
     from isal import igzip as _igzip
-    from isal import isal_zlib as _isal_zlib
+    from isal import isal_zlib as _isal_zlib_module
 except ImportError:  # pragma: no cover - platforms without an isal wheel fall back to zlib
-    _igzip = None
+    _igzip = _isal_zlib = None
     GZIP_ERRORS: tuple = (OSError, EOFError, zlib.error)
 else:
-    GZIP_ERRORS = (OSError, EOFError, zlib.error, _isal_zlib.error)
+    _isal_zlib = _isal_zlib_module  # raw DEFLATE parts, crc32 and crc32_combine (isal >= 1.4)
+    GZIP_ERRORS = (OSError, EOFError, zlib.error, _isal_zlib_module.error)
 
 GZ_MAGIC = b"\x1f\x8b"
 NIFTI_EXTS = (".nii", ".nii.gz")
@@ -399,11 +404,16 @@ class SlabReader:
         z planes per slab (memory: ``slab_planes * x * y * itemsize``).
     echoes : sequence of int, optional
         Which volumes of a 4-D file to yield (default all); the others are skipped (decompressed but not kept).
+    first_planes : int, optional
+        Planes of the first slab of each echo (default ``slab_planes``): a thinner first slab makes the others
+        end where the chunks of a reversed z axis do (an import that stores the volume in RAS+ order).
     """
 
-    def __init__(self, info: NiftiInfo, slab_planes: int, echoes=None):
+    def __init__(self, info: NiftiInfo, slab_planes: int, echoes=None, *, first_planes: int | None = None):
         self.info = info
         self.slab_planes = max(1, int(slab_planes))
+        first = self.slab_planes if first_planes is None else int(first_planes)
+        self.first_planes = min(max(1, first), self.slab_planes)
         nt = info.shape[3] if len(info.shape) == 4 else 1
         self.echoes = list(range(nt)) if echoes is None else list(echoes)
         self.sha256: str | None = None
@@ -425,8 +435,9 @@ class SlabReader:
             pos = info.vox_offset
             for t in range(nt):
                 keep = t in self.echoes
-                for z0 in range(0, nz, self.slab_planes):
-                    z1 = min(nz, z0 + self.slab_planes)
+                # slab ends: first_planes, then every slab_planes (the first slab may be thinner)
+                for end in range(self.first_planes, nz + self.slab_planes, self.slab_planes):
+                    z0, z1 = max(0, end - self.slab_planes), min(nz, end)
                     nbytes = (z1 - z0) * info.plane_bytes
                     if not keep:
                         self._skip(stream, nbytes)
@@ -668,8 +679,196 @@ def slab_bytes(arr: np.ndarray, dtype) -> bytes:
     return np.asarray(arr).astype(np.dtype(dtype), copy=False).tobytes(order="F")
 
 
-def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSLEVEL) -> bytes:
-    """Bytes of a slab as they go into the file: raw, or one gzip member. Runs on a worker.
+class GzipPart(NamedTuple):
+    """A piece of one gzip member, compressed on a worker: raw DEFLATE blocks ending on a byte boundary.
+
+    ``data`` ends with a sync flush (an empty stored block), so parts compressed independently can be
+    concatenated into one DEFLATE stream; ``crc32`` and ``size`` describe the uncompressed bytes, which the
+    writer combines into the member's trailer without seeing them (:class:`GzipMemberWriter`).
+    """
+
+    data: bytes
+    crc32: int
+    size: int
+
+
+def _crc32(data: bytes | memoryview) -> int:
+    return _isal_zlib.crc32(data) if _isal_zlib is not None else zlib.crc32(data)
+
+
+def deflate_part(data: bytes | memoryview, level: int = DEFAULT_COMPRESSLEVEL) -> GzipPart:
+    """Compress bytes as a part of a gzip member: raw DEFLATE (no header), ended by a sync flush. Runs on a worker.
+
+    Parameters
+    ----------
+    data : bytes
+        The uncompressed bytes (may be empty).
+    level : int
+        As for :func:`gzip_member`: ISA-L's level 1 for 1 when ``isal`` is installed, zlib's level otherwise.
+
+    Returns
+    -------
+    GzipPart
+        The compressed bytes, the CRC-32 of ``data`` and its length.
+
+    Example
+    -------
+    >>> part = deflate_part(b"slab")
+    >>> zlib.decompressobj(-15).decompress(part.data), part.crc32 == zlib.crc32(b"slab"), part.size
+    (b'slab', True, 4)
+    """
+    view = memoryview(data).cast("B")
+    # A sync flush, not a full one: every part has its own compressor, so no part refers back into another.
+    if level == 1 and _igzip is not None and _isal_zlib is not None:
+        c = _isal_zlib.compressobj(1, _isal_zlib.DEFLATED, -15)
+        out = b"".join((c.compress(view), c.flush(_isal_zlib.Z_SYNC_FLUSH)))
+    else:
+        z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        out = b"".join((z.compress(view), z.flush(zlib.Z_SYNC_FLUSH)))
+    return GzipPart(out, _crc32(view), len(view))
+
+
+# CRC-32 combination without the data (zlib's crc32_combine, the GF(2) matrix method): appending n zero bytes to
+# a message multiplies its CRC register by a fixed 32x32 bit matrix, the n-th power of the one-zero-byte operator.
+_CRC32_POLY = 0xEDB88320  # the reflected CRC-32 polynomial of gzip
+
+
+def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The operator "apply ``b``, then ``a``"."""
+    return tuple(_gf2_times(a, col) for col in b)
+
+
+@functools.lru_cache(maxsize=16)
+def _crc32_zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The matrix that advances a CRC-32 register over ``nbytes`` zero bytes (cached: slabs repeat their size)."""
+    power: tuple[int, ...] = (_CRC32_POLY,) + tuple(1 << n for n in range(31))  # one zero bit
+    for _ in range(3):  # 8 zero bits
+        power = _gf2_compose(power, power)
+    result = tuple(1 << n for n in range(32))
+    while nbytes:
+        if nbytes & 1:
+            result = _gf2_compose(power, result)
+        nbytes >>= 1
+        if nbytes:
+            power = _gf2_compose(power, power)
+    return result
+
+
+def crc32_combine_py(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``: zlib's ``crc32_combine`` in Python.
+
+    The fallback for ISA-L's ``isal_zlib.crc32_combine`` when ``isal`` is not installed.
+
+    Parameters
+    ----------
+    crc1, crc2 : int
+        CRC-32 of the first and of the second block.
+    len2 : int
+        Length of the second block in bytes (any size, 4 GiB and more included).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> crc32_combine_py(zlib.crc32(b"head"), zlib.crc32(b"slab"), 4) == zlib.crc32(b"headslab")
+    True
+    """
+    if len2 <= 0:
+        return crc1
+    return _gf2_times(_crc32_zeros_operator(int(len2)), crc1) ^ crc2
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``: ISA-L's, else :func:`crc32_combine_py`.
+
+    Parameters
+    ----------
+    crc1, crc2 : int
+        CRC-32 of the first and of the second block.
+    len2 : int
+        Length of the second block in bytes.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> crc32_combine(zlib.crc32(b"a"), zlib.crc32(b"bc"), 2) == zlib.crc32(b"abc")
+    True
+    """
+    if _igzip is not None and _isal_zlib is not None and len2 > 0:
+        return _isal_zlib.crc32_combine(crc1, crc2, len2)
+    return crc32_combine_py(crc1, crc2, len2)
+
+
+class GzipMemberWriter:
+    """Writes ONE gzip member from raw DEFLATE parts compressed elsewhere (pigz's scheme).
+
+    The gzip header (mtime 0, so output is byte-reproducible), then each :class:`GzipPart` as it comes, then an
+    empty final DEFLATE block and the trailer: the CRC-32 combined part by part and the total size modulo
+    2**32. One member, because browser readers (NiiVue, nifti-reader-js) stop after the first; the final block
+    is written here, so a part never needs to know that it is the last.
+
+    Parameters
+    ----------
+    f : binary file
+        Open for writing, positioned at the start.
+    level : int
+        gzip level of the parts (only sets the header's XFL hint).
+
+    Example
+    -------
+    >>> bio = io.BytesIO()
+    >>> w = GzipMemberWriter(bio)
+    >>> w.write_bytes(b"header, ")
+    >>> w.write(deflate_part(b"slab 1, ")); w.write(deflate_part(b"slab 2"))
+    >>> w.close()
+    >>> d = zlib.decompressobj(31); d.decompress(bio.getvalue()), d.eof, d.unused_data
+    (b'header, slab 1, slab 2', True, b'')
+    """
+
+    _FINAL_EMPTY_BLOCK = b"\x03\x00"  # BFINAL=1, fixed Huffman, end-of-block: what zlib's Z_FINISH of nothing is
+
+    def __init__(self, f: BinaryIO, level: int = DEFAULT_COMPRESSLEVEL):
+        self.f = f
+        self.level = level
+        self.crc32 = 0
+        self.size = 0
+        xfl = 4 if level == 1 else 2 if level == 9 else 0  # "fastest" / "best", as Python's gzip writes
+        # magic, deflate, no flags, mtime 0, XFL, OS 255 (unknown)
+        f.write(b"\x1f\x8b\x08\x00" + b"\x00" * 4 + bytes((xfl, 255)))
+
+    def write(self, part: GzipPart) -> None:
+        """Append a part (in file order)."""
+        self.f.write(part.data)
+        self.crc32 = crc32_combine(self.crc32, part.crc32, part.size)
+        self.size += part.size
+
+    def write_bytes(self, data: bytes | memoryview) -> None:
+        """Compress and append bytes here (the header: small)."""
+        self.write(deflate_part(data, self.level))
+
+    def close(self) -> None:
+        """End the DEFLATE stream and write the trailer (CRC-32, size mod 2**32). The file stays open."""
+        self.f.write(self._FINAL_EMPTY_BLOCK + struct.pack("<II", self.crc32, self.size & 0xFFFFFFFF))
+
+
+def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSLEVEL) -> bytes | GzipPart:
+    """A slab as it goes into the file: raw bytes, or a :class:`GzipPart` of the file's gzip member. Runs on a
+    worker.
 
     Parameters
     ----------
@@ -678,16 +877,21 @@ def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSL
     dtype : dtype
         Output data type.
     gz : bool
-        Compress (one gzip member).
+        Compress (raw DEFLATE, see :func:`deflate_part`).
     level : int
         gzip level (see :func:`gzip_member`).
 
     Returns
     -------
-    bytes
+    bytes or GzipPart
+
+    Example
+    -------
+    >>> encode_slab(np.ones((2, 1, 1)), "uint8", False), encode_slab(np.ones((2, 1, 1)), "uint8", True).size
+    (b'\\x01\\x01', 2)
     """
     b = slab_bytes(arr, dtype)
-    return gzip_member(b, level) if gz else b
+    return deflate_part(b, level) if gz else b
 
 
 def read_nifti_provenance(path: str | os.PathLike, *, storage_options: dict | None = None) -> dict | None:

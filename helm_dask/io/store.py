@@ -1,8 +1,10 @@
-"""Zarr v3 volume stores (OME-Zarr 0.5 multiscales plus the exact affine), written atomically and read lazily:
-:func:`save_volume` / :func:`save_volumes` write volumes with their pyramid and metadata, batch by batch
-(:func:`store_batched`); :func:`open_volume` opens one as a lazy volume whose dask array remembers its store (a
-:class:`~helm_dask.io.regions.StoredSource`); :func:`read_meta`, :func:`is_complete` and :func:`describe`
-inspect one. The layout, chunk size, compression and atomicity are described in ``docs/method/storage.md``.
+"""Zarr v3 volume stores (OME-Zarr 0.5 multiscales, ``image-label`` for label maps, plus the exact affine),
+written atomically and read lazily: :func:`save_volume` / :func:`save_volumes` write volumes with their pyramid
+and metadata, batch by batch (:func:`store_batched`); :func:`open_volume` opens one as a lazy volume whose dask
+array remembers its store (a :class:`~helm_dask.io.regions.StoredSource`); :func:`read_meta`,
+:func:`is_complete` and :func:`describe` inspect one. Level 0 and its mm coordinates sit at the group's top and
+the coarser levels in ``pyramid/`` (:func:`level_path`), so that ``xarray.open_zarr`` opens a store. The layout,
+chunk size, compression and atomicity are described in ``docs/method/storage.md``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import dask
 import dask.array as da
@@ -22,7 +24,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..errors import HelmError
-from ..volume import affine_of, make_volume, orientation_code, spacing_of
+from ..volume import (
+    DIMS,
+    affine_of,
+    coord_attrs,
+    make_volume,
+    ome_placement,
+    orientation_code,
+    placement_of,
+    spacing_of,
+    voxel_coords,
+)
 from . import location
 from .location import (  # noqa: F401  (re-exported: they were defined here before)
     atomic_path,
@@ -37,7 +49,43 @@ from .regions import StoredSource, attach_source
 DEFAULT_CHUNKS = (128, 128, 128)
 PYRAMID_MIN_SIZE = 64  # stop adding levels once the largest dimension is below this
 FORMAT = "helm-dask-volume"
-FORMAT_VERSION = 1
+#: 2: levels >= 1 in the ``pyramid/`` subgroup and level 0's coordinates beside it (1: every level at the top).
+FORMAT_VERSION = 2
+#: The subgroup of the coarser levels: OME-Zarr 0.5 names every level's dims ``x, y, z``, so levels of different
+#: sizes side by side would give xarray conflicting sizes for one dim.
+PYRAMID_GROUP = "pyramid"
+#: Kinds stored as OME-Zarr ``image-label`` (napari opens them as labels layers).
+LABEL_KINDS = ("labels", "mask")
+#: The colours of a brain mask (1 = brain); background transparent.
+MASK_COLOURS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    0: ("background", (0, 0, 0, 0)),
+    1: ("brain", (0, 190, 255, 255)),
+}
+
+
+def level_path(level: int | str, format_version: int = FORMAT_VERSION) -> str:
+    """The array path of a pyramid level inside its store (a scratch name is kept as it is).
+
+    Parameters
+    ----------
+    level : int or str
+        A level number (or a scratch array's name).
+    format_version : int
+        The store's ``format_version`` (1: every level at the top).
+
+    Returns
+    -------
+    str
+
+    Example
+    -------
+    >>> level_path(0), level_path(2), level_path(2, format_version=1), level_path("_landing")
+    ('0', 'pyramid/2', '2', '_landing')
+    """
+    name = str(level)
+    if not name.isdigit() or int(name) == 0 or format_version < 2:
+        return name
+    return f"{PYRAMID_GROUP}/{int(name)}"
 
 
 def _local(path) -> Path | None:
@@ -160,7 +208,7 @@ def open_group(path, mode: Literal["r", "r+", "a", "w", "w-"], storage_options: 
     )
 
 
-def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
+def open_array(path, level, storage_options: dict | None = None, *, format_version: int = FORMAT_VERSION) -> zarr.Array:
     """The (read-only) Zarr array of one level of a volume store, local path or URL.
 
     Parameters
@@ -168,16 +216,21 @@ def open_array(path, level, storage_options: dict | None = None) -> zarr.Array:
     path : str or path-like
         The store.
     level : int or str
-        The pyramid level (the array's name in the group).
+        The pyramid level (see :func:`level_path`).
     storage_options : dict, optional
         fsspec options for a URL.
+    format_version : int
+        The store's ``format_version`` (``read_meta(path)["format_version"]``; only levels >= 1 depend on it).
 
     Returns
     -------
     zarr.Array
     """
     return zarr.open_array(
-        location.zarr_store(path, storage_options, read_only=True), path=str(level), mode="r", **_format_kw(path, "r")
+        location.zarr_store(path, storage_options, read_only=True),
+        path=level_path(level, format_version),
+        mode="r",
+        **_format_kw(path, "r"),
     )
 
 
@@ -238,11 +291,15 @@ def level_affine(affine: np.ndarray, level: int, kind: str) -> np.ndarray:
     return a @ s
 
 
-def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, name: str) -> list:
-    """OME-Zarr 0.5 ``multiscales``: scale = voxel size, translation = world position of voxel (0,0,0).
+def ome_multiscales(
+    affine: np.ndarray, kind: str, nlevels: int, four_d: bool, name: str, shapes: list | None = None
+) -> list:
+    """OME-Zarr 0.5 ``multiscales``: per level, scale = voxel size, translation = :func:`ome_placement`'s.
 
-    OME-Zarr describes only axis-aligned scale + translation; the exact (possibly oblique) affine is kept in
-    ``attrs["helm_dask"]["affine"]`` and is what helm-dask itself uses.
+    OME-Zarr 0.5 describes only axis-aligned scale + translation: exact for an affine that is diagonal and
+    positive; for another (an oblique working grid), the translation puts each level's centre voxel exactly where
+    the affine does, and corners are off by up to :func:`~helm_dask.volume.placement_error_mm`. The exact affine
+    is kept beside it, in ``attrs["helm_dask"]`` (what helm-dask itself uses).
 
     Parameters
     ----------
@@ -255,7 +312,10 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
     four_d : bool
         Whether the arrays have a leading ``echo`` axis.
     name : str
-        The multiscale's name.
+        The multiscale's name (the store's name).
+    shapes : list of sequences of int, optional
+        Each level's spatial shape (needed for the centre; a level without one, in an unfinished store, gets the
+        translation of its voxel (0, 0, 0)).
 
     Returns
     -------
@@ -264,23 +324,26 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
 
     Example
     -------
-    >>> ms = ome_multiscales(np.diag([0.5, 0.5, 0.5, 1.0]), "image", 2, False, "scan")
-    >>> [d["coordinateTransformations"][0]["scale"] for d in ms[0]["datasets"]]
-    [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    >>> ms = ome_multiscales(np.diag([0.5, 0.5, 0.5, 1.0]), "image", 2, False, "scan", [(8, 8, 8), (4, 4, 4)])
+    >>> [(d["path"], d["coordinateTransformations"][0]["scale"]) for d in ms[0]["datasets"]]
+    [('0', [0.5, 0.5, 0.5]), ('pyramid/1', [1.0, 1.0, 1.0])]
     """
-    axes = [{"name": d, "type": "space", "unit": "millimeter"} for d in ("x", "y", "z")]
+    axes = [{"name": d, "type": "space", "unit": "millimeter"} for d in DIMS]
     if four_d:
         axes = [{"name": "echo", "type": "channel"}] + axes
     datasets = []
     for lev in range(nlevels):
         a = level_affine(affine, lev, kind)
-        scale = spacing_of(a).tolist()
-        trans = a[:3, 3].tolist()
+        if shapes is not None and lev < len(shapes):
+            sc, tr = ome_placement(a, tuple(shapes[lev]))
+            scale, trans = sc.tolist(), tr.tolist()
+        else:
+            scale, trans = spacing_of(a).tolist(), a[:3, 3].tolist()
         if four_d:
             scale, trans = [1.0] + scale, [0.0] + trans
         datasets.append(
             {
-                "path": str(lev),
+                "path": level_path(lev),
                 "coordinateTransformations": [
                     {"type": "scale", "scale": scale},
                     {"type": "translation", "translation": trans},
@@ -288,6 +351,61 @@ def ome_multiscales(affine: np.ndarray, kind: str, nlevels: int, four_d: bool, n
             }
         )
     return [{"name": name, "axes": axes, "datasets": datasets, "type": "mean" if kind == "image" else "stride"}]
+
+
+def image_label_metadata(kind: str, label_colours: Mapping | None = None) -> dict:
+    """OME-Zarr 0.5 ``image-label`` metadata: a colour and a name per label value.
+
+    Parameters
+    ----------
+    kind : str
+        ``"mask"`` (always :data:`MASK_COLOURS`) or ``"labels"``.
+    label_colours : mapping, optional
+        ``{code: (name, (R, G, B, A))}`` with A = opacity 0..255 (e.g.
+        :func:`helm_dask.labels.label_colours`); without it a label map gets no colours (viewers pick their own).
+
+    Returns
+    -------
+    dict
+        ``{"version": "0.5", "colors": [...], "properties": [...]}``.
+
+    Example
+    -------
+    >>> image_label_metadata("mask")["colors"][1]
+    {'label-value': 1, 'rgba': [0, 190, 255, 255]}
+    """
+    table = MASK_COLOURS if kind == "mask" else label_colours
+    meta: dict[str, Any] = {"version": "0.5"}
+    if table:
+        rows = sorted((int(c), str(n), [int(v) for v in rgba]) for c, (n, rgba) in table.items())
+        meta["colors"] = [{"label-value": c, "rgba": rgba} for c, _, rgba in rows]
+        meta["properties"] = [{"label-value": c, "name": n} for c, n, _ in rows]
+    return meta
+
+
+def set_label_colours(path, label_colours: Mapping, *, storage_options: dict | None = None) -> None:
+    """Give a finished label store the colours of a label table (its ``image-label`` metadata).
+
+    For stores written by another writer than :func:`save_volumes` (the pipeline's import of the manual labels).
+    A store of another kind is left as it is.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The store.
+    label_colours : mapping
+        As :func:`image_label_metadata` takes.
+    storage_options : dict, optional
+        fsspec options for a URL.
+    """
+    group = open_group(path, "r+", storage_options)
+    meta = group.attrs.get("helm_dask")
+    kind = meta.get("kind") if isinstance(meta, Mapping) else None
+    if kind not in LABEL_KINDS:
+        return
+    ome = dict(cast(Mapping, group.attrs["ome"]))
+    ome["image-label"] = image_label_metadata(str(kind), label_colours)
+    group.attrs["ome"] = ome
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +443,7 @@ def create_level(group: zarr.Group, level: int | str, shape, dtype, chunks, *, f
     else:
         arr_shape, arr_chunks, dims = tuple(shape), tuple(chunks), ["x", "y", "z"]
     return group.create_array(
-        str(level),
+        level_path(level),
         shape=arr_shape,
         dtype=np.dtype(dtype),
         chunks=arr_chunks,
@@ -414,7 +532,8 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     then grows with the volume (measured: 2.3 GB at 0.2 mm, 6.1 GB at 0.1 mm for the brain mask). A batch is a
     box of about ``batch_chunks`` output chunks, so what can be held is bounded by the box, not the volume; the
     price is re-reading the inputs shared across box faces. Targets are whole-chunk aligned, so every write
-    stays one whole chunk.
+    stays one whole chunk. Inside a pipeline stage every chunk written is counted by the stage's progress
+    (:func:`helm_dask.progress.current`).
 
     Parameters
     ----------
@@ -425,6 +544,8 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     batch_chunks : int
         Output chunks per computation.
     """
+    from ..progress import current
+
     grids = {s.chunks for s in sources}
     if len(grids) != 1:
         for s_, t_ in zip(sources, targets):
@@ -433,16 +554,21 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     chunks = sources[0].chunks
     numblocks = tuple(len(c) for c in chunks)
     targets = [with_fault_hook(t) for t in targets]
+    tracker = current()
+    if tracker is not None:
+        tracker.begin_outputs([int(np.prod(numblocks))] * len(sources))
+
+    def store(srcs: list, regions) -> None:
+        if tracker is None:
+            da.store(srcs, targets, regions=regions, lock=False, compute=True)
+        else:
+            stored = da.store(srcs, targets, regions=regions, lock=False, compute=False)
+            _compute_counted(list(stored) if isinstance(stored, tuple) else [stored], tracker)
+
     if int(np.prod(numblocks)) <= batch_chunks:
-        da.store(sources, targets, lock=False, compute=True)
+        store(sources, None)
         return
-    _in_batches(
-        chunks,
-        batch_chunks,
-        lambda region: da.store(
-            [s_[region] for s_ in sources], targets, regions=[region] * len(targets), lock=False, compute=True
-        ),
-    )
+    _in_batches(chunks, batch_chunks, lambda region: store([s_[region] for s_ in sources], [region] * len(targets)))
 
 
 def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) -> None:
@@ -472,7 +598,7 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     input chunks (a rechunk to blocks that do not divide the chunks) lets the scheduler hold such pieces across a
     whole cross-section when the volume is one computation (at 0.1 mm: 1.8 GB per worker in the bias fit's coarse
     copy). Each box computes all the arrays at once (shared inputs read once per box). The values are those of
-    one computation, task for task.
+    one computation, task for task. Inside a pipeline stage every chunk is counted by the stage's progress.
 
     Parameters
     ----------
@@ -491,20 +617,93 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     >>> compute_batched([x, 2 * x], batch_chunks=1)[1][3].tolist()
     [24.0, 26.0, 28.0, 30.0]
     """
+    from ..progress import current
+
     arrays = list(arrays)
     chunks = arrays[0].chunks
     if any(a.chunks != chunks for a in arrays):
         raise ValueError("compute_batched: the arrays must share their chunk grid")
-    if int(np.prod([len(c) for c in chunks])) <= batch_chunks:
-        return [np.asarray(v) for v in dask.compute(*arrays)]
+    nchunks = int(np.prod([len(c) for c in chunks]))
+    tracker = current()
+    if tracker is not None:
+        tracker.begin_pass(nchunks * len(arrays))
+
+    def compute(parts: list) -> list:
+        return list(dask.compute(*parts)) if tracker is None else _compute_counted(parts, tracker, values=True)
+
+    if nchunks <= batch_chunks:
+        return [np.asarray(v) for v in compute(arrays)]
     out = [np.empty(a.shape, dtype=a.dtype) for a in arrays]
 
     def run(region):
-        for o, v in zip(out, dask.compute(*[a[region] for a in arrays])):
+        for o, v in zip(out, compute([a[region] for a in arrays])):
             o[region] = v
 
     _in_batches(chunks, batch_chunks, run)
     return out
+
+
+def _distributed_client() -> Any:
+    """The active ``distributed.Client`` (None without one, or when an in-process scheduler is configured)."""
+    if dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> list:
+    """``dask.compute(*arrays)`` that counts each of their chunks on ``tracker`` as it is done.
+
+    With a distributed client the arrays are persisted (the same optimised graph that ``dask.compute`` submits)
+    and their chunk futures counted client-side as they complete (:func:`distributed.as_completed`: public API,
+    so it works with any remote scheduler, no scheduler plugin or pickled function); in-process schedulers count
+    through a local callback. A failure takes back the chunks it had counted (a batch that is retried counts
+    them again) and releases the futures, as ``dask.compute`` does.
+
+    Returns
+    -------
+    list
+        The computed values when ``values``, else an empty list.
+    """
+    counted = 0
+    client = _distributed_client()
+    try:
+        if client is None:
+            from dask.callbacks import Callback
+            from dask.core import flatten
+
+            keys = {k for a in arrays for k in flatten(a.__dask_keys__())}
+
+            def tick(key, *_):
+                nonlocal counted
+                if key in keys:
+                    counted += 1
+                    tracker.update(1)
+
+            with Callback(posttask=tick):
+                result = dask.compute(*arrays)
+            return list(result) if values else []
+        from distributed import as_completed, futures_of
+
+        persisted = client.persist(arrays)
+        futures = futures_of(persisted)
+        try:
+            for fut in as_completed(futures):
+                if fut.status != "finished":
+                    fut.result()  # raises the task's error (or the cancellation)
+                counted += 1
+                tracker.update(1)
+            return list(dask.compute(*persisted)) if values else []
+        finally:
+            for fut in futures:
+                fut.release()  # the scheduler forgets the batch now (the next batch waits for that)
+    except BaseException:
+        tracker.update(-counted)
+        raise
 
 
 def _n_scheduler_tasks(dask_scheduler=None) -> int:
@@ -563,7 +762,7 @@ def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | Non
     """
     lev = 0
     while True:
-        below = _array_in(group, str(lev))
+        below = _array_in(group, level_path(lev))
         shape = below.shape
         if len(shape) != 3 or max(shape) < PYRAMID_MIN_SIZE * 2 or min(shape) < 2:
             break
@@ -596,8 +795,16 @@ def write_attrs(
     four_d: bool,
     extra: dict | None = None,
     complete: bool,
+    label_colours: Mapping | None = None,
 ) -> None:
-    """Write a volume's group attributes: OME-Zarr ``multiscales`` and the ``helm_dask`` metadata.
+    """Write a volume's group attributes: OME-Zarr ``multiscales`` (and ``image-label``) and the ``helm_dask``
+    metadata; once complete, also level 0's coordinates (:func:`write_coords`).
+
+    The OME placement needs each level's shape: it is read from the group's arrays (a level not created yet gets
+    its voxel (0, 0, 0)'s translation: the store is unfinished then). Beside the exact affine, the ``helm_dask``
+    metadata says how far the OME placement is from it: ``ome_placement`` (``"exact"`` or ``"approximate"``) and
+    ``ome_placement_error_mm`` (worst corner of level 0, :func:`~helm_dask.volume.placement_error_mm`), and
+    gives the affine in RFC-5 form (``ome_affine``).
 
     Parameters
     ----------
@@ -608,7 +815,7 @@ def write_attrs(
     kind : str
         The volume's kind.
     name : str
-        Its name.
+        Its name (the store's name: the multiscale's ``name``).
     nlevels : int
         Number of pyramid levels.
     four_d : bool
@@ -617,11 +824,15 @@ def write_attrs(
         Further ``helm_dask`` metadata (made JSON-able).
     complete : bool
         The completeness flag: False while writing, True once everything else is written.
+    label_colours : mapping, optional
+        Colours of a label map (see :func:`image_label_metadata`).
     """
+    affine = np.asarray(affine, dtype=np.float64)
+    shapes = _level_shapes(group, nlevels, four_d)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "affine": np.asarray(affine).tolist(),
+        "affine": affine.tolist(),
         "kind": kind,
         "units": "mm",
         "nlevels": nlevels,
@@ -630,12 +841,74 @@ def write_attrs(
         "complete": complete,
     }
     meta.update(_jsonable(extra or {}))
-    group.attrs.update(
-        {
-            "ome": {"version": "0.5", "multiscales": ome_multiscales(affine, kind, nlevels, four_d, name)},
-            "helm_dask": meta,
+    meta.update(_placement_meta(affine, shapes[0] if shapes else None))
+    ome: dict[str, Any] = {
+        "version": "0.5",
+        "multiscales": ome_multiscales(affine, kind, nlevels, four_d, name, shapes),
+    }
+    if kind in LABEL_KINDS:
+        ome["image-label"] = image_label_metadata(kind, label_colours)
+    if complete and shapes:
+        write_coords(group, affine, shapes[0])
+    group.attrs.update({"ome": ome, "helm_dask": meta})
+
+
+def _level_shapes(group: zarr.Group, nlevels: int, four_d: bool) -> list[tuple[int, ...]]:
+    """The spatial shapes of the levels that exist, in order (stops at the first missing one)."""
+    shapes = []
+    for lev in range(nlevels):
+        try:
+            shape = tuple(int(n) for n in _array_in(group, level_path(lev)).shape)
+        except KeyError:
+            break
+        shapes.append(shape[1:] if four_d else shape)
+    return shapes
+
+
+def _placement_meta(affine: np.ndarray, shape: tuple[int, ...] | None) -> dict:
+    """``ome_placement``, ``ome_placement_error_mm`` (level 0) and ``ome_affine`` (RFC-5 form) of a store."""
+    out: dict[str, Any] = {
+        "ome_affine": {
+            "type": "affine",
+            "affine": affine[:3].tolist(),
+            "input": {"path": level_path(0), "name": "array"},
+            "output": {"name": "world RAS+ mm"},
         }
-    )
+    }
+    if shape is not None:
+        placement, err = placement_of(affine, shape)
+        out.update(ome_placement=placement, ome_placement_error_mm=err)
+    return out
+
+
+def write_coords(group: zarr.Group, affine, shape) -> None:
+    """Level 0's coordinates as 1-D arrays ``x``, ``y``, ``z`` beside it (mm, ``units`` attributes), for xarray.
+
+    The values are :func:`~helm_dask.volume.voxel_coords` (the OME placement), as in :func:`open_volume`.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The volume's group, open for writing.
+    affine : array-like, 4x4
+        The full-resolution affine.
+    shape : sequence of int
+        Level 0's spatial shape.
+    """
+    values, _ = voxel_coords(affine, tuple(shape))
+    for d, v in values.items():
+        arr = group.create_array(
+            d,
+            shape=v.shape,
+            dtype=np.float64,
+            chunks=v.shape,
+            compressors=None,
+            fill_value=0.0,
+            dimension_names=[d],
+            attributes=coord_attrs(d),
+            overwrite=True,
+        )
+        arr[:] = v
 
 
 def volume_attrs_for_store(vol: xr.DataArray) -> dict:
@@ -648,7 +921,7 @@ def volume_attrs_for_store(vol: xr.DataArray) -> dict:
     Returns
     -------
     dict
-        Every attribute but the affine, units, kind and coordinate kind (kept elsewhere in the metadata).
+        Every attribute but the affine, units, kind and placement (kept elsewhere in the metadata).
 
     Example
     -------
@@ -656,7 +929,7 @@ def volume_attrs_for_store(vol: xr.DataArray) -> dict:
     >>> sorted(volume_attrs_for_store(make_volume(np.zeros((2, 2, 2)), np.eye(4), source="a.nii")))
     ['provenance', 'source']
     """
-    skip = {"affine", "units", "kind", "coords"}
+    skip = {"affine", "units", "kind", "coords", "placement", "placement_error_mm"}
     return _jsonable({k: v for k, v in vol.attrs.items() if k not in skip})
 
 
@@ -671,6 +944,7 @@ def save_volume(
     extra: dict | None = None,
     storage_options: dict | None = None,
     batch_chunks: int | None = None,
+    label_colours: Mapping | None = None,
 ) -> str:
     """Write a (lazy) volume to a new Zarr v3 store, atomically, with its pyramid and metadata.
 
@@ -685,7 +959,7 @@ def save_volume(
         The volume (see :func:`helm_dask.volume.make_volume`).
     path : str or path-like
         The new store (a local path or a URL).
-    chunks, overwrite, pyramid, shards, extra, storage_options, batch_chunks :
+    chunks, overwrite, pyramid, shards, extra, storage_options, batch_chunks, label_colours :
         As :func:`save_volumes`.
 
     Returns
@@ -711,6 +985,7 @@ def save_volume(
         extra=extra,
         storage_options=storage_options,
         batch_chunks=batch_chunks,
+        label_colours=label_colours,
     )[0]
 
 
@@ -724,6 +999,7 @@ def save_volumes(
     extra: dict | None = None,
     storage_options: dict | None = None,
     batch_chunks: int | None = None,
+    label_colours: Mapping | None = None,
 ) -> list[str]:
     """Write several volumes ``{path: vol}`` with ONE Dask computation for their full-resolution data.
 
@@ -750,6 +1026,9 @@ def save_volumes(
     batch_chunks : int, optional
         Output chunks per computation (:func:`store_batched`; default :data:`STORE_BATCH_CHUNKS`) -- fewer when
         each output chunk needs much more input than its own size (a downsampling resample).
+    label_colours : mapping, optional
+        ``{code: (name, (R, G, B, A))}`` for the label maps among the volumes (their OME ``image-label``
+        colours, see :func:`image_label_metadata`); masks always get :data:`MASK_COLOURS`.
 
     Returns
     -------
@@ -767,7 +1046,15 @@ def save_volumes(
         for group, kind, affine, name, four_d, ch, attrs in pending:
             nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
             write_attrs(
-                group, affine=affine, kind=kind, name=name, nlevels=nlevels, four_d=four_d, extra=attrs, complete=True
+                group,
+                affine=affine,
+                kind=kind,
+                name=name,
+                nlevels=nlevels,
+                four_d=four_d,
+                extra=attrs,
+                complete=True,
+                label_colours=label_colours,
             )
     return [os.fspath(p) for p in vols]
 
@@ -797,9 +1084,9 @@ def _begin_volume(
     group = open_group(tmp, "w", storage_options)
     attrs = volume_attrs_for_store(vol)
     attrs.update(extra or {})
-    name = str(vol.name or Path(os.fspath(path).rstrip("/")).stem)
-    write_attrs(group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs, complete=False)
+    name = Path(os.fspath(path).rstrip("/")).stem  # the store's name, whatever the volume is called
     target = create_level(group, 0, data.shape, data.dtype, ch, four_d=four_d, shards=shards)
+    write_attrs(group, affine=affine, kind=kind, name=name, nlevels=1, four_d=four_d, extra=attrs, complete=False)
     src = da.moveaxis(data, 3, 0) if four_d else data
     return src.rechunk(target.chunks), target, (group, kind, affine, name, four_d, ch, attrs)
 
@@ -881,7 +1168,20 @@ def is_complete(path, *, storage_options: dict | None = None) -> bool:
 
 
 #: ``helm_dask`` metadata keys that describe the store rather than the data (not copied to a volume's attrs).
-_STORE_KEYS = ("affine", "kind", "units", "level_affines", "complete", "format", "format_version", "nlevels", "four_d")
+_STORE_KEYS = (
+    "affine",
+    "kind",
+    "units",
+    "level_affines",
+    "complete",
+    "format",
+    "format_version",
+    "nlevels",
+    "four_d",
+    "ome_placement",
+    "ome_placement_error_mm",
+    "ome_affine",
+)
 
 
 def open_volume(
@@ -894,7 +1194,8 @@ def open_volume(
     name: str | None = None,
     storage_options: dict | None = None,
 ) -> xr.DataArray:
-    """Open a helm-dask Zarr volume lazily as an xarray DataArray (dims ``x, y, z``; coordinates in mm).
+    """Open a helm-dask Zarr volume lazily as an xarray DataArray (dims ``x, y, z``; coordinates in mm: the
+    OME placement of that level, see :func:`~helm_dask.volume.voxel_coords`).
 
     The dask array of a volume returned as stored (3-D, no scaling applied) carries a
     :class:`~helm_dask.io.regions.StoredSource` (store, level, options), so that region tasks and the NIfTI
@@ -955,7 +1256,7 @@ def _stored_data(p: str, meta: dict, level: int, apply_scaling: bool, storage_op
     Any operation after the marking (moving the echo axis, scaling) makes a new array, which is not marked: it
     is computed data, no longer the store's.
     """
-    arr = open_array(p, level, storage_options)
+    arr = open_array(p, level, storage_options, format_version=int(meta.get("format_version", 1)))
     identity = tuple(range(len(arr.shape)))
     source = StoredSource(p, level, arr, storage_options, flips=(False,) * len(identity), perm=identity)
     data = attach_source(da.from_zarr(arr), source)
@@ -1048,6 +1349,8 @@ def describe(path, *, storage_options: dict | None = None) -> dict:
         dtype, affine, kind = arr.dtype, np.asarray(meta["affine"]), meta.get("kind")
         nbytes = location.du(p, storage_options)
         extra = {"format": "Zarr v3 (helm-dask, OME-Zarr 0.5)", "levels": meta.get("nlevels", 1)}
+        if "ome_placement" in meta:
+            extra.update(ome_placement=meta["ome_placement"], ome_placement_error_mm=meta["ome_placement_error_mm"])
     sp = spacing_of(affine)
     return {
         "path": p,

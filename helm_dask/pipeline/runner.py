@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..io import location
 from ..layout import SubjectLayout
+from ..progress import stage_progress
 from ..registry import Stage, expand, producer_of, stages_until
 from .params import RunParams, check_params
 from .steps import STEPS, Run, fingerprint_inputs
@@ -74,6 +76,7 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         step = STEPS[stage.name]
         run.params[stage.name] = step.params(run)
         run.vols.update(run_stage(run, stage))
+        subj.record_stores(stage.outputs(run.ks) + (["mask_raw"] if stage.name == "background" and params.mask else []))
         step.after(run)
         for ex in stage.exports:
             for store in expand([ex.store], run.ks):
@@ -105,7 +108,8 @@ def run_stage(run: Run, stage: Stage) -> dict:
     subj.keys[stage.name] = key
     outputs = stage.outputs(run.ks)
     records = [run.record_path(r) for r in stage.records]
-    done = all(subj.volume_ok(o, key) for o in outputs) and all(subj.json_ok(j, key) for j in records)
+    pending = [o for o in outputs if not subj.volume_ok(o, key)]
+    done = not pending and all(subj.json_ok(j, key) for j in records)
     t0 = time.perf_counter()
     if done:
         subj.log(f"{stage.name}: up to date, nothing to do")
@@ -113,13 +117,26 @@ def run_stage(run: Run, stage: Stage) -> dict:
         status = "skipped"
     else:
         subj.log(f"{stage.name}: computing")
-        result = STEPS[stage.name].compute(run, key)
+        # one bar for the whole stage, in chunks: the stores it writes announce theirs (helm_dask.io.store)
+        desc, guess = f"[{subj.name}] {stage.name}", _chunks_read(run, stage)
+        with stage_progress(desc, outputs=len(pending), chunks_per_output=guess, quiet=subj.quiet):
+            result = STEPS[stage.name].compute(run, key)
         status = "computed"
     dt = time.perf_counter() - t0
     subj.info["stages"][stage.name] = {"key": key, "status": status, "seconds": round(dt, 2), "params": params}
     if status == "computed":
         subj.log(f"{stage.name}: done in {dt:.1f}s")
     return result
+
+
+def _chunks_read(run: Run, stage: Stage) -> int | None:
+    """The chunks of the first stored volume ``stage`` reads: the progress's guess of each of its stores' chunks
+    until the first one begins (a stage writes on the grid it reads, except the resampling)."""
+    for name in stage.inputs(run.ks):
+        blocks = getattr(getattr(run.vols.get(name), "data", None), "numblocks", None)
+        if blocks:
+            return int(math.prod(blocks))
+    return None
 
 
 def arrange_helm_layout(out: str | Path, subject: str, ks, *, storage_options: dict | None = None) -> list:

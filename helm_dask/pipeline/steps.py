@@ -19,10 +19,17 @@ from ..errors import HelmError
 from ..io import location
 from ..io.convert import nifti_to_zarr
 from ..io.regions import store_view_of
-from ..io.store import STORE_BATCH_CHUNKS, read_meta
+from ..io.store import STORE_BATCH_CHUNKS, read_meta, set_label_colours
 from ..labels import lut_table, validate_manual_labels
 from ..mirror import MirrorTransform, check_hypothalamus_plane, fit_mirror, mirror_labels
-from ..resample import resample, resample_labels
+from ..resample import (
+    ras_target_grid,
+    resample,
+    resample_labels,
+    resample_labels_to_grid,
+    resample_to_grid,
+    target_grid,
+)
 from ..volume import affine_of, spacing_of
 from .inputs import decide_side, external_mask, labels_on_scan_grid, update_meta
 from .params import RunParams
@@ -111,7 +118,7 @@ def _import_params(run: Run) -> dict:
 
 def _import(run: Run, key: str) -> dict:
     p, subj, so = run.p, run.subj, run.p.storage_options
-    location.makedirs(subj.store, so)
+    subj.ensure_store()
     for nm, src, kind in (("scan_raw", p.scan, "image"), ("labels_raw", p.hypothalamus, "labels")):
         if subj.volume_ok(nm, key):
             continue
@@ -126,12 +133,14 @@ def _import(run: Run, key: str) -> dict:
             overwrite=True,
             quiet=subj.quiet,
             storage_options=so,
+            ras=True,  # stored in RAS+ voxel order (exact): viewers then have only a real tilt left to miss
         )
         stamp = location.stamp(src, so)
         sha = read_meta(subj.vpath(nm), storage_options=so)["input_sha256"]
         update_meta(
             subj.vpath(nm), {"stage_key": key, "stage": "import", "input_stamp": {"stamp": stamp, "sha256": sha}}, so
         )
+        set_label_colours(subj.vpath(nm), subj.label_colours(), storage_options=so)  # labels_raw's colours
     return {nm: subj.open(nm) for nm in ("scan_raw", "labels_raw")}
 
 
@@ -188,7 +197,44 @@ def _after_background(run: Run) -> None:
 
 def _resample_params(run: Run) -> dict:
     p = run.p
-    return {"spacing": p.spacing, "side": run.side, "label_map": p.label_map, "resample_labels": p.resample_labels}
+    return {
+        "spacing": p.spacing,
+        "grid": p.grid,
+        "side": run.side,
+        "label_map": p.label_map,
+        "resample_labels": p.resample_labels,
+    }
+
+
+def working_grid(vol: Any, spacing: Any, grid: str) -> tuple[tuple[int, int, int], np.ndarray, bool]:
+    """The working grid of a (left, RAS+) scan: ``(shape, affine, on_scan_grid)``.
+
+    ``grid="scan"``: the scan's grid at ``spacing`` (:func:`helm_dask.resample.target_grid`; the scan itself
+    for ``"native"``). ``grid="ras"``: the axis-aligned RAS+ grid over the scan's rotated field of view
+    (:func:`helm_dask.resample.ras_target_grid`), which *is* the scan's grid when the scan is not tilted;
+    ``on_scan_grid`` says whether the result is the scan's grid (block means and the scan-grid votes apply).
+
+    Parameters
+    ----------
+    vol : volume
+        The scan in the working orientation.
+    spacing : float or "native"
+        ``--spacing``.
+    grid : {"ras", "scan"}
+        ``--grid``.
+
+    Returns
+    -------
+    tuple
+    """
+    a = affine_of(vol)
+    native = isinstance(spacing, str) and spacing == "native"
+    scan_shape, scan_affine = (tuple(vol.shape[:3]), a) if native else target_grid(vol.shape, a, spacing)
+    if grid == "scan":
+        return scan_shape, scan_affine, True
+    shape, affine = ras_target_grid(vol.shape, a, spacing)
+    same = tuple(shape) == tuple(scan_shape) and np.array_equal(affine, scan_affine)
+    return (scan_shape, scan_affine, True) if same else (shape, affine, False)
 
 
 def _oriented(run: Run) -> tuple[Any, Any, Any, Any, Any]:
@@ -208,7 +254,16 @@ def _resample(run: Run, key: str) -> dict:
     p, subj = run.p, run.subj
     scan_l, mask_l, labels_fl, labels_l, masked = _oriented(run)
     batch = None
-    if p.spacing == "native":
+    shape_ws, affine_ws, on_scan_grid = working_grid(scan_l, p.spacing, p.grid)
+    img: Any
+    if not on_scan_grid:
+        # --grid ras, tilted scan: anti-aliased interpolation of the image, a 3-D vote for mask and labels,
+        # one task per output chunk reading its rotated box from the stores
+        img = resample_to_grid(scan_l, shape_ws, affine_ws, order=1, antialias=True, mask=mask_l)
+        msk = resample_labels_to_grid(mask_l, shape_ws, affine_ws, method="majority")
+        lab = resample_labels_to_grid(labels_fl, shape_ws, affine_ws, method="majority")
+        lab = orient_mod.map_right_to_left_codes(lab)
+    elif p.spacing == "native":
         img, msk, lab = masked, mask_l, labels_l
     else:
         # masked box by box inside each task: the stored scan and mask (and their reorientations) are read
@@ -217,13 +272,13 @@ def _resample(run: Run, key: str) -> dict:
         img = resample(scan_l, p.spacing, order=1, mask=mask_l)
         msk = resample_labels(mask_l, p.spacing, method="majority")
         lab = orient_mod.map_right_to_left_codes(resample_labels(labels_fl, p.spacing, method="majority"))
-        if any(store_view_of(v.data) is None for v in (scan_l, mask_l, labels_fl)):
-            # computed inputs (e.g. combined echoes) go through their chunks: an output chunk of a
-            # downsampled grid needs ~ratio input chunks, so batches of fewer output chunks keep what a batch
-            # holds at about STORE_BATCH_CHUNKS input chunks (measured at 0.1 -> 0.3 mm with full-size
-            # batches, which cover nearly the whole input: 2.2 GB per worker)
-            ratio = float(np.prod(spacing_of(affine_of(img)) / spacing_of(affine_of(masked))))
-            batch = max(1, round(STORE_BATCH_CHUNKS / ratio)) if ratio > 1.0 else None
+    if img is not masked and any(store_view_of(v.data) is None for v in (scan_l, mask_l, labels_fl)):
+        # computed inputs (e.g. combined echoes) go through their chunks: an output chunk of a
+        # downsampled grid needs ~ratio input chunks, so batches of fewer output chunks keep what a batch
+        # holds at about STORE_BATCH_CHUNKS input chunks (measured at 0.1 -> 0.3 mm with full-size
+        # batches, which cover nearly the whole input: 2.2 GB per worker)
+        ratio = float(np.prod(spacing_of(affine_of(img)) / spacing_of(affine_of(masked))))
+        batch = max(1, round(STORE_BATCH_CHUNKS / ratio)) if ratio > 1.0 else None
     params = run.params_of("resample")
     return {
         "image_ws": subj.save("image_ws", img, key, "resample", params, batch),

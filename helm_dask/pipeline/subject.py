@@ -19,7 +19,8 @@ from ..io.convert import save_nifti
 from ..io.nifti import file_sha256, read_nifti_provenance
 from ..io.regions import release_chunk_caches
 from ..io.store import open_volume, read_meta, save_volume
-from ..layout import SubjectLayout
+from ..labels import label_colours
+from ..layout import SubjectLayout, store_group_json
 from ..registry import STAGE_VERSIONS
 from ..volume import like, provenance_record
 from .params import RunParams
@@ -129,6 +130,7 @@ class Subject:
         self._log = log
         self.keys: dict[str, str] = {}
         self.info: dict[str, Any] = {"subject": self.name, "stages": {}}
+        self._stores: set[str] | None = None  # the volumes helm.zarr/zarr.json lists, once read
 
     # -- logging ------------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -138,12 +140,45 @@ class Subject:
             print(f"[{self.name}] {msg}", flush=True)
 
     # -- outputs ------------------------------------------------------------------------------------------------
+    def ensure_store(self) -> None:
+        """Create the subject's store folder, and read the volumes its group metadata lists (once per run)."""
+        if self._stores is not None:
+            return
+        location.makedirs(self.store, self.so)
+        try:
+            doc = json.loads(location.read_text(self.layout.store_group, self.so))
+            self._stores = set(doc["attributes"]["helm_dask"]["stores"])
+        except (OSError, ValueError, KeyError, TypeError, HelmError):
+            self._stores = set()  # missing (a new subject, or a store from before it was a group) or unreadable
+
+    def record_stores(self, names) -> None:
+        """Make the store a Zarr v3 group listing its volumes (``helm.zarr/zarr.json``, so that
+        ``zarr.open_group`` opens it): written atomically once a volume exists, rewritten only when it changes
+        (a run that fails before its first volume leaves no file behind)."""
+        self.ensure_store()
+        assert self._stores is not None
+        if not (self._stores | set(names)):
+            return
+        text = store_group_json(self.name, self._stores | set(names))
+        try:
+            if location.read_text(self.layout.store_group, self.so) == text:
+                self._stores |= set(names)
+                return
+        except (OSError, HelmError):
+            pass  # missing: write it
+        location.write_text_atomic(self.layout.store_group, text, self.so)
+        self._stores |= set(names)
+
     def path(self, filename: str) -> str:
         """A file in the subject folder (a path or a URL)."""
         return self.layout.file(filename)
 
     def vpath(self, name: str) -> str:
         return self.layout.volume(name)
+
+    def label_colours(self) -> dict:
+        """The run's label table as the label stores' OME ``image-label`` colours (codes -> name, RGBA)."""
+        return label_colours(self.p.label_table, self.p.ks)
 
     def open(self, name: str):
         return open_volume(self.vpath(name), storage_options=self.so)
@@ -174,7 +209,7 @@ class Subject:
 
     def save(self, name: str, vol, key: str, stage: str, params: dict, batch_chunks: int | None = None) -> Any:
         """Write a volume into the subject store (atomically) and return it reopened lazily from disk."""
-        location.makedirs(self.store, self.so)
+        self.ensure_store()
         vol = like(vol, vol.data, step=provenance_record(stage, params, self.input_checksums()))
         try:
             save_volume(
@@ -185,6 +220,7 @@ class Subject:
                 extra={"stage_key": key, "stage": stage},
                 storage_options=self.so,
                 batch_chunks=batch_chunks,
+                label_colours=self.label_colours(),
             )
         finally:
             # the decoded source chunks cached for this write's region tasks would otherwise stay in every
@@ -194,7 +230,7 @@ class Subject:
 
     def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
         """Write several volumes from one shared Dask computation (inputs read once); skip those already done."""
-        location.makedirs(self.store, self.so)
+        self.ensure_store()
         todo = {
             self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
             for n, v in vols.items()
@@ -208,6 +244,7 @@ class Subject:
                     overwrite=True,
                     extra={"stage_key": key, "stage": stage},
                     storage_options=self.so,
+                    label_colours=self.label_colours(),
                 )
             finally:
                 release_chunk_caches()  # as in save()
@@ -231,7 +268,7 @@ class Subject:
         }
         self.log(f"export {filename}: writing")
         t0 = time.perf_counter()
-        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=True, storage_options=self.so)
+        save_nifti(vol, path, dtype=dtype, overwrite=True, provenance=prov, quiet=self.quiet, storage_options=self.so)
         self.log(f"export {filename}: written in {time.perf_counter() - t0:.1f}s")
         return path
 
