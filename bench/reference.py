@@ -2,6 +2,17 @@
 
     python bench/reference.py --input-spacing 1.0 [--spacing 0.3|native] [--stages orient bias ...]
                               [--workdir DIR] [--max-gb 20] [--keep-cache] [--note TEXT]
+    python bench/reference.py --input-spacing 0.3 --spacing native --published-mirror [--max-gb 22.5]
+
+``--published-mirror`` (issue 21) instead compares, on ONE merged map (k = 6) of the phantom hemisphere, the
+published mirroring method re-implemented in memory (hsynex ``label_maps/rotation.py`` + ``mesh.py``:
+``scipy.optimize.fmin`` over six rigid parameters, then the whole-brain map by a ``RegularGridInterpolator`` at
+truncated indices; functions ``published_*`` below) with helm-dask's mirror stage run by ``run`` itself on a copy
+of a run stopped after merge (``WORKDIR/run_<in>_<work>_k6``, made first if missing, unmeasured), each in its
+own process: rows ``reference:published-mirror`` (the child's ``VmHWM``) and ``pipeline:mirror-one-map`` (summed
+RSS of its process tree, 2 workers), both notes with the cost each plane reaches under both cost functions, the
+angle between the planes, their distance at the map's centroid, each plane against the phantom's true medial
+plane, and the time and memory ratios.
 
 What a scientist would write with the volume in memory, one stage at a time, each stage in its own fresh
 subprocess so that its peak RSS is that stage's alone (the kernel's high-water mark ``VmHWM`` of the child: its
@@ -83,6 +94,8 @@ DEFAULT_MODEL = {
     "kmeans": {"n": 75_653_760, "base_mb": 203, "bytes_per_voxel": 30.0},
     "merge": {"n": 75_653_760, "base_mb": 62, "bytes_per_voxel": 25.1},
     "mirror": {"n": 75_653_760, "base_mb": 62, "bytes_per_voxel": 40.9},
+    # issue 21: the published code, 22.4 GB on one map of the 0.3 mm phantom hemisphere (its 75.7 M-voxel grid)
+    "published-mirror": {"n": 75_653_760, "base_mb": 62, "bytes_per_voxel": 317.0},
 }
 
 #: Where helm-dask's pipeline keeps the same intermediate (fallback input when the upstream reference did not fit).
@@ -109,6 +122,8 @@ def stage_inputs(stage: str) -> list[str]:
         "kmeans": ["preprocessed", "mask_ws"],
         "merge": ["hyp_ws"] + [f"kmeans_k{k}" for k in KS],
         "mirror": ["mask_ws"] + [f"hemi_k{k}" for k in KS],
+        "published-mirror": [f"hemi_k{MIRROR_K}"],
+        "helm-mirror": [],
     }[stage]
 
 
@@ -367,6 +382,167 @@ def ref_mirror(cache: Cache, a) -> tuple[dict, str]:
     return {}, f"affine_transform order 0 onto {shape} ({np.prod(shape):,} voxels) x 6"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# published-mirror: the authors' plane fit and mesh, in memory, on one merged map (issue 21)
+# ----------------------------------------------------------------------------------------------------------
+
+#: The defaults of the published command line (hsynex, label_maps/mirror_img.py: --alpha, --margin).
+PUBLISHED_ALPHA = 5e-4
+PUBLISHED_MARGIN_MM = 10.0
+PUBLISHED_MAXITER = 500  # label_maps/rotation.py: scipy.optimize.fmin(..., maxiter=500), other defaults
+MIRROR_K = 6  # the one map compared (its merged map hemi_k6; the published fit uses its first map's voxels)
+
+
+def published_transform(params, aff, cx, cy, cz, i, j, k) -> tuple[np.ndarray, np.ndarray]:
+    """World coordinates (4 x N) of voxels (i, j, k) and the moved affine under six rigid parameters.
+
+    Follows hsynex ``label_maps/utils_mirror.py``, ``transform()``: rotations in degrees about x, y, z
+    (``Rz @ Ry @ Rx``) about the integer centre ``(cx, cy, cz)`` mm, then the translation; the 4 x N
+    homogeneous index matrix is rebuilt on every call, as there (its cost is part of the method's).
+    """
+    rx, ry, rz = (float(p) / 180 * np.pi for p in params[:3])
+    tx, ty, tz = params[3], params[4], params[5]
+    t_in = np.array([[1, 0, 0, -cx], [0, 1, 0, -cy], [0, 0, 1, -cz], [0, 0, 0, 1]], dtype=float)
+    rot_x = np.array([[1, 0, 0, 0], [0, np.cos(rx), -np.sin(rx), 0], [0, np.sin(rx), np.cos(rx), 0], [0, 0, 0, 1]])
+    rot_y = np.array([[np.cos(ry), 0, np.sin(ry), 0], [0, 1, 0, 0], [-np.sin(ry), 0, np.cos(ry), 0], [0, 0, 0, 1]])
+    rot_z = np.array([[np.cos(rz), -np.sin(rz), 0, 0], [np.sin(rz), np.cos(rz), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    t_out = np.array([[1, 0, 0, cx + tx], [0, 1, 0, cy + ty], [0, 0, 1, cz + tz], [0, 0, 0, 1]], dtype=float)
+    aff_new = t_out @ rot_z @ rot_y @ rot_x @ t_in @ aff
+    mtx = np.concatenate((i.reshape(1, -1), j.reshape(1, -1), k.reshape(1, -1), np.ones((1, len(i)))), axis=0)
+    return aff_new @ mtx, aff_new
+
+
+def published_cost(params, aff, cx, cy, cz, i, j, k, alpha) -> float:
+    """``sum(x[x > 0]) - alpha * sum(x)`` of the voxels' world x after the six parameters.
+
+    Follows hsynex ``label_maps/utils_mirror.py``, ``cost_fun()`` (the same C(T) as
+    :func:`helm_dask.mirror.mirror_cost`, which helm-dask evaluates on the brain mask's voxels).
+
+    Examples
+    --------
+    >>> i, j, k = np.array([0, 1, 2, 3]), np.zeros(4), np.zeros(4)     # x = -2, -1, 0, 1 (centre 2, 0, 0)
+    >>> aff = np.eye(4); aff[0, 3] = -2.0
+    >>> published_cost([0] * 6, aff, 0, 0, 0, i, j, k, 0.1)            # 1 - 0.1 * (-2)
+    1.2
+    """
+    ras, _ = published_transform(params, aff, cx, cy, cz, i, j, k)
+    x = ras[0, :]
+    return float(x[x > 0].sum() - alpha * x.sum())
+
+
+def published_fit(img: np.ndarray, aff: np.ndarray, alpha: float = PUBLISHED_ALPHA) -> dict:
+    """The published plane fit of one map: Nelder-Mead (``scipy.optimize.fmin``) over six rigid parameters.
+
+    Follows hsynex ``label_maps/rotation.py``, ``rotation()``: the map as float64 (``get_fdata``), its nonzero
+    voxels (``np.argwhere``), the centre at their median voxel mapped to world mm and rounded to integers,
+    ``fmin(cost_fun, x0=[0] * 6, ..., maxiter=500)`` with fmin's other defaults (xtol = ftol = 1e-4, maxfun =
+    200 x 6). Deviations: ``disp=False`` and ``full_output=True`` (no printing; the iteration counts are
+    reported), which change nothing in the search.
+    """
+    from scipy.optimize import fmin
+
+    img_ = np.asarray(img, dtype=np.float64)  # nibabel's get_fdata
+    coord = np.argwhere(img_ != 0)
+    i, j, k = coord[:, 0], coord[:, 1], coord[:, 2]
+    ci, cj, ck = np.median(i), np.median(j), np.median(k)
+    aux = aff @ np.array([ci, cj, ck, 1]).reshape(4, 1)
+    cx, cy, cz = int(np.round(aux[0, 0])), int(np.round(aux[1, 0])), int(np.round(aux[2, 0]))
+    args = (aff, cx, cy, cz, i, j, k, alpha)
+    xopt, fopt, n_iter, n_calls, warnflag = fmin(
+        published_cost, x0=[0, 0, 0, 0, 0, 0], args=args, maxiter=PUBLISHED_MAXITER, full_output=True, disp=False
+    )
+    _ras, aff_new = published_transform(xopt, aff, cx, cy, cz, i, j, k)
+    del _ras
+    return {
+        "params": [float(p) for p in xopt],
+        "fopt": float(fopt),
+        "iterations": int(n_iter),
+        "funcalls": int(n_calls),
+        "warnflag": int(warnflag),
+        "centre_mm": [cx, cy, cz],
+        "n_voxels": int(len(i)),
+        "aff_new": aff_new.tolist(),
+        "matrix": (aff_new @ np.linalg.inv(aff)).tolist(),  # world -> world: the plane is x = 0 after it
+    }
+
+
+def published_corners(img: np.ndarray, aff: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-brain box: hsynex ``label_maps/utils_mirror.py``, ``find_corners()`` (world mm; x symmetric)."""
+    coord = np.argwhere(img > 0)
+    coord_h = np.concatenate((coord, np.ones((coord.shape[0], 1))), axis=1).T
+    ras = aff @ coord_h
+    min_ras, max_ras = ras.min(axis=1)[:-1], ras.max(axis=1)[:-1]
+    return min_ras - margin, np.array([-min_ras[0], max_ras[1], max_ras[2]]) + margin
+
+
+def published_side(img, aff, corner1, corner2, res: float, left: bool) -> np.ndarray:
+    """One half of the whole-brain grid sampled from ``img``: hsynex ``label_maps/utils_mirror.py``, ``mesh_sides()``.
+
+    Every output voxel's index in ``img`` by ``inv(aff) @ grid affine``, truncated to integers (``astype(int)``,
+    towards zero, not rounded), clipped to the volume, then read with a linear ``RegularGridInterpolator`` at
+    those integer points (so the values themselves). The half is the x < 0 columns (``left``) or the others.
+    Deviation: the unused ``np.zeros`` buffer of the full grid is not allocated (only its shape is used;
+    untouched zeros pages cost no memory either).
+    """
+    from scipy.interpolate import RegularGridInterpolator
+
+    size = np.ceil((corner2 - corner1) / res).astype(int)
+    img_affine = np.array([[res, 0, 0, corner1[0]], [0, res, 0, corner1[1]], [0, 0, res, corner1[2]], [0, 0, 0, 1]])
+    idx = int(np.floor(-(corner1[0] / res)))
+    iv = np.arange(idx + 1) if left else np.arange(idx + 1, size[0])
+    i, j, k = np.meshgrid(iv, np.arange(size[1]), np.arange(size[2]), indexing="ij")
+    irav, jrav, krav = i.ravel(), j.ravel(), k.ravel()
+    ijk = np.stack([irav, jrav, krav, np.ones(irav.shape)])
+    ijk = ((np.linalg.inv(aff) @ img_affine) @ ijk).astype(int)
+    i, j, k = ijk[0, :], ijk[1, :], ijk[2, :]
+    for d, v in enumerate((i, j, k)):
+        v[v < 0] = 0
+        v[v > img.shape[d] - 1] = img.shape[d] - 1
+    fn = RegularGridInterpolator(tuple(np.arange(n) for n in img.shape), img)
+    interp = fn(np.array([i, j, k]).T)
+    return interp.reshape((len(iv), size[1], size[2]))
+
+
+def published_mesh(img: np.ndarray, aff_new: np.ndarray, k: int, margin: float, res: float):
+    """The whole-brain map of one k: hsynex ``label_maps/mesh.py``, ``mesh()``, in memory (no file written).
+
+    The hemisphere (affine ``aff_new``, codes above ``k`` raised by the map's maximum, as there) fills the x < 0
+    half, the same map under the affine with its x row negated (``aff_neg`` of ``rotation()``) the other half;
+    float64 throughout, as ``get_fdata`` gives. Returns the map and its affine.
+    """
+    img_left = np.asarray(img, dtype=np.float64)
+    max_val = img_left.max()
+    img_left[img_left > k] = img_left[img_left > k] + max_val
+    corner1, corner2 = published_corners(img_left, aff_new, margin)
+    left = published_side(img_left, aff_new, corner1, corner2, res, True)
+    img_right = np.asarray(img, dtype=np.float64)
+    aff_neg = aff_new.copy()
+    aff_neg[0] = -aff_neg[0]
+    right = published_side(img_right, aff_neg, corner1, corner2, res, False)
+    out_aff = np.array([[res, 0, 0, corner1[0]], [0, res, 0, corner1[1]], [0, 0, res, corner1[2]], [0, 0, 0, 1]])
+    mirrored = np.zeros((left.shape[0] + right.shape[0], left.shape[1], left.shape[2]))
+    mirrored[: left.shape[0]] = left
+    mirrored[left.shape[0] :] = right
+    return mirrored, out_aff
+
+
+def ref_published_mirror(cache: Cache, a) -> tuple[dict, str, dict]:
+    """The published method on one merged map: plane fit (``rotation()``) then mesh (``mesh()``), held in memory."""
+    img, aff = a.inputs[f"hemi_k{MIRROR_K}"]
+    t0 = time.perf_counter()
+    fit = published_fit(img, aff)
+    t_fit = time.perf_counter() - t0
+    res = float(np.sqrt((aff[:3, :3] ** 2).sum(axis=0)).min())  # --res: the map's own spacing (0.3 at 0.3 mm)
+    mirrored, _out_aff = published_mesh(img, np.array(fit["aff_new"]), MIRROR_K, PUBLISHED_MARGIN_MM, res)
+    fit.update(fit_s=t_fit, mesh_s=time.perf_counter() - t0 - t_fit, mesh_shape=list(mirrored.shape))
+    detail = (
+        f"published fit: fmin {fit['iterations']} iterations, {fit['funcalls']} cost calls (warnflag "
+        f"{fit['warnflag']}) on {fit['n_voxels']:,} voxels in {t_fit:.1f} s; mesh {mirrored.shape} "
+        f"({mirrored.size:,} float64 voxels) in {fit['mesh_s']:.1f} s"
+    )
+    return {}, detail, {"published": fit}
+
+
 REFERENCES = {
     "orient": ref_orient,
     "background": ref_background,
@@ -375,6 +551,7 @@ REFERENCES = {
     "kmeans": ref_kmeans,
     "merge": ref_merge,
     "mirror": ref_mirror,
+    "published-mirror": ref_published_mirror,
 }
 
 
@@ -393,10 +570,15 @@ def _proc(field: str) -> int:
 def child(a) -> int:
     """Run one stage's reference in this (fresh) process; write the measurement to RESULT_FILE."""
     import nibabel  # noqa: F401  (libraries imported before the baseline, as any script would)
-    import scipy.ndimage  # noqa: F401
+    import scipy.ndimage
 
     if a.child == "kmeans":
         import sklearn.cluster  # noqa: F401
+    if a.child == "published-mirror":
+        import scipy.interpolate
+        import scipy.optimize  # noqa: F401
+    if a.child == "helm-mirror":
+        return helm_child(a)
     cache = Cache(a.cache, a.spacing == "native")
     base = _proc("VmRSS")
     io0 = _proc("rchar"), _proc("wchar")
@@ -404,7 +586,7 @@ def child(a) -> int:
     a.inputs = {name: cache.load(name) for name in stage_inputs(a.child)}
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outputs, detail = REFERENCES[a.child](cache, a)
+    outputs, detail, *extra = REFERENCES[a.child](cache, a)
     wall = time.perf_counter() - t1
     if a.child == "orient":  # reading the files is this stage's work
         wall, load_s = wall + load_s, 0.0
@@ -416,6 +598,7 @@ def child(a) -> int:
         "read_bytes": _proc("rchar") - io0[0],
         "written_bytes": _proc("wchar") - io0[1],
         "detail": detail,
+        **(extra[0] if extra else {}),
     }
     a.inputs = None
     for name, (arr, aff) in outputs.items():  # handed to the next stage (unmeasured)
@@ -573,7 +756,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--keep-cache", action="store_true", help="keep the .npy intermediates in WORKDIR")
     ap.add_argument("--note", default="")
     # internal: the child process
-    ap.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--published-mirror",
+        action="store_true",
+        help=f"instead of the stages: the published plane fit + mesh vs helm-dask's mirror stage on one map "
+        f"(k = {MIRROR_K}), each in its own process",
+    )
+    ap.add_argument("--child", choices=(*STAGES, "published-mirror", "helm-mirror"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--scan", help=argparse.SUPPRESS)
     ap.add_argument("--hyp", help=argparse.SUPPRESS)
@@ -767,6 +956,221 @@ def print_model(model_path: Path) -> None:
             )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# published-mirror, the parent and helm-dask's side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def helm_child(a) -> int:
+    """helm-dask's mirror stage, as ``run`` does it, on a copy of a run stopped after merge (one map, k = 6).
+
+    The stage (plane fit on the mask, hypothalamus check, the whole-brain map written to Zarr with its pyramid)
+    runs on a LocalCluster of 2 workers x 1 thread started in this process; its peak is the summed RSS of this
+    process tree (client, scheduler, workers) sampled every 0.1 s from the stage's start to its end, as the
+    ``pipeline:<stage>`` rows measure it.
+    """
+    from harness import Sampler
+
+    from helm_dask.cluster import ClusterOptions, compute_context
+    from helm_dask.mirror import MirrorTransform
+    from helm_dask.pipeline import RunParams, run_subject
+
+    run = Path(a.cache) / "helm_run"
+    params = RunParams(
+        scan=a.scan,
+        hypothalamus=a.hyp,
+        out=str(run),
+        side="L",
+        spacing="native" if a.spacing == "native" else float(a.spacing),
+        until="mirror",
+        ks=(MIRROR_K,),
+        subject="bench",
+        qc=False,
+        nifti=False,
+    )
+    m: dict = {}
+    with Sampler() as s, compute_context(ClusterOptions(workers=2, threads_per_worker=1, quiet=True)):
+
+        def log(msg: str) -> None:
+            stage, _, rest = msg.partition(":")
+            if stage == "mirror" and rest.strip().startswith("computing"):
+                s.mark()
+                m.update(t0=time.perf_counter(), cpu0=s.cpu_seconds)
+            elif stage == "mirror" and rest.strip().startswith("done in"):
+                peak, rd, wr = s.mark()
+                m.update(wall_s=time.perf_counter() - m["t0"], peak_bytes=peak, read_bytes=rd, written_bytes=wr)
+                m.update(cpu_s=s.cpu_seconds - m["cpu0"], breakdown=s.stage_breakdown, load=s.stage_load)
+
+        run_subject(params, log=log)
+    if "wall_s" not in m:
+        raise RuntimeError("the mirror stage did not run (was it already done in the copied run?)")
+    tr = MirrorTransform.from_dict(json.loads((run / "bench" / "transform.json").read_text())["transform"])
+    m["matrix"] = np.asarray(tr.matrix, dtype=float).tolist()
+    m["cost"] = float(tr.cost)
+    Path(a.result_file).write_text(json.dumps(m))
+    return 0
+
+
+def _unit_plane(matrix) -> tuple[np.ndarray, float]:
+    """The plane ``x = 0 after T`` of a world -> world transform as (unit normal n, offset d): ``n . v + d = 0``."""
+    row = np.asarray(matrix, dtype=float)[0]
+    norm = float(np.linalg.norm(row[:3]))
+    return row[:3] / norm, float(row[3]) / norm
+
+
+def plane_costs(zarr_dir: Path, matrices: dict, alpha: float, slab: int = 32) -> dict:
+    """``C(T)`` of each plane on the map's nonzero voxels (the published fit's set) and on the brain mask's
+    (helm-dask's), and the world centroid of the map's voxels; both stores streamed in slabs of ``slab`` planes.
+
+    Returns ``{"<name>@map": C, "<name>@mask": C, "n_map": N, "n_mask": N, "centre_mm": [x, y, z]}``.
+    """
+    from helm_dask.io.store import open_volume
+    from helm_dask.volume import affine_of
+
+    vols = {"map": open_volume(str(zarr_dir / f"hemi_k{MIRROR_K}")), "mask": open_volume(str(zarr_dir / "mask"))}
+    aff = affine_of(vols["map"])
+    if not np.allclose(aff, affine_of(vols["mask"])) or vols["map"].shape != vols["mask"].shape:
+        raise RuntimeError("map and mask are not on the same grid")
+    sums = {(name, which): [0.0, 0.0] for name in matrices for which in vols}
+    counts, centre = {"map": 0, "mask": 0}, np.zeros(3)
+    for i0 in range(0, vols["map"].shape[0], slab):
+        for which, vol in vols.items():
+            idx = np.nonzero(np.asarray(vol.data[i0 : i0 + slab]) != 0)
+            ijk = np.stack(idx, axis=1).astype(np.float64)
+            ijk[:, 0] += i0
+            world = ijk @ aff[:3, :3].T + aff[:3, 3]
+            counts[which] += len(world)
+            if which == "map":
+                centre += world.sum(axis=0)
+            for name, mat in matrices.items():
+                x = world @ np.asarray(mat, dtype=float)[0, :3] + float(np.asarray(mat)[0, 3])
+                sums[name, which][0] += float(x[x > 0].sum())
+                sums[name, which][1] += float(x.sum())
+    out: dict = {f"{name}@{which}": pos - alpha * tot for (name, which), (pos, tot) in sums.items()}
+    out.update(n_map=counts["map"], n_mask=counts["mask"], centre_mm=(centre / max(counts["map"], 1)).tolist())
+    return out
+
+
+def compare_planes(zarr_dir: Path, pub: dict | None, helm: dict, input_spacing: float) -> str:
+    """The note shared by the two rows: the cost each plane reaches (both cost functions), their angle and
+    distance at the map's centroid, and each against the phantom's true medial plane."""
+    from helm_dask.phantom import phantom_geometry
+
+    mats = {"helm-dask": helm["matrix"]} | ({"published": pub["matrix"]} if pub else {})
+    c = plane_costs(zarr_dir, mats, PUBLISHED_ALPHA)
+    centre = np.array(c["centre_mm"])
+    truth = phantom_geometry(input_spacing, "L")["medial_plane"]
+    nt = np.asarray(truth["normal"], dtype=float)
+    planes = {name: _unit_plane(m) for name, m in mats.items()} | {"truth": (nt, -float(nt @ truth["point_mm"]))}
+
+    def angle_dist(p: str, q: str) -> tuple[float, float]:
+        (n1, d1), (n2, d2) = planes[p], planes[q]
+        ang = float(np.degrees(np.arccos(np.clip(n1 @ n2, -1.0, 1.0))))
+        return ang, abs(float(n1 @ centre + d1) - float(n2 @ centre + d2))
+
+    parts = [f"map {c['n_map']:,} nonzero voxels, mask {c['n_mask']:,}"]
+    for name in mats:
+        ang, dist = angle_dist(name, "truth")
+        parts.append(
+            f"{name} plane: C(T) published cost fn (map voxels) {c[f'{name}@map']:.6g}, helm-dask mirror_cost "
+            f"(mask voxels) {c[f'{name}@mask']:.6g}, vs the true medial plane {ang:.3f} deg / {dist:.3f} mm"
+        )
+    if pub:
+        ang, dist = angle_dist("published", "helm-dask")
+        parts.append(f"published fopt {pub['fopt']:.6g}, helm-dask transform.json cost {helm['cost']:.6g}")
+        parts.append(f"angle between the two planes {ang:.3f} deg, distance at the map centroid {dist:.3f} mm")
+    return "; ".join(parts)
+
+
+def prepare_k_run(s: Session, run_dir: Path) -> None:
+    """``helm-dask run --until merge --k 6`` on the phantom into ``run_dir`` (unmeasured), unless already there."""
+    if (run_dir / "bench" / "helm.zarr" / f"hemi_k{MIRROR_K}").exists():
+        return
+    exe = Path(sys.executable).parent / "helm-dask"
+    cmd = [str(exe) if exe.exists() else "helm-dask", "run", str(s.scan), "--hypothalamus", str(s.hyp)]
+    cmd += ["--out", str(run_dir), "--subject", "bench", "--side", "L", "--spacing", s.a.spacing, "--until", "merge"]
+    cmd += ["--k", str(MIRROR_K), "--no-qc", "--no-nifti", "--workers", "2", "--threads-per-worker", "1", "--quiet"]
+    print(f"  preparing the merged map (unmeasured): {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _measure_published(s: Session, note: list[str]) -> dict | None:
+    """The published side in its own process, unless its predicted peak is above --max-gb (then a row says so)."""
+    from harness import append_row
+
+    n = s.n_ws
+    pred = predict("published-mirror", n, load_model(s.model_path))
+    if pred is not None and pred[0] > s.max_bytes:
+        msg = does_not_fit(pred[0], pred[1], n, s.max_bytes)
+        print(f"  published-mirror: {msg}", flush=True)
+        append_row(dict(s.common, stage="reference:published-mirror", note="; ".join(note + [msg])), s.out_csv)
+        return None
+    res_file = s.cache.root / "result_published-mirror.json"
+    res_file.unlink(missing_ok=True)
+    print(f"  published-mirror: running, predicted peak {pred[0] / GIB:.2f} GB" if pred else "", flush=True)
+    rc, sampled, killed = run_child(child_argv(s, "published-mirror", res_file), s.max_bytes)
+    if killed or rc != 0 or not res_file.exists():
+        why = f"killed: RSS passed --max-gb {s.a.max_gb:g}" if killed else f"failed (exit code {rc})"
+        print(f"  published-mirror: {why}", flush=True)
+        row = dict(s.common, stage="reference:published-mirror", peak_rss_mb=round(sampled / 2**20))
+        append_row(dict(row, note="; ".join(note + [why])), s.out_csv)
+        return None
+    r = json.loads(res_file.read_text())
+    r["bpv"] = record(
+        s.model_path, "published-mirror", n, r["base_bytes"], r["peak_bytes"], s.a.input_spacing, s.a.spacing
+    )
+    return r
+
+
+def run_published_mirror(s: Session) -> int:
+    """One map (k = 6) of the phantom hemisphere: helm-dask's mirror stage, then the published method, each in
+    a fresh process; the two rows carry the costs, the angle between the planes and the ratios."""
+    from harness import append_row
+
+    a = s.a
+    s.run_dir = s.work / f"run_{a.input_spacing:g}_{a.spacing}_k{MIRROR_K}"
+    prepare_k_run(s, s.run_dir)
+    note = [a.note] if a.note else []
+    if gather_inputs(s, "published-mirror", note):
+        print(f"  published-mirror: not run, no merged map in {s.run_dir}", flush=True)
+        return 1
+    helm_run = s.cache.root / "helm_run"
+    shutil.rmtree(helm_run, ignore_errors=True)
+    shutil.copytree(s.run_dir, helm_run)  # the stage writes its outputs there (unmeasured copy)
+    res_file = s.cache.root / "result_helm-mirror.json"
+    print("  helm-dask mirror stage (one map): running", flush=True)
+    rc, _sampled, _killed = run_child(child_argv(s, "helm-mirror", res_file), s.max_bytes)
+    if rc != 0 or not res_file.exists():
+        print(f"  helm-dask mirror stage failed (exit code {rc})", flush=True)
+        return 1
+    helm = json.loads(res_file.read_text())
+    pub = _measure_published(s, note)
+    shared = compare_planes(s.run_dir / "bench" / "helm.zarr", pub["published"] if pub else None, helm, a.input_spacing)
+    if pub:
+        rt, rm = pub["wall_s"] / helm["wall_s"], pub["peak_bytes"] / helm["peak_bytes"]
+        shared += f"; published / helm-dask: time {rt:.1f}x, memory {rm:.1f}x (targets >= 30x, >= 15x)"
+    print(f"  {shared}", flush=True)
+    mib = 2**20
+    helm_note = (
+        f"helm-dask mirror stage on one map (k {MIRROR_K}): plane fit + hypothalamus check + whole-brain map "
+        f"(Zarr + pyramid), 2 workers x 1 thread, {helm['cpu_s']:.1f} CPU s; peak = summed RSS of the process tree "
+        f"({helm['breakdown']}); stage load {helm['load']:.1f}"
+    )
+    row = dict(s.common, stage="pipeline:mirror-one-map", workers=2, threads_per_worker=1)
+    row.update(wall_s=round(helm["wall_s"], 2), peak_rss_mb=round(helm["peak_bytes"] / 2**20))
+    row.update(read_mb=round(helm["read_bytes"] / 2**20), written_mb=round(helm["written_bytes"] / 2**20))
+    append_row(dict(row, note="; ".join(note + [helm_note, shared])), s.out_csv)
+    print(f"  helm-dask: {helm['wall_s']:.1f} s, peak {helm['peak_bytes'] / mib:.0f} MB", flush=True)
+    if pub:
+        pub_note = f"{pub['detail']}; peak = the child's VmHWM, {pub['bpv']:.1f} B/map voxel above the interpreter"
+        row = dict(s.common, stage="reference:published-mirror", wall_s=round(pub["wall_s"], 2))
+        row.update(peak_rss_mb=round(pub["peak_bytes"] / 2**20), read_mb=round(pub["read_bytes"] / 2**20))
+        row.update(written_mb=round(pub["written_bytes"] / 2**20))
+        append_row(dict(row, note="; ".join(note + [pub_note, shared])), s.out_csv)
+        print(f"  published: {pub['wall_s']:.1f} s, peak {pub['peak_bytes'] / mib:.0f} MB", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.child:
@@ -777,6 +1181,12 @@ def main(argv=None) -> int:
     if a.dry_run:
         return dry_run(a, todo, n_in, n_ws, Path(a.workdir) / "reference_memory.json", a.max_gb * GIB)
     s = Session(a, n_in, n_ws)
+    if a.published_mirror:
+        try:
+            return run_published_mirror(s)
+        finally:
+            if not a.keep_cache:
+                shutil.rmtree(s.cache.root, ignore_errors=True)
     print(
         f"reference: input {a.input_spacing:g} mm ({n_in:,} voxels), working grid {a.spacing} ({n_ws:,} voxels),"
         f" rows -> {s.out_csv}",
