@@ -1,26 +1,31 @@
 """Batch runs: a manifest (YAML or CSV, :func:`load_manifest` describes the format) of subjects run one after
-the other on one cluster; :func:`plan_batch` checks the whole manifest before anything runs, :func:`run_batch`
-runs every subject (a failing subject is reported and the others still run, each resuming stage by stage like
-a single run) and :func:`format_summary` prints the table; :data:`OPTION_TO_FIELD`/:func:`run_params_kwargs`
-are the one mapping from ``helm-dask run`` options to :class:`~helm_dask.pipeline.RunParams`.
+the other, or several at once (``--concurrent-subjects``), on one cluster; :func:`plan_batch` checks the whole
+manifest before anything runs, :func:`run_batch` runs every subject (a failing subject is reported and the others
+still run, each resuming stage by stage like a single run) and :func:`format_summary` prints the table;
+:data:`OPTION_TO_FIELD`/:func:`run_params_kwargs` are the one mapping from ``helm-dask run`` options to
+:class:`~helm_dask.pipeline.RunParams`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import csv
 import functools
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, cast
 
 from .errors import HelmError
 from .io.location import is_url, parse_storage_options
+from .io.regions import cache_owner
 from .labels import K_MAX, K_MIN, parse_label_map
 from .pipeline import RunParams, run_subject
 from .pipeline.options import run_option_actions
@@ -423,12 +428,19 @@ def run_batch(
     quiet: bool = False,
     debug: bool = False,
     plan: list | None = None,
+    concurrent: int = 1,
 ) -> list[dict]:
-    """Run every subject of a manifest.
+    """Run every subject of a manifest, one after the other or ``concurrent`` at a time.
 
     The manifest is checked whole first (:func:`plan_batch`, or the ``plan`` it returned): a problem there raises
     :class:`HelmError` before any subject runs. A subject that fails while running (a bad file, a failed check)
     is reported on stderr and the others still run; every subject resumes stage by stage like a single run.
+
+    With ``concurrent`` > 1, up to that many subjects run at once on the same scheduler, each in a client thread
+    of this process with its own context (:func:`contextvars.copy_context`: its own stage progress and chunk
+    cache owner), its stages still in order. Their output lines are prefixed with the subject's name and written
+    whole (progress as one line per 10%, never a bar redrawn in place). Worker memory grows with the number of
+    subjects at once: each holds its current stage's batches in the workers (:func:`concurrency_note`).
 
     Parameters
     ----------
@@ -442,39 +454,216 @@ def run_batch(
         Print the traceback of an internal error.
     plan : list, optional
         What :func:`plan_batch` returned, to skip checking again.
+    concurrent : int
+        Subjects run at once (``--concurrent-subjects``; 1: one after the other).
 
     Returns
     -------
     list of dict
-        One summary row per subject (failures included): ``subject``, ``status``, ``seconds``, ``stages``, ...
+        One summary row per subject, in the manifest's order (failures included): ``subject``, ``status``,
+        ``seconds``, ``stages``, ...
     """
     if plan is None:
         plan = plan_batch(manifest, base)
-    rows = []
-    for _, params in plan:
-        t0 = time.perf_counter()
-        name = params.subject_name()
-        try:
-            info = run_subject(params, quiet=quiet)
-            rows.append(_summary_row(info, time.perf_counter() - t0))
-        except HelmError as e:
-            rows.append(
-                {"subject": name, "status": f"failed: {e}", "seconds": round(time.perf_counter() - t0, 1), "stages": {}}
-            )
-            print(f"helm-dask: [{name}] failed: {e}", file=sys.stderr, flush=True)
-        except Exception as e:  # keep going: one broken subject must not stop the batch
-            rows.append(
-                {
-                    "subject": name,
-                    "status": f"failed: internal error {type(e).__name__}: {e}",
-                    "seconds": round(time.perf_counter() - t0, 1),
-                    "stages": {},
-                }
-            )
-            print(f"helm-dask: [{name}] internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            if debug:
-                traceback.print_exc()
-    return rows
+    n = max(1, min(int(concurrent), len(plan)))
+    if n == 1:
+        return [_run_one(params, quiet=quiet, debug=debug) for _, params in plan]
+    note = concurrency_note(n)
+    if note and not quiet:
+        print(f"helm-dask: {note}", file=sys.stderr, flush=True)
+    return _run_concurrent([params for _, params in plan], n, quiet=quiet, debug=debug)
+
+
+def _run_one(params: RunParams, *, quiet: bool, debug: bool) -> dict:
+    """One subject's run and its summary row; a failure is reported on stderr and becomes a ``failed`` row."""
+    t0 = time.perf_counter()
+    name = params.subject_name()
+    try:
+        info = run_subject(params, quiet=quiet)
+        return _summary_row(info, time.perf_counter() - t0)
+    except HelmError as e:
+        print(f"helm-dask: [{name}] failed: {e}", file=sys.stderr, flush=True)
+        return {"subject": name, "status": f"failed: {e}", "seconds": round(time.perf_counter() - t0, 1), "stages": {}}
+    except Exception as e:  # keep going: one broken subject must not stop the batch
+        print(f"helm-dask: [{name}] internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if debug:
+            traceback.print_exc()
+        return {
+            "subject": name,
+            "status": f"failed: internal error {type(e).__name__}: {e}",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "stages": {},
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Concurrent subjects: client threads on one scheduler
+
+#: The subject whose thread is running (its output lines get its name); empty outside a batch's subject thread.
+_SUBJECT: ContextVar[str] = ContextVar("helm_dask_batch_subject", default="")
+#: Seconds an interrupted batch waits for its subject threads to unwind (remove their temporaries, locks).
+INTERRUPT_JOIN_S = 30.0
+
+
+def concurrency_note(n: int) -> str | None:
+    """A warning when ``n`` subjects at once exceed what the current scheduler has room for, else None.
+
+    Every running subject keeps its current stage's batch of chunks (:data:`~helm_dask.io.store.STORE_BATCH_CHUNKS`
+    output chunks and their inputs) in the workers' memory, and its client-side state (coarse copies, model fits,
+    NIfTI export buffers) in this process, so memory grows about linearly with ``n``; throughput only grows while
+    the workers have idle threads (one subject's client-side work, its stage boundaries and its scheduler round
+    trips leave them idle). Subjects beyond the workers' threads mostly queue for them while holding memory.
+
+    Parameters
+    ----------
+    n : int
+        Subjects to run at once.
+
+    Returns
+    -------
+    str or None
+        The warning (a distributed client with fewer worker threads than ``n``), or None.
+
+    Example
+    -------
+    >>> concurrency_note(1) is None
+    True
+    """
+    import dask
+
+    if n <= 1 or dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
+        return None
+    try:
+        from distributed import get_client
+
+        info = get_client().scheduler_info()
+    except (ImportError, ValueError, OSError):
+        return None  # an in-process scheduler: its threads are shared by the subjects' tasks
+    workers = info.get("workers", {})
+    threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+    if n <= threads:
+        return None
+    return (
+        f"--concurrent-subjects {n} exceeds the cluster's {threads} worker thread(s) ({len(workers)} worker(s)): "
+        f"the extra subjects mostly wait for the same threads while their stages hold worker memory"
+    )
+
+
+class _SubjectLines:
+    """A stream that writes a subject thread's output whole lines at a time, each prefixed with its name.
+
+    Concurrent subjects print to the same stdout/stderr: a line is held until its newline (per thread), then
+    written in one call under a lock, so that two subjects' lines never mix mid-line. Threads outside a subject
+    (the main thread, Dask's) write through unchanged. Not a terminal (``isatty`` False): progress is one line
+    per 10% instead of a bar redrawn in place, which several subjects would overwrite.
+    """
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def write(self, text: str) -> int:
+        name = _SUBJECT.get()
+        if not name:
+            with self._lock:
+                return self._stream.write(text)
+        pending = getattr(self._local, "pending", "") + text.replace("\r", "\n")
+        *lines, self._local.pending = pending.split("\n")
+        if lines:
+            tag = f"[{name}]"
+            whole = "".join(f"{ln if tag in ln[: len(tag) + 12] else f'{tag} {ln}'}\n" for ln in lines if ln.strip())
+            with self._lock:
+                self._stream.write(whole)
+                self._stream.flush()
+        return len(text)
+
+    def finish(self) -> None:
+        """Write what this thread left without a newline."""
+        if getattr(self._local, "pending", ""):
+            self.write("\n")
+
+    def flush(self) -> None:
+        with self._lock:
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._stream, attr)
+
+
+def _run_concurrent(plan: list[RunParams], n: int, *, quiet: bool, debug: bool) -> list[dict]:
+    """Run the subjects ``n`` at a time in daemon client threads; the rows in the plan's order."""
+    rows: list[dict | None] = [None] * len(plan)
+    todo = list(enumerate(plan))
+    todo_lock = threading.Lock()
+    stopping = threading.Event()
+    out, err = _SubjectLines(sys.stdout), _SubjectLines(sys.stderr)
+
+    def work() -> None:
+        while not stopping.is_set():
+            with todo_lock:
+                if not todo:
+                    return
+                i, params = todo.pop(0)
+            token = _SUBJECT.set(params.subject_name())
+            try:
+                with cache_owner(params.subject_name()):
+                    rows[i] = _run_one(params, quiet=quiet, debug=debug)
+            except BaseException:  # an interrupt raised in this thread by the main one: unwound, nothing to report
+                return
+            finally:
+                out.finish()
+                err.finish()
+                _SUBJECT.reset(token)
+
+    # each thread its own copy of this context: stage progress and cache owners are context variables
+    done = [threading.Event() for _ in range(n)]
+    threads = [
+        threading.Thread(
+            target=contextvars.copy_context().run, args=(_signalling, work, ev), name=f"helm-subject-{k}", daemon=True
+        )
+        for k, ev in enumerate(done)
+    ]
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        for t in threads:
+            t.start()
+        for ev in done:
+            # a timed wait on an event, not Thread.join: an interrupted join marks a running thread as stopped
+            # (Python < 3.13), and Ctrl-C must reach this thread
+            while not ev.wait(0.5):
+                pass
+    except BaseException as e:
+        stopping.set()
+        _interrupt(threads, done, type(e))
+        raise
+    finally:
+        sys.stdout, sys.stderr = saved
+    return [r for r in rows if r is not None]
+
+
+def _signalling(work: Callable[[], None], done: threading.Event) -> None:
+    try:
+        work()
+    finally:
+        done.set()
+
+
+def _interrupt(threads: list[threading.Thread], done: list[threading.Event], exc: type[BaseException]) -> None:
+    """Raise ``exc`` in every running subject thread and wait (at most :data:`INTERRUPT_JOIN_S`) for them to
+    unwind: their ``finally`` blocks release the subjects' locks and temporaries as a sequential run's would."""
+    import ctypes
+
+    for t, ev in zip(threads, done):
+        if not ev.is_set() and t.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(exc))
+    deadline = time.monotonic() + INTERRUPT_JOIN_S
+    for ev in done:
+        ev.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _summary_row(info: dict, seconds: float) -> dict:

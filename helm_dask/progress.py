@@ -364,7 +364,10 @@ _CURRENT: ContextVar[StageProgress | None] = ContextVar("helm_dask_stage_progres
 
 
 def current() -> StageProgress | None:
-    """The tracker of the stage being computed in this thread (None outside a stage, or when it is quiet).
+    """The tracker of the stage being computed in this context (None outside a stage, or when it is quiet).
+
+    A context variable: each subject of a concurrent batch runs in its own copy of the context
+    (:func:`contextvars.copy_context`, :func:`helm_dask.batch.run_batch`), so its stores count on its own stage.
 
     Returns
     -------

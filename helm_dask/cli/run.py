@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 
 from ..errors import HelmError
-from ..pipeline.options import _add_run_options
+from ..pipeline.options import _add_run_options, add_batch_options
 from .options import (
     EXIT_EPILOG,
     Subparsers,
@@ -70,7 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_batch(target, base) if is_manifest else None  # the whole manifest checked before anything
     with use_storage_options(base.storage_options), _compute(args):
         if is_manifest:
-            rows = run_batch(target, base, quiet=args.quiet, debug=args.debug, plan=plan)
+            rows = run_batch(
+                target, base, quiet=args.quiet, debug=args.debug, plan=plan, concurrent=args.concurrent_subjects
+            )
             print(format_summary(rows))
             return 0 if all(r["status"] == "ok" for r in rows) else 4
         info = run_subject(base, quiet=args.quiet)
@@ -103,6 +105,7 @@ def add_run_parser(subparsers: Subparsers, parents: Sequence[argparse.ArgumentPa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_run_options(p)
+    add_batch_options(p)
     _add_compute_options(p)
     p.set_defaults(func=cmd_run)
     return p

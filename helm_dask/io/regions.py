@@ -18,7 +18,9 @@ import pickle
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from itertools import product
 from typing import Any, Literal
 
@@ -32,6 +34,7 @@ __all__ = [
     "StoreView",
     "StoredSource",
     "attach_source",
+    "cache_owner",
     "carry_view",
     "chunk_tasks",
     "read_region",
@@ -87,14 +90,62 @@ class _ChunkCache:
             self.nbytes = 0
             self.hits = self.misses = 0
 
+    def drop(self, which: Callable[[Any], bool]) -> int:
+        """Remove the chunks whose key ``which`` selects; the bytes they held."""
+        with self.lock:
+            keys = [k for k in self.items if which(k)]
+            n = 0
+            for k in keys:
+                n += self.items.pop(k).nbytes
+            self.nbytes -= n
+            return n
+
 
 _CACHE = _ChunkCache(CACHE_MB * 2**20)
 
+#: Who builds the graphs in this context (a batch's subject thread): prefixes the cache scopes they draw, so that
+#: releasing one subject's cached chunks leaves those of subjects running at the same time (empty: no owner).
+_OWNER: ContextVar[str] = ContextVar("helm_dask_cache_owner", default="")
 
-def _clear_local_cache() -> int:
-    n = _CACHE.nbytes
-    _CACHE.clear()
-    return n
+
+@contextmanager
+def cache_owner(name: str) -> Iterator[None]:
+    """Make ``name`` own the chunk-cache scopes of the graphs built in this context (a subject of a batch).
+
+    :func:`release_chunk_caches` called in the same context then empties only that owner's cached chunks, so
+    that subjects running at once in threads of one process (``--concurrent-subjects``) do not empty each other's
+    caches mid-stage.
+
+    Parameters
+    ----------
+    name : str
+        The owner (a subject's name).
+
+    Example
+    -------
+    >>> with cache_owner("sub01"):
+    ...     _scope_prefix()
+    'sub01:'
+    """
+    token = _OWNER.set(str(name))
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+def _scope_prefix() -> str:
+    owner = _OWNER.get()
+    return f"{owner}:" if owner else ""
+
+
+def _clear_local_cache(prefix: str = "") -> int:
+    """Empty this process's chunk cache (only the scopes starting with ``prefix`` if given); bytes it held."""
+    if not prefix:
+        n = _CACHE.nbytes
+        _CACHE.clear()
+        return n
+    return _CACHE.drop(lambda key: isinstance(key[0], str) and key[0].startswith(prefix))
 
 
 def release_chunk_caches(client: Any = None) -> None:
@@ -102,7 +153,8 @@ def release_chunk_caches(client: Any = None) -> None:
 
     The stage runner calls it after each stage: the cached chunks belong to that stage's graphs and would
     otherwise stay in every worker through the next stages (measured: ~0.5 GB per worker after a resample).
-    Best effort: a closing cluster does not make it fail.
+    Inside :func:`cache_owner` (a subject of a concurrent batch) only that owner's chunks are removed: the
+    other subjects' running tasks keep theirs. Best effort: a closing cluster does not make it fail.
 
     Parameters
     ----------
@@ -115,7 +167,8 @@ def release_chunk_caches(client: Any = None) -> None:
     >>> _CACHE.nbytes
     0
     """
-    _clear_local_cache()
+    prefix = _scope_prefix()
+    _clear_local_cache(prefix)
     if client is None:
         try:
             from distributed import get_client
@@ -124,7 +177,7 @@ def release_chunk_caches(client: Any = None) -> None:
         except (ImportError, ValueError):  # no distributed client: nothing else to clear
             return
     try:
-        client.run(_clear_local_cache)
+        client.run(_clear_local_cache, prefix)
     except Exception:  # best effort (memory only): a closing cluster must not fail a stage
         pass
 
@@ -571,7 +624,7 @@ def region_map(
     name = f"{name}-{tokenize(func, [s.name for s in sources], out_chunks, dtype, _digest([p for _, _, p in plans]))}"
     # the cache's namespace is new for every layer instead: a store rewritten at the same path since (a rerun
     # with other parameters) keeps its dask name, and must never be served from chunks cached before
-    src = _Sources(sources, uuid.uuid4().hex, cache)
+    src = _Sources(sources, _scope_prefix() + uuid.uuid4().hex, cache)
     layer: dict = {}
     for index, ranges, p in plans:
         if p is None or np.isscalar(p):

@@ -10,7 +10,7 @@ import math
 from ..errors import HelmError
 from ..registry import UNTIL
 
-__all__ = ["add_run_options", "run_option_actions"]
+__all__ = ["add_batch_options", "add_run_options", "run_option_actions"]
 
 
 def _number(text: str) -> float:
@@ -263,6 +263,32 @@ def _subject(text: str) -> str:
         return check_component(text, what="subject name")
     except HelmError as e:
         raise argparse.ArgumentTypeError(f"{e.message}: {e.hint}") from None
+
+
+def add_batch_options(p: argparse.ArgumentParser) -> None:
+    """``run MANIFEST``: how the batch runs (not a subject's option, hence not a manifest key).
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The ``run`` parser.
+
+    Example
+    -------
+    >>> p = argparse.ArgumentParser()
+    >>> add_batch_options(p)
+    >>> p.parse_args(["--concurrent-subjects", "2"]).concurrent_subjects
+    2
+    """
+    p.add_argument(
+        "--concurrent-subjects",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="a manifest: run up to N subjects at once on the same cluster, each subject's stages still in "
+        "order (default 1: one after the other); worker memory grows with N (each running subject holds its "
+        "stage's batches), and N above the workers' threads only queues for them (a warning says so)",
+    )
 
 
 #: The public name of :func:`_add_run_options`.
