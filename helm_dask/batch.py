@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import csv
+import ctypes
 import functools
 import os
 import sys
@@ -22,6 +23,8 @@ from contextvars import ContextVar
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, cast
+
+import dask
 
 from .errors import HelmError
 from .io.location import is_url, parse_storage_options
@@ -529,8 +532,6 @@ def concurrency_note(n: int) -> str | None:
     >>> concurrency_note(1) is None
     True
     """
-    import dask
-
     if n <= 1 or dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
         return None
     try:
@@ -656,8 +657,6 @@ def _signalling(work: Callable[[], None], done: threading.Event) -> None:
 def _interrupt(threads: list[threading.Thread], done: list[threading.Event], exc: type[BaseException]) -> None:
     """Raise ``exc`` in every running subject thread and wait (at most :data:`INTERRUPT_JOIN_S`) for them to
     unwind: their ``finally`` blocks release the subjects' locks and temporaries as a sequential run's would."""
-    import ctypes
-
     for t, ev in zip(threads, done):
         if not ev.is_set() and t.ident is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(exc))

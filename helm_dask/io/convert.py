@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import dask
 import dask.array as da
+import nibabel as nib
 import numpy as np
 import xarray as xr
 import zarr
@@ -121,8 +122,6 @@ def _storage_ornt(info: nii.NiftiInfo, src: Any, ras: bool) -> np.ndarray:
     The same permutation and flips as :func:`helm_dask.orient.to_ras`, so a stored volume's affine is nibabel's
     ``as_closest_canonical`` of the file's and every voxel keeps its world position exactly.
     """
-    import nibabel as nib
-
     if not ras:
         return np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
     ornt = nib.orientations.io_orientation(np.asarray(info.affine, dtype=np.float64))
@@ -174,8 +173,6 @@ def _import_plan(
 ) -> _ImportPlan:
     """Check the header against the echo options and decide the output's shape, voxel order, dtype and NIfTI
     metadata (``ras``: stored in RAS+ voxel order, otherwise in the file's)."""
-    import nibabel as nib
-
     if info.stored_ndim < 3:
         # padded to one plane it would import, and fail much later with messages about something else
         raise HelmError(

@@ -24,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..errors import HelmError
+from ..progress import current
 from ..volume import (
     DIMS,
     affine_of,
@@ -544,8 +545,6 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
     batch_chunks : int
         Output chunks per computation.
     """
-    from ..progress import current
-
     grids = {s.chunks for s in sources}
     if len(grids) != 1:
         for s_, t_ in zip(sources, targets):
@@ -617,8 +616,6 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     >>> compute_batched([x, 2 * x], batch_chunks=1)[1][3].tolist()
     [24.0, 26.0, 28.0, 30.0]
     """
-    from ..progress import current
-
     arrays = list(arrays)
     chunks = arrays[0].chunks
     if any(a.chunks != chunks for a in arrays):
