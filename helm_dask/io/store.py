@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -558,7 +560,7 @@ def store_batched(sources: list, targets: list, *, batch_chunks: int = STORE_BAT
         tracker.begin_outputs([int(np.prod(numblocks))] * len(sources))
 
     def store(srcs: list, regions) -> None:
-        if tracker is None:
+        if tracker is None and _distributed_client() is None:
             da.store(srcs, targets, regions=regions, lock=False, compute=True)
         else:
             stored = da.store(srcs, targets, regions=regions, lock=False, compute=False)
@@ -626,7 +628,9 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
         tracker.begin_pass(nchunks * len(arrays))
 
     def compute(parts: list) -> list:
-        return list(dask.compute(*parts)) if tracker is None else _compute_counted(parts, tracker, values=True)
+        if tracker is None and _distributed_client() is None:
+            return list(dask.compute(*parts))
+        return _compute_counted(parts, tracker, values=True)
 
     if nchunks <= batch_chunks:
         return [np.asarray(v) for v in compute(arrays)]
@@ -652,8 +656,12 @@ def _distributed_client() -> Any:
         return None
 
 
+#: The output keys of the last batch this thread computed on a distributed scheduler (see _scheduler_settler).
+_LAST_BATCH = threading.local()
+
+
 def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> list:
-    """``dask.compute(*arrays)`` that counts each of their chunks on ``tracker`` as it is done.
+    """``dask.compute(*arrays)`` that counts each of their chunks on ``tracker`` (if any) as it is done.
 
     With a distributed client the arrays are persisted (the same optimised graph that ``dask.compute`` submits)
     and their chunk futures counted client-side as they complete (:func:`distributed.as_completed`: public API,
@@ -677,7 +685,7 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> lis
 
             def tick(key, *_):
                 nonlocal counted
-                if key in keys:
+                if key in keys and tracker is not None:
                     counted += 1
                     tracker.update(1)
 
@@ -688,23 +696,27 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> lis
 
         persisted = client.persist(arrays)
         futures = futures_of(persisted)
+        _LAST_BATCH.keys = [f.key for f in futures]
         try:
             for fut in as_completed(futures):
                 if fut.status != "finished":
                     fut.result()  # raises the task's error (or the cancellation)
                 counted += 1
-                tracker.update(1)
+                if tracker is not None:
+                    tracker.update(1)
             return list(dask.compute(*persisted)) if values else []
         finally:
             for fut in futures:
                 fut.release()  # the scheduler forgets the batch now (the next batch waits for that)
     except BaseException:
-        tracker.update(-counted)
+        if tracker is not None:
+            tracker.update(-counted)
         raise
 
 
-def _n_scheduler_tasks(dask_scheduler=None) -> int:
-    return len(dask_scheduler.tasks)
+def _n_present(keys: list, dask_scheduler: Any = None) -> int:
+    """How many of ``keys`` the scheduler still holds (run on the scheduler)."""
+    return sum(1 for k in keys if k in dask_scheduler.tasks)
 
 
 def _scheduler_settler() -> Callable[[float], None]:
@@ -712,24 +724,21 @@ def _scheduler_settler() -> Callable[[float], None]:
 
     Consecutive batches share keys (the inputs on a box face); a graph that reaches the scheduler while it is
     still forgetting those keys fails with a spurious KeyError in update_graph (dask/dask#9888; seen at 0.1 mm).
-    Waiting (at most ``timeout_s``) for the task count to fall back to what it was before the first batch
-    (others' data may be there) avoids it; a no-op without a distributed client.
+    Waiting (at most ``timeout_s``) until the scheduler holds none of the previous batch's output keys avoids it:
+    their dependencies are forgotten in the same transitions as they are. Only this thread's own batch is waited
+    for -- counting all the scheduler's tasks made every batch of a subject wait the full timeout while another
+    subject of a ``--concurrent-subjects`` batch kept tasks in flight. A no-op without a distributed client.
     """
-    import time
-
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = _distributed_client()
+    if client is None:
         return lambda timeout_s: None
-    if dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
-        return lambda timeout_s: None
-    base = client.run_on_scheduler(_n_scheduler_tasks)
 
     def settle(timeout_s: float) -> None:
+        keys = getattr(_LAST_BATCH, "keys", None)
+        if not keys:
+            return
         deadline = time.monotonic() + timeout_s
-        while client.run_on_scheduler(_n_scheduler_tasks) > base and time.monotonic() < deadline:
+        while client.run_on_scheduler(_n_present, keys) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     return settle
