@@ -534,6 +534,31 @@ def test_export_reads_stored_views_in_the_task(tmp_path, slab_mb):
     np.testing.assert_allclose(img.affine, np.asarray(vol.attrs["affine"]))
 
 
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_thin_export_of_a_mostly_empty_label_map(tmp_path, ext):
+    """Through the thin pieces (tiny slabs), a label map whose chunks and pieces are mostly all zero (not stored
+    on scratch) and a cast to another dtype are written as nibabel reads them back, in ONE gzip member."""
+    import zlib
+
+    import dask.array as da
+
+    from helm_dask.io.convert import save_nifti
+
+    data = np.zeros((20, 18, 33), dtype=np.int32)
+    data[3:9, 11:17, 5:7] = 7  # a few non-zero pieces in one chunk column, the rest empty
+    data[19, 0, 32] = 65535  # the last voxel, in a partial edge chunk
+    lazy = da.from_array(data, chunks=(8, 8, 16))
+    out = save_nifti(make_volume(lazy, np.eye(4), kind="labels"), tmp_path / f"m{ext}", dtype="uint16", slab_mb=1e-4)
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.uint16
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), data.astype(np.uint16))
+    if ext == ".nii.gz":
+        d = zlib.decompressobj(31)
+        d.decompress(open(out, "rb").read())
+        assert d.eof and d.unused_data == b""
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]
+
+
 def test_export_of_irregularly_chunked_lazy_volume(tmp_path):
     import dask.array as da
 
