@@ -466,14 +466,15 @@ def _field_block(model: dict, chunks: tuple, block_id=None) -> np.ndarray:
             tt = np.einsum("va,abc->vbc", b[0], c, optimize=True)
             tt = np.einsum("vbc,vb->vc", tt, b[1], optimize=True)
             t[p] = np.einsum("vc,vc->v", tt, b[2]).reshape(j1.shape)
-    f = np.exp(t).astype(np.float32)
-    bits = model.get("keep_bits")
-    if bits is not None and bits < 23:
-        # round to nearest on the kept mantissa bits: a smooth field's low bits are noise to a compressor
-        drop = 23 - int(bits)
-        ubits = f.view(np.uint32)
-        f = ((ubits + np.uint32(1 << (drop - 1))) & np.uint32((0xFFFFFFFF >> drop) << drop)).view(np.float32)
-    return f
+    return np.exp(t).astype(np.float32)
+
+
+def _keep_bits(f: np.ndarray, bits: int) -> np.ndarray:
+    """``f`` (float32) rounded to nearest on its ``bits`` highest mantissa bits: a smooth field's low bits are
+    noise to a compressor."""
+    drop = 23 - int(bits)
+    ubits = f.view(np.uint32)
+    return ((ubits + np.uint32(1 << (drop - 1))) & np.uint32((0xFFFFFFFF >> drop) << drop)).view(np.float32)
 
 
 def bias_field(model: BiasModel | dict, like_vol: xr.DataArray, *, keep_bits: int | None = None) -> xr.DataArray:
@@ -520,13 +521,10 @@ def bias_field(model: BiasModel | dict, like_vol: xr.DataArray, *, keep_bits: in
     perm = None
     if np.all(nz.sum(axis=1) == 1) and np.all(nz.sum(axis=0) == 1):
         perm = tuple(int(np.argmax(nz[a])) for a in range(3))
-    small = {
-        "coef": np.asarray(model.coefficients, dtype=np.float64),
-        "M": M,
-        "shape": tuple(model.shape),
-        "perm": perm,
-        "keep_bits": keep_bits,
-    }
+    coef = np.asarray(model.coefficients, dtype=np.float64)
+    small = {"coef": coef, "M": M, "shape": tuple(model.shape), "perm": perm}
+    # the exact field has the same keys whatever keep_bits is: a saved (rounded) field and the correction written
+    # in one computation evaluate it once per chunk (measured at 0.2 mm: ~0.1 s of CPU per 128^3 chunk each)
     data = da.map_blocks(
         _field_block,
         dask.delayed(small, pure=True),
@@ -534,7 +532,10 @@ def bias_field(model: BiasModel | dict, like_vol: xr.DataArray, *, keep_bits: in
         dtype=np.float32,
         chunks=arr.chunks,
         meta=np.empty((0, 0, 0), np.float32),
+        name=f"bias-field-{dask.base.tokenize(small, arr.chunks)}",
     )
+    if keep_bits is not None and keep_bits < 23:
+        data = da.map_blocks(_keep_bits, data, int(keep_bits), dtype=np.float32)
     out = like(
         like_vol,
         data,

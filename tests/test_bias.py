@@ -129,6 +129,25 @@ def test_bias_field_keep_bits_rounds_and_compresses():
     assert len(zlib.compress(kept.tobytes(), 1)) < 0.75 * len(zlib.compress(exact.tobytes(), 1))
 
 
+def test_saved_field_and_correction_evaluate_the_field_once():
+    import dask
+
+    aff = _oblique_affine()
+    model = _random_model(affine=aff)
+    rng = np.random.default_rng(3)
+    img = _vol(rng.uniform(50, 150, SHAPE).astype(np.float32), 16, aff)
+    kept = bias_field(model, img, keep_bits=13)
+    corrected = correct_bias(img, model)
+    # one graph for both: each chunk's field is one task that both outputs read
+    graph = dict(kept.data.__dask_graph__()) | dict(corrected.data.__dask_graph__())
+    n_field = sum(1 for k in graph if isinstance(k, tuple) and str(k[0]).startswith("bias-field-"))
+    assert n_field == int(np.prod(img.data.numblocks))
+    f, c = dask.compute(kept.data, corrected.data)
+    exact = _reference_field(model, SHAPE, aff)
+    np.testing.assert_allclose(f, exact, rtol=2.0**-14 + 1e-6)  # the saved field: rounded
+    np.testing.assert_allclose(c, img.values / exact, rtol=1e-6)  # the correction: the exact field
+
+
 @pytest.mark.parametrize("chunks", [9, (30, 11, 13)])
 def test_bias_field_on_other_grids(chunks):
     """The analytic model evaluated on a coarser, axis-permuted grid and on an oblique grid of the same FOV."""

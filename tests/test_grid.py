@@ -19,6 +19,7 @@ import pytest
 import scipy.ndimage as ndi
 import zarr
 
+from helm_dask import resample as rs
 from helm_dask.errors import HelmError
 from helm_dask.io.convert import nifti_to_zarr
 from helm_dask.io.store import open_volume
@@ -184,6 +185,72 @@ def test_majority_vote_onto_a_tilted_grid_equals_a_world_space_reference():
     assert 0 < np.mean(ref == 7) < 1
     got = resample_labels_to_grid(make_volume(da.from_array(uniform, chunks=9), a_in, kind="mask"), out_shape, a_out)
     assert np.array_equal(got.values, ref)
+
+
+def _native_tilted_case(seed=0):
+    """A scan tilted by 12 degrees onto its RAS+ grid at the same spacing (the pipeline's ``--spacing native``):
+    float32 header noise leaves an anti-aliasing sigma of ~1e-6 voxels, one sample per voxel in the vote."""
+    rng = np.random.default_rng(seed)
+    shape = (30, 26, 22)
+    a_in = _affine((0.2, 0.2, 0.2), _rotation(12, (1, 2, 3))).astype(np.float32).astype(np.float64)
+    out_shape, a_out = ras_target_grid(shape, a_in, "native")
+    return rng, shape, a_in, out_shape, a_out
+
+
+def test_native_linear_resampling_is_scipy_map_coordinates_bit_for_bit():
+    rng, shape, a_in, out_shape, a_out = _native_tilted_case()
+    m = np.linalg.inv(a_in) @ a_out
+    assert 0 < grid_antialias_sigma(m).max() < 1e-3  # a filter of one tap (weight 1): the values stay as they are
+    x = (rng.normal(size=shape) * 100).astype(np.float32)
+    mask = (rng.random(shape) > 0.2).astype(np.uint8)
+    mask[20:] = 0  # boxes with an empty mask too
+    # reference: the masked float64 image interpolated as a whole (scipy), 0 outside the field of view
+    idx = np.indices(out_shape).reshape(3, -1).astype(np.float64)
+    coords = np.stack([m[d, 0] * idx[0] + m[d, 1] * idx[1] + m[d, 2] * idx[2] + m[d, 3] for d in range(3)])
+    ref = ndi.map_coordinates(np.where(mask > 0, x, 0).astype(np.float64), coords, order=1, mode="nearest")
+    inside = np.all((coords >= -0.5) & (coords < np.array(shape)[:, None] - 0.5), axis=0)
+    ref = np.where(inside, ref, 0).astype(np.float32).reshape(out_shape)
+    vol = make_volume(da.from_array(x, chunks=(11, 9, 8)), a_in)
+    msk = make_volume(da.from_array(mask, chunks=(11, 9, 8)), a_in, kind="mask")
+    for out_chunks in ((7, 8, 9), (32, 32, 32)):
+        got = resample_to_grid(vol, out_shape, a_out, order=1, antialias=True, mask=msk, chunks=out_chunks).values
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))  # box-local coordinates change nothing
+
+
+def test_linear_kernel_equals_map_coordinates_on_random_boxes():
+    # any affine map (scalings, shears, far outside), any box: clamping at the box's faces as mode="nearest"
+    rng = np.random.default_rng(5)
+    for trial in range(150):
+        m = np.eye(4)
+        m[:3, :3] = rng.normal(size=(3, 3)) * rng.uniform(0.2, 3.0)
+        m[:3, 3] = rng.uniform(-60, 60, 3)
+        ranges = tuple((int(a), int(a) + int(rng.integers(1, 12))) for a in rng.integers(0, 60, 3))
+        n_in = tuple(int(v) for v in rng.integers(1, 60, 3))
+        lo = [int(rng.integers(0, n)) for n in n_in]
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, n_in)]
+        sub = (rng.normal(size=tuple(b - a for a, b in zip(lo, hi))) * 100).astype(np.float32)
+        msk = (rng.random(sub.shape) > 0.3).astype(np.uint8)
+        regions = [sub, msk] if trial % 3 else [sub]
+        got = rs._to_grid_block(regions, lo, m, ranges, n_in, 1, np.float32)
+        y = sub.astype(np.float64) if trial % 3 == 0 else np.where(msk > 0, sub, 0).astype(np.float64)
+        x = rs._grid_coords(m, ranges)
+        local = x - np.asarray(lo, dtype=np.float64).reshape(3, 1, 1, 1)
+        ref = ndi.map_coordinates(y, local, order=1, mode="nearest")
+        ref = np.where(np.all((x >= -0.5) & (x < np.reshape(n_in, (3, 1, 1, 1)) - 0.5), axis=0), ref, 0)
+        assert np.array_equal(got.view(np.uint32), ref.astype(np.float32).view(np.uint32)), trial
+
+
+def test_native_majority_vote_is_the_nearest_voxel():
+    rng, shape, a_in, out_shape, a_out = _native_tilted_case(1)
+    f = ndi.gaussian_filter(rng.normal(size=shape), 2.0)
+    lab = np.digitize(f, np.quantile(f, [0.4, 0.7, 0.9])).astype(np.uint16) * 100
+    ref = _world_vote(lab, a_in, out_shape, a_out)  # one sample per voxel: the nearest input voxel, 0 outside
+    vol = make_volume(da.from_array(lab, chunks=(11, 13, 9)), a_in, kind="labels")
+    near = resample_labels_to_grid(vol, out_shape, a_out, method="nearest").values
+    for chunks in ((4, 5, 6), None):
+        got = resample_labels_to_grid(vol, out_shape, a_out, chunks=chunks).values
+        assert np.array_equal(got, near)
+        assert np.mean(got == ref) > 0.999  # world coordinates round differently at a handful of voxels
 
 
 @pytest.mark.parametrize("factor", [1, 2, 3])

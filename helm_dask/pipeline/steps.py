@@ -304,11 +304,8 @@ def _bias(run: Run, key: str) -> dict:
     subj.write_json(run.record_path("bias_model.json"), {"model": model.to_dict()}, key)
     field_v = bias_field(model, image_ws, keep_bits=_BIAS_FIELD_BITS)
     corrected = correct_bias(image_ws, model, mask=mask_ws)
-    params = run.params_of("bias")
-    return {
-        "bias": subj.save("bias", field_v, key, "bias", params),
-        "preprocessed": subj.save("preprocessed", corrected, key, "bias", params),
-    }
+    # one computation: the field is evaluated once per chunk for both outputs (bias_field shares its keys)
+    return subj.save_many({"bias": field_v, "preprocessed": corrected}, key, "bias", run.params_of("bias"))
 
 
 # ---- k-means: one histogram pass fits all k, one labelling pass writes all maps ---------------------------------
