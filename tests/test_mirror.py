@@ -440,6 +440,62 @@ def test_store_backed_maps_are_read_region_by_region(tmp_path, hemi, fitted):
             np.testing.assert_array_equal(arr, reference_whole_brain(maps[key], tr, aff, grid, "grid-constant")[0])
 
 
+def _shifted_transform(dx_mm):
+    """x -> x + dx_mm, nothing else (an axis-aligned fit)."""
+    m = np.eye(4)
+    m[0, 3] = dx_mm
+    return MirrorTransform(m, (0, 0, 0), (dx_mm, 0, 0), (0, 0, 0), 0.0, 0.0, 0.0, 5e-4, 1)
+
+
+@pytest.mark.parametrize("mode", ["grid-constant", "constant"])
+def test_compiled_gather_rounds_ties_like_scipy(mode):
+    """Output voxels half as big as the source's, on an axis-aligned grid: source indices fall exactly on .5 (and
+    on the outer half-voxel edges), where ``floor(c + 0.5)`` decides; the compiled gather must pick scipy's voxel
+    every time, on both sides of the plane."""
+    rng = np.random.default_rng(5)
+    src = rng.integers(1, 9, (9, 7, 6)).astype(np.uint16)
+    src[rng.random(src.shape) < 0.3] = 0
+    src[8, 2:5, 1:4] = 801 + np.arange(3)[:, None]  # left codes on the medial face
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    tr = _shifted_transform(-9.0)  # source x = 0..8 mm -> -9..-1 mm, the medial face at -0.5
+    grid = ((44, 18, 16), np.diag([0.5, 0.5, 0.5, 1.0]))
+    grid[1][:3, 3] = (0.25 - 11.0, -1.5, -1.0)  # x centres symmetric about 0; y, z: ties, and 1-1.5 mm past the edges
+    c = (np.linalg.inv(tr.matrix) @ grid[1])[:3, :3].diagonal()
+    assert np.all(c == 0.5)
+    out = mirror_labels(as_volume(src, aff, (4, 3, 5), kind="labels"), tr, grid=grid, chunks=7, mode=mode).values
+    expected, full = reference_whole_brain(src, tr, aff, grid, mode)
+    assert (full[:22] > 800).any() and (expected[22:] > 805).any()
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_wide_and_bool_maps_and_codes_beyond_uint16():
+    """int32 and bool maps gather like uint16 ones; a value uint16 cannot hold is refused where it is gathered,
+    and only there."""
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 6, (8, 6, 5)).astype(np.uint16)
+    aff = np.eye(4)
+    tr = _shifted_transform(-8.0)
+    grid = ((18, 8, 7), np.eye(4))
+    grid[1][:3, 3] = (-8.5, -1.0, -1.0)
+    ref = mirror_labels(as_volume(src, aff, 4, kind="labels"), tr, grid=grid, chunks=5).values
+    wide = mirror_labels(as_volume(src.astype(np.int32), aff, 4, kind="labels"), tr, grid=grid, chunks=5).values
+    np.testing.assert_array_equal(wide, ref)
+    flags = mirror_labels(as_volume(src > 2, aff, 4, kind="labels"), tr, grid=grid, chunks=5).values
+    np.testing.assert_array_equal(flags, ref > 2)
+    big = src.astype(np.int64)
+    big[3, 2, 2] = 70000
+    with pytest.raises(HelmError, match="outside 0..65535"):
+        mirror_labels(as_volume(big, aff, 4, kind="labels"), tr, grid=grid, chunks=5).compute()
+    big[3, 2, 2] = -1
+    with pytest.raises(HelmError, match="outside 0..65535"):
+        mirror_labels(as_volume(big, aff, 4, kind="labels"), tr, grid=grid, chunks=5).compute()
+    # a grid that reaches only source x >= 4: the out-of-range voxel at x = 3 is read (its box) but never gathered
+    part = ((8, 8, 7), grid[1].copy())
+    part[1][0, 3] = -3.5
+    got = mirror_labels(as_volume(big, aff, 8, kind="labels"), tr, grid=part, chunks=8).values
+    np.testing.assert_array_equal(got, reference_whole_brain(src, tr, aff, part, "grid-constant")[0])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the built-in phantom (RAS+ via stage 1), whose medial plane is known
 # ----------------------------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ chunk serving all the maps (see ``docs/method/mirror.md``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
+from numba import njit
 
 from ..errors import HelmError
 from ..io.regions import region_map
@@ -30,50 +32,90 @@ def _source_coords(g: np.ndarray, d: int, i: float, j: np.ndarray, k: np.ndarray
     return ((g[d, 3] + g[d, 0] * i) + (g[d, 1] * j)[:, None]) + (g[d, 2] * k)[None, :]
 
 
-def _gather_block(
-    regions: list, start: tuple[int, int, int], g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int], mode: str
-) -> np.ndarray:
-    """Nearest-neighbour gather of every map for one output block (all maps share the index computation)."""
-    (i0, i1), (j0, j1), (k0, k1) = ranges
-    regions = [np.asarray(r) for r in regions]
-    rshape = regions[0].shape
-    out = np.zeros((len(regions), i1 - i0, j1 - j0, k1 - k0), np.uint16)
-    j = np.arange(j0, j1, dtype=np.float64)
-    k = np.arange(k0, k1, dtype=np.float64)
-    flats = [r.reshape(-1) for r in regions]
-    for p, i in enumerate(range(i0, i1)):  # plane by plane: small temporaries
-        valid = np.ones((j1 - j0, k1 - k0), bool)
-        flat = np.zeros((j1 - j0, k1 - k0), np.int64)
+@njit(cache=True, nogil=True)
+def _index_nb(
+    g: np.ndarray,
+    xs: np.ndarray,
+    j0: int,
+    nj: int,
+    k0: int,
+    nk: int,
+    box: np.ndarray,
+    src_shape: np.ndarray,
+    constant: bool,
+    idx: np.ndarray,
+) -> bool:  # pragma: no cover (compiled)
+    """Flat index into the source box (``box[0]`` its start, ``box[1]`` its shape) of every output voxel
+    ``(xs[p], j0 + a, k0 + b)``, -1 where it reaches no source voxel; False as soon as a voxel reaches outside
+    the box. The continuous index is :func:`_source_coords`'s float expression, term for term, so the voxels
+    are scipy's."""
+    cj = np.empty((3, nj))
+    ck = np.empty((3, nk))
+    for d in range(3):
+        for a in range(nj):
+            cj[d, a] = g[d, 1] * float(j0 + a)
+        for b in range(nk):
+            ck[d, b] = g[d, 2] * float(k0 + b)
+    ci = np.empty(3)
+    cij = np.empty(3)
+    for p in range(xs.size):
         for d in range(3):
-            c = _source_coords(g, d, float(i), j, k)
-            idx = np.floor(c + 0.5).astype(np.int64)
-            if mode == "constant":
-                valid &= (c >= 0) & (c <= src_shape[d] - 1)
-            else:
-                valid &= (idx >= 0) & (idx < src_shape[d])
-            loc = idx - start[d]
-            if np.any(valid & ((loc < 0) | (loc >= rshape[d]))):
-                raise RuntimeError("mirror_labels: source region too small (internal error)")
-            flat = flat * rshape[d] + np.clip(loc, 0, rshape[d] - 1)
-        if not valid.any():
-            continue
-        sel = flat[valid]
-        for mi, f in enumerate(flats):
-            vals = f[sel]
-            if vals.dtype.kind in "iu" and vals.size and (vals.min() < 0 or vals.max() > 65535):
-                raise HelmError(
-                    "a label map holds values outside 0..65535; cannot store it as uint16",
-                    hint="check the label map's codes",
-                )
-            out[mi, p][valid] = vals
-    return out
+            ci[d] = g[d, 3] + g[d, 0] * xs[p]
+        for a in range(nj):
+            for d in range(3):
+                cij[d] = ci[d] + cj[d, a]
+            for b in range(nk):
+                flat = np.int64(0)
+                for d in range(3):
+                    c = cij[d] + ck[d, b]
+                    v = np.int64(np.floor(c + 0.5))
+                    if (constant and not (c >= 0.0 and c <= src_shape[d] - 1)) or not (0 <= v < src_shape[d]):
+                        flat = np.int64(-1)
+                        break
+                    loc = v - box[0, d]
+                    if loc < 0 or loc >= box[1, d]:
+                        return False
+                    flat = flat * box[1, d] + loc
+                idx[p, a, b] = flat
+    return True
 
 
-def _right_codes_block(block: np.ndarray, codes: tuple) -> np.ndarray:
-    out = block.copy()
+@njit(cache=True, nogil=True)
+def _take_nb(src: np.ndarray, idx: np.ndarray, renamed: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:
+    """``out[p] = src[idx[p]]`` where ``idx >= 0``, through ``lut`` on the planes ``renamed`` marks (the
+    others keep their zeros)."""  # pragma: no cover (compiled)
+    for p in range(idx.shape[0]):
+        for a in range(idx.shape[1]):
+            for b in range(idx.shape[2]):
+                t = idx[p, a, b]
+                if t >= 0:
+                    out[p, a, b] = lut[src[t]] if renamed[p] else src[t]
+
+
+@lru_cache(maxsize=8)
+def _rename_lut(codes: tuple) -> np.ndarray:
+    """uint16 lookup table: identity with every left code renamed to its right twin."""
+    lut = np.arange(65536, dtype=np.uint16)
     for left, right in codes:
-        out[block == left] = right  # masks from the unmodified input: no chaining
-    return out
+        if 0 <= left < 65536:
+            lut[left] = right
+    lut.setflags(write=False)
+    return lut
+
+
+def _as_codes(region: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The flat box as uint8/uint16, refusing gathered values that uint16 cannot hold."""
+    flat = np.ascontiguousarray(region).reshape(-1)
+    if flat.dtype in (np.uint8, np.uint16):
+        return flat
+    if flat.dtype == np.bool_:
+        return flat.view(np.uint8)
+    vals = flat[idx[idx >= 0]]
+    if vals.size and (vals.min() < 0 or vals.max() > 65535):
+        raise HelmError(
+            "a label map holds values outside 0..65535; cannot store it as uint16", hint="check the label map's codes"
+        )
+    return flat.astype(np.uint16)  # values out of range wrap only where nothing gathers them
 
 
 def _source_region(g: np.ndarray, ranges: tuple, src_shape: tuple[int, int, int]) -> tuple | None:
@@ -102,13 +144,28 @@ def _whole_brain_block(
     mode: str,
     codes: tuple,
 ) -> np.ndarray:
-    """One whole-brain output chunk: its x < 0 part gathered directly, its x > 0 part gathered at the mirrored
-    x < 0 positions, reversed along x and with the right-hemisphere codes."""
-    width = sum(x1 - x0 for (x0, x1), _, _ in parts)
-    out = np.zeros((len(regions), width, ry[1] - ry[0], rz[1] - rz[0]), np.uint16)
-    for (x0, x1), at, mirrored in parts:
-        blk = _gather_block(regions, lo, g, ((x0, x1), ry, rz), src_shape, mode)
-        out[:, at : at + x1 - x0] = _right_codes_block(blk[:, ::-1], codes) if mirrored else blk
+    """One whole-brain output chunk of every map: its x < 0 part gathered directly, its x > 0 part gathered at
+    the mirrored x < 0 positions (output x takes ``x' = nx - 1 - x``) with the right-hemisphere codes; one
+    compiled index computation shared by the maps, then one compiled take per map.
+
+    Compiled instead of NumPy planes: 80 -> 36 CPU ms per 0.2 mm chunk of six maps (24 chunks of the phantom,
+    same outputs); fusing the take of all maps into the index loop measured slower (107 ms: the per-voxel loop
+    over a tuple of maps does not vectorise)."""
+    xs, renamed = [], []
+    for (x0, x1), _, mirrored in parts:  # parts in output order, contiguous
+        xs.append(np.arange(x1 - 1, x0 - 1, -1) if mirrored else np.arange(x0, x1))
+        renamed.append(np.full(x1 - x0, mirrored))
+    xg = np.concatenate(xs).astype(np.float64)
+    nj, nk = ry[1] - ry[0], rz[1] - rz[0]
+    rshape = regions[0].shape
+    idx = np.empty((xg.size, nj, nk), np.int64)
+    box = np.array([lo, rshape], np.int64)
+    if not _index_nb(g, xg, ry[0], nj, rz[0], nk, box, np.array(src_shape, np.int64), mode == "constant", idx):
+        raise RuntimeError("mirror_labels: source region too small (internal error)")
+    out = np.zeros((len(regions), xg.size, nj, nk), np.uint16)
+    flags, lut = np.concatenate(renamed), _rename_lut(codes)
+    for mi, r in enumerate(regions):
+        _take_nb(_as_codes(r, idx), idx, flags, lut, out[mi])
     return out
 
 
