@@ -273,7 +273,7 @@ def _check_rows(shared: dict, subjects: list[dict], p: Path) -> None:
                 and v
                 and not os.path.isabs(v)
                 and not is_url(v)
-                and not (key == "label_table" and v == "freesurfer")
+                and not (key == "label_table" and v in ("freesurfer", "helm"))
             ):
                 s[key] = str(base / v)
 

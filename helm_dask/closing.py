@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
@@ -36,9 +37,11 @@ __all__ = [
     "ball",
     "binary_closing_mm",
     "close_labels",
+    "closing_additions",
     "closing_depth",
     "half_extent",
     "merge_labels",
+    "overlay_labels",
 ]
 
 
@@ -368,3 +371,130 @@ def merge_labels(kmeans_vol: xr.DataArray, closed_labels_vol: xr.DataArray) -> x
     man = man.rechunk(km.chunks)
     out = da.map_blocks(_merge_block, km, man, dtype=np.uint16)
     return like(kmeans_vol, out, kind="labels", step=provenance_record("closing.merge_labels", {}))
+
+
+def _overlay_block(closed: np.ndarray, manual: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The manual voxels of ``codes`` over the closed labels."""
+    keep = np.isin(manual, codes)
+    return np.where(keep, manual, closed).astype(np.uint16)
+
+
+def overlay_labels(closed_vol: xr.DataArray, manual_vol: xr.DataArray, codes: Any) -> xr.DataArray:
+    """The manual voxels of ``codes`` (``--extra-labels``) written over the closed hypothalamus labels (lazy).
+
+    Users' own structures do not join the closing (it would bridge them with their neighbours, and they are drawn
+    as the user wants them): they keep exactly their manual voxels, and win over the closing's additions there.
+
+    Parameters
+    ----------
+    closed_vol : xarray.DataArray
+        :func:`close_labels` of the hypothalamus codes.
+    manual_vol : xarray.DataArray
+        The manual labels on the same grid.
+    codes : sequence of int
+        The codes laid over.
+
+    Returns
+    -------
+    xarray.DataArray
+        uint16, ``kind="labels"``.
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> man = make_volume(da.from_array(np.array([801, 0, 2000, 0], np.uint16).reshape(4, 1, 1)), np.eye(4))
+    >>> closed = make_volume(da.from_array(np.array([801, 801, 801, 0], np.uint16).reshape(4, 1, 1)), np.eye(4))
+    >>> overlay_labels(closed, man, [2000]).values.ravel().tolist()
+    [801, 801, 2000, 0]
+    """
+    code_arr = np.unique(np.asarray(list(codes), dtype=np.int64))
+    c = closed_vol.data if isinstance(closed_vol.data, da.Array) else da.asarray(closed_vol.data)
+    m = manual_vol.data if isinstance(manual_vol.data, da.Array) else da.asarray(manual_vol.data)
+    out = da.map_blocks(_overlay_block, c, m.rechunk(c.chunks), codes=code_arr, dtype=np.uint16)
+    step = provenance_record("closing.overlay_labels", {"codes": code_arr.tolist()})
+    return like(closed_vol, out, kind="labels", step=step)
+
+
+def _added_by_label(closed: np.ndarray, manual: np.ndarray) -> dict[int, int]:
+    """Voxels the closing added (closed, not manual) per label code, in one block."""
+    added = (closed != 0) & (manual == 0)
+    if not added.any():
+        return {}
+    codes, n = np.unique(closed[added], return_counts=True)
+    return {int(c): int(x) for c, x in zip(codes.tolist(), n.tolist())}
+
+
+def _added_by_cluster(closed: np.ndarray, manual: np.ndarray, *kms: np.ndarray) -> list[dict[int, int]]:
+    """Per k-means map: voxels the closing added, by the cluster they took over (0: outside the mask)."""
+    added = (closed != 0) & (manual == 0)
+    out = []
+    for km in kms:
+        codes, n = np.unique(km[added], return_counts=True)
+        out.append({int(c): int(x) for c, x in zip(codes.tolist(), n.tolist())})
+    return out
+
+
+def closing_additions(
+    manual_vol: xr.DataArray, closed_vol: xr.DataArray, kmeans_vols: dict | None = None
+) -> dict[str, Any]:
+    """How many voxels the closing added, per label and per k-means cluster it took over (eager; small result).
+
+    Two passes over the label chunks: the first counts the additions per label in every chunk (label volumes are
+    mostly empty), the second reads the k-means maps only in the chunks that have additions.
+
+    Parameters
+    ----------
+    manual_vol : xarray.DataArray
+        The manual labels (``hypothalamus``).
+    closed_vol : xarray.DataArray
+        The closed labels (``closed_labels``), same grid.
+    kmeans_vols : dict, optional
+        ``{k: k-means map}`` on the same grid.
+
+    Returns
+    -------
+    dict
+        ``{"by_label": {code: voxels}, "by_cluster": {k: {cluster: voxels}}, "voxel_mm3": float}`` (string keys,
+        JSON-ready; cluster 0 is outside the brain mask).
+
+    Example
+    -------
+    >>> import numpy as np, dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> v = lambda a: make_volume(da.from_array(np.array(a, np.uint16).reshape(-1, 1, 1), chunks=2), np.eye(4))
+    >>> closing_additions(v([801, 0, 0, 250]), v([801, 801, 801, 250]), {4: v([1, 2, 3, 4])})["by_cluster"]
+    {'4': {'2': 1, '3': 1}}
+    """
+    closed = closed_vol.data if isinstance(closed_vol.data, da.Array) else da.asarray(closed_vol.data)
+    man = manual_vol.data if isinstance(manual_vol.data, da.Array) else da.asarray(manual_vol.data)
+    man = man.rechunk(closed.chunks)
+    cb, mb = closed.to_delayed(), man.to_delayed()
+    idx = list(np.ndindex(cb.shape))
+    per_block = dask.compute(*[dask.delayed(_added_by_label)(cb[i], mb[i]) for i in idx])
+    by_label: dict[int, int] = {}
+    hit = []
+    for i, d in zip(idx, per_block):
+        for c, n in d.items():
+            by_label[c] = by_label.get(c, 0) + n
+        if d:
+            hit.append(i)
+    kmeans_vols = dict(kmeans_vols or {})
+    ks = sorted(kmeans_vols)
+    by_cluster: dict[int, dict[int, int]] = {k: {} for k in ks}
+    if ks and hit:
+        kbs = []
+        for k in ks:
+            km = kmeans_vols[k].data if isinstance(kmeans_vols[k].data, da.Array) else da.asarray(kmeans_vols[k].data)
+            kbs.append(km.rechunk(closed.chunks).to_delayed())
+        parts = dask.compute(*[dask.delayed(_added_by_cluster)(cb[i], mb[i], *[kb[i] for kb in kbs]) for i in hit])
+        for part in parts:
+            for k, d in zip(ks, part):
+                for c, n in d.items():
+                    by_cluster[k][c] = by_cluster[k].get(c, 0) + n
+    vox = float(abs(np.linalg.det(affine_of(closed_vol)[:3, :3]))) if isinstance(closed_vol, xr.DataArray) else 1.0
+    return {
+        "by_label": {str(c): by_label[c] for c in sorted(by_label)},
+        "by_cluster": {str(k): {str(c): v[c] for c in sorted(v)} for k, v in by_cluster.items()},
+        "voxel_mm3": vox,
+    }

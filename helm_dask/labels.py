@@ -28,6 +28,14 @@ from .volume import like, provenance_record
 __all__ = [
     "COLOURS",
     "DEFAULT_KS",
+    "HELM_TABLE_TEXT",
+    "MIRRORED_FORNIX",
+    "ExtraLabel",
+    "check_extra_labels",
+    "extra_right_to_left",
+    "helm_table",
+    "lut_tables",
+    "parse_extra_labels",
     "FORNIX",
     "GROUPS",
     "HYPOTHALAMUS",
@@ -123,6 +131,42 @@ K_MIN, K_MAX = 2, 20
 DEFAULT_KS: tuple[int, ...] = (4, 5, 6, 7, 8, 9)
 
 _MAX_CODE = 65535  # label maps are written as uint16
+#: The fornix on the mirrored side, as a label table names it (``250R``): FreeSurfer has one fornix code, so the
+#: default mirror keeps 250 on both sides; a table that numbers the two fornices apart maps this key. It is never a
+#: voxel value (``--extra-labels`` and tables refuse it).
+MIRRORED_FORNIX = _MAX_CODE
+
+#: ``--label-table helm``: the numbering of the published HELM maps, derived from the authors' code (repository
+#: liviamarodrigues/hsynex). ``label_maps/mesh.py`` keeps clusters (<= k) and raises the codes above k of the
+#: acquired hemisphere -- the x < 0 side, i.e. left -- by the map's maximum (``img_left[img_left>k_] += max_val``,
+#: max_val = k + 6), the mirrored (right) side keeping them; ``training/label2img.py`` places the 12 channels after the
+#: k clusters in two sides of six, anterior at offsets 0 and 5 (``anterior = [k_, k_+5, k_+6, k_+11]``) and the
+#: fornix at 4 (``idx != k_+4 and idx != k_+10``). Which anterior code is inferior and which of offsets 1-3 is
+#: posterior / tuberal-inferior / tuberal-superior the code does not say: here FreeSurfer's order is assumed
+#: (801 first, then 803, 804, 805; 802 last). A table file with the same rows overrides it.
+HELM_TABLE_TEXT = """\
+# our_code  output_code  name
+# right (mirrored) side: k+1 .. k+6, as the authors' mesh.py leaves it
+806   k+1    R_hypothalamus_anterior_inferior
+808   k+2    R_hypothalamus_posterior
+809   k+3    R_hypothalamus_tubular_inferior
+810   k+4    R_hypothalamus_tubular_superior
+250R  k+5    R_fornix
+807   k+6    R_hypothalamus_anterior_superior
+# left (acquired) side: the same + max_val (k+6): 2k+7 .. 2k+12
+801   2k+7   L_hypothalamus_anterior_inferior
+803   2k+8   L_hypothalamus_posterior
+804   2k+9   L_hypothalamus_tubular_inferior
+805   2k+10  L_hypothalamus_tubular_superior
+250   2k+11  L_fornix
+802   2k+12  L_hypothalamus_anterior_superior
+"""
+HELM_NOTES = (
+    "HELM numbering (hsynex label_maps/mesh.py, training/label2img.py): clusters 1..k, right side k+1..k+6,",
+    "left (acquired) side 2k+7..2k+12 (+ max_val = k+6); anterior at offsets 1 and 6, fornix at 5. The authors'",
+    "code does not say which anterior code is inferior, nor which of offsets 2-4 is posterior / tuberal-inferior /",
+    "tuberal-superior: FreeSurfer's order is assumed here (override with --label-table FILE).",
+)
 
 
 def cluster_colour(j: int, n: int) -> tuple[int, int, int, int]:
@@ -208,8 +252,15 @@ class LabelTable:
     name: str
     entries: dict[int, tuple[str, tuple[int, int, int, int]]]
     code_map: dict[int, int] = field(default_factory=dict)
+    #: k-dependent rows ``(our_code, a, b, name or None, rgba or None)``: output code ``a k + b``
+    #: (:meth:`for_k` makes them concrete); empty for a table that does not depend on k.
+    k_rows: tuple = ()
+    #: Comment lines for the ColorLUT header (e.g. what the numbering leaves open).
+    notes: tuple = ()
 
     def __post_init__(self):
+        self.k_rows = tuple(self.k_rows)
+        self.notes = tuple(self.notes)
         self.entries = {int(c): (str(n), _check_rgba(c, rgba)) for c, (n, rgba) in self.entries.items()}
         self.code_map = {int(a): int(b) for a, b in self.code_map.items() if int(a) != int(b)}
         for c in list(self.entries) + list(self.code_map) + list(self.code_map.values()):
@@ -223,6 +274,70 @@ class LabelTable:
         if 0 in self.code_map or 0 in self.code_map.values():
             raise HelmError(f"label table {self.name!r}: background 0 cannot be renumbered, nor a label mapped to 0")
         self._check_distinct(MANUAL_CODES | set(self.code_map))
+
+    @property
+    def k_dependent(self) -> bool:
+        """Whether the output codes depend on k (``--label-table helm``, or a table file with ``k`` in a code)."""
+        return bool(self.k_rows)
+
+    def for_k(self, k: int) -> LabelTable:
+        """The concrete table for ``k`` clusters (``self`` when the table does not depend on k).
+
+        Parameters
+        ----------
+        k : int
+            Number of k-means clusters.
+
+        Returns
+        -------
+        LabelTable
+            With every k-dependent row evaluated (``a k + b``); our entry of a renumbered code moves to its
+            output code.
+
+        Example
+        -------
+        >>> t = load_label_table("helm").for_k(4)
+        >>> t.out_code(806), t.out_code(801), t.out_code(FORNIX), t.out_code(MIRRORED_FORNIX)
+        (5, 15, 19, 9)
+        """
+        if not self.k_rows:
+            return self
+        k = int(k)
+        cmap = dict(self.code_map)
+        entries = dict(self.entries)
+        base = freesurfer_table().entries
+        rows = [(our, a * k + b, n, rgba) for our, a, b, n, rgba in self.k_rows]
+        for our, out, _, _ in rows:
+            cmap[our] = out
+            if our in entries and our not in [o for _, o, _, _ in rows] and our not in cmap.values():
+                del entries[our]  # our code's entry moves to its output code
+        for our, out, n, rgba in rows:
+            ours = base.get(FORNIX if our == MIRRORED_FORNIX else our, (f"label-{our}", (128, 128, 128, 0)))
+            entries[out] = (n or ours[0], rgba if rgba is not None else ours[1])
+        if any(out <= k for _, out, _, _ in rows):
+            raise HelmError(
+                f"label table {self.name!r}: with k = {k} it gives a label a code <= {k}, a k-means cluster's",
+                hint="make the table's codes larger than k (e.g. k+1, 2k+7)",
+            )
+        return LabelTable(f"{self.name}, k = {k}", entries, cmap, notes=self.notes)
+
+    def right_codes(self) -> dict[int, int]:
+        """Left -> right output codes for the mirror (the table's numbering of :data:`RIGHT_CODES`, and of the fornix
+        when the table numbers the mirrored one apart, as a ``250R`` row does).
+
+        Returns
+        -------
+        dict of int to int
+
+        Example
+        -------
+        >>> load_label_table("helm").for_k(4).right_codes()[15], freesurfer_table().right_codes()[801]
+        (5, 806)
+        """
+        out = {self.out_code(a): self.out_code(b) for a, b in RIGHT_CODES.items()}
+        if MIRRORED_FORNIX in self.code_map:
+            out[self.out_code(FORNIX)] = self.out_code(MIRRORED_FORNIX)
+        return out
 
     def _check_distinct(self, ours: Iterable[int]) -> None:
         """Two of our codes must never share an output code (mapped or left as they are)."""
@@ -267,7 +382,28 @@ class LabelTable:
         entries = dict(self.entries)
         for j in range(1, int(n) + 1):
             entries.setdefault(self.out_code(j), (f"kmeans-cluster-{j}", cluster_colour(j, n)))
-        return LabelTable(self.name, entries, dict(self.code_map))
+        return LabelTable(self.name, entries, dict(self.code_map), self.k_rows, self.notes)
+
+    def with_extras(self, extras: Iterable[ExtraLabel]) -> LabelTable:
+        """A copy with entries for ``--extra-labels`` (both sides; a code the table renumbers keeps its entry).
+
+        Parameters
+        ----------
+        extras : iterable of ExtraLabel
+            From :func:`parse_extra_labels`.
+
+        Returns
+        -------
+        LabelTable
+        """
+        entries = dict(self.entries)
+        for e in extras:
+            for code, side in ((e.left, "L"), (e.right, "R")):
+                if code in self.code_map or (code == FORNIX and MIRRORED_FORNIX in self.code_map):
+                    continue  # the table numbers it (the fornix of --label-table helm)
+                name = e.name if e.left == e.right else f"{side}_{e.name}"
+                entries[code] = (name, e.rgba or cluster_colour(code % 7 + 1, 8))
+        return LabelTable(self.name, entries, dict(self.code_map), self.k_rows, self.notes)
 
     def to_colorlut(self, path: str | os.PathLike) -> Path:
         """Write the entries as a FreeSurfer ColorLUT text file.
@@ -299,6 +435,7 @@ class LabelTable:
         lines = [
             f"# helm-dask colour table ({self.name}); FreeSurfer ColorLUT format",
             *_cluster_warning(self.entries),
+            *(f"# {n}" for n in self.notes),
             "#No. Label Name:                            R   G   B   A",
         ]
         entries = dict(self.entries)
@@ -447,19 +584,22 @@ def _our_names(n_clusters: int = 99) -> dict[str, int]:
 def load_label_table(spec: Any = "freesurfer") -> LabelTable:
     """The table for ``--label-table``: ``"freesurfer"``, a :class:`LabelTable`, or a JSON / TSV / ColorLUT path.
 
-    The numbering of the published HELM label maps is not built into the package (the maps are not shipped
-    with it), so ``"published"`` on its own is refused with an explanation: pass their colour table (or a code
-    map) instead. Codes not in a mapping keep their value; a mapping that sends two codes to the same output is
-    an error.
+    ``"helm"`` is the published maps' numbering as the authors' code gives it (:func:`helm_table`; it depends on
+    k); ``"published"`` is refused with an explanation (the maps themselves are not shipped, so their own colour
+    table cannot be checked). Codes not in a mapping keep their value; a mapping that sends two codes to the
+    same output is an error.
 
     Parameters
     ----------
     spec : str, path-like or LabelTable
         * ``"freesurfer"`` -- the built-in default (identity mapping, FreeSurfer's names and colours);
+        * ``"helm"`` -- :func:`helm_table`;
         * ``path.json`` -- ``{"name": ..., "map": {"801": 11, ...}, "entries": {"11": ["name", [R, G, B, A]],
           ...}}`` (``entries`` optional), or just a flat ``{"801": 11, ...}``;
         * ``path.tsv`` / ``path.csv`` -- rows ``our_code  output_code  [name  R  G  B  [A]]`` (tab, comma or
-          blanks; lines starting with ``#`` or a non-numeric first field are skipped);
+          blanks; lines starting with ``#`` or a non-numeric first field are skipped); an output code may depend
+          on k (``k+1``, ``2k+7``, ``2*k+7``) and ``250R`` numbers the fornix of the mirrored side apart (the rows
+          of :data:`HELM_TABLE_TEXT` are an example);
         * any other file -- a FreeSurfer ColorLUT (``#No. Label Name: R G B A``, e.g. the one shipped with the
           published maps): its entries are matched to ours **by name** (case, ``-``/``_`` and the spellings
           left/L, right/R, tuberal/tubular are ignored; clusters match ``kmeans-cluster-J`` or ``cluster-J``);
@@ -473,10 +613,13 @@ def load_label_table(spec: Any = "freesurfer") -> LabelTable:
         return spec
     if spec is None or str(spec).lower() == "freesurfer":
         return freesurfer_table()
+    if str(spec).lower() == "helm":
+        return helm_table()
     if str(spec).lower() == "published":
         raise HelmError(
             "the numbering of the published HELM label maps is not built into helm-dask",
-            hint="pass the published maps' ColorLUT (matched by label name) or a code map "
+            hint="use --label-table helm (derived from the authors' code), the published maps' ColorLUT "
+            "(matched by label name) or a code map "
             "(.json {\"801\": CODE, ...} or .tsv 'our_code output_code [name R G B A]') "
             "with --label-table PATH",
         )
@@ -518,27 +661,77 @@ def _table_from_tsv(p: Path) -> LabelTable:
         text = p.read_text()
     except OSError as e:
         raise HelmError(f"cannot read the label table: {e.strerror or e}", path=p) from None
+    return _table_from_rows(text, str(p), p)
+
+
+_K_EXPR = re.compile(r"^(?:(\d*)\s*\*?\s*k)?\s*(?:([+-])\s*(\d+))?$")
+
+
+def _k_expr(text: str) -> tuple[int, int] | None:
+    """``"2k+7"`` -> ``(2, 7)`` (``a k + b``); ``"17"`` -> ``(0, 17)``; None when it is neither."""
+    t = text.strip().lower()
+    if t.lstrip("-").isdigit():
+        return 0, int(t)
+    m = _K_EXPR.fullmatch(t)
+    if not m or "k" not in t:
+        return None
+    a = int(m.group(1)) if m.group(1) else 1
+    b = int(m.group(3) or 0) * (-1 if m.group(2) == "-" else 1)
+    return a, b
+
+
+def _table_from_rows(text: str, name: str, path: Any = None, notes: tuple = ()) -> LabelTable:
+    """Rows ``our_code output_code [name [R G B [A]]]``; an output code may depend on k (``k+1``, ``2k+7``,
+    ``2*k+7``) and ``250R`` is the fornix on the mirrored side (:data:`MIRRORED_FORNIX`)."""
     cmap: dict[int, int] = {}
     entries_in: dict[int, tuple[str, list[int] | None]] = {}
+    k_rows: list[tuple] = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         f = [x.strip() for x in (next(csv.reader(io.StringIO(line))) if "," in line else line.split())]
         f = [x for x in f if x != ""]
-        if not f[0].lstrip("-").isdigit():
+        ours_txt = f[0].upper()
+        if not ours_txt.lstrip("-").isdigit() and ours_txt != f"{FORNIX}R":
             continue  # header row
+        expr = _k_expr(f[1]) if len(f) > 1 else None
         try:
-            a, b = int(f[0]), int(f[1])
-            cmap[a] = b
-            if len(f) >= 6:
-                entries_in[b] = (f[2], [int(x) for x in f[3:7]])
-            elif len(f) >= 3:
-                entries_in[b] = (f[2], None)
+            if expr is None:
+                raise ValueError
+            a = MIRRORED_FORNIX if ours_txt == f"{FORNIX}R" else int(ours_txt)
+            rgba = [int(x) for x in f[3:7]] if len(f) >= 6 else None
+            nm = f[2] if len(f) >= 3 else None
         except (ValueError, IndexError):
             raise HelmError(
-                f"line {i}: expected 'our_code output_code [name R G B A]', got {line.strip()!r}", path=p
+                f"line {i}: expected 'our_code output_code [name R G B A]' (output code an integer or like k+1, "
+                f"2k+7), got {line.strip()!r}",
+                path=path,
             ) from None
-    return _complete(str(p), cmap, entries_in)
+        if expr[0] or a == MIRRORED_FORNIX:
+            k_rows.append((a, expr[0], expr[1], nm, None if rgba is None else _check_rgba(a, rgba)))
+            continue
+        cmap[a] = expr[1]
+        if nm is not None:
+            entries_in[expr[1]] = (nm, rgba)
+    t = _complete(name, cmap, entries_in)
+    return LabelTable(t.name, t.entries, t.code_map, tuple(k_rows), notes) if k_rows or notes else t
+
+
+def helm_table() -> LabelTable:
+    """``--label-table helm``: the numbering of the published HELM maps, which depends on k (:data:`HELM_TABLE_TEXT`).
+
+    Returns
+    -------
+    LabelTable
+        k-dependent: use :meth:`LabelTable.for_k`.
+
+    Example
+    -------
+    >>> t = helm_table().for_k(6)
+    >>> [t.out_code(c) for c in (1, 6, 806, 807, 801, 802, FORNIX, MIRRORED_FORNIX)]
+    [1, 6, 7, 12, 19, 24, 23, 11]
+    """
+    return _table_from_rows(HELM_TABLE_TEXT, "helm", notes=HELM_NOTES)
 
 
 def _table_from_named_lut(p: Path) -> LabelTable:
@@ -623,8 +816,40 @@ def lut_table(table: Any = "freesurfer", ks: Iterable[int] = (4, 5, 6, 7, 8, 9))
     -------
     LabelTable
     """
-    ks = list(ks)
-    return load_label_table(table).with_clusters(max(ks) if ks else 0)
+    return lut_tables(table, ks)[max(ks) if (ks := list(ks)) else 0]
+
+
+def lut_tables(table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS, extras: Iterable[Any] = ()) -> dict:
+    """The colour table of every k: one for all when the table does not depend on k, else one per k.
+
+    Parameters
+    ----------
+    table : str, path-like or LabelTable
+        As :func:`load_label_table` takes.
+    ks : iterable of int
+        The k values of the run.
+    extras : iterable of ExtraLabel
+        ``--extra-labels`` (entries for both sides).
+
+    Returns
+    -------
+    dict
+        ``{k: LabelTable}`` for every k (the same object for every k of a k-independent table, with clusters
+        1..max(ks)). HelmError when a k-dependent table collides with the clusters of some k.
+
+    Example
+    -------
+    >>> t = lut_tables("helm", (4, 5))
+    >>> t[4].entries[5][0], t[5].entries[5][0]
+    ('R_hypothalamus_anterior_inferior', 'kmeans-cluster-5')
+    """
+    ks = [int(k) for k in ks] or [0]
+    base = load_label_table(table)
+    extras = list(extras)
+    if not base.k_dependent:
+        one = base.with_clusters(max(ks)).with_extras(extras)
+        return {k: one for k in ks}
+    return {k: base.for_k(k).with_clusters(k).with_extras(extras) for k in ks}
 
 
 def label_colours(table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS) -> dict[int, tuple[str, tuple[int, ...]]]:
@@ -652,7 +877,9 @@ def label_colours(table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS) -> 
     (('Unknown', (0, 0, 0, 0)), 'kmeans-cluster-1', ('L_hypothalamus_anterior_inferior', (250, 255, 50, 255)))
     """
     t = lut_table(table, ks)
-    back = {out: ours for ours, out in t.code_map.items()}
+    # a k-dependent table (helm) renumbers the maps themselves: their codes are the output codes (those of the
+    # largest k: one colour table per store is all OME-Zarr has, see lut_k{k}.txt for the others)
+    back = {} if load_label_table(table).k_dependent else {out: ours for ours, out in t.code_map.items()}
     out: dict[int, tuple[str, tuple[int, ...]]] = {}
     for mapped in (False, True):  # a renumbered code's colour wins over an entry that merely has its number
         for code, (name, (r, g, b, a)) in t.entries.items():
@@ -660,6 +887,186 @@ def label_colours(table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS) -> 
                 out[back.get(code, code)] = (name, (r, g, b, 255 - a))
     out[0] = (out.get(0, ("Unknown", ()))[0], (0, 0, 0, 0))
     return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# users' own structures (--extra-labels)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtraLabel:
+    """A structure of the user's in the manual file: its code on the hemisphere's (left) side, the code the mirror
+    gives it on the other side (FreeSurfer pairs such as 18/54 are no offset; equal codes for a midline structure),
+    a one-word name and an optional colour."""
+
+    left: int
+    right: int
+    name: str
+    rgba: tuple[int, int, int, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {"left": self.left, "right": self.right, "name": self.name}
+
+
+_SIDE_TOKENS = {"left": "L", "l": "L", "lh": "L", "right": "R", "r": "R", "rh": "R"}
+
+
+def _extras_from_lut(p: Path) -> list[ExtraLabel]:
+    """Pairs from a ColorLUT: entries whose names differ only by a side word (Left-X / Right-X) form a pair; a
+    name without one is its own pair (one code on both sides)."""
+    lut = LabelTable.from_colorlut(p)
+    groups: dict[str, dict[str, tuple[int, str, Any]]] = {}
+    for code, (n, rgba) in sorted(lut.entries.items()):
+        if code == 0:
+            continue
+        toks = [t for t in re.split(r"[-_ ]+", n) if t]
+        side = next((_SIDE_TOKENS[t.lower()] for t in toks if t.lower() in _SIDE_TOKENS), "")
+        rest = "-".join(t for t in toks if t.lower() not in _SIDE_TOKENS) or n
+        groups.setdefault(rest, {})[side or "B"] = (code, rest, rgba)
+    out = []
+    for rest, g in groups.items():
+        if "B" in g:
+            out.append(ExtraLabel(g["B"][0], g["B"][0], rest, g["B"][2]))
+        if "L" in g or "R" in g:
+            if not ("L" in g and "R" in g):
+                raise HelmError(
+                    f"--extra-labels: {rest!r} has only a {'left' if 'L' in g else 'right'} entry in this table",
+                    path=p,
+                    hint="give both sides (Left-NAME and Right-NAME), or one entry without a side word",
+                )
+            out.append(ExtraLabel(g["L"][0], g["R"][0], rest, g["L"][2]))
+    return out
+
+
+def parse_extra_labels(spec: Any) -> tuple[ExtraLabel, ...]:
+    """``--extra-labels`` as pairs: ``"LEFT:RIGHT[:NAME],..."``, a list of those, or a ColorLUT file.
+
+    Parameters
+    ----------
+    spec : str, list of str, path-like or None
+        ``"18:54:amygdala,250:250:fornix"``; or a ColorLUT path (Left-X / Right-X entries pair up).
+
+    Returns
+    -------
+    tuple of ExtraLabel
+        Empty for nothing. HelmError for anything else (one line, naming the option).
+
+    Example
+    -------
+    >>> [e.to_dict() for e in parse_extra_labels("1018:1054:Amygdala,2000:2000")]
+    [{'left': 1018, 'right': 1054, 'name': 'Amygdala'}, {'left': 2000, 'right': 2000, 'name': 'extra-2000'}]
+    """
+    if not spec:
+        return ()
+    if isinstance(spec, ExtraLabel):
+        return (spec,)
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out: list[ExtraLabel] = []
+    for it in items:
+        if isinstance(it, ExtraLabel):
+            out.append(it)
+            continue
+        if isinstance(it, Mapping):
+            out.append(ExtraLabel(int(it["left"]), int(it["right"]), str(it.get("name") or f"extra-{it['left']}")))
+            continue
+        text = os.fspath(it) if isinstance(it, os.PathLike) else str(it)
+        if ":" not in text and Path(text).is_file():
+            out.extend(_extras_from_lut(Path(text)))
+            continue
+        for part in (x.strip() for x in text.split(",")):
+            if not part:
+                continue
+            f = part.split(":")
+            if len(f) not in (2, 3) or not all(x.strip().isdigit() for x in f[:2]) or (len(f) == 3 and not f[2]):
+                raise HelmError(
+                    f"--extra-labels expects LEFT:RIGHT[:NAME] (or a ColorLUT file), got {part!r}",
+                    hint="e.g. --extra-labels 18:54:amygdala,250:250:fornix",
+                )
+            name = f[2].strip() if len(f) == 3 else f"extra-{int(f[0])}"
+            if any(ch.isspace() for ch in name):
+                raise HelmError(f"--extra-labels: name {name!r} must be one word", hint="e.g. 18:54:amygdala")
+            out.append(ExtraLabel(int(f[0]), int(f[1]), name))
+    return tuple(out)
+
+
+def check_extra_labels(extras: Iterable[ExtraLabel], table: Any = "freesurfer", ks: Iterable[int] = DEFAULT_KS) -> None:
+    """Refuse ``--extra-labels`` codes that collide with clusters (<= :data:`K_MAX`), hypothalamus codes, the label
+    table's output codes for some k of the run, each other, or the uint16 range.
+
+    Parameters
+    ----------
+    extras : iterable of ExtraLabel
+        From :func:`parse_extra_labels`.
+    table : str, path-like or LabelTable
+        ``--label-table``.
+    ks : iterable of int
+        The k values of the run.
+
+    Raises
+    ------
+    HelmError
+        One line naming ``--extra-labels`` and the fix.
+
+    Example
+    -------
+    >>> check_extra_labels(parse_extra_labels("18:54"))
+    Traceback (most recent call last):
+    ...
+    helm_dask.errors.HelmError: --extra-labels: code 18 is a k-means cluster number (codes 1..20 are). ...
+    """
+    extras = list(extras)
+    hint = "choose codes above 20 that are not 801-810 nor the label table's, e.g. FreeSurfer's + 1000"
+    tables = lut_tables(table, ks)
+    taken: dict[int, str] = {}
+    for t in tables.values():
+        for ours in set(HYPOTHALAMUS) | set(t.code_map):
+            if ours != FORNIX:
+                taken.setdefault(t.out_code(ours), "a hypothalamus code")
+    lefts: dict[int, ExtraLabel] = {}
+    rights: dict[int, ExtraLabel] = {}
+    for e in extras:
+        for code in (e.left, e.right):
+            if code <= K_MAX:
+                raise HelmError(
+                    f"--extra-labels: code {code} is a k-means cluster number (codes 1..{K_MAX} are)", hint=hint
+                )
+            if code >= MIRRORED_FORNIX:
+                raise HelmError(f"--extra-labels: code {code} is outside 21..{MIRRORED_FORNIX - 1}", hint=hint)
+            if code in HYPOTHALAMUS or code in taken:
+                raise HelmError(f"--extra-labels: code {code} is a hypothalamus code of the label table", hint=hint)
+        if e.left == FORNIX and e.right != FORNIX:
+            raise HelmError(
+                f"--extra-labels: the fornix {FORNIX} keeps its code on the mirrored side, not {e.right}",
+                hint=f"give it as {FORNIX}:{FORNIX}:fornix (--label-table decides the mirrored fornix's number)",
+            )
+        if e.left in lefts or e.right in rights or (e.left in rights and rights[e.left] is not e):
+            raise HelmError(
+                f"--extra-labels: code {e.left if e.left in lefts or e.left in rights else e.right} is given twice",
+                hint="every structure needs its own left and right codes",
+            )
+        lefts[e.left] = rights[e.right] = e
+    for e in extras:
+        if e.right in lefts and lefts[e.right] is not e:
+            raise HelmError(
+                f"--extra-labels: {e.right} is both a right code and another structure's left code",
+                hint="every structure needs its own left and right codes",
+            )
+
+
+def extra_right_to_left(extras: Iterable[ExtraLabel]) -> dict[int, int]:
+    """What the manual file's right-side codes of ``--extra-labels`` become in the (left) hemisphere map.
+
+    Parameters
+    ----------
+    extras : iterable of ExtraLabel
+
+    Returns
+    -------
+    dict of int to int
+        ``{right: left}`` for the pairs whose codes differ.
+    """
+    return {e.right: e.left for e in extras if e.right != e.left}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .labels import (
     SHORT_NAMES,
     SIDE_CODES,
     label_counts,
+    parse_extra_labels,
 )
 from .layout import RECORDS, SubjectLayout
 from .metrics import TISSUE_CLASS_NAMES, kmeans_agreement_many, reference_on_grid
@@ -631,8 +632,10 @@ def _histogram_figure(rep: _Report, hist: dict | None) -> _Figure:
 # Tables and facts
 
 
-def _label_volume_rows(sub: _Subject) -> tuple[list[dict], float | None]:
-    """One row per label code (manual labels and after the closing, mm3) and the working grid's voxel volume."""
+def _label_volume_rows(sub: _Subject, names: dict | None = None) -> tuple[list[dict], float | None]:
+    """One row per label code (manual labels and after the closing, mm3) and the working grid's voxel volume;
+    ``names``: display names of other codes (``--extra-labels``)."""
+    names = names or {}
     volumes = {}
     vox_mm3 = None
     for name in ("hypothalamus", "closed_labels"):
@@ -644,8 +647,8 @@ def _label_volume_rows(sub: _Subject) -> tuple[list[dict], float | None]:
     rows = [
         {
             "code": c,
-            "name": HYPOTHALAMUS.get(c, FORNIX_NAME if c == FORNIX else f"label_{c}"),
-            "short": SHORT_NAMES.get(c, f"label {c}"),
+            "name": HYPOTHALAMUS.get(c, FORNIX_NAME if c == FORNIX else names.get(c, f"label_{c}").replace(" ", "_")),
+            "short": SHORT_NAMES.get(c, names.get(c, f"label {c}")),
             "manual_mm3": volumes.get("hypothalamus", {}).get(c, 0.0) if "hypothalamus" in volumes else None,
             "closed_mm3": volumes.get("closed_labels", {}).get(c, 0.0) if "closed_labels" in volumes else None,
         }
@@ -771,7 +774,46 @@ def _facts(
 ) -> list[tuple[str, str]]:
     """The page's facts table (also in ``qc.json``): side, grids, mask, k-means, mirror, times, run options."""
     run = run or {}
-    return _side_facts(run) + _grid_facts(sub, run) + _result_facts(run, km_json, tr_json, k, ks) + _run_facts(run)
+    facts = _side_facts(run) + _grid_facts(sub, run) + _result_facts(run, km_json, tr_json, k, ks)
+    return facts + _closing_facts(run, k) + _run_facts(run)
+
+
+def _closing_facts(run: dict, k: int | None) -> list[tuple[str, str]]:
+    """What the merge's closing added: voxels per label, and per k-means cluster they took over (shown k)."""
+    rec = run.get("closing") or {}
+    added = rec.get("added_voxels")
+    if not added:
+        return []
+    vox = float(added.get("voxel_mm3") or 1.0)
+    names = _extra_names(run)
+    by_label = added.get("by_label") or {}
+    if by_label:
+        parts = [
+            f"{names.get(int(c), SHORT_NAMES.get(int(c), f'label {c}'))} +{int(n):,} ({int(n) * vox:.3g} mm\u00b3)"
+            for c, n in by_label.items()
+        ]
+        txt = ", ".join(parts)
+    else:
+        txt = "nothing"
+    facts = [(f"Closing ({float(rec.get('radius_mm', float('nan'))):g} mm) added", txt)]
+    clusters = (added.get("by_cluster") or {}).get(str(k)) if k is not None else None
+    if clusters:
+        parts = [("outside the mask" if c == "0" else f"cluster {c}") + f": {int(n):,}" for c, n in clusters.items()]
+        facts.append((f"Closing took over (k = {k})", ", ".join(parts) + " voxels"))
+    return facts
+
+
+def _extra_names(run: dict) -> dict[int, str]:
+    """``--extra-labels`` names by code (both sides), from the run's options."""
+    try:
+        extras = parse_extra_labels((run.get("params") or {}).get("extra_labels"))
+    except HelmError:
+        return {}
+    out = {}
+    for e in extras:
+        out[e.left] = e.name if e.left == e.right else f"L {e.name}"
+        out.setdefault(e.right, f"R {e.name}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -939,7 +981,7 @@ def write_qc_report(subject_dir: str | os.PathLike, *, k: int | None = None, max
         make(rep) for make in (_raw_scan_figure, _bias_figure, _segmentation_figure, _closeup_figure, _label_map_figure)
     ]
     figures.append(_histogram_figure(rep, hist))
-    vol_rows, vox_mm3 = _label_volume_rows(rep.sub)
+    vol_rows, vox_mm3 = _label_volume_rows(rep.sub, _extra_names(rep.run or {}))
     _write_volumes_csv(rep.qc_dir / "label_volumes.csv", vol_rows)
     agreement = _reference_agreement(rep.sub, rep.run, rep.ks, rep.qc_dir)
     facts = _facts(rep.sub, rep.run, rep.km_json, rep.tr_json, rep.k, rep.ks)

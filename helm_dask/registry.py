@@ -112,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
         "preprocess",
         reads=(),
         writes=("scan_raw", "labels_raw"),
-        options=("scan", "hypothalamus", "echo", "echo_combine", "nonfinite", "chunks"),
+        options=("scan", "hypothalamus", "echo", "echo_combine", "nonfinite", "chunks", "preprocessed"),
         summary="stream the scan and the manual labels into the subject's Zarr store (chunked, with a pyramid)",
     ),
     Stage(
@@ -130,7 +130,7 @@ STAGES: tuple[Stage, ...] = (
         "preprocess",
         reads=("scan_raw", "mask_ras", "labels_raw"),
         writes=("image_ws", "mask", "hypothalamus"),
-        options=("spacing", "grid", "side", "label_map", "resample_labels"),
+        options=("spacing", "grid", "side", "label_map", "resample_labels", "extra_labels"),
         summary="orientation (right hemispheres flipped to left) and resampling to the working grid",
     ),
     Stage(
@@ -166,7 +166,7 @@ STAGES: tuple[Stage, ...] = (
         reads=("kmeans_k{k}", "hypothalamus"),
         writes=("hemi_k{k}", "closed_labels"),
         exports=(Export("hemi_k{k}", "uint16"),),
-        options=("closing_radius_mm", "label_table"),
+        options=("closing_radius_mm", "label_table", "extra_labels"),
         summary="the manual labels closed (spherical closing) and laid over every k-means map",
     ),
     Stage(
@@ -178,7 +178,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("label_map_k{k}",),
         records=("transform.json",),
         exports=(Export("label_map_k{k}", "uint16"),),
-        options=("alpha", "margin_mm", "seed"),
+        options=("alpha", "max_gap_mm", "margin_mm", "seed", "extra_labels"),
         summary="the mid-sagittal plane fitted on the mask; every hemisphere map mirrored into a whole brain",
     ),
 )

@@ -6,6 +6,7 @@ them, out of core; the method is described in ``docs/method/mirror.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any
@@ -21,9 +22,15 @@ from .quantile import _exact_quantile
 from .search import _AXES, _search_normal
 from .transform import MirrorTransform, _normals, _rigid_matrix, _vec3, euler_angles, minimal_rotation, sphere_normals
 
-__all__ = ["fit_mirror", "mirror_cost"]
+__all__ = ["AUTO_ALPHAS", "AUTO_GAP_QUANTILE", "fit_mirror", "mirror_cost"]
 
 _MAX_COLUMNS = 2048  # footprint columns per axis for the gap
+
+#: ``--alpha auto``: the alphas tried, a log grid from 1e-5 to 1e-2 (the paper's 5e-4 lies inside; a smaller
+#: alpha pins fewer voxels across, a larger one pulls the plane into the hemisphere and closes the medial gap).
+AUTO_ALPHAS: tuple[float, ...] = (1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)  # half decades
+#: ``--alpha auto``: the quantile of the footprint column gaps that must stay within ``--max-gap-mm``.
+AUTO_GAP_QUANTILE = 0.95
 
 
 def mirror_cost(points_mm: np.ndarray, matrix: np.ndarray, alpha: float) -> float:
@@ -111,7 +118,7 @@ class _StatsCombiner:
         return (count, sums, bbox, h, lin)
 
 
-def _check_alpha(alpha: float) -> float:
+def _check_alpha(alpha: Any) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -240,8 +247,9 @@ def _column_geometry(r: np.ndarray, bbox: tuple, affine: np.ndarray, centre: np.
 
 def _exact_measures(
     data: da.Array, geom: dict, u_c: np.ndarray, count: int, alpha: float, gap_quantile: float
-) -> tuple[float, float, int, float]:
-    """On all mask voxels: the best x shift ``q``, the cost, the number of voxels across and the gap (mm)."""
+) -> tuple[float, float, int, float, np.ndarray]:
+    """On all mask voxels: the best x shift ``q``, the cost, the number of voxels across, the gap (mm) and every
+    footprint column's gap (mm; the distance from the plane to the column's most medial voxel, 0 if across)."""
     pad = 1e-9 * max(1.0, float(np.abs(u_c).max()))
     m = min(count, int(math.floor(alpha * count)) + 1)
     ex = _exact_quantile(data, geom, m, float(u_c.min() - pad), float(u_c.max() + pad), columns=True)
@@ -249,8 +257,9 @@ def _exact_measures(
     cost = (ex["sum_across"] - q * ex["n_across"]) - alpha * (ex["sum_all"] - q * count)
     _y0c, _z0c, col = ex["columns"]
     tops = col[np.isfinite(col)]
-    gap = float(np.quantile(np.maximum(q - tops, 0.0), float(gap_quantile)))
-    return q, float(cost), ex["n_across"], gap
+    gaps = np.maximum(q - tops, 0.0)
+    gap = float(np.quantile(gaps, float(gap_quantile)))
+    return q, float(cost), ex["n_across"], gap, gaps
 
 
 def _extent_corners_mm(bbox: tuple, affine: np.ndarray) -> np.ndarray:
@@ -263,13 +272,14 @@ def _extent_corners_mm(bbox: tuple, affine: np.ndarray) -> np.ndarray:
 def fit_mirror(
     mask: xr.DataArray,
     *,
-    alpha: float = 5e-4,
+    alpha: float | str = 5e-4,
     n_sample: int = 200_000,
     seed: int = 0,
     n_normals: int = 2000,
     grid_deg: tuple[float, float] | None = None,
     refine: bool = True,
     gap_quantile: float = 0.5,
+    max_gap_mm: float = 1.0,
 ) -> MirrorTransform:
     """Fit the mirroring transform of a LEFT hemisphere mask (the plane may face any direction).
 
@@ -290,8 +300,11 @@ def fit_mirror(
     ----------
     mask : volume
         Nonzero = brain. Any chunking; the result (transform) is identical for every chunking.
-    alpha : float
-        Fraction of the hemisphere allowed across the mirror plane (0 < alpha < 0.5).
+    alpha : float or "auto"
+        Fraction of the hemisphere allowed across the mirror plane (0 < alpha < 0.5). ``"auto"``: the fit is
+        repeated at every alpha of :data:`AUTO_ALPHAS` and the smallest one whose plane leaves the 95th
+        percentile of the column gaps at most ``max_gap_mm`` is kept (else the one with the smallest such gap);
+        the transform's ``alpha_search`` records every alpha's gap and fraction across.
     n_sample : int
         Voxels used to choose the normal (all of them if the mask is smaller).
     seed : int
@@ -307,6 +320,8 @@ def fit_mirror(
         Nelder-Mead refinement after the grid (on by default; off: the best grid normal).
     gap_quantile : float
         Quantile of the footprint column gaps reported as ``gap_mm`` (0.5: median).
+    max_gap_mm : float
+        With ``alpha="auto"``: the largest 95th percentile of the column gaps (mm) accepted.
 
     Returns
     -------
@@ -324,35 +339,98 @@ def fit_mirror(
     >>> tr.normal, tr.fraction_across, round(float(tr.apply([face])[0, 0]), 9)
     ((0.0, 1.0, 0.0), 0.0, 0.0)
     """
-    alpha = _check_alpha(alpha)
+    auto = isinstance(alpha, str) and alpha == "auto"
+    a = None if auto else _check_alpha(alpha)
+    max_gap = _check_max_gap(max_gap_mm) if auto else None
     data = _as_dask(mask, "the brain mask")
     grid = _check_search_args(n_sample, seed, n_normals, grid_deg, gap_quantile)
     affine = affine_of(mask)
     count, bbox, centre, points = _sample_mask(data, affine, n_sample, seed, mask.attrs.get("source") or None)
     candidates, spacing_deg, search = _candidate_normals(n_normals, grid)
-    normal, cost_sample = _search_normal(points, alpha, candidates, spacing_deg, refine)
-    if grid is not None and grid[0] > 0:
-        _warn_at_grid_edge(normal, *grid)
+    prep = _Prepared(data, affine, count, bbox, centre, points, candidates, spacing_deg, search, grid)
+    if a is not None:
+        return _fit_at(prep, a, refine, gap_quantile)[0]
+    assert max_gap is not None
+    return _fit_auto(prep, max_gap, refine, gap_quantile)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What every alpha's fit shares: the mask, its first pass (count, box, centroid, sample) and the normals."""
+
+    data: da.Array
+    affine: np.ndarray
+    count: int
+    bbox: tuple
+    centre: np.ndarray
+    points: np.ndarray
+    candidates: np.ndarray
+    spacing_deg: float
+    search: str
+    grid: tuple[float, float] | None
+
+
+def _fit_at(prep: _Prepared, alpha: float, refine: bool, gap_quantile: float) -> tuple[MirrorTransform, np.ndarray]:
+    """The fit at one alpha: the normal on the sample, then the exact measures; the transform and the column gaps."""
+    normal, cost_sample = _search_normal(prep.points, alpha, prep.candidates, prep.spacing_deg, refine)
+    if prep.grid is not None and prep.grid[0] > 0:
+        _warn_at_grid_edge(normal, *prep.grid)
     r = minimal_rotation(normal)
-    geom, u_c = _column_geometry(r, bbox, affine, centre)
-    q, cost, n_across, gap = _exact_measures(data, geom, u_c, count, alpha, gap_quantile)
-    translation = (float(-q - centre[0]), 0.0, 0.0)  # x after T = (x after R, centred) - q
-    return MirrorTransform(
-        matrix=_rigid_matrix(r, translation, centre),
+    geom, u_c = _column_geometry(r, prep.bbox, prep.affine, prep.centre)
+    q, cost, n_across, gap, gaps = _exact_measures(prep.data, geom, u_c, prep.count, alpha, gap_quantile)
+    translation = (float(-q - prep.centre[0]), 0.0, 0.0)  # x after T = (x after R, centred) - q
+    transform = MirrorTransform(
+        matrix=_rigid_matrix(r, translation, prep.centre),
         angles_deg=euler_angles(r),
         translation_mm=translation,
-        centre_mm=_vec3(centre),
+        centre_mm=_vec3(prep.centre),
         cost=cost,
-        fraction_across=n_across / count,
+        fraction_across=n_across / prep.count,
         gap_mm=gap,
         alpha=alpha,
-        n_voxels=int(count),
-        n_sample=int(len(points)),
+        n_voxels=int(prep.count),
+        n_sample=int(len(prep.points)),
         cost_sample=float(cost_sample),
         gap_quantile=float(gap_quantile),
-        bbox_mm=_extent_corners_mm(bbox, affine),
-        spacing_mm=float(spacing_of(affine).min()),
+        bbox_mm=_extent_corners_mm(prep.bbox, prep.affine),
+        spacing_mm=float(spacing_of(prep.affine).min()),
         normal=_vec3([float(v) + 0.0 for v in r[0]]),
-        search=search,
-        n_normals=int(len(candidates)),
+        search=prep.search,
+        n_normals=int(len(prep.candidates)),
     )
+    return transform, gaps
+
+
+def _check_max_gap(max_gap_mm: Any) -> float:
+    try:
+        g = float(max_gap_mm)
+    except (TypeError, ValueError):
+        g = math.nan
+    if not (math.isfinite(g) and g > 0.0):
+        raise HelmError(
+            f"--max-gap-mm must be a positive number of mm, got {max_gap_mm!r}",
+            hint="e.g. --max-gap-mm 1.0 (the largest medial gap --alpha auto accepts)",
+        )
+    return g
+
+
+def _fit_auto(prep: _Prepared, max_gap_mm: float, refine: bool, gap_quantile: float) -> MirrorTransform:
+    """``alpha="auto"``: the fit at every alpha of :data:`AUTO_ALPHAS`; the smallest alpha whose plane leaves the
+    :data:`AUTO_GAP_QUANTILE` quantile of the column gaps at most ``max_gap_mm``, else the one with the smallest
+    such gap (the smaller alpha on a tie). The chosen transform records the whole search in ``alpha_search``."""
+    fits = [_fit_at(prep, a, refine, gap_quantile) for a in AUTO_ALPHAS]
+    gaps = [float(np.quantile(g, AUTO_GAP_QUANTILE)) for _t, g in fits]
+    ok = [i for i, g in enumerate(gaps) if g <= max_gap_mm]
+    pick = ok[0] if ok else min(range(len(gaps)), key=lambda i: (gaps[i], i))
+    chosen = fits[pick][0]
+    chosen.alpha_search = {
+        "alphas": list(AUTO_ALPHAS),
+        "gap_quantile": AUTO_GAP_QUANTILE,
+        "max_gap_mm": max_gap_mm,
+        "gap_mm": gaps,
+        "fraction_across": [t.fraction_across for t, _g in fits],
+        "chosen_alpha": AUTO_ALPHAS[pick],
+        "chosen_gap_mm": gaps[pick],
+        "rule": "smallest alpha with gap <= max_gap_mm" if ok else "no alpha reached max_gap_mm: the smallest gap",
+    }
+    return chosen

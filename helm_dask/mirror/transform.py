@@ -92,7 +92,8 @@ class MirrorTransform:
     hemisphere to the plane (the first row of ``R``); ``R`` is the smallest rotation taking it to +x
     (:func:`minimal_rotation`), since the rotation about x and the y/z translations do not change the cost
     (they are 0). ``search`` says how the normal was found (``"sphere"``: every direction, ``"grid"``: a
-    local grid near +x) and ``n_normals`` how many grid normals were tried. ``cost``,
+    local grid near +x) and ``n_normals`` how many grid normals were tried; ``alpha_search`` (``--alpha auto``
+    only) the alphas tried, each one's 95th-percentile column gap and fraction across, and the alpha chosen. ``cost``,
     ``fraction_across`` (voxels with x > 0 after ``T``) and ``gap_mm`` (see ``docs/method/mirror.md``) are
     measured on all ``n_voxels`` mask voxels; ``cost_sample`` is the subsample cost per voxel that chose the
     normal. ``bbox_mm`` holds the 8 world corners of the mask's nonzero region (voxel extents included),
@@ -123,6 +124,7 @@ class MirrorTransform:
     normal: tuple[float, float, float] | None = None
     search: str | None = None
     n_normals: int = 0
+    alpha_search: dict | None = None  # --alpha auto: every alpha tried, its gap and fraction across, the choice
 
     def __post_init__(self) -> None:
         if self.normal is None:  # transforms written before the field existed: the matrix holds it
@@ -157,6 +159,8 @@ class MirrorTransform:
         d = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "alpha_search" and v is None:
+                continue  # a fixed alpha: transform.json stays as it was before --alpha auto existed
             if isinstance(v, np.ndarray):
                 v = v.tolist()
             elif isinstance(v, tuple):

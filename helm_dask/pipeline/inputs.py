@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import HelmError
 from ..io import location
 from ..io.convert import nifti_to_zarr, read_header
-from ..io.store import open_group
+from ..io.store import open_group, read_meta, set_label_colours
 from ..orient import check_same_grid, check_side, detect_side, require_clear_side, to_ras
 from ..resample import resample_to_grid
 from ..volume import affine_of, like, make_volume, orientation_code, provenance_record, spacing_of
@@ -195,3 +195,81 @@ def decide_side(subj: Subject, given: str, mask_ras, labels_ras) -> tuple[str, d
         subj.log(f"WARNING: {warn}")
         print(f"helm-dask: warning: {warn}", file=sys.stderr)
     return given, info
+
+
+def import_given(subj: Subject, key: str) -> dict:
+    """``--preprocessed``: stream the given image into ``helm.zarr/preprocessed`` and its labels into
+    ``labels_raw`` (RAS+ voxel order, like the scan's import; what already carries ``key`` is kept).
+
+    Parameters
+    ----------
+    subj : Subject
+        The subject (``subj.p.scan`` is the preprocessed image, ``subj.p.hypothalamus`` its labels).
+    key : str
+        The key of the run's import (it stands for the stages that were given).
+
+    Returns
+    -------
+    dict
+        ``{"preprocessed": volume, "labels_raw": volume}``, opened lazily from the store.
+    """
+    p, so = subj.p, subj.so
+    subj.ensure_store()
+    for nm, src, kind in (("preprocessed", p.scan, "image"), ("labels_raw", p.hypothalamus, "labels")):
+        if subj.volume_ok(nm, key):
+            continue
+        nifti_to_zarr(
+            src,
+            subj.vpath(nm),
+            chunks=p.chunks,
+            echo=p.echo,
+            echo_combine=p.echo_combine if p.echo is None else None,
+            kind=kind,
+            nonfinite=p.nonfinite,
+            overwrite=True,
+            quiet=subj.quiet,
+            storage_options=so,
+            ras=True,  # the working orientation is RAS+: an image from a run's preprocessed.nii.gz is unchanged
+        )
+        sha = read_meta(subj.vpath(nm), storage_options=so)["input_sha256"]
+        stamp = {"stamp": location.stamp(src, so), "sha256": sha}
+        update_meta(subj.vpath(nm), {"stage_key": key, "stage": "import", "input_stamp": stamp}, so)
+        if kind == "labels":
+            set_label_colours(subj.vpath(nm), subj.label_colours(), storage_options=so)
+    return {nm: subj.open(nm) for nm in ("preprocessed", "labels_raw")}
+
+
+def given_mask(subj: Subject, key: str, image, sha: str | None):
+    """``--preprocessed``: the brain mask, lazily -- the ``--mask`` file (checked and imported as
+    :func:`external_mask` does) or else the image's non-zero voxels (the image is zero outside the brain).
+
+    Parameters
+    ----------
+    subj : Subject
+        The subject.
+    key : str
+        The import's key.
+    image : volume
+        The imported preprocessed image (RAS+).
+    sha : str or None
+        The ``--mask`` file's checksum (None without ``--mask``).
+
+    Returns
+    -------
+    volume
+        0/1 uint8 on the image's grid, with ``attrs["background"]`` saying where it came from.
+    """
+    if subj.p.mask and sha is not None:
+        mask = external_mask(subj, key, image, image, sha)
+        mask.attrs["background"] = {**mask.attrs["background"], "method": "external (given with --preprocessed)"}
+        return mask
+    rule = {"method": "given", "rule": "non-zero voxels of the preprocessed image"}
+    mask = like(
+        image,
+        (image.data != 0).astype(np.uint8),
+        kind="mask",
+        name="brain_mask",
+        step=provenance_record("import", rule, subj.input_checksums()),
+    )
+    mask.attrs["background"] = rule
+    return mask

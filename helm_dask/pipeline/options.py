@@ -35,6 +35,12 @@ def _spacing(text: str):
     return v
 
 
+def _alpha(text: str):
+    if text == "auto":
+        return "auto"
+    return _positive_float(text)
+
+
 def _positive_float(text: str) -> float:
     v = _number(text)
     if not v > 0:
@@ -144,6 +150,13 @@ def _add_run_preprocessing_options(p: argparse.ArgumentParser) -> None:
         default="mirror",
         help="last stage to run (default mirror: the whole pipeline)",
     )
+    p.add_argument(
+        "--preprocessed",
+        action="store_true",
+        help="SCAN is already preprocessed (reoriented, zero outside the brain, resampled, bias-corrected; the "
+        "labels on its grid): only k-means, merge and mirror run; the mask is its non-zero voxels unless --mask "
+        "is given; needs --spacing native",
+    )
     p.add_argument("--echo", type=_non_negative_int, help="multi-echo scan: use this echo (0-based)")
     p.add_argument(
         "--echo-combine",
@@ -177,9 +190,17 @@ def _add_run_method_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--alpha",
-        type=_positive_float,
+        type=_alpha,
         default=5e-4,
-        help="mirroring: fraction of the hemisphere allowed across the mirror plane (default 5e-4)",
+        help="mirroring: fraction of the hemisphere allowed across the mirror plane (default 5e-4), or auto: "
+        "the smallest alpha of a log grid (1e-5 to 1e-2) whose plane leaves the 95th percentile of the medial "
+        "gap at most --max-gap-mm (transform.json records every alpha tried)",
+    )
+    p.add_argument(
+        "--max-gap-mm",
+        type=_positive_float,
+        default=1.0,
+        help="--alpha auto: the largest 95th percentile of the medial gap accepted, in mm (default 1.0)",
     )
     p.add_argument(
         "--margin-mm", type=_non_negative_float, default=10.0, help="mirroring: margin of the whole-brain grid"
@@ -187,7 +208,14 @@ def _add_run_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label-table",
         default="freesurfer",
-        help="label numbering: freesurfer (default) or a ColorLUT/TSV file with the published numbering",
+        help="label numbering: freesurfer (default), helm (the published maps', depends on k; one lut_kK.txt per "
+        "k) or a ColorLUT/TSV file",
+    )
+    p.add_argument(
+        "--extra-labels",
+        metavar="LEFT:RIGHT[:NAME],...",
+        help="other structures in the manual file, each with its right-side code (or a ColorLUT file, Left-X/"
+        "Right-X pairs): they override k-means, are mirrored to their right codes and are not closed",
     )
 
 

@@ -11,7 +11,7 @@ from ..errors import HelmError
 from ..io import location
 from ..io.mgh import is_mgh_path
 from ..io.nifti import is_nifti_path, read_nifti_header
-from ..labels import DEFAULT_KS, lut_table
+from ..labels import DEFAULT_KS, check_extra_labels, lut_table, parse_extra_labels
 from ..registry import UNTIL
 
 #: ``--fluid``: what fills the bag around the specimen (see :func:`helm_dask.background.brain_mask`).
@@ -42,9 +42,11 @@ class RunParams:
     ks: tuple = DEFAULT_KS
     kmeans_method: str = "histogram"
     closing_radius_mm: float = 1.2
-    alpha: float = 5e-4
+    alpha: Any = 5e-4  # a number, or "auto" (refit over a grid of alphas, see helm_dask.mirror.fit_mirror)
+    max_gap_mm: float = 1.0  # --alpha auto: the largest 95th percentile of the medial gap accepted
     margin_mm: float = 10.0
     label_table: str = "freesurfer"
+    extra_labels: Any = ()  # --extra-labels: "LEFT:RIGHT[:NAME],..." or a ColorLUT (labels.parse_extra_labels)
     layout: str = "flat"
     chunks: tuple | None = None
     seed: int = 0
@@ -55,6 +57,7 @@ class RunParams:
     reference_tissue: str | None = None  # a tissue-class map on the scan's grid: QC reports the k-means agreement
     # (not a stage parameter: no stage reads it)
     verify_inputs: bool = False  # recognise unchanged inputs by content (sha256), not size + mtime
+    preprocessed: bool = False  # the scan is a preprocessed image (masked, bias-corrected): k-means, merge, mirror
 
     def subject_name(self) -> str:
         """The subject's folder under ``out``: ``subject`` if given (refused unless a safe single path
@@ -101,6 +104,13 @@ def check_params(params: RunParams) -> None:
             hint="drop one of the two (a later run without --no-nifti writes the files)",
         )
     lut_table(params.label_table, params.ks)  # a bad --label-table now, not after the k-means
+    check_extra_labels(parse_extra_labels(params.extra_labels), params.label_table, params.ks)
+    _check_mirror_options(params)
+    if params.preprocessed and params.spacing != "native":
+        raise HelmError(
+            f"--preprocessed keeps the image's own grid: --spacing must be native, not {params.spacing!r}",
+            hint="resample the image beforehand for another grid, or add --spacing native",
+        )
     head = read_nifti_header(params.scan, storage_options=so)
     if head.stored_ndim < 3 or min(head.shape[:3]) < 2:
         # a single plane would be imported and fail much later with messages about other things
@@ -110,6 +120,24 @@ def check_params(params: RunParams) -> None:
             path=params.scan,
             hint="give the 3-D scan (or a 4-D multi-echo scan)",
         )
+
+
+def _check_mirror_options(params: RunParams) -> None:
+    """``--alpha`` (a number in (0, 0.5) or ``auto``) and ``--max-gap-mm`` (positive), before any stage runs."""
+    a = params.alpha
+    if not (isinstance(a, str) and a == "auto"):
+        try:
+            ok = not isinstance(a, bool) and 0.0 < float(a) < 0.5
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise HelmError(
+                f"--alpha must be a number in (0, 0.5) or auto, not {a!r}",
+                hint="alpha is the fraction of the hemisphere allowed across the mirror plane (the paper's: 5e-4)",
+            )
+    g = params.max_gap_mm
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < float(g) < float("inf"):
+        raise HelmError(f"--max-gap-mm must be a positive number of mm, not {g!r}", hint="e.g. --max-gap-mm 1.0")
 
 
 def _check_inputs(params: RunParams, so: dict | None) -> None:

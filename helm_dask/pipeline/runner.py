@@ -10,10 +10,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import orient as orient_mod
+from ..errors import HelmError
 from ..io import location
 from ..layout import SubjectLayout
 from ..progress import stage_progress
-from ..registry import Stage, expand, producer_of, stages_until
+from ..registry import STAGES, Stage, expand, producer_of, stages_until
+from .inputs import decide_side, given_mask, import_given
 from .params import RunParams, check_params
 from .steps import STEPS, Run, fingerprint_inputs
 from .subject import Subject, json_default, stage_key
@@ -72,7 +75,11 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
     t_start = time.perf_counter()
     run = Run(params, subj)
     fingerprint_inputs(run)
-    for stage in stages_until(params.until):
+    stages = stages_until(params.until)
+    if params.preprocessed:
+        _given_preprocessed(run)
+        stages = tuple(s for s in stages if s.name not in GIVEN_STAGES)
+    for stage in stages:
         step = STEPS[stage.name]
         run.params[stage.name] = step.params(run)
         run.vols.update(run_stage(run, stage))
@@ -82,6 +89,87 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
             for store in expand([ex.store], run.ks):
                 subj.export(run.vols[store], f"{store}.nii.gz", subj.keys[stage.name], dtype=ex.dtype)
     return _finish(subj, t_start)
+
+
+#: ``--preprocessed``: the stages whose outputs the user gives (the image is already masked, resampled and corrected).
+GIVEN_STAGES = ("import", "background", "resample", "bias")
+
+
+def _given_params(run: Run) -> dict:
+    p = run.p
+    return {
+        "preprocessed": True,
+        "scan_sha256": run.sha["scan"],
+        "labels_sha256": run.sha["labels"],
+        "mask": {"method": "external", "mask_sha256": run.sha["mask"]} if p.mask else "non-zero voxels",
+        "echo": p.echo,
+        "echo_combine": p.echo_combine,
+        "nonfinite": p.nonfinite,
+        "chunks": p.chunks,
+        "side": p.side,
+        "label_map": p.label_map,
+        "resample_labels": p.resample_labels,
+    }
+
+
+def _given_preprocessed(run: Run) -> None:
+    """``--preprocessed``: import the given image as ``preprocessed``, its mask (``--mask`` or the non-zero voxels)
+    as ``mask`` and its labels (checked like the scan's) as ``hypothalamus``, under one key that stands for every
+    stage of :data:`GIVEN_STAGES`; ``run.json`` records those stages as ``given``. Resumable like a stage."""
+    subj, p = run.subj, run.p
+    params = _given_params(run)
+    key = stage_key("import", params, {})
+    outputs = ["preprocessed", "mask", "hypothalamus"]
+    done = all(subj.volume_ok(o, key) for o in outputs)
+    subj.log("import (preprocessed): " + ("up to date, nothing to do" if done else "computing"))
+    t0 = time.perf_counter()
+    vols = import_given(subj, key)
+    run.vols["scan_raw"], run.vols["labels_raw"] = vols["preprocessed"], vols["labels_raw"]
+    STEPS["import"].after(run)  # 3-D, the labels' grid and codes: checked as for a scan
+    if p.fluid != "auto" or p.grid != "ras":
+        subj.log("import (preprocessed): --fluid and --grid are not used (the image is already masked, on its grid)")
+    if done:
+        mask, labels = subj.open("mask"), subj.open("hypothalamus")
+    else:
+        mask = given_mask(subj, key, vols["preprocessed"], run.sha["mask"])
+        labels = orient_mod.map_right_to_left_codes(run.vols["labels_checked"])
+    run.side, side_info = decide_side(subj, p.side, mask, labels)
+    if run.side != "L":
+        raise HelmError(
+            "--preprocessed takes a left hemisphere (the working orientation), and this one is a right one",
+            path=p.scan,
+            hint="flip the image and its labels to a left hemisphere, or run the whole pipeline on the scan",
+        )
+    subj.info["side"] = {"given": p.side, "used": run.side, **side_info}
+    if not done:
+        mask = subj.save("mask", mask, key, "import", params)
+        labels = subj.save("hypothalamus", labels, key, "import", params)
+    run.vols.update(preprocessed=vols["preprocessed"], mask=mask, hypothalamus=labels)
+    subj.record_stores(outputs + ["labels_raw"] + (["mask_raw"] if p.mask else []))
+    _record_given(run, key, params, "skipped" if done else "computed", time.perf_counter() - t0)
+    for ex in next(s for s in STAGES if s.name == "bias").exports:
+        if ex.store in run.vols:  # every export of the given stages but the bias field (there is none)
+            subj.export(run.vols[ex.store], f"{ex.store}.nii.gz", key, dtype=ex.dtype)
+
+
+def _record_given(run: Run, key: str, params: dict, status: str, seconds: float) -> None:
+    """``run.json`` of a ``--preprocessed`` run: what was given, and the given stages under the import's key."""
+    subj, p = run.subj, run.p
+    subj.info["background"] = dict(run.vols["mask"].attrs.get("background") or {})
+    if p.mask:
+        subj.info["background"]["path"] = location.absolute(p.mask)
+    subj.info["preprocessed"] = {
+        "image": location.absolute(p.scan),
+        "labels": location.absolute(p.hypothalamus),
+        "mask": location.absolute(p.mask) if p.mask else "non-zero voxels of the image",
+        "given_stages": list(GIVEN_STAGES[1:]),
+    }
+    subj.info["stages"]["import"] = {"key": key, "status": status, "seconds": round(seconds, 2), "params": params}
+    for name in GIVEN_STAGES:
+        subj.keys[name] = key  # the stages after read 'preprocessed', 'mask' and 'hypothalamus' through these
+        if name != "import":
+            subj.info["stages"][name] = {"key": key, "status": "given", "seconds": 0.0, "params": {"given": True}}
+        run.params[name] = params
 
 
 def run_stage(run: Run, stage: Stage) -> dict:

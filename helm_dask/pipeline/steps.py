@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -14,13 +14,25 @@ from .. import background as background_mod
 from .. import kmeans as kmeans_mod
 from .. import orient as orient_mod
 from ..bias import bias_field, correct_bias, estimate_bias
-from ..closing import close_labels, merge_labels
+from ..closing import close_labels, closing_additions, merge_labels, overlay_labels
 from ..errors import HelmError
 from ..io import location
 from ..io.convert import nifti_to_zarr
 from ..io.regions import store_view_of
 from ..io.store import STORE_BATCH_CHUNKS, read_meta, set_label_colours
-from ..labels import lut_table, validate_manual_labels
+from ..labels import (
+    FORNIX,
+    HYPOTHALAMUS_LEFT,
+    MANUAL_CODES,
+    RIGHT_CODES,
+    ExtraLabel,
+    extra_right_to_left,
+    load_label_table,
+    lut_tables,
+    parse_extra_labels,
+    parse_label_map,
+    validate_manual_labels,
+)
 from ..mirror import MirrorTransform, check_hypothalamus_plane, fit_mirror, mirror_labels
 from ..resample import (
     ras_target_grid,
@@ -58,6 +70,11 @@ class Run:
     def record_path(self, filename: str) -> str:
         return self.subj.layout.file(filename)
 
+    @property
+    def extras(self) -> tuple[ExtraLabel, ...]:
+        """``--extra-labels`` as pairs (empty without the option)."""
+        return parse_extra_labels(self.p.extra_labels)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -83,8 +100,9 @@ def fingerprint_inputs(run: Run) -> None:
     p, subj, so = run.p, run.subj, run.p.storage_options
     cache = {}
     for nm in ("scan_raw", "labels_raw", "mask_raw"):
+        stored = "preprocessed" if nm == "scan_raw" and p.preprocessed else nm  # --preprocessed: imported there
         try:
-            cache[nm] = read_meta(subj.vpath(nm), storage_options=so).get("input_stamp")
+            cache[nm] = read_meta(subj.vpath(stored), storage_options=so).get("input_stamp")
         except HelmError:
             cache[nm] = None
     verify = p.verify_inputs
@@ -149,8 +167,14 @@ def _after_import(run: Run) -> None:
         raise HelmError("the scan is 4-D after import", path=run.p.scan, hint="pass --echo N or --echo-combine")
     # the labels' grid and codes: cheap, lazy, and before any long stage
     labels = labels_on_scan_grid(run.vols["labels_raw"], run.vols["scan_raw"], run.p)
+    extras = run.extras
+    # --extra-labels: their right codes become left ones, as 806-810 do (a hemisphere holds one side)
+    mapping = {**extra_right_to_left(extras), **parse_label_map(run.p.label_map)} if extras else run.p.label_map
     run.vols["labels_checked"] = validate_manual_labels(
-        labels, path=run.p.hypothalamus, mapping=run.p.label_map or None
+        labels,
+        path=run.p.hypothalamus,
+        mapping=mapping or None,
+        allowed=MANUAL_CODES | {c for e in extras for c in (e.left, e.right)} if extras else None,
     )
     # the bag removal works on the RAS+ scan, before the left-right flip (the flip does not change the mask)
     run.vols["scan_ras"] = orient_mod.to_ras(run.vols["scan_raw"])
@@ -203,7 +227,12 @@ def _resample_params(run: Run) -> dict:
         "side": run.side,
         "label_map": p.label_map,
         "resample_labels": p.resample_labels,
-    }
+    } | _extras_param(run)
+
+
+def _extras_param(run: Run) -> dict:
+    """``--extra-labels`` in a stage's key, only when given (the keys of runs without them stay as they were)."""
+    return {"extra_labels": [e.to_dict() for e in run.extras]} if run.extras else {}
 
 
 def working_grid(vol: Any, spacing: Any, grid: str) -> tuple[tuple[int, int, int], np.ndarray, bool]:
@@ -339,7 +368,24 @@ def _after_kmeans(run: Run) -> None:
 
 
 def _merge_params(run: Run) -> dict:
-    return {"closing_radius_mm": run.p.closing_radius_mm, "label_table": run.p.label_table}
+    return {"closing_radius_mm": run.p.closing_radius_mm, "label_table": run.p.label_table} | _extras_param(run)
+
+
+def _closed_labels(run: Run) -> Any:
+    """The closed manual labels: every code closed together, or, with ``--extra-labels``, the hypothalamus codes
+    only, the user's structures laid over as drawn (a closing would bridge them with their neighbours)."""
+    hyp, extras = run.vols["hypothalamus"], run.extras
+    if not extras:
+        return close_labels(hyp, run.p.closing_radius_mm)
+    lefts = {e.left for e in extras}
+    closed = close_labels(hyp, run.p.closing_radius_mm, codes=sorted((set(HYPOTHALAMUS_LEFT) | {FORNIX}) - lefts))
+    return overlay_labels(closed, hyp, sorted(lefts))
+
+
+def _numbered(run: Run, k: int, vol: Any) -> Any:
+    """A map of k in the label table's numbering when that depends on k (``--label-table helm``)."""
+    table = load_label_table(run.p.label_table)
+    return table.for_k(k).relabel(vol) if table.k_dependent else vol
 
 
 def _merge(run: Run, key: str) -> dict:
@@ -347,21 +393,35 @@ def _merge(run: Run, key: str) -> dict:
     if subj.volume_ok("closed_labels", key):
         closed = subj.open("closed_labels")
     else:
-        closed = close_labels(run.vols["hypothalamus"], run.p.closing_radius_mm)
-        closed = subj.save("closed_labels", closed, key, "merge", params)
-    maps = {f"hemi_k{k}": merge_labels(run.vols[f"kmeans_k{k}"], closed) for k in run.ks}
+        closed = subj.save("closed_labels", _closed_labels(run), key, "merge", params)
+    maps = {f"hemi_k{k}": _numbered(run, k, merge_labels(run.vols[f"kmeans_k{k}"], closed)) for k in run.ks}
     out = subj.save_many(maps, key, "merge", params)
     out["closed_labels"] = closed
     return out
 
 
 def _after_merge(run: Run) -> None:
-    write_lut(run.subj, run.p.label_table, run.ks)
+    write_lut(run.subj, run.p.label_table, run.ks, run.extras)
+    run.subj.info["closing"] = _closing_record(run)
 
 
-def write_lut(subj: Subject, table: Any, ks: list[int]) -> None:
+def _closing_record(run: Run) -> dict:
+    """How many voxels the closing added per label and per k-means cluster (``run.json``, QC), counted once and
+    kept in the ``closed_labels`` store's metadata (a rerun reads it)."""
+    subj, so = run.subj, run.p.storage_options
+    meta = read_meta(subj.vpath("closed_labels"), storage_options=so)
+    rec = meta.get("closing_added")
+    if rec is None:
+        kms = {k: run.vols[f"kmeans_k{k}"] for k in run.ks}
+        rec = closing_additions(run.vols["hypothalamus"], run.vols["closed_labels"], kms)
+        update_meta(subj.vpath("closed_labels"), {"closing_added": rec}, so)
+    return {"radius_mm": run.p.closing_radius_mm, "added_voxels": rec}
+
+
+def write_lut(subj: Subject, table: Any, ks: list[int], extras: Any = ()) -> None:
     """``lut.txt`` in the subject folder, written atomically, and only when its text changes (a rerun that
-    recomputes nothing writes nothing).
+    recomputes nothing writes nothing). A table that depends on k (``--label-table helm``) gets one
+    ``lut_k{k}.txt`` per k, and ``lut.txt`` says so.
 
     Parameters
     ----------
@@ -371,29 +431,43 @@ def write_lut(subj: Subject, table: Any, ks: list[int]) -> None:
         ``--label-table``.
     ks : list of int
         The numbers of clusters (one colour ramp entry per cluster code).
+    extras : sequence of ExtraLabel
+        ``--extra-labels`` (entries for both sides).
     """
-    target = subj.layout.lut
-    text = lut_table(table, ks).colorlut_text()
-    try:
-        if location.read_text(target, subj.so) == text:
-            return
-    except (OSError, HelmError):
-        pass  # missing or unreadable: write it
-    location.write_text_atomic(target, text, subj.so)
+    tables = lut_tables(table, ks, extras)
+    files = {subj.layout.lut: tables[ks[-1]].colorlut_text()} if ks else {}
+    if load_label_table(table).k_dependent:
+        files = {subj.layout.file(f"lut_k{k}.txt"): t.colorlut_text() for k, t in tables.items()}
+        files[subj.layout.lut] = (
+            f"# helm-dask: the numbering of this run (label table {load_label_table(table).name}) depends on k:\n"
+            "# open label_map_kK and hemi_kK with lut_kK.txt next to them\n"
+            "#No. Label Name:                            R   G   B   A\n"
+            f"{0:<5d} {'Unknown':<40s}   0   0   0   0\n"
+        )
+    for target, text in files.items():
+        try:
+            if location.read_text(target, subj.so) == text:
+                continue
+        except (OSError, HelmError):
+            pass  # missing or unreadable: write it
+        location.write_text_atomic(target, text, subj.so)
 
 
 # ---- mirror: fit once on the mask, resample every map with the same geometry ------------------------------------
 
 
 def _mirror_params(run: Run) -> dict:
-    return {"alpha": run.p.alpha, "margin_mm": run.p.margin_mm, "seed": run.p.seed}
+    params = {"alpha": run.p.alpha, "margin_mm": run.p.margin_mm, "seed": run.p.seed}
+    if run.p.alpha == "auto":  # only then: a fixed alpha keeps its key (and its resumed outputs)
+        params["max_gap_mm"] = run.p.max_gap_mm
+    return params | _extras_param(run)
 
 
 def _mirror(run: Run, key: str) -> dict:
     p, subj, tr_json = run.p, run.subj, run.record_path("transform.json")
     doc = subj.read_json(tr_json) if subj.json_ok(tr_json, key) else None
     if doc is None:
-        transform = fit_mirror(run.vols["mask"], alpha=p.alpha, seed=p.seed)
+        transform = fit_mirror(run.vols["mask"], alpha=p.alpha, seed=p.seed, max_gap_mm=p.max_gap_mm)
         doc = {"transform": transform.to_dict()}
         subj.write_json(tr_json, doc, key)  # kept even if the check below stops the run
     transform = MirrorTransform.from_dict(doc["transform"])
@@ -403,8 +477,24 @@ def _mirror(run: Run, key: str) -> dict:
     if doc.get("mirror_check") != check:
         # beside the transform, so that a rerun that skips this stage still reports it in run.json
         subj.write_json(tr_json, {**doc, "mirror_check": check}, key)
-    maps = mirror_labels({k: run.vols[f"hemi_k{k}"] for k in run.ks}, transform, margin_mm=p.margin_mm)
+    maps = _mirrored(run, transform)
     return subj.save_many({f"label_map_k{k}": maps[k] for k in run.ks}, key, "mirror", run.params_of("mirror"))
+
+
+def _mirrored(run: Run, transform: MirrorTransform) -> dict:
+    """Every k's whole-brain map (lazy): the mirrored side renamed by :data:`RIGHT_CODES` and ``--extra-labels``;
+    with a k-dependent table (helm), by that k's right codes, one gather per k (codes differ between ks)."""
+    hemis = {k: run.vols[f"hemi_k{k}"] for k in run.ks}
+    extras = {e.left: e.right for e in run.extras}
+    table = load_label_table(run.p.label_table)
+    if not table.k_dependent:
+        rc = {**RIGHT_CODES, **extras} if extras else None  # None: the default mirror, as before
+        return cast(dict, mirror_labels(hemis, transform, margin_mm=run.p.margin_mm, right_codes=rc))
+    out = {}
+    for k, hemi in hemis.items():
+        rc = {**extras, **table.for_k(k).right_codes()}
+        out[k] = mirror_labels(hemi, transform, margin_mm=run.p.margin_mm, right_codes=rc)
+    return out
 
 
 def _after_mirror(run: Run) -> None:
