@@ -78,13 +78,26 @@ VOLATILE = {
 def run(code: Path, out: Path, cases: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(code))
     cli = [sys.executable, "-m", "helm_dask.cli"]
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # `python -m` puts the working directory first on the import path: started in a checkout, the children would
+    # import that checkout's helm_dask and ignore --code. They run in the output folder instead, and check it.
+    where = subprocess.run(
+        [sys.executable, "-c", "import helm_dask, os; print(os.path.dirname(helm_dask.__file__))"],
+        env=env,
+        cwd=out,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if Path(where).resolve() != (Path(code) / "helm_dask").resolve():
+        raise SystemExit(f"--code {code}: the children would import helm_dask from {where}")
     for name in cases:
         ph_args, run_args = CASES[name]
         src = out / f"{name}_input"
         shutil.rmtree(out / name, ignore_errors=True)
         if not (src / "scan.nii.gz").exists():
-            subprocess.run([*cli, "phantom", str(src), "--quiet", *ph_args], env=env, check=True)
+            subprocess.run([*cli, "phantom", str(src), "--quiet", *ph_args], env=env, cwd=out, check=True)
         subprocess.run(
             [
                 *cli,
@@ -102,6 +115,7 @@ def run(code: Path, out: Path, cases: list[str]) -> None:
                 "2",
             ],
             env=env,
+            cwd=out,
             check=True,
         )
 
