@@ -20,7 +20,7 @@ import scipy.ndimage as ndi
 from .errors import HelmError
 from .labels import FORNIX, HYPOTHALAMUS, PAPER_GROUPS, SHORT_NAMES
 from .orient import flip_left_right, to_ras
-from .resample import ras_target_grid, resample_labels, resample_labels_to_grid, resample_to_grid
+from .resample import is_ras_aligned, ras_target_grid, resample_labels, resample_labels_to_grid, resample_to_grid
 from .volume import affine_of, spacing_of
 
 # --------------------------------------------------------------------------------------------- constants
@@ -1214,10 +1214,11 @@ def reference_on_grid(tissue_vol, target_vol, *, side: str = "L", spacing: Any =
         spacing = [float(round(s, 6)) for s in spacing_of(affine_of(target_vol))]
     out = resample_labels(t, spacing, method="majority")
     diff = _same_grid(out, target_vol, atol=1e-4)
-    ras_shape, ras_affine = ras_target_grid(t.shape, affine_of(t), spacing)
-    if diff and ras_shape == tuple(target_vol.shape) and np.allclose(ras_affine, affine_of(target_vol), atol=1e-4):
-        # a tilted scan's --grid ras working grid: the run's 3-D vote onto it
-        return resample_labels_to_grid(t, ras_shape, affine_of(target_vol), method="majority")
+    ras_affine = ras_target_grid(t.shape, affine_of(t), spacing)[1]
+    a_t = affine_of(target_vol)
+    if diff and not is_ras_aligned(affine_of(t)) and np.allclose(ras_affine[:3, :3], a_t[:3, :3], atol=1e-6):
+        # a tilted scan's --grid ras working grid (cut to the brain's box): the run's 3-D vote onto it
+        return resample_labels_to_grid(t, tuple(target_vol.shape), a_t, method="majority")
     if diff:
         raise HelmError(
             f"the reference tissue map does not land on the working grid: {diff}",

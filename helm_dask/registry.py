@@ -126,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "resample",
-        2,
+        3,
         "preprocess",
         reads=("scan_raw", "mask_ras", "labels_raw"),
         writes=("image_ws", "mask", "hypothalamus"),

@@ -14,12 +14,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 from numba import njit
 
+from .arrays import tree_reduce
 from .errors import HelmError
 from .io.regions import region_map
 from .volume import affine_of, is_axis_aligned, like, provenance_record, spacing_of
@@ -28,7 +30,9 @@ __all__ = [
     "FWHM_TO_SIGMA",
     "SPLINE_MARGIN",
     "antialias_sigma_mm",
+    "content_extent_mm",
     "grid_mapping",
+    "grid_reach_mm",
     "is_ras_aligned",
     "ras_target_grid",
     "resample",
@@ -168,14 +172,18 @@ def is_ras_aligned(affine: Any) -> bool:
     return bool(is_axis_aligned(a, atol=RAS_ALIGNED_ATOL) and np.all(np.diag(a[:3, :3]) > 0))
 
 
-def ras_target_grid(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple[tuple[int, int, int], np.ndarray]:
+def ras_target_grid(
+    shape: Sequence[int], affine: Any, spacing_mm: Any, *, extent_mm: Any = None
+) -> tuple[tuple[int, int, int], np.ndarray]:
     """The axis-aligned RAS+ grid at ``spacing_mm`` covering a grid's field of view, rotated: ``(shape, affine)``.
 
     For a grid that is already RAS+-aligned (:func:`is_ras_aligned`) this *is* :func:`target_grid` (same shape
     and affine: block means apply and outputs are bit-identical to ``--grid scan``). Otherwise the eight outer
     corners of the field of view (voxel -0.5 and n - 0.5 on every axis) are mapped to the world, and the grid
     covers their bounding box: ``n_new = ceil(extent / s_new)`` voxels per world axis (the extent rounded to 6
-    decimals first), centred on the box, voxel axes along +R, +A, +S.
+    decimals first), centred on the box, voxel axes along +R, +A, +S. With ``extent_mm`` (a tilted input only)
+    the grid is cut to the voxels of that grid whose extent meets the world box ``extent_mm = (lo, hi)``: the
+    same voxel centres, fewer of them (:func:`content_extent_mm` gives the box of a volume's content).
 
     Parameters
     ----------
@@ -185,6 +193,8 @@ def ras_target_grid(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple
         Input voxel-to-world matrix.
     spacing_mm : float, 3 floats or "native"
         Output voxel size (mm) along R, A, S; ``"native"``: the input's voxel sizes.
+    extent_mm : (3 floats, 3 floats), optional
+        World box ``(lo, hi)`` (mm) the grid must cover; None: the whole field of view.
 
     Returns
     -------
@@ -212,7 +222,98 @@ def ras_target_grid(shape: Sequence[int], affine: Any, spacing_mm: Any) -> tuple
     n_new = np.maximum(1, np.ceil(np.round((hi - lo) / s_new, 6))).astype(np.int64)
     new_affine = np.diag([*s_new, 1.0])
     new_affine[:3, 3] = (lo + hi) / 2.0 - (n_new - 1) / 2.0 * s_new
+    if extent_mm is not None:
+        # voxel i spans t + (i -+ 0.5) s: keep those meeting [e_lo, e_hi], within the field of view's grid
+        e_lo, e_hi = (np.asarray(v, dtype=np.float64) for v in extent_mm)
+        t = new_affine[:3, 3]
+        i0 = np.clip(np.floor((e_lo - t) / s_new + 0.5), 0, n_new - 1).astype(np.int64)
+        i1 = np.clip(np.ceil((e_hi - t) / s_new - 0.5), i0, n_new - 1).astype(np.int64)
+        n_new = i1 - i0 + 1
+        new_affine[:3, 3] = t + i0 * s_new
     return (int(n_new[0]), int(n_new[1]), int(n_new[2])), new_affine
+
+
+def grid_reach_mm(affine_in: Any, affine_out: Any) -> float:
+    """How far (mm) a linear, anti-aliased :func:`resample_to_grid` from ``affine_in`` onto ``affine_out`` can
+    carry a nonzero input voxel: the Gaussian's 4-sigma radius plus the interpolation's reach, in input voxels
+    as its tasks pad their boxes, combined over the input axes.
+
+    Example
+    -------
+    >>> round(grid_reach_mm(np.eye(4), np.eye(4)), 4)       # no Gaussian: two voxels along each axis
+    3.4641
+    """
+    m = np.linalg.inv(np.asarray(affine_in, dtype=np.float64)) @ np.asarray(affine_out, dtype=np.float64)
+    vox = np.array([2 + int(_TRUNCATE * sv + 0.5) for sv in grid_antialias_sigma(m)], dtype=np.float64)
+    return float(np.linalg.norm(vox * spacing_of(affine_in)))
+
+
+def _extent_block(block: np.ndarray, offset: tuple[int, int, int], a: np.ndarray) -> tuple | None:
+    """World ``(min, max)`` per axis over the centres of a block's nonzero voxels, or None.
+
+    A world coordinate is linear in the voxel index, so over one row of voxels along the first axis its
+    extremes sit at the row's first and last nonzero voxel: two points per row instead of every voxel.
+    """
+    sel = np.asarray(block) != 0
+    rows = sel.any(axis=0)
+    if not rows.any():
+        return None
+    j, k = np.nonzero(rows)
+    first = sel.argmax(axis=0)[j, k]
+    last = sel.shape[0] - 1 - sel[::-1].argmax(axis=0)[j, k]
+    idx = np.empty((2 * j.size, 3), dtype=np.float64)
+    idx[:, 0] = np.concatenate([first, last]) + offset[0]
+    idx[:, 1] = np.tile(j, 2) + offset[1]
+    idx[:, 2] = np.tile(k, 2) + offset[2]
+    w = idx @ a[:3, :3].T + a[:3, 3]
+    return w.min(axis=0), w.max(axis=0)
+
+
+def _extent_combine(*parts: tuple | None) -> tuple | None:
+    """Union of partial extents (exact: min and max do not depend on the grouping)."""
+    got = [p for p in parts if p is not None]
+    if not got:
+        return None
+    return np.min([p[0] for p in got], axis=0), np.max([p[1] for p in got], axis=0)
+
+
+def content_extent_mm(*vols: xr.DataArray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The world box ``(lo, hi)`` (mm) of the nonzero voxels of volumes on one grid, voxel extents included.
+
+    One chunked pass over each volume, computed now; exact for any chunking (per row only the first and last
+    nonzero voxel count). None when every voxel is 0.
+
+    Parameters
+    ----------
+    *vols : xarray.DataArray
+        3-D volumes (masks, label maps) sharing one grid.
+
+    Returns
+    -------
+    tuple of two numpy.ndarray, or None
+
+    Example
+    -------
+    >>> import dask.array as da
+    >>> from helm_dask.volume import make_volume
+    >>> m = np.zeros((6, 4, 4), bool); m[2:4, 1, 1] = True
+    >>> lo, hi = content_extent_mm(make_volume(da.from_array(m, chunks=3), np.diag([2.0, 1, 1, 1]), kind="mask"))
+    >>> lo.tolist(), hi.tolist()
+    ([3.0, 0.5, 0.5], [7.0, 1.5, 1.5])
+    """
+    parts: list = []
+    a = affine_of(vols[0])
+    for vol in vols:
+        data = _check3d(vol, "content_extent_mm")
+        offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
+        blocks = data.to_delayed()
+        fn = dask.delayed(_extent_block, pure=True)
+        parts += [fn(blocks[i], tuple(int(offsets[d][i[d]]) for d in range(3)), a) for i in np.ndindex(*blocks.shape)]
+    (box,) = dask.compute(tree_reduce(parts, _extent_combine))
+    if box is None:
+        return None
+    half = 0.5 * np.abs(a[:3, :3]).sum(axis=1)  # a voxel's half extent along each world axis
+    return box[0] - half, box[1] + half
 
 
 def antialias_sigma_mm(spacing_in_mm: Any, spacing_out_mm: Any) -> np.ndarray:
@@ -979,6 +1080,13 @@ def _codes_in(sub: np.ndarray) -> np.ndarray:
 def _vote_block(regions: list, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int]) -> np.ndarray:
     """The majority of the nearest input voxels at every output voxel's sample points; 0 outside the input."""
     sub = np.asarray(regions[0])
+    if sub.dtype == bool:  # a boolean mask votes as 0/1 codes (a bool array would index the code table as a mask)
+        return _vote_codes(sub.view(np.uint8), lo, m, ranges, n_in).view(bool)
+    return _vote_codes(sub, lo, m, ranges, n_in)
+
+
+def _vote_codes(sub: np.ndarray, lo: Sequence[int], m: np.ndarray, ranges, n_in: Sequence[int]) -> np.ndarray:
+    """:func:`_vote_block` on an integer array."""
     out_shape = tuple(b - a for a, b in ranges)
     codes = _codes_in(sub)  # ascending: ties go to the smallest (argmax's first)
     if len(codes) == 1:  # a box of zeros (most of a mask's or a label map's boxes): nothing to vote on

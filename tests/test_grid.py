@@ -103,6 +103,56 @@ def test_ras_grid_covers_the_rotated_field_of_view(deg, axis):
     assert on_scan and scan_shape == ref_shape and np.array_equal(scan_aff, ref_aff)
 
 
+@pytest.mark.parametrize("spacing", ["native", 0.25, [0.2, 0.3, 0.25]])
+def test_ras_grid_cut_to_the_content_loses_nothing(spacing):
+    """The tilted scan's RAS grid cut to the brain (mask and labels) plus the resampling's reach: the same voxel
+    centres as the whole grid, and the whole grid's outputs hold nothing nonzero outside the cut."""
+    rng = np.random.default_rng(3)
+    shape = (44, 38, 30)
+    a_in = _affine((0.1, 0.1, 0.1), _rotation(14, (1, 2, 3)))
+    ii, jj, kk = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    mask = ((ii - 16) / 10.0) ** 2 + ((jj - 20) / 12.0) ** 2 + ((kk - 14) / 8.0) ** 2 <= 1.0
+    labels = np.zeros(shape, np.uint16)
+    labels[24:29, 18:22, 12:15] = 801  # partly outside the mask: it must stay inside the cut too
+    img = (rng.random(shape) * 100 + 50).astype(np.float32)
+    vm = make_volume(da.from_array(mask, chunks=(16, 13, 11)), a_in, kind="mask")
+    vl = make_volume(da.from_array(labels, chunks=(16, 13, 11)), a_in, kind="labels")
+    vi = make_volume(da.from_array(img, chunks=(16, 13, 11)), a_in)
+    full_shape, full_aff, on_scan = working_grid(vi, spacing, "ras")
+    cut_shape, cut_aff, _ = working_grid(vi, spacing, "ras", (vm, vl))
+    assert not on_scan and np.prod(cut_shape) < (0.6 if spacing == "native" else 0.9) * np.prod(full_shape)
+    s = spacing_of(full_aff)
+    np.testing.assert_array_equal(cut_aff[:3, :3], full_aff[:3, :3])
+    off = np.round((cut_aff[:3, 3] - full_aff[:3, 3]) / s).astype(int)
+    np.testing.assert_allclose(full_aff[:3, 3] + off * s, cut_aff[:3, 3], atol=1e-9)
+    box = tuple(slice(o, o + n) for o, n in zip(off, cut_shape, strict=True))
+    for name, fn in (
+        ("image", lambda sh, af: resample_to_grid(vi, sh, af, order=1, antialias=True, mask=vm)),
+        ("mask", lambda sh, af: resample_labels_to_grid(vm, sh, af, method="majority")),
+        ("labels", lambda sh, af: resample_labels_to_grid(vl, sh, af, method="majority")),
+    ):
+        full, cut = fn(full_shape, full_aff).values, fn(cut_shape, cut_aff).values
+        assert np.count_nonzero(cut) > 0, name
+        np.testing.assert_allclose(cut, full[box], rtol=1e-6, atol=1e-4, err_msg=name)
+        rest = full.copy()
+        rest[box] = 0
+        assert not rest.any(), (name, np.count_nonzero(rest))
+
+
+def test_content_extent_is_the_voxels_extent_for_any_chunking():
+    rng = np.random.default_rng(5)
+    m = rng.random((23, 19, 17)) > 0.97
+    a = _affine((0.2, 0.3, 0.25), _rotation(20, (2, -1, 1)))
+    idx = np.argwhere(m)
+    corners = (idx[:, None, :] + np.array(list(itertools.product((-0.5, 0.5), repeat=3)))[None]).reshape(-1, 3)
+    w = corners @ a[:3, :3].T + a[:3, 3]
+    for chunks in ((23, 19, 17), (5, 7, 3), (8, 19, 4)):
+        lo, hi = rs.content_extent_mm(make_volume(da.from_array(m, chunks=chunks), a, kind="mask"))
+        np.testing.assert_allclose(lo, w.min(axis=0), atol=1e-9)
+        np.testing.assert_allclose(hi, w.max(axis=0), atol=1e-9)
+    assert rs.content_extent_mm(make_volume(da.zeros((4, 4, 4), chunks=2, dtype=bool), a, kind="mask")) is None
+
+
 def test_grid_antialias_sigma_is_the_spacing_rule():
     # a rotation does not change the blur of isotropic voxels: sqrt(r^2 - 1) FWHM_TO_SIGMA input voxels
     m = np.eye(4)
@@ -444,12 +494,14 @@ def test_tilted_run_on_the_ras_grid_agrees_with_the_scan_grid(tilted):
         ag = kmeans_agreement(vols["kmeans_k4"], ref_tissue, vols["mask"])
         result[grid] = {"dice_mask": _dice(vols["mask"].values, ref_mask.values), "ari": ag["ari"]}
         assert np.count_nonzero(vols["hypothalamus"].values) > 0
-    # The grids differ by the tilt: the ras one covers the rotated field of view (more voxels), every working
+    # The grids differ by the tilt: the ras one covers the brain's rotated box, every working
     # volume on it is axis-aligned, and what the run finds is the same to within what resampling costs
-    # (measured at 2 mm: Dice of the mask 0.9776 and 0.9777, adjusted Rand index 0.213 and 0.204).
+    # (measured at 2 mm: Dice of the mask 0.9776 and 0.9777; adjusted Rand index 0.264 and 0.204 -- 0.213 on the
+    # ras grid before it was cut to the brain's box: the bias field's basis and the k-means samples follow the
+    # grid's extent). The ras grid must not do worse.
     assert result["ras"]["dice_mask"] > 0.95 and result["scan"]["dice_mask"] > 0.95, result
     assert abs(result["ras"]["dice_mask"] - result["scan"]["dice_mask"]) < 0.01, result
-    assert abs(result["ras"]["ari"] - result["scan"]["ari"]) < 0.05, result
+    assert result["ras"]["ari"] > result["scan"]["ari"] - 0.05, result
     # scan_raw is stored in RAS+ order on both
     for d, _ in runs.values():
         assert "".join(nib.aff2axcodes(affine_of(open_volume(d / "helm.zarr" / "scan_raw")))) == "RAS"

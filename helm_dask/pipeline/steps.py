@@ -35,6 +35,8 @@ from ..labels import (
 )
 from ..mirror import MirrorTransform, check_hypothalamus_plane, fit_mirror, mirror_labels
 from ..resample import (
+    content_extent_mm,
+    grid_reach_mm,
     ras_target_grid,
     resample,
     resample_labels,
@@ -235,13 +237,19 @@ def _extras_param(run: Run) -> dict:
     return {"extra_labels": [e.to_dict() for e in run.extras]} if run.extras else {}
 
 
-def working_grid(vol: Any, spacing: Any, grid: str) -> tuple[tuple[int, int, int], np.ndarray, bool]:
+def working_grid(
+    vol: Any, spacing: Any, grid: str, content: tuple = ()
+) -> tuple[tuple[int, int, int], np.ndarray, bool]:
     """The working grid of a (left, RAS+) scan: ``(shape, affine, on_scan_grid)``.
 
     ``grid="scan"``: the scan's grid at ``spacing`` (:func:`helm_dask.resample.target_grid`; the scan itself
     for ``"native"``). ``grid="ras"``: the axis-aligned RAS+ grid over the scan's rotated field of view
     (:func:`helm_dask.resample.ras_target_grid`), which *is* the scan's grid when the scan is not tilted;
     ``on_scan_grid`` says whether the result is the scan's grid (block means and the scan-grid votes apply).
+    A tilted scan's RAS grid is cut to the box of ``content`` (the brain mask and the labels, one pass over
+    each) widened by the resampling's reach (:func:`helm_dask.resample.grid_reach_mm`), so that nothing nonzero
+    falls outside it: the rotated field of view holds ~1.6x the scan's voxels, the brain's box ~1.2x (the
+    0.1 mm phantom), and every stage after resample pays per voxel.
 
     Parameters
     ----------
@@ -262,8 +270,13 @@ def working_grid(vol: Any, spacing: Any, grid: str) -> tuple[tuple[int, int, int
     if grid == "scan":
         return scan_shape, scan_affine, True
     shape, affine = ras_target_grid(vol.shape, a, spacing)
-    same = tuple(shape) == tuple(scan_shape) and np.array_equal(affine, scan_affine)
-    return (scan_shape, scan_affine, True) if same else (shape, affine, False)
+    if tuple(shape) == tuple(scan_shape) and np.array_equal(affine, scan_affine):
+        return scan_shape, scan_affine, True
+    box = content_extent_mm(*content) if content else None
+    if box is not None:
+        reach = grid_reach_mm(a, affine)
+        shape, affine = ras_target_grid(vol.shape, a, spacing, extent_mm=(box[0] - reach, box[1] + reach))
+    return shape, affine, False
 
 
 def _oriented(run: Run) -> tuple[Any, Any, Any, Any, Any]:
@@ -283,7 +296,7 @@ def _resample(run: Run, key: str) -> dict:
     p, subj = run.p, run.subj
     scan_l, mask_l, labels_fl, labels_l, masked = _oriented(run)
     batch = None
-    shape_ws, affine_ws, on_scan_grid = working_grid(scan_l, p.spacing, p.grid)
+    shape_ws, affine_ws, on_scan_grid = working_grid(scan_l, p.spacing, p.grid, (mask_l, labels_fl))
     img: Any
     if not on_scan_grid:
         # --grid ras, tilted scan: anti-aliased interpolation of the image, a 3-D vote for mask and labels,
