@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import zarr
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
@@ -852,3 +853,37 @@ def test_hypothalamus_far_from_the_plane_is_refused(ph_labels, away_mm):
         mirror.check_hypothalamus_plane(tr, as_volume(np.zeros_like(lab), aff, 20, kind="labels"))
     with pytest.raises(HelmError, match="max_distance_mm"):
         mirror.check_hypothalamus_plane(tr, as_volume(lab, aff, 20, kind="labels"), max_distance_mm=0.0)
+
+
+@pytest.mark.parametrize("chunks", [16, 23, 40, 200])
+def test_reflected_write_equals_the_whole_gather(tmp_path, hemi, fitted, chunks):
+    """save_volumes(reflect=...): the x > 0 half read back from the written x < 0 half (reversed, renamed through
+    reflection_lut) is the gathered half bit for bit, at every pyramid level; chunkings where n / 2 falls inside
+    a chunk, on a boundary of none, and one chunk for the whole x axis (nothing to read back)."""
+    from helm_dask.io.store import open_volume, save_volumes
+    from helm_dask.mirror import reflection_lut
+
+    tr = fitted(2e-3, (17, 25, 20))
+    maps = make_maps(hemi)
+    vols = {k: as_volume(v, hemi["affine"], 20, kind="labels") for k, v in maps.items()}
+    extra = {803: 2803}  # a renaming beyond RIGHT_CODES, as --extra-labels gives
+    out = mirror_labels(vols, tr, margin_mm=4.0, chunks=chunks, right_codes={**RIGHT_CODES, **extra})
+    lut = reflection_lut({**RIGHT_CODES, **extra})
+    whole = {tmp_path / f"w_{k}.zarr": v for k, v in out.items()}
+    halves = {tmp_path / f"r_{k}.zarr": v for k, v in out.items()}
+    save_volumes(whole, chunks=chunks)
+    save_volumes(halves, chunks=chunks, reflect=dict.fromkeys(halves, lut))
+    n = next(iter(out.values())).shape[0]
+    assert n % 2 == 0
+    for k in out:
+        a, b = open_volume(tmp_path / f"w_{k}.zarr"), open_volume(tmp_path / f"r_{k}.zarr")
+        np.testing.assert_array_equal(a.values, b.values)
+        assert (a.values[n // 2 :] == 2803).any() == (k == "merged")
+        np.testing.assert_array_equal(affine_of(a), affine_of(b))
+        for level in ("pyramid/1", "pyramid/2"):  # the levels a volume this small has, if any
+            paths = [tmp_path / f"{p}_{k}.zarr" / level for p in ("w", "r")]
+            assert paths[0].exists() == paths[1].exists()
+            if paths[0].exists():
+                za, zb = (zarr.open_array(p, mode="r") for p in paths)
+                np.testing.assert_array_equal(za[...], zb[...])
+    assert reflection_lut({0: 5}) is None  # a table renaming 0 would not give the gather's zeros

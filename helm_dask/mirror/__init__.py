@@ -22,7 +22,7 @@ Example
 from __future__ import annotations
 
 from ..labels import RIGHT_CODES
-from .apply import mirror_labels
+from .apply import mirror_labels, reflection_lut
 from .check import check_hypothalamus_plane
 from .fit import fit_mirror, mirror_cost
 from .grid import whole_brain_grid
@@ -38,6 +38,7 @@ __all__ = [
     "minimal_rotation",
     "mirror_cost",
     "mirror_labels",
+    "reflection_lut",
     "rotation_matrix",
     "sphere_normals",
     "whole_brain_grid",

@@ -23,7 +23,7 @@ from .grid import whole_brain_grid
 from .passes import _as_dask
 from .transform import MirrorTransform
 
-__all__ = ["mirror_labels"]
+__all__ = ["mirror_labels", "reflection_lut"]
 
 
 def _source_coords(g: np.ndarray, d: int, i: float, j: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -101,6 +101,35 @@ def _rename_lut(codes: tuple) -> np.ndarray:
             lut[left] = right
     lut.setflags(write=False)
     return lut
+
+
+def reflection_lut(right_codes: Mapping[int, int] | None = None) -> np.ndarray | None:
+    """The code table that makes the x > 0 half of :func:`mirror_labels`' output from its x < 0 half.
+
+    On the whole-brain grid (``n`` voxels along x, even) output voxel ``x >= n / 2`` is ``lut[out[n - 1 - x]]``
+    exactly: the gather takes the same source voxel for both and renames it on the right. A writer may fill the
+    right half from the left one with it (:func:`helm_dask.io.store.store_reflected`). None when a code would
+    rename 0 (then the gather's zeros outside the source would differ from the table's).
+
+    Parameters
+    ----------
+    right_codes : mapping of int to int, optional
+        As :func:`mirror_labels` (default :data:`~helm_dask.labels.RIGHT_CODES`).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        uint16, 65536 entries (read-only).
+
+    Example
+    -------
+    >>> lut = reflection_lut()
+    >>> int(lut[801]), int(lut[3]), int(lut[0])
+    (806, 3, 0)
+    """
+    codes = tuple(sorted((int(a), int(b)) for a, b in (RIGHT_CODES if right_codes is None else right_codes).items()))
+    lut = _rename_lut(codes)
+    return None if lut[0] != 0 else lut
 
 
 def _as_codes(region: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from ..labels import (
     parse_label_map,
     validate_manual_labels,
 )
-from ..mirror import MirrorTransform, check_hypothalamus_plane, fit_mirror, mirror_labels
+from ..mirror import MirrorTransform, check_hypothalamus_plane, fit_mirror, mirror_labels, reflection_lut
 from ..resample import (
     content_extent_mm,
     grid_reach_mm,
@@ -497,24 +497,32 @@ def _mirror(run: Run, key: str) -> dict:
     if doc.get("mirror_check") != check:
         # beside the transform, so that a rerun that skips this stage still reports it in run.json
         subj.write_json(tr_json, {**doc, "mirror_check": check}, key)
-    maps = _mirrored(run, transform)
-    return subj.save_many({f"label_map_k{k}": maps[k] for k in run.ks}, key, "mirror", run.params_of("mirror"))
+    maps, luts = _mirrored(run, transform)
+    # the x > 0 half of each map is read back from its x < 0 half (reversed, renamed) instead of gathered again:
+    # the gather reads ~2x2x2 source chunks of every map per output chunk, the read-back two stored chunks
+    reflect = {f"label_map_k{k}": luts[k] for k in run.ks}
+    return subj.save_many(
+        {f"label_map_k{k}": maps[k] for k in run.ks}, key, "mirror", run.params_of("mirror"), reflect=reflect
+    )
 
 
-def _mirrored(run: Run, transform: MirrorTransform) -> dict:
-    """Every k's whole-brain map (lazy): the mirrored side renamed by :data:`RIGHT_CODES` and ``--extra-labels``;
-    with a k-dependent table (helm), by that k's right codes, one gather per k (codes differ between ks)."""
+def _mirrored(run: Run, transform: MirrorTransform) -> tuple[dict, dict]:
+    """Every k's whole-brain map (lazy) and its reflection table: the mirrored side renamed by
+    :data:`RIGHT_CODES` and ``--extra-labels``; with a k-dependent table (helm), by that k's right codes, one
+    gather per k (codes differ between ks)."""
     hemis = {k: run.vols[f"hemi_k{k}"] for k in run.ks}
     extras = {e.left: e.right for e in run.extras}
     table = load_label_table(run.p.label_table)
     if not table.k_dependent:
         rc = {**RIGHT_CODES, **extras} if extras else None  # None: the default mirror, as before
-        return cast(dict, mirror_labels(hemis, transform, margin_mm=run.p.margin_mm, right_codes=rc))
-    out = {}
+        maps = cast(dict, mirror_labels(hemis, transform, margin_mm=run.p.margin_mm, right_codes=rc))
+        return maps, dict.fromkeys(hemis, reflection_lut(rc))
+    out, luts = {}, {}
     for k, hemi in hemis.items():
         rc = {**extras, **table.for_k(k).right_codes()}
         out[k] = mirror_labels(hemi, transform, margin_mm=run.p.margin_mm, right_codes=rc)
-    return out
+        luts[k] = reflection_lut(rc)
+    return out, luts
 
 
 def _after_mirror(run: Run) -> None:

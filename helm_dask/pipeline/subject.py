@@ -228,8 +228,11 @@ class Subject:
             release_chunk_caches()
         return self.open(name)
 
-    def save_many(self, vols: dict, key: str, stage: str, params: dict) -> dict:
-        """Write several volumes from one shared Dask computation (inputs read once); skip those already done."""
+    def save_many(self, vols: dict, key: str, stage: str, params: dict, reflect: dict | None = None) -> dict:
+        """Write several volumes from one shared Dask computation (inputs read once); skip those already done.
+
+        ``reflect``: ``{name: lut}`` for volumes whose second x half mirrors the first
+        (:func:`helm_dask.io.store.save_volumes`)."""
         self.ensure_store()
         todo = {
             self.vpath(n): like(v, v.data, step=provenance_record(stage, params, self.input_checksums()))
@@ -245,6 +248,7 @@ class Subject:
                     extra={"stage_key": key, "stage": stage},
                     storage_options=self.so,
                     label_colours=self.label_colours(),
+                    reflect={self.vpath(n): lut for n, lut in (reflect or {}).items() if lut is not None},
                 )
             finally:
                 release_chunk_caches()  # as in save()
