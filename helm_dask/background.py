@@ -39,6 +39,7 @@ from .coarse import (
 )
 from .errors import HelmError
 from .io.regions import StoreView, halo_box, pad_halo, region_map, store_view_of
+from .io.store import STORE_BATCH_CHUNKS, block_batches
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = ["brain_mask", "apply_mask", "block_mean", "coarse_factors", "fit_coarse_model", "gmm1d", "refine_mask"]
@@ -1288,19 +1289,39 @@ def _constant_chunk(shape: tuple, value: int) -> np.ndarray:
     return np.full(shape, value, np.uint8)
 
 
+def _band_groups(chunks: tuple, band: list) -> list[list]:
+    """The band chunks in refine tasks: within each box of the writer's batches (:func:`block_batches` of
+    :data:`STORE_BATCH_CHUNKS`), along a Hilbert curve of the chunk grid, at most :data:`_BATCH` per task and at
+    least two tasks per box (both workers busy in every batch).
+
+    Why the writer's boxes: a task whose chunks lie in two batches ran once per batch (the writer computes its
+    batches one after the other, nothing is kept between them). With tasks along one Hilbert curve of the
+    whole volume, the 0.2 mm phantom's 109 band chunks were refined 187 times, in 7 task runs instead of 4;
+    at 0.1 mm the stage decoded 7x the scan's bytes."""
+    numblocks = tuple(len(c) for c in chunks)
+    bits = max(1, max(numblocks).bit_length())
+    groups = []
+    for box in block_batches(numblocks, STORE_BATCH_CHUNKS):
+        inside = [idx for idx in band if all(s.start <= i < s.stop for i, s in zip(idx, box))]
+        if not inside:
+            continue
+        inside.sort(key=lambda idx: _hilbert_key(idx, bits))
+        n_tasks = max(min(2, len(inside)), -(-len(inside) // _BATCH))
+        size = -(-len(inside) // n_tasks)
+        groups += [inside[b : b + size] for b in range(0, len(inside), size)]
+    return groups
+
+
 def _batched_refine(view: StoreView, chunks: tuple, plans: dict, token: str) -> da.Array:
-    """The mask as one task per batch of band chunks (:data:`_BATCH`, along a Hilbert curve of the chunk grid)
-    reading a stored scan through :func:`_refine_batch`, and one getter per band chunk; the other chunks constant."""
+    """The mask as one task per group of band chunks (:func:`_band_groups`) reading a stored scan through
+    :func:`_refine_batch`, and one getter per band chunk; the other chunks constant."""
     name = f"brain-mask-{token}"
     band = [idx for idx, p in plans.items() if isinstance(p, tuple)]
-    bits = max(1, max(len(c) for c in chunks).bit_length())
-    band.sort(key=lambda idx: _hilbert_key(idx, bits))
     layer: dict = {}
-    size = min(_BATCH, max(8, -(-len(band) // 4)))  # and >= 4 tasks: both workers busy
-    for b in range(0, len(band), size):
-        key = (f"{name}-batch", b // size)
-        layer[key] = (functools.partial(_refine_batch, view, [plans[i][2] for i in band[b : b + size]]),)
-        for j, idx in enumerate(band[b : b + size]):
+    for g, group in enumerate(_band_groups(chunks, band)):
+        key = (f"{name}-batch", g)
+        layer[key] = (functools.partial(_refine_batch, view, [plans[i][2] for i in group]),)
+        for j, idx in enumerate(group):
             layer[(name,) + idx] = (operator.getitem, key, j)
     for idx, p in plans.items():
         if not isinstance(p, tuple):

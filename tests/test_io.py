@@ -650,7 +650,7 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
 
     monkeypatch.setattr(store.da, "store", flaky)
     store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
-    boxes = len(list(store._block_batches((3, 2, 2), 2)))
+    boxes = len(list(store.block_batches((3, 2, 2), 2)))
     assert np.array_equal(t[...], x) and boxes > 2 and calls["n"] == boxes + 1  # one box ran twice
 
     def always(*a, **kw):

@@ -520,8 +520,16 @@ def with_fault_hook(target):
     return target
 
 
-def _block_batches(numblocks: tuple[int, ...], n: int) -> Iterator[tuple[slice, ...]]:
-    """Compact boxes of about ``n`` blocks covering the block grid (in C order)."""
+def block_batches(numblocks: tuple[int, ...], n: int) -> Iterator[tuple[slice, ...]]:
+    """Compact boxes of about ``n`` blocks covering the block grid (in C order): the batches of
+    :func:`store_batched` (a graph whose tasks serve several output chunks can group them by these boxes, so
+    that no task is needed by two batches, which would run it twice).
+
+    Example
+    -------
+    >>> [tuple((s.start, s.stop) for s in b) for b in block_batches((3, 2), 4)]
+    [((0, 2), (0, 2)), ((2, 3), (0, 2))]
+    """
     edge = max(1, round(n ** (1.0 / len(numblocks))))
     steps = [min(nb, edge) for nb in numblocks]
     for start in np.ndindex(*[-(-nb // st) for nb, st in zip(numblocks, steps)]):
@@ -665,7 +673,7 @@ def store_reflected(sources: list, targets: list, luts: list, *, batch_chunks: i
 
 
 def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) -> None:
-    """``run(region)`` for the chunk-aligned region of every box of :func:`_block_batches`, one after the other.
+    """``run(region)`` for the chunk-aligned region of every box of :func:`block_batches`, one after the other.
 
     Before each box the scheduler is given time to forget the previous box's tasks (:func:`_scheduler_settler`,
     a few seconds at most: on a shared cluster others' tasks keep the count up); a box that still meets the
@@ -674,7 +682,7 @@ def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) 
     """
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
     settle = _scheduler_settler()
-    for box in _block_batches(tuple(len(c) for c in chunks), batch_chunks):
+    for box in block_batches(tuple(len(c) for c in chunks), batch_chunks):
         region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
         settle(5.0)
         try:
