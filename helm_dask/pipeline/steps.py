@@ -248,8 +248,8 @@ def working_grid(
     ``on_scan_grid`` says whether the result is the scan's grid (block means and the scan-grid votes apply).
     A tilted scan's RAS grid is cut to the box of ``content`` (the brain mask and the labels, one pass over
     each) widened by the resampling's reach (:func:`helm_dask.resample.grid_reach_mm`), so that nothing nonzero
-    falls outside it: the rotated field of view holds ~1.6x the scan's voxels, the brain's box ~1.2x (the
-    0.1 mm phantom), and every stage after resample pays per voxel.
+    falls outside it: the rotated field of view holds 1.62x the scan's voxels, the cut grid 0.85x (the 0.1 mm
+    phantom), and every stage after resample pays per voxel.
 
     Parameters
     ----------
