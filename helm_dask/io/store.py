@@ -617,8 +617,8 @@ def _reversed_lookup_nb(src: np.ndarray, lut: np.ndarray, out: np.ndarray) -> No
 
 def _reflected_block(target: zarr.Array, lut: np.ndarray, start: int, block_info=None) -> np.ndarray:
     """Output chunk ``x0 .. x1`` (offset by ``start``) of the second half: the stored ``n - x1 .. n - x0``,
-    reversed and looked up (one read of at most two stored chunks; 34 -> ~5 ms per 0.2 mm chunk against
-    NumPy's reverse, table lookup and rechunk)."""
+    reversed and looked up in one compiled pass (one read of at most two stored chunks): 14 ms per 0.2 mm chunk
+    against 35 ms for NumPy's reverse, table lookup and rechunk."""
     (q0, q1), (y0, y1), (z0, z1) = block_info[None]["array-location"]
     n = int(target.shape[0])
     src = np.ascontiguousarray(target[n - q1 - start : n - q0 - start, y0:y1, z0:z1])
