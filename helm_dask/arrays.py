@@ -15,7 +15,7 @@ import xarray as xr
 
 from .errors import HelmError
 
-__all__ = ["EPS", "FAN_IN", "as_dask", "ball", "half_extent", "index_sums", "tree_reduce"]
+__all__ = ["EPS", "FAN_IN", "as_dask", "ball", "block_tasks", "half_extent", "index_sums", "tree_reduce"]
 
 #: Fan-in of the tree reductions: 8 partial results per task keeps a 0.1 mm volume's ~1,200 chunk results to
 #: four levels, each task holding at most 8 partials.
@@ -80,6 +80,39 @@ def tree_reduce(parts: list, combine: Callable[..., Any], fan_in: int = FAN_IN) 
     while len(parts) > 1:
         parts = [dcomb(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
     return parts[0]
+
+
+def block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
+    """One delayed ``fn(block, offset, *args)`` per chunk of a 3-D array, in chunk order: ``offset`` is the
+    chunk's first voxel index in the whole array (the partial results of a chunked reduction, for
+    :func:`tree_reduce`).
+
+    Parameters
+    ----------
+    data : dask.array.Array
+        A 3-D array.
+    fn : callable
+        ``fn(block, offset, *args)``, module-level (picklable).
+    *args
+        Further arguments, the same for every chunk.
+
+    Returns
+    -------
+    list of dask.delayed.Delayed
+
+    Examples
+    --------
+    >>> def first_corner(block, offset):
+    ...     return offset
+    >>> dask.compute(*block_tasks(da.zeros((4, 2, 2), chunks=(3, 2, 2)), first_corner))
+    ((0, 0, 0), (3, 0, 0))
+    """
+    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
+    blocks = data.to_delayed()
+    dfn = dask.delayed(fn, pure=True)
+    return [
+        dfn(blocks[idx], tuple(int(offsets[d][idx[d]]) for d in range(3)), *args) for idx in np.ndindex(*blocks.shape)
+    ]
 
 
 def _index_sums_block(block: np.ndarray, codes: np.ndarray | None, block_info: Any = None) -> np.ndarray:

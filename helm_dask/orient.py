@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .arrays import as_dask
+from .arrays import as_dask, block_tasks
 from .errors import HelmError
 from .io.regions import carry_view
 from .labels import RIGHT_OFFSET, RIGHT_TO_LEFT, SIDE_CODES
@@ -286,14 +286,7 @@ def _block_moments(
 
 def _moments_tasks(data: da.Array, affine: np.ndarray, threshold: float | None) -> list:
     """One delayed moment task per chunk (a chunked reduction; each task holds one chunk)."""
-    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in data.chunks]
-    blocks = data.to_delayed()
-    fn = dask.delayed(_block_moments, pure=True)
-    tasks = []
-    for idx in np.ndindex(*blocks.shape):
-        off = tuple(int(offsets[d][idx[d]]) for d in range(3))
-        tasks.append(fn(blocks[idx], off, affine, threshold))
-    return tasks
+    return block_tasks(data, _block_moments, affine, threshold)
 
 
 def _combine_moments(parts: list, affine: np.ndarray) -> dict | None:

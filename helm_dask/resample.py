@@ -21,7 +21,7 @@ import scipy.ndimage as ndi
 import xarray as xr
 from numba import njit
 
-from .arrays import tree_reduce
+from .arrays import block_tasks, tree_reduce
 from .errors import HelmError
 from .io.regions import region_map
 from .volume import affine_of, is_axis_aligned, like, provenance_record, spacing_of
@@ -301,14 +301,8 @@ def content_extent_mm(*vols: xr.DataArray) -> tuple[np.ndarray, np.ndarray] | No
     >>> lo.tolist(), hi.tolist()
     ([3.0, 0.5, 0.5], [7.0, 1.5, 1.5])
     """
-    parts: list = []
     a = affine_of(vols[0])
-    for vol in vols:
-        data = _check3d(vol, "content_extent_mm")
-        offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
-        blocks = data.to_delayed()
-        fn = dask.delayed(_extent_block, pure=True)
-        parts += [fn(blocks[i], tuple(int(offsets[d][i[d]]) for d in range(3)), a) for i in np.ndindex(*blocks.shape)]
+    parts = [t for v in vols for t in block_tasks(_check3d(v, "content_extent_mm"), _extent_block, a)]
     (box,) = dask.compute(tree_reduce(parts, _extent_combine))
     if box is None:
         return None

@@ -12,10 +12,9 @@ from typing import Any
 
 import dask
 import dask.array as da
-import numpy as np
 import xarray as xr
 
-from ..arrays import as_dask, tree_reduce
+from ..arrays import as_dask, block_tasks, tree_reduce
 from ..errors import HelmError
 
 
@@ -31,17 +30,7 @@ def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
     return as_dask(vol)
 
 
-def _block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
-    """One delayed ``fn(block, offset, *args)`` per chunk."""
-    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
-    blocks = data.to_delayed()
-    dfn = dask.delayed(fn, pure=True)
-    return [
-        dfn(blocks[idx], tuple(int(offsets[d][idx[d]]) for d in range(3)), *args) for idx in np.ndindex(*blocks.shape)
-    ]
-
-
 def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
     """``combine`` over ``fn(block, offset, *args)`` of every chunk, computed now."""
-    (res,) = dask.compute(tree_reduce(_block_tasks(data, fn, *args), combine))
+    (res,) = dask.compute(tree_reduce(block_tasks(data, fn, *args), combine))
     return res
