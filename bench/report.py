@@ -104,6 +104,11 @@ FAMILIES = [
         dashed_means="1 worker",
     ),
     Family(
+        "pipeline stages on the template phantom, real anatomy (bench/pipeline.py --anatomy mni152)",
+        lambda r: r["stage"].startswith("pipeline-mni152:") and not r["stage"].startswith("pipeline-mni152:export "),
+        label=_after_colon,
+    ),
+    Family(
         "NIfTI exports of the pipeline, one per file (bench/pipeline.py)",
         lambda r: r["stage"].startswith("pipeline:export "),
         label=lambda r: _export_kind(r["stage"]),
