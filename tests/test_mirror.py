@@ -887,3 +887,80 @@ def test_reflected_write_equals_the_whole_gather(tmp_path, hemi, fitted, chunks)
                 za, zb = (zarr.open_array(p, mode="r") for p in paths)
                 np.testing.assert_array_equal(za[...], zb[...])
     assert reflection_lut({0: 5}) is None  # a table renaming 0 would not give the gather's zeros
+
+
+# -- the fit's compiled block passes against their plain NumPy forms ----------------------------------------------
+
+
+def _stats_block_numpy(block, offset, shape, k, key):
+    """Pass 1 of the fit in NumPy: flatnonzero, unravel_index, the hash on whole arrays (the earlier code)."""
+    sel = np.asarray(block) != 0
+    flat = np.flatnonzero(sel)
+    if flat.size == 0:
+        return (0, (0, 0, 0), None, np.empty(0, np.uint64), np.empty(0, np.int64))
+    g = [loc.astype(np.int64) + offset[d] for d, loc in enumerate(np.unravel_index(flat, sel.shape))]
+    lin = (g[0] * shape[1] + g[1]) * shape[2] + g[2]
+    h = mirror.fit._splitmix64(lin.astype(np.uint64) ^ np.uint64(key))
+    if h.size > k:
+        keep = np.argpartition(h, k - 1)[:k]
+        h, lin = h[keep], lin[keep]
+    sums = tuple(int(gd.sum()) for gd in g)
+    return (int(flat.size), sums, tuple((int(gd.min()), int(gd.max())) for gd in g), h, lin)
+
+
+def _hist_block_numpy(block, offset, geom, levels, level, columns):
+    """The exact quantile's histogram pass in NumPy: values on the whole block, boolean selection,
+    ``maximum.at`` for the columns, ``bincount`` (the earlier code)."""
+    sel = np.asarray(block) != 0
+    i, j, k = (np.arange(o, o + n, dtype=np.float64) for o, n in zip(offset, sel.shape))
+
+    def lin(w, b):
+        return (((b + w[0] * i)[:, None, None] + (w[1] * j)[None, :, None]) + (w[2] * k)[None, None, :])[sel]
+
+    u = lin(geom["w"], geom["b"])
+    col = None
+    if columns and u.size:
+        iy = np.floor((lin(geom["wy"], geom["by"]) - geom["y0"]) * geom["inv_col"]).astype(np.int64)
+        iz = np.floor((lin(geom["wz"], geom["bz"]) - geom["z0"]) * geom["inv_col"]).astype(np.int64)
+        arr = np.full((iy.max() - iy.min() + 1, iz.max() - iz.min() + 1), -np.inf)
+        np.maximum.at(arr, (iy - iy.min(), iz - iz.min()), u)
+        col = (int(iy.min()), int(iz.min()), arr)
+    total = float(u.sum())
+    for lo, inv_w, target in levels:
+        u = u[mirror.quantile._bin_of(u, lo, inv_w) == target]
+    b = mirror.quantile._bin_of(u, *level)
+    n = mirror.quantile._NBINS
+    return (np.bincount(b, minlength=n), np.bincount(b, weights=u, minlength=n).astype(np.float64), total, col)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.uint16])
+def test_compiled_fit_passes_equal_numpy_bit_for_bit(dtype):
+    """The compiled pass-1 statistics, histogram (with the footprint columns) and collect of the mirror fit give
+    the same integers and the same float64 bits as their NumPy forms, for random blocks, offsets and levels."""
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        sh = tuple(int(v) for v in rng.integers(1, 24, 3))
+        blk = (rng.random(sh) < (0.0, 0.3, 1.0)[trial % 3]).astype(dtype)
+        off = tuple(int(v) for v in rng.integers(0, 400, 3))
+        shape = tuple(o + s + 3 for o, s in zip(off, sh))
+        key, kk = int(rng.integers(0, 2**63)), int(rng.integers(1, 300))
+        got, ref = mirror.fit._stats_block(blk, off, shape, kk, key), _stats_block_numpy(blk, off, shape, kk, key)
+        assert got[:3] == ref[:3]
+        np.testing.assert_array_equal(got[3], ref[3])
+        np.testing.assert_array_equal(got[4], ref[4])
+        geom = {"b": float(rng.normal()), "by": 0.7, "bz": -1.3, "y0": -250.0, "z0": -180.0, "inv_col": 1 / 0.6}
+        geom.update(w=rng.normal(size=3) * 0.3, wy=rng.normal(size=3) * 0.3, wz=rng.normal(size=3) * 0.3)
+        lo, inv_w = -300.0, mirror.quantile._NBINS / 600.0
+        levels = () if trial % 2 else ((lo, inv_w, int(rng.integers(20000, 40000))),)
+        for lv, cols in (((), True), (levels, False)):
+            g = mirror.quantile._hist_block(blk, off, geom, lv, (lo, inv_w), cols)
+            r = _hist_block_numpy(blk, off, geom, lv, (lo, inv_w), cols)
+            np.testing.assert_array_equal(g[0], r[0])
+            assert g[1].tobytes() == r[1].tobytes() and g[2] == r[2]
+            assert (g[3] is None) == (r[3] is None)
+            if g[3] is not None:
+                assert g[3][:2] == r[3][:2] and g[3][2].tobytes() == r[3][2].tobytes()
+        vals, cnts = mirror.quantile._collect_block(blk, off, geom, levels)
+        ref_u = _hist_block_numpy(blk, off, geom, (), (lo, inv_w), False)
+        assert cnts.sum() == (ref_u[0].sum() if not levels else ref_u[0][levels[0][2]])
+        assert vals.dtype == np.float64 and np.all(np.diff(vals) > 0)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np
+from numba import njit
 
 from .passes import _run
 
@@ -19,13 +20,87 @@ _MAX_LEVELS = 4  # 65536**4 bins: beyond float64 resolution, so the last bin hol
 _MAX_COLLECT = 4_000_000  # values of the quantile's bin gathered in memory (else refine the bin)
 
 
-def _lin_block(shape: tuple[int, ...], offset: tuple[int, int, int], w: Sequence[float], b: float) -> np.ndarray:
-    """``((b + w0 i) + w1 j) + w2 k`` for the block's global indices: the same float ops for a voxel in any
-    chunking, so every pass sees bit-identical values."""
+def _lin_terms(
+    shape: tuple[int, ...], offset: tuple[int, int, int], w: Sequence[float], b: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three terms of ``((b + w0 i) + w1 j) + w2 k`` over the block's global indices (each along its axis)."""
     i = np.arange(offset[0], offset[0] + shape[0], dtype=np.float64)
     j = np.arange(offset[1], offset[1] + shape[1], dtype=np.float64)
     k = np.arange(offset[2], offset[2] + shape[2], dtype=np.float64)
-    return ((b + w[0] * i)[:, None, None] + (w[1] * j)[None, :, None]) + (w[2] * k)[None, None, :]
+    return b + w[0] * i, w[1] * j, w[2] * k
+
+
+@njit(cache=True, nogil=True)
+def _lin_nonzero_nb(
+    block: np.ndarray, ti: np.ndarray, tj: np.ndarray, tk: np.ndarray, out: np.ndarray
+) -> int:  # pragma: no cover (compiled)
+    """``out[:n] = (ti[i] + tj[j]) + tk[k]`` of the block's nonzero voxels in C order; returns n."""
+    n = 0
+    for a in range(block.shape[0]):
+        for b in range(block.shape[1]):
+            ij = ti[a] + tj[b]
+            for c in range(block.shape[2]):
+                if block[a, b, c] != 0:
+                    out[n] = ij + tk[c]
+                    n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _column_max_nb(
+    y: np.ndarray, z: np.ndarray, u: np.ndarray, y0: float, z0: float, inv_col: float
+) -> tuple:  # pragma: no cover (compiled)
+    """The footprint columns ``floor((y - y0) inv_col), floor((z - z0) inv_col)`` of the voxels and the largest
+    ``u`` in each: ``(first column y, first column z, max u per column)`` (NumPy's ``maximum.at``, compiled)."""
+    iy, iz = np.empty(u.size, np.int64), np.empty(u.size, np.int64)
+    for p in range(u.size):
+        iy[p] = np.int64(np.floor((y[p] - y0) * inv_col))
+        iz[p] = np.int64(np.floor((z[p] - z0) * inv_col))
+    ylo, zlo = iy.min(), iz.min()
+    arr = np.full((iy.max() - ylo + 1, iz.max() - zlo + 1), -np.inf)
+    for p in range(u.size):
+        a, b = iy[p] - ylo, iz[p] - zlo
+        if u[p] > arr[a, b]:
+            arr[a, b] = u[p]
+    return ylo, zlo, arr
+
+
+@njit(cache=True, nogil=True)
+def _hist_nb(
+    u: np.ndarray, levels: np.ndarray, lo: float, inv_w: float, cnt: np.ndarray, sums: np.ndarray
+) -> None:  # pragma: no cover (compiled)
+    """Add to ``cnt``/``sums`` the count and sum of ``u`` per bin, over the values inside every previous level's
+    bin (``levels`` rows: lo, 1/width, bin); the bins and the order of the additions are NumPy's ``bincount``."""
+    last = cnt.size - 1
+    for p in range(u.size):
+        inside = True
+        for r in range(levels.shape[0]):
+            if _bin_nb(u[p], levels[r, 0], levels[r, 1], last) != np.int64(levels[r, 2]):
+                inside = False
+                break
+        if inside:
+            b = _bin_nb(u[p], lo, inv_w, last)
+            cnt[b] += 1
+            sums[b] += u[p]
+
+
+@njit(cache=True, nogil=True)
+def _bin_nb(v: float, lo: float, inv_w: float, last: int) -> np.int64:  # pragma: no cover (compiled)
+    """:func:`_bin_of` of one value."""
+    f = np.floor((v - lo) * inv_w)
+    return np.int64(min(max(f, 0.0), float(last)))
+
+
+def _lin_nonzero(block: np.ndarray, offset: tuple[int, int, int], w: Sequence[float], b: float) -> np.ndarray:
+    """``((b + w0 i) + w1 j) + w2 k`` at the block's nonzero voxels (global indices), in C order: the same float
+    ops for a voxel in any chunking, so every pass sees bit-identical values (compiled: the values are built
+    for the nonzero voxels only, not for the whole block and then selected)."""
+    blk = np.asarray(block)
+    if blk.dtype == np.bool_:
+        blk = blk.view(np.uint8)
+    out = np.empty(blk.size, np.float64)
+    n = _lin_nonzero_nb(blk, *_lin_terms(blk.shape, offset, w, b), out)
+    return out[:n]
 
 
 def _bin_of(u: np.ndarray, lo: float, inv_w: float) -> np.ndarray:
@@ -47,26 +122,24 @@ def _hist_block(
     level: tuple[float, float],
     columns: bool,
 ) -> tuple:
-    sel = np.asarray(block) != 0
-    empty = (np.zeros(_NBINS, np.int64), np.zeros(_NBINS, np.float64), 0.0, None)
-    if not sel.any():
-        return empty
-    u_all = _lin_block(sel.shape, offset, geom["w"], geom["b"])
-    u = u_all[sel]
+    """``(count per bin, sum per bin, sum of all x, footprint columns or None)`` of one block's nonzero voxels.
+
+    Compiled, with the same float64 bits as the NumPy form (values on the whole block, boolean selection,
+    ``maximum.at``, ``bincount``; tested): a full 128^3 chunk of a 0.3 mm mask 209 -> 54 ms with the columns,
+    42 -> 14 ms without."""
+    u = _lin_nonzero(block, offset, geom["w"], geom["b"])
+    if not u.size:
+        return (np.zeros(_NBINS, np.int64), np.zeros(_NBINS, np.float64), 0.0, None)
     col = None
     if columns:
-        y = _lin_block(sel.shape, offset, geom["wy"], geom["by"])[sel]
-        z = _lin_block(sel.shape, offset, geom["wz"], geom["bz"])[sel]
-        iy = np.floor((y - geom["y0"]) * geom["inv_col"]).astype(np.int64)
-        iz = np.floor((z - geom["z0"]) * geom["inv_col"]).astype(np.int64)
-        y0, z0 = int(iy.min()), int(iz.min())
-        arr = np.full((int(iy.max()) - y0 + 1, int(iz.max()) - z0 + 1), -np.inf)
-        np.maximum.at(arr, (iy - y0, iz - z0), u)
-        col = (y0, z0, arr)
+        y = _lin_nonzero(block, offset, geom["wy"], geom["by"])
+        z = _lin_nonzero(block, offset, geom["wz"], geom["bz"])
+        ylo, zlo, arr = _column_max_nb(y, z, u, geom["y0"], geom["z0"], geom["inv_col"])
+        col = (int(ylo), int(zlo), arr)
     total = float(u.sum())
-    u = _select_levels(u, levels)
-    b = _bin_of(u, level[0], level[1])
-    return (np.bincount(b, minlength=_NBINS), np.bincount(b, weights=u, minlength=_NBINS), total, col)
+    cnt, sums = np.zeros(_NBINS, np.int64), np.zeros(_NBINS, np.float64)
+    _hist_nb(u, np.array(levels, np.float64).reshape(-1, 3), level[0], level[1], cnt, sums)
+    return (cnt, sums, total, col)
 
 
 def _merge_columns(cols: list) -> tuple | None:
@@ -96,10 +169,7 @@ def _hist_combine(*parts: tuple) -> tuple:
 
 
 def _collect_block(block: np.ndarray, offset: tuple[int, int, int], geom: dict, levels: tuple) -> tuple:
-    sel = np.asarray(block) != 0
-    if not sel.any():
-        return (np.empty(0), np.empty(0, np.int64))
-    u = _select_levels(_lin_block(sel.shape, offset, geom["w"], geom["b"])[sel], levels)
+    u = _select_levels(_lin_nonzero(block, offset, geom["w"], geom["b"]), levels)
     return np.unique(u, return_counts=True)
 
 
