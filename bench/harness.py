@@ -129,6 +129,13 @@ class Sampler:
             f"{'client' if pid == self.root.pid else pid}={rss / 2**20:.0f}" for pid, rss in parts if rss > 100 * 2**20
         )
         self.peak_by_pid = {}
+        # CPU seconds since the last mark, the client apart from its children (scheduler threads run in the
+        # client): how much of a stage is serial work in the client, the part a second worker cannot share
+        marked = getattr(self, "_cpu_marked", {})
+        since = {pid: cpu - self._cpu_base[pid] - marked.get(pid, 0.0) for pid, cpu in self._cpu_last.items()}
+        self._cpu_marked = {pid: cpu - self._cpu_base[pid] for pid, cpu in self._cpu_last.items()}
+        client = since.pop(self.root.pid, 0.0)
+        self.stage_breakdown += f"; CPU s: client {client:.1f}, workers {sum(since.values()):.1f}"
         self.stage_load, self._loads = (sum(self._loads) / len(self._loads) if self._loads else 0.0), []
         rd, wr = self.read_bytes, self.written_bytes
         last = getattr(self, "_marked", (0, 0))
