@@ -908,14 +908,29 @@ def _stats_block_numpy(block, offset, shape, k, key):
     return (int(flat.size), sums, tuple((int(gd.min()), int(gd.max())) for gd in g), h, lin)
 
 
+def _lin_numpy(block, offset, w, b):
+    """``((b + w0 i) + w1 j) + w2 k`` on the whole block, then its nonzero voxels selected (C order)."""
+    sel = np.asarray(block) != 0
+    i, j, k = (np.arange(o, o + n, dtype=np.float64) for o, n in zip(offset, sel.shape))
+    return (((b + w[0] * i)[:, None, None] + (w[1] * j)[None, :, None]) + (w[2] * k)[None, None, :])[sel]
+
+
+def _bin_of_numpy(u, lo, inv_w):
+    return np.clip(np.floor((u - lo) * inv_w), 0, mirror.quantile._NBINS - 1).astype(np.int64)
+
+
+def _select_numpy(u, levels):
+    for lo, inv_w, target in levels:
+        u = u[_bin_of_numpy(u, lo, inv_w) == target]
+    return u
+
+
 def _hist_block_numpy(block, offset, geom, levels, level, columns):
     """The exact quantile's histogram pass in NumPy: values on the whole block, boolean selection,
     ``maximum.at`` for the columns, ``bincount`` (the earlier code)."""
-    sel = np.asarray(block) != 0
-    i, j, k = (np.arange(o, o + n, dtype=np.float64) for o, n in zip(offset, sel.shape))
 
     def lin(w, b):
-        return (((b + w[0] * i)[:, None, None] + (w[1] * j)[None, :, None]) + (w[2] * k)[None, None, :])[sel]
+        return _lin_numpy(block, offset, w, b)
 
     u = lin(geom["w"], geom["b"])
     col = None
@@ -926,11 +941,15 @@ def _hist_block_numpy(block, offset, geom, levels, level, columns):
         np.maximum.at(arr, (iy - iy.min(), iz - iz.min()), u)
         col = (int(iy.min()), int(iz.min()), arr)
     total = float(u.sum())
-    for lo, inv_w, target in levels:
-        u = u[mirror.quantile._bin_of(u, lo, inv_w) == target]
-    b = mirror.quantile._bin_of(u, *level)
+    u = _select_numpy(u, levels)
+    b = _bin_of_numpy(u, *level)
     n = mirror.quantile._NBINS
     return (np.bincount(b, minlength=n), np.bincount(b, weights=u, minlength=n).astype(np.float64), total, col)
+
+
+def _collect_block_numpy(block, offset, geom, levels):
+    """The collect pass in NumPy: the values inside every level's bin, then their distinct values and counts."""
+    return np.unique(_select_numpy(_lin_numpy(block, offset, geom["w"], geom["b"]), levels), return_counts=True)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.uint16])
@@ -964,3 +983,6 @@ def test_compiled_fit_passes_equal_numpy_bit_for_bit(dtype):
         ref_u = _hist_block_numpy(blk, off, geom, (), (lo, inv_w), False)
         assert cnts.sum() == (ref_u[0].sum() if not levels else ref_u[0][levels[0][2]])
         assert vals.dtype == np.float64 and np.all(np.diff(vals) > 0)
+        ref_vals, ref_cnts = _collect_block_numpy(blk, off, geom, levels)
+        assert vals.tobytes() == ref_vals.tobytes()
+        np.testing.assert_array_equal(cnts, ref_cnts)

@@ -66,29 +66,49 @@ def _column_max_nb(
 
 
 @njit(cache=True, nogil=True)
+def _bin_nb(v: float, lo: float, inv_w: float, last: int) -> np.int64:  # pragma: no cover (compiled)
+    """The histogram bin of one value: ``floor((v - lo) inv_w)`` clipped to ``[0, last]``."""
+    f = np.floor((v - lo) * inv_w)
+    return np.int64(min(max(f, 0.0), float(last)))
+
+
+@njit(cache=True, nogil=True)
+def _inside_nb(v: float, levels: np.ndarray, last: int) -> bool:  # pragma: no cover (compiled)
+    """Whether ``v`` lies in every previous level's chosen bin (``levels`` rows: lo, 1/width, bin)."""
+    for r in range(levels.shape[0]):
+        if _bin_nb(v, levels[r, 0], levels[r, 1], last) != np.int64(levels[r, 2]):
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _hist_nb(
     u: np.ndarray, levels: np.ndarray, lo: float, inv_w: float, cnt: np.ndarray, sums: np.ndarray
 ) -> None:  # pragma: no cover (compiled)
     """Add to ``cnt``/``sums`` the count and sum of ``u`` per bin, over the values inside every previous level's
-    bin (``levels`` rows: lo, 1/width, bin); the bins and the order of the additions are NumPy's ``bincount``."""
+    bin; the bins and the order of the additions are NumPy's ``bincount``."""
     last = cnt.size - 1
     for p in range(u.size):
-        inside = True
-        for r in range(levels.shape[0]):
-            if _bin_nb(u[p], levels[r, 0], levels[r, 1], last) != np.int64(levels[r, 2]):
-                inside = False
-                break
-        if inside:
+        if _inside_nb(u[p], levels, last):
             b = _bin_nb(u[p], lo, inv_w, last)
             cnt[b] += 1
             sums[b] += u[p]
 
 
 @njit(cache=True, nogil=True)
-def _bin_nb(v: float, lo: float, inv_w: float, last: int) -> np.int64:  # pragma: no cover (compiled)
-    """:func:`_bin_of` of one value."""
-    f = np.floor((v - lo) * inv_w)
-    return np.int64(min(max(f, 0.0), float(last)))
+def _select_nb(u: np.ndarray, levels: np.ndarray, last: int, out: np.ndarray) -> int:  # pragma: no cover
+    """``out[:n]`` = the values of ``u`` inside every previous level's bin, in order; returns n."""
+    n = 0
+    for p in range(u.size):
+        if _inside_nb(u[p], levels, last):
+            out[n] = u[p]
+            n += 1
+    return n
+
+
+def _levels_array(levels: Sequence[tuple[float, float, int]]) -> np.ndarray:
+    # The bin indices ride as float64: exact, as they are < 65536.
+    return np.array(levels, np.float64).reshape(-1, 3)
 
 
 def _lin_nonzero(block: np.ndarray, offset: tuple[int, int, int], w: Sequence[float], b: float) -> np.ndarray:
@@ -101,17 +121,6 @@ def _lin_nonzero(block: np.ndarray, offset: tuple[int, int, int], w: Sequence[fl
     out = np.empty(blk.size, np.float64)
     n = _lin_nonzero_nb(blk, *_lin_terms(blk.shape, offset, w, b), out)
     return out[:n]
-
-
-def _bin_of(u: np.ndarray, lo: float, inv_w: float) -> np.ndarray:
-    return np.clip(np.floor((u - lo) * inv_w), 0, _NBINS - 1).astype(np.int64)
-
-
-def _select_levels(u: np.ndarray, levels: Sequence[tuple[float, float, int]]) -> np.ndarray:
-    """The values of ``u`` inside every previous level's chosen bin."""
-    for lo, inv_w, target in levels:
-        u = u[_bin_of(u, lo, inv_w) == target]
-    return u
 
 
 def _hist_block(
@@ -138,7 +147,7 @@ def _hist_block(
         col = (int(ylo), int(zlo), arr)
     total = float(u.sum())
     cnt, sums = np.zeros(_NBINS, np.int64), np.zeros(_NBINS, np.float64)
-    _hist_nb(u, np.array(levels, np.float64).reshape(-1, 3), level[0], level[1], cnt, sums)
+    _hist_nb(u, _levels_array(levels), level[0], level[1], cnt, sums)
     return (cnt, sums, total, col)
 
 
@@ -169,8 +178,9 @@ def _hist_combine(*parts: tuple) -> tuple:
 
 
 def _collect_block(block: np.ndarray, offset: tuple[int, int, int], geom: dict, levels: tuple) -> tuple:
-    u = _select_levels(_lin_nonzero(block, offset, geom["w"], geom["b"]), levels)
-    return np.unique(u, return_counts=True)
+    u = _lin_nonzero(block, offset, geom["w"], geom["b"])
+    n = _select_nb(u, _levels_array(levels), _NBINS - 1, u)  # in place: the write never passes the read
+    return np.unique(u[:n], return_counts=True)
 
 
 def _collect_combine(*parts: tuple) -> tuple:
