@@ -659,3 +659,68 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
     monkeypatch.setattr(store.da, "store", always)
     with pytest.raises(KeyError):
         store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
+
+
+def test_reversed_axes_and_slab_bytes_equal_numpy():
+    """The per-plane reversal equals NumPy's 3-D transpose copy, for any strides and dtype; slab bytes are the
+    Fortran-order bytes whatever the slab's memory order."""
+    from helm_dask.io import nifti as nii
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1, 1), (5, 1, 7), (3, 4, 5), (17, 9, 128), (128, 2, 3)]:
+        for dtype in (np.uint8, np.uint16, np.float32, np.float64):
+            base = (rng.random(tuple(2 * s for s in shape)) * 200).astype(dtype)
+            for arr in (base[: shape[0], : shape[1], : shape[2]], base[::2, ::2, ::2], np.asfortranarray(base)):
+                got = nii.reversed_axes(arr)
+                assert got.flags.c_contiguous and got.dtype == arr.dtype
+                np.testing.assert_array_equal(got, arr.transpose(2, 1, 0))
+                for out_dtype in (dtype, np.float32):
+                    assert nii.slab_bytes(arr, out_dtype) == arr.astype(out_dtype).tobytes(order="F")
+
+
+@pytest.mark.parametrize("variant", ["3d", "4d", "rms", "ras"])
+def test_thin_landing_assembled_layer_by_layer_under_a_client(tmp_path, variant, monkeypatch):
+    """Under a distributed client the final chunks of each chunk layer are handed to the workers as soon as the
+    stream has landed the layer (every kept echo of it; in a RAS+ import of a file whose z axis is reversed the
+    layers complete from the top): one computation per layer, and the store equals the one made without a
+    client (everything assembled after the stream)."""
+    import importlib
+
+    from distributed import Client, LocalCluster
+
+    conv = importlib.import_module("helm_dask.io.convert")  # the package exports a function of the same name
+    rng = np.random.default_rng(11)
+    shape = (12, 10, 27) + ((3,) if variant in ("4d", "rms") else ())
+    data = np.abs(_make(shape, "float32", rng))
+    src = tmp_path / "in.nii.gz"
+    aff = np.diag([-1.0, 1.0, -1.0, 1.0]) if variant == "ras" else np.eye(4)
+    nib.save(nib.Nifti1Image(data, aff), src)
+    kw = dict(chunks=8, layer_mb=1e-4, echo_combine="rms" if variant == "rms" else None, ras=variant == "ras")
+    plain = open_volume(nifti_to_zarr(src, tmp_path / "plain.zarr", **kw)["path"], apply_scaling=False).values
+    handed = []
+    finish = conv._LayerAssembler.finish
+
+    def counting_finish(self):
+        handed.append(len(self.futures))
+        finish(self)
+
+    monkeypatch.setattr(conv._LayerAssembler, "finish", counting_finish)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        got = open_volume(nifti_to_zarr(src, tmp_path / "c.zarr", **kw)["path"], apply_scaling=False).values
+    assert handed == [4]  # 27 planes in chunks of 8: four layers, each handed out before the stream ended
+    assert got.dtype == plain.dtype and got.tobytes() == plain.tobytes()
+    ref = np.sqrt((data.astype(np.float64) ** 2).mean(axis=3)).astype(np.float32) if variant == "rms" else data
+    if variant == "ras":
+        ref = ref[::-1, :, ::-1]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    assert "_landing" not in zarr_keys(tmp_path / "c.zarr")
+
+
+def zarr_keys(path):
+    import zarr
+
+    return list(zarr.open_group(path, mode="r").keys())

@@ -29,7 +29,6 @@ from . import location, regions
 from . import nifti as nii
 from .mgh import is_mgh_path, read_mgh_header
 from .store import (
-    _store_dask,
     atomic_path,
     atomic_store,
     build_pyramid,
@@ -39,6 +38,7 @@ from .store import (
     open_volume,
     read_meta,
     select_echo,
+    with_fault_hook,
     write_attrs,
 )
 
@@ -246,8 +246,10 @@ def _stream_slabs(
     dst: Any,
     tmp: Any,
     quiet: bool,
+    assembler: _LayerAssembler | None = None,
 ) -> int:
-    """Read the file once, in order, writing every slab into ``landing``; returns the non-finite voxel count."""
+    """Read the file once, in order, writing every slab into ``landing``; returns the non-finite voxel count.
+    Each slab written is reported to ``assembler``, which starts the final chunks of a layer once it is whole."""
     total_nonfinite = 0
     prog = Progress(len(kept) * plan.info.shape[2], f"reading {Path(src).name}", quiet=quiet)
     point = f"write:{location.name(dst)}"
@@ -265,15 +267,18 @@ def _stream_slabs(
             landing[where] = data
         else:
             landing[(kept.index(slab.t or 0), *where)] = data
+        if assembler is not None:
+            assembler.landed(where[plan.z_axis])
         prog.update(slab.z1 - slab.z0)
     prog.close()
     return total_nonfinite
 
 
-def _assemble_from_landing(
+def _level0_from_landing(
     group: Any, landing: Any, target: Any, plan: _ImportPlan, *, echo_combine: str | None, src: Any
-) -> None:
-    """Build the final chunks of level 0 from the thin landing chunks (one chunk per Dask task)."""
+) -> tuple[da.Array, Any, int]:
+    """``(level 0 as a lazy array over the thin landing chunks, the array it is stored in, its z axis)``: one
+    final chunk per Dask task (combined echoes: a new float32 level 0)."""
     info = plan.info
     landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(plan.chunks)), 0, 3)
     if plan.combine:
@@ -284,12 +289,52 @@ def _assemble_from_landing(
         target = create_level(group, 0, plan.out_shape, np.float32, plan.chunks, four_d=False)
         plan.nifti_meta["scaling"] = [1.0, 0.0]
         plan.nifti_meta["dtype"] = "float32"
-        _store_dask(level0, target)
-    elif plan.out_four_d:
-        _store_dask(da.moveaxis(landed, 3, 0), target)
-    else:
-        _store_dask(landed[..., 0], target)
-    del group["_landing"]
+        return level0.rechunk(target.chunks), target, plan.z_axis
+    if plan.out_four_d:
+        return da.moveaxis(landed, 3, 0).rechunk(target.chunks), target, plan.z_axis + 1
+    return landed[..., 0].rechunk(target.chunks), target, plan.z_axis
+
+
+class _LayerAssembler:
+    """Builds level 0 from the landing layer by layer, while the file is still being read.
+
+    The stream is one serial process (gunzip, checksum, landing writes) and the assembly is the workers' (read
+    the thin chunks, write whole ones): one after the other, the workers idle through the stream and the
+    stream's process through the assembly. A chunk layer along the stored z axis is complete as soon as its
+    planes of every kept echo are landed; its final chunks are then handed to the cluster (futures, no wait).
+    Without a distributed client everything is assembled at the end, as one computation.
+    """
+
+    def __init__(self, level0: da.Array, target: Any, zax: int, layer: int, n_echoes: int):
+        self.level0, self.target, self.zax, self.layer = level0, with_fault_hook(target), zax, layer
+        self.need = n_echoes
+        self.client = _client()
+        self.seen: dict[int, int] = {}
+        self.futures: list = []
+
+    def landed(self, zs: slice) -> None:
+        """Planes ``zs`` (stored order, within one chunk layer) of one echo are in the landing."""
+        i = zs.start // self.layer
+        self.seen[i] = self.seen.get(i, 0) + (zs.stop - zs.start)
+        lo, hi = i * self.layer, min((i + 1) * self.layer, self.level0.shape[self.zax])
+        if self.client is not None and self.seen[i] == (hi - lo) * self.need:
+            region = tuple(slice(lo, hi) if d == self.zax else slice(0, n) for d, n in enumerate(self.level0.shape))
+            stored = da.store(self.level0[region], self.target, regions=region, lock=False, compute=False)
+            self.futures.append(self.client.compute(stored))
+
+    def finish(self) -> None:
+        """Wait for the layers handed out; without a client, assemble everything now."""
+        if self.client is None:
+            da.store(self.level0, self.target, lock=False, compute=True)
+            return
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+    def cancel(self) -> None:
+        if self.futures and self.client is not None:
+            self.client.cancel(self.futures)
+        self.futures = []
 
 
 def _import_level0(
@@ -329,17 +374,37 @@ def _import_level0(
         landing = create_level(group, "_landing", land_shape, plan.raw_dtype, land_chunks, four_d=True)
     first = (int(info.shape[2]) % thin_z or thin_z) if plan.z_reversed else thin_z
     reader = nii.SlabReader(info, thin_z, echoes=plan.keep, first_planes=first)
-    total_nonfinite = _stream_slabs(
-        reader, landing, plan, kept, direct, nonfinite=nonfinite, src=src, dst=dst, tmp=tmp, quiet=quiet
-    )
-    if total_nonfinite and nonfinite == "error":
-        raise HelmError(
-            f"has {total_nonfinite:,} NaN or infinite voxels",
-            path=src,
-            hint="fix the scan, or pass --nonfinite zero to set them to 0",
-        )
+    assembler = None
     if not direct:
-        _assemble_from_landing(group, landing, target, plan, echo_combine=echo_combine, src=src)
+        level0, target, zax0 = _level0_from_landing(group, landing, target, plan, echo_combine=echo_combine, src=src)
+        assembler = _LayerAssembler(level0, target, zax0, chunks[zax], len(kept))
+    try:
+        total_nonfinite = _stream_slabs(
+            reader,
+            landing,
+            plan,
+            kept,
+            direct,
+            nonfinite=nonfinite,
+            src=src,
+            dst=dst,
+            tmp=tmp,
+            quiet=quiet,
+            assembler=assembler,
+        )
+        if total_nonfinite and nonfinite == "error":
+            raise HelmError(
+                f"has {total_nonfinite:,} NaN or infinite voxels",
+                path=src,
+                hint="fix the scan, or pass --nonfinite zero to set them to 0",
+            )
+        if assembler is not None:
+            assembler.finish()
+    finally:
+        if assembler is not None:
+            assembler.cancel()  # an error: no write of this import may outlive it
+    if not direct:
+        del group["_landing"]
     return reader, total_nonfinite
 
 
@@ -619,12 +684,15 @@ def _split_chunk(
         vol = b4[..., t]
         if not vol.any():
             continue
+        # Pieces are stored in the file's order (z, y, x), so that a slab is assembled from whole rows; the
+        # chunk is reversed once (nii.reversed_axes: 128^3 uint16 2.1 ms, against 16 ms for its 32 pieces
+        # transposed one by one), and each piece is then a contiguous run of planes.
+        zyx = nii.reversed_axes(vol)
         for k in range(0, vol.shape[2], dz):
-            piece = vol[:, :, k : k + dz]
+            piece = zyx[k : k + dz]
             if not piece.any():
                 continue
-            # stored in the file's order (z, y, x): a slab is then assembled from whole rows
-            enc = codec.encode(np.ascontiguousarray(piece.transpose(2, 1, 0)))
+            enc = codec.encode(piece)
             parts.append(enc)
             found.append((origin[3] + t if block.ndim == 4 else 0, origin[2] + k, offset, len(enc), vol.shape[:2]))
             offset += len(enc)

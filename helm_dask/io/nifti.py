@@ -676,7 +676,42 @@ def slab_bytes(arr: np.ndarray, dtype) -> bytes:
     >>> slab_bytes(np.array([[1, 2], [3, 4]]).reshape(2, 2, 1), "uint8")
     b'\\x01\\x03\\x02\\x04'
     """
-    return np.asarray(arr).astype(np.dtype(dtype), copy=False).tobytes(order="F")
+    a = np.asarray(arr).astype(np.dtype(dtype), copy=False)
+    if a.ndim == 3 and not a.flags.f_contiguous:
+        return reversed_axes(a).tobytes()  # the C-order bytes of the reversed axes are a's Fortran-order bytes
+    return a.tobytes(order="F")
+
+
+def reversed_axes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a 3-D array with its axes reversed: ``np.ascontiguousarray(arr.transpose(2, 1, 0))``,
+    made as one 2-D transpose per index of the middle axis.
+
+    The C order of a Zarr chunk (z fastest) and the Fortran order of a NIfTI file (x fastest) are each other's
+    reversed axes. NumPy's 3-D strided copy walks one array against its cache lines; its 2-D transpose is
+    blocked. Measured (2 cores, Intel Xeon): a 128^3 uint16 chunk 14.4 -> 2.1 ms, float32 15.5 -> 2.5 ms; a
+    4 x 1816 x 1476 uint16 slab 43.7 -> 18.2 ms.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Any 3-D array (any strides).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``arr.shape[::-1]``, C-contiguous, the same dtype.
+
+    Example
+    -------
+    >>> a = np.arange(24).reshape(2, 3, 4)
+    >>> bool((reversed_axes(a) == a.transpose(2, 1, 0)).all()), reversed_axes(a).flags.c_contiguous
+    (True, True)
+    """
+    a = np.asarray(arr)
+    out = np.empty(a.shape[::-1], a.dtype)
+    for j in range(a.shape[1]):
+        out[:, j, :] = a[:, j, :].T
+    return out
 
 
 class GzipPart(NamedTuple):
