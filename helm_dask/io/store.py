@@ -97,8 +97,17 @@ def _local(path) -> Path | None:
     return None if location.is_url(path) else Path(os.fspath(path))
 
 
+#: Blosc block size of the stores (bytes). Blosc's own choice at clevel 1 is a few tens of kB; whole 512 KiB
+#: blocks give zstd more context and Blosc fewer blocks to frame. Measured on the template phantom's 0.3 mm
+#: stores (128^3 chunks, one thread; Intel Xeon): scan float32 encode 13.7 -> 5.2 ms, decode 9.0 -> 3.6 ms per
+#: chunk, ratio 1.32 -> 1.38; bias field 19.0 -> 12.3 / 9.9 -> 5.4 ms, ratio 4.75 -> 5.85; a whole-brain
+#: uint16 label map 5.2 -> 3.1 / 4.0 -> 1.7 ms, ratio 19.4 -> 20.7; k-means uint8 3.1 -> 1.9 / 2.5 -> 1.3 ms.
+BLOSC_BLOCKSIZE = 2**19
+
+
 def compressor_for(dtype, *, scratch: bool = False) -> BloscCodec:
-    """Blosc for a stored volume: zstd level 1 (byte shuffle for floats, bit shuffle for labels).
+    """Blosc for a stored volume: zstd level 1 (byte shuffle for floats, bit shuffle for labels) in blocks of
+    :data:`BLOSC_BLOCKSIZE` bytes.
 
     Parameters
     ----------
@@ -119,7 +128,13 @@ def compressor_for(dtype, *, scratch: bool = False) -> BloscCodec:
     """
     dtype = np.dtype(dtype)
     shuffle: Literal["shuffle", "bitshuffle"] = "shuffle" if dtype.kind == "f" else "bitshuffle"
-    return BloscCodec(cname="lz4" if scratch else "zstd", clevel=1, shuffle=shuffle, typesize=dtype.itemsize)
+    return BloscCodec(
+        cname="lz4" if scratch else "zstd",
+        clevel=1,
+        shuffle=shuffle,
+        typesize=dtype.itemsize,
+        blocksize=BLOSC_BLOCKSIZE,
+    )
 
 
 def normalize_chunks(chunks, shape) -> tuple[int, ...]:
