@@ -724,3 +724,51 @@ def zarr_keys(path):
     import zarr
 
     return list(zarr.open_group(path, mode="r").keys())
+
+
+def test_dense_chunk_writes_store_what_zarr_stores(tmp_path):
+    """Whole-chunk writes through store_target give the same chunks (keys and bytes of the values) as plain Zarr
+    writes: chunks equal to the fill value are not stored, and an older chunk so overwritten is deleted; the
+    fast fill test agrees with Zarr's own (negative zero, NaN and non-zero fills, bool, ints)."""
+    import dask.array as da
+    import zarr
+    from zarr.core.buffer.cpu import NDBuffer
+
+    from helm_dask.io.store import _differs_from_fill, store_target
+
+    cases = [
+        (np.zeros(5, np.float32), 0.0),
+        (np.array([0.0, -0.0], np.float32), 0.0),
+        (np.array([1.5, 1.5]), 1.5),
+        (np.array([1.5, np.nan]), np.nan),
+        (np.full(3, np.nan), np.nan),
+        (np.array([False, True]), False),
+        (np.zeros(4, bool), False),
+        (np.array([7, 7], np.uint16), 7),
+        (np.array([7, 8], np.int64), 7),
+        (np.zeros(3, np.uint8), 0),
+    ]
+    for v, fill in cases:
+        if _differs_from_fill(v, fill):  # never claims data where Zarr sees only the fill value
+            assert not NDBuffer.from_numpy_array(v).all_equal(np.asarray(fill, v.dtype))
+        elif v.dtype.kind != "f" or not np.isnan(fill):
+            assert NDBuffer.from_numpy_array(v).all_equal(np.asarray(fill, v.dtype))
+    rng = np.random.default_rng(5)
+    x = rng.integers(1, 9, size=(16, 12, 8)).astype(np.uint16)
+    x[:8] = 0  # whole empty chunks
+    x[8:, :4, :4] = 0
+    for first in (np.ones_like(x), np.zeros_like(x)):
+        plain = zarr.create_array(tmp_path / f"p{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2")
+        fast = zarr.create_array(tmp_path / f"f{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2")
+        plain[...], fast[...] = first, first  # a resumed run overwrites an older store
+        da.store(da.from_array(x, chunks=4), plain, lock=False)
+        da.store(da.from_array(x, chunks=4), store_target(fast), lock=False)
+        keys = [
+            sorted(p.relative_to(r).as_posix() for p in r.rglob("c/**/*") if p.is_file())
+            for r in (
+                tmp_path / f"p{first[0, 0, 0]}.zarr",
+                tmp_path / f"f{first[0, 0, 0]}.zarr",
+            )
+        ]
+        assert keys[0] == keys[1] and 0 < len(keys[0]) < 4 * 3 * 2
+        np.testing.assert_array_equal(fast[...], x)

@@ -38,7 +38,7 @@ from .store import (
     open_volume,
     read_meta,
     select_echo,
-    with_fault_hook,
+    store_target,
     write_attrs,
 )
 
@@ -306,7 +306,7 @@ class _LayerAssembler:
     """
 
     def __init__(self, level0: da.Array, target: Any, zax: int, layer: int, n_echoes: int):
-        self.level0, self.target, self.zax, self.layer = level0, with_fault_hook(target), zax, layer
+        self.level0, self.target, self.zax, self.layer = level0, store_target(target), zax, layer
         self.need = n_echoes
         self.client = _client()
         self.seen: dict[int, int] = {}

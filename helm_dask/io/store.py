@@ -483,15 +483,38 @@ STORE_BATCH_CHUNKS = 64
 def _store_dask(arr: da.Array, target: zarr.Array) -> None:
     """Write a dask array into a zarr array, one whole zarr chunk per write (safe to repeat, no races)."""
     arr = arr.rechunk(target.chunks if arr.ndim == len(target.chunks) else arr.chunks)
-    da.store(arr, with_fault_hook(target), lock=False, compute=True)
+    da.store(arr, store_target(target), lock=False, compute=True)
 
 
-class _FaultHookTarget:
-    """A Zarr array whose writes go through :func:`location.fault` first (only used when the fault-injection
-    variable is set: normal runs hand Dask the Zarr array itself)."""
+def _differs_from_fill(value: np.ndarray, fill: Any) -> bool:
+    """Whether ``value`` holds a voxel whose bits differ from the fill value's: then Zarr's own rule (a chunk
+    equal to the fill value is not stored) would store it too. False also when the fast test does not apply
+    (NaN fill, other dtypes): Zarr then decides."""
+    dt = value.dtype
+    if dt.kind not in "biuf" or dt.itemsize not in (1, 2, 4, 8):
+        return False
+    f = np.asarray(fill, dtype=dt)
+    if dt.kind == "f" and np.isnan(f):
+        return False
+    bits = value.view(np.dtype(f"u{dt.itemsize}"))  # an exact test: Zarr compares 0.0 fills bit for bit too
+    fbits = f.view(bits.dtype)
+    return bool(bits.any()) if fbits == 0 else bool((bits != fbits).any())
 
-    def __init__(self, arr: zarr.Array):
+
+class _ChunkTarget:
+    """A Zarr array as the target of ``da.store``, for whole-chunk writes.
+
+    Zarr tests every chunk it writes against the fill value (``write_empty_chunks=False``), with a NumPy
+    comparison that builds a full temporary array and cannot stop early: it cost half of a chunk write (128^3
+    uint16: 12.7 -> 5.7 ms per chunk written with the test skipped; the Blosc encode is ~3 ms). Here a chunk that
+    holds data is found with one early-exit bitwise pass and written without Zarr's test; a chunk equal to the
+    fill value still goes through Zarr's own rule (not stored, an older chunk deleted), so the store holds the
+    same chunks as a plain Zarr write. Writes reach :func:`location.fault` first when fault injection is on."""
+
+    def __init__(self, arr: zarr.Array, fault: bool):
         self.arr = arr
+        self.dense = arr.with_config({"write_empty_chunks": True})
+        self.fault = fault
         self.point = f"write:{output_name(arr.store_path)}"
         self.path = str(arr.store_path).split("://", 1)[-1]
 
@@ -514,13 +537,17 @@ class _FaultHookTarget:
         return self.arr.ndim
 
     def __setitem__(self, key, value) -> None:
-        location.fault(self.point, self.path)
-        self.arr[key] = value
+        if self.fault:
+            location.fault(self.point, self.path)
+        v = np.asarray(value)
+        dense = v.dtype == self.arr.dtype and _differs_from_fill(v, self.arr.fill_value)
+        (self.dense if dense else self.arr)[key] = v
 
 
-def with_fault_hook(target):
-    """``target`` wrapped so that its writes reach :func:`~helm_dask.io.location.fault` when ``HELM_DASK_FAULT``
-    is set, else ``target`` itself.
+def store_target(target):
+    """``target`` as ``da.store`` should write it: a Zarr array is wrapped so that its chunks holding data skip
+    Zarr's fill-value scan and its writes reach :func:`~helm_dask.io.location.fault` when ``HELM_DASK_FAULT``
+    is set; any other target is returned as it is.
 
     Parameters
     ----------
@@ -528,10 +555,10 @@ def with_fault_hook(target):
 
     Returns
     -------
-    zarr.Array or a wrapper of it
+    zarr.Array wrapper or ``target``
     """
-    if os.environ.get(location.FAULT_ENV) and isinstance(target, zarr.Array):
-        return _FaultHookTarget(target)
+    if isinstance(target, zarr.Array):
+        return _ChunkTarget(target, fault=bool(os.environ.get(location.FAULT_ENV)))
     return target
 
 
@@ -590,7 +617,7 @@ def store_batched(
         return
     chunks = sources[0].chunks
     numblocks = tuple(len(c) for c in chunks)
-    targets = [with_fault_hook(t) for t in targets]
+    targets = [store_target(t) for t in targets]
     tracker = current()
     if tracker is not None and announce:
         tracker.begin_outputs([int(np.prod(numblocks))] * len(sources))
