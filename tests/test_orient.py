@@ -488,3 +488,56 @@ def test_side_strength_is_exposed_and_weak_auto_is_refused(capsys):
         )[0]
         == "L"
     )
+
+
+def _block_moments_numpy(block, offset, affine, threshold):
+    """The NumPy version the compiled _block_moments replaced: the reference, bit for bit."""
+    sel = block != 0 if threshold is None else block > threshold
+    count = int(np.count_nonzero(sel))
+    if count == 0:
+        return np.array([0.0, 0.0, 0.0, 0.0, np.inf, -np.inf])
+    i0, j0, k0 = offset
+    ni, nj, nk = block.shape
+    si = int(sel.sum(axis=(1, 2), dtype=np.int64) @ np.arange(i0, i0 + ni, dtype=np.int64))
+    sj = int(sel.sum(axis=(0, 2), dtype=np.int64) @ np.arange(j0, j0 + nj, dtype=np.int64))
+    sk = int(sel.sum(axis=(0, 1), dtype=np.int64) @ np.arange(k0, k0 + nk, dtype=np.int64))
+    xw = (
+        affine[0, 0] * np.arange(i0, i0 + ni)[:, None, None]
+        + affine[0, 1] * np.arange(j0, j0 + nj)[None, :, None]
+        + affine[0, 2] * np.arange(k0, k0 + nk)[None, None, :]
+        + affine[0, 3]
+    )
+    xw = np.broadcast_to(xw, sel.shape)[sel]
+    return np.array([count, si, sj, sk, xw.min(), xw.max()], dtype=np.float64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_moments_equal_numpy_bit_for_bit(seed):
+    from helm_dask.orient import _block_moments
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(1, 23, 3))
+    affine = make_affine(rng.uniform(0.08, 0.4, 3), deg=float(rng.uniform(-40, 40)))
+    affine[0, 2] *= -1 if seed % 2 else 1  # x falling along k too
+    offset = tuple(int(o) for o in rng.integers(0, 5000, 3))
+    vals = rng.normal(size=shape).astype(np.float32)
+    vals[rng.random(shape) < 0.05] = np.nan
+    # a threshold just below a voxel's float32 value w: NumPy compares in float32, where t is w and w is not
+    # above it (the kernel must compare so too; in float64 the voxel would be selected)
+    w = float(np.nanmax(vals))
+    t = w - 0.25 * float(np.spacing(np.float32(w)))
+    assert np.float32(t) == np.float32(w) and t < w
+    cases = [
+        (vals, t),
+        (vals, None),
+        ((vals > 0.3).astype(np.uint8), None),
+        (vals > 0.3, None),
+        ((np.nan_to_num(vals) * 3).astype(np.int16).astype(np.uint16), None),
+        ((np.nan_to_num(vals) * 300).astype(np.int16), 2.5),
+        (vals[::-1, :, ::-2], 0.0),  # a view with negative strides
+        (np.zeros(shape, np.uint8), None),
+    ]
+    for block, thr in cases:
+        np.testing.assert_array_equal(
+            _block_moments(block, offset, affine, thr), _block_moments_numpy(block, offset, affine, thr)
+        )

@@ -704,11 +704,18 @@ def pad_halo(
     return box
 
 
-def chunk_tasks(func: Callable, sources: Sequence[da.Array], *args: Any, name: str = "chunk-task") -> list:
+def _with_origin(regions: list, func: Callable, lo: tuple[int, ...], *args: Any) -> Any:
+    return func(regions, lo, *args)
+
+
+def chunk_tasks(
+    func: Callable, sources: Sequence[da.Array], *args: Any, name: str = "chunk-task", with_origin: bool = False
+) -> list:
     """One delayed ``func(regions, *args)`` per chunk of the first source, for reductions over a volume.
 
     The tasks follow the first source's chunk grid and read the others over the same boxes: ``regions`` are the
-    chunk of every source. Store-backed sources are read inside the task (no cache: each box is read once).
+    chunk of every source. Store-backed sources are read inside the task (no cache: each box is read once), so
+    a pass costs one task per chunk, not two (a read task, then the function's).
 
     Parameters
     ----------
@@ -720,6 +727,8 @@ def chunk_tasks(func: Callable, sources: Sequence[da.Array], *args: Any, name: s
         Passed to ``func``.
     name : str
         Prefix of the layer's name (the rest is a token of the function, the sources and ``args``).
+    with_origin : bool
+        Call ``func(regions, origin, *args)``, ``origin`` the chunk's first voxel index.
 
     Returns
     -------
@@ -735,13 +744,16 @@ def chunk_tasks(func: Callable, sources: Sequence[da.Array], *args: Any, name: s
     """
     from dask.delayed import Delayed
 
-    name = f"{name}-{tokenize(func, [s.name for s in sources], sources[0].chunks, args)}"
+    name = f"{name}-{tokenize(func, [s.name for s in sources], sources[0].chunks, args, with_origin)}"
     src = _Sources(sources, "", cache=False)
     first = src.bounds[0]
     layer: dict = {}
     for index in product(*(range(len(b) - 1) for b in first)):
         lo = [int(first[d][i]) for d, i in enumerate(index)]
         hi = [int(first[d][i + 1]) for d, i in enumerate(index)]
-        layer[(name,) + index] = src.task(func, lo, hi, args)
+        if with_origin:
+            layer[(name,) + index] = src.task(_with_origin, lo, hi, (func, tuple(lo), *args))
+        else:
+            layer[(name,) + index] = src.task(func, lo, hi, args)
     graph = HighLevelGraph.from_collections(name, layer, dependencies=src.dependencies())
     return [Delayed(key, graph, layer=name) for key in layer]
