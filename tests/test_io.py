@@ -160,6 +160,36 @@ def test_image_pyramid_geometry(tmp_path):
     assert ds[1]["coordinateTransformations"][0]["scale"] == pytest.approx([0.2, 0.2, 0.2])
 
 
+def _mean_level_numpy(a):
+    """The image pyramid's rule, in NumPy: the 2x2x2 means of the float64 copy, trimmed to even sizes."""
+    n = [s // 2 for s in a.shape]
+    f = a[: 2 * n[0], : 2 * n[1], : 2 * n[2]].astype(np.float64)
+    return (
+        f.reshape(n[0], 2, n[1], 2, n[2], 2).mean(axis=(1, 3, 5)).astype(np.float32 if a.dtype.kind != "f" else a.dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])
+def test_image_pyramid_levels_equal_numpy_bit_for_bit(tmp_path, dtype):
+    rng = np.random.default_rng(7)
+    shape = (283, 70, 67)  # odd sizes: every level trims a plane somewhere
+    if np.dtype(dtype).kind == "f":
+        img = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 6, shape)).astype(dtype)
+        img[:4] = -0.0  # NumPy's mean of -0.0s is +0.0
+        img[5, 5, 5] = np.nan
+    else:
+        info = np.iinfo(dtype)
+        img = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    out = save_volume(make_volume(img, np.eye(4)), tmp_path / "p.zarr", chunks=(37, 20, 21))
+    ref = img
+    assert read_meta(out)["nlevels"] >= 3
+    for level in range(1, read_meta(out)["nlevels"]):
+        ref = _mean_level_numpy(ref)
+        got = open_volume(out, level=level).values
+        assert got.dtype == ref.dtype
+        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), ref.view(f"u{ref.itemsize}"))  # signed zeros too
+
+
 def test_coordinates_are_voxel_centres_in_mm(tmp_path):
     aff = np.diag([0.3, 0.4, 0.5, 1.0])
     aff[:3, 3] = [10, -20, 30]
