@@ -904,7 +904,7 @@ def _mean_of_2x2x2(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The pyramid's image level from a block of even shape: the 2x2x2 means in float64, as ``dtype``.
 
     Compiled: 21 -> 0.5 ms per 128^3 float32 chunk against ``da.coarsen(np.mean)`` on the float64 copy, the same
-    values to the bit (tests/test_store.py compares them); the float pyramids were ~20% of the bias stage.
+    values to the bit (tests/test_io.py compares them); the float pyramids were ~20% of the bias stage.
     """
     out = np.empty(tuple(s // 2 for s in block.shape), dtype=dtype)
     _mean_of_2x2x2_nb(block, out)
