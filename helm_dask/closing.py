@@ -27,7 +27,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import xarray as xr
 
-from .arrays import EPS, _r2, _radius, _spacing3, _sq_dist, ball, half_extent
+from .arrays import EPS, _r2, _radius, _spacing3, _sq_dist, as_dask, ball, half_extent
 from .errors import HelmError
 from .io.regions import chunk_tasks, halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
@@ -471,8 +471,7 @@ def closing_additions(
     >>> closing_additions(v([801, 0, 0, 250]), v([801, 801, 801, 250]), {4: v([1, 2, 3, 4])})["by_cluster"]
     {'4': {'2': 1, '3': 1}}
     """
-    closed = closed_vol.data if isinstance(closed_vol.data, da.Array) else da.asarray(closed_vol.data)
-    man = manual_vol.data if isinstance(manual_vol.data, da.Array) else da.asarray(manual_vol.data)
+    closed, man = as_dask(closed_vol), as_dask(manual_vol)
     # chunk_tasks: each task reads its chunks of every map itself (separate read tasks cost a transfer of one of
     # the two per chunk: 1.6 -> 0.6 s for the 0.2 mm phantom's 140 chunks)
     per_block = dask.compute(*chunk_tasks(_added_by_label, [closed, man], name="closing-added"))
@@ -487,10 +486,7 @@ def closing_additions(
     ks = sorted(kmeans_vols)
     by_cluster: dict[int, dict[int, int]] = {k: {} for k in ks}
     if ks and hit:
-        kms = [
-            kmeans_vols[k].data if isinstance(kmeans_vols[k].data, da.Array) else da.asarray(kmeans_vols[k].data)
-            for k in ks
-        ]
+        kms = [as_dask(kmeans_vols[k]) for k in ks]
         tasks = chunk_tasks(_added_by_cluster, [closed, man, *kms], name="closing-added-by-cluster")
         for part in dask.compute(*[tasks[i] for i in hit]):  # only the chunks with additions are read
             for k, d in zip(ks, part):

@@ -45,7 +45,7 @@ from .draw import (
 from .errors import HelmError
 from .io.convert import nifti_to_zarr
 from .io.location import sibling, write_text_atomic
-from .io.store import is_complete, open_volume, read_meta
+from .io.store import distributed_client, is_complete, open_volume, read_meta
 from .labels import (
     COLOURS,
     FORNIX,
@@ -355,12 +355,7 @@ def _figures(rep: _Report, hist: dict | None) -> list[_Figure]:
         (make,) for make in (_raw_scan_figure, _bias_figure, _segmentation_figure, _closeup_figure, _label_map_figure)
     ]
     makers.append((_histogram_figure, hist))
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except (ImportError, ValueError):
-        client = None
+    client = distributed_client()
     if client is None:
         figures = [make(rep, *args) for make, *args in makers]
     else:

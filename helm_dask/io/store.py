@@ -621,7 +621,7 @@ def store_batched(
     def store(srcs: list, regions) -> None:
         if offset is not None:
             regions = [shifted(r) for r in (regions or [None] * len(srcs))]
-        if tracker is None and _distributed_client() is None:
+        if tracker is None and distributed_client() is None:
             da.store(srcs, targets, regions=regions, lock=False, compute=True)
         else:
             stored = da.store(srcs, targets, regions=regions, lock=False, compute=False)
@@ -762,7 +762,7 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
         tracker.begin_pass(nchunks * len(arrays))
 
     def compute(parts: list) -> list:
-        if tracker is None and _distributed_client() is None:
+        if tracker is None and distributed_client() is None:
             return list(dask.compute(*parts))
         return _compute_counted(parts, tracker, values=True)
 
@@ -778,7 +778,7 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     return out
 
 
-def _distributed_client() -> Any:
+def distributed_client() -> Any:
     """The active ``distributed.Client`` (None without one, or when an in-process scheduler is configured)."""
     if dask.config.get("scheduler", None) in ("threads", "synchronous", "sync", "processes"):
         return None
@@ -809,7 +809,7 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> lis
         The computed values when ``values``, else an empty list.
     """
     counted = 0
-    client = _distributed_client()
+    client = distributed_client()
     try:
         if client is None:
             from dask.callbacks import Callback
@@ -863,7 +863,7 @@ def _scheduler_settler() -> Callable[[float], None]:
     for -- counting all the scheduler's tasks made every batch of a subject wait the full timeout while another
     subject of a ``--concurrent-subjects`` batch kept tasks in flight. A no-op without a distributed client.
     """
-    client = _distributed_client()
+    client = distributed_client()
     if client is None:
         return lambda timeout_s: None
 
