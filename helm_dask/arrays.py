@@ -15,7 +15,7 @@ import xarray as xr
 
 from .errors import HelmError
 
-__all__ = ["EPS", "FAN_IN", "as_dask", "ball", "block_tasks", "half_extent", "index_sums", "tree_reduce"]
+__all__ = ["EPS", "FAN_IN", "as_dask", "ball", "block_tasks", "half_extent", "index_sums", "plane", "tree_reduce"]
 
 #: Fan-in of the tree reductions: 8 partial results per task keeps a 0.1 mm volume's ~1,200 chunk results to
 #: four levels, each task holding at most 8 partials.
@@ -47,6 +47,43 @@ def as_dask(x: Any, chunks: Any = None) -> da.Array:
     if chunks is None:
         return da.asarray(data)
     return da.from_array(np.asarray(data), chunks=chunks)
+
+
+def _plane_of(blocks: list, i: int) -> np.ndarray:
+    return blocks[0][i]
+
+
+def plane(stack: da.Array, i: int) -> da.Array:
+    """``stack[i]`` of an array whose first axis is one chunk (maps computed together), as a blockwise layer.
+
+    ``stack[i]`` is a slicing layer, one task per chunk; this layer fuses into the task that consumes it, so
+    a writer of all the planes (:func:`helm_dask.io.store.store_batched`) computes and writes them in one task
+    per chunk. Not ``map_blocks(drop_axis=0)``: dask fuses only blockwise layers that agree on concatenating
+    their contracted axes, and a writer has none to concatenate.
+
+    Parameters
+    ----------
+    stack : dask.array.Array
+        At least 2-D, with a single chunk along the first axis.
+    i : int
+        Which plane.
+
+    Returns
+    -------
+    dask.array.Array
+
+    Example
+    -------
+    >>> s = da.arange(24).reshape(2, 3, 4).rechunk((2, 2, 2))
+    >>> plane(s, 1).compute().tolist() == s[1].compute().tolist()
+    True
+    """
+    if len(stack.chunks[0]) != 1:
+        raise ValueError("plane: the first axis must be a single chunk")
+    ind = tuple(range(1, stack.ndim))
+    meta = np.empty((0,) * (stack.ndim - 1), stack.dtype)
+    name = f"plane-{dask.base.tokenize(stack.name, i)}"
+    return da.blockwise(_plane_of, ind, stack, (0, *ind), i, None, dtype=stack.dtype, meta=meta, name=name)
 
 
 def tree_reduce(parts: list, combine: Callable[..., Any], fan_in: int = FAN_IN) -> Any:

@@ -214,11 +214,11 @@ def _geometry(vol: Any, spacing_mm: Any) -> tuple[da.Array, tuple[float, float, 
                 "the volume's affine has sheared voxel axes: a sphere in mm is not an ellipsoid in voxels there",
                 hint="resample it to an orthogonal grid first",
             )
-        data = vol.data if isinstance(vol.data, da.Array) else da.asarray(vol.data)
+        data = as_dask(vol)
         return data, _spacing3(sp)
     if spacing_mm is None:
         raise HelmError("spacing_mm is required when the input is a plain array (a volume carries its affine)")
-    data = vol if isinstance(vol, da.Array) else da.asarray(vol)
+    data = as_dask(vol)
     if data.ndim != 3:
         raise HelmError(f"the closing needs a 3-D array, got shape {data.shape}")
     return data, _spacing3(spacing_mm)
@@ -366,8 +366,7 @@ def merge_labels(kmeans_vol: xr.DataArray, closed_labels_vol: xr.DataArray) -> x
             "the k-means map and the manual labels have different affines (not the same grid)",
             hint="resample the labels to the working grid first",
         )
-    km = kmeans_vol.data if isinstance(kmeans_vol.data, da.Array) else da.asarray(kmeans_vol.data)
-    man = closed_labels_vol.data if isinstance(closed_labels_vol.data, da.Array) else da.asarray(closed_labels_vol.data)
+    km, man = as_dask(kmeans_vol), as_dask(closed_labels_vol)
     man = man.rechunk(km.chunks)
     out = da.map_blocks(_merge_block, km, man, dtype=np.uint16)
     return like(kmeans_vol, out, kind="labels", step=provenance_record("closing.merge_labels", {}))
@@ -409,8 +408,7 @@ def overlay_labels(closed_vol: xr.DataArray, manual_vol: xr.DataArray, codes: An
     [801, 801, 2000, 0]
     """
     code_arr = np.unique(np.asarray(list(codes), dtype=np.int64))
-    c = closed_vol.data if isinstance(closed_vol.data, da.Array) else da.asarray(closed_vol.data)
-    m = manual_vol.data if isinstance(manual_vol.data, da.Array) else da.asarray(manual_vol.data)
+    c, m = as_dask(closed_vol), as_dask(manual_vol)
     out = da.map_blocks(_overlay_block, c, m.rechunk(c.chunks), codes=code_arr, dtype=np.uint16)
     step = provenance_record("closing.overlay_labels", {"codes": code_arr.tolist()})
     return like(closed_vol, out, kind="labels", step=step)

@@ -336,7 +336,7 @@ def _missing(rep: _Report) -> list[tuple[str, str]]:
 # Figures: each one the notebooks' plot_orthogonal / plot_histogram on the subject's stores
 
 
-def _saved(rep: _Report, name: str, title: str, caption: str, fig) -> _Figure:
+def _saved(name: str, title: str, caption: str, fig) -> _Figure:
     return _Figure(name, title, caption, png_bytes(fig))  # written by _figures, in this process
 
 
@@ -417,7 +417,7 @@ def _raw_scan_figure(rep: _Report) -> _Figure:
         f"pyramid level {raw.attrs.get('level', 0)}) through the centroid of the manual hypothalamus "
         f"labels (cross-hair). Cyan: outline of the brain mask (background stage). {note}"
     )
-    return _saved(rep, "raw_scan", title, caption, fig)
+    return _saved("raw_scan", title, caption, fig)
 
 
 def _bias_range(rep: _Report, bias, msk) -> float:
@@ -459,7 +459,7 @@ def _bias_figure(rep: _Report) -> _Figure:
         f"field inside the brain mask (range {1 - dev:.3f}\u2013{1 + dev:.3f} on these planes; the "
         f"corrected image is the input divided by it). {_grid_note(Frame(affine_of(img)))}"
     )
-    return _saved(rep, "bias_field", title, caption, fig)
+    return _saved("bias_field", title, caption, fig)
 
 
 def _segmentation_figure(rep: _Report) -> _Figure:
@@ -499,7 +499,7 @@ def _segmentation_figure(rep: _Report) -> _Figure:
         plot_orthogonal(pre, point_mm=rep.ws_point, max_px=rep.max_px, ax=row, title=row_title, **kw)
     add_legend(fig, legend)
     caption = " ".join(captions) + f" Planes through the hypothalamus centroid. {_grid_note(Frame(affine_of(pre)))}"
-    return _saved(rep, "segmentation", title, caption, fig)
+    return _saved("segmentation", title, caption, fig)
 
 
 def _closeup_window(rep: _Report, a0: np.ndarray) -> tuple[int, float]:
@@ -550,7 +550,7 @@ def _closeup_figure(rep: _Report) -> _Figure:
         f"resolution at level 0): the image alone, and with the manual labels {what} in their "
         f"FreeSurfer colours. {_grid_note(Frame(affine_of(pre)))}"
     )
-    return _saved(rep, "hypothalamus_closeup", title, caption, fig)
+    return _saved("hypothalamus_closeup", title, caption, fig)
 
 
 def _label_map_figure(rep: _Report) -> _Figure:
@@ -589,7 +589,7 @@ def _label_map_figure(rep: _Report) -> _Figure:
         f"ramp of lut.txt, hypothalamus (801\u2013805 left, 806\u2013810 right) and fornix in FreeSurfer "
         f"colours. Dashed magenta: the mirror plane x = 0; planes through the left hypothalamus." + extra
     )
-    return _saved(rep, "label_map", title, caption, fig)
+    return _saved("label_map", title, caption, fig)
 
 
 def _histogram_from_volume(sub: _Subject, max_slice_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -649,7 +649,7 @@ def _histogram_figure(rep: _Report, hist: dict | None) -> _Figure:
         if res
         else "No k-means result yet: no centroids."
     )
-    return _saved(rep, "histogram", title, caption, fig)
+    return _saved("histogram", title, caption, fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

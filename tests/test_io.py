@@ -366,6 +366,48 @@ def test_batched_store_equals_one_store(tmp_path, batch):
     assert np.array_equal(t1[...], y) and np.array_equal(t2[...], (y > 1).astype(np.float32))
 
 
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_batched_store_writes_maps_computed_together_in_one_task_per_chunk(tmp_path, batch):
+    """Maps computed together (planes of one stack, :func:`helm_dask.arrays.plane`) are computed and written in
+    ONE task per chunk index, with the values ``da.store`` writes; ``upto`` writes the chunks before it only."""
+    import dask
+    import dask.array as da
+    import zarr
+    from dask.array.optimization import optimize
+    from dask.utils import key_split
+
+    from helm_dask.arrays import plane
+    from helm_dask.io.store import _stored_together, store_batched
+
+    x = np.random.default_rng(1).integers(0, 9, size=(24, 16, 20)).astype(np.uint16)
+    src = da.from_array(x, chunks=8)
+    stack = da.map_blocks(lambda b: np.stack([b, 2 * b, 3 * b]), src, new_axis=0, chunks=((3,), *src.chunks))
+    maps = [plane(stack, i) for i in range(3)]
+
+    def targets(tag):
+        return [
+            zarr.create_array(tmp_path / f"{tag}{i}.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="u2")
+            for i in range(3)
+        ]
+
+    got, want = targets("got"), targets("want")
+    store_batched(maps, got, batch_chunks=batch)
+    da.store([stack[i] for i in range(3)], want, lock=False)
+    for g, w, f in zip(got, want, (1, 2, 3)):
+        assert np.array_equal(g[...], w[...]) and np.array_equal(g[...], f * x)
+    written = _stored_together(maps, [zarr.create_array({}, shape=x.shape, chunks=(8, 8, 8), dtype="u2")] * 3, None)
+    keys = list(dask.core.flatten(written.__dask_keys__()))
+    graph = optimize(written.__dask_graph__(), keys)
+    computing = [k for k, t in dict(graph).items() if not isinstance(t, dask._task_spec.Alias)]
+    assert len(computing) == 3 * 2 * 3 == len(keys)  # one task per chunk index: source, stack, maps and writes
+    assert not {key_split(k) for k in computing} & {"plane", "getitem"}
+    half = targets("half")
+    store_batched(maps, half, batch_chunks=batch, upto=16)
+    assert np.array_equal(half[0][:16], x[:16]) and not half[0][16:].any()
+    with pytest.raises(ValueError, match="chunk boundary"):
+        store_batched(maps, half, upto=12)
+
+
 def test_leftovers_of_a_killed_writer_are_cleared(tmp_path):
     """A writer killed mid-way leaves `.NAME.tmp-*` (and, between the two renames, `.NAME.old-*`); the next write of
     that output removes them and leaves other outputs' temporaries alone."""
@@ -670,7 +712,7 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
 
     x = np.random.default_rng(4).normal(size=(24, 16, 16)).astype(np.float32)
     t = zarr.create_array(tmp_path / "a.zarr", shape=x.shape, chunks=(8, 8, 8), dtype="f4")
-    real, calls = da.store, {"n": 0}
+    real, calls = store.dask.compute, {"n": 0}  # one computation per box
 
     def flaky(*a, **kw):
         calls["n"] += 1
@@ -678,7 +720,7 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
             raise KeyError("('getitem-1234', 0, 0, 0)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(store.da, "store", flaky)
+    monkeypatch.setattr(store.dask, "compute", flaky)
     store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
     boxes = len(list(store.block_batches((3, 2, 2), 2)))
     assert np.array_equal(t[...], x) and boxes > 2 and calls["n"] == boxes + 1  # one box ran twice
@@ -686,7 +728,7 @@ def test_a_batch_meeting_the_spurious_keyerror_runs_again(tmp_path, monkeypatch)
     def always(*a, **kw):
         raise KeyError("x")
 
-    monkeypatch.setattr(store.da, "store", always)
+    monkeypatch.setattr(store.dask, "compute", always)
     with pytest.raises(KeyError):
         store.store_batched([da.from_array(x, chunks=8)], [t], batch_chunks=2)
 

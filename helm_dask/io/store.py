@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from dask.base import tokenize
+from dask.layers import ArraySliceDep
 from numba import njit
 from zarr.codecs import BloscCodec
 
@@ -577,6 +578,7 @@ def store_batched(
     batch_chunks: int = STORE_BATCH_CHUNKS,
     offset: tuple[int, ...] | None = None,
     announce: bool = True,
+    upto: int | None = None,
 ) -> None:
     """``da.store`` in batches of neighbouring output chunks, one computation per batch.
 
@@ -586,8 +588,9 @@ def store_batched(
     then grows with the volume (measured: 2.3 GB at 0.2 mm, 6.1 GB at 0.1 mm for the brain mask). A batch is a
     box of about ``batch_chunks`` output chunks, so what can be held is bounded by the box, not the volume; the
     price is re-reading the inputs shared across box faces. Targets are whole-chunk aligned, so every write
-    stays one whole chunk. Inside a pipeline stage every chunk written is counted by the stage's progress
-    (:func:`helm_dask.progress.current`).
+    stays one whole chunk. Sources on one chunk grid are written by one task per chunk index, which writes that
+    chunk of every source (:func:`_stored_together`). Inside a pipeline stage every chunk written is counted by
+    the stage's progress (:func:`helm_dask.progress.current`).
 
     Parameters
     ----------
@@ -601,36 +604,90 @@ def store_batched(
         Where the sources start in the targets (chunk-aligned; default: at 0, the sources fill the targets).
     announce : bool
         Tell the stage's progress that these stores begin (False: the caller did, for a store written in parts).
+    upto : int, optional
+        Write only the sources' chunks before this index along the first axis (a chunk boundary); nothing of
+        the sources beyond it is computed.
     """
     grids = {s.chunks for s in sources}
     if len(grids) != 1:
         for s_, t_ in zip(sources, targets):
-            store_batched([s_], [t_], batch_chunks=batch_chunks, offset=offset, announce=announce)
+            store_batched([s_], [t_], batch_chunks=batch_chunks, offset=offset, announce=announce, upto=upto)
         return
     chunks = sources[0].chunks
+    if upto is not None:  # the chunks before ``upto`` along the first axis
+        ends = [int(e) for e in np.cumsum(chunks[0])]
+        if upto != 0 and upto not in ends:
+            raise ValueError(f"store_batched: upto={upto} is not a chunk boundary of the first axis")
+        chunks = (chunks[0][: ends.index(upto) + 1] if upto else (), *chunks[1:])
+        if not chunks[0]:
+            return
     numblocks = tuple(len(c) for c in chunks)
     targets = [store_target(t) for t in targets]
     tracker = current()
     if tracker is not None and announce:
         tracker.begin_outputs([int(np.prod(numblocks))] * len(sources))
 
-    def shifted(region: tuple[slice, ...] | None) -> tuple[slice, ...]:
-        region = region or tuple(slice(0, n) for n in sources[0].shape)
-        return tuple(slice(r.start + o, r.stop + o) for r, o in zip(region, cast(tuple, offset)))
+    # One writer over the whole sources, one task per chunk index writing that chunk of every source; a batch
+    # computes the writer's chunks in its box (its graph culled to them), so the tasks a batch holds are those
+    # of the box, as when each source was sliced to the box -- which added a slicing task per source and chunk.
+    written = _stored_together(sources, targets, offset)
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
 
-    def store(srcs: list, regions) -> None:
-        if offset is not None:
-            regions = [shifted(r) for r in (regions or [None] * len(srcs))]
+    def store(region: tuple[slice, ...]) -> None:
+        part = written[tuple(slice(*np.searchsorted(o, (r.start, r.stop))) for o, r in zip(starts, region))]
         if tracker is None and distributed_client() is None:
-            da.store(srcs, targets, regions=regions, lock=False, compute=True)
+            dask.compute(part)
         else:
-            stored = da.store(srcs, targets, regions=regions, lock=False, compute=False)
-            _compute_counted(list(stored) if isinstance(stored, tuple) else [stored], tracker)
+            _compute_counted([part], tracker, weight=len(sources))
 
     if int(np.prod(numblocks)) <= batch_chunks:
-        store(sources, None)
+        store(tuple(slice(0, int(o[-1])) for o in starts))
         return
-    _in_batches(chunks, batch_chunks, lambda region: store([s_[region] for s_ in sources], [region] * len(targets)))
+    _in_batches(chunks, batch_chunks, store)
+
+
+def _store_chunks(*blocks: Any, targets: tuple, offset: tuple[int, ...] | None) -> np.ndarray:
+    """Write one chunk of every source (``blocks``: the sources' chunks, then their slice in the sources) into
+    its target; returns a one-voxel marker."""
+    *data, index = blocks
+    if offset is not None:
+        index = tuple(slice(i.start + o, i.stop + o) for i, o in zip(index, offset))
+    for b, t in zip(data, targets):
+        if b is not None and b.size:
+            t[index] = b
+    return np.zeros((1,) * len(index), np.int8)
+
+
+def _stored_together(sources: list, targets: list, offset: tuple[int, ...] | None) -> da.Array:
+    """The lazy write of ``sources`` (one chunk grid) into ``targets`` (at ``offset``): ONE task per chunk
+    index writes that chunk of every source, where ``da.store`` has a task per source and chunk.
+
+    Why: the stages write several maps computed together (six k-means or whole-brain maps per chunk), and
+    ``da.store`` gave each map's chunk its own task beside the one that computes them all -- at 0.1 mm ~30k
+    extra tasks in the mirror alone, each ~2 ms of the scheduler's and the client's CPU, which the two workers
+    of a 2-core machine then lack. Blockwise sources fuse into the task, as into ``da.store``'s, and a source
+    computed by one task per chunk fuses with it too (a linear chain). The result holds one int8 voxel per
+    chunk index."""
+    chunks = sources[0].chunks
+    paths = [getattr(t, "path", None) or tokenize(t) for t in targets]
+    ind = tuple(range(len(chunks)))
+    args: list = []
+    for s_ in sources:
+        args += [s_, ind]
+    return da.blockwise(
+        _store_chunks,
+        ind,
+        *args,
+        ArraySliceDep(chunks),
+        ind,
+        targets=tuple(targets),
+        offset=offset,
+        adjust_chunks=dict.fromkeys(ind, 1),
+        dtype=np.int8,
+        meta=np.empty((0,) * len(chunks), np.int8),
+        name="store-chunks-" + tokenize(*sources, paths, offset),
+        align_arrays=False,  # one grid (checked above)
+    )
 
 
 def _reflect_start(target: zarr.Array) -> int:
@@ -683,8 +740,13 @@ def store_reflected(sources: list, targets: list, luts: list, *, batch_chunks: i
     if tracker is not None:
         tracker.begin_outputs([int(np.prod([len(c) for c in s.chunks])) for s in sources])
     starts = [_reflect_start(t) if lut is not None else int(t.shape[0]) for t, lut in zip(targets, luts)]
-    firsts = [s[:st] for s, st in zip(sources, starts)]
-    store_batched(firsts, list(targets), batch_chunks=batch_chunks, announce=False)
+    firsts: dict[int, tuple[list, list]] = {}  # start -> (sources, targets): one upto per store_batched
+    for s_, t, st in zip(sources, targets, starts):
+        srcs, tgts = firsts.setdefault(st, ([], []))
+        srcs.append(s_)
+        tgts.append(t)
+    for st, (srcs, tgts) in firsts.items():
+        store_batched(srcs, tgts, batch_chunks=batch_chunks, announce=False, upto=st)
     second: dict[int, tuple[list, list]] = {}  # start -> (sources, targets): one offset per store_batched
     for t, lut, st in zip(targets, luts, starts):
         n = int(t.shape[0])
@@ -794,8 +856,9 @@ def distributed_client() -> Any:
 _LAST_BATCH = threading.local()
 
 
-def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> list:
-    """``dask.compute(*arrays)`` that counts each of their chunks on ``tracker`` (if any) as it is done.
+def _compute_counted(arrays: list, tracker: Any, *, values: bool = False, weight: int = 1) -> list:
+    """``dask.compute(*arrays)`` that counts each of their chunks on ``tracker`` (if any) as it is done, as
+    ``weight`` units (a task that writes a chunk of each of ``weight`` stores).
 
     With a distributed client the arrays are persisted (the same optimised graph that ``dask.compute`` submits)
     and their chunk futures counted client-side as they complete (:func:`distributed.as_completed`: public API,
@@ -820,8 +883,8 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> lis
             def tick(key, *_):
                 nonlocal counted
                 if key in keys and tracker is not None:
-                    counted += 1
-                    tracker.update(1)
+                    counted += weight
+                    tracker.update(weight)
 
             with Callback(posttask=tick):
                 result = dask.compute(*arrays)
@@ -835,9 +898,9 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False) -> lis
             for fut in as_completed(futures):
                 if fut.status != "finished":
                     fut.result()  # raises the task's error (or the cancellation)
-                counted += 1
+                counted += weight
                 if tracker is not None:
-                    tracker.update(1)
+                    tracker.update(weight)
             return list(dask.compute(*persisted)) if values else []
         finally:
             for fut in futures:

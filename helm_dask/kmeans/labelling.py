@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..arrays import plane
 from ..volume import like, provenance_record
 from .common import TIE_RULE, KMeansResult, _flat_inputs, _inputs
 from .kernels import _labels_nb
@@ -156,4 +157,4 @@ def kmeans_maps(image: Any, mask: Any, results: Mapping[int, KMeansResult]) -> d
         union=union,
         tables=tables,
     )
-    return {k: _label_volume(image, stack[i], r) for i, (k, r) in enumerate(zip(ks, res))}
+    return {k: _label_volume(image, plane(stack, i), r) for i, (k, r) in enumerate(zip(ks, res))}

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 from numba import njit
 
+from ..arrays import plane
 from ..errors import HelmError
 from ..io.regions import region_map
 from ..labels import RIGHT_CODES
@@ -382,6 +383,6 @@ def mirror_labels(
     outs = {}
     for mi, (name, v) in enumerate(items):
         outs[name] = like(
-            v, full[mi], affine=out_aff, kind="labels", step=provenance_record("mirror.mirror_labels", params)
+            v, plane(full, mi), affine=out_aff, kind="labels", step=provenance_record("mirror.mirror_labels", params)
         )
     return outs[None] if single else outs
