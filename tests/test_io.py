@@ -642,6 +642,34 @@ def test_export_of_irregularly_chunked_lazy_volume(tmp_path):
     np.testing.assert_array_equal(nib.load(out).get_fdata(dtype=np.float32), data)
 
 
+def test_import_and_export_respect_a_configured_in_process_scheduler(tmp_path, monkeypatch):
+    """With a distributed client open but ``dask.config`` set to an in-process scheduler, a NIfTI import and
+    export run in this process (as every other computation does then): nothing is submitted to the cluster,
+    and the files are the same."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from helm_dask.io.convert import save_nifti
+
+    data = np.random.default_rng(5).integers(0, 300, size=(12, 10, 27)).astype(np.uint16)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), src)
+
+    def refuse(*a, **k):
+        raise AssertionError("submitted to the cluster")
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        dask.config.set(scheduler="synchronous"),
+    ):
+        monkeypatch.setattr(client, "compute", refuse)
+        monkeypatch.setattr(client, "submit", refuse)
+        store = nifti_to_zarr(src, tmp_path / "s.zarr", chunks=8, layer_mb=1e-4)["path"]
+        out = save_nifti(open_volume(store, apply_scaling=False), tmp_path / "out.nii.gz", slab_mb=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), data)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_batched_store_under_a_distributed_client(tmp_path, batch):

@@ -33,6 +33,7 @@ from .store import (
     atomic_store,
     build_pyramid,
     create_level,
+    distributed_client,
     normalize_chunks,
     open_group,
     open_volume,
@@ -43,15 +44,6 @@ from .store import (
 )
 
 ECHO_COMBINE = ("rms", "mean")
-
-
-def _client():
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
 
 
 def read_header(src: Any, *, storage_options: dict | None = None) -> nii.NiftiInfo:
@@ -308,7 +300,7 @@ class _LayerAssembler:
     def __init__(self, level0: da.Array, target: Any, zax: int, layer: int, n_echoes: int):
         self.level0, self.target, self.zax, self.layer = level0, store_target(target), zax, layer
         self.need = n_echoes
-        self.client = _client()
+        self.client = distributed_client()
         self.seen: dict[int, int] = {}
         self.futures: list = []
 
@@ -905,7 +897,7 @@ def _encode_stored_slab(
 
 def _ordered_results(tasks: list, window: int | None = None) -> Iterator[Any]:
     """Compute delayed tasks with a bounded number in flight, yielding results in order."""
-    client = _client()
+    client = distributed_client()
     if client is not None:
         if window is None:
             nthreads = sum(client.nthreads().values()) or 1
