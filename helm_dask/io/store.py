@@ -630,20 +630,15 @@ def store_batched(
     # One writer over the whole sources, one task per chunk index writing that chunk of every source; a batch
     # computes the writer's chunks in its box (its graph culled to them), so the tasks a batch holds are those
     # of the box, as when each source was sliced to the box -- which added a slicing task per source and chunk.
-    written = _stored_together(sources, targets, offset)
-    starts = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    written = _stored_together(sources, targets, offset)  # one voxel per chunk index: a box of it is a batch
 
-    def store(region: tuple[slice, ...]) -> None:
-        part = written[tuple(slice(*np.searchsorted(o, (r.start, r.stop))) for o, r in zip(starts, region))]
-        if tracker is None and distributed_client() is None:
-            dask.compute(part)
-        else:
-            _compute_counted([part], tracker, weight=len(sources))
+    def store(box: tuple[slice, ...]) -> None:
+        _compute_counted([written[box]], tracker, weight=len(sources))
 
     if int(np.prod(numblocks)) <= batch_chunks:
-        store(tuple(slice(0, int(o[-1])) for o in starts))
+        store(tuple(slice(0, n) for n in numblocks))
         return
-    _in_batches(chunks, batch_chunks, store)
+    _in_batches(numblocks, batch_chunks, store)
 
 
 def _store_chunks(*blocks: Any, targets: tuple, offset: tuple[int, ...] | None) -> np.ndarray:
@@ -653,7 +648,7 @@ def _store_chunks(*blocks: Any, targets: tuple, offset: tuple[int, ...] | None) 
     if offset is not None:
         index = tuple(slice(i.start + o, i.stop + o) for i, o in zip(index, offset))
     for b, t in zip(data, targets):
-        if b is not None and b.size:
+        if b.size:
             t[index] = b
     return np.zeros((1,) * len(index), np.int8)
 
@@ -768,24 +763,22 @@ def store_reflected(sources: list, targets: list, luts: list, *, batch_chunks: i
         store_batched(srcs, tgts, batch_chunks=batch_chunks, offset=(st, 0, 0), announce=False)
 
 
-def _in_batches(chunks: tuple, batch_chunks: int, run: Callable[[tuple], None]) -> None:
-    """``run(region)`` for the chunk-aligned region of every box of :func:`block_batches`, one after the other.
+def _in_batches(numblocks: tuple[int, ...], batch_chunks: int, run: Callable[[tuple], None]) -> None:
+    """``run(box)`` for every box of blocks of :func:`block_batches`, one after the other.
 
     Before each box the scheduler is given time to forget the previous box's tasks (:func:`_scheduler_settler`,
     a few seconds at most: on a shared cluster others' tasks keep the count up); a box that still meets the
     spurious KeyError of dask/dask#9888 runs once more after a longer wait -- boxes are idempotent (whole-chunk
     writes, pure reductions).
     """
-    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
     settle = _scheduler_settler()
-    for box in block_batches(tuple(len(c) for c in chunks), batch_chunks):
-        region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
+    for box in block_batches(numblocks, batch_chunks):
         settle(5.0)
         try:
-            run(region)
+            run(box)
         except KeyError:
             settle(60.0)
-            run(region)
+            run(box)
 
 
 def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> list[np.ndarray]:
@@ -823,20 +816,17 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
     if tracker is not None:
         tracker.begin_pass(nchunks * len(arrays))
 
-    def compute(parts: list) -> list:
-        if tracker is None and distributed_client() is None:
-            return list(dask.compute(*parts))
-        return _compute_counted(parts, tracker, values=True)
-
     if nchunks <= batch_chunks:
-        return [np.asarray(v) for v in compute(arrays)]
+        return [np.asarray(v) for v in _compute_counted(arrays, tracker, values=True)]
     out = [np.empty(a.shape, dtype=a.dtype) for a in arrays]
+    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
 
-    def run(region):
-        for o, v in zip(out, compute([a[region] for a in arrays])):
+    def run(box):
+        region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
+        for o, v in zip(out, _compute_counted([a[region] for a in arrays], tracker, values=True)):
             o[region] = v
 
-    _in_batches(chunks, batch_chunks, run)
+    _in_batches(tuple(len(c) for c in chunks), batch_chunks, run)
     return out
 
 
@@ -863,16 +853,20 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False, weight
     With a distributed client the arrays are persisted (the same optimised graph that ``dask.compute`` submits)
     and their chunk futures counted client-side as they complete (:func:`distributed.as_completed`: public API,
     so it works with any remote scheduler, no scheduler plugin or pickled function); in-process schedulers count
-    through a local callback. A failure takes back the chunks it had counted (a batch that is retried counts
-    them again) and releases the futures, as ``dask.compute`` does.
+    through a local callback, and with neither a client nor a tracker it is plain ``dask.compute``. A failure
+    takes back the chunks it had counted (a batch that is retried counts them again) and releases the futures,
+    as ``dask.compute`` does.
 
     Returns
     -------
     list
         The computed values when ``values``, else an empty list.
     """
-    counted = 0
     client = distributed_client()
+    if client is None and tracker is None:  # nothing to count: the plain computation
+        result = dask.compute(*arrays)
+        return list(result) if values else []
+    counted = 0
     try:
         if client is None:
             from dask.callbacks import Callback
@@ -882,7 +876,7 @@ def _compute_counted(arrays: list, tracker: Any, *, values: bool = False, weight
 
             def tick(key, *_):
                 nonlocal counted
-                if key in keys and tracker is not None:
+                if key in keys:
                     counted += weight
                     tracker.update(weight)
 
