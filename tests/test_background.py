@@ -220,6 +220,33 @@ def test_refinement_matches_numpy_reference(bright, dark, which, chunks):
     assert (got != model.mask[par]).sum() > 100
 
 
+@pytest.mark.parametrize("sigma_mm", [1.5, 3.0])
+@pytest.mark.parametrize("which", ["bright", "dark"])
+def test_band_only_smoothing_matches_numpy_reference(bright, dark, which, sigma_mm, tmp_path, monkeypatch):
+    """The smoothing is computed on the band's tiles only (each pass on the tiles the later ones read): with a
+    kernel of 5 and 9 voxels' radius (tiles grown by 1 and 2 tiles per pass), computed and stored, the mask is
+    the whole-array SciPy reference's, and the smoothing really skipped voxels."""
+    import helm_dask.background as bg
+    from helm_dask.io import open_volume, store
+
+    img = (bright if which == "bright" else dark)[0]
+    model = fit_coarse_model(_vol(img, SHAPE), coarse_spacing_mm=2.0)
+    ref = _reference_refinement(img, model, (1.0, 1.0, 1.0), refine_sigma_mm=sigma_mm)
+    stored = open_volume(store.save_volume(_vol(img, 16), tmp_path / "s.zarr", chunks=16))
+    seen: list = []
+    real = bg._band_tiles
+
+    def spy(*args):
+        tiles = real(*args)
+        seen.append(tiles.mean())
+        return tiles
+
+    monkeypatch.setattr(bg, "_band_tiles", spy)
+    for vol in (_vol(img, 16), _vol(img, (20, 13, 56)), stored):
+        assert np.array_equal(refine_mask(vol, model, refine_sigma_mm=sigma_mm).compute(), ref)
+    assert seen and min(seen) < 1.0
+
+
 @pytest.mark.parametrize("chunks", [16, (7, 60, 9)])
 def test_refinement_of_a_stored_reoriented_image_matches_numpy_reference(bright, tmp_path, chunks):
     """A stored image seen through a reorientation is read box by box from its store (chunk cache, halos
