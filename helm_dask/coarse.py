@@ -17,6 +17,7 @@ from typing import Any, cast
 import dask.array as da
 import numpy as np
 import xarray as xr
+from numba import njit
 
 from . import arrays
 from .errors import HelmError
@@ -147,16 +148,104 @@ def coarse_factors(spacing_mm: Any, coarse_spacing_mm: float) -> tuple[int, int,
     return shape3(max(1, round(float(coarse_spacing_mm) / s)) for s in sp)
 
 
+@njit(cache=True, nogil=True)
+def _pairwise_leaf_nb(a, lo, n):  # pragma: no cover (compiled)
+    """NumPy's pairwise sum of ``a[lo : lo + n]`` for ``n <= 128``: eight accumulators (a plain loop below 8)."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - (n % 8):
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _pairwise_sum_nb(a, n):  # pragma: no cover (compiled)
+    """NumPy's pairwise sum of ``a[:n]`` (float64, contiguous): the same operations in the same order as its
+    ``add.reduce`` inner loop (:func:`_pairwise_leaf_nb` up to 128 values, above that the two halves split at a
+    multiple of 8, added), hence the same number. The recursion is unrolled into a stack: numba cannot load a
+    recursive function from its cache."""
+    lo_s = np.empty(64, np.int64)
+    n_s = np.empty(64, np.int64)
+    state = np.empty(64, np.int64)
+    vals = np.empty(64, np.float64)
+    sp, vp = 1, 0
+    lo_s[0], n_s[0], state[0] = 0, n, 0
+    while sp > 0:
+        lo, m = lo_s[sp - 1], n_s[sp - 1]
+        if m <= 128:
+            vals[vp] = _pairwise_leaf_nb(a, lo, m)
+            vp += 1
+            sp -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        if state[sp - 1] == 0:  # the first half
+            state[sp - 1] = 1
+            lo_s[sp], n_s[sp], state[sp] = lo, half, 0
+            sp += 1
+        elif state[sp - 1] == 1:  # then the second
+            state[sp - 1] = 2
+            lo_s[sp], n_s[sp], state[sp] = lo + half, m - half, 0
+            sp += 1
+        else:  # both done: their sum
+            vals[vp - 2] = vals[vp - 2] + vals[vp - 1]
+            vp -= 1
+            sp -= 1
+    return vals[0]
+
+
+@njit(cache=True, nogil=True)
+def _block_sums_nb(block, f0, f1, f2):  # pragma: no cover (compiled)
+    """Sum of each ``f0 x f1 x f2`` block of ``block`` (whole blocks only), in float64, NaN and inf as 0: the
+    block's values gathered in C order into one row and summed as ``np.sum`` sums a row (from +0.0)."""
+    n0, n1, n2 = block.shape[0] // f0, block.shape[1] // f1, block.shape[2] // f2
+    out = np.empty((n0, n1, n2), np.float64)
+    row = np.empty(f0 * f1 * f2, np.float64)
+    for a in range(n0):
+        for b in range(n1):
+            for c in range(n2):
+                q = 0
+                for i in range(a * f0, (a + 1) * f0):
+                    for j in range(b * f1, (b + 1) * f1):
+                        for k in range(c * f2, (c + 1) * f2):
+                            v = np.float64(block[i, j, k])
+                            row[q] = v if np.isfinite(v) else 0.0
+                            q += 1
+                out[a, b, c] = 0.0 + _pairwise_sum_nb(row, q)
+    return out
+
+
 def _block_sum_chunk(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Sum of each factor-sized block of one chunk, in float64, in a fixed order (NaN counts as 0)."""
-    b = np.asarray(block, dtype=np.float64)
-    b = np.where(np.isfinite(b), b, 0.0)
-    n = [s // f for s, f in zip(b.shape, factors)]
-    # (n0, f0, n1, f1, n2, f2) -> (n0, n1, n2, f0*f1*f2): each coarse voxel is one contiguous row, summed by
-    # the same pairwise routine whatever the chunk looks like
-    b = b.reshape(n[0], factors[0], n[1], factors[1], n[2], factors[2]).transpose(0, 2, 4, 1, 3, 5)
-    b = np.ascontiguousarray(b).reshape(n[0], n[1], n[2], -1)
-    return b.sum(axis=-1)
+    """Sum of each factor-sized block of one chunk, in float64, in a fixed order (NaN counts as 0): each coarse
+    voxel's values as one row in C order, summed by NumPy's pairwise routine whatever the chunk looks like.
+    Compiled (:func:`_block_sums_nb`): the same numbers as the NumPy version (a float64 copy, transposed so that
+    each block is a row, then ``sum``; tested bit for bit), which took 15 ms per 120^3 chunk."""
+    b = np.asarray(block)
+    if b.dtype.kind not in "fiub" or b.ndim != 3:  # pragma: no cover (the pipeline's volumes are 3-D numbers)
+        b = np.asarray(b, dtype=np.float64)
+        b = np.where(np.isfinite(b), b, 0.0)
+        n = [s // f for s, f in zip(b.shape, factors)]
+        b = b.reshape(n[0], factors[0], n[1], factors[1], n[2], factors[2]).transpose(0, 2, 4, 1, 3, 5)
+        return np.ascontiguousarray(b).reshape(n[0], n[1], n[2], -1).sum(axis=-1)
+    return _block_sums_nb(b.view(np.uint8) if b.dtype == np.bool_ else b, *(int(f) for f in factors))
 
 
 def _aligned_block_sums(arr: da.Array, factors: tuple[int, int, int]) -> da.Array:
