@@ -17,6 +17,8 @@ from typing import Any, cast
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from numba import njit
 
 from . import arrays
@@ -260,6 +262,156 @@ def _aligned_block_sums(arr: da.Array, factors: tuple[int, int, int]) -> da.Arra
     return da.map_blocks(_block_sum_chunk, arr, factors, dtype=np.float64, chunks=out_chunks)
 
 
+# ---- exact block sums, in any order -------------------------------------------------------------------------
+# A float32 value is an integer mantissa (24 bits) times 2 ** (exponent - 150). Its block's sum is kept as 16
+# int64 "digits", one per window of 16 exponents (the mantissa shifted by the exponent within the window: < 2**39,
+# so a block of under 2**23 values fits a digit with room for the carries): integers, so the parts of a block
+# that chunk edges cut add exactly in any order, and the float64 made from them depends on the block's values
+# only -- no rechunk to whole blocks is needed.
+_WINDOWS = 16
+_WINDOW_SCALE = np.array([2.0 ** (16 * q - 150) for q in range(_WINDOWS)])
+
+
+@njit(cache=True, nogil=True)
+def _digits_nb(x, m, use_mask, start, f, t_lo, digits, counts):  # pragma: no cover (compiled)
+    """Add the float32 values of ``x`` (voxel ``start`` of the volume at ``x[0, 0, 0]``; where ``m`` if
+    ``use_mask``) into the ``digits`` of their blocks (block ``t_lo`` at ``digits[0, 0, 0]``) and count them;
+    NaN and inf count as 0."""
+    n0, n1, n2 = x.shape
+    bits = x.view(np.int32)
+    bk = np.empty(n2, np.int64)
+    for k in range(n2):
+        bk[k] = (start[2] + k) // f[2] - t_lo[2]
+    for i in range(n0):
+        bi = (start[0] + i) // f[0] - t_lo[0]
+        for j in range(n1):
+            bj = (start[1] + j) // f[1] - t_lo[1]
+            for k in range(n2):
+                if use_mask and m[i, j, k] == 0:
+                    continue
+                b = bk[k]
+                counts[bi, bj, b] += 1
+                u = bits[i, j, k]
+                e = (u >> 23) & 0xFF
+                mant = u & 0x7FFFFF
+                if e == 255 or (e == 0 and mant == 0):
+                    continue
+                if e > 0:
+                    mant |= 0x800000
+                else:
+                    e = 1  # subnormal: mant * 2**-149
+                v = np.int64(mant) << (e & 15)
+                if u < 0:
+                    digits[bi, bj, b, e >> 4] -= v
+                else:
+                    digits[bi, bj, b, e >> 4] += v
+
+
+@njit(cache=True, nogil=True)
+def _digits_to_float_nb(stacked, windows, scale):  # pragma: no cover (compiled)
+    """The float64 of each block's digits (``stacked[i]``: the digits of window ``windows[i]``, the others 0):
+    carried into base 2**16 over all the windows (the lower digits in [0, 2**16), the top one signed: one form
+    per integer), then added from the top down -- a function of the block's exact sum only."""
+    nw, n0, n1, n2 = stacked.shape
+    nq = scale.size
+    out = np.empty((n0, n1, n2), np.float64)
+    d = np.empty(nq, np.int64)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                d[:] = 0
+                for w in range(nw):
+                    d[windows[w]] = stacked[w, i, j, k]
+                carry = np.int64(0)
+                for q in range(nq - 1):
+                    t = d[q] + carry
+                    carry = t >> 16
+                    d[q] = t & 0xFFFF
+                d[nq - 1] += carry
+                v = 0.0
+                for q in range(nq - 1, -1, -1):
+                    v += np.float64(d[q]) * scale[q]
+                out[i, j, k] = v
+    return out
+
+
+def _exact_chunk(x: np.ndarray, m: np.ndarray | None, start: tuple, factors: tuple) -> np.ndarray:
+    """One chunk's part of the blocks it touches: ``(first block, first window, digits, counts)`` in a (1, 1, 1)
+    object array (the windows no value of the chunk uses are left out)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)  # uint8 / (u)int16 / bool: exact in float32
+    t_lo = np.array([a // f for a, f in zip(start, factors)], np.int64)
+    t_hi = [-(-(a + n) // f) for a, n, f in zip(start, x.shape, factors)]
+    shape = tuple(int(b - a) for a, b in zip(t_lo, t_hi))
+    digits = np.zeros(shape + (_WINDOWS,), np.int64)
+    counts = np.zeros(shape, np.int64)
+    mm = np.zeros((1, 1, 1), np.uint8) if m is None else np.ascontiguousarray(m).view(np.uint8)
+    _digits_nb(x, mm, m is not None, np.asarray(start, np.int64), np.asarray(factors, np.int64), t_lo, digits, counts)
+    used = np.flatnonzero(digits.reshape(-1, _WINDOWS).any(axis=0))
+    q0, q1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+    out = np.empty((1, 1, 1), dtype=object)
+    out[0, 0, 0] = (tuple(int(t) for t in t_lo), q0, digits[..., q0:q1], counts)
+    return out
+
+
+def exact_block_sums(
+    arr: da.Array, factors: tuple, mask: da.Array | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Block sums of a float32 (or bool / 8- or 16-bit integer) volume, computed: the exact sum of each block's
+    finite values (where ``mask``, if given) as a float64 that depends on those values only, and with ``mask``
+    the count of its voxels per block.
+
+    Each chunk is summed into the blocks it touches in the task that reads it (:func:`_exact_chunk`); the parts
+    of a block that chunk edges cut add as integers here, in any order. The float sum of NumPy needs each block
+    in one task, hence a rechunk to whole blocks: at 0.1 mm the brain mask's coarse copy was 12,553 split tasks
+    and 15 s of transfers for 3,584 chunks, 80 s against 22.5 s for a read pass. Memory here: one int64 per
+    block and exponent window the data use (2-3 windows for a scan: ~28 MB each at 0.1 mm and 1 mm blocks).
+    """
+    token = tokenize(arr.name, None if mask is None else mask.name, tuple(factors))
+    if mask is not None and mask.chunks != arr.chunks:
+        mask = mask.rechunk(arr.chunks)
+    edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
+    name = f"exact-block-parts-{token}"
+    layer: dict = {
+        (name, *idx): (
+            _exact_chunk,
+            (arr.name, *idx),
+            None if mask is None else (mask.name, *idx),
+            tuple(int(e[i]) for e, i in zip(edges, idx)),
+            tuple(int(f) for f in factors),
+        )
+        for idx in np.ndindex(*arr.numblocks)
+    }
+    deps: list = [arr] if mask is None else [arr, mask]
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=deps)
+    parts = da.Array(graph, name, chunks=tuple((1,) * n for n in arr.numblocks), dtype=object)
+    nblocks = tuple(-(-int(n) // int(f)) for n, f in zip(arr.shape, factors))
+    windows: dict[int, np.ndarray] = {}
+    counts = np.zeros(nblocks, np.int64)
+
+    def add(region: tuple, values: list) -> None:
+        for part in values[0].ravel():
+            t_lo, q0, digits, c = part
+            box = tuple(slice(t, t + n) for t, n in zip(t_lo, c.shape))
+            counts[box] += c
+            for q in range(digits.shape[-1]):
+                if q0 + q not in windows:
+                    windows[q0 + q] = np.zeros(nblocks, np.int64)
+                windows[q0 + q][box] += digits[..., q]
+
+    compute_batched([parts], each=add)
+    used = sorted(windows)
+    stacked = np.stack([windows.pop(q) for q in used]) if used else np.zeros((0,) + nblocks, np.int64)
+    sums = _digits_to_float_nb(stacked, np.asarray(used, np.int64), _WINDOW_SCALE)
+    return sums, None if mask is None else counts.astype(np.float64)
+
+
+def _exact_ok(arr: da.Array, factors: tuple) -> bool:
+    """Whether :func:`exact_block_sums` takes this volume: float32 or small integers, blocks under 2**23 voxels."""
+    dt = np.dtype(arr.dtype)
+    small = dt == np.float32 or dt == np.bool_ or (dt.kind in "iu" and dt.itemsize <= 2)
+    return bool(small and math.prod(int(f) for f in factors) < 2**23 and arr.ndim == 3)
+
+
 def _block_counts(shape: tuple[int, ...], factors: tuple[int, ...]) -> np.ndarray:
     """Number of full-resolution voxels in each coarse block (exact, analytic)."""
     per_axis = []
@@ -333,10 +485,18 @@ def block_mean(
     """
     arr = as_dask(vol)
     counts = _block_counts(arr.shape, factors)
+    exact = _exact_ok(arr, factors)
     if mask is None:
-        (s,) = compute_batched([_aligned_block_sums(arr, factors)])
+        if exact:
+            s, _ = exact_block_sums(arr, factors)
+        else:
+            (s,) = compute_batched([_aligned_block_sums(arr, factors)])
         return s / counts, np.ones_like(counts)
     m = as_dask(mask) > 0
+    if exact:
+        s, cm = exact_block_sums(arr, factors, mask=m)
+        assert cm is not None  # a mask was given
+        return np.divide(s, cm, out=np.zeros_like(s), where=cm > 0), cm / counts
     # in boxes: the rechunk to whole blocks (e.g. 128 -> 120 voxels for 2 mm blocks at 0.1 mm) would otherwise
     # let the scheduler hold split input chunks across whole cross-sections of the volume
     s, cm = compute_batched(

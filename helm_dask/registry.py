@@ -117,7 +117,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "background",
-        6,
+        7,
         "preprocess",
         reads=("scan_raw",),
         writes=("mask_ras",),
@@ -135,7 +135,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bias",
-        3,
+        4,
         "preprocess",
         reads=("image_ws", "mask"),
         writes=("bias", "preprocessed"),

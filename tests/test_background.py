@@ -120,9 +120,10 @@ def test_coarse_factors():
 
 @pytest.mark.parametrize("chunks", [(37, 23, 29), 8, (5, 60, 11), (37, 23, 29)[::-1]])
 @pytest.mark.parametrize("factors", [(2, 2, 2), (3, 2, 5)])
-def test_block_mean_matches_numpy_and_is_chunk_independent(chunks, factors):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # exact integer sums / float sums of whole blocks
+def test_block_mean_matches_numpy_and_is_chunk_independent(chunks, factors, dtype):
     rng = np.random.default_rng(3)
-    arr = rng.gamma(2.0, 10.0, size=(37, 23, 29)).astype(np.float32)
+    arr = rng.gamma(2.0, 10.0, size=(37, 23, 29)).astype(dtype)
     msk = (rng.random(arr.shape) < 0.7).astype(np.uint8)
     ref = np.empty(tuple(-(-n // f) for n, f in zip(arr.shape, factors)))
     ref_m = np.empty_like(ref)
@@ -170,6 +171,36 @@ def test_compiled_block_sums_are_numpy_s_bit_for_bit(factors):
         got = _block_sum_chunk(block, factors)
         assert got.dtype == np.float64
         assert np.array_equal(got.view(np.int64), numpy_sums(block).view(np.int64))
+
+
+def test_exact_block_sums_are_exact_in_any_chunking():
+    """The exact block sums equal math.fsum of each block's finite values (the correctly rounded exact sum) within
+    an ulp, on values whose float sum depends on the order (1e30 cancelling, 1e-30 and subnormals next to 1), the
+    same to the bit for any chunking, and the mask's counts are exact."""
+    import math
+
+    from helm_dask.coarse import exact_block_sums
+
+    rng = np.random.default_rng(5)
+    shape, factors = (23, 19, 17), (5, 4, 3)
+    x = (rng.normal(0, 1, shape) * 10.0 ** rng.integers(-30, 30, shape)).astype(np.float32)
+    x[0, 0, :3] = [3e30, 1.0, -3e30]
+    x[1, 1, 1], x[2, 2, 2], x[3, 3, 0] = np.float32(1e-45), np.nan, -np.inf
+    m = rng.random(shape) < 0.6
+    ref = np.zeros(tuple(-(-n // f) for n, f in zip(shape, factors)))
+    ref_c = np.zeros_like(ref)
+    for b in np.ndindex(*ref.shape):
+        sl = tuple(slice(i * f, (i + 1) * f) for i, f in zip(b, factors))
+        v = x[sl][m[sl]].astype(np.float64)
+        ref[b] = math.fsum(v[np.isfinite(v)])
+        ref_c[b] = m[sl].sum()
+    first = None
+    for chunks in [shape, 8, (5, 19, 2), (7, 3, 11)]:
+        sums, counts = exact_block_sums(da.from_array(x, chunks=chunks), factors, mask=da.from_array(m, chunks=chunks))
+        np.testing.assert_array_max_ulp(sums, ref, maxulp=1)
+        assert np.array_equal(counts, ref_c)
+        first = sums if first is None else first
+        assert np.array_equal(sums.view(np.int64), first.view(np.int64))
 
 
 def test_gmm1d_matches_sklearn():

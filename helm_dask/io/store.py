@@ -781,7 +781,9 @@ def _in_batches(numblocks: tuple[int, ...], batch_chunks: int, run: Callable[[tu
             run(box)
 
 
-def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> list[np.ndarray]:
+def compute_batched(
+    arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS, each: Callable[[tuple, list], None] | None = None
+) -> list[np.ndarray]:
     """``dask.compute`` of small results of big graphs (e.g. coarse block sums of a whole volume), in boxes.
 
     The same boxes as :func:`store_batched`, for the same reason: a reduction whose chunks need pieces of several
@@ -796,6 +798,9 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
         Arrays sharing one chunk grid (:class:`ValueError` otherwise).
     batch_chunks : int
         Chunks per computation.
+    each : callable, optional
+        ``each(region, values)`` receives every box's values (``region``: its slices of the arrays) instead:
+        nothing is assembled and ``[]`` returned (a reduction that keeps less than the arrays).
 
     Returns
     -------
@@ -817,13 +822,21 @@ def compute_batched(arrays: list, *, batch_chunks: int = STORE_BATCH_CHUNKS) -> 
         tracker.begin_pass(nchunks * len(arrays))
 
     if nchunks <= batch_chunks:
-        return [np.asarray(v) for v in _compute_counted(arrays, tracker, values=True)]
-    out = [np.empty(a.shape, dtype=a.dtype) for a in arrays]
+        values = [np.asarray(v) for v in _compute_counted(arrays, tracker, values=True)]
+        if each is None:
+            return values
+        each(tuple(slice(0, int(n)) for n in arrays[0].shape), values)
+        return []
+    out = [] if each is not None else [np.empty(a.shape, dtype=a.dtype) for a in arrays]
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
 
     def run(box):
         region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))
-        for o, v in zip(out, _compute_counted([a[region] for a in arrays], tracker, values=True)):
+        values = _compute_counted([a[region] for a in arrays], tracker, values=True)
+        if each is not None:
+            each(region, values)
+            return
+        for o, v in zip(out, values):
             o[region] = v
 
     _in_batches(tuple(len(c) for c in chunks), batch_chunks, run)
