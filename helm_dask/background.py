@@ -1076,8 +1076,9 @@ def _smoothed_inner(
     (measured: 40% of the smoothing's CPU on the dark side). The weights are None there (all ones).
 
     ``tiles`` (:func:`_band_tiles` of the band's voxels in ``keep``): the values are needed there only, and
-    are exact there; elsewhere in ``keep`` they are 0. Each Gaussian pass is computed on the tiles the later
-    passes read (the band's tiles grown by the kernel along the axes still to come), in the same operations.
+    are exact there; elsewhere they are undefined (never read). Each Gaussian pass is computed on the tiles the
+    later passes read (the band's tiles grown by the kernel along the axes still to come), in the same
+    operations.
     The band holds ~6% of a band chunk's voxels (the template phantom at 0.2 mm, median 5%), so most of the
     smoothing of a whole box was never read. ``scratch`` (a dict the caller keeps between chunks): the box-sized
     arrays are reused from it, and what is returned is a view of them, valid until the next call -- a fresh
