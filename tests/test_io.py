@@ -631,6 +631,30 @@ def test_thin_export_of_a_mostly_empty_label_map(tmp_path, ext):
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "float32", "uint8"])
+@pytest.mark.parametrize("four_d", [False, True])
+def test_thin_export_with_pieces_several_planes_deep(tmp_path, dtype, four_d):
+    """Scratch pieces 4 planes deep (the last of each edge chunk shorter), in the chunks' axis order, are placed
+    into the file's order as NumPy's Fortran order of the volume: a non-square plane, partial edge chunks in
+    x, y and z, one all-zero chunk, every echo of a 4-D volume."""
+    import dask.array as da
+
+    from helm_dask.io.convert import _slab_plan, save_nifti
+
+    rng = np.random.default_rng(11)
+    shape = (21, 13, 23) + ((2,) if four_d else ())
+    data = (rng.random(shape) * 200).astype(dtype)
+    data[8:16, :8, :8] = 0  # an all-zero chunk (not stored on scratch)
+    lazy = da.from_array(data, chunks=(8, 8, 8) + ((1,) if four_d else ()))
+    slab_mb = (4.5 * 21 * 13 * np.dtype(dtype).itemsize) / 2**20  # 4 planes fit, 8 do not
+    assert _slab_plan(lazy, np.dtype(dtype), slab_mb)[2] == 4
+    out = save_nifti(make_volume(lazy, np.eye(4)), tmp_path / "p.nii.gz", slab_mb=slab_mb)
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.dtype(dtype)
+    assert np.asanyarray(img.dataobj).tobytes(order="F") == data.tobytes(order="F")
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]
+
+
 def test_export_of_irregularly_chunked_lazy_volume(tmp_path):
     import dask.array as da
 

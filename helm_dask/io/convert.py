@@ -21,6 +21,7 @@ import nibabel as nib
 import numcodecs
 import numpy as np
 import xarray as xr
+from numba import njit
 
 from ..errors import HelmError
 from ..progress import Progress
@@ -676,12 +677,13 @@ def _split_chunk(
         vol = b4[..., t]
         if not vol.any():
             continue
-        # Pieces are stored in the file's order (z, y, x), so that a slab is assembled from whole rows; the
-        # chunk is reversed once (nii.reversed_axes: 128^3 uint16 2.1 ms, against 16 ms for its 32 pieces
-        # transposed one by one), and each piece is then a contiguous run of planes.
-        zyx = nii.reversed_axes(vol)
+        # Pieces keep the chunk's axis order (x, y, dz): cutting them out is a copy of short runs (128^3 uint16
+        # into 4-plane pieces: 2.8 ms), and the slab task turns them into the file's order as it places them
+        # (_place_nb). Reversing the chunk's axes here instead cost 6.1 ms per chunk on the AMD machine (the
+        # 2-D transposes' rows are 32 KB apart, one cache set) and made Blosc slower on the reversed pieces
+        # (encode + decode 7.3 -> 4.3 ms, 13% larger). Measured per 128^3 uint16 chunk of a label map.
         for k in range(0, vol.shape[2], dz):
-            piece = zyx[k : k + dz]
+            piece = np.ascontiguousarray(vol[:, :, k : k + dz])
             if not piece.any():
                 continue
             enc = codec.encode(piece)
@@ -729,8 +731,21 @@ def _scratch_slab(
     out = np.zeros((nz, ny, nx), dtype=src_dtype)  # C order (z, y, x): the slab's Fortran-order bytes
     codec = _scratch_codec(src_dtype)
     for (_, _, _, x0, x1, y0, y1), enc in zip(pieces, _read_pieces(pieces, storage_options)):
-        out[:, y0:y1, x0:x1] = np.frombuffer(codec.decode(enc), dtype=src_dtype).reshape(nz, y1 - y0, x1 - x0)
+        piece = np.frombuffer(codec.decode(enc), dtype=src_dtype).reshape(x1 - x0, y1 - y0, nz)
+        _place_nb(piece, out, x0, y0)
     return nii.encode_slab(out.T, dtype, gz, level)  # out.T: the (x, y, z) slab, Fortran-contiguous (no copy)
+
+
+@njit(cache=True, nogil=True)
+def _place_nb(piece: np.ndarray, out: np.ndarray, x0: int, y0: int) -> None:  # pragma: no cover - compiled
+    """``out[z, y0 + y, x0 + x] = piece[x, y, z]``: a piece in the chunk's axis order placed into a slab in the
+    file's. The few planes of a piece are the innermost loop, so each row of the slab is written in order
+    (32 pieces of 128 x 128 x 4 uint16: 1.9 ms)."""
+    px, py, pz = piece.shape
+    for y in range(py):
+        for x in range(px):
+            for z in range(pz):
+                out[z, y0 + y, x0 + x] = piece[x, y, z]
 
 
 def _slab_task(

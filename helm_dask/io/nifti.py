@@ -925,7 +925,12 @@ def encode_slab(arr: np.ndarray, dtype, gz: bool, level: int = DEFAULT_COMPRESSL
     >>> encode_slab(np.ones((2, 1, 1)), "uint8", False), encode_slab(np.ones((2, 1, 1)), "uint8", True).size
     (b'\\x01\\x01', 2)
     """
-    b = slab_bytes(arr, dtype)
+    a = np.asarray(arr)
+    if gz and a.ndim == 3 and a.dtype == np.dtype(dtype) and a.flags.f_contiguous:
+        # Compress the slab's memory as it is: its Fortran order is the file's (a.T is C-contiguous), so no copy
+        # into bytes first (a 32 MB slab: ~5 ms of the ~45 ms its deflate takes).
+        return deflate_part(a.T.data.cast("B"), level)
+    b = slab_bytes(a, dtype)
     return deflate_part(b, level) if gz else b
 
 
