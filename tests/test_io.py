@@ -850,14 +850,18 @@ def zarr_keys(path):
     return list(zarr.open_group(path, mode="r").keys())
 
 
-def test_dense_chunk_writes_store_what_zarr_stores(tmp_path):
+@pytest.mark.parametrize("codec", ["zarr-default", "blosc"])
+def test_dense_chunk_writes_store_what_zarr_stores(tmp_path, codec):
     """Whole-chunk writes through store_target give the same chunks (keys and bytes of the values) as plain Zarr
-    writes: chunks equal to the fill value are not stored, and an older chunk so overwritten is deleted; the
-    fast fill test agrees with Zarr's own (negative zero, NaN and non-zero fills, bool, ints)."""
+    writes: chunks equal to the fill value are not stored, and an older chunk so overwritten is deleted (by Zarr,
+    or, for helm-dask's Blosc layout, by removing its file directly); the fast fill test agrees with Zarr's own
+    (negative zero, NaN and non-zero fills, bool, ints)."""
     import dask.array as da
     import zarr
+    from zarr.codecs import BloscCodec
     from zarr.core.buffer.cpu import NDBuffer
 
+    from helm_dask.io import direct
     from helm_dask.io.store import _differs_from_fill, store_target
 
     cases = [
@@ -882,8 +886,14 @@ def test_dense_chunk_writes_store_what_zarr_stores(tmp_path):
     x[:8] = 0  # whole empty chunks
     x[8:, :4, :4] = 0
     for first in (np.ones_like(x), np.zeros_like(x)):
-        plain = zarr.create_array(tmp_path / f"p{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2")
-        fast = zarr.create_array(tmp_path / f"f{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2")
+        kw = {"compressors": BloscCodec(cname="zstd", clevel=1)} if codec == "blosc" else {}
+        plain = zarr.create_array(
+            tmp_path / f"p{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2", **kw
+        )
+        fast = zarr.create_array(
+            tmp_path / f"f{first[0, 0, 0]}.zarr", shape=x.shape, chunks=(4, 4, 4), dtype="u2", **kw
+        )
+        assert (direct._layout(fast) is not None) == (codec == "blosc")
         plain[...], fast[...] = first, first  # a resumed run overwrites an older store
         da.store(da.from_array(x, chunks=4), plain, lock=False)
         da.store(da.from_array(x, chunks=4), store_target(fast), lock=False)

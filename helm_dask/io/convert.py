@@ -26,7 +26,7 @@ from numba import njit
 from ..errors import HelmError
 from ..progress import Progress
 from ..volume import affine_of, orientation_code, provenance_record
-from . import location, regions
+from . import direct, location, regions
 from . import nifti as nii
 from .mgh import is_mgh_path, read_mgh_header
 from .store import (
@@ -905,8 +905,10 @@ def _encode_stored_slab(
     """Planes ``z0:z1`` (of echo ``t``) read from a Zarr array or a :class:`regions.StoreView`, encoded."""
     if isinstance(src, regions.StoreView):
         block = src.read((0, 0, z0), (src.shape[0], src.shape[1], z1))
+    elif t is None:
+        block = direct.read_box(src, (0, 0, z0), (src.shape[0], src.shape[1], z1))
     else:
-        block = src[:, :, z0:z1] if t is None else src[:, :, z0:z1, t]
+        block = src[:, :, z0:z1, t]
     return nii.encode_slab(block, dtype, gz, level)
 
 

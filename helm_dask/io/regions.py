@@ -29,6 +29,8 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from . import direct
+
 __all__ = [
     "CACHE_MB",
     "StoreView",
@@ -481,7 +483,7 @@ def read_region(zarr_array: Any, lo: Sequence[int], hi: Sequence[int], scope: st
     """
     lo, hi = [int(v) for v in lo], [int(v) for v in hi]
     if not scope or _CACHE.budget <= 0:
-        return np.asarray(zarr_array[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        return direct.read_box(zarr_array, lo, hi)
     cs = zarr_array.chunks
     shape = zarr_array.shape
     idx = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, cs)]
@@ -489,8 +491,8 @@ def read_region(zarr_array: Any, lo: Sequence[int], hi: Sequence[int], scope: st
     for cell in product(*idx):
         box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, cs, shape))
 
-        def load(box=box):
-            return np.asarray(zarr_array[box])
+        def load(cell=cell):
+            return direct.read_chunk(zarr_array, cell)
 
         pieces.append(_CACHE.get((scope, cell), load))
         starts.append(tuple(b.start for b in box))

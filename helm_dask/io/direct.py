@@ -1,0 +1,232 @@
+"""Chunks of a local Zarr v3 array read in the calling thread: the chunk's file through Blosc into a new array,
+without Zarr's asynchronous machinery. :func:`read_box` is ``np.asarray(array[box])`` and :class:`DirectArray`
+the array as :func:`dask.array.from_array` should read it; both fall back to Zarr for anything but the layout
+helm-dask writes (a local store, a regular chunk grid, the bytes codec then Blosc), so they return Zarr's values
+in every case.
+
+Why: a 128^3 uint16 chunk of a label map took 3.6 ms through Zarr 3.1 and 2.2 ms read and decoded here (the
+Blosc decode is the same; measured on the AMD machine, Blosc single-threaded as in a Dask worker), and the
+pipeline reads each stored chunk several times (stages, pyramids, exports, halos).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from itertools import product
+from typing import Any, NamedTuple
+
+import numpy as np
+from numcodecs import blosc
+
+__all__ = ["DirectArray", "drop_chunk", "from_zarr", "read_box", "read_chunk"]
+
+
+class _Layout(NamedTuple):
+    folder: str
+    chunks: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: Any
+    metadata: Any  # encodes the chunk keys
+
+
+def _layout(arr: Any) -> _Layout | None:
+    """What a direct read needs, or None when Zarr must read ``arr`` (any other store, grid or codecs)."""
+    try:
+        from zarr.codecs import BloscCodec, BytesCodec
+        from zarr.core.chunk_grids import RegularChunkGrid
+        from zarr.storage import LocalStore
+
+        meta = arr.metadata
+        if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore):
+            return None
+        if not isinstance(meta.chunk_grid, RegularChunkGrid):
+            return None
+        codecs = tuple(meta.codecs)
+        if len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], BloscCodec):
+            return None
+        dtype = np.dtype(arr.dtype)
+        endian = codecs[0].endian
+        if dtype.itemsize > 1 and (endian is None or endian.value != sys.byteorder or not dtype.isnative):
+            return None
+        folder = os.path.join(str(arr.store.root), arr.path) if arr.path else str(arr.store.root)
+        return _Layout(
+            folder, tuple(int(c) for c in arr.chunks), tuple(int(s) for s in arr.shape), dtype, meta.fill_value, meta
+        )
+    except Exception:  # anything unexpected in Zarr's objects: Zarr reads it
+        return None
+
+
+def _decoded(lay: _Layout, cell: Sequence[int]) -> np.ndarray:
+    """The whole stored chunk ``cell`` (edge chunks are stored at full size), writable; the fill value when the
+    chunk is not stored."""
+    path = os.path.join(lay.folder, lay.metadata.encode_chunk_key(tuple(int(c) for c in cell)))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return np.full(lay.chunks, lay.fill, dtype=lay.dtype)
+    out = np.empty(lay.chunks, dtype=lay.dtype)
+    blosc.decompress(raw, out)  # raises on a size mismatch: a chunk this layout does not describe
+    return out
+
+
+def read_chunk(arr: Any, cell: Sequence[int]) -> np.ndarray:
+    """Chunk ``cell`` of a Zarr array, clipped to the array: ``np.asarray(arr[box of cell])``.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    cell : sequence of int
+        The chunk's index along each axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new C-contiguous, writable array.
+    """
+    lay = _layout(arr)
+    box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, arr.chunks, arr.shape))
+    if lay is None:
+        return np.asarray(arr[box])
+    out = _decoded(lay, cell)
+    if any(b.stop - b.start != c for b, c in zip(box, lay.chunks)):
+        out = np.ascontiguousarray(out[tuple(slice(0, b.stop - b.start) for b in box)])
+    return out
+
+
+def read_box(arr: Any, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+    """The box ``[lo, hi)`` of a Zarr array: ``np.asarray(arr[lo:hi])``, chunk by chunk.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    lo, hi : sequence of int
+        The box (inside the array).
+
+    Returns
+    -------
+    numpy.ndarray
+        A new C-contiguous array.
+
+    Example
+    -------
+    >>> import zarr
+    >>> z = zarr.create_array(store={}, shape=(5, 4), chunks=(2, 3), dtype="u2")
+    >>> z[:] = np.arange(20).reshape(5, 4)
+    >>> read_box(z, (1, 2), (4, 4)).tolist()
+    [[6, 7], [10, 11], [14, 15]]
+    """
+    lo, hi = [int(v) for v in lo], [int(v) for v in hi]
+    lay = _layout(arr)
+    if lay is None or any(a < 0 or b > n or a > b for a, b, n in zip(lo, hi, arr.shape)):
+        return np.asarray(arr[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    cs = lay.chunks
+    cells = [range(a // c, -(-b // c)) for a, b, c in zip(lo, hi, cs)]
+    if all(len(r) == 1 for r in cells) and all(a == r[0] * c for a, r, c in zip(lo, cells, cs)):
+        whole = all(b == min((r[0] + 1) * c, n) for b, r, c, n in zip(hi, cells, cs, lay.shape))
+        if whole:
+            return read_chunk(arr, [r[0] for r in cells])
+    out = np.empty([b - a for a, b in zip(lo, hi)], dtype=lay.dtype)
+    for cell in product(*cells):
+        chunk = _decoded(lay, cell)
+        src, dst = [], []
+        for d, (i, c) in enumerate(zip(cell, cs)):
+            a, b = max(lo[d], i * c), min(hi[d], (i + 1) * c)
+            src.append(slice(a - i * c, b - i * c))
+            dst.append(slice(a - lo[d], b - lo[d]))
+        out[tuple(dst)] = chunk[tuple(src)]
+    return out
+
+
+def _whole_chunk(lay: _Layout, key: Any) -> tuple[int, ...] | None:
+    """The chunk index that ``key`` (a tuple of slices) covers exactly, or None."""
+    if not isinstance(key, tuple) or len(key) != len(lay.shape):
+        return None
+    cell = []
+    for k, c, n in zip(key, lay.chunks, lay.shape):
+        if not isinstance(k, slice) or k.step not in (None, 1):
+            return None
+        a, b, _ = k.indices(n)
+        if a % c or b != min(a + c, n):
+            return None
+        cell.append(a // c)
+    return tuple(cell)
+
+
+def drop_chunk(arr: Any, key: Any) -> bool:
+    """Make the whole chunk ``key`` of ``arr`` read as the fill value, as Zarr's write of a chunk equal to the
+    fill value does (``write_empty_chunks=False``): its file, if any, is removed. False, with nothing done,
+    when the array is not laid out for direct access or ``key`` is not exactly one chunk: write it with Zarr.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    key : tuple of slice
+
+    Returns
+    -------
+    bool
+    """
+    lay = _layout(arr)
+    cell = None if lay is None else _whole_chunk(lay, key)
+    if lay is None or cell is None:
+        return False
+    try:
+        os.remove(os.path.join(lay.folder, lay.metadata.encode_chunk_key(cell)))
+    except FileNotFoundError:
+        pass
+    return True
+
+
+class DirectArray:
+    """A Zarr array as :func:`dask.array.from_array` reads it: a box of step-1 slices goes through
+    :func:`read_box`, any other index to Zarr. Pickles as the Zarr array it wraps.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    """
+
+    def __init__(self, arr: Any):
+        self.arr = arr
+        self.shape = tuple(arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+        self.ndim = len(self.shape)
+        self.chunks = tuple(arr.chunks)
+
+    def __reduce__(self):
+        return DirectArray, (self.arr,)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) == self.ndim and all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+            bounds = [k.indices(n) for k, n in zip(key, self.shape)]
+            if all(a <= b for a, b, _ in bounds):
+                return read_box(self.arr, [a for a, _, _ in bounds], [b for _, b, _ in bounds])
+        return np.asarray(self.arr[key])
+
+
+def from_zarr(arr: Any, chunks: Any = None) -> Any:
+    """``dask.array.from_zarr(arr, chunks=chunks)`` reading through :class:`DirectArray`: the same graph names
+    and values.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    chunks : optional
+        Dask chunks (default the array's).
+
+    Returns
+    -------
+    dask.array.Array
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    chunks = chunks if chunks is not None else arr.chunks
+    name = "from-zarr-" + tokenize(arr, None, {}, chunks)  # dask.array.from_zarr's name for the same call
+    meta = np.empty((0,) * len(arr.shape), dtype=np.dtype(arr.dtype))
+    return da.from_array(DirectArray(arr), chunks=chunks, name=name, meta=meta)

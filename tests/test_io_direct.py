@@ -1,0 +1,90 @@
+"""Direct chunk reads (helm_dask.io.direct) return what Zarr returns, on the layouts helm-dask writes and on the
+ones it falls back for."""
+
+from __future__ import annotations
+
+import pickle
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from helm_dask.io import direct
+from helm_dask.io.store import open_volume, save_volume
+from helm_dask.volume import make_volume
+
+
+def _array(tmp_path, dtype, shape=(37, 29, 23), chunks=(16, 8, 10), compressors="blosc", fill=0, sparse=True):
+    rng = np.random.default_rng(3)
+    data = (rng.random(shape) * 300).astype(dtype)
+    if sparse:
+        data[16:32, :8] = fill  # whole chunks equal to the fill value: not stored
+    comp = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle") if compressors == "blosc" else compressors
+    z = zarr.create_array(
+        store=str(tmp_path / f"a_{np.dtype(dtype).name}.zarr"),
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=comp,
+        fill_value=fill,
+    )
+    z[:] = data
+    return zarr.open_array(str(tmp_path / f"a_{np.dtype(dtype).name}.zarr"), mode="r"), data
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32", "float64", "bool"])
+def test_every_chunk_and_box_is_zarrs(tmp_path, dtype):
+    z, data = _array(tmp_path, dtype)
+    assert direct._layout(z) is not None  # the direct path, not the fallback
+    for cell in np.ndindex(*[-(-s // c) for s, c in zip(z.shape, z.chunks)]):
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, z.chunks, z.shape))
+        got = direct.read_chunk(z, cell)
+        assert got.flags.c_contiguous and got.flags.writeable and got.dtype == z.dtype
+        np.testing.assert_array_equal(got, data[box])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lo = [int(rng.integers(0, s)) for s in z.shape]
+        hi = [int(rng.integers(a, s + 1)) for a, s in zip(lo, z.shape)]
+        got = direct.read_box(z, lo, hi)
+        np.testing.assert_array_equal(got, data[tuple(slice(a, b) for a, b in zip(lo, hi))])
+
+
+def test_missing_chunks_take_the_fill_value(tmp_path):
+    z, data = _array(tmp_path, "float32", fill=-1.5)
+    chunk_files = {p.relative_to(tmp_path) for p in tmp_path.rglob("c/*/*/*")}
+    n_cells = int(np.prod([-(-s // c) for s, c in zip(z.shape, z.chunks)]))
+    assert len(chunk_files) < n_cells  # some chunks are not stored
+    np.testing.assert_array_equal(direct.read_box(z, (0, 0, 0), z.shape), data)
+    assert (direct.read_chunk(z, (1, 0, 0)) == -1.5).all()
+
+
+def test_other_layouts_fall_back_to_zarr(tmp_path):
+    z, data = _array(tmp_path, "uint16", compressors=ZstdCodec(level=1))
+    assert direct._layout(z) is None
+    np.testing.assert_array_equal(direct.read_box(z, (3, 2, 1), (30, 20, 19)), data[3:30, 2:20, 1:19])
+    mem = zarr.create_array(store={}, shape=(5, 4), chunks=(2, 3), dtype="u2")
+    mem[:] = np.arange(20).reshape(5, 4)
+    assert direct._layout(mem) is None
+    np.testing.assert_array_equal(direct.read_chunk(mem, (2, 1)), [[19]])
+
+
+def test_direct_array_in_dask_equals_from_zarr(tmp_path):
+    z, data = _array(tmp_path, "uint16")
+    wrapped = direct.DirectArray(z)
+    assert pickle.loads(pickle.dumps(wrapped)).shape == z.shape
+    for chunks in (z.chunks, (32, 16, 20), (5, 7, 9)):
+        arr = da.from_array(wrapped, chunks=chunks, meta=np.empty((0, 0, 0), z.dtype))
+        np.testing.assert_array_equal(arr.compute(scheduler="sync"), data)
+    np.testing.assert_array_equal(wrapped[::2, 3, 1:9], data[::2, 3, 1:9])  # other indexes: Zarr's
+
+
+def test_stored_volume_reads_the_same_through_dask(tmp_path):
+    """A helm-dask store (its level 0 and a pyramid level) opens onto the direct reads, values unchanged."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 9, size=(140, 50, 40)).astype(np.uint16)
+    store = save_volume(make_volume(data, np.eye(4), kind="labels"), tmp_path / "v.zarr", chunks=(32, 32, 32))
+    vol = open_volume(store)
+    np.testing.assert_array_equal(vol.values, data)
+    np.testing.assert_array_equal(open_volume(store, level=1).values, data[::2, ::2, ::2])
