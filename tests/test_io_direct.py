@@ -88,3 +88,28 @@ def test_stored_volume_reads_the_same_through_dask(tmp_path):
     vol = open_volume(store)
     np.testing.assert_array_equal(vol.values, data)
     np.testing.assert_array_equal(open_volume(store, level=1).values, data[::2, ::2, ::2])
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "bool"])
+def test_direct_chunk_writes_are_zarrs_bytes(tmp_path, dtype):
+    """write_chunk stores the bytes Zarr stores for the same whole chunk (edge chunks padded with the fill value),
+    through store_target as the stages write; other keys and layouts are left to Zarr."""
+    from helm_dask.io.store import store_target
+
+    shape, chunks = (37, 29, 23), (16, 8, 10)
+    rng = np.random.default_rng(9)
+    data = (rng.random(shape) * 300).astype(dtype)
+    kw = {"compressors": BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=2**19), "fill_value": 0}
+    ref = zarr.create_array(str(tmp_path / "ref.zarr"), shape=shape, chunks=chunks, dtype=dtype, **kw)
+    ours = zarr.create_array(str(tmp_path / "ours.zarr"), shape=shape, chunks=chunks, dtype=dtype, **kw)
+    ref[...] = data
+    da.store(da.from_array(data, chunks=chunks), store_target(ours), lock=False)
+    files = {
+        name: {p.relative_to(tmp_path / name).as_posix(): p.read_bytes() for p in (tmp_path / name).rglob("c/*/*/*")}
+        for name in ("ref.zarr", "ours.zarr")
+    }
+    assert files["ref.zarr"] == files["ours.zarr"] and files["ref.zarr"]
+    assert not list(tmp_path.rglob("*.partial"))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"), mode="r")[...], data)
+    assert not direct.write_chunk(ours, (slice(0, 8), slice(0, 8), slice(0, 10)), data[:8, :8, :10])  # half a chunk
+    assert not direct.write_chunk(ours, (slice(0, 16), slice(0, 8), slice(0, 10)), data[:16, :8, :10].astype("f8"))

@@ -273,7 +273,7 @@ def _level0_from_landing(
     """``(level 0 as a lazy array over the thin landing chunks, the array it is stored in, its z axis)``: one
     final chunk per Dask task (combined echoes: a new float32 level 0)."""
     info = plan.info
-    landed = da.moveaxis(da.from_zarr(landing, chunks=(1,) + tuple(plan.chunks)), 0, 3)
+    landed = da.moveaxis(direct.from_zarr(landing, chunks=(1,) + tuple(plan.chunks)), 0, 3)
     if plan.combine:
         if info.scaled and not plan.reader_scaled:
             ft = info.out_dtype.type

@@ -11,16 +11,19 @@ pipeline reads each stored chunk several times (stages, pyramids, exports, halos
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import uuid
 from collections.abc import Sequence
+from functools import lru_cache
 from itertools import product
 from typing import Any, NamedTuple
 
 import numpy as np
 from numcodecs import blosc
 
-__all__ = ["DirectArray", "drop_chunk", "from_zarr", "read_box", "read_chunk"]
+__all__ = ["DirectArray", "drop_chunk", "from_zarr", "read_box", "read_chunk", "write_chunk"]
 
 
 class _Layout(NamedTuple):
@@ -178,6 +181,60 @@ def drop_chunk(arr: Any, key: Any) -> bool:
         os.remove(os.path.join(lay.folder, lay.metadata.encode_chunk_key(cell)))
     except FileNotFoundError:
         pass
+    return True
+
+
+@lru_cache(maxsize=64)
+def _encoder(cname: str, clevel: int, shuffle: int, blocksize: int, typesize: int) -> Any:
+    from numcodecs import Blosc
+
+    return Blosc.from_config(
+        {"cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": blocksize, "typesize": typesize}
+    )
+
+
+def write_chunk(arr: Any, key: Any, value: np.ndarray) -> bool:
+    """Store ``value`` as the whole chunk ``key`` of ``arr``, the bytes Zarr would store (its Blosc settings, an
+    edge chunk padded with the fill value to full size, written to a temporary file then renamed), whatever the
+    values. False, with nothing done, when the array is not laid out for direct access, ``key`` is not exactly
+    one chunk or ``value`` does not have its shape and dtype: write it with Zarr.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+    key : tuple of slice
+    value : numpy.ndarray
+
+    Returns
+    -------
+    bool
+    """
+    lay = _layout(arr)
+    cell = None if lay is None else _whole_chunk(lay, key)
+    if lay is None or cell is None:
+        return False
+    want = tuple(min(c, n - i * c) for i, c, n in zip(cell, lay.chunks, lay.shape))
+    if value.dtype != lay.dtype or value.shape != want:
+        return False
+    if want != lay.chunks:
+        full = np.full(lay.chunks, lay.fill, dtype=lay.dtype)
+        full[tuple(slice(0, w) for w in want)] = value
+        value = full
+    codec = lay.metadata.codecs[1]
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+    enc = _encoder(codec.cname.value, int(codec.clevel), shuffle, int(codec.blocksize), int(codec.typesize))
+    data = enc.encode(np.ascontiguousarray(value).reshape(-1).view(np.uint8))  # Zarr hands Blosc the raw bytes
+    path = os.path.join(lay.folder, lay.metadata.encode_chunk_key(cell))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
     return True
 
 

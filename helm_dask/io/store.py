@@ -541,7 +541,11 @@ class _ChunkTarget:
         v = np.asarray(value)
         state = _fill_state(v, self.arr.fill_value) if v.dtype == self.arr.dtype else None
         if state:
-            self.dense[key] = v
+            # the chunk's bytes written here when the store is local (direct.write_chunk: the same file as
+            # Zarr's), without Zarr's hand-offs to its event loop (~8% of the workers' busy samples in a 0.2 mm
+            # run once the reads were direct)
+            if not direct.write_chunk(self.arr, key, v):
+                self.dense[key] = v
         elif state is False and direct.drop_chunk(self.arr, key):
             # A chunk of fill values is not stored: Zarr would find that out by comparing it with the fill value
             # (a full temporary array, 6-7% of the workers' CPU in a 0.2 mm run: the empty chunks of label maps
