@@ -159,6 +159,13 @@ def _whole_chunk(lay: _Layout, key: Any) -> tuple[int, ...] | None:
     return tuple(cell)
 
 
+def _chunk_of(arr: Any, key: Any) -> tuple[_Layout, tuple[int, ...]] | None:
+    """The layout of ``arr`` and the chunk ``key`` covers exactly, or None (then Zarr writes it)."""
+    lay = _layout(arr)
+    cell = None if lay is None else _whole_chunk(lay, key)
+    return None if lay is None or cell is None else (lay, cell)
+
+
 def drop_chunk(arr: Any, key: Any) -> bool:
     """Make the whole chunk ``key`` of ``arr`` read as the fill value, as Zarr's write of a chunk equal to the
     fill value does (``write_empty_chunks=False``): its file, if any, is removed. False, with nothing done,
@@ -173,10 +180,10 @@ def drop_chunk(arr: Any, key: Any) -> bool:
     -------
     bool
     """
-    lay = _layout(arr)
-    cell = None if lay is None else _whole_chunk(lay, key)
-    if lay is None or cell is None:
+    found = _chunk_of(arr, key)
+    if found is None:
         return False
+    lay, cell = found
     try:
         os.remove(os.path.join(lay.folder, lay.metadata.encode_chunk_key(cell)))
     except FileNotFoundError:
@@ -209,10 +216,10 @@ def write_chunk(arr: Any, key: Any, value: np.ndarray) -> bool:
     -------
     bool
     """
-    lay = _layout(arr)
-    cell = None if lay is None else _whole_chunk(lay, key)
-    if lay is None or cell is None:
+    found = _chunk_of(arr, key)
+    if found is None:
         return False
+    lay, cell = found
     want = tuple(min(c, n - i * c) for i, c, n in zip(cell, lay.chunks, lay.shape))
     if value.dtype != lay.dtype or value.shape != want:
         return False
