@@ -1,12 +1,14 @@
-"""Chunks of a local Zarr v3 array read in the calling thread: the chunk's file through Blosc into a new array,
-without Zarr's asynchronous machinery. :func:`read_box` is ``np.asarray(array[box])`` and :class:`DirectArray`
-the array as :func:`dask.array.from_array` should read it; both fall back to Zarr for anything but the layout
-helm-dask writes (a local store, a regular chunk grid, the bytes codec then Blosc), so they return Zarr's values
-in every case.
+"""Whole chunks of a local Zarr v3 array read and written in the calling thread, without Zarr's asynchronous
+machinery: :func:`read_chunk` / :func:`read_box` decode a chunk's file with Blosc straight into a new array
+(``np.asarray(array[box])``), :class:`DirectArray` / :func:`from_zarr` is the array as Dask should read it,
+:func:`write_chunk` stores a chunk's bytes as Zarr would (a temporary file renamed over the chunk's) and
+:func:`drop_chunk` removes a chunk of fill values. Only the layout helm-dask writes is handled (a local store, a
+regular chunk grid, the bytes codec then Blosc); for anything else the readers fall back to Zarr and the writers
+return False, so the values and files are Zarr's in every case.
 
-Why: a 128^3 uint16 chunk of a label map took 3.6 ms through Zarr 3.1 and 2.2 ms read and decoded here (the
-Blosc decode is the same; measured on the AMD machine, Blosc single-threaded as in a Dask worker), and the
-pipeline reads each stored chunk several times (stages, pyramids, exports, halos).
+Why: a 128^3 uint16 chunk of a label map took 3.6 ms to read through Zarr 3.1 and 2.2 ms here (the Blosc decode
+is the same; measured on the AMD machine, Blosc single-threaded as in a Dask worker); Zarr's code outside its
+codecs was 19% of the workers' busy samples in a 0.2 mm template run.
 """
 
 from __future__ import annotations
