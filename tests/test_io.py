@@ -862,7 +862,7 @@ def test_dense_chunk_writes_store_what_zarr_stores(tmp_path, codec):
     from zarr.core.buffer.cpu import NDBuffer
 
     from helm_dask.io import direct
-    from helm_dask.io.store import _differs_from_fill, store_target
+    from helm_dask.io.store import _fill_state, store_target
 
     cases = [
         (np.zeros(5, np.float32), 0.0),
@@ -877,9 +877,11 @@ def test_dense_chunk_writes_store_what_zarr_stores(tmp_path, codec):
         (np.zeros(3, np.uint8), 0),
     ]
     for v, fill in cases:
-        if _differs_from_fill(v, fill):  # never claims data where Zarr sees only the fill value
+        state = _fill_state(v, fill)
+        if state:  # never claims data where Zarr sees only the fill value
             assert not NDBuffer.from_numpy_array(v).all_equal(np.asarray(fill, v.dtype))
         elif v.dtype.kind != "f" or not np.isnan(fill):
+            assert state is False  # the test applies to every fill but NaN
             assert NDBuffer.from_numpy_array(v).all_equal(np.asarray(fill, v.dtype))
     rng = np.random.default_rng(5)
     x = rng.integers(1, 9, size=(16, 12, 8)).astype(np.uint16)

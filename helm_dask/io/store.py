@@ -494,12 +494,6 @@ def _fill_state(value: np.ndarray, fill: Any) -> bool | None:
     return bool(bits.any()) if fbits == 0 else bool((bits != fbits).any())
 
 
-def _differs_from_fill(value: np.ndarray, fill: Any) -> bool:
-    """:func:`_fill_state` is True: ``value`` holds data Zarr would store (False also when the test does not
-    apply)."""
-    return _fill_state(value, fill) is True
-
-
 class _ChunkTarget:
     """A Zarr array as the target of ``da.store``, for whole-chunk writes.
 
