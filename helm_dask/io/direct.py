@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numcodecs import blosc
 
-__all__ = ["DirectArray", "drop_chunk", "from_zarr", "read_box", "read_chunk", "write_chunk"]
+__all__ = ["DirectArray", "copy_overlap", "drop_chunk", "from_zarr", "read_box", "read_chunk", "write_chunk"]
 
 
 class _Layout(NamedTuple):
@@ -135,15 +135,28 @@ def read_box(arr: Any, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
         if whole:
             return read_chunk(arr, [r[0] for r in cells])
     out = np.empty([b - a for a, b in zip(lo, hi)], dtype=lay.dtype)
-    for cell in product(*cells):
-        chunk = _decoded(lay, cell)
-        src, dst = [], []
-        for d, (i, c) in enumerate(zip(cell, cs)):
-            a, b = max(lo[d], i * c), min(hi[d], (i + 1) * c)
-            src.append(slice(a - i * c, b - i * c))
-            dst.append(slice(a - lo[d], b - lo[d]))
-        out[tuple(dst)] = chunk[tuple(src)]
+    for cell in product(*cells):  # one decoded chunk held at a time
+        copy_overlap(out, lo, _decoded(lay, cell), [i * c for i, c in zip(cell, cs)])
     return out
+
+
+def copy_overlap(out: np.ndarray, lo: Sequence[int], piece: np.ndarray, start: Sequence[int]) -> None:
+    """Copy into ``out`` (the box that starts at ``lo``) the part of ``piece`` (the box that starts at
+    ``start``) that lies inside it.
+
+    Example
+    -------
+    >>> out = np.zeros(4, int)
+    >>> copy_overlap(out, [10], np.array([1, 2, 3]), [12]); out.tolist()
+    [0, 0, 1, 2]
+    """
+    src, dst = [], []
+    for ax in range(out.ndim):
+        a0 = max(int(start[ax]), int(lo[ax]))
+        a1 = min(int(start[ax]) + piece.shape[ax], int(lo[ax]) + out.shape[ax])
+        src.append(slice(a0 - start[ax], a1 - start[ax]))
+        dst.append(slice(a0 - lo[ax], a1 - lo[ax]))
+    out[tuple(dst)] = piece[tuple(src)]
 
 
 def _whole_chunk(lay: _Layout, key: Any) -> tuple[int, ...] | None:

@@ -453,12 +453,7 @@ def _paste(
         return pieces[0]
     out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=pieces[0].dtype)
     for arr, off in zip(pieces, starts):
-        src, dst = [], []
-        for ax in range(out.ndim):
-            a0, a1 = max(off[ax], lo[ax]), min(off[ax] + arr.shape[ax], hi[ax])
-            src.append(slice(a0 - off[ax], a1 - off[ax]))
-            dst.append(slice(a0 - lo[ax], a1 - lo[ax]))
-        out[tuple(dst)] = arr[tuple(src)]
+        direct.copy_overlap(out, lo, arr, off)
     return out
 
 
