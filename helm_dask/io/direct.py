@@ -92,14 +92,8 @@ def read_chunk(arr: Any, cell: Sequence[int]) -> np.ndarray:
     numpy.ndarray
         A new C-contiguous, writable array.
     """
-    lay = _layout(arr)
-    box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, arr.chunks, arr.shape))
-    if lay is None:
-        return np.asarray(arr[box])
-    out = _decoded(lay, cell)
-    if any(b.stop - b.start != c for b, c in zip(box, lay.chunks)):
-        out = np.ascontiguousarray(out[tuple(slice(0, b.stop - b.start) for b in box)])
-    return out
+    lo = [int(i) * int(c) for i, c in zip(cell, arr.chunks)]
+    return read_box(arr, lo, [min(a + int(c), int(n)) for a, c, n in zip(lo, arr.chunks, arr.shape)])
 
 
 def read_box(arr: Any, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
@@ -130,10 +124,8 @@ def read_box(arr: Any, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
         return np.asarray(arr[tuple(slice(a, b) for a, b in zip(lo, hi))])
     cs = lay.chunks
     cells = [range(a // c, -(-b // c)) for a, b, c in zip(lo, hi, cs)]
-    if all(len(r) == 1 for r in cells) and all(a == r[0] * c for a, r, c in zip(lo, cells, cs)):
-        whole = all(b == min((r[0] + 1) * c, n) for b, r, c, n in zip(hi, cells, cs, lay.shape))
-        if whole:
-            return read_chunk(arr, [r[0] for r in cells])
+    if all(a % c == 0 and b - a == c for a, b, c in zip(lo, hi, cs)):
+        return _decoded(lay, [a // c for a, c in zip(lo, cs)])  # one whole interior chunk: no copy
     out = np.empty([b - a for a, b in zip(lo, hi)], dtype=lay.dtype)
     for cell in product(*cells):  # one decoded chunk held at a time
         copy_overlap(out, lo, _decoded(lay, cell), [i * c for i, c in zip(cell, cs)])
