@@ -113,3 +113,33 @@ def test_direct_chunk_writes_are_zarrs_bytes(tmp_path, dtype):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"), mode="r")[...], data)
     assert not direct.write_chunk(ours, (slice(0, 8), slice(0, 8), slice(0, 10)), data[:8, :8, :10])  # half a chunk
     assert not direct.write_chunk(ours, (slice(0, 16), slice(0, 8), slice(0, 10)), data[:16, :8, :10].astype("f8"))
+
+
+def test_slab_writes_chunk_by_chunk_are_zarrs(tmp_path):
+    """store.write_chunks (the import's landing writes: whole planes of an echo, one slab at a time) stores the
+    chunks a plain Zarr write of the same slabs stores, byte for byte: the fill-valued chunks left out, the edge
+    chunks padded, an integer index as a one-wide slice; a slab off the chunk grid is Zarr's to write."""
+    from helm_dask.io.store import write_chunks
+
+    shape, chunks = (2, 37, 29, 23), (1, 16, 8, 4)
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=shape).astype("float32")
+    data[:, :16, :8, :] = 0  # whole chunks of the fill value
+    kw = {"compressors": BloscCodec(cname="lz4", clevel=1, shuffle="shuffle", blocksize=2**19), "fill_value": 0}
+    ref = zarr.create_array(str(tmp_path / "ref.zarr"), shape=shape, chunks=chunks, dtype="float32", **kw)
+    ours = zarr.create_array(str(tmp_path / "ours.zarr"), shape=shape, chunks=chunks, dtype="float32", **kw)
+    for t in range(2):
+        for z0 in range(0, 23, 8):  # slabs of two chunk layers, the last one short
+            key = (t, slice(None), slice(None), slice(z0, min(z0 + 8, 23)))
+            ref[key] = data[key]
+            write_chunks(ours, key, data[key])
+    files = {
+        name: {p.relative_to(tmp_path / name).as_posix(): p.read_bytes() for p in (tmp_path / name).rglob("c/*/*/*/*")}
+        for name in ("ref.zarr", "ours.zarr")
+    }
+    assert files["ref.zarr"] == files["ours.zarr"]
+    assert "c/0/0/0/0" not in files["ours.zarr"] and "c/1/2/3/5" in files["ours.zarr"]
+    write_chunks(ours, (0, slice(3, 20), slice(None), slice(1, 6)), np.ones((17, 29, 5), "float32"))  # off the grid
+    expect = data.copy()
+    expect[0, 3:20, :, 1:6] = 1
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"), mode="r")[...], expect)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ import numcodecs
 import numpy as np
 import xarray as xr
 from numba import njit
+from zarr.codecs import BloscCname, BloscCodec
 
 from ..errors import HelmError
 from ..progress import Progress
@@ -33,6 +35,7 @@ from .store import (
     atomic_path,
     atomic_store,
     build_pyramid,
+    compressor_for,
     create_level,
     distributed_client,
     normalize_chunks,
@@ -42,6 +45,7 @@ from .store import (
     select_echo,
     store_target,
     write_attrs,
+    write_chunks,
 )
 
 ECHO_COMBINE = ("rms", "mean")
@@ -257,9 +261,9 @@ def _stream_slabs(
                 continue  # keep reading to count them all; nothing will be kept
         where, data = _stored_slab(plan, data, slab.z0, slab.z1)
         if direct and not plan.out_four_d:
-            landing[where] = data
+            write_chunks(landing, where, data)
         else:
-            landing[(kept.index(slab.t or 0), *where)] = data
+            write_chunks(landing, (kept.index(slab.t or 0), *where), data)
         if assembler is not None:
             assembler.landed(where[plan.z_axis])
         prog.update(slab.z1 - slab.z0)
@@ -330,6 +334,13 @@ class _LayerAssembler:
         self.futures = []
 
 
+def _landing_codec(plan: _ImportPlan) -> BloscCodec:
+    """Blosc lz4 for the landing's thin chunks, which are written once and read once: on a 0.2 mm template scan
+    (float32) it encodes at 3.3 GB/s and decodes at 6.4 GB/s, against zstd level 1's 0.9 and 2.3 GB/s (the stored
+    volumes' codec), for 1% more bytes (ratio 0.762 against 0.755)."""
+    return dataclasses.replace(compressor_for(plan.raw_dtype), cname=BloscCname.lz4)
+
+
 def _import_level0(
     group: Any,
     plan: _ImportPlan,
@@ -364,9 +375,11 @@ def _import_level0(
         land_shape = tuple(plan.out_shape[:3]) + (len(kept),)
         land_chunks = tuple(thin_z if d == zax else c for d, c in enumerate(chunks))
         # the landing array sits next to level 0, under a name rather than a level number
-        landing = create_level(group, "_landing", land_shape, plan.raw_dtype, land_chunks, four_d=True)
+        landing = create_level(
+            group, "_landing", land_shape, plan.raw_dtype, land_chunks, four_d=True, compressor=_landing_codec(plan)
+        )
     first = (int(info.shape[2]) % thin_z or thin_z) if plan.z_reversed else thin_z
-    reader = nii.SlabReader(info, thin_z, echoes=plan.keep, first_planes=first)
+    reader = nii.SlabReader(info, thin_z, echoes=plan.keep, first_planes=first, reuse=True)
     assembler = None
     if not direct:
         level0, target, zax0 = _level0_from_landing(group, landing, target, plan, echo_combine=echo_combine, src=src)
