@@ -124,23 +124,138 @@ def parse_memory_limit(text: str) -> str:
     return str(text)
 
 
+#: glibc's ``M_MMAP_THRESHOLD`` in a worker: blocks up to this size come from malloc's heap, larger ones from
+#: fresh mappings of their own (see :func:`keep_freed_memory`).
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the kernel block by block
+    (glibc's ``M_MMAP_THRESHOLD`` raised to :data:`MMAP_THRESHOLD_BYTES`); False where malloc is not glibc's.
+
+    Why: ``distributed`` starts its workers with ``MALLOC_TRIM_THRESHOLD_`` set, which fixes glibc's mmap
+    threshold at 128 KiB, so every chunk-sized buffer (a decoded 128^3 chunk is 2-8 MB) is a new mapping whose
+    pages the kernel maps and zeroes one fault at a time, and unmaps when it is freed. A 0.2 mm template run took
+    52 M page faults and 145 s of kernel time in 224 s; with the threshold at 32 MiB, 5.7 M and 44 s, and 173 s.
+    The price is memory the workers keep after a stage: :func:`trim_memory` hands it back between stages.
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its own allocator, left as it is
+        return False
+
+
+#: How often a worker hands its freed memory back to the kernel (:func:`trim_memory`): memory kept for reuse
+#: (:func:`keep_freed_memory`) costs no page faults, but the heap fragments, and without trims the workers'
+#: peaks of a 0.2 mm template run rose by ~200 MB each. A trim frees only what is free at that moment, so kept
+#: memory lives at most this long; it is skipped while less than :data:`TRIM_MIN_FREE_BYTES` is free.
+TRIM_EVERY_MS = 1000
+TRIM_MIN_FREE_BYTES = 64 * 2**20
+
+
+def free_heap_bytes() -> int | None:
+    """The bytes of freed memory in glibc's malloc heaps of this process (``mallinfo2().fordblks``: kept for
+    reuse, or already handed back by a trim), or None where malloc is not glibc's (or older than 2.33).
+
+    Returns
+    -------
+    int or None
+    """
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        fn = _libc().mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
+
+
+def _periodic_trim() -> None:
+    free = free_heap_bytes()
+    if free is not None and free > TRIM_MIN_FREE_BYTES:
+        trim_memory()
+
+
+def trim_memory() -> bool:
+    """Hand the freed memory of this process back to the kernel (glibc's ``malloc_trim(0)``); False where malloc
+    is not glibc's. Run on every worker between stages (:func:`trim_workers`).
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def trim_workers(client: Any) -> None:
+    """:func:`trim_memory` on every worker of ``client`` (nothing when a worker cannot: it keeps its memory).
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+    """
+    if client is None:
+        return
+    with contextlib.suppress(Exception):  # best effort: a worker that went away, or a cluster without helm_dask
+        client.run(trim_memory)
+
+
 def dask_setup(worker: Any) -> None:
     """Preload of the LocalCluster's worker processes (``distributed`` calls it in each one, restarts too).
 
     Ctrl-C in a terminal reaches every process of the job: the workers must leave it to the command, which
     stops them in order (see :func:`helm_dask.io.store.stop_pending_writes`); otherwise each one dies with a
-    traceback of its own, possibly in the middle of a chunk write.
+    traceback of its own, possibly in the middle of a chunk write. Freed memory is kept for reuse
+    (:func:`keep_freed_memory`) and handed back every :data:`TRIM_EVERY_MS`.
 
     Parameters
     ----------
     worker : distributed.Worker
-        The worker being set up (unused: the signal disposition is per process).
+        The worker being set up (its periodic callbacks get a :func:`trim_memory` every :data:`TRIM_EVERY_MS`).
     """
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if keep_freed_memory() and free_heap_bytes() is not None:
+        from tornado.ioloop import PeriodicCallback
+
+        # started with the worker's own periodic callbacks, stopped with them when it closes
+        worker.periodic_callbacks["helm-dask-trim"] = PeriodicCallback(_periodic_trim, TRIM_EVERY_MS)
 
 
 def security_from_options(opts: ClusterOptions) -> Any:

@@ -11,8 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import orient as orient_mod
+from ..cluster import trim_workers
 from ..errors import HelmError
 from ..io import location
+from ..io.store import distributed_client
 from ..layout import SubjectLayout
 from ..progress import stage_progress
 from ..registry import STAGES, Stage, expand, producer_of, stages_until
@@ -88,6 +90,8 @@ def _run_subject(params: RunParams, *, quiet: bool = False, log=None) -> dict:
         for ex in stage.exports:
             for store in expand([ex.store], run.ks):
                 subj.export(run.vols[store], f"{store}.nii.gz", subj.keys[stage.name], dtype=ex.dtype)
+        if stage.exports:
+            trim_workers(distributed_client())
     return _finish(subj, t_start)
 
 
@@ -209,6 +213,7 @@ def run_stage(run: Run, stage: Stage) -> dict:
         desc, guess = f"[{subj.name}] {stage.name}", _chunks_read(run, stage)
         with stage_progress(desc, outputs=len(pending), chunks_per_output=guess, quiet=subj.quiet):
             result = STEPS[stage.name].compute(run, key)
+        trim_workers(distributed_client())  # the workers keep freed memory within a stage, not across stages
         status = "computed"
     dt = time.perf_counter() - t0
     subj.info["stages"][stage.name] = {"key": key, "status": status, "seconds": round(dt, 2), "params": params}
