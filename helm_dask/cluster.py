@@ -9,6 +9,7 @@ runs in this process (``--scheduler threads`` / ``synchronous``); connection fai
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -130,11 +131,13 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
+@functools.cache
 def _libc() -> Any:
+    """The C library, loaded once. By its name, not ``ctypes.util.find_library``: that runs ``ldconfig`` in a
+    child process, and a fork of a worker every second showed up as a second worker's worth of RSS."""
     import ctypes
-    import ctypes.util
 
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return ctypes.CDLL("libc.so.6")
 
 
 def keep_freed_memory() -> bool:
