@@ -140,6 +140,10 @@ def test_slab_writes_chunk_by_chunk_are_zarrs(tmp_path):
     assert files["ref.zarr"] == files["ours.zarr"]
     assert "c/0/0/0/0" not in files["ours.zarr"] and "c/1/2/3/5" in files["ours.zarr"]
     write_chunks(ours, (0, slice(3, 20), slice(None), slice(1, 6)), np.ones((17, 29, 5), "float32"))  # off the grid
+    write_chunks(ours, (-1, slice(None), slice(None), slice(20, 23)), np.full((37, 29, 3), 2, "float32"))
+    with pytest.raises(IndexError):  # as Zarr refuses it
+        write_chunks(ours, (2, slice(None), slice(None), slice(0, 4)), np.ones((37, 29, 4), "float32"))
     expect = data.copy()
     expect[0, 3:20, :, 1:6] = 1
+    expect[1, :, :, 20:23] = 2
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours.zarr"), mode="r")[...], expect)

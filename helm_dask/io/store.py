@@ -576,9 +576,11 @@ def write_chunks(arr: zarr.Array, key: tuple, value: np.ndarray) -> None:
     shape, chunks = arr.shape, arr.chunks
     bounds = []
     for k, n in zip(key, shape):
-        a, b, _ = (k if isinstance(k, slice) else slice(k, k + 1)).indices(n)
+        if not isinstance(k, slice):
+            k = slice(int(k) % n, int(k) % n + 1) if -n <= int(k) < n else slice(n, n)  # out of range: Zarr's
+        a, b, _ = k.indices(n)
         bounds.append((a, b))
-    aligned = all(a % c == 0 and (b % c == 0 or b == n) for (a, b), c, n in zip(bounds, chunks, shape))
+    aligned = all(a % c == 0 and (b % c == 0 or b == n) and a < b for (a, b), c, n in zip(bounds, chunks, shape))
     if len(key) != len(shape) or not aligned or np.asarray(value).dtype != arr.dtype:
         arr[key] = value
         return
