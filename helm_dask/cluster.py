@@ -9,6 +9,7 @@ runs in this process (``--scheduler threads`` / ``synchronous``); connection fai
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import logging
@@ -135,8 +136,6 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 def _libc() -> Any:
     """The C library, loaded once. By its name, not ``ctypes.util.find_library``: that runs ``ldconfig`` in a
     child process, and a fork of a worker every second showed up as a second worker's worth of RSS."""
-    import ctypes
-
     return ctypes.CDLL("libc.so.6")
 
 
@@ -148,7 +147,8 @@ def keep_freed_memory() -> bool:
     threshold at 128 KiB, so every chunk-sized buffer (a decoded 128^3 chunk is 2-8 MB) is a new mapping whose
     pages the kernel maps and zeroes one fault at a time, and unmaps when it is freed. A 0.2 mm template run took
     52 M page faults and 145 s of kernel time in 224 s; with the threshold at 32 MiB, 5.7 M and 44 s, and 173 s.
-    The price is memory the workers keep after a stage: :func:`trim_memory` hands it back between stages.
+    The price is memory a fragmented heap keeps: the workers hand it back with :func:`trim_memory` every
+    :data:`TRIM_EVERY_MS` and between stages.
 
     Returns
     -------
@@ -168,6 +168,26 @@ TRIM_EVERY_MS = 1000
 TRIM_MIN_FREE_BYTES = 64 * 2**20
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
 def free_heap_bytes() -> int | None:
     """The bytes of freed memory in glibc's malloc heaps of this process (``mallinfo2().fordblks``: kept for
     reuse, or already handed back by a trim), or None where malloc is not glibc's (or older than 2.33).
@@ -176,25 +196,6 @@ def free_heap_bytes() -> int | None:
     -------
     int or None
     """
-    import ctypes
-
-    class _MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in (
-                "arena",
-                "ordblks",
-                "smblks",
-                "hblks",
-                "hblkhd",
-                "usmblks",
-                "fsmblks",
-                "uordblks",
-                "fordblks",
-                "keepcost",
-            )
-        ]
-
     try:
         fn = _libc().mallinfo2
     except (OSError, AttributeError):
@@ -211,7 +212,8 @@ def _periodic_trim() -> None:
 
 def trim_memory() -> bool:
     """Hand the freed memory of this process back to the kernel (glibc's ``malloc_trim(0)``); False where malloc
-    is not glibc's. Run on every worker between stages (:func:`trim_workers`).
+    is not glibc's. Each worker runs it every :data:`TRIM_EVERY_MS`, and the pipeline on every worker between
+    stages (:func:`trim_workers`).
 
     Returns
     -------
