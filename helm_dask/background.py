@@ -24,7 +24,7 @@ from numba import njit
 from scipy import ndimage as ndi
 
 # block_mean, block_centres, coarse_factors and gmm1d lived here before helm_dask.coarse: still importable from here
-from .arrays import ball
+from .arrays import _bbox, _closing_np, _r2, _radius, _spacing3, ball, half_extent
 from .coarse import (
     as_dask,
     block_centres,
@@ -97,12 +97,25 @@ def _faces(m: np.ndarray) -> list[bool]:
 
 
 def _closing(m: np.ndarray, radius_mm: float, spacing_c: np.ndarray) -> np.ndarray:
-    """Binary closing with a ball (radius in mm), zero-padded so that the field of view's faces do not erode."""
-    sc = ball(radius_mm, spacing_c)
-    if sc.size == 1:
+    """Binary closing with a ball (radius in mm), the field of view zero-padded so that its faces do not erode.
+
+    Equal to ``ndi.binary_closing(np.pad(m, h), structure=ball(radius_mm, spacing_c))`` cropped back (``h`` the
+    ball's half size), computed exactly from two Euclidean feature transforms on the mask's bounding box
+    (:func:`helm_dask.closing._closing_np`): scipy's closing takes a voxel times the ball's ~500 offsets, and its
+    two closings were 3.4 of the coarse fit's 14 s on a 0.3 mm scan.
+    """
+    s, r = _spacing3(spacing_c), _radius(radius_mm)
+    h = half_extent(r, s)
+    if max(h) == 0:
         return m
-    pad = [(n // 2 + 1, n // 2 + 1) for n in sc.shape]
-    return ndi.binary_closing(np.pad(m, pad), structure=sc)[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape))]
+    # a voxel of the closing sees the mask within 2 h: beyond the box so grown there is nothing to close
+    box = _bbox(m, tuple(2 * n for n in h))
+    out = np.zeros(m.shape, dtype=bool)
+    if box is None:
+        return out
+    closed = _closing_np(np.pad(m[box], [(n, n) for n in h]), s, _r2(r))
+    out[box] = closed[tuple(slice(n, n + b.stop - b.start) for n, b in zip(h, box))]
+    return out
 
 
 @dataclass

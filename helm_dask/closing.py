@@ -24,10 +24,9 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import scipy.ndimage as ndi
 import xarray as xr
 
-from .arrays import EPS, _r2, _radius, _spacing3, _sq_dist, as_dask, ball, half_extent
+from .arrays import EPS, _bbox, _closing_np, _nearest_sq, _r2, _radius, _spacing3, as_dask, ball, half_extent
 from .errors import HelmError
 from .io.regions import chunk_tasks, halo_box, pad_halo, region_map
 from .volume import affine_of, like, provenance_record, spacing_of
@@ -75,46 +74,6 @@ def closing_depth(radius_mm: float, spacing_mm: Any) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # per-block NumPy kernels
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _bbox(mask: np.ndarray, margin: tuple[int, ...]) -> tuple[slice, ...] | None:
-    """Bounding box of the True voxels grown by ``margin`` per axis (clipped), or None when empty."""
-    out = []
-    for ax in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
-        out.append(slice(max(int(idx[0]) - margin[ax], 0), min(int(idx[-1]) + margin[ax] + 1, mask.shape[ax])))
-    return tuple(out)
-
-
-def _nearest_sq(features: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Squared distance (mm**2) from every voxel to the nearest True voxel of ``features``; inf if none.
-
-    The nearest voxel comes from the exact Euclidean feature transform; the distance is then recomputed from
-    the integer offsets with :func:`_sq_dist`, the formula of :func:`ball`, so thresholds agree with the ball.
-    """
-    if not features.any():
-        return np.full(features.shape, np.inf)
-    ft = ndi.distance_transform_edt(~features, sampling=spacing, return_distances=False, return_indices=True)
-    offs = []
-    for ax in range(3):
-        grid = np.arange(features.shape[ax], dtype=ft.dtype).reshape([-1 if a == ax else 1 for a in range(3)])
-        offs.append(ft[ax] - grid)
-    del ft
-    return _sq_dist(offs, spacing)
-
-
-def _closing_np(mask: np.ndarray, spacing: tuple[float, float, float], r2: float) -> np.ndarray:
-    """Closing of ``mask`` (bool) with the ball, valid wherever the ``2 h`` neighbourhood is inside the array.
-
-    Voxels outside the array are treated as unknown; callers pad or overlap by :func:`closing_depth`.
-    """
-    dil = _nearest_sq(mask, spacing) <= r2
-    if dil.all():
-        return dil  # nothing outside the dilation within reach: the erosion removes nothing here
-    return _nearest_sq(~dil, spacing) > r2
 
 
 def _closing_block(

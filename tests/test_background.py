@@ -614,3 +614,24 @@ def test_fluid_hypothesis_that_leaves_no_brain_is_rejected(monkeypatch):
     assert _dice(m.values > 0, truth) >= 0.95
     with pytest.raises(HelmError, match="no brain found"):  # forced: no second hypothesis
         brain_mask(scan, fluid="bright")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coarse_closing_equals_scipy(seed):
+    """The coarse fit's closing (two Euclidean feature transforms on the mask's box) is scipy's closing with the
+    ball, the field of view zero-padded: blobs touching the faces, anisotropic grids, radii whose sphere passes
+    through grid points, and an empty mask."""
+    import helm_dask.background as bgmod
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(12, 36, 3))
+    m = ndi.gaussian_filter(rng.random(shape), 2.0) > 0.52
+    m[0, : shape[1] // 2] = True  # on a face: the padding must keep it from eroding
+    spacing = [1.0, 1.0, 1.0] if seed % 2 else rng.uniform(0.5, 1.5, 3).round(2).tolist()
+    for radius in (1.0, 2.0, 3.0, 4.0, 5.0):  # 5: (3, 4, 0) voxels lie on the sphere
+        se = bgmod.ball(radius, spacing)
+        h = [s // 2 for s in se.shape]
+        ref = ndi.binary_closing(np.pad(m, [(x, x) for x in h]), structure=se)
+        ref = ref[tuple(slice(x, x + n) for x, n in zip(h, shape))]
+        np.testing.assert_array_equal(bgmod._closing(m, radius, np.asarray(spacing)), ref)
+    assert not bgmod._closing(np.zeros(shape, bool), 3.0, np.ones(3)).any()
