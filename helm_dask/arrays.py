@@ -345,7 +345,8 @@ def _nearest_sq(features: np.ndarray, spacing: tuple[float, float, float]) -> np
 def _closing_np(mask: np.ndarray, spacing: tuple[float, float, float], r2: float) -> np.ndarray:
     """Closing of ``mask`` (bool) with the ball, valid wherever the ``2 h`` neighbourhood is inside the array.
 
-    Voxels outside the array are treated as unknown; callers pad or overlap by :func:`closing_depth`.
+    Voxels outside the array are treated as unknown; callers pad or overlap by ``2 h``
+    (:func:`helm_dask.closing.closing_depth`).
     """
     dil = _nearest_sq(mask, spacing) <= r2
     if dil.all():
