@@ -4,7 +4,6 @@ chunk-cache release leaves another's cached chunks alone."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_module import load  # tests/ helper module
 
 from helm_dask import batch
 from helm_dask.io import regions
@@ -25,11 +25,7 @@ SPACING = 1.0  # mm, input and working grid: small phantoms, the whole pipeline 
 
 def _identical():
     """bench/identical.py (not a package): its ``diff`` compares two run folders array by array."""
-    spec = importlib.util.spec_from_file_location("bench_identical", ROOT / "bench" / "identical.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("identical")
 
 
 def _run(manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -6,27 +6,19 @@ medial plane and against helm-dask's own fit.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import dask.array as da
 import numpy as np
 import pytest
+from bench_module import load  # tests/ helper module
 
 from helm_dask.mirror import fit_mirror, mirror_cost
 from helm_dask.phantom import phantom, phantom_geometry
 from helm_dask.volume import make_volume
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def ref():
-    spec = importlib.util.spec_from_file_location("bench_reference", ROOT / "bench" / "reference.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("reference")
 
 
 def _plane(matrix) -> tuple[np.ndarray, float]:

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_module import load  # tests/ helper module
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["commit", "stage", "spacing_mm", "workers", "wall_s", "note"]
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("bench_scaling", ROOT / "bench" / "scaling.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("scaling")
 
 
 def _run(workers: int, stages: dict[str, tuple[float, float, float]], total: float, note: str = "pair") -> list[dict]:
