@@ -1,8 +1,5 @@
-"""A script of ``bench/`` (not a package) loaded as a module, for the tests of its functions::
-
-from bench_module import load
-scaling = load("scaling")
-"""
+"""A script of ``bench/`` (not a package) loaded as a module, so that tests can call its functions:
+``load("scaling")`` is ``bench/scaling.py``."""
 
 from __future__ import annotations
 
