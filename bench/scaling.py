@@ -43,9 +43,11 @@ def _runs(rows: list[dict], workers: str) -> dict[str, tuple[float, float, float
     start = totals[-2] + 1 if len(totals) > 1 else 0
     out = {}
     for r in rows[start : totals[-1] + 1] if totals else rows:
+        stage = r["stage"].split(":", 1)[1]
         m = CPU.search(r["note"])
-        cpu = (float(m.group(1)), float(m.group(2))) if m else (0.0, 0.0)
-        out[r["stage"].split(":", 1)[1]] = (float(r["wall_s"]), *cpu)
+        if m is None and not stage.startswith("total"):
+            raise ValueError(f"row {r['stage']} at {r['commit']} carries no CPU seconds (rows before 3819ba0 do not)")
+        out[stage] = (float(r["wall_s"]), *((float(m.group(1)), float(m.group(2))) if m else (0.0, 0.0)))
     return out
 
 
@@ -121,7 +123,11 @@ def main(argv=None) -> int:
             and r["stage"].split(":", 1)[0] == family
             and args.match in r["note"]
         ]
-    one, two = _grouped(_runs(rows, "1")), _grouped(_runs(rows, "2"))
+    try:
+        one, two = _grouped(_runs(rows, "1")), _grouped(_runs(rows, "2"))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
     if not one or not two:
         print(f"no 1-worker and 2-worker runs match in {args.results}", file=sys.stderr)
         return 1

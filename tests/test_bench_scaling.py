@@ -73,3 +73,11 @@ def test_no_matching_pair_is_an_error(scaling, tmp_path, capsys):
     csv_path = _write(tmp_path / "results.csv", _run(1, {"import": (1.0, 1.0, 1.0)}, 1.0))
     assert scaling.main(["--commit", "abc1234", "--spacing", "0.3", "--results", str(csv_path)]) == 1
     assert "no 1-worker and 2-worker runs match" in capsys.readouterr().err
+
+
+def test_rows_without_cpu_seconds_are_an_error(scaling, tmp_path, capsys):
+    rows = _run(1, {"import": (1.0, 1.0, 1.0)}, 1.0) + _run(2, {"import": (1.0, 1.0, 1.0)}, 1.0)
+    rows[-2]["note"] = "pair; peak MB by process: client=400"  # the 2-worker import, recorded before 3819ba0
+    csv_path = _write(tmp_path / "results.csv", rows)
+    assert scaling.main(["--commit", "abc1234", "--spacing", "0.3", "--results", str(csv_path)]) == 1
+    assert "pipeline:import at abc1234 carries no CPU seconds" in capsys.readouterr().err
