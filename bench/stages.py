@@ -164,7 +164,7 @@ def kmeans(args) -> None:
 
 def background(args) -> None:
     """The bag-removal stage on the run's imported scan: brain mask computed and written (as ``run`` does)."""
-    from helm_dask.background import brain_mask
+    from helm_dask.background import MASK_BATCH_CHUNKS, brain_mask
     from helm_dask.io import open_volume, save_volume
     from helm_dask.orient import to_ras
 
@@ -174,7 +174,7 @@ def background(args) -> None:
     try:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
-                save_volume(brain_mask(scan), tmp / "mask.zarr")
+                save_volume(brain_mask(scan), tmp / "mask.zarr", batch_chunks=MASK_BATCH_CHUNKS)
             # against the run's own mask (same code path or an earlier one): the voxels that differ
             ref = open_volume(_store(run, "mask_ras")).data
             differ = int((open_volume(tmp / "mask.zarr").data != ref).sum().compute())

@@ -203,6 +203,46 @@ def test_exact_block_sums_are_exact_in_any_chunking():
         assert np.array_equal(sums.view(np.int64), first.view(np.int64))
 
 
+def test_exact_block_sums_of_a_stored_volume_read_the_store_in_boxes(tmp_path, monkeypatch):
+    """A stored volume (and mask), also seen through to_ras's flips and transpose, is summed by tasks that read
+    boxes of stored chunks themselves: the same sums to the bit and the same counts as the in-memory arrays, on a
+    chunk grid that the boxes do not divide."""
+    import helm_dask.coarse as coarse
+    from helm_dask.io import open_volume, save_volume
+    from helm_dask.orient import to_ras
+
+    rng = np.random.default_rng(7)
+    shape, factors = (29, 21, 19), (5, 4, 3)
+    x = (rng.gamma(2.0, 10.0, shape) * 10.0 ** rng.integers(-3, 3, shape)).astype(np.float32)
+    m = ((rng.random(shape) < 0.6) * rng.integers(1, 3, shape)).astype(np.uint8)  # mask > 0: 1 or 2
+    lia = np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # to_ras flips and transposes
+    boxes: list = []
+    real = coarse._exact_box
+
+    def counted(view, mview, edges, fs):
+        boxes.append([len(e) - 1 for e in edges])
+        return real(view, mview, edges, fs)
+
+    monkeypatch.setattr(coarse, "_exact_box", counted)
+    for affine in (np.eye(4), lia):
+        vol = open_volume(save_volume(_vol(x, 8, affine=affine), tmp_path / f"x{len(boxes)}.zarr", chunks=8))
+        msk = open_volume(save_volume(_vol(m, 8, affine, kind="mask"), tmp_path / f"m{len(boxes)}.zarr", chunks=8))
+        vol, msk = to_ras(vol), to_ras(msk)
+        a, b = np.asarray(vol.values), np.asarray(msk.values)
+        n = len(boxes)
+        for mask in (None, msk.data):
+            sums, counts = coarse.exact_block_sums(vol.data, factors, mask=mask)
+            ref, ref_c = coarse.exact_block_sums(
+                da.from_array(a, chunks=8), factors, mask=None if mask is None else da.from_array(b, chunks=8)
+            )
+            assert np.array_equal(sums.view(np.int64), ref.view(np.int64))
+            assert (counts is None) == (ref_c is None) and (counts is None or np.array_equal(counts, ref_c))
+        grid = [-(-k // 8) for k in vol.shape]
+        # two calls, each in boxes of 2x2x2 chunks (fewer at the grid's ends)
+        assert len(boxes) - n == 2 * int(np.prod([-(-g // 2) for g in grid]))
+        assert all(1 <= k <= 2 for bx in boxes for k in bx)
+
+
 def test_gmm1d_matches_sklearn():
     from sklearn.mixture import GaussianMixture
 
@@ -354,10 +394,10 @@ def test_stored_refinement_decodes_each_chunk_a_few_times(bright, dark, which, t
 
 
 def test_batched_write_refines_each_band_chunk_once(bright, tmp_path, monkeypatch):
-    """Written in the store's batches (boxes of chunks computed one after the other), the refine tasks of a
-    stored scan lie each inside one batch: every band chunk is refined once (tasks along one Hilbert curve of
-    the whole volume ran once per batch they reached: 1.7x the refinements on the 0.2 mm phantom), and the
-    mask is the unbatched one."""
+    """Written in batches of :data:`MASK_BATCH_CHUNKS` (boxes of chunks computed one after the other), the
+    refine tasks of a stored scan lie each inside one batch: every band chunk is refined once (tasks along one
+    Hilbert curve of the whole volume ran once per batch they reached: 1.7x the refinements on the 0.2 mm
+    phantom), and the mask is the unbatched one."""
     import dask
 
     import helm_dask.background as bg
@@ -367,8 +407,7 @@ def test_batched_write_refines_each_band_chunk_once(bright, tmp_path, monkeypatc
     vol = open_volume(store.save_volume(_vol(img, 8), tmp_path / "s.zarr", chunks=8))
     model = fit_coarse_model(_vol(img, SHAPE), coarse_spacing_mm=2.0)
     ref = refine_mask(_vol(img, 8), model).compute()
-    monkeypatch.setattr(store, "STORE_BATCH_CHUNKS", 8)
-    monkeypatch.setattr(bg, "STORE_BATCH_CHUNKS", 8)
+    monkeypatch.setattr(bg, "MASK_BATCH_CHUNKS", 8)
     refined: list = []
     real = bg._refine_batch
 

@@ -198,11 +198,14 @@ def _background_params(run: Run) -> dict:
 def _background(run: Run, key: str) -> dict:
     p, subj = run.p, run.subj
     sha_mask = run.sha["mask"]
+    batch = None
     if p.mask and sha_mask is not None:  # fingerprint_inputs sets it whenever --mask is given
         mask = external_mask(subj, key, run.vols["scan_raw"], run.vols["scan_ras"], sha_mask)
     else:
         mask = background_mod.brain_mask(run.vols["scan_ras"], fluid=p.fluid)
-    return {"mask_ras": subj.save("mask_ras", mask, key, "background", run.params_of("background"))}
+        batch = background_mod.MASK_BATCH_CHUNKS  # the refine's own boxes: its tasks read the stored scan
+    params = run.params_of("background")
+    return {"mask_ras": subj.save("mask_ras", mask, key, "background", params, batch_chunks=batch)}
 
 
 def _after_background(run: Run) -> None:
