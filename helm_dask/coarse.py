@@ -433,7 +433,8 @@ _PARTS_GROUP = 2
 
 def _exact_box(view: StoreView, mview: StoreView | None, edges: list, factors: tuple) -> np.ndarray:
     """The part of a box of a stored volume (and mask) whose chunks have the ``edges`` (per axis): each chunk
-    read from the store and added in turn (a box-sized copy cost ~10% more)."""
+    read from the store and added in turn (copying them into one box first: 13.8 s instead of 11.1 s for the
+    0.1 mm coarse copy)."""
     lo, hi = [int(e[0]) for e in edges], [int(e[-1]) for e in edges]
     t_lo, t_hi = _block_range(lo, [b - a for a, b in zip(lo, hi)], factors)
     pieces = (
