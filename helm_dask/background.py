@@ -39,7 +39,7 @@ from .coarse import (
 )
 from .errors import HelmError
 from .io.regions import StoreView, halo_box, pad_halo, region_map, store_view_of
-from .io.store import block_batches
+from .io.store import STORE_BATCH_CHUNKS, block_batches
 from .volume import affine_of, like, provenance_record, spacing_of
 
 __all__ = ["brain_mask", "apply_mask", "block_mean", "coarse_factors", "fit_coarse_model", "gmm1d", "refine_mask"]
@@ -1368,12 +1368,13 @@ def _refine_region(
 _BATCH = 32
 _MEMO_CHUNKS = 48
 
-#: Output chunks per computation when the mask of a stored scan is written (``save_volume(batch_chunks=...)``),
-#: and the boxes its refine tasks are grouped in. The writer's default (64) made 28 computations at 0.1 mm, each
-#: ending on one or two ~1 s refine tasks with a worker idle: refine + write 46.4 s with the workers busy 68% of
-#: it; in one computation 33.6 s, in boxes of 512 about the same (the whole stage 75 -> 64.6 s). No task of
-#: this graph is shared between chunks (a refine task reads the store itself), so a bigger box holds no more
-#: than its running tasks' results (<= 64 MB each).
+#: Output chunks per computation when the pipeline writes the mask of a stored scan
+#: (``save_volume(batch_chunks=...)``). The writer's default (64) made 28 computations at 0.1 mm, each ending on
+#: one or two ~1 s refine tasks with a worker idle: refine + write 46.4 s with the workers busy 68% of it; in one
+#: computation 33.6 s. No task of this graph is shared between chunks (a refine task reads the store itself), so
+#: a bigger box holds no more than its running tasks' results (<= 64 MB each). The refine tasks stay grouped in
+#: the default's boxes (:func:`_band_groups`): a box of 512 (edge 8) holds whole boxes of 64 (edge 4), so a task
+#: runs once under either writer -- a plain ``save_volume(brain_mask(scan))`` included.
 MASK_BATCH_CHUNKS = 512
 
 
@@ -1476,7 +1477,7 @@ def _constant_chunk(shape: tuple, value: int) -> np.ndarray:
 
 def _band_groups(chunks: tuple, band: list) -> list[list]:
     """The band chunks in refine tasks: within each box of the writer's batches (:func:`block_batches` of
-    :data:`MASK_BATCH_CHUNKS`), along a Hilbert curve of the chunk grid, at most :data:`_BATCH` per task and at
+    :data:`STORE_BATCH_CHUNKS`, which the boxes of :data:`MASK_BATCH_CHUNKS` hold whole), along a Hilbert curve of the chunk grid, at most :data:`_BATCH` per task and at
     least two tasks per box (both workers busy in every batch).
 
     Why the writer's boxes: a task whose chunks lie in two batches ran once per batch (the writer computes its
@@ -1486,7 +1487,7 @@ def _band_groups(chunks: tuple, band: list) -> list[list]:
     numblocks = tuple(len(c) for c in chunks)
     bits = max(1, max(numblocks).bit_length())
     groups = []
-    for box in block_batches(numblocks, MASK_BATCH_CHUNKS):
+    for box in block_batches(numblocks, STORE_BATCH_CHUNKS):
         inside = [idx for idx in band if all(s.start <= i < s.stop for i, s in zip(idx, box))]
         if not inside:
             continue
