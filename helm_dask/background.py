@@ -1477,8 +1477,9 @@ def _constant_chunk(shape: tuple, value: int) -> np.ndarray:
 
 def _band_groups(chunks: tuple, band: list) -> list[list]:
     """The band chunks in refine tasks: within each box of the writer's batches (:func:`block_batches` of
-    :data:`STORE_BATCH_CHUNKS`, which the boxes of :data:`MASK_BATCH_CHUNKS` hold whole), along a Hilbert curve of the chunk grid, at most :data:`_BATCH` per task and at
-    least two tasks per box (both workers busy in every batch).
+    :data:`STORE_BATCH_CHUNKS`, which the boxes of :data:`MASK_BATCH_CHUNKS` hold whole), along a Hilbert curve
+    of the chunk grid, at most :data:`_BATCH` per task and at least two tasks per box (both workers busy in every
+    batch).
 
     Why the writer's boxes: a task whose chunks lie in two batches ran once per batch (the writer computes its
     batches one after the other, nothing is kept between them). With tasks along one Hilbert curve of the
