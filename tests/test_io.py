@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import zlib
 
@@ -604,6 +605,40 @@ def test_export_reads_stored_views_in_the_task(tmp_path, slab_mb):
     img = nib.load(out)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), data[::-1])
     np.testing.assert_allclose(img.affine, np.asarray(vol.attrs["affine"]))
+
+
+def test_thin_export_splits_a_stored_volume_in_boxes_of_chunks(tmp_path, monkeypatch):
+    """A stored volume seen through to_ras's flips and transpose, on a chunk grid the 2 x 2 x 2 boxes do not
+    divide, with an all-zero chunk: the split reads the store in one task per box, and the file holds NumPy's
+    reoriented volume."""
+    from helm_dask.io import regions
+    from helm_dask.io.convert import save_nifti
+    from helm_dask.orient import to_ras
+
+    data = (np.random.default_rng(12).random((16, 10, 24)) * 300).astype(np.uint16)
+    data[:8, :4, 8:16] = 0  # one whole stored chunk (and its scratch pieces) of zeros
+    affine = np.array([[0, 0, -0.5, 9], [-0.5, 0, 0, 5], [0, 0.5, 0, -3], [0, 0, 0, 1.0]])  # not RAS: permuted
+    store = save_volume(make_volume(data, affine, kind="labels"), tmp_path / "s.zarr", chunks=(8, 4, 8))
+    vol = to_ras(open_volume(store))
+    view = regions.store_view_of(vol.data)
+    assert view is not None and view.perm != (0, 1, 2)
+    expected = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(data, affine)).dataobj)
+    boxes = []
+    convert_mod = importlib.import_module("helm_dask.io.convert")
+    real = convert_mod._split_stored_box
+    monkeypatch.setattr(convert_mod, "_split_stored_box", lambda *a: boxes.append(a[1]) or real(*a))
+    plane = vol.shape[0] * vol.shape[1] * 2
+    dz = convert_mod._slab_plan(vol.data, np.dtype(np.uint16), 2.5 * plane / 2**20)[2]
+    assert dz == 2 < vol.data.chunks[2][0]  # slabs thinner than the chunks: the scratch path
+    out = save_nifti(vol, tmp_path / "r.nii.gz", slab_mb=2.5 * plane / 2**20)
+    grid = [len(c) for c in vol.data.chunks]
+    assert sorted(boxes) == sorted(
+        [a, b, c] for a in range(0, grid[0], 2) for b in range(0, grid[1], 2) for c in range(0, grid[2], 2)
+    )
+    img = nib.load(out)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), expected)
+    np.testing.assert_allclose(img.affine, nib.as_closest_canonical(nib.Nifti1Image(data, affine)).affine)
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "thin" in p.name]
 
 
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
