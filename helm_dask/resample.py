@@ -21,7 +21,7 @@ import scipy.ndimage as ndi
 import xarray as xr
 from numba import njit
 
-from .arrays import block_tasks, tree_reduce
+from .arrays import block_reduce, tree_reduce
 from .errors import HelmError
 from .io.regions import region_map
 from .volume import affine_of, is_axis_aligned, like, provenance_record, spacing_of
@@ -302,7 +302,10 @@ def content_extent_mm(*vols: xr.DataArray) -> tuple[np.ndarray, np.ndarray] | No
     ([3.0, 0.5, 0.5], [7.0, 1.5, 1.5])
     """
     a = affine_of(vols[0])
-    parts = [t for v in vols for t in block_tasks(_check3d(v, "content_extent_mm"), _extent_block, a)]
+    # one reduction per volume, then their union: min and max do not depend on the grouping
+    parts = [
+        block_reduce(_check3d(v, "content_extent_mm"), _extent_block, _extent_combine, a, any_layout=True) for v in vols
+    ]
     (box,) = dask.compute(tree_reduce(parts, _extent_combine))
     if box is None:
         return None

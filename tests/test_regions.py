@@ -190,3 +190,75 @@ def test_releasing_the_chunk_caches_empties_them(tmp_path, volume, stored):
     regions.release_chunk_caches()
     assert regions._CACHE.nbytes == 0 and not regions._CACHE.items
     np.testing.assert_array_equal(open_volume(tmp_path / "out.zarr").values, reference(volume))
+
+
+def _float_sum(block, offset):
+    """A float32 partial whose combine below is not associative: the tree's shape shows in the last bits."""
+    return np.float32(block.astype(np.float32).sum() * np.float32(1.1) + np.float32(offset[0]) * np.float32(0.7))
+
+
+def _float_combine(*parts):
+    out = np.float32(0.3)
+    for p in parts:
+        out = np.float32(out * np.float32(0.999) + p)
+    return out
+
+
+def _where_max(block, offset):
+    """Exact whatever the layout: the largest value and its index in the whole volume."""
+    i = np.unravel_index(int(np.argmax(block)), block.shape)
+    return float(block[i]), tuple(int(a + b) for a, b in zip(i, offset))
+
+
+def _max_combine(*parts):
+    return max(parts) if parts else None
+
+
+@pytest.mark.parametrize("view", ["as stored", "to_ras"])
+def test_block_reduce_of_a_stored_volume_reads_the_store_and_keeps_the_tree(tmp_path, view):
+    """On a stored volume, block_reduce gives the value of the per-chunk tree to the bit, with an order-sensitive
+    float combine, on 3 x 2 x 3 = 18 chunks (not a multiple of the fan-in): its first level is one task per
+    fan-in of consecutive chunks, reading the store itself. Through to_ras's flips and transpose it reads the
+    store only for a function that does not depend on the layout (``any_layout``), here an exact maximum."""
+    import importlib
+
+    from helm_dask.arrays import block_reduce, block_tasks, tree_reduce
+    from helm_dask.orient import to_ras
+
+    data = (np.random.default_rng(3).random((16, 10, 24)) * 1000).astype(np.float32)
+    affine = np.array([[0, 0, -0.5, 9], [-0.5, 0, 0, 5], [0, 0.5, 0, -3], [0, 0, 0, 1.0]])
+    vol = open_volume(save_volume(make_volume(data, affine), tmp_path / "v.zarr", chunks=(8, 4, 8)))
+    if view == "to_ras":
+        vol = to_ras(vol)
+        assert regions.store_view_of(vol.data).perm != (0, 1, 2)
+    arr = vol.data
+    assert regions.store_view_of(arr) is not None and arr.npartitions == 18
+    calls: list = []
+    arrays_mod = importlib.import_module("helm_dask.arrays")
+    real = arrays_mod._reduce_stored
+
+    def run(fn, combine, fan_in, **kw):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(arrays_mod, "_reduce_stored", lambda *a: calls.append(len(a[1])) or real(*a))
+            got = dask.compute(block_reduce(arr, fn, combine, fan_in=fan_in, **kw), scheduler="sync")[0]
+        ref = dask.compute(tree_reduce(block_tasks(arr, fn), combine, fan_in), scheduler="sync")[0]
+        return got, ref
+
+    grouped = [sorted([f] * (18 // f) + [18 % f]) for f in (8, 4)]
+    for fan_in, first_level in zip((8, 4), grouped):
+        got, ref = run(_float_sum, _float_combine, fan_in)
+        assert got.tobytes() == ref.tobytes()
+        assert sorted(calls) == (first_level if view == "as stored" else [])
+        got, ref = run(_where_max, _max_combine, fan_in, any_layout=True)
+        assert (
+            got == ref == (float(data.max()), tuple(int(i) for i in np.unravel_index(np.argmax(vol.values), vol.shape)))
+        )
+        assert sorted(calls) == first_level
+    # a computed volume keeps the per-chunk tasks
+    lazy = arr + 0
+    assert regions.store_view_of(lazy) is None
+    got = block_reduce(lazy, _float_sum, _float_combine).compute(scheduler="sync")
+    assert (
+        got.tobytes() == tree_reduce(block_tasks(lazy, _float_sum), _float_combine).compute(scheduler="sync").tobytes()
+    )

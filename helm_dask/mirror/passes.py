@@ -1,8 +1,8 @@
 """Eager chunked reductions over a volume, shared by the mirror fit, the whole-brain grid and the hypothalamus
-check: :func:`_run` maps a block function over every chunk (one delayed task per chunk, given the chunk's
-global offset) and combines the partial results with a fixed-shape tree, so that the result depends on the
-chunking only where a combine is not exact; the functions are module-level (picklable, no closure over
-arrays).
+check: :func:`_run` maps a block function over every chunk (given the chunk's global offset; a stored volume is
+read by the tasks that combine its chunks, :func:`~helm_dask.arrays.block_reduce`) and combines the partial
+results with a fixed-shape tree, so that the result depends on the chunking only where a combine is not exact;
+the functions are module-level (picklable, no closure over arrays).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dask
 import dask.array as da
 import xarray as xr
 
-from ..arrays import as_dask, block_tasks, tree_reduce
+from ..arrays import as_dask, block_reduce
 from ..errors import HelmError
 
 
@@ -31,6 +31,7 @@ def _as_dask(vol: xr.DataArray, what: str) -> da.Array:
 
 
 def _run(data: da.Array, fn: Callable, combine: Callable, *args: Any) -> Any:
-    """``combine`` over ``fn(block, offset, *args)`` of every chunk, computed now."""
-    (res,) = dask.compute(tree_reduce(block_tasks(data, fn, *args), combine))
+    """``combine`` over ``fn(block, offset, *args)`` of every chunk, computed now (a stored volume read by the
+    tasks themselves, :func:`~helm_dask.arrays.block_reduce`)."""
+    (res,) = dask.compute(block_reduce(data, fn, combine, *args))
     return res
