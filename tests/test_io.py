@@ -191,43 +191,6 @@ def test_image_pyramid_levels_equal_numpy_bit_for_bit(tmp_path, dtype):
         np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), ref.view(f"u{ref.itemsize}"))  # signed zeros too
 
 
-def test_pyramids_of_volumes_saved_together_are_built_level_by_level(tmp_path, monkeypatch):
-    """save_volumes builds the pyramids of all its volumes level by level, one computation per level: two label
-    maps and an image on one grid, and a smaller volume that stops a level earlier. Every level equals NumPy's
-    rule (strides for labels, 2x2x2 means for the image)."""
-    from helm_dask.io import store as store_mod
-    from helm_dask.io.store import save_volumes
-
-    rng = np.random.default_rng(9)
-    shape = (300, 70, 67)  # odd sizes: levels trim planes
-    lab_a = rng.integers(0, 9, shape).astype(np.uint16)
-    lab_b = rng.integers(0, 300, shape).astype(np.uint16)
-    img = rng.standard_normal(shape).astype(np.float32)
-    small = rng.integers(0, 5, (150, 40, 30)).astype(np.uint8)
-    vols = {
-        tmp_path / "a.zarr": make_volume(lab_a, np.eye(4), kind="labels"),
-        tmp_path / "b.zarr": make_volume(lab_b, np.eye(4), kind="labels"),
-        tmp_path / "i.zarr": make_volume(img, np.eye(4)),
-        tmp_path / "s.zarr": make_volume(small, np.eye(4), kind="labels"),
-    }
-    levels = []
-    real = store_mod._write_level
-    monkeypatch.setattr(store_mod, "_write_level", lambda w: levels.append(len(w)) or real(w))
-    save_volumes(vols, chunks=(32, 16, 16))
-    assert [read_meta(p)["nlevels"] for p in vols] == [3, 3, 3, 2]
-    assert levels == [4, 3]  # level 1 of every volume in one computation, then level 2 of the large ones
-    for path, data in zip(vols, (lab_a, lab_b, img, small)):
-        ref = data
-        for level in range(1, read_meta(path)["nlevels"]):
-            if data.dtype.kind == "f":
-                ref = _mean_level_numpy(ref)
-            else:
-                n = [s // 2 * 2 for s in ref.shape]
-                ref = ref[: n[0] : 2, : n[1] : 2, : n[2] : 2]
-            got = open_volume(path, level=level).values
-            assert got.dtype == ref.dtype and got.tobytes() == np.ascontiguousarray(ref).tobytes()
-
-
 def test_coordinates_are_voxel_centres_in_mm(tmp_path):
     aff = np.diag([0.3, 0.4, 0.5, 1.0])
     aff[:3, 3] = [10, -20, 30]

@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -1051,61 +1051,32 @@ def build_pyramid(group: zarr.Group, *, kind: str, chunks, max_levels: int | Non
     int
         The number of levels, level 0 included.
     """
-    return build_pyramids([(group, kind, chunks)], max_levels=max_levels)[0]
-
-
-def build_pyramids(volumes: Sequence[tuple], *, max_levels: int | None = None) -> list[int]:
-    """:func:`build_pyramid` of several groups ``(group, kind, chunks)`` at once: level by level, ONE computation
-    per level for all of them, one task per output chunk that reads and writes it (:func:`_stored_together`,
-    without ``da.store``'s marker task per chunk). The same levels, value for value; a task holds one volume's
-    8-chunk region, as before (one task writing a chunk of all six whole-brain maps would hold six).
-
-    Why: the six whole-brain maps' pyramids were ~30 computations, each with a ``da.store`` marker task beside
-    every chunk's: ~5,000 tasks of which half took 1 ms, 43 s of the 0.1 mm mirror stage with two workers busy
-    75% of it (the scheduler and the client share their cores).
-
-    Returns
-    -------
-    list of int
-        Each volume's number of levels, level 0 included.
-    """
-    levels = [1] * len(volumes)
     lev = 0
     while True:
-        writers = []
-        for i, (group, kind, chunks) in enumerate(volumes):
-            if levels[i] != lev + 1 or (max_levels is not None and lev + 1 >= max_levels):
-                continue
-            below = _array_in(group, level_path(lev))
-            shape = below.shape
-            if len(shape) != 3 or max(shape) < PYRAMID_MIN_SIZE * 2 or min(shape) < 2:
-                continue
-            # Each task reads the 2x2x2 block of chunks behind exactly one output chunk: no re-merging of halves
-            # afterwards (which lets the scheduler buffer pieces), memory of one 8-chunk region per task.
-            src = direct.from_zarr(below, chunks=tuple(2 * c for c in below.chunks))
-            n = [s_ // 2 * 2 for s_ in shape]
-            if kind == "image":
-                # Block mean in float64 then back: exact for integer factors, no overflow for integer inputs.
-                dtype = np.dtype(np.float32 if src.dtype.kind != "f" else src.dtype)
-                even = src[: n[0], : n[1], : n[2]]
-                halves = tuple(tuple(c // 2 for c in ch) for ch in even.chunks)
-                name = f"pyramid-mean-{tokenize(even, dtype)}"
-                down = da.map_blocks(_mean_of_2x2x2, even, dtype, chunks=halves, dtype=dtype, name=name)
-            else:
-                down = src[: n[0] : 2, : n[1] : 2, : n[2] : 2]
-            lvl_chunks = tuple(min(c, s_) for c, s_ in zip(chunks, down.shape))
-            target = create_level(group, lev + 1, down.shape, down.dtype, lvl_chunks, four_d=False)
-            writers.append(_stored_together([down.rechunk(target.chunks)], [store_target(target)], None))
-            levels[i] += 1
-        if not writers:
-            return levels
-        _write_level(writers)
+        below = _array_in(group, level_path(lev))
+        shape = below.shape
+        if len(shape) != 3 or max(shape) < PYRAMID_MIN_SIZE * 2 or min(shape) < 2:
+            break
+        if max_levels is not None and lev + 1 >= max_levels:
+            break
+        # Each task reads the 2x2x2 block of chunks behind exactly one output chunk: no re-merging of halves
+        # afterwards (which lets the scheduler buffer pieces), memory of one 8-chunk region per task.
+        src = direct.from_zarr(below, chunks=tuple(2 * c for c in below.chunks))
+        n = [s // 2 * 2 for s in shape]
+        if kind == "image":
+            # Block mean in float64 then back: exact for integer factors, no overflow for integer inputs.
+            dtype = np.dtype(np.float32 if src.dtype.kind != "f" else src.dtype)
+            even = src[: n[0], : n[1], : n[2]]
+            halves = tuple(tuple(c // 2 for c in ch) for ch in even.chunks)
+            name = f"pyramid-mean-{tokenize(even, dtype)}"
+            down = da.map_blocks(_mean_of_2x2x2, even, dtype, chunks=halves, dtype=dtype, name=name)
+        else:
+            down = src[: n[0] : 2, : n[1] : 2, : n[2] : 2]
+        lvl_chunks = tuple(min(c, s) for c, s in zip(chunks, down.shape))
+        target = create_level(group, lev + 1, down.shape, down.dtype, lvl_chunks, four_d=False)
+        _store_dask(down, target)
         lev += 1
-
-
-def _write_level(writers: list) -> None:
-    """One computation for a pyramid level of every volume (:func:`build_pyramids`)."""
-    dask.compute(*writers)
+    return lev + 1
 
 
 def write_attrs(
@@ -1378,11 +1349,8 @@ def save_volumes(
             store_reflected(sources, targets, luts, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
         else:
             store_batched(sources, targets, batch_chunks=batch_chunks or STORE_BATCH_CHUNKS)
-        # every volume's pyramid, level by level, one computation per level for all of them
-        flat = [(group, kind, ch) for group, kind, _, _, four_d, ch, _ in pending if pyramid and not four_d]
-        built = iter(build_pyramids(flat))
-        for group, kind, affine, name, four_d, _, attrs in pending:
-            nlevels = next(built) if (pyramid and not four_d) else 1
+        for group, kind, affine, name, four_d, ch, attrs in pending:
+            nlevels = build_pyramid(group, kind=kind, chunks=ch) if (pyramid and not four_d) else 1
             write_attrs(
                 group,
                 affine=affine,
