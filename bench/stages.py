@@ -174,7 +174,9 @@ def background(args) -> None:
     try:
         with compute_context(ClusterOptions(workers=args.workers, threads_per_worker=1, quiet=True)):
             with measured() as m:
-                save_volume(brain_mask(scan), tmp / "mask.zarr", batch_chunks=MASK_BATCH_CHUNKS)
+                save_volume(
+                    brain_mask(scan, batch_chunks=MASK_BATCH_CHUNKS), tmp / "mask.zarr", batch_chunks=MASK_BATCH_CHUNKS
+                )
             # against the run's own mask (same code path or an earlier one): the voxels that differ
             ref = open_volume(_store(run, "mask_ras")).data
             differ = int((open_volume(tmp / "mask.zarr").data != ref).sum().compute())

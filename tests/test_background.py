@@ -394,10 +394,11 @@ def test_stored_refinement_decodes_each_chunk_a_few_times(bright, dark, which, t
 
 
 def test_batched_write_refines_each_band_chunk_once(bright, tmp_path, monkeypatch):
-    """Written in the store's batches (boxes of chunks computed one after the other), or in the bigger boxes
-    the pipeline uses (:data:`MASK_BATCH_CHUNKS`), the refine tasks of a stored scan lie each inside one batch:
-    every band chunk is refined once (tasks along one Hilbert curve of the whole volume ran once per batch they
-    reached: 1.7x the refinements on the 0.2 mm phantom), and the mask is the unbatched one."""
+    """Written in batches (boxes of chunks computed one after the other) whose boxes hold the boxes the refine
+    tasks of a stored scan are grouped in -- the same boxes (the store's default, or the pipeline's
+    :data:`MASK_BATCH_CHUNKS`), or bigger ones -- every band chunk is refined once (tasks along one Hilbert curve
+    of the whole volume ran once per batch they reached: 1.7x the refinements on the 0.2 mm phantom), and the
+    mask is the unbatched one whatever the grouping."""
     import dask
 
     import helm_dask.background as bg
@@ -407,10 +408,10 @@ def test_batched_write_refines_each_band_chunk_once(bright, tmp_path, monkeypatc
     vol = open_volume(store.save_volume(_vol(img, 8), tmp_path / "s.zarr", chunks=8))
     model = fit_coarse_model(_vol(img, SHAPE), coarse_spacing_mm=2.0)
     ref = refine_mask(_vol(img, 8), model).compute()
-    monkeypatch.setattr(store, "STORE_BATCH_CHUNKS", 8)
-    monkeypatch.setattr(bg, "STORE_BATCH_CHUNKS", 8)
     real = bg._refine_batch
-    for n, batch in enumerate((8, 64)):  # boxes of edge 2 and 4 (the default's 64 and 512 have edges 4 and 8)
+    groups = {}
+    # boxes of edge 2 and 4 (the default's 64 and the pipeline's 512 have edges 4 and 8)
+    for n, (grouped, written) in enumerate(((8, 8), (64, 64), (8, 64))):
         refined: list = []
 
         def counted(view, items, refined=refined):
@@ -418,13 +419,15 @@ def test_batched_write_refines_each_band_chunk_once(bright, tmp_path, monkeypatc
             return real(view, items)
 
         monkeypatch.setattr(bg, "_refine_batch", counted)
-        mask = refine_mask(vol, model)
+        mask = refine_mask(vol, model, batch_chunks=grouped)
+        groups[grouped] = len([k for k in mask.dask if isinstance(k, tuple) and str(k[0]).endswith("-batch")])
         path = tmp_path / f"m{n}.zarr"
         with dask.config.set(scheduler="synchronous"):
-            store.save_volume(make_volume(mask, np.eye(4), kind="mask"), path, chunks=8, batch_chunks=batch)
+            store.save_volume(make_volume(mask, np.eye(4), kind="mask"), path, chunks=8, batch_chunks=written)
         got = open_volume(path).values
         assert np.array_equal(got, ref)
-        assert len(refined) == len(set(refined)) > 8, (batch, len(refined))
+        assert len(refined) == len(set(refined)) > 8, (grouped, written, len(refined))
+    assert groups[64] < groups[8]  # bigger boxes: fewer, fuller refine tasks
 
 
 @pytest.mark.parametrize("sig", [(1.25, 1.25, 1.25), (2.5, 0.7, 1.9), (1.0, 0.0, 2.0)])

@@ -202,8 +202,9 @@ def _background(run: Run, key: str) -> dict:
     if p.mask and sha_mask is not None:  # fingerprint_inputs sets it whenever --mask is given
         mask = external_mask(subj, key, run.vols["scan_raw"], run.vols["scan_ras"], sha_mask)
     else:
-        mask = background_mod.brain_mask(run.vols["scan_ras"], fluid=p.fluid)
-        batch = background_mod.MASK_BATCH_CHUNKS  # the refine's own boxes: its tasks read the stored scan
+        # written in the refine's own boxes, its tasks grouped in them: they read the stored scan
+        batch = background_mod.MASK_BATCH_CHUNKS
+        mask = background_mod.brain_mask(run.vols["scan_ras"], fluid=p.fluid, batch_chunks=batch)
     params = run.params_of("background")
     return {"mask_ras": subj.save("mask_ras", mask, key, "background", params, batch_chunks=batch)}
 
