@@ -175,11 +175,10 @@ def block_reduce(
     them from the store one after the other and combines their ``fn`` results -- the very combine the tree
     applies to the same parts. One task per chunk and one per read was 7,200 tasks of ~3 ms for the extent of a
     0.1 mm mask and labels, which the scheduler's and the client's ~2 ms per task, on the cores the two workers
-    share, kept 40% busy (18 s; read by the reductions, 7 s), and the mirror fit's passes took 35 s (now 17 s).
-    A flip or transpose of a stored volume
-    (:func:`~helm_dask.io.regions.store_view_of`) is read so too with ``any_layout``: its boxes arrive
-    C-contiguous, where Dask's are strided views, and a float sum over a block depends on the order NumPy walks
-    it.
+    share, kept 40% busy for 18 s (now 7 s); the mirror fit's passes took 35 s (now 17 s). A flip or transpose
+    of a stored volume (:func:`~helm_dask.io.regions.store_view_of`) is read so too only with ``any_layout``:
+    its boxes arrive C-contiguous where Dask's are strided views, and a float sum over a block depends on the
+    order NumPy walks it.
 
     Parameters
     ----------
