@@ -23,7 +23,7 @@ from numba import njit
 
 from . import arrays
 from .errors import HelmError
-from .io.regions import StoreView, store_view_of
+from .io.regions import StoreView, box_cells, box_tasks, store_view_of
 from .io.store import compute_batched
 
 __all__ = [
@@ -431,7 +431,7 @@ def exact_block_sums(
 _PARTS_GROUP = 2
 
 
-def _exact_box(view: StoreView, mview: StoreView | None, edges: list, factors: tuple) -> np.ndarray:
+def _exact_box(first: list, edges: list, view: StoreView, mview: StoreView | None, factors: tuple) -> np.ndarray:
     """The part of a box of a stored volume (and mask) whose chunks have the ``edges`` (per axis): each chunk
     read from the store and added in turn (copying them into one box first: 13.8 s instead of 11.1 s for the
     0.1 mm coarse copy)."""
@@ -439,8 +439,7 @@ def _exact_box(view: StoreView, mview: StoreView | None, edges: list, factors: t
     t_lo, t_hi = _block_range(lo, [b - a for a, b in zip(lo, hi)], factors)
     pieces = (
         (view.read(c_lo, c_hi), None if mview is None else mview.read(c_lo, c_hi), c_lo, factors)
-        for cell in np.ndindex(*(len(e) - 1 for e in edges))
-        for c_lo, c_hi in [([int(e[i]) for e, i in zip(edges, cell)], [int(e[i + 1]) for e, i in zip(edges, cell)])]
+        for _, c_lo, c_hi in box_cells(edges)
     )
     return _exact_parts(pieces, mview is not None, t_lo, t_hi)
 
@@ -453,18 +452,9 @@ def _stored_parts(arr: da.Array, mask: da.Array | None, factors: tuple) -> da.Ar
     mview = None if mask is None else store_view_of(mask)
     if view is None or (mask is not None and (mview is None or mview.shape != view.shape)):
         return None
-    edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
     token = tokenize(arr.name, None if mask is None else mask.name, tuple(factors), _PARTS_GROUP)
-    name = f"exact-block-parts-stored-{token}"
     fs = tuple(int(f) for f in factors)
-    g = _PARTS_GROUP
-    grid = tuple(-(-(len(e) - 1) // g) for e in edges)
-    layer: dict = {
-        (name, *idx): (_exact_box, view, mview, [e[i * g : i * g + g + 1] for e, i in zip(edges, idx)], fs)
-        for idx in np.ndindex(*grid)
-    }
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[])
-    return da.Array(graph, name, chunks=tuple((1,) * n for n in grid), dtype=object)
+    return box_tasks(_exact_box, arr.chunks, _PARTS_GROUP, view, mview, fs, name=f"exact-block-parts-stored-{token}")
 
 
 def _exact_ok(arr: da.Array, factors: tuple) -> bool:

@@ -219,9 +219,9 @@ def test_exact_block_sums_of_a_stored_volume_read_the_store_in_boxes(tmp_path, m
     boxes: list = []
     real = coarse._exact_box
 
-    def counted(view, mview, edges, fs):
+    def counted(first, edges, view, mview, fs):
         boxes.append([len(e) - 1 for e in edges])
-        return real(view, mview, edges, fs)
+        return real(first, edges, view, mview, fs)
 
     monkeypatch.setattr(coarse, "_exact_box", counted)
     for affine in (np.eye(4), lia):

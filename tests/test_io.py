@@ -626,7 +626,7 @@ def test_thin_export_splits_a_stored_volume_in_boxes_of_chunks(tmp_path, monkeyp
     boxes = []
     convert_mod = importlib.import_module("helm_dask.io.convert")
     real = convert_mod._split_stored_box
-    monkeypatch.setattr(convert_mod, "_split_stored_box", lambda *a: boxes.append(a[1]) or real(*a))
+    monkeypatch.setattr(convert_mod, "_split_stored_box", lambda *a: boxes.append(a[0]) or real(*a))
     plane = vol.shape[0] * vol.shape[1] * 2
     dz = convert_mod._slab_plan(vol.data, np.dtype(np.uint16), 2.5 * plane / 2**20)[2]
     assert dz == 2 < vol.data.chunks[2][0]  # slabs thinner than the chunks: the scratch path

@@ -23,7 +23,6 @@ import numcodecs
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 from numba import njit
 from zarr.codecs import BloscCname, BloscCodec
 
@@ -695,31 +694,15 @@ def _split_stored(
     """:func:`_split_chunk` of every chunk of ``data``, a stored volume read through ``view``: one task
     per box of :data:`_SCRATCH_GROUP` chunks per axis, reading the store itself. Returns an object array of
     ``[(file, origin, pieces), ...]`` lists, one per box."""
-    edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in data.chunks]
-    g = _SCRATCH_GROUP
-    grid = tuple(-(-(len(e) - 1) // g) for e in edges)
-    name = "split-stored-" + tokenize(data.name, folder, dz, g)
-    layer: dict = {
-        (name, *idx): (
-            _split_stored_box,
-            view,
-            [i * g for i in idx],
-            [e[i * g : i * g + g + 1] for e, i in zip(edges, idx)],
-            folder,
-            dz,
-            storage_options,
-            remote,
-        )
-        for idx in np.ndindex(*grid)
-    }
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[])
-    return da.Array(graph, name, chunks=tuple((1,) * n for n in grid), dtype=object).compute()
+    name = "split-stored-" + tokenize(data.name, folder, dz, _SCRATCH_GROUP)
+    args = (view, folder, dz, storage_options, remote)
+    return regions.box_tasks(_split_stored_box, data.chunks, _SCRATCH_GROUP, *args, name=name).compute()
 
 
 def _split_stored_box(
-    view: regions.StoreView,
     first: list[int],
     edges: list,
+    view: regions.StoreView,
     folder: str,
     dz: int,
     storage_options: dict | None,
@@ -728,9 +711,7 @@ def _split_stored_box(
     """The chunks of one box (``edges`` per axis; ``first``: the box's first chunk index) read from the store
     one after the other and split (:func:`_split_chunk`); a one-element object array holding their list."""
     found = []
-    for cell in np.ndindex(*(len(e) - 1 for e in edges)):
-        lo = [int(e[i]) for e, i in zip(edges, cell)]
-        hi = [int(e[i + 1]) for e, i in zip(edges, cell)]
+    for cell, lo, hi in regions.box_cells(edges):
         path = _scratch_file(folder, [f + i for f, i in zip(first, cell)], remote)
         found.append((path, tuple(lo), _split_chunk(view.read(lo, hi), path, tuple(lo), dz, storage_options)))
     out = np.empty((1,) * len(edges), dtype=object)
