@@ -1374,8 +1374,9 @@ _MEMO_CHUNKS = 48
 #: idle: refine + write 46.4 s with the workers busy 68% of it; in one computation 33.6 s. No task of this graph
 #: is shared between chunks (a refine task reads the store itself), so a bigger box holds no more than its
 #: running tasks' results (<= 64 MB each). The refine tasks are grouped in the same boxes (:func:`_band_groups`):
-#: grouped in boxes of 64 under a writer of 512, 53 tasks instead of 18 decoded 66.8 GB of chunk files instead
-#: of 53.1 GB, and the stage alone took 68.6 s instead of 61.3 s on the 0.1 mm template phantom (2 workers).
+#: grouped in boxes of 64 under a writer of 512, 53 tasks instead of 18 read 66.8 GB instead of 53.1 GB (the
+#: processes' logical reads), and the stage alone took 68.6 s instead of 61.3 s on the 0.1 mm template phantom
+#: (2 workers).
 MASK_BATCH_CHUNKS = 512
 
 
