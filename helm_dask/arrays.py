@@ -206,7 +206,7 @@ def block_reduce(
     >>> block_reduce(da.ones((4, 4, 4), chunks=2), total, lambda *p: sum(p)).compute()
     64
     """
-    from .io.regions import store_view_of
+    from .io.regions import box_cells, store_view_of
 
     view = store_view_of(data) if data.ndim == 3 else None
     if view is not None and not any_layout and (any(view.flips) or view.perm != (0, 1, 2)):
@@ -214,10 +214,9 @@ def block_reduce(
     nblocks = math.prod(len(c) for c in data.chunks)
     if view is None or nblocks <= 1:  # one chunk: the tree is that chunk's part, no combine
         return tree_reduce(block_tasks(data, fn, *args), combine, fan_in)
-    edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in data.chunks]
+    # every chunk of the grid in C order (the order block_tasks gives the tree), its box
     boxes = [
-        ([int(e[i]) for e, i in zip(edges, idx)], [int(e[i + 1]) for e, i in zip(edges, idx)])
-        for idx in np.ndindex(*(len(c) for c in data.chunks))
+        (lo, hi) for _, lo, hi in box_cells([np.concatenate([[0], np.cumsum(c)]).astype(int) for c in data.chunks])
     ]
     name = "block-reduce-stored-" + dask.base.tokenize(data.name, fn, combine, args, fan_in)
     layer: dict = {
