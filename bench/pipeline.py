@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Sampler, append_row
+from harness import Sampler, WorkerTime, append_row
 
 from helm_dask.cluster import ClusterOptions, compute_context
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     prefix = "pipeline" if geometric else f"pipeline-{args.anatomy}"
     if not args.resume:
         shutil.rmtree(out, ignore_errors=True)
-    with compute_context(opts):
+    with compute_context(opts) as client:
         t_in = time.perf_counter()
         scan, hyp, nvox = ensure_inputs(work, args.input_spacing, args.anatomy)
         print(f"inputs ready in {time.perf_counter() - t_in:.0f} s (unmeasured)", flush=True)
@@ -99,11 +99,13 @@ def main(argv=None) -> int:
         }
         with Sampler() as s:
             t_stage = [time.perf_counter()]
+            wt = WorkerTime(client)
 
             def log(msg: str) -> None:
                 print(f"  {msg}", flush=True)
                 if ": computing" in msg or ": writing" in msg:  # a stage or a NIfTI export starts
                     s.mark()
+                    wt.mark()
                     t_stage[0] = time.perf_counter()
                 elif ": done in" in msg or ": written in" in msg:
                     stage = msg.split(":", 1)[0]
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
                         "load_avg": round(s.stage_load, 1),
                     }
                     row.update(common)
-                    row["note"] = "; ".join(x for x in (common["note"], s.stage_breakdown) if x)
+                    row["note"] = "; ".join(x for x in (common["note"], s.stage_breakdown, wt.mark()) if x)
                     row["mvox_per_s"] = round(nvox / dt / 1e6, 2) if dt > 0 else ""
                     append_row(row)  # at once: a long run that dies later keeps the stages it finished
                     print(", ".join(f"{k}={row[k]}" for k in ("stage", "wall_s", "peak_rss_mb")), flush=True)

@@ -1,0 +1,40 @@
+"""``bench/harness.py``'s worker-time breakdown (issue 21): what the workers' time went to between two marks."""
+
+from __future__ import annotations
+
+import time
+
+import dask.array as da
+import pytest
+from bench_module import load  # tests/ helper module
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return load("harness")
+
+
+def test_no_client_no_breakdown(harness):
+    assert harness.WorkerTime(None).mark() == ""
+
+
+def test_the_tasks_cpu_is_counted_between_marks(harness):
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    ) as client:
+        wt = harness.WorkerTime(client)
+        x = da.ones((2048, 2048), chunks=1024)
+        assert float((x @ x.T).sum().compute()) == 2048.0**3
+        cpu, texts = 0.0, []
+        for _ in range(50):  # the metrics come with the workers' heartbeats
+            time.sleep(0.2)
+            text = wt.mark()  # "" until the first metrics arrive
+            if text:
+                texts.append(text)
+                cpu += float(text.split("execute cpu ")[1].split(",")[0])
+            if cpu > 0:
+                break
+        assert cpu > 0
+        assert texts[-1].startswith("worker s: execute cpu ")
+        assert "MB served to workers and the client" in texts[-1]
