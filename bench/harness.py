@@ -226,6 +226,14 @@ def append_row(row: dict, path: Path = RESULTS) -> dict:
     return full
 
 
+def _scheduler_counters(dask_scheduler) -> dict:
+    """The workers' cumulative metrics and the bytes the scheduler has sent to the workers (task messages)."""
+    out = dict(dask_scheduler.cumulative_worker_metrics)
+    out["scheduler-to-workers-bytes"] = sum(getattr(c, "byte_count", 0) for c in dask_scheduler.stream_comms.values())
+    out["transitions"] = dask_scheduler.transition_counter  # ~4-5 per task run
+    return out
+
+
 class WorkerTime:
     """Where the workers' time went between two marks, from distributed's fine performance metrics.
 
@@ -244,9 +252,10 @@ class WorkerTime:
     def _snapshot(self) -> dict:
         if self.client is None:
             return {}
-        return self.client.run_on_scheduler(
-            lambda dask_scheduler: {k: v for k, v in dask_scheduler.cumulative_worker_metrics.items()}
-        )
+        out = self.client.run_on_scheduler(_scheduler_counters)
+        comm = getattr(self.client, "scheduler_comm", None)
+        out["client-to-scheduler-bytes"] = getattr(comm, "byte_count", 0)
+        return out
 
     def mark(self) -> str:
         """``"worker s: ..."``: seconds since the last mark by activity (empty without a distributed client)."""
@@ -270,5 +279,8 @@ class WorkerTime:
             f"noncpu {total('execute', 'thread-noncpu'):.1f}; gather-dep {total('gather-dep'):.1f} "
             f"(network {total('gather-dep', 'network'):.1f}, deserialize {total('gather-dep', 'deserialize'):.1f}); "
             f"get-data {total('get-data'):.1f} (serialize {total('get-data', 'serialize'):.1f}, "
-            f"{served / 2**20:.0f} MB served to workers and the client)"
+            f"{served / 2**20:.0f} MB served to workers and the client); messages: client to scheduler "
+            f"{d.get('client-to-scheduler-bytes', 0) / 2**20:.0f} MB, scheduler to workers "
+            f"{d.get('scheduler-to-workers-bytes', 0) / 2**20:.0f} MB; "
+            f"{d.get('transitions', 0):.0f} scheduler transitions"
         )
