@@ -237,12 +237,12 @@ def _scheduler_counters(dask_scheduler) -> dict:
 class WorkerTime:
     """Where the workers' time went between two marks, from distributed's fine performance metrics.
 
-    The workers' CPU grows when a second worker joins (+8-25% per stage at 0.1 mm): this tells the tasks' own
-    CPU apart from moving results between workers (``gather-dep`` on the receiving side, ``get-data`` on the
-    sending side), which only a second worker pays. Metrics reach the scheduler with the workers' heartbeats,
-    so a mark can miss up to a second of the tail of a stage (it then counts in the next one). ``execute``
+    In some 0.1 mm pairs the workers' CPU grew 8-25% per stage when a second worker joined. This tells the
+    tasks' own CPU apart from the workers' other work and from moving results between workers (``gather-dep``
+    on the receiving side, ``get-data`` on the sending side), which only a second worker pays. ``execute``
     ``noncpu`` is a task's wall time off the CPU: waiting on I/O, or on a core the client or the other worker
-    holds.
+    holds. Metrics reach the scheduler with the workers' heartbeats, so a mark can miss up to a second of the
+    tail of a stage (it then counts in the next one).
     """
 
     def __init__(self, client):
