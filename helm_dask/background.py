@@ -38,7 +38,7 @@ from .coarse import (
     shape3,
 )
 from .errors import HelmError
-from .io.regions import StoreView, halo_box, pad_halo, region_map, store_view_of
+from .io.regions import StoreView, box_cells, halo_box, pad_halo, region_map, store_view_of
 from .io.store import STORE_BATCH_CHUNKS, block_batches
 from .volume import affine_of, like, provenance_record, spacing_of
 
@@ -1579,10 +1579,7 @@ def refine_mask(
         return region_map(_refine_region, [arr], arr.chunks, plan, np.uint8, name="brain-mask")
     # a stored scan: band chunks in batches that decode each stored chunk about once (see _BATCH)
     bounds = [np.r_[0, np.cumsum(c)].astype(int) for c in arr.chunks]
-    plans = {
-        index: plan(index, tuple((int(b[i]), int(b[i + 1])) for b, i in zip(bounds, index)))
-        for index in product(*(range(len(c)) for c in arr.chunks))
-    }
+    plans = {index: plan(index, tuple(zip(lo, hi))) for index, lo, hi in box_cells(bounds)}
     fields = (model.mask, model.band, model.m_brain, model.m_out, model.cap, model.fill, model.side, model.m_air)
     token = tokenize(
         arr.name, arr.chunks, fields, model.theta, model.factors, sig, depth, truncate, _BATCH, batch_chunks
