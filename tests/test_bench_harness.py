@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import dask.array as da
+import distributed
 import pytest
 from bench_module import load  # tests/ helper module
 
@@ -19,7 +20,6 @@ def test_no_client_no_breakdown(harness):
 
 
 def test_the_tasks_cpu_is_counted_between_marks(harness):
-    distributed = pytest.importorskip("distributed")
     with distributed.Client(
         distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
     ) as client:
