@@ -56,13 +56,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {cpu}, {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
-def commit() -> str:
+def commit(root: Path | None = None) -> str:
+    """HEAD's short hash, with ``+dirty`` when the package or the bench scripts differ from it: a row measured on
+    uncommitted code must not carry the name of a commit that does not hold that code (the rows' own CSV and
+    plots do not count)."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL
+        head = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True, stderr=subprocess.DEVNULL
         ).strip()
+        paths = ["helm_dask", "bench", ":(exclude)bench/results", "pyproject.toml"]
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root, capture_output=True)
     except Exception:
         return ""
+    return head + ("+dirty" if diff.returncode == 1 else "")
 
 
 class Sampler:

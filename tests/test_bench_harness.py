@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import dask.array as da
@@ -38,3 +39,22 @@ def test_the_tasks_cpu_is_counted_between_marks(harness):
         assert cpu > 0
         assert texts[-1].startswith("worker s: execute cpu ")
         assert "MB served to workers and the client" in texts[-1]
+
+
+def test_commit_names_uncommitted_code_dirty(harness, tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "helm_dask").mkdir()
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "helm_dask" / "a.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "results.csv").write_text("date\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    head = harness.commit(tmp_path)
+    assert head and "+" not in head
+    (tmp_path / "bench" / "results" / "results.csv").write_text("date\nrow\n")  # the rows themselves: clean
+    assert harness.commit(tmp_path) == head
+    (tmp_path / "helm_dask" / "a.py").write_text("x = 2\n")
+    assert harness.commit(tmp_path) == head + "+dirty"
