@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dask
 import dask.array as da
+import distributed
 import numpy as np
-import pytest
 import zarr
 from dask._task_spec import Alias, Task, TaskRef
 from dask.core import flatten
@@ -61,7 +61,6 @@ def test_fold_keeps_shared_targets_and_asked_keys():
 
 
 def test_distributed_scheduler_runs_one_task_per_chunk(tmp_path):
-    distributed = pytest.importorskip("distributed")
     target, written = _written(tmp_path, "c")
     with (
         distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc,
