@@ -12,12 +12,20 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+#: The checkout this bench belongs to. Its own package is imported, ahead of the environment's: an editable
+#: install points at one checkout, so a second worktree's bench (an A/B run) would otherwise measure the first
+#: checkout's code under its own commit. Spawned workers inherit this path.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1 if sys.path and sys.path[0] == str(Path(__file__).parent) else 0, str(ROOT))
 
 # HELM_BENCH_RESULTS sends rows elsewhere (trial runs, or a frozen checkout benchmarking for the main tree)
 RESULTS = Path(os.environ.get("HELM_BENCH_RESULTS") or Path(__file__).parent / "results" / "results.csv")
@@ -60,7 +68,10 @@ def commit(root: Path | None = None) -> str:
     """HEAD's short hash, with ``+dirty`` when the package or the bench scripts differ from it: a row measured on
     uncommitted code must not carry the name of a commit that does not hold that code (the rows' own CSV and
     plots do not count)."""
-    root = root or Path(__file__).resolve().parent.parent
+    if root is None:
+        pkg = sys.modules.get("helm_dask")
+        # the checkout whose package runs (imported from ROOT unless something imported it first)
+        root = Path(pkg.__file__).resolve().parent.parent if pkg is not None and pkg.__file__ else ROOT
     try:
         head = subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True, stderr=subprocess.DEVNULL
@@ -90,30 +101,39 @@ class Sampler:
         self._started = False
         self._load_sum, self._load_n = 0.0, 0
         self.stage_load = 0.0  # mean 1-min load average between the last two marks (other work on the machine)
+        self._listed_at, self._listed = -1e9, [self.root]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    #: Seconds between two listings of the descendants. Listing them reads every process's /proc entry; at
+    #: every 0.1 s sample it was 3.7% of a core in the client (py-spy, a 0.1 mm mirror stage), and a bench's
+    #: processes (the cluster's) live for the whole run. A process is missed for at most this long.
+    REFRESH_S = 2.0
+
     def _procs(self):
-        procs = [self.root]
-        try:
-            procs += self.root.children(recursive=True)
-        except psutil.Error:
-            pass
-        return procs
+        now = time.monotonic()
+        if now - self._listed_at >= self.REFRESH_S:
+            self._listed_at = now
+            procs = [self.root]
+            try:
+                procs += self.root.children(recursive=True)
+            except psutil.Error:
+                pass
+            self._listed = procs
+        return self._listed
 
     def _sample(self):
         total = 0
         for p in self._procs():
             try:
-                rss = p.memory_info().rss
+                with p.oneshot():
+                    rss, ct, io = p.memory_info().rss, p.cpu_times(), p.io_counters()
                 total += rss
                 self.peak_by_pid[p.pid] = max(self.peak_by_pid.get(p.pid, 0), rss)
-                ct = p.cpu_times()
                 cpu = ct.user + ct.system
                 # CPU seconds: from the first sample for processes already running, from 0 for new ones
                 self._cpu_base.setdefault(p.pid, cpu if not self._started else 0.0)
                 self._cpu_last[p.pid] = cpu
-                io = p.io_counters()
                 cur = (io.read_chars, io.write_chars)
                 # like CPU: from the first sample for processes already running (a cluster started before the
                 # measured block), from 0 for processes started during it

@@ -8,7 +8,7 @@ import time
 import dask.array as da
 import distributed
 import pytest
-from bench_module import load  # tests/ helper module
+from bench_module import BENCH, load  # tests/ helper module
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,28 @@ def test_commit_names_uncommitted_code_dirty(harness, tmp_path):
     assert harness.commit(tmp_path) == head
     (tmp_path / "helm_dask" / "a.py").write_text("x = 2\n")
     assert harness.commit(tmp_path) == head + "+dirty"
+
+
+def test_a_checkouts_bench_runs_its_own_package(tmp_path):
+    """A second checkout's bench (an A/B run) imports that checkout's helm_dask, not the environment's editable
+    install, and names that checkout's commit."""
+    import shutil
+    import sys
+
+    (tmp_path / "helm_dask").mkdir()
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "helm_dask" / "__init__.py").write_text("WHICH = 'the other checkout'\n")
+    shutil.copy(BENCH / "harness.py", tmp_path / "bench" / "harness.py")
+    (tmp_path / "bench" / "probe.py").write_text(
+        "import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path(__file__).parent))\n"
+        "import harness\nimport helm_dask\nprint(helm_dask.WHICH, harness.commit(), sep='|')\n"
+    )
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "bench/probe.py"], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert out == f"the other checkout|{head}"
