@@ -222,6 +222,9 @@ class StoreView:
         self.shape = tuple(int(array.shape[p]) for p in self.perm)
         self.dtype = array.dtype
 
+    def __reduce__(self):
+        return direct.shared_reduce(self, StoreView, self.array, self.flips, self.perm)
+
     def then(self, flips: Sequence[bool], perm: Sequence[int]) -> StoreView:
         """This view flipped along its axes ``flips``, then transposed by ``perm``.
 

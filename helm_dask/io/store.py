@@ -519,6 +519,9 @@ class _ChunkTarget:
         self.point = f"write:{output_name(arr.store_path)}"
         self.path = str(arr.store_path).split("://", 1)[-1]
 
+    def __reduce__(self):
+        return direct.shared_reduce(self, _ChunkTarget, self.arr, self.fault)
+
     # (explicit properties, not __getattr__: the target is pickled to the workers, and unpickling calls
     # __getattr__ before ``arr`` exists)
     @property
