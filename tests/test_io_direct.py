@@ -80,6 +80,36 @@ def test_direct_array_in_dask_equals_from_zarr(tmp_path):
     np.testing.assert_array_equal(wrapped[::2, 3, 1:9], data[::2, 3, 1:9])  # other indexes: Zarr's
 
 
+def test_zarr_arrays_in_task_arguments_are_built_once_per_process(tmp_path):
+    """The objects that carry a Zarr array into tasks unpickle, message after message, as one object per process
+    that reads what the array holds; an array rewritten with other metadata is a new object, never the cached
+    one; the cache stays bounded."""
+    from helm_dask.io.regions import StoreView
+    from helm_dask.io.store import store_target
+
+    z, data = _array(tmp_path, "uint16")
+    view = StoreView(z, flips=(True, False, False), perm=(1, 0, 2))
+    target = store_target(z)
+    for obj in (direct.DirectArray(z), view, target):
+        first, second = pickle.loads(pickle.dumps(obj)), pickle.loads(pickle.dumps([obj]))[0]
+        assert first is second and first is not obj and type(first) is type(obj)
+    got = pickle.loads(pickle.dumps(view))
+    np.testing.assert_array_equal(got.read((0, 0, 0), got.shape), data[::-1].transpose(1, 0, 2))
+    assert pickle.loads(pickle.dumps(target)).fault == target.fault
+
+    # the same path rewritten with another shape: a new pickle, a new object with the new metadata
+    path = str(tmp_path / "a_uint16.zarr")
+    z2 = zarr.create_array(store=path, shape=(5, 4, 3), chunks=(5, 4, 3), dtype="uint16", overwrite=True)
+    z2[...] = 7
+    again = pickle.loads(pickle.dumps(direct.DirectArray(z2)))
+    assert again.shape == (5, 4, 3) and int(again[...].max()) == 7
+
+    many = [direct.DirectArray(z) for _ in range(direct._SHARED_MAX + 10)]
+    for m in many:
+        pickle.loads(pickle.dumps(m))
+    assert len(direct._SENT) <= direct._SHARED_MAX and len(direct._RECEIVED) <= direct._SHARED_MAX
+
+
 def test_stored_volume_reads_the_same_through_dask(tmp_path):
     """A helm-dask store (its level 0 and a pyramid level) opens onto the direct reads, values unchanged."""
     rng = np.random.default_rng(1)
