@@ -295,12 +295,12 @@ def shared_reduce(obj: Any, func: Any, *args: Any) -> tuple:
     """``obj.__reduce__()`` for an immutable object that wraps a Zarr array and sits in many tasks' arguments:
     ``obj`` unpickles as ``func(*args)``, built once per process.
 
-    A graph names the same few arrays in thousands of tasks (a 0.1 mm mirror: six maps read and six written
-    in each of 6,719 tasks), and a Zarr array pickles as its whole metadata: ~1.4 KB, and ~35 us to rebuild,
-    per array per task, on the scheduler and again on a worker. Here ``(func, args)`` is pickled once per
-    process, its bytes repeat by reference within a message, and a process builds the object only the first
-    time it sees its bytes. They hold the array's whole metadata and store, so an array rewritten with other
-    metadata is a new object, never an old one served from the cache.
+    A graph names the same few arrays in thousands of tasks (a 0.1 mm mirror stage: 6,719 tasks, each write
+    batch naming six maps read and six written), and a Zarr array pickles as its whole metadata: ~1.4 KB, and
+    ~35 us to rebuild, per array per task, on the scheduler and again on a worker. Here ``(func, args)`` is
+    pickled once per process, its bytes repeat by reference within a task's pickle, and a process builds the
+    object only the first time it sees its bytes. They hold the array's whole metadata and store, so an array
+    rewritten with other metadata is a new object, never an old one served from the cache.
 
     Example
     -------
