@@ -522,8 +522,8 @@ class _ChunkTarget:
     def __reduce__(self):
         return direct.shared_reduce(self, _ChunkTarget, self.arr, self.fault)
 
-    # (explicit properties, not __getattr__: the target is pickled to the workers, and unpickling calls
-    # __getattr__ before ``arr`` exists)
+    # (explicit properties, not __getattr__: a plain unpickle would call __getattr__ before ``arr`` exists;
+    # shared_reduce rebuilds the target through __init__, but the properties stay safe either way)
     @property
     def shape(self):
         return self.arr.shape
