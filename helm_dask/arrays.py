@@ -17,6 +17,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import HelmError
+from .io.regions import chunk_edges
 
 __all__ = [
     "EPS",
@@ -158,7 +159,7 @@ def block_tasks(data: da.Array, fn: Callable, *args: Any) -> list:
     >>> dask.compute(*block_tasks(da.zeros((4, 2, 2), chunks=(3, 2, 2)), first_corner))
     ((0, 0, 0), (3, 0, 0))
     """
-    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) for c in data.chunks]
+    offsets = [e[:-1] for e in chunk_edges(data.chunks)]
     blocks = data.to_delayed()
     dfn = dask.delayed(fn, pure=True)
     return [
@@ -215,9 +216,7 @@ def block_reduce(
     if view is None or nblocks <= 1:  # one chunk: the tree is that chunk's part, no combine
         return tree_reduce(block_tasks(data, fn, *args), combine, fan_in)
     # every chunk of the grid in C order (the order block_tasks gives the tree), its box
-    boxes = [
-        (lo, hi) for _, lo, hi in box_cells([np.concatenate([[0], np.cumsum(c)]).astype(int) for c in data.chunks])
-    ]
+    boxes = [(lo, hi) for _, lo, hi in box_cells(chunk_edges(data.chunks))]
     name = "block-reduce-stored-" + dask.base.tokenize(data.name, fn, combine, args, fan_in)
     layer: dict = {
         (name, g): (_reduce_stored, view, boxes[i : i + fan_in], fn, combine, args)

@@ -38,7 +38,7 @@ from .coarse import (
     shape3,
 )
 from .errors import HelmError
-from .io.regions import StoreView, box_cells, halo_box, pad_halo, region_map, store_view_of
+from .io.regions import StoreView, box_cells, chunk_edges, halo_box, pad_halo, region_map, store_view_of
 from .io.store import STORE_BATCH_CHUNKS, block_batches
 from .volume import affine_of, like, provenance_record, spacing_of
 
@@ -1198,8 +1198,7 @@ def _band_blocks(chunks: tuple, model: CoarseModel) -> np.ndarray:
     inside / all outside the mask. The others are uniform (all brain or all background) and are not read."""
     f, nc = model.factors, model.band.shape
     rng = []
-    for ax in range(3):
-        edges = np.cumsum((0,) + tuple(chunks[ax]))
+    for ax, edges in enumerate(chunk_edges(chunks)):
         rng.append(
             [
                 (min(int(a) // f[ax], nc[ax] - 1), min((int(b) - 1) // f[ax], nc[ax] - 1) + 1)
@@ -1578,7 +1577,7 @@ def refine_mask(
     if view is None:
         return region_map(_refine_region, [arr], arr.chunks, plan, np.uint8, name="brain-mask")
     # a stored scan: band chunks in batches that decode each stored chunk about once (see _BATCH)
-    bounds = [np.r_[0, np.cumsum(c)].astype(int) for c in arr.chunks]
+    bounds = chunk_edges(arr.chunks)
     plans = {index: plan(index, tuple(zip(lo, hi))) for index, lo, hi in box_cells(bounds)}
     fields = (model.mask, model.band, model.m_brain, model.m_out, model.cap, model.fill, model.side, model.m_air)
     token = tokenize(

@@ -23,7 +23,7 @@ from numba import njit
 
 from . import arrays
 from .errors import HelmError
-from .io.regions import StoreView, box_cells, box_tasks, store_view_of
+from .io.regions import StoreView, box_cells, box_tasks, chunk_edges, store_view_of
 from .io.store import compute_batched
 
 __all__ = [
@@ -387,7 +387,7 @@ def exact_block_sums(
         token = tokenize(arr.name, None if mask is None else mask.name, tuple(factors))
         if mask is not None and mask.chunks != arr.chunks:
             mask = mask.rechunk(arr.chunks)
-        edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks]
+        edges = chunk_edges(arr.chunks)
         name = f"exact-block-parts-{token}"
         layer: dict = {
             (name, *idx): (

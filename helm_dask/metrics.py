@@ -18,6 +18,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .errors import HelmError
+from .io.regions import chunk_edges
 from .labels import FORNIX, HYPOTHALAMUS, PAPER_GROUPS, SHORT_NAMES
 from .orient import flip_left_right, to_ras
 from .resample import is_ras_aligned, ras_target_grid, resample_labels, resample_labels_to_grid, resample_to_grid
@@ -270,7 +271,7 @@ def label_statistics(a_data: Any, b_data: Any, *, fan_in: int = 8) -> dict:
     a = a_data if isinstance(a_data, da.Array) else da.asarray(a_data)
     b = b_data if isinstance(b_data, da.Array) else da.asarray(b_data)
     b = b.rechunk(a.chunks)
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int).tolist() for c in a.chunks]
+    starts = [e[:-1].tolist() for e in chunk_edges(a.chunks)]
     ablocks, bblocks = a.to_delayed(), b.to_delayed()
     parts = []
     for idx in itertools.product(*(range(len(c)) for c in a.chunks)):

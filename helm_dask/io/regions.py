@@ -40,6 +40,7 @@ __all__ = [
     "box_tasks",
     "cache_owner",
     "carry_view",
+    "chunk_edges",
     "chunk_tasks",
     "read_region",
     "region_map",
@@ -533,7 +534,7 @@ class _Sources:
     def __init__(self, sources: Sequence[da.Array], scope: str, cache: bool):
         self.sources = list(sources)
         self.views = [store_view_of(s) if s.ndim == 3 else None for s in self.sources]
-        self.bounds = [[np.r_[0, np.cumsum(c)].astype(np.int64) for c in s.chunks] for s in self.sources]
+        self.bounds = [chunk_edges(s.chunks) for s in self.sources]
         self.scopes = [f"{scope}-{i}" if cache else "" for i in range(len(self.sources))]
 
     def task(self, func: Callable, lo: Sequence[int], hi: Sequence[int], args: Sequence, dtype=None) -> tuple:
@@ -616,7 +617,7 @@ def region_map(
     >>> out.compute().ravel().tolist()
     [0.5, 2.5, 4.5, 6.5, 8.5]
     """
-    bounds = [np.r_[0, np.cumsum(c)].astype(np.int64) for c in out_chunks]
+    bounds = chunk_edges(out_chunks)
     dtype = np.dtype(dtype)
     plans = []
     for index in product(*(range(len(c)) for c in out_chunks)):
@@ -761,6 +762,18 @@ def chunk_tasks(
     return [Delayed(key, graph, layer=name) for key in layer]
 
 
+def chunk_edges(chunks: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The voxel edges of a chunk grid (dask's ``chunks``) along each axis: ``[0, c0, c0 + c1, ...]`` as int64.
+    Chunk ``i`` of an axis spans ``edges[i]:edges[i + 1]``; ``edges[:-1]`` are the chunks' first voxels.
+
+    Example
+    -------
+    >>> [e.tolist() for e in chunk_edges(((4, 2), (3,)))]
+    [[0, 4, 6], [0, 3]]
+    """
+    return [np.concatenate([[0], np.cumsum(c, dtype=np.int64)]) for c in chunks]
+
+
 def box_cells(edges: Sequence[np.ndarray]) -> Iterator[tuple[tuple[int, ...], list[int], list[int]]]:
     """The chunks of a box whose chunk edges along each axis are ``edges``, in C order: ``(cell, lo, hi)``, the
     chunk's index in the box and its voxel bounds.
@@ -812,7 +825,7 @@ def box_tasks(func: Callable, chunks: tuple, group: int, *args: Any, name: str) 
     >>> box_tasks(sizes, ((2, 2, 2),), 2, name="sizes").compute().tolist()
     [([0], [2]), ([2], [1])]
     """
-    edges = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in chunks]
+    edges = chunk_edges(chunks)
     grid = tuple(-(-(len(e) - 1) // group) for e in edges)
     layer: dict = {
         (name, *idx): (

@@ -51,7 +51,7 @@ from .location import (  # noqa: F401  (re-exported: they were defined here befo
     stop_pending_writes,
 )
 from .nifti import is_nifti_path, read_nifti_header
-from .regions import StoredSource, attach_source
+from .regions import StoredSource, attach_source, chunk_edges
 
 DEFAULT_CHUNKS = (128, 128, 128)
 PYRAMID_MIN_SIZE = 64  # stop adding levels once the largest dimension is below this
@@ -887,7 +887,7 @@ def compute_batched(
         each(tuple(slice(0, int(n)) for n in arrays[0].shape), values)
         return []
     out = [] if each is not None else [np.empty(a.shape, dtype=a.dtype) for a in arrays]
-    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+    offsets = chunk_edges(chunks)
 
     def run(box):
         region = tuple(slice(int(o[b.start]), int(o[b.stop])) for o, b in zip(offsets, box))

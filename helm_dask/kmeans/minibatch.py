@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import HelmError
+from ..io.regions import chunk_edges
 from ..labels import K_MAX
 from .common import (
     _FAN_IN,
@@ -81,7 +82,7 @@ def _merge_samples(*parts: tuple, size: int) -> tuple:
 
 def _sample_pass(img: da.Array, msk: da.Array, size: int, seed: int) -> tuple:
     """One pass: uniform random sample of ``size`` mask voxels (in random order), counts, distinct values."""
-    offsets = list(itertools.product(*[np.r_[0, np.cumsum(c)[:-1]].tolist() for c in img.chunks]))
+    offsets = list(itertools.product(*[e[:-1].tolist() for e in chunk_edges(img.chunks)]))
     parts = [
         dask.delayed(_sample_block, pure=True)(bi, bm, tuple(int(o) for o in off), img.shape, size, seed)
         for (bi, bm), off in zip(_block_pairs(img, msk), offsets)

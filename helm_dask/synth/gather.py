@@ -6,6 +6,7 @@ import dask
 import numpy as np
 
 from ..errors import HelmError
+from ..io.regions import chunk_edges
 from .bspline import _bspline_field
 from .plan import SamplePlan
 
@@ -91,7 +92,7 @@ def gather_tasks(plan: SamplePlan) -> tuple[list, list[np.ndarray], np.ndarray]:
     if plan.box is None or flat.size == 0:
         return [], [], flat
     local = idx - plan.box_lo[:, None].astype(np.int32)
-    bounds = [np.cumsum((0,) + c) for c in plan.box.chunks]
+    bounds = chunk_edges(plan.box.chunks)
     block = [np.searchsorted(b, loc, side="right") - 1 for b, loc in zip(bounds, local)]
     bid = np.ravel_multi_index(block, plan.box.numblocks)
     order = np.argsort(bid, kind="stable")
