@@ -75,6 +75,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: F401  (first: it puts this checkout's package ahead of the installed one)
 
 STAGES = ("orient", "background", "resample", "bias", "kmeans", "merge", "mirror")
 KS = (4, 5, 6, 7, 8, 9)
